@@ -1,0 +1,28 @@
+"""SyncSphere: the Blender extension's entry point.
+
+Blender imports this package (as ``bl_ext.<repository>.syncsphere``) and calls ``register()`` when the
+extension is enabled and ``unregister()`` when it is disabled. The work is split into three
+sub-packages; this module only hands registration on to them.
+
+Generation itself runs in a separate Python process (``python -m backend serve --stdio``, see
+``blender_addon/backend_command.py``), so nothing imported here may import torch, and the add-on never
+edits ``sys.path`` or ``sys.modules``.
+"""
+
+from . import blender_addon, operators, panels
+
+# Registration order matters: the panels draw the preferences and the operators, so those are
+# registered first and unregistered last.
+_MODULES = (blender_addon, operators, panels)
+
+
+def register():
+    """Register every SyncSphere class with Blender."""
+    for module in _MODULES:
+        module.register()
+
+
+def unregister():
+    """Unregister every SyncSphere class, in the reverse order of ``register()``."""
+    for module in reversed(_MODULES):
+        module.unregister()

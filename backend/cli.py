@@ -1,0 +1,164 @@
+"""The command line: ``python -m backend generate | info``.
+
+Flags map one to one onto ``GenerateRequest`` fields. Bad input gets one sentence on stderr and exit
+code 2 before any model loads and before the output folder is created.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import sys
+
+from . import __version__
+from .errors import SyncSphereError
+from .request import DEFAULT_MODEL, DTYPES, LAYOUTS, SCHEDULERS, GenerateRequest
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message):  # argparse's own errors: one sentence and exit 2, like ours
+        self.exit(2, f"error: {message[0].upper() + message[1:]}.\n")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser of ``python -m backend`` with its sub-commands."""
+    parser = _Parser(prog="python -m backend", description="SyncSphere's generation engine.")
+    parser.add_argument("--version", action="version", version=f"SyncSphere backend {__version__}")
+    commands = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+
+    generate = commands.add_parser(
+        "generate",
+        help="generate a panorama, 360° equirect or tileable image",
+        description="Generate a wide panorama, a 360° equirectangular world or a seamless tile with "
+        "MultiDiffusion, and write panorama.png, panorama.exr and metadata.json into --out.",
+    )
+    generate.add_argument("--prompt", required=True, help="what the image shows")
+    generate.add_argument("--negative-prompt", default="", help="what it should not show")
+    generate.add_argument(
+        "--layout", default="equirect", metavar="{" + ",".join(LAYOUTS) + "}",
+        help="wide: a planar panorama; equirect: a 2:1 360° image that wraps in longitude (default); "
+        "tile: an image that tiles seamlessly in both directions",
+    )
+    generate.add_argument("--width", type=int, help="image width in px, a multiple of the VAE factor "
+                          "(default: 2048 wide, 1024 equirect, 512 tile)")
+    generate.add_argument("--height", type=int, help="image height in px (default: 512; equirect: width/2)")
+    generate.add_argument("--steps", type=int, default=50, help="denoising steps (default 50)")
+    generate.add_argument("--guidance", type=float, default=7.5, help="classifier-free guidance scale (default 7.5; <= 1 disables it)")
+    generate.add_argument("--seed", type=int, help="random seed; omitted, one is picked and recorded in metadata.json")
+    generate.add_argument("--window", type=int, help="view size in latent pixels (default: the UNet's sample size, 64 for SD 2 base)")
+    generate.add_argument("--stride", type=int, help="distance between views in latent pixels (default: window/8)")
+    generate.add_argument("--view-batch", type=int, default=4, help="views per UNet batch; lower it to save memory (default 4)")
+    generate.add_argument(
+        "--scheduler", default="ddim",
+        help=f"sampler: {', '.join(SCHEDULERS)} or any diffusers scheduler class name (default ddim)",
+    )
+    generate.add_argument("--model", default=DEFAULT_MODEL, help=f"hub id, local diffusers folder or .safetensors file (default {DEFAULT_MODEL})")
+    generate.add_argument("--model-config", help="for a single-file checkpoint: a diffusers folder or hub id whose configs describe it "
+                          "(default: inferred by diffusers and fetched from the hub cache)")
+    generate.add_argument("--device", default="auto", help="auto (cuda, then mps, then cpu), cpu, cuda, cuda:N or mps")
+    generate.add_argument("--dtype", default="auto", metavar="{" + ",".join(DTYPES) + "}",
+                          help="auto: float16 on GPUs, float32 on the CPU")
+    generate.add_argument("--out", required=True, help="output folder for panorama.png, panorama.exr and metadata.json")
+    generate.add_argument("--overwrite", action="store_true", help="replace existing output files in --out")
+    generate.add_argument("--allow-pickle", action="store_true", help="allow pickled checkpoints (.ckpt/.bin/.pt), which can run code when loaded")
+    generate.add_argument("--json-progress", action="store_true",
+                          help="print the protocol's JSON progress/done/error events on stdout instead of a progress bar")
+
+    commands.add_parser("info", help="print the device, dtype and package versions",
+                        description="Print the device and dtype --device auto would pick, and package versions, as JSON.")
+    return parser
+
+
+def request_from_args(args: argparse.Namespace) -> GenerateRequest:
+    """The GenerateRequest named by parsed ``generate`` flags (not validated yet)."""
+    names = GenerateRequest.__dataclass_fields__
+    return GenerateRequest(**{name: getattr(args, name) for name in names if hasattr(args, name)})
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the CLI; returns the exit code (0 ok, 2 bad input or model not found, 3 out of memory,
+    130 interrupted, 1 anything else)."""
+    args = build_parser().parse_args(argv)
+    if args.command == "info":
+        return _info()
+    return _generate(args)
+
+
+def _generate(args: argparse.Namespace) -> int:
+    from . import protocol
+
+    json_progress = args.json_progress
+    events = sys.stdout
+    try:
+        # With --json-progress stdout carries protocol lines only: whatever a library prints goes to stderr.
+        with contextlib.redirect_stdout(sys.stderr if json_progress else sys.stdout):
+            from .job import check_request, run_job
+
+            checked = check_request(request_from_args(args))
+            with _ProgressPrinter(events if json_progress else None) as report:
+                outputs = run_job(checked, report)
+    except SyncSphereError as error:
+        if json_progress:
+            _print_event(events, protocol.error_event(None, error.kind, str(error)))
+        print(f"error: {error}", file=sys.stderr)
+        return error.exit_code
+    except KeyboardInterrupt:
+        print("error: Interrupted; nothing was written.", file=sys.stderr)
+        return 130
+    if json_progress:
+        _print_event(events, protocol.done_event(None, outputs))
+    else:
+        print(f"wrote {outputs['png']}, {outputs['exr']} and {outputs['metadata']}", file=sys.stderr)
+    return 0
+
+
+class _ProgressPrinter:
+    """The CLI's step report: a tqdm bar on stderr, or protocol progress events on ``events``."""
+
+    def __init__(self, events):
+        self.events = events
+        self.bar = None
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        if self.bar is not None:
+            self.bar.close()
+
+    def __call__(self, stage, step, total, preview):
+        if self.events is not None:
+            from .protocol import progress_event
+
+            _print_event(self.events, progress_event(None, stage, step, total))
+        elif stage == "denoising":
+            if self.bar is None:
+                from tqdm import tqdm
+
+                self.bar = tqdm(total=total, desc="denoising", unit="step", file=sys.stderr)
+            self.bar.update(step - self.bar.n)
+        else:
+            print(f"{stage}…", file=sys.stderr)
+        return False
+
+
+def _print_event(stream, event: dict) -> None:
+    from .protocol import encode
+
+    stream.write(encode(event) + "\n")
+    stream.flush()
+
+
+def _info() -> int:
+    from .job import package_versions
+    from .models import resolve_device, resolve_dtype
+
+    device = resolve_device("auto")
+    info = {
+        "device": str(device),
+        "dtype": str(resolve_dtype("auto", device)).replace("torch.", ""),
+        "versions": package_versions(),
+    }
+    print(json.dumps(info, indent=2))
+    return 0

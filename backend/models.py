@@ -1,0 +1,214 @@
+"""Finding, describing and loading Stable Diffusion models; picking the device and dtype.
+
+A model is given as a hub id (``stabilityai/stable-diffusion-2-base``), a local diffusers folder, or a
+single-file ``.safetensors`` checkpoint. Pickled checkpoints (``.ckpt``, ``.bin``, ``.pt``, ``.pth``) can
+run arbitrary code when loaded and are refused unless the user passes ``--allow-pickle``.
+
+The geometry the engine needs (VAE factor, latent channels, UNet sample size) is read from the model's
+config files before any weights load, so bad sizes are rejected quickly.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from dataclasses import dataclass
+
+import torch
+
+from .errors import BadRequest, ModelNotFound
+from .request import ModelGeometry
+
+PICKLE_SUFFIXES = (".ckpt", ".bin", ".pt", ".pth")
+HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
+HOW_TO_POINT_LOCALLY = (
+    "pass a local diffusers folder or a .safetensors file with --model PATH, "
+    "or download the model once with network access"
+)
+
+
+@dataclass(frozen=True)
+class ModelSource:
+    """Where a model comes from. kind: 'hub' (location is a repo id), 'folder' or 'single_file'."""
+
+    kind: str
+    location: str
+
+
+@dataclass
+class LoadedModel:
+    """A loaded diffusers pipeline plus what the engine reads from it."""
+
+    pipeline: object  # diffusers.StableDiffusionPipeline
+    geometry: ModelGeometry
+    source: ModelSource
+    device: torch.device
+    dtype: torch.dtype
+
+
+def resolve_model_source(spec: str, allow_pickle: bool = False) -> ModelSource:
+    """Decide whether ``spec`` is a local folder, a single-file checkpoint or a hub id.
+
+    Raises BadRequest for an unreadable path, a pickled checkpoint without ``allow_pickle``, or a string
+    that is neither an existing path nor a valid hub id.
+    """
+    path = os.path.abspath(os.path.expanduser(spec))
+    looks_like_path = spec.startswith(("/", ".", "~")) or spec.lower().endswith(PICKLE_SUFFIXES + (".safetensors",))
+    if os.path.isdir(path):
+        if not os.path.isfile(os.path.join(path, "model_index.json")):
+            raise BadRequest(f"The folder {path} is not a diffusers model (it has no model_index.json).")
+        if not os.access(os.path.join(path, "model_index.json"), os.R_OK):
+            raise BadRequest(f"The model folder {path} cannot be read.")
+        return ModelSource("folder", path)
+    if os.path.exists(path):
+        if not os.access(path, os.R_OK):
+            raise BadRequest(f"The model file {path} cannot be read.")
+        if path.lower().endswith(".safetensors"):
+            return ModelSource("single_file", path)
+        if path.lower().endswith(PICKLE_SUFFIXES):
+            if not allow_pickle:
+                raise BadRequest(
+                    f"{os.path.basename(path)} is a pickled checkpoint, which can run code when loaded; "
+                    "use a .safetensors file or pass --allow-pickle if you trust its source."
+                )
+            return ModelSource("single_file", path)
+        raise BadRequest(f"The model file {path} is neither .safetensors nor a known checkpoint format.")
+    if looks_like_path or not HUB_ID.match(spec):
+        raise BadRequest(f"The model path {path} does not exist.")
+    return ModelSource("hub", spec)
+
+
+def read_model_geometry(source: ModelSource) -> ModelGeometry | None:
+    """Read VAE factor, latent channels and UNet sample size from the model's config files.
+
+    Returns None for single-file checkpoints, whose configs diffusers only derives while loading.
+    Raises ModelNotFound when a hub model is neither cached nor downloadable.
+    """
+    if source.kind == "single_file":
+        return None
+    return geometry_from_configs(_read_config(source, "vae/config.json"), _read_config(source, "unet/config.json"))
+
+
+def geometry_from_configs(vae_config: dict, unet_config: dict) -> ModelGeometry:
+    """ModelGeometry from a VAE and a UNet config (dicts, or diffusers' FrozenDict configs).
+
+    The VAE halves the resolution once per block after the first, hence 2^(blocks - 1).
+    """
+    return ModelGeometry(
+        vae_scale_factor=2 ** (len(vae_config["block_out_channels"]) - 1),
+        latent_channels=int(vae_config["latent_channels"]),
+        sample_size=int(unet_config["sample_size"]),
+    )
+
+
+def _read_config(source: ModelSource, relative_path: str) -> dict:
+    if source.kind == "folder":
+        path = os.path.join(source.location, relative_path)
+        try:
+            with open(path, encoding="utf-8") as f:
+                return json.load(f)
+        except (OSError, ValueError) as error:
+            raise BadRequest(f"The model folder {source.location} has no readable {relative_path} ({error}).")
+    from huggingface_hub import hf_hub_download
+    from huggingface_hub.errors import GatedRepoError, RepositoryNotFoundError
+
+    try:
+        path = hf_hub_download(source.location, relative_path)
+    except GatedRepoError:
+        raise ModelNotFound(
+            f"The model {source.location} is gated: accept its licence on huggingface.co and log in with "
+            "`huggingface-cli login`, or " + HOW_TO_POINT_LOCALLY + "."
+        )
+    except RepositoryNotFoundError:
+        raise ModelNotFound(
+            f"The model {source.location} does not exist on the Hugging Face hub (or is private); "
+            "check the id, or " + HOW_TO_POINT_LOCALLY + "."
+        )
+    except Exception:  # offline, hub unreachable, not cached: all say the same thing to the user
+        raise ModelNotFound(
+            f"The model {source.location} is not in the local Hugging Face cache and the hub cannot be "
+            "reached; " + HOW_TO_POINT_LOCALLY + "."
+        )
+    with open(path, encoding="utf-8") as f:
+        return json.load(f)
+
+
+def resolve_device(name: str) -> torch.device:
+    """Turn 'auto' | 'cpu' | 'cuda' | 'cuda:N' | 'mps' into a torch device; auto prefers cuda, then mps.
+
+    Raises BadRequest when the named device is not available on this machine.
+    """
+    if name == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        if torch.backends.mps.is_available():
+            return torch.device("mps")
+        return torch.device("cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise BadRequest(f"The device {name} was asked for, but this machine has no CUDA GPU that torch can use.")
+    if name.startswith("cuda:") and int(name[5:]) >= torch.cuda.device_count():
+        raise BadRequest(f"The device {name} does not exist; this machine has {torch.cuda.device_count()} CUDA GPU(s).")
+    if name == "mps" and not torch.backends.mps.is_available():
+        raise BadRequest("The device mps was asked for, but Apple's Metal backend is not available here.")
+    return torch.device(name)
+
+
+def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
+    """'auto' is float16 on cuda and mps, float32 on cpu; otherwise the named torch dtype."""
+    if name == "auto":
+        return torch.float16 if device.type in ("cuda", "mps") else torch.float32
+    return getattr(torch, name)
+
+
+def load_model(
+    source: ModelSource,
+    device: torch.device,
+    dtype: torch.dtype,
+    allow_pickle: bool = False,
+    single_file_config: str | None = None,
+) -> LoadedModel:
+    """Load a Stable Diffusion pipeline from ``source`` onto ``device`` in ``dtype``.
+
+    Only safetensors weights are read unless ``allow_pickle``. ``single_file_config`` (a diffusers folder
+    or hub id) gives the component configs of a single-file checkpoint; without it diffusers infers the
+    model family and fetches that family's configs from the hub (or its cache). Raises ModelNotFound when
+    a hub model is not available, BadRequest when a local model cannot be loaded.
+    """
+    from diffusers import StableDiffusionPipeline
+
+    common = dict(dtype=dtype, safety_checker=None, requires_safety_checker=False)
+    offline = os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false", "False")
+    try:
+        if source.kind == "single_file":
+            pipeline = StableDiffusionPipeline.from_single_file(
+                source.location, config=single_file_config, local_files_only=offline, **common
+            )
+        else:
+            pipeline = StableDiffusionPipeline.from_pretrained(
+                source.location,
+                use_safetensors=None if allow_pickle else True,
+                local_files_only=offline or source.kind == "folder",
+                **common,
+            )
+    except (OSError, ValueError, EnvironmentError) as error:
+        if source.kind == "hub":
+            raise ModelNotFound(
+                f"The model {source.location} could not be loaded from the Hugging Face cache or hub; "
+                + HOW_TO_POINT_LOCALLY + "."
+            ) from error
+        if not allow_pickle and "safetensors" in str(error).lower():
+            raise BadRequest(
+                f"The model at {source.location} has no .safetensors weights; its pickled weights can run "
+                "code when loaded, so pass --allow-pickle if you trust its source."
+            ) from error
+        raise BadRequest(f"The model at {source.location} could not be loaded: {_first_line(error)}") from error
+    pipeline.set_progress_bar_config(disable=True)
+    pipeline.to(device)
+    geometry = geometry_from_configs(pipeline.vae.config, pipeline.unet.config)
+    return LoadedModel(pipeline=pipeline, geometry=geometry, source=source, device=device, dtype=dtype)
+
+
+def _first_line(error: Exception) -> str:
+    text = str(error).strip().splitlines()
+    return (text[0] if text else type(error).__name__).rstrip(".") + "."

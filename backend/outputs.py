@@ -1,0 +1,95 @@
+"""Writing a job's files: panorama.png (8-bit sRGB), panorama.exr (float32 linear RGB), metadata.json.
+
+Every file is first written in full to a hidden partial file in the output folder and then renamed into
+place (a rename within a folder is atomic), so a job that fails or is killed while writing never leaves a
+half-written ``panorama.png``. Partial files of a killed run are removed by the next run in that folder.
+"""
+
+from __future__ import annotations
+
+import glob
+import json
+import os
+
+import numpy as np
+import OpenEXR
+from PIL import Image
+
+PARTIAL_MARK = ".partial-"
+
+
+def srgb_to_linear(image: np.ndarray) -> np.ndarray:
+    """Inverse sRGB transfer function (IEC 61966-2-1), elementwise; [0, 1] -> [0, 1] as float32."""
+    image = image.astype(np.float32)
+    return np.where(image <= 0.04045, image / 12.92, ((image + 0.055) / 1.055) ** 2.4).astype(np.float32)
+
+
+def to_uint8(image: np.ndarray) -> np.ndarray:
+    """[0, 1] float image -> uint8, rounding as diffusers does."""
+    return (np.clip(image, 0.0, 1.0) * 255.0).round().astype(np.uint8)
+
+
+def write_png(path: str, image: np.ndarray) -> None:
+    """Write an (H, W, 3) float image in [0, 1] (sRGB-encoded) as an 8-bit PNG."""
+    Image.fromarray(to_uint8(image), mode="RGB").save(path, format="PNG")
+
+
+def write_exr(path: str, linear_rgb: np.ndarray) -> None:
+    """Write an (H, W, 3) scene-linear float image as a float32, ZIP-compressed scanline EXR."""
+    header = {"compression": OpenEXR.ZIP_COMPRESSION, "type": OpenEXR.scanlineimage}
+    with OpenEXR.File(header, {"RGB": np.ascontiguousarray(linear_rgb, dtype=np.float32)}) as exr:
+        exr.write(path)
+
+
+def read_exr(path: str) -> np.ndarray:
+    """Read the RGB channels of an EXR written by ``write_exr``: (H, W, 3) float32."""
+    with OpenEXR.File(path) as exr:
+        return np.asarray(exr.channels()["RGB"].pixels, dtype=np.float32)
+
+
+def write_json(path: str, data: dict) -> None:
+    """Write ``data`` as indented, key-sorted UTF-8 JSON."""
+    with open(path, "w", encoding="utf-8") as f:
+        json.dump(data, f, indent=2, sort_keys=True)
+        f.write("\n")
+
+
+def write_job_outputs(out_dir: str, image: np.ndarray, metadata: dict) -> dict[str, str]:
+    """Write panorama.png, panorama.exr and metadata.json for ``image`` (H, W, 3) in [0, 1], sRGB-encoded.
+
+    Creates ``out_dir`` if needed; replaces existing files (the request checked ``--overwrite``).
+    Returns {"png": path, "exr": path, "metadata": path}, the ``outputs`` of the protocol's done event.
+    On any failure nothing new is left behind: partial files are removed, and a folder this call created
+    is removed again.
+    """
+    created_folder = not os.path.isdir(out_dir)
+    os.makedirs(out_dir, exist_ok=True)
+    remove_partial_files(out_dir)
+    writers = [
+        ("panorama.exr", lambda path: write_exr(path, srgb_to_linear(image))),
+        ("panorama.png", lambda path: write_png(path, image)),
+        ("metadata.json", lambda path: write_json(path, metadata)),
+    ]
+    partial_paths = []
+    try:
+        for name, write in writers:
+            partial = os.path.join(out_dir, f".{name}{PARTIAL_MARK}{os.getpid()}")
+            partial_paths.append((partial, os.path.join(out_dir, name)))
+            write(partial)
+        for partial, final in partial_paths:
+            os.replace(partial, final)
+    except BaseException:
+        for partial, _ in partial_paths:
+            if os.path.exists(partial):
+                os.remove(partial)
+        if created_folder and not os.listdir(out_dir):
+            os.rmdir(out_dir)
+        raise
+    return {"png": os.path.join(out_dir, "panorama.png"), "exr": os.path.join(out_dir, "panorama.exr"),
+            "metadata": os.path.join(out_dir, "metadata.json")}
+
+
+def remove_partial_files(out_dir: str) -> None:
+    """Delete partial files left in ``out_dir`` by a run that was killed while writing."""
+    for path in glob.glob(os.path.join(glob.escape(out_dir), f".*{PARTIAL_MARK}*")):
+        os.remove(path)

@@ -1,0 +1,69 @@
+"""The JSON-lines protocol between Blender and the backend, version 1 (docs/protocol.md).
+
+Standard library only: the Blender side imports this module too. One JSON object per line, UTF-8;
+the backend's stdout carries protocol lines only.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+
+PROTOCOL_VERSION = 1
+STAGES = ("loading", "denoising", "decoding", "writing")
+ERROR_KINDS = ("bad_request", "model_not_found", "out_of_memory", "cancelled", "internal")
+REQUEST_OPS = ("hello", "generate", "cancel", "shutdown")
+
+
+class ProtocolError(ValueError):
+    """A line that is not a valid protocol request; ``str()`` is one sentence for the error event."""
+
+
+def encode(message: dict) -> str:
+    """One protocol line (no newline) for an event or request dict."""
+    return json.dumps(message, ensure_ascii=False, separators=(",", ":"))
+
+
+def progress_event(job: str | None, stage: str, step: int, total: int, preview: str | None = None) -> dict:
+    """A progress event: ``stage`` one of STAGES, ``step`` of ``total`` done, optional preview PNG path."""
+    return {"event": "progress", "job": job, "stage": stage, "step": step, "total": total, "preview": preview}
+
+
+def done_event(job: str | None, outputs: dict) -> dict:
+    """A done event; ``outputs`` maps names (png, exr, metadata) to absolute paths."""
+    return {"event": "done", "job": job, "outputs": outputs}
+
+
+def error_event(job: str | None, kind: str, message: str) -> dict:
+    """An error event; ``kind`` one of ERROR_KINDS, ``message`` one readable sentence."""
+    return {"event": "error", "job": job, "kind": kind if kind in ERROR_KINDS else "internal", "message": message}
+
+
+def ready_event(version: str, device: str, dtype: str) -> dict:
+    """The answer to hello: protocol version, backend version, default device and dtype."""
+    return {"event": "ready", "protocol": PROTOCOL_VERSION, "version": version, "device": device, "dtype": dtype}
+
+
+def parse_request(line: str) -> dict:
+    """Parse and check one request line. Returns the request dict; raises ProtocolError.
+
+    generate needs a string ``job``, an object ``params`` and an absolute ``out_dir``; cancel needs ``job``.
+    """
+    try:
+        message = json.loads(line)
+    except ValueError:
+        raise ProtocolError("The line is not valid JSON.")
+    if not isinstance(message, dict):
+        raise ProtocolError("A request must be a JSON object.")
+    op = message.get("op")
+    if op not in REQUEST_OPS:
+        raise ProtocolError(f"Unknown op {op!r}; expected one of {', '.join(REQUEST_OPS)}.")
+    if op in ("generate", "cancel") and not isinstance(message.get("job"), str):
+        raise ProtocolError(f"A {op} request needs a string job id.")
+    if op == "generate":
+        if not isinstance(message.get("params"), dict):
+            raise ProtocolError("A generate request needs a params object.")
+        out_dir = message.get("out_dir")
+        if not isinstance(out_dir, str) or not os.path.isabs(out_dir):
+            raise ProtocolError("A generate request needs an absolute out_dir.")
+    return message

@@ -1,0 +1,198 @@
+"""The parameter object of one generation, shared by the CLI and the stdio server.
+
+Field names are the CLI flags in snake_case (``--view-batch`` -> ``view_batch``), which is also what
+the protocol's ``params`` object uses. Standard library only, so it validates without torch: every
+check here runs before any model is loaded and before any output folder is created.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import os
+from dataclasses import dataclass
+from typing import Any
+
+from .errors import BadRequest
+
+DEFAULT_MODEL = "stabilityai/stable-diffusion-2-base"
+LAYOUTS = ("wide", "equirect", "tile")
+DEVICES_HELP = "auto, cpu, cuda, cuda:N or mps"
+DTYPES = ("auto", "float32", "float16", "bfloat16")
+MAX_CANVAS_PIXELS = 16384
+OUTPUT_NAMES = ("panorama.png", "panorama.exr", "metadata.json")
+
+# --scheduler names and the diffusers classes they stand for; a diffusers class name is accepted too.
+SCHEDULERS = {
+    "ddim": "DDIMScheduler",
+    "euler": "EulerDiscreteScheduler",
+    "euler-a": "EulerAncestralDiscreteScheduler",
+    "dpm++": "DPMSolverMultistepScheduler",
+    "unipc": "UniPCMultistepScheduler",
+    "pndm": "PNDMScheduler",
+    "lms": "LMSDiscreteScheduler",
+}
+
+# Canvas size (width, height) in pixels when the user gives none, per layout.
+DEFAULT_SIZES = {"wide": (2048, 512), "equirect": (1024, 512), "tile": (512, 512)}
+
+
+@dataclass
+class ModelGeometry:
+    """What the engine needs to know about a model before loading it.
+
+    vae_scale_factor: image pixels per latent pixel (8 for Stable Diffusion 1/2/XL).
+    latent_channels: channels of the latent (4 for SD 1/2).
+    sample_size: the UNet's training latent size, the default window (64 for SD2-base).
+    """
+
+    vae_scale_factor: int
+    latent_channels: int
+    sample_size: int
+
+
+@dataclass
+class GenerateRequest:
+    """Every parameter of one generation. See ``backend/cli.py`` for the meaning of each flag."""
+
+    prompt: str
+    negative_prompt: str = ""
+    layout: str = "equirect"
+    width: int | None = None
+    height: int | None = None
+    steps: int = 50
+    guidance: float = 7.5
+    seed: int | None = None
+    window: int | None = None
+    stride: int | None = None
+    view_batch: int = 4
+    scheduler: str = "ddim"
+    model: str = DEFAULT_MODEL
+    model_config: str | None = None
+    device: str = "auto"
+    dtype: str = "auto"
+    out: str | None = None
+    overwrite: bool = False
+    allow_pickle: bool = False
+
+    @classmethod
+    def from_params(cls, params: dict[str, Any]) -> "GenerateRequest":
+        """Build a request from a protocol ``params`` object; unknown names are a BadRequest."""
+        if not isinstance(params, dict):
+            raise BadRequest("The generate request's params must be a JSON object.")
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(params) - names)
+        if unknown:
+            raise BadRequest(f"Unknown parameter(s): {', '.join(unknown)}.")
+        if "prompt" not in params:
+            raise BadRequest("The request needs a prompt.")
+        return cls(**params)
+
+    def to_dict(self) -> dict[str, Any]:
+        """All parameters as a JSON-serialisable dict (what metadata.json records)."""
+        return dataclasses.asdict(self)
+
+    # ------------------------------------------------------------------ validation
+    def validate(self) -> None:
+        """Check everything that does not need the model; fill per-layout default sizes.
+
+        Raises BadRequest with one sentence naming the problem.
+        """
+        if not isinstance(self.prompt, str) or not self.prompt.strip():
+            raise BadRequest("The prompt is empty; describe the scene with --prompt.")
+        if self.layout not in LAYOUTS:
+            raise BadRequest(f"Unknown layout '{self.layout}'; choose one of {', '.join(LAYOUTS)}.")
+        default_width, default_height = DEFAULT_SIZES[self.layout]
+        if self.width is None and self.height is None:
+            self.width, self.height = default_width, default_height
+        elif self.layout == "equirect" and self.height is None:
+            self.height = _int("width", self.width) // 2
+        elif self.layout == "equirect" and self.width is None:
+            self.width = _int("height", self.height) * 2
+        elif self.width is None:
+            self.width = default_width
+        elif self.height is None:
+            self.height = default_height
+        self.width, self.height = _int("width", self.width), _int("height", self.height)
+        for name, value in (("width", self.width), ("height", self.height)):
+            if value < 1 or value > MAX_CANVAS_PIXELS:
+                raise BadRequest(f"The {name} {value} px is outside 1..{MAX_CANVAS_PIXELS} px.")
+        if self.layout == "equirect" and self.width != 2 * self.height:
+            raise BadRequest(
+                f"An equirect canvas must be 2:1, but {self.width}x{self.height} is not; "
+                f"use --width {2 * self.height} --height {self.height}."
+            )
+        self.steps = _int("steps", self.steps)
+        if self.steps < 1:
+            raise BadRequest(f"--steps must be at least 1, not {self.steps}.")
+        if not isinstance(self.guidance, (int, float)) or not math.isfinite(self.guidance) or self.guidance < 0:
+            raise BadRequest(f"--guidance must be a number >= 0, not {self.guidance}.")
+        self.view_batch = _int("view_batch", self.view_batch)
+        if self.view_batch < 1:
+            raise BadRequest(f"--view-batch must be at least 1, not {self.view_batch}.")
+        if self.seed is not None:
+            self.seed = _int("seed", self.seed)
+            if not 0 <= self.seed < 2**63:
+                raise BadRequest(f"--seed must be between 0 and 2^63-1, not {self.seed}.")
+        for name in ("window", "stride"):
+            value = getattr(self, name)
+            if value is not None and _int(name, value) < 1:
+                raise BadRequest(f"--{name} must be a positive number of latent pixels, not {value}.")
+        if self.scheduler not in SCHEDULERS and not (
+            isinstance(self.scheduler, str) and self.scheduler.endswith("Scheduler") and self.scheduler.isidentifier()
+        ):
+            raise BadRequest(
+                f"Unknown scheduler '{self.scheduler}'; choose one of {', '.join(SCHEDULERS)} or a diffusers scheduler class name."
+            )
+        if self.dtype not in DTYPES:
+            raise BadRequest(f"Unknown dtype '{self.dtype}'; choose one of {', '.join(DTYPES)}.")
+        if not (self.device in ("auto", "cpu", "mps", "cuda") or _is_cuda_index(self.device)):
+            raise BadRequest(f"Unknown device '{self.device}'; use {DEVICES_HELP}.")
+        if not self.out:
+            raise BadRequest("No output folder given; pass --out DIR.")
+        self.out = os.path.abspath(os.path.expanduser(self.out))
+        if os.path.exists(self.out) and not os.path.isdir(self.out):
+            raise BadRequest(f"The output path {self.out} exists and is not a folder.")
+        existing = [name for name in OUTPUT_NAMES if os.path.exists(os.path.join(self.out, name))]
+        if existing and not self.overwrite:
+            raise BadRequest(
+                f"{os.path.join(self.out, existing[0])} already exists; pass --overwrite to replace it "
+                "or choose another --out folder."
+            )
+
+    def validate_for_model(self, geometry: ModelGeometry) -> None:
+        """Check the sizes against the model (VAE factor, window); fill the default window and stride.
+
+        Raises BadRequest with one sentence naming the problem.
+        """
+        factor = geometry.vae_scale_factor
+        for name, value in (("width", self.width), ("height", self.height)):
+            if value % factor:
+                raise BadRequest(
+                    f"The {name} {value} px is not a multiple of this model's VAE factor {factor}; "
+                    f"try {max(factor, value // factor * factor)}."
+                )
+        if self.window is None:
+            self.window = geometry.sample_size
+        if self.stride is None:
+            # MultiDiffusion's stride of 8 latents for a 64-latent window, scaled to other windows.
+            self.stride = max(1, self.window // 8)
+        if self.stride > self.window:
+            raise BadRequest(f"--stride {self.stride} is larger than the window {self.window}; views would leave gaps.")
+        latent_width, latent_height = self.width // factor, self.height // factor
+        if latent_width < self.window or latent_height < self.window:
+            raise BadRequest(
+                f"The canvas {self.width}x{self.height} px is smaller than one window of "
+                f"{self.window * factor} px; make it at least {self.window * factor} px in each direction "
+                "or pass a smaller --window."
+            )
+
+
+def _int(name: str, value: Any) -> int:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or value != int(value):
+        raise BadRequest(f"--{name.replace('_', '-')} must be a whole number, not {value!r}.")
+    return int(value)
+
+
+def _is_cuda_index(device: str) -> bool:
+    return isinstance(device, str) and device.startswith("cuda:") and device[5:].isdigit()

@@ -1,0 +1,61 @@
+"""THE denoising loop, top to bottom.
+
+Every step: read each view's window of the canvas latent, predict with the denoiser (views in batches),
+step each batch's own scheduler copy, and fuse the views back into the canvas. The synchronisation
+strategies are the small pieces it calls (``backend/sync/``). The loop reports each step through one
+callback, which can also stop the job, so the loop never knows whether a terminal or Blender watches.
+"""
+
+from __future__ import annotations
+
+import copy
+from typing import Callable, Optional
+
+import torch
+
+from .canvas import Canvas, CropView
+from .errors import JobCancelled
+from .sync import multidiffusion
+
+# report(stage, step, total, preview_latent) -> True to stop the job before the next step.
+StepReport = Callable[[str, int, int, Optional[torch.Tensor]], Optional[bool]]
+
+
+def sample_canvas(
+    denoiser: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+    scheduler,
+    canvas: Canvas,
+    views: list[CropView],
+    initial_noise: torch.Tensor,
+    num_steps: int,
+    view_batch: int,
+    report: StepReport | None = None,
+    step_kwargs: dict | None = None,
+) -> torch.Tensor:
+    """Denoise a canvas latent with MultiDiffusion over ``views``.
+
+    denoiser: (N, C, h, w) latents, timestep -> (N, C, h, w) guided prediction (``backend/denoiser.py``).
+    scheduler: any diffusers scheduler with ``set_timesteps``/``scale_model_input``/``step``; it is copied
+        once per batch of views so multistep schedulers keep each batch's own history.
+    initial_noise: (1, C, H, W) unit Gaussian noise on the canvas (scaled here by init_noise_sigma).
+    step_kwargs: extra arguments of ``scheduler.step`` (a generator for stochastic samplers).
+    Returns the denoised canvas latent (1, C, H, W). Raises JobCancelled when ``report`` returns True.
+    """
+    step_kwargs = step_kwargs or {}
+    scheduler.set_timesteps(num_steps, device=initial_noise.device)
+    latents = initial_noise * scheduler.init_noise_sigma
+    batches = [views[start : start + view_batch] for start in range(0, len(views), view_batch)]
+    batch_schedulers = [copy.deepcopy(scheduler) for _ in batches]
+    coverage = canvas.coverage(views, latents)
+
+    for step_index, timestep in enumerate(scheduler.timesteps):
+        denoised_views = []
+        for batch, batch_scheduler in zip(batches, batch_schedulers):
+            view_latents = canvas.read(latents, batch)
+            prediction = denoiser(batch_scheduler.scale_model_input(view_latents, timestep), timestep)
+            denoised_views.append(batch_scheduler.step(prediction, timestep, view_latents, **step_kwargs).prev_sample)
+        latents = multidiffusion.fuse_views(canvas, views, torch.cat(denoised_views), coverage)
+
+        if report is not None and report("denoising", step_index + 1, num_steps, latents):
+            raise JobCancelled(f"The job was cancelled after step {step_index + 1} of {num_steps}.")
+    return latents

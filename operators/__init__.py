@@ -1,0 +1,75 @@
+"""SyncSphere operators. Thin: they read the preferences and call into ``blender_addon``.
+
+For now: check that the configured backend interpreter can run the backend, and open the output
+folder. Generation operators come with the generate UI.
+"""
+
+import os
+
+import bpy
+from bpy.types import Operator
+
+from ..blender_addon import backend_command, get_preferences, interpreter_path, output_folder
+
+
+class SYNCSPHERE_OT_check_backend(Operator):
+    """Run 'python -m backend info' with the configured interpreter and report what it prints"""
+
+    bl_idname = "syncsphere.check_backend"
+    bl_label = "Check Backend"
+    bl_options = {"REGISTER"}
+
+    def execute(self, context):
+        """Run the check and report the backend's output or a readable error."""
+        python = interpreter_path(get_preferences(context))
+        # Blocking on purpose: this is a one-shot check the user asked for, bounded by a timeout.
+        # The long-lived worker used for generation will not block the UI.
+        ok, text = backend_command.run_backend(
+            python,
+            "info",
+            # `info` downloads nothing, but keep the backend offline when Blender is.
+            allow_network=bpy.app.online_access,
+        )
+        if not ok:
+            self.report({"ERROR"}, text)
+            return {"CANCELLED"}
+        # The Info editor shows the whole report; the status bar shows its first line.
+        self.report({"INFO"}, "SyncSphere backend OK:\n" + (text or "(no output)"))
+        return {"FINISHED"}
+
+
+class SYNCSPHERE_OT_open_output_folder(Operator):
+    """Open the folder SyncSphere writes generated images to in the system file browser"""
+
+    bl_idname = "syncsphere.open_output_folder"
+    bl_label = "Open Output Folder"
+    bl_options = {"REGISTER"}
+
+    def execute(self, context):
+        """Resolve the output folder (creating the default one) and open it."""
+        try:
+            folder = output_folder(get_preferences(context))
+        except ValueError as exc:
+            # Only an installed extension has a user folder; a folder set in the preferences works
+            # everywhere.
+            self.report({"ERROR"}, f"No output folder: set one in the SyncSphere preferences ({exc})")
+            return {"CANCELLED"}
+        if not os.path.isdir(folder):
+            self.report({"ERROR"}, f"The output folder {folder!r} does not exist")
+            return {"CANCELLED"}
+        return bpy.ops.wm.path_open(filepath=folder)
+
+
+_CLASSES = (SYNCSPHERE_OT_check_backend, SYNCSPHERE_OT_open_output_folder)
+
+
+def register():
+    """Register the operators."""
+    for cls in _CLASSES:
+        bpy.utils.register_class(cls)
+
+
+def unregister():
+    """Unregister the operators, in reverse order."""
+    for cls in reversed(_CLASSES):
+        bpy.utils.unregister_class(cls)

@@ -1,0 +1,112 @@
+"""Build Stable-Diffusion-architecture models with random weights and save them as diffusers folders.
+
+Tests use the tiny configs below (seconds on a CPU); the benchmarks pass full-size configs (real timings,
+random weights). Models are written with ``save_pretrained`` so the engine loads them the way it loads a
+user's model. No network: the tokenizer's vocabulary is written here.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+
+import torch
+from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+
+# A UNet trained (were it trained) on 32x32 latents; tests pass --window to pick other sizes.
+TINY_UNET = dict(
+    sample_size=32,
+    in_channels=4,
+    out_channels=4,
+    block_out_channels=(4, 8),
+    layers_per_block=1,
+    down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+    up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+    cross_attention_dim=32,
+    norm_num_groups=2,
+)
+# Four resolution levels: a VAE factor of 8, as Stable Diffusion's (diffusers' panorama pipeline assumes 8).
+TINY_VAE = dict(
+    in_channels=3,
+    out_channels=3,
+    latent_channels=4,
+    block_out_channels=(4, 4, 4, 4),
+    down_block_types=("DownEncoderBlock2D",) * 4,
+    up_block_types=("UpDecoderBlock2D",) * 4,
+    layers_per_block=1,
+    norm_num_groups=2,
+    sample_size=64,
+)
+TINY_TEXT = dict(
+    hidden_size=32,
+    intermediate_size=37,
+    num_attention_heads=4,
+    num_hidden_layers=2,
+    layer_norm_eps=1e-5,
+    vocab_size=1000,
+)
+SD_SCHEDULER = dict(
+    beta_start=0.00085,
+    beta_end=0.012,
+    beta_schedule="scaled_linear",
+    clip_sample=False,
+    set_alpha_to_one=False,
+    steps_offset=1,
+)
+
+
+def write_clip_tokenizer(folder: str) -> CLIPTokenizer:
+    """Write a character-level CLIP BPE vocabulary (no merges) into ``folder`` and load it.
+
+    Returns the tokenizer; its ids 0/1 are the start/end tokens, which the text config below uses.
+    """
+    os.makedirs(folder, exist_ok=True)
+    byte_chars = [chr(c) for c in range(33, 127)] + [chr(c) for c in range(161, 256)]
+    tokens = ["<|startoftext|>", "<|endoftext|>"] + byte_chars + [c + "</w>" for c in byte_chars]
+    with open(os.path.join(folder, "vocab.json"), "w", encoding="utf-8") as f:
+        json.dump({token: index for index, token in enumerate(tokens)}, f)
+    with open(os.path.join(folder, "merges.txt"), "w", encoding="utf-8") as f:
+        f.write("#version: 0.2\n")
+    return CLIPTokenizer(
+        os.path.join(folder, "vocab.json"),
+        os.path.join(folder, "merges.txt"),
+        model_max_length=77,
+        pad_token="<|endoftext|>",
+    )
+
+
+def save_random_sd_model(
+    folder: str,
+    unet_config: dict = TINY_UNET,
+    vae_config: dict = TINY_VAE,
+    text_config: dict = TINY_TEXT,
+    seed: int = 0,
+) -> str:
+    """Build a Stable Diffusion pipeline with random weights (repeatable for ``seed``) and save it.
+
+    Returns ``folder``, a diffusers folder with safetensors weights and a DDIM scheduler.
+    """
+    torch.manual_seed(seed)
+    unet = UNet2DConditionModel(**unet_config)
+    torch.manual_seed(seed + 1)
+    vae = AutoencoderKL(**vae_config)
+    with tempfile.TemporaryDirectory() as vocab_folder:
+        tokenizer = write_clip_tokenizer(vocab_folder)
+    torch.manual_seed(seed + 2)
+    text_encoder = CLIPTextModel(
+        CLIPTextConfig(bos_token_id=0, eos_token_id=1, pad_token_id=1, **text_config)
+    )
+    pipeline = StableDiffusionPipeline(
+        unet=unet.eval(),
+        vae=vae.eval(),
+        text_encoder=text_encoder.eval(),
+        tokenizer=tokenizer,
+        scheduler=DDIMScheduler(**SD_SCHEDULER),
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
+    )
+    pipeline.save_pretrained(folder, safe_serialization=True)
+    return folder
