@@ -1,0 +1,198 @@
+"""The command line: bad input, outputs, determinism, atomic writes, progress events."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+
+import numpy as np
+import pytest
+
+from backend.cli import main
+from backend.outputs import read_exr, srgb_to_linear
+from PIL import Image
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+FAST = ["--steps", "2", "--window", "16", "--stride", "8", "--device", "cpu"]
+
+
+def run_cli(*args, env=None):
+    """Run ``python -m backend`` in a subprocess; returns the CompletedProcess."""
+    full_env = {**os.environ, "PYTHONPATH": REPO, **(env or {})}
+    return subprocess.run([sys.executable, "-m", "backend", *args], capture_output=True, text=True, env=full_env, cwd=REPO)
+
+
+BAD_INPUTS = {
+    "not a multiple of the VAE factor": ["--layout", "equirect", "--width", "1020", "--height", "510"],
+    "equirect not 2:1": ["--layout", "equirect", "--width", "1024", "--height", "256"],
+    "smaller than one window": ["--layout", "wide", "--width", "128", "--height", "128", "--window", "32"],
+    "larger than 16384 px": ["--layout", "wide", "--width", "16392", "--height", "512"],
+    "zero steps": ["--steps", "0"],
+    "negative guidance": ["--guidance", "-1"],
+    "unknown layout": ["--layout", "cylinder"],
+    "stride larger than window": ["--window", "16", "--stride", "17"],
+    "unknown scheduler": ["--scheduler", "NoSuchScheduler"],
+}
+
+
+@pytest.mark.parametrize("case", sorted(BAD_INPUTS))
+def test_bad_input_is_one_sentence_exit_2_and_no_folder(tiny_model, tmp_path, capsys, case):
+    out = tmp_path / "out"
+    code = main(["generate", "--prompt", "x", "--model", tiny_model, "--out", str(out), *BAD_INPUTS[case]])
+    error = capsys.readouterr().err.strip()
+    assert code == 2
+    assert len(error.splitlines()) == 1 and error.startswith("error: ") and error.endswith(".")
+    assert not out.exists()
+
+
+@pytest.mark.parametrize("model,expected", [
+    ("/no/such/model", "does not exist"),
+    ("./missing.safetensors", "does not exist"),
+])
+def test_unreadable_model_paths_are_refused(tmp_path, capsys, model, expected):
+    code = main(["generate", "--prompt", "x", "--model", model, "--out", str(tmp_path / "out")])
+    assert code == 2 and expected in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
+
+
+def test_pickled_checkpoint_needs_allow_pickle(tmp_path, capsys):
+    checkpoint = tmp_path / "model.ckpt"
+    checkpoint.write_bytes(b"not loaded")
+    code = main(["generate", "--prompt", "x", "--model", str(checkpoint), "--out", str(tmp_path / "out")])
+    error = capsys.readouterr().err
+    assert code == 2 and "pickled" in error and "--allow-pickle" in error
+
+
+def test_folder_with_only_pickled_weights_is_refused(tiny_model, tmp_path, capsys):
+    import shutil
+
+    import torch
+    from safetensors.torch import load_file
+
+    folder = tmp_path / "pickled"
+    shutil.copytree(tiny_model, folder)
+    weights = folder / "unet" / "diffusion_pytorch_model.safetensors"
+    torch.save(load_file(weights), folder / "unet" / "diffusion_pytorch_model.bin")
+    weights.unlink()
+    code = main(["generate", "--prompt", "x", "--model", str(folder), "--out", str(tmp_path / "out"), *FAST])
+    error = capsys.readouterr().err
+    assert code == 2 and "--allow-pickle" in error
+    assert not (tmp_path / "out").exists()
+
+
+def test_hub_model_not_cached_offline_names_it_and_says_how_to_use_a_local_path(tmp_path):
+    result = run_cli("generate", "--prompt", "x", "--model", "stabilityai/stable-diffusion-2-base", "--out",
+                     str(tmp_path / "out"), env={"HF_HOME": str(tmp_path / "hf"), "HF_HUB_OFFLINE": "1"})
+    assert result.returncode == 2
+    assert "stabilityai/stable-diffusion-2-base" in result.stderr and "--model PATH" in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1
+    assert not (tmp_path / "out").exists()
+
+
+def test_existing_outputs_are_not_replaced_without_overwrite(tiny_model, tmp_path, capsys):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "panorama.png").write_bytes(b"the user's file")
+    code = main(["generate", "--prompt", "x", "--model", tiny_model, "--out", str(out), "--layout", "tile", "--width", "128", "--height", "128", *FAST])
+    assert code == 2 and "--overwrite" in capsys.readouterr().err
+    assert (out / "panorama.png").read_bytes() == b"the user's file"
+
+
+def test_same_seed_gives_identical_png_bytes_and_outputs_are_consistent(tiny_model, tmp_path):
+    paths = []
+    for name, seed in (("a", "5"), ("b", "5"), ("c", "6")):
+        out = tmp_path / name
+        assert main(["generate", "--prompt", "a lighthouse", "--model", tiny_model, "--out", str(out), "--layout", "equirect",
+                     "--width", "256", "--height", "128", "--seed", seed, *FAST]) == 0
+        paths.append(out)
+    pngs = [(path / "panorama.png").read_bytes() for path in paths]
+    assert pngs[0] == pngs[1] and pngs[0] != pngs[2]
+
+    image = np.asarray(Image.open(paths[0] / "panorama.png"))
+    assert image.shape == (128, 256, 3) and image.dtype == np.uint8
+    exr = read_exr(str(paths[0] / "panorama.exr"))
+    assert exr.dtype == np.float32 and exr.shape == (128, 256, 3)
+    # The EXR is the linear version of the same image (the PNG is its 8-bit sRGB quantisation).
+    assert np.abs(srgb_to_linear(image / 255.0) - exr).max() < 0.01
+    metadata = json.loads((paths[0] / "metadata.json").read_text())
+    assert metadata["seed"] == 5 and metadata["params"]["prompt"] == "a lighthouse"
+    assert metadata["model"]["vae_scale_factor"] == 8 and metadata["versions"]["diffusers"]
+    assert set(metadata["timings"]) >= {"loading_s", "denoising_s", "decoding_s", "total_s"}
+
+
+def test_omitted_seed_is_picked_and_recorded(tiny_model, tmp_path):
+    out = tmp_path / "out"
+    assert main(["generate", "--prompt", "x", "--model", tiny_model, "--out", str(out), "--layout", "tile",
+                 "--width", "128", "--height", "128", *FAST]) == 0
+    assert isinstance(json.loads((out / "metadata.json").read_text())["seed"], int)
+
+
+def test_failure_while_writing_leaves_nothing(tiny_model, tmp_path, monkeypatch, capsys):
+    import backend.outputs
+
+    def failing_json(path, data):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(backend.outputs, "write_json", failing_json)
+    out = tmp_path / "out"
+    with pytest.raises(OSError):
+        main(["generate", "--prompt", "x", "--model", tiny_model, "--out", str(out), "--layout", "tile", "--width", "128", "--height", "128", *FAST])
+    assert not out.exists()
+
+
+def test_run_killed_while_writing_leaves_no_png_and_next_run_cleans_up(tiny_model, tmp_path):
+    out = tmp_path / "out"
+    # Kill the process (SIGKILL: no clean-up runs) right after the PNG's bytes are written.
+    script = textwrap.dedent(f"""
+        import os, signal, sys
+        import backend.outputs as outputs
+        real_write_png = outputs.write_png
+        def write_png_then_die(path, image):
+            real_write_png(path, image)
+            os.kill(os.getpid(), signal.SIGKILL)
+        outputs.write_png = write_png_then_die
+        from backend.cli import main
+        sys.exit(main(sys.argv[1:]))
+    """)
+    args = ["generate", "--prompt", "x", "--model", tiny_model, "--out", str(out), "--layout", "tile", "--width", "128", "--height", "128", *FAST]
+    result = subprocess.run([sys.executable, "-c", script, *args], env={**os.environ, "PYTHONPATH": REPO}, capture_output=True)
+    assert result.returncode == -signal.SIGKILL
+    assert not (out / "panorama.png").exists() and not (out / "panorama.exr").exists()
+    assert any(".partial-" in name for name in os.listdir(out))  # the kill really happened mid-write
+
+    assert main(args) == 0
+    assert sorted(os.listdir(out)) == ["metadata.json", "panorama.exr", "panorama.png"]
+
+
+def test_json_progress_prints_only_protocol_events_on_stdout(tiny_model, tmp_path):
+    out = tmp_path / "out"
+    result = run_cli("generate", "--prompt", "x", "--model", tiny_model, "--out", str(out), "--layout", "tile",
+                     "--width", "128", "--height", "128", "--json-progress", *FAST)
+    assert result.returncode == 0, result.stderr
+    events = [json.loads(line) for line in result.stdout.splitlines()]
+    stages = [event["stage"] for event in events if event["event"] == "progress"]
+    assert stages == ["loading", "denoising", "denoising", "decoding", "writing"]
+    assert events[-1]["event"] == "done" and os.path.isfile(events[-1]["outputs"]["png"])
+
+
+def test_json_progress_reports_errors_as_events(tmp_path):
+    result = run_cli("generate", "--prompt", "x", "--steps", "0", "--out", str(tmp_path / "out"), "--json-progress")
+    assert result.returncode == 2
+    event = json.loads(result.stdout)
+    assert event["event"] == "error" and event["kind"] == "bad_request" and "--steps" in event["message"]
+
+
+def test_help_explains_every_flag():
+    result = run_cli("generate", "--help")
+    for flag in ["--prompt", "--negative-prompt", "--layout", "--width", "--height", "--steps", "--guidance", "--seed",
+                 "--window", "--stride", "--view-batch", "--model", "--device", "--dtype", "--out", "--overwrite",
+                 "--allow-pickle", "--json-progress"]:
+        assert flag in result.stdout
+
+
+def test_info_prints_device_and_versions():
+    result = run_cli("info")
+    info = json.loads(result.stdout)
+    assert result.returncode == 0 and info["device"] == "cpu" and info["dtype"] == "float32" and info["versions"]["torch"]
