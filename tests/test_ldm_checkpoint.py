@@ -32,3 +32,14 @@ def test_from_single_file_loads_back_every_weight(tmp_path):
         assert actual.keys() == expected.keys(), name
         unequal = [key for key in expected if not torch.equal(actual[key], expected[key])]
         assert not unequal, f"{name}: {unequal}"
+
+
+def test_cli_generates_the_same_image_from_a_single_file_checkpoint(tiny_model, tmp_path):
+    from backend.cli import main
+
+    checkpoint = write_ldm_single_file(tiny_model, str(tmp_path / "tiny.safetensors"))
+    common = ["generate", "--prompt", "a canyon", "--layout", "tile", "--width", "128", "--height", "128",
+              "--steps", "2", "--window", "16", "--stride", "8", "--seed", "11", "--device", "cpu"]
+    assert main([*common, "--model", tiny_model, "--out", str(tmp_path / "folder")]) == 0
+    assert main([*common, "--model", checkpoint, "--model-config", tiny_model, "--out", str(tmp_path / "single")]) == 0
+    assert (tmp_path / "folder" / "panorama.png").read_bytes() == (tmp_path / "single" / "panorama.png").read_bytes()
