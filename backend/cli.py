@@ -65,6 +65,13 @@ def build_parser() -> argparse.ArgumentParser:
     generate.add_argument("--json-progress", action="store_true",
                           help="print the protocol's JSON progress/done/error events on stdout instead of a progress bar")
 
+    serve = commands.add_parser(
+        "serve", help="run the worker Blender talks to (JSON lines on stdin/stdout)",
+        description="Run the long-lived worker: protocol requests on stdin, events on stdout (docs/protocol.md). "
+        "It never opens a network port.",
+    )
+    serve.add_argument("--stdio", action="store_true", required=True, help="talk over stdin/stdout (the only transport)")
+
     commands.add_parser("info", help="print the device, dtype and package versions",
                         description="Print the device and dtype --device auto would pick, and package versions, as JSON.")
     return parser
@@ -82,6 +89,10 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.command == "info":
         return _info()
+    if args.command == "serve":
+        from .server import serve_stdio
+
+        return serve_stdio()
     return _generate(args)
 
 
