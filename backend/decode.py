@@ -23,13 +23,17 @@ def axis_tiles(size: int, tile: int, overlap: int, max_single: int, wraps: bool)
     return [(start, tile) for start in window_starts(size, tile, tile - overlap, wraps)]
 
 
-def ramp_weights(length: int, ramp: int, fade_start: bool, fade_end: bool) -> torch.Tensor:
-    """Blend weights (length,) in (0, 1]: rising over ``ramp`` pixels at the faded ends, else 1."""
+def blend_weights(start: int, length: int, size: int, tile_count: int, wraps: bool, ramp: int) -> torch.Tensor:
+    """Blend weights (length,) in (0, 1] of one tile core along one axis, in pixels.
+
+    The weight rises linearly over ``ramp`` pixels at each end that a neighbouring tile overlaps (both
+    ends on a wrapping axis, inner ends only on a planar one) and is 1 elsewhere.
+    """
     position = torch.arange(length, dtype=torch.float32) + 0.5
     weight = torch.ones(length)
-    if fade_start:
+    if tile_count > 1 and (wraps or start > 0):
         weight = torch.minimum(weight, position / ramp)
-    if fade_end:
+    if tile_count > 1 and (wraps or start + length < size):
         weight = torch.minimum(weight, (length - position) / ramp)
     return weight
 
@@ -68,8 +72,10 @@ def decode_canvas(
                 image = torch.zeros(1, 3, height * factor, width * factor, device=decoded.device)
                 weights = torch.zeros(1, 1, height * factor, width * factor, device=decoded.device)
             core = decoded[:, :, before_y * factor : (before_y + tile_height) * factor, before_x * factor : (before_x + tile_width) * factor]
-            weight = _tile_weight(top, tile_height, height, len(row_tiles), left, tile_width, width, len(col_tiles), canvas, overlap, factor)
-            weight = weight.to(decoded.device)
+            ramp = max(1, overlap * factor)
+            row_weight = blend_weights(top * factor, tile_height * factor, height * factor, len(row_tiles), canvas.wraps_y, ramp)
+            col_weight = blend_weights(left * factor, tile_width * factor, width * factor, len(col_tiles), canvas.wraps_x, ramp)
+            weight = (row_weight[:, None] * col_weight[None, :]).to(decoded.device)
             core_view = CropView(top * factor, left * factor, tile_height * factor, tile_width * factor)
             pixels.add(image, core_view, core * weight)
             pixels.add(weights, core_view, weight)
@@ -80,19 +86,3 @@ def _context(start: int, length: int, size: int, context: int, wraps: bool) -> t
     if wraps:
         return context, context
     return min(context, start), min(context, size - start - length)
-
-
-def _tile_weight(top, tile_height, height, row_count, left, tile_width, width, col_count, canvas, overlap, factor):
-    """Blend weights (1, 1, h*f, w*f) of one tile core: ramps only where a neighbouring tile overlaps."""
-    ramp = max(1, overlap * factor)
-    rows = ramp_weights(
-        tile_height * factor, ramp,
-        fade_start=row_count > 1 and (canvas.wraps_y or top > 0),
-        fade_end=row_count > 1 and (canvas.wraps_y or top + tile_height < height),
-    )
-    cols = ramp_weights(
-        tile_width * factor, ramp,
-        fade_start=col_count > 1 and (canvas.wraps_x or left > 0),
-        fade_end=col_count > 1 and (canvas.wraps_x or left + tile_width < width),
-    )
-    return (rows[:, None] * cols[None, :])[None, None]
