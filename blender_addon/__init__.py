@@ -15,13 +15,5 @@ __all__ = ["ADDON_PACKAGE", "get_preferences", "interpreter_path", "output_folde
 _CLASSES = preferences.classes
 
 
-def register():
-    """Register the preferences class."""
-    for cls in _CLASSES:
-        bpy.utils.register_class(cls)
-
-
-def unregister():
-    """Unregister what ``register()`` registered, in reverse order."""
-    for cls in reversed(_CLASSES):
-        bpy.utils.unregister_class(cls)
+# Blender's own helper: registers in order, unregisters in reverse.
+register, unregister = bpy.utils.register_classes_factory(_CLASSES)

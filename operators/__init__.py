@@ -63,13 +63,5 @@ class SYNCSPHERE_OT_open_output_folder(Operator):
 _CLASSES = (SYNCSPHERE_OT_check_backend, SYNCSPHERE_OT_open_output_folder)
 
 
-def register():
-    """Register the operators."""
-    for cls in _CLASSES:
-        bpy.utils.register_class(cls)
-
-
-def unregister():
-    """Unregister the operators, in reverse order."""
-    for cls in reversed(_CLASSES):
-        bpy.utils.unregister_class(cls)
+# Blender's own helper: registers in order, unregisters in reverse.
+register, unregister = bpy.utils.register_classes_factory(_CLASSES)

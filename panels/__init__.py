@@ -61,13 +61,5 @@ class SYNCSPHERE_PT_view3d(Panel):
 _CLASSES = (SYNCSPHERE_PT_world, SYNCSPHERE_PT_view3d)
 
 
-def register():
-    """Register the panels."""
-    for cls in _CLASSES:
-        bpy.utils.register_class(cls)
-
-
-def unregister():
-    """Unregister the panels, in reverse order."""
-    for cls in reversed(_CLASSES):
-        bpy.utils.unregister_class(cls)
+# Blender's own helper: registers in order, unregisters in reverse.
+register, unregister = bpy.utils.register_classes_factory(_CLASSES)
