@@ -1,0 +1,226 @@
+"""The Blender side of the protocol: the backend worker process and the jobs sent to it.
+
+Plain Python (no bpy, no torch), so it is tested against a real backend without Blender. The worker is
+``python -m backend serve --stdio`` (docs/protocol.md); a thread reads its stdout into a queue, and its
+stderr goes to a log file that error messages point to. A job is followed either step by step
+(``GenerationJob.poll``, from a modal operator's timer) or to its end (``GenerationJob.wait``, in
+background mode, where Blender's timers never fire).
+
+Whatever goes wrong (the worker dies, hangs, prints a malformed line or reports an error) the job ends
+with one readable sentence in ``job.error``, and a broken worker is stopped so the next job starts a
+fresh one.
+"""
+
+import itertools
+import json
+import os
+import queue
+import subprocess
+import threading
+import time
+
+# Internal events the reader thread adds to the queue: the worker's stdout ended, or a line was not JSON.
+_EXITED = "_exited"
+_MALFORMED = "_malformed"
+_job_numbers = itertools.count(1)
+
+
+class WorkerError(Exception):
+    """The worker could not be started or answered wrongly; ``str()`` is one sentence for the user."""
+
+
+class BackendWorker:
+    """One backend worker process: started on demand, restarted after it dies or is stopped.
+
+    command: the argv that starts it (``backend_command.backend_command(python)``).
+    env, cwd: its environment and working folder (``backend_command.backend_environment``).
+    log_path: file that receives the worker's stderr (appended; created with its folder).
+    """
+
+    def __init__(self, command, env, cwd, log_path):
+        self.command = list(command)
+        self.env = env
+        self.cwd = cwd
+        self.log_path = log_path
+        self.process = None
+        self.events = queue.Queue()
+        self.ready = None  # the worker's ready event once it answered hello
+
+    def is_alive(self):
+        """True while the worker process runs."""
+        return self.process is not None and self.process.poll() is None
+
+    def start(self, timeout_s=120.0):
+        """Start the worker if it is not running and wait for its ready event; returns that event.
+
+        Raises WorkerError when it cannot start or does not answer hello within ``timeout_s`` seconds.
+        """
+        if self.is_alive() and self.ready is not None:
+            return self.ready
+        self.stop()
+        os.makedirs(os.path.dirname(self.log_path) or ".", exist_ok=True)
+        log = open(self.log_path, "ab")
+        try:
+            self.process = subprocess.Popen(
+                self.command, cwd=self.cwd, env=self.env, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                stderr=log, bufsize=0,
+            )
+        except OSError as error:
+            raise WorkerError(f"The backend could not be started ({error}); check the backend Python in the preferences.")
+        finally:
+            log.close()  # the child holds its own handle
+        self.events = queue.Queue()
+        threading.Thread(target=self._read_events, args=(self.process, self.events), daemon=True).start()
+        self.send({"op": "hello"})
+        event = self.next_event(timeout_s)
+        if event is None or event.get("event") != "ready":
+            self.stop()
+            raise WorkerError(f"The backend did not start properly ({_describe(event, timeout_s)}); see its log at {self.log_path}.")
+        self.ready = event
+        return event
+
+    @staticmethod
+    def _read_events(process, events):
+        for raw in process.stdout:
+            line = raw.decode("utf-8", errors="replace").strip()
+            if not line:
+                continue
+            try:
+                event = json.loads(line)
+                if not isinstance(event, dict) or "event" not in event:
+                    raise ValueError
+            except ValueError:
+                event = {"event": _MALFORMED, "line": line[:200]}
+            events.put(event)
+        events.put({"event": _EXITED, "code": process.wait()})
+
+    def send(self, request):
+        """Write one request line; raises WorkerError when the worker is gone."""
+        try:
+            self.process.stdin.write((json.dumps(request) + "\n").encode("utf-8"))
+            self.process.stdin.flush()
+        except (OSError, AttributeError, ValueError):
+            raise WorkerError(f"The backend is not running; see its log at {self.log_path}.")
+
+    def next_event(self, timeout_s):
+        """The next event, or None after ``timeout_s`` seconds without one (0: do not wait)."""
+        try:
+            return self.events.get(timeout=timeout_s) if timeout_s > 0 else self.events.get_nowait()
+        except queue.Empty:
+            return None
+
+    def stop(self, grace_s=5.0):
+        """Ask the worker to shut down, and kill it if it has not exited after ``grace_s`` seconds."""
+        process, self.process, self.ready = self.process, None, None
+        if process is None or process.poll() is not None:
+            return
+        try:
+            process.stdin.write(b'{"op":"shutdown"}\n')
+            process.stdin.close()
+            process.wait(timeout=grace_s)
+        except (OSError, ValueError, subprocess.TimeoutExpired):
+            process.kill()
+            process.wait()
+
+
+class GenerationJob:
+    """One generate request followed to its end.
+
+    params: the protocol's generate params (CLI flag names in snake_case); out_dir: absolute folder.
+    hang_timeout_s: a running job that produces no event for this long is declared hung; the worker is
+    killed. After the job ends, ``state`` is 'done' (``outputs`` holds the paths), 'cancelled' or 'error'
+    (``error`` holds the sentence); while it runs, ``stage``, ``step`` and ``total`` tell the progress.
+    """
+
+    def __init__(self, worker, params, out_dir, hang_timeout_s=600.0):
+        self.worker = worker
+        self.params = dict(params)
+        self.out_dir = out_dir
+        self.hang_timeout_s = hang_timeout_s
+        self.id = f"job-{os.getpid()}-{next(_job_numbers)}"
+        self.state = "new"
+        self.stage, self.step, self.total = "starting", 0, 1
+        self.outputs = None
+        self.error = None
+        self._last_event_time = None
+
+    @property
+    def finished(self):
+        """True once the job is done, cancelled or failed."""
+        return self.state in ("done", "cancelled", "error")
+
+    def start(self):
+        """Start the worker if needed and send the request. Failures end the job with an error."""
+        try:
+            self.worker.start()
+            self.worker.send({"op": "generate", "job": self.id, "params": self.params, "out_dir": self.out_dir})
+        except WorkerError as error:
+            self._fail(str(error))
+            return
+        self.state = "running"
+        self._last_event_time = time.monotonic()
+
+    def cancel(self):
+        """Ask the worker to stop this job before its next step (the job then ends as 'cancelled')."""
+        if self.state == "running":
+            try:
+                self.worker.send({"op": "cancel", "job": self.id})
+            except WorkerError as error:
+                self._fail(str(error))
+
+    def poll(self, wait_s=0.0):
+        """Handle the events that have arrived (waiting up to ``wait_s`` for the first); returns ``finished``."""
+        while self.state == "running":
+            event = self.worker.next_event(wait_s)
+            wait_s = 0.0
+            if event is None:
+                if time.monotonic() - self._last_event_time > self.hang_timeout_s:
+                    self.worker.stop(grace_s=0)
+                    self._fail(f"The backend sent nothing for {self.hang_timeout_s:g} s and was stopped; "
+                               f"the next job starts a new one; see its log at {self.worker.log_path}.")
+                break
+            self._last_event_time = time.monotonic()
+            self._handle(event)
+        return self.finished
+
+    def wait(self, timeout_s=None):
+        """Block until the job ends (or ``timeout_s`` passes); returns ``finished``."""
+        deadline = None if timeout_s is None else time.monotonic() + timeout_s
+        while not self.poll(wait_s=0.5):
+            if deadline is not None and time.monotonic() > deadline:
+                break
+        return self.finished
+
+    def _handle(self, event):
+        kind = event.get("event")
+        if kind == _EXITED:
+            self.worker.stop(grace_s=0)
+            self._fail(f"The backend stopped unexpectedly (exit code {event['code']}); the next job starts a new one; "
+                       f"see its log at {self.worker.log_path}.")
+        elif kind == _MALFORMED:
+            self.worker.stop(grace_s=0)
+            self._fail(f"The backend sent a line that is not protocol JSON ({event['line'][:60]!r}) and was stopped; "
+                       f"see its log at {self.worker.log_path}.")
+        elif event.get("job") != self.id:
+            return  # an event of an earlier, abandoned job
+        elif kind == "progress":
+            self.stage, self.step, self.total = event["stage"], event["step"], event["total"]
+        elif kind == "done":
+            self.outputs, self.state = event["outputs"], "done"
+        elif kind == "error" and event.get("kind") == "cancelled":
+            self.state = "cancelled"
+        elif kind == "error":
+            self._fail(event.get("message") or "The backend reported an error without a message.")
+
+    def _fail(self, message):
+        self.error, self.state = message, "error"
+
+
+def _describe(event, timeout_s):
+    if event is None:
+        return f"no answer within {timeout_s:g} s"
+    if event.get("event") == _EXITED:
+        return f"it exited with code {event['code']}"
+    if event.get("event") == "error":
+        return event.get("message", "an error")
+    return f"it answered {json.dumps(event)[:80]}"

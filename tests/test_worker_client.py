@@ -1,0 +1,109 @@
+"""The add-on's worker client against a real backend process: jobs, cancel, a killed, hung or garbling worker."""
+
+import importlib.util
+import os
+import signal
+import sys
+
+import pytest
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def load_addon_module(name):
+    """Load a bpy-free module of blender_addon/ by path (the package itself imports bpy)."""
+    spec = importlib.util.spec_from_file_location(f"addon_{name}", os.path.join(REPO, "blender_addon", f"{name}.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+client = load_addon_module("worker_client")
+commands = load_addon_module("backend_command")
+
+
+@pytest.fixture
+def worker(tmp_path):
+    env = commands.backend_environment(REPO, allow_network=False)
+    started = client.BackendWorker(commands.backend_command(sys.executable), env, REPO, str(tmp_path / "logs" / "backend.log"))
+    yield started
+    started.stop(grace_s=2)
+
+
+def params(tiny_model, **overrides):
+    return {"prompt": "a harbour", "layout": "equirect", "width": 256, "height": 128, "steps": 2, "window": 16,
+            "stride": 8, "seed": 4, "device": "cpu", "model": tiny_model, **overrides}
+
+
+def test_a_job_runs_to_done_and_reports_progress(worker, tiny_model, tmp_path):
+    job = client.GenerationJob(worker, params(tiny_model), str(tmp_path / "out"))
+    job.start()
+    stages = set()
+    while not job.poll(wait_s=0.5):
+        stages.add(job.stage)
+    assert job.state == "done", job.error
+    assert os.path.isfile(job.outputs["exr"]) and {"denoising"} <= stages | {job.stage}
+    assert os.path.isfile(worker.log_path)  # the worker's stderr went to the log
+
+
+def test_backend_errors_become_the_jobs_sentence(worker, tiny_model, tmp_path):
+    job = client.GenerationJob(worker, params(tiny_model, steps=0), str(tmp_path / "out"))
+    job.start()
+    assert job.wait(60) and job.state == "error" and "--steps" in job.error
+
+
+def test_cancel_then_the_next_job_succeeds(worker, tiny_model, tmp_path):
+    job = client.GenerationJob(worker, params(tiny_model, steps=500), str(tmp_path / "long"))
+    job.start()
+    while job.stage != "denoising" and not job.finished:
+        job.poll(wait_s=0.5)
+    job.cancel()
+    assert job.wait(60) and job.state == "cancelled"
+    assert not os.path.exists(tmp_path / "long" / "panorama.png")
+    after = client.GenerationJob(worker, params(tiny_model), str(tmp_path / "after"))
+    after.start()
+    assert after.wait(120) and after.state == "done"
+
+
+@pytest.mark.parametrize("failure", ["killed", "hung"])
+def test_a_dead_or_hung_worker_fails_the_job_and_is_replaced(worker, tiny_model, tmp_path, failure):
+    job = client.GenerationJob(worker, params(tiny_model, steps=500), str(tmp_path / "broken"))
+    job.start()
+    while job.stage != "denoising" and not job.finished:
+        job.poll(wait_s=0.5)
+    job.hang_timeout_s = 3  # short only now: loading may legitimately be silent for longer
+    process = worker.process
+    os.kill(process.pid, signal.SIGKILL if failure == "killed" else signal.SIGSTOP)
+    assert job.wait(60) and job.state == "error"
+    assert worker.log_path in job.error
+    assert ("stopped unexpectedly" if failure == "killed" else "sent nothing") in job.error
+    assert process.poll() is not None  # a hung worker was killed, not left behind
+    assert not os.path.exists(tmp_path / "broken" / "panorama.png")
+
+    next_job = client.GenerationJob(worker, params(tiny_model), str(tmp_path / "next"))
+    next_job.start()
+    assert next_job.wait(120) and next_job.state == "done"
+
+
+def test_a_malformed_line_fails_the_job_with_one_sentence(tmp_path):
+    # A stand-in worker that greets properly, then prints something that is not protocol JSON.
+    script = tmp_path / "garbling_worker.py"
+    script.write_text(
+        "import sys\n"
+        "sys.stdin.readline(); print('{\"event\": \"ready\", \"protocol\": 1}', flush=True)\n"
+        "sys.stdin.readline(); print('Traceback (most recent call last):', flush=True)\n"
+        "sys.stdin.read()\n"
+    )
+    worker = client.BackendWorker([sys.executable, str(script)], dict(os.environ), str(tmp_path), str(tmp_path / "log.txt"))
+    job = client.GenerationJob(worker, {"prompt": "x"}, str(tmp_path / "out"))
+    job.start()
+    assert job.wait(30) and job.state == "error"
+    assert "not protocol JSON" in job.error and "Traceback" in job.error
+    assert not worker.is_alive()
+
+
+def test_an_interpreter_that_cannot_start_is_one_sentence(tmp_path):
+    worker = client.BackendWorker(["/no/such/python", "-m", "backend"], dict(os.environ), str(tmp_path), str(tmp_path / "log.txt"))
+    job = client.GenerationJob(worker, {"prompt": "x"}, str(tmp_path / "out"))
+    job.start()
+    assert job.state == "error" and "could not be started" in job.error
