@@ -1,19 +1,33 @@
-"""Blender-side logic of SyncSphere: preferences, and (later) scene properties, the backend worker
-client and the World / material appliers. Operators and panels stay thin and call into this package.
+"""Blender-side logic of SyncSphere: preferences, scene settings, the backend worker client, and the
+World / material appliers. Operators and panels stay thin and call into this package.
 
-``backend_command`` is plain Python (no bpy), so the way the backend is started is tested anywhere.
+Plain-Python modules (no bpy): ``backend_command`` (how the backend is started), ``worker_client`` (the
+protocol's client side), ``session`` (the shared worker and current job), ``generation`` (settings ->
+request). They are tested without Blender.
 """
 
 import bpy
 
-from . import preferences
+from . import backend_command, generation, preferences, properties, session
 from .preferences import ADDON_PACKAGE, get_preferences, interpreter_path, output_folder
 
-__all__ = ["ADDON_PACKAGE", "get_preferences", "interpreter_path", "output_folder",
-           "register", "unregister"]
+__all__ = ["ADDON_PACKAGE", "backend_command", "generation", "get_preferences", "interpreter_path",
+           "output_folder", "register", "session", "unregister"]
 
-_CLASSES = preferences.classes
+_register_preferences, _unregister_preferences = bpy.utils.register_classes_factory(preferences.classes)
 
 
-# Blender's own helper: registers in order, unregisters in reverse.
-register, unregister = bpy.utils.register_classes_factory(_CLASSES)
+def register():
+    """Register the preferences and the per-scene settings."""
+    _register_preferences()
+    properties.register()
+
+
+def unregister():
+    """Stop the backend worker, free thumbnails, and unregister in reverse order."""
+    from . import results
+
+    session.shutdown()
+    results.free_thumbnails()
+    properties.unregister()
+    _unregister_preferences()

@@ -1,7 +1,7 @@
 """The add-on preferences: which Python runs the backend, which model, which device, where outputs go."""
 
 import bpy
-from bpy.props import EnumProperty, StringProperty
+from bpy.props import BoolProperty, EnumProperty, StringProperty
 from bpy.types import AddonPreferences
 
 # Preferences belong to the add-on, whose package is the parent of this one
@@ -50,6 +50,12 @@ class SyncSpherePreferences(AddonPreferences):
         default="",
     )
 
+    keep_warm: BoolProperty(
+        name="Keep Backend Warm",
+        description="Keep the backend running with the model loaded between generations (faster; holds GPU memory)",
+        default=True,
+    )
+
     def draw(self, context):
         """Draw the preferences in Preferences > Add-ons > SyncSphere."""
         layout = self.layout
@@ -58,6 +64,7 @@ class SyncSpherePreferences(AddonPreferences):
         layout.prop(self, "default_model")
         layout.prop(self, "device")
         layout.prop(self, "output_dir")
+        layout.prop(self, "keep_warm")
         layout.operator("syncsphere.check_backend", icon="CONSOLE")
 
 
@@ -66,6 +73,17 @@ def get_preferences(context=None):
     context = context or bpy.context
     addon = context.preferences.addons.get(ADDON_PACKAGE)
     return addon.preferences if addon is not None else None
+
+
+def user_folder(subfolder):
+    """Absolute path of ``subfolder`` in SyncSphere's user folder (created), which survives upgrades.
+
+    Raises ValueError when the add-on is not installed as an extension (only extensions have one).
+    """
+    try:
+        return bpy.utils.extension_path_user(ADDON_PACKAGE, path=subfolder, create=True)
+    except (ValueError, RuntimeError) as error:
+        raise ValueError(f"SyncSphere has no user folder ({error}); install it as an extension") from error
 
 
 def output_folder(prefs):
@@ -77,7 +95,7 @@ def output_folder(prefs):
     if prefs is not None and prefs.output_dir.strip():
         return bpy.path.abspath(prefs.output_dir)
     # Never inside the extension folder: Blender wipes it on every upgrade (design section 7).
-    return bpy.utils.extension_path_user(ADDON_PACKAGE, path=OUTPUTS_SUBFOLDER, create=True)
+    return user_folder(OUTPUTS_SUBFOLDER)
 
 
 def interpreter_path(prefs):

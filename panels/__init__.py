@@ -1,65 +1,155 @@
-"""SyncSphere panels: one in the World properties tab, one in the 3D viewport sidebar.
+"""SyncSphere panels, drawn the same in the World properties tab and in the 3D viewport sidebar.
 
-Both draw the same content: the backend settings from the preferences and the backend check. The
-generate UI is a later step; the panels say so rather than showing controls that do nothing.
+Thin: they draw ``scene.syncsphere`` (blender_addon/properties.py), the preferences, and the state of the
+current job (blender_addon/session.py), and call the operators.
 """
 
 import bpy
 from bpy.types import Panel
 
-from ..blender_addon import get_preferences
+from ..blender_addon import generation, get_preferences, material, session, world
+from ..blender_addon.results import thumbnail_icon
 
 
-def draw_syncsphere(layout, context):
-    """Draw the shared SyncSphere panel content into ``layout``."""
-    prefs = get_preferences(context)
-    col = layout.column()
-    if prefs is None:
-        # Happens only when the add-on was registered without being enabled (e.g. from a script).
-        col.label(text="SyncSphere preferences are not available", icon="ERROR")
+def draw_main(layout, context):
+    """Prompt, mode, resolution, seed, sampling, and Generate / Cancel with the job's progress."""
+    settings = context.scene.syncsphere
+    layout.prop(settings, "prompt")
+    layout.prop(settings, "negative_prompt", text="Avoid")
+    layout.prop(settings, "mode", expand=True)
+    column = layout.column()
+    column.use_property_split = True
+    column.use_property_decorate = False
+    width, height = generation.resolution(settings.mode, settings.resolution)
+    column.prop(settings, "resolution", text=f"Size ({width}x{height})")
+    row = column.row(align=True)
+    row.prop(settings, "seed")
+    row.prop(settings, "randomize_seed", text="", icon="FILE_REFRESH", toggle=True)
+    column.prop(settings, "steps")
+    column.prop(settings, "guidance")
+    column.prop(settings, "sync_method")
+
+    job = session.current_job()
+    if session.is_busy():
+        layout.progress(factor=job.step / max(job.total, 1) if job.stage == "denoising" else 0.0,
+                        text=f"{job.stage.capitalize()} {job.step}/{job.total}" if job.stage == "denoising" else job.stage.capitalize())
+        layout.operator("syncsphere.cancel", icon="CANCEL")
     else:
-        col.use_property_split = True
-        col.use_property_decorate = False
-        col.prop(prefs, "python_path", text="Python")
-        col.prop(prefs, "default_model", text="Model")
+        layout.operator("syncsphere.generate", icon="RENDER_STILL")
+        if job is not None and job.state == "error":
+            layout.label(text=job.error, icon="ERROR")
+    if get_preferences(context) is not None and not get_preferences(context).python_path.strip():
+        layout.label(text="Set the backend Python in the add-on preferences", icon="INFO")
+
+
+def draw_result(layout, context):
+    """How the result sits in the scene: the SyncSphere World's rotation and strength (its nodes' own
+    sockets, so edits are live) and camera options, or the active material's tiling."""
+    settings = context.scene.syncsphere
+    column = layout.column()
+    column.use_property_split = True
+    column.use_property_decorate = False
+    if settings.mode == "WORLD":
+        scene_world = context.scene.world
+        if scene_world is not None and world.is_syncsphere_world(scene_world):
+            nodes = scene_world.node_tree.nodes
+            column.prop(nodes[world.MAPPING_NODE].inputs["Rotation"], "default_value", index=2, text="Rotation")
+            column.prop(nodes[world.BACKGROUND_NODE].inputs["Strength"], "default_value", text="Strength")
+        column.prop(settings, "hide_from_camera")
+        column.prop(settings, "face_camera")
+        column.operator("syncsphere.restore_world", icon="LOOP_BACK")
+    elif settings.mode == "TILE":
+        obj = context.active_object
+        tree = obj.active_material.node_tree if obj is not None and obj.active_material is not None else None
+        if tree is not None and material.MAPPING_NODE in tree.nodes:
+            column.prop(tree.nodes[material.MAPPING_NODE].inputs["Scale"], "default_value", text="Tiling")
+        else:
+            column.label(text="The texture goes on the active object's material")
+    else:
+        column.label(text="Wide images open in the Image Editor")
+
+
+def draw_advanced(layout, context):
+    """Window, stride and device."""
+    settings = context.scene.syncsphere
+    column = layout.column()
+    column.use_property_split = True
+    column.use_property_decorate = False
+    column.prop(settings, "window")
+    column.prop(settings, "stride")
+    column.prop(settings, "device")
+
+
+def draw_history(layout, context):
+    """Past generations with a thumbnail, prompt and seed; apply one again or reuse its settings."""
+    settings = context.scene.syncsphere
+    if not settings.history:
+        layout.label(text="Nothing generated yet")
+    for index, item in enumerate(settings.history[:8]):
+        box = layout.box()
+        row = box.row()
+        icon = thumbnail_icon(item.png_path)
+        if icon:
+            row.template_icon(icon_value=icon, scale=3.0)
+        column = row.column()
+        column.label(text=item.prompt or "(no prompt)")
+        column.label(text=f"Seed {item.seed}, {item.mode.lower()}")
+        buttons = column.row(align=True)
+        buttons.operator("syncsphere.history_apply", text="Apply").index = index
+        buttons.operator("syncsphere.history_reuse", text="Reuse").index = index
+
+
+def draw_backend(layout, context):
+    """The backend interpreter and model from the preferences, and the backend check."""
+    prefs = get_preferences(context)
+    column = layout.column()
+    if prefs is not None:
+        column.use_property_split = True
+        column.use_property_decorate = False
+        column.prop(prefs, "python_path", text="Python")
+        column.prop(prefs, "default_model", text="Model")
     row = layout.row(align=True)
     row.operator("syncsphere.check_backend", icon="CONSOLE")
     row.operator("syncsphere.open_output_folder", text="", icon="FILE_FOLDER")
-    # Honest about the state of the add-on: the generate UI is not built yet.
-    layout.label(text="Generating from Blender is coming in a later version", icon="INFO")
 
 
-class SYNCSPHERE_PT_world(Panel):
-    """SyncSphere in the World properties tab"""
+# (label, draw function, closed by default) of the sub-panels under the main panel.
+SUB_PANELS = (
+    ("Result", draw_result, False),
+    ("Advanced", draw_advanced, True),
+    ("History", draw_history, True),
+    ("Backend", draw_backend, True),
+)
 
-    bl_idname = "SYNCSPHERE_PT_world"
-    bl_label = "SyncSphere"
-    bl_space_type = "PROPERTIES"
-    bl_region_type = "WINDOW"
-    bl_context = "world"
-    bl_options = {"DEFAULT_CLOSED"}
-
-    def draw(self, context):
-        """Draw the shared content."""
-        draw_syncsphere(self.layout, context)
-
-
-class SYNCSPHERE_PT_view3d(Panel):
-    """SyncSphere in the 3D viewport sidebar (N panel)"""
-
-    bl_idname = "SYNCSPHERE_PT_view3d"
-    bl_label = "SyncSphere"
-    bl_space_type = "VIEW_3D"
-    bl_region_type = "UI"
-    bl_category = "SyncSphere"
-
-    def draw(self, context):
-        """Draw the shared content."""
-        draw_syncsphere(self.layout, context)
+# Where the panels appear: the World properties tab and the 3D viewport's sidebar tab "SyncSphere".
+LOCATIONS = {
+    "WORLD": dict(bl_space_type="PROPERTIES", bl_region_type="WINDOW", bl_context="world"),
+    "VIEW3D": dict(bl_space_type="VIEW_3D", bl_region_type="UI", bl_category="SyncSphere"),
+}
 
 
-_CLASSES = (SYNCSPHERE_PT_world, SYNCSPHERE_PT_view3d)
+def _panel_class(location, label, draw_function, parent=None, closed=False):
+    """A Panel class drawing ``draw_function`` at ``location`` (a LOCATIONS key), under ``parent``'s id."""
+    idname = f"SYNCSPHERE_PT_{location.lower()}" + (f"_{label.lower()}" if parent else "")
+    attributes = dict(LOCATIONS[location], bl_idname=idname, bl_label=label,
+                      draw=lambda self, context: draw_function(self.layout, context))
+    if parent:
+        attributes["bl_parent_id"] = parent
+    if closed:
+        attributes["bl_options"] = {"DEFAULT_CLOSED"}
+    return type(idname, (Panel,), attributes)
 
 
-# Blender's own helper: registers in order, unregisters in reverse.
+def _all_panel_classes():
+    classes = []
+    for location in LOCATIONS:
+        main = _panel_class(location, "SyncSphere", draw_main)
+        classes.append(main)
+        classes += [_panel_class(location, label, draw, main.bl_idname, closed) for label, draw, closed in SUB_PANELS]
+    return tuple(classes)
+
+
+_CLASSES = _all_panel_classes()
+
+# Blender's own helper: registers in order (parents before sub-panels), unregisters in reverse.
 register, unregister = bpy.utils.register_classes_factory(_CLASSES)

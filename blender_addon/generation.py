@@ -1,0 +1,74 @@
+"""What a Generate press sends to the backend, as plain Python (no bpy), so it is tested without Blender.
+
+The scene settings (``properties.SyncSphereSettings``, or any object with the same attributes) become the
+protocol's ``generate`` params (docs/protocol.md): the CLI's flag names in snake_case.
+"""
+
+import os
+import random
+import re
+import time
+
+# Mode -> the backend's --layout.
+LAYOUT_OF_MODE = {"WORLD": "equirect", "TILE": "tile", "WIDE": "wide"}
+
+# Resolution presets per mode: (width, height) in pixels for DRAFT, STANDARD and HIGH.
+RESOLUTIONS = {
+    "WORLD": {"DRAFT": (1024, 512), "STANDARD": (2048, 1024), "HIGH": (4096, 2048)},
+    "TILE": {"DRAFT": (512, 512), "STANDARD": (1024, 1024), "HIGH": (2048, 2048)},
+    "WIDE": {"DRAFT": (2048, 512), "STANDARD": (3072, 768), "HIGH": (4096, 1024)},
+}
+
+MAX_SEED = 2**31 - 1  # Blender's IntProperty is 32-bit signed
+
+
+def resolution(mode, preset):
+    """(width, height) in pixels of a resolution ``preset`` (DRAFT, STANDARD, HIGH) for ``mode``."""
+    return RESOLUTIONS[mode][preset]
+
+
+def pick_seed(settings, rng=random):
+    """The seed of the next generation: a new random one when ``settings.randomize_seed``, else
+    ``settings.seed``. Returns an int in 0..MAX_SEED."""
+    return rng.randint(0, MAX_SEED) if settings.randomize_seed else int(settings.seed)
+
+
+def generate_params(settings, seed, *, model, device):
+    """The protocol's generate params for ``settings`` with ``seed``.
+
+    model: hub id or local path (the preferences' default model); device: auto, cuda, mps or cpu.
+    ``settings.window`` / ``settings.stride`` of 0 leave the backend's defaults (from the model).
+    """
+    width, height = resolution(settings.mode, settings.resolution)
+    params = {
+        "prompt": settings.prompt,
+        "negative_prompt": settings.negative_prompt,
+        "layout": LAYOUT_OF_MODE[settings.mode],
+        "width": width,
+        "height": height,
+        "steps": int(settings.steps),
+        "guidance": float(settings.guidance),
+        "seed": int(seed),
+        "model": model,
+        "device": device,
+    }
+    if settings.window:
+        params["window"] = int(settings.window)
+    if settings.stride:
+        params["stride"] = int(settings.stride)
+    return params
+
+
+def job_folder(output_root, prompt, seed, now=None):
+    """A new folder path under ``output_root`` for one job: ``YYYYmmdd-HHMMSS-<prompt words>-<seed>``.
+
+    The folder is not created (the backend creates it, atomically, when it writes the result).
+    """
+    stamp = time.strftime("%Y%m%d-%H%M%S", time.localtime(now))
+    words = "-".join(re.findall(r"[a-z0-9]+", prompt.lower())[:4]) or "untitled"
+    folder = os.path.join(output_root, f"{stamp}-{words}-{seed}")
+    suffix = 1
+    while os.path.exists(folder):  # two jobs within a second with the same prompt and seed
+        suffix += 1
+        folder = os.path.join(output_root, f"{stamp}-{words}-{seed}-{suffix}")
+    return folder

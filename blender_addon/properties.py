@@ -1,0 +1,92 @@
+"""Per-scene SyncSphere settings (``scene.syncsphere``) and the history of generations."""
+
+import bpy
+from bpy.props import BoolProperty, CollectionProperty, EnumProperty, FloatProperty, IntProperty, PointerProperty, StringProperty
+from bpy.types import PropertyGroup
+
+from .generation import MAX_SEED
+
+MODE_ITEMS = (
+    ("WORLD", "360° World", "An equirectangular 360° image that becomes the scene's World", "WORLD", 0),
+    ("TILE", "Tileable Texture", "A seamless texture on the active object's material", "TEXTURE", 1),
+    ("WIDE", "Wide Image", "A wide panorama, opened in the Image Editor", "IMAGE_DATA", 2),
+)
+RESOLUTION_ITEMS = (
+    ("DRAFT", "Draft", "Fastest: 1024x512 world, 512 px tile, 2048x512 wide"),
+    ("STANDARD", "Standard", "2048x1024 world, 1024 px tile, 3072x768 wide"),
+    ("HIGH", "High", "4096x2048 world, 2048 px tile, 4096x1024 wide"),
+)
+# Only the methods the backend implements are offered.
+SYNC_ITEMS = (
+    ("MULTIDIFFUSION", "MultiDiffusion", "Average overlapping views every step (Bar-Tal et al., 2023)"),
+)
+DEVICE_ITEMS = (
+    ("PREFERENCES", "From Preferences", "The device chosen in the add-on preferences"),
+    ("auto", "Automatic", "CUDA, then Apple Metal, then the CPU"),
+    ("cuda", "CUDA", "An NVIDIA GPU"),
+    ("mps", "Apple Metal", "An Apple Silicon GPU"),
+    ("cpu", "CPU", "The CPU (very slow)"),
+)
+
+
+class SyncSphereHistoryItem(PropertyGroup):
+    """One past generation: what was asked and where its files are."""
+
+    prompt: StringProperty(name="Prompt")
+    negative_prompt: StringProperty(name="Negative Prompt")
+    mode: EnumProperty(name="Mode", items=MODE_ITEMS)
+    resolution: EnumProperty(name="Resolution", items=RESOLUTION_ITEMS)
+    seed: IntProperty(name="Seed", min=0)
+    steps: IntProperty(name="Steps")
+    guidance: FloatProperty(name="Guidance")
+    png_path: StringProperty(name="PNG", subtype="FILE_PATH")
+    exr_path: StringProperty(name="EXR", subtype="FILE_PATH")
+
+
+class SyncSphereSettings(PropertyGroup):
+    """What the next generation makes, and how results are shown in the scene."""
+
+    prompt: StringProperty(name="Prompt", description="What the image shows", default="")
+    negative_prompt: StringProperty(name="Negative Prompt", description="What it should not show", default="")
+    mode: EnumProperty(name="Mode", items=MODE_ITEMS, default="WORLD")
+    resolution: EnumProperty(name="Resolution", items=RESOLUTION_ITEMS, default="DRAFT")
+    seed: IntProperty(name="Seed", description="Random seed; the same seed and settings give the same image",
+                      default=0, min=0, max=MAX_SEED)
+    randomize_seed: BoolProperty(name="Randomize", description="Pick a new seed for every generation", default=True)
+    steps: IntProperty(name="Steps", description="Denoising steps", default=50, min=1, max=500)
+    guidance: FloatProperty(name="Guidance", description="Classifier-free guidance scale", default=7.5, min=0.0, max=30.0)
+    sync_method: EnumProperty(name="Synchronisation", items=SYNC_ITEMS, default="MULTIDIFFUSION",
+                              description="How the overlapping views are kept coherent")
+    window: IntProperty(name="Window", description="View size in latent pixels; 0: the model's own size",
+                        default=0, min=0, max=256)
+    stride: IntProperty(name="Stride", description="Distance between views in latent pixels; 0: window / 8",
+                        default=0, min=0, max=256)
+    device: EnumProperty(name="Device", items=DEVICE_ITEMS, default="PREFERENCES")
+
+    # The world's rotation and strength, and a texture's tiling, are not copied here: the panel draws the
+    # SyncSphere nodes' own sockets, so they are live, undoable and saved with the World or material.
+    # (Property update callbacks would also crash the bpy 4.2 module at exit.)
+    hide_from_camera: BoolProperty(name="Hide from Camera", default=False,
+                                   description="The world lights the scene but the camera sees a plain background")
+    face_camera: BoolProperty(name="Face the Camera", default=False,
+                              description="Rotate the world so the image centre is in front of the active camera")
+
+    history: CollectionProperty(type=SyncSphereHistoryItem)
+    history_index: IntProperty(name="History", default=0)
+
+
+classes = (SyncSphereHistoryItem, SyncSphereSettings)
+
+
+def register():
+    """Register the property groups and attach the settings to every Scene as ``scene.syncsphere``."""
+    for cls in classes:
+        bpy.utils.register_class(cls)
+    bpy.types.Scene.syncsphere = PointerProperty(type=SyncSphereSettings)
+
+
+def unregister():
+    """Remove ``scene.syncsphere`` and unregister the property groups."""
+    del bpy.types.Scene.syncsphere
+    for cls in reversed(classes):
+        bpy.utils.unregister_class(cls)

@@ -1,0 +1,116 @@
+"""End to end in headless Blender: the built extension, installed and enabled, generates with the real
+backend (a tiny local model) and puts the result into the scene; failures leave the scene as it was."""
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from backend.outputs import read_exr
+from test_extension import _blender_ext_tool
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture(scope="module")
+def extension_zip(tmp_path_factory):
+    """The extension built with Blender's own tool, as a user would install it."""
+    tool = _blender_ext_tool()
+    out = tmp_path_factory.mktemp("dist")
+    subprocess.run([sys.executable, str(tool), "build", "--source-dir", str(REPO), "--output-dir", str(out)],
+                   check=True, capture_output=True)
+    return str(next(out.glob("*.zip")))
+
+
+def run_blender(script, extension_zip, tiny_model, tmp_path, timeout=600):
+    """Run ``script`` in a fresh headless Blender with SyncSphere installed from the zip and configured
+    (backend Python: this interpreter; model: the tiny one; CPU). Returns the JSON the script prints last."""
+    prelude = f"""
+        import json, os, sys
+        os.environ["BLENDER_USER_RESOURCES"] = {str(tmp_path / "blender-user")!r}
+        import bpy
+        bpy.ops.extensions.package_install_files(filepath={extension_zip!r}, repo="user_default", enable_on_install=True)
+        ADDON = "bl_ext.user_default.syncsphere"
+        prefs = bpy.context.preferences.addons[ADDON].preferences
+        prefs.python_path = {sys.executable!r}
+        prefs.default_model = {tiny_model!r}
+        prefs.device = "cpu"
+        settings = bpy.context.scene.syncsphere
+        settings.prompt = "a quiet harbour at dusk"
+        settings.steps = 2
+        settings.window = 16
+        settings.stride = 8
+        """
+    code = textwrap.dedent(prelude) + textwrap.dedent(script)
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=timeout, env=env, cwd=tmp_path)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    return json.loads(result.stdout.strip().splitlines()[-1])
+
+
+def test_generate_a_360_world_end_to_end(extension_zip, tiny_model, tmp_path):
+    report = run_blender("""
+        import numpy as np
+        user_world = bpy.data.worlds.new("User World")
+        bpy.context.scene.world = user_world
+        settings.mode = "WORLD"
+        settings.randomize_seed = False
+        settings.seed = 42
+        assert bpy.ops.syncsphere.generate() == {"FINISHED"}
+        world = bpy.context.scene.world
+        nodes = world.node_tree.nodes
+        environment = next(node for node in nodes if node.type == "TEX_ENVIRONMENT")
+        image = environment.image
+        pixels = np.array(image.pixels[:], dtype=np.float32).reshape(image.size[1], image.size[0], 4)
+        np.save(os.path.join(os.getcwd(), "pixels.npy"), pixels[::-1, :, :3])  # Blender's rows run bottom-up
+        links = sorted((link.from_node.type, link.to_node.type) for link in world.node_tree.links)
+        item = settings.history[0]
+        print(json.dumps({"world": world.name, "links": links, "exr": image.filepath_raw, "history": [item.prompt, item.seed, item.exr_path],
+                          "user_world_kept": "User World" in bpy.data.worlds, "user_world_users": bpy.data.worlds["User World"].users}))
+    """, extension_zip, tiny_model, tmp_path)
+    assert report["world"] != "User World" and report["user_world_kept"]
+    report["links"] = [tuple(link) for link in report["links"]]
+    assert ("TEX_COORD", "MAPPING") in report["links"] and ("MAPPING", "TEX_ENVIRONMENT") in report["links"]
+    assert ("TEX_ENVIRONMENT", "BACKGROUND") in report["links"] and ("BACKGROUND", "OUTPUT_WORLD") in report["links"]
+    assert report["history"][:2] == ["a quiet harbour at dusk", 42]
+    # The world shows exactly the backend's linear EXR.
+    exr = read_exr(report["history"][2])
+    pixels = np.load(tmp_path / "pixels.npy")
+    assert exr.shape == pixels.shape == (512, 1024, 3)
+    np.testing.assert_allclose(pixels, exr, atol=1e-6)
+
+
+def test_backend_error_is_reported_and_the_scene_is_unchanged(extension_zip, tiny_model, tmp_path):
+    report = run_blender("""
+        settings.stride = 40  # larger than the window of 16: the backend refuses the request
+        worlds_before = sorted(bpy.data.worlds.keys())
+        try:
+            bpy.ops.syncsphere.generate()
+        except RuntimeError as error:  # operator errors raise in background mode
+            message = str(error)
+        else:
+            message = None
+        print(json.dumps({"message": message, "same_worlds": sorted(bpy.data.worlds.keys()) == worlds_before,
+                          "history": len(settings.history)}))
+    """, extension_zip, tiny_model, tmp_path)
+    assert report["message"] and "--stride 40 is larger than the window" in report["message"]
+    assert report["same_worlds"] and report["history"] == 0
+
+
+def test_tileable_texture_lands_on_the_active_object(extension_zip, tiny_model, tmp_path):
+    report = run_blender("""
+        bpy.ops.mesh.primitive_cube_add()
+        cube = bpy.context.active_object
+        settings.mode = "TILE"
+        assert bpy.ops.syncsphere.generate() == {"FINISHED"}
+        material = cube.active_material
+        texture = next(node for node in material.node_tree.nodes if node.type == "TEX_IMAGE")
+        print(json.dumps({"image": texture.image.filepath_raw, "size": list(texture.image.size),
+                          "png": settings.history[0].png_path}))
+    """, extension_zip, tiny_model, tmp_path)
+    assert report["size"] == [512, 512] and os.path.samefile(report["image"], report["png"])
