@@ -50,7 +50,8 @@ def run_blender(script, extension_zip, tiny_model, tmp_path, timeout=600):
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=timeout, env=env, cwd=tmp_path)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    return json.loads(result.stdout.strip().splitlines()[-1])
+    # Blender prints operator reports on stdout too: the script's report is the last JSON line.
+    return json.loads([line for line in result.stdout.splitlines() if line.startswith("{")][-1])
 
 
 def test_generate_a_360_world_end_to_end(extension_zip, tiny_model, tmp_path):
@@ -114,3 +115,49 @@ def test_tileable_texture_lands_on_the_active_object(extension_zip, tiny_model, 
                           "png": settings.history[0].png_path}))
     """, extension_zip, tiny_model, tmp_path)
     assert report["size"] == [512, 512] and os.path.samefile(report["image"], report["png"])
+
+
+# While the operator waits for the job (background mode), a thread breaks it at its first denoising step.
+INTERRUPT_AT_DENOISING = """
+    import signal, threading, time
+    session = sys.modules[ADDON + ".blender_addon.session"]
+
+    def interrupt(action):
+        def run():
+            while session.current_job() is None or session.current_job().stage != "denoising":
+                time.sleep(0.05)
+            job = session.current_job()
+            if action == "cancel":
+                job.cancel()  # what the Cancel operator does
+            elif action == "kill":
+                os.kill(job.worker.process.pid, signal.SIGKILL)
+        threading.Thread(target=run, daemon=True).start()
+
+    def generate():
+        try:
+            return sorted(bpy.ops.syncsphere.generate()), None
+        except RuntimeError as error:  # operator errors raise in background mode
+            return None, str(error)
+"""
+
+
+@pytest.mark.parametrize("action", ["cancel", "kill"])
+def test_cancel_or_a_killed_worker_leaves_the_scene_unchanged_and_the_next_job_works(extension_zip, tiny_model, tmp_path, action):
+    report = run_blender(textwrap.dedent(INTERRUPT_AT_DENOISING) + textwrap.dedent(f"""
+        settings.steps = 400
+        worlds_before = sorted(bpy.data.worlds.keys())
+        interrupt({action!r})
+        result, error = generate()
+        unchanged = sorted(bpy.data.worlds.keys()) == worlds_before and len(settings.history) == 0
+        settings.steps = 2
+        second, second_error = generate()
+        print(json.dumps({{"result": result, "error": error, "unchanged": unchanged, "second": second,
+                          "second_error": second_error, "history": len(settings.history)}}))
+    """), extension_zip, tiny_model, tmp_path)
+    assert report["unchanged"]
+    if action == "cancel":
+        assert report["result"] == ["CANCELLED"] and report["error"] is None
+    else:
+        assert "stopped unexpectedly" in report["error"] and "backend.log" in report["error"]
+    assert report["second"] == ["FINISHED"] and report["history"] == 1, report["second_error"]
+    assert not list((tmp_path / "blender-user").rglob("panorama.png.partial*"))
