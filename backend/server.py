@@ -64,6 +64,11 @@ class StdioServer:
         return 0
 
     def _ready_event(self) -> dict:
+        # Import the engine (torch, diffusers) now: "ready" means a job can start without a long silent
+        # import, which a client watching for a hung backend would otherwise mistake for a hang.
+        from diffusers import StableDiffusionPipeline  # noqa: F401
+
+        from . import job  # noqa: F401
         from .models import resolve_device, resolve_dtype
 
         device = resolve_device("auto")

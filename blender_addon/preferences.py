@@ -1,7 +1,7 @@
 """The add-on preferences: which Python runs the backend, which model, which device, where outputs go."""
 
 import bpy
-from bpy.props import BoolProperty, EnumProperty, StringProperty
+from bpy.props import BoolProperty, EnumProperty, IntProperty, StringProperty
 from bpy.types import AddonPreferences
 
 # Preferences belong to the add-on, whose package is the parent of this one
@@ -56,6 +56,13 @@ class SyncSpherePreferences(AddonPreferences):
         default=True,
     )
 
+    timeout_s: IntProperty(
+        name="Backend Timeout",
+        description="Seconds a running job may go without any sign of life before the backend is declared hung and restarted",
+        default=600,
+        min=10,
+    )
+
     def draw(self, context):
         """Draw the preferences in Preferences > Add-ons > SyncSphere."""
         layout = self.layout
@@ -65,7 +72,10 @@ class SyncSpherePreferences(AddonPreferences):
         layout.prop(self, "device")
         layout.prop(self, "output_dir")
         layout.prop(self, "keep_warm")
-        layout.operator("syncsphere.check_backend", icon="CONSOLE")
+        layout.prop(self, "timeout_s")
+        row = layout.row(align=True)
+        row.operator("syncsphere.setup_backend", icon="IMPORT")
+        row.operator("syncsphere.check_backend", icon="CONSOLE")
 
 
 def get_preferences(context=None):

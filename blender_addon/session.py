@@ -21,10 +21,13 @@ def get_worker(command, env, cwd, log_path):
     return _worker
 
 
-def start_job(worker, params, out_dir):
-    """Start a generation on ``worker`` and make it the current job; returns it (maybe already failed)."""
+def start_job(worker, params, out_dir, hang_timeout_s=600.0):
+    """Start a generation on ``worker`` and make it the current job; returns it (maybe already failed).
+
+    hang_timeout_s: seconds without any event after which the job is declared hung (see GenerationJob).
+    """
     global _job
-    _job = GenerationJob(worker, params, out_dir)
+    _job = GenerationJob(worker, params, out_dir, hang_timeout_s)
     _job.start()
     return _job
 

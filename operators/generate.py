@@ -58,7 +58,8 @@ class SYNCSPHERE_OT_generate(Operator):
             backend_command.EXTENSION_DIR,
             log_path,
         )
-        job = session.start_job(worker, params, generation.job_folder(out_root, settings.prompt, self.seed))
+        out_dir = generation.job_folder(out_root, settings.prompt, self.seed)
+        job = session.start_job(worker, params, out_dir, hang_timeout_s=prefs.timeout_s)
         if bpy.app.background or context.window is None:
             job.wait()  # no event loop: scripts and tests get the result synchronously
             return self.finish(context, job)

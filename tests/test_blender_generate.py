@@ -131,6 +131,8 @@ INTERRUPT_AT_DENOISING = """
                 job.cancel()  # what the Cancel operator does
             elif action == "kill":
                 os.kill(job.worker.process.pid, signal.SIGKILL)
+            elif action == "hang":
+                os.kill(job.worker.process.pid, signal.SIGSTOP)
         threading.Thread(target=run, daemon=True).start()
 
     def generate():
@@ -141,10 +143,11 @@ INTERRUPT_AT_DENOISING = """
 """
 
 
-@pytest.mark.parametrize("action", ["cancel", "kill"])
+@pytest.mark.parametrize("action", ["cancel", "kill", "hang"])
 def test_cancel_or_a_killed_worker_leaves_the_scene_unchanged_and_the_next_job_works(extension_zip, tiny_model, tmp_path, action):
     report = run_blender(textwrap.dedent(INTERRUPT_AT_DENOISING) + textwrap.dedent(f"""
         settings.steps = 400
+        prefs.timeout_s = 10  # the hung worker is given up after 10 s without an event
         worlds_before = sorted(bpy.data.worlds.keys())
         interrupt({action!r})
         result, error = generate()
@@ -156,8 +159,9 @@ def test_cancel_or_a_killed_worker_leaves_the_scene_unchanged_and_the_next_job_w
     """), extension_zip, tiny_model, tmp_path)
     assert report["unchanged"]
     if action == "cancel":
-        assert report["result"] == ["CANCELLED"] and report["error"] is None
+        assert report["result"] == ["CANCELLED"] and report["error"] is None, report
     else:
-        assert "stopped unexpectedly" in report["error"] and "backend.log" in report["error"]
+        expected = "stopped unexpectedly" if action == "kill" else "sent nothing for 10 s"
+        assert expected in report["error"] and "backend.log" in report["error"]
     assert report["second"] == ["FINISHED"] and report["history"] == 1, report["second_error"]
     assert not list((tmp_path / "blender-user").rglob("panorama.png.partial*"))

@@ -1,0 +1,513 @@
+"""The SyncSphere panels (panels/__init__.py) drawn in headless Blender against a recording UILayout.
+
+The bpy module has no UI, so a panel's ``draw`` cannot run against a real ``UILayout``. Instead each
+panel class (and so each ``draw_*`` function) draws into ``RecordingLayout``, a stand-in that records
+every call and checks it against Blender's own description of ``UILayout`` (``bl_rna.functions`` and
+``bl_rna.properties``): an unknown method or attribute, a wrong or missing argument, an icon that does
+not exist, a ``prop()`` naming a property the data does not have, an ``index`` past the end of an
+array, or an operator that is not registered all fail loudly. What was drawn is then asserted on
+here.
+
+Like tests/test_extension.py, everything that imports bpy runs in a fresh interpreter with the
+add-on registered and enabled (``preferences.addons.new()``), against the real scene settings and
+preferences; the subprocess prints one ``RESULT <json>`` line. No torch is needed: runs on bpy 5.0
+and 4.2 alike.
+"""
+
+import json
+
+import pytest
+
+from test_extension import _PRELUDE, _bpy_dir, _run_python
+
+pytestmark = pytest.mark.skipif(_bpy_dir() is None, reason="bpy is not installed")
+
+# Every setting of SyncSphereSettings that the user edits (history and history_index are drawn as the
+# History panel, not as properties).
+SETTINGS = {"prompt", "negative_prompt", "mode", "resolution", "seed", "randomize_seed", "steps", "guidance",
+            "sync_method", "window", "stride", "device", "hide_from_camera", "face_camera"}
+
+# Runs after _PRELUDE: registers and enables the add-on and defines the recording layout.
+_HELPERS = r"""
+import functools, json, os, sys, types
+import numpy as np
+import bpy
+
+addon = load_addon()
+addon.register()
+entry = bpy.context.preferences.addons.new()
+entry.module = "syncsphere"
+
+from syncsphere import panels
+from syncsphere.blender_addon import get_preferences, material, results, session, world as W
+
+context = bpy.context
+scene = context.scene
+settings = scene.syncsphere
+prefs = get_preferences(context)
+assert prefs is not None
+prefs.python_path = sys.executable  # a configured backend: no "set the backend Python" hint
+
+UI_FUNCTIONS = bpy.types.UILayout.bl_rna.functions
+UI_PROPERTIES = bpy.types.UILayout.bl_rna.properties
+
+# Objects the recording names instead of printing their repr: name -> bpy struct (compared by pointer).
+TARGETS = {}
+
+
+def result(value):
+    print("RESULT " + json.dumps(value))
+
+
+def describe(value):
+    '''A JSON-able description of an argument: a TARGETS name for known bpy structs.'''
+    if isinstance(value, bpy.types.bpy_struct):
+        if value == settings:
+            return "settings"
+        if value == prefs:
+            return "prefs"
+        for name, target in TARGETS.items():
+            if value == target:
+                return name
+        return repr(value)
+    return value
+
+
+def operator_rna(idname):
+    '''The RNA of a registered operator ("module.name"), or fail.'''
+    module, _, name = idname.partition(".")
+    try:
+        return getattr(getattr(bpy.ops, module), name).get_rna_type()
+    except (AttributeError, KeyError):
+        raise AssertionError(f"operator {idname!r} is not registered") from None
+
+
+def check_value(where, parameter, value):
+    '''Check ``value`` against an RNA parameter or property's type (and enum items).'''
+    kind = parameter.type
+    ok = {
+        "STRING": lambda: isinstance(value, str),
+        "BOOLEAN": lambda: isinstance(value, bool),
+        "INT": lambda: isinstance(value, int),  # Blender takes a bool for an INT (toggle=True)
+        "FLOAT": lambda: isinstance(value, (int, float)) and not isinstance(value, bool),
+        "ENUM": lambda: isinstance(value, str) and value in parameter.enum_items.keys(),
+        "POINTER": lambda: isinstance(value, bpy.types.bpy_struct),
+    }.get(kind, lambda: True)()
+    if not ok:
+        raise AssertionError(f"{where}: {parameter.identifier}={value!r} is not a valid {kind}")
+
+
+class RecordingOperatorProperties:
+    '''What operator() returns: setting an attribute must name one of the operator's properties.'''
+
+    def __init__(self, idname, record):
+        object.__setattr__(self, "_rna", operator_rna(idname))
+        object.__setattr__(self, "_record", record)
+
+    def __setattr__(self, name, value):
+        properties = self._rna.properties
+        if name == "rna_type" or name not in properties:
+            raise AssertionError(f"operator {self._record['args']['operator']!r} has no property {name!r}")
+        check_value(f"operator {self._record['args']['operator']}", properties[name], value)
+        self._record["properties"][name] = value
+
+    def __getattr__(self, name):
+        if name.startswith("_"):
+            raise AttributeError(name)
+        try:
+            return self._record["properties"][name]
+        except KeyError:
+            raise AssertionError(f"reading {name!r} of operator properties that were not set") from None
+
+
+class RecordingLayout:
+    '''Stands in for bpy.types.UILayout: records calls, checked against UILayout's RNA.'''
+
+    def __init__(self, calls, path="layout"):
+        object.__setattr__(self, "_calls", calls)
+        object.__setattr__(self, "_path", path)
+        object.__setattr__(self, "_attributes", {})
+
+    def __setattr__(self, name, value):
+        if name == "rna_type" or name not in UI_PROPERTIES or UI_PROPERTIES[name].is_readonly:
+            raise AssertionError(f"UILayout has no writable attribute {name!r}")
+        check_value(f"{self._path}.{name}", UI_PROPERTIES[name], value)
+        self._attributes[name] = value
+
+    def __getattr__(self, name):
+        if name.startswith("_"):
+            raise AttributeError(name)
+        if name in self._attributes:
+            return self._attributes[name]
+        if name in UI_PROPERTIES and name != "rna_type":
+            return UI_PROPERTIES[name].default
+        if name not in UI_FUNCTIONS:
+            raise AssertionError(f"UILayout has no method or attribute {name!r}")
+        return functools.partial(self._call, name)
+
+    def _call(self, method, *args, **kwargs):
+        function = UI_FUNCTIONS[method]
+        inputs = [p for p in function.parameters if not p.is_output]
+        outputs = [p for p in function.parameters if p.is_output]
+        where = f"{self._path}.{method}()"
+        if len(args) > len(inputs):
+            raise AssertionError(f"{where}: {len(args)} positional arguments, takes {len(inputs)}")
+        bound = dict(zip((p.identifier for p in inputs), args))
+        for name, value in kwargs.items():
+            if name in bound:
+                raise AssertionError(f"{where}: {name} given twice")
+            bound[name] = value
+        by_name = {p.identifier: p for p in inputs}
+        for name, value in bound.items():
+            if name not in by_name:
+                raise AssertionError(f"{where}: unknown argument {name!r}")
+            check_value(where, by_name[name], value)
+        for parameter in inputs:
+            if parameter.is_required and parameter.identifier not in bound:
+                raise AssertionError(f"{where}: missing argument {parameter.identifier!r}")
+
+        if "data" in bound and "property" in bound:  # prop, prop_enum, prop_menu_enum, prop_search ...
+            data, name = bound["data"], bound["property"]
+            properties = data.bl_rna.properties
+            if name == "rna_type" or name not in properties or not hasattr(data, name):
+                raise AssertionError(f"{where}: {data!r} has no property {name!r}")
+            index = bound.get("index", -1)
+            if index != -1 and not (properties[name].is_array and 0 <= index < properties[name].array_length):
+                raise AssertionError(f"{where}: index {index} of {name!r}, which is not an array that long")
+            if "value" in bound and bound["value"] not in properties[name].enum_items.keys():
+                raise AssertionError(f"{where}: {bound['value']!r} is not an item of {name!r}")
+
+        index = len(self._calls)
+        record = {"method": method, "path": self._path, "index": index,
+                  "args": {name: describe(value) for name, value in bound.items()}, "properties": {}}
+        self._calls.append(record)
+        if "operator" in bound:
+            operator_rna(bound["operator"])  # fails for an unregistered operator
+        if not outputs:
+            return None
+        kind = outputs[0].fixed_type.identifier
+        if kind == "UILayout":
+            return RecordingLayout(self._calls, f"{self._path}/{method}#{index}")
+        if kind == "OperatorProperties":
+            return RecordingOperatorProperties(bound["operator"], record)
+        raise AssertionError(f"{where}: the stand-in does not know what to return ({kind})")
+
+
+def draw(idname):
+    '''Run the registered panel class ``idname``'s draw against a recording layout; return its calls.'''
+    cls = getattr(bpy.types, idname)
+    assert cls.is_registered, idname
+    calls = []
+    cls.draw(types.SimpleNamespace(layout=RecordingLayout(calls), bl_idname=idname), context)
+    return calls
+
+
+def draw_all():
+    '''Every SyncSphere panel drawn: {bl_idname: calls}, asserting both locations draw the same.'''
+    drawn = {cls.bl_idname: draw(cls.bl_idname) for cls in panels._CLASSES}
+    for idname, calls in drawn.items():
+        if idname.startswith("SYNCSPHERE_PT_world"):
+            twin = idname.replace("SYNCSPHERE_PT_world", "SYNCSPHERE_PT_view3d")
+            assert calls == drawn[twin], (idname, calls, drawn[twin])
+    return drawn
+
+
+def write_png(name, size=(16, 8), colour=(0.8, 0.4, 0.2)):
+    '''Write a small sRGB PNG in the working folder and return its absolute path.'''
+    path = os.path.join(TMP, name)
+    width, height = size
+    image = bpy.data.images.new(name, width, height)
+    pixels = np.ones((height, width, 4), np.float32)
+    pixels[..., :3] = colour
+    image.pixels.foreach_set(pixels.ravel())
+    image.filepath_raw = path
+    image.file_format = "PNG"
+    image.save()
+    bpy.data.images.remove(image)
+    return path
+
+
+def write_exr(name, rgb):
+    '''Write an (H, W, 3) scene-linear float EXR (as tests/test_blender_world.py does) and return its path.'''
+    path = os.path.join(TMP, name)
+    rgb = np.asarray(rgb, dtype=np.float32)
+    height, width, _ = rgb.shape
+    image = bpy.data.images.new(name, width, height, float_buffer=True, alpha=False)
+    pixels = np.ones((height, width, 4), np.float32)
+    pixels[..., :3] = rgb[::-1]
+    image.pixels.foreach_set(pixels.ravel())
+    image_settings = scene.render.image_settings
+    image_settings.file_format, image_settings.color_depth, image_settings.color_mode = "OPEN_EXR", "32", "RGB"
+    image.save_render(path, scene=scene)
+    bpy.data.images.remove(image)
+    return path
+
+
+def finish():
+    '''Disable and unregister the add-on, as Blender does, so the interpreter exits cleanly.'''
+    bpy.context.preferences.addons.remove(entry)
+    addon.unregister()
+"""
+
+
+def _blender(code, tmp_path):
+    """Run ``code`` after the helpers in a fresh bpy interpreter; return what it passed to result()."""
+    done = _run_python(_PRELUDE + _HELPERS + f"TMP = {str(tmp_path)!r}\n"
+                       + code + "\nfinish()\n")
+    lines = [line for line in done.stdout.splitlines() if line.startswith("RESULT ")]
+    assert lines, f"no RESULT line\nstdout:\n{done.stdout}\nstderr:\n{done.stderr}"
+    return json.loads(lines[-1][len("RESULT "):])
+
+
+def _props(calls, data):
+    """The property names drawn with prop() on ``data`` (a describe() name)."""
+    return [call["args"]["property"] for call in calls if call["method"] == "prop" and call["args"]["data"] == data]
+
+
+def _operators(calls):
+    return [call["args"]["operator"] for call in calls if call["method"] == "operator"]
+
+
+def _under(calls, record):
+    """The calls made inside the layout that ``record`` (a row/column/box call) returned."""
+    prefix = f"{record['path']}/{record['method']}#{record['index']}"
+    return [call for call in calls if call["path"] == prefix or call["path"].startswith(prefix + "/")]
+
+
+# --- the stand-in itself -------------------------------------------------------------------------
+
+
+def test_the_recording_layout_rejects_what_the_real_one_would(tmp_path):
+    """Typos in a method, attribute, property, argument, icon or operator name all fail loudly."""
+    failures = _blender("""
+layout = RecordingLayout([])
+attempts = {
+    "method": lambda: layout.propp(settings, "prompt"),
+    "attribute": lambda: setattr(layout, "use_property_splitt", True),
+    "property": lambda: layout.prop(settings, "promt"),
+    "argument": lambda: layout.prop(settings, "prompt", txt="Prompt"),
+    "icon": lambda: layout.operator("syncsphere.generate", icon="RENDER_STIL"),
+    "operator": lambda: layout.operator("syncsphere.generat"),
+    "operator property": lambda: setattr(layout.operator("syncsphere.history_apply"), "indx", 1),
+    "index": lambda: layout.prop(settings, "seed", index=2),
+    "missing": lambda: layout.prop(settings),
+    "enum item": lambda: layout.prop_enum(settings, "mode", "WORLDS"),
+}
+failures = {}
+for name, attempt in attempts.items():
+    try:
+        attempt()
+    except AssertionError as error:
+        failures[name] = str(error)
+# And what is right passes, returning layouts and operator properties like the real one.
+row = layout.row(align=True)
+row.prop(settings, "seed")
+row.prop_enum(settings, "mode", "TILE")
+row.operator("syncsphere.history_apply", text="Apply").index = 3
+row.use_property_split = True
+assert row.use_property_split is True and layout.use_property_split is False
+assert layout.label(text="x", icon="INFO") is None
+result(failures)
+""", tmp_path)
+    assert set(failures) == {"method", "attribute", "property", "argument", "icon", "operator",
+                             "operator property", "index", "missing", "enum item"}, failures
+    assert "promt" in failures["property"] and "propp" in failures["method"]
+
+
+# --- the main panel --------------------------------------------------------------------------------
+
+
+def test_every_setting_is_drawn_and_generate_is_shown_when_idle(tmp_path):
+    report = _blender("""
+settings.mode = "WORLD"
+registered = sorted(name for name in settings.bl_rna.properties.keys()
+                    if name not in ("rna_type", "name", "history", "history_index"))
+drawn = draw_all()
+result({"registered": registered, "drawn": drawn,
+        "parents": {cls.bl_idname: getattr(cls, "bl_parent_id", "") for cls in panels._CLASSES}})
+""", tmp_path)
+    # The list above is the whole of SyncSphereSettings' user settings: a new one must be added there.
+    assert set(report["registered"]) == SETTINGS
+    drawn = report["drawn"]
+    assert set(drawn) == {f"SYNCSPHERE_PT_{location}{sub}" for location in ("world", "view3d")
+                          for sub in ("", "_result", "_advanced", "_history", "_backend")}
+    for location in ("world", "view3d"):
+        main = f"SYNCSPHERE_PT_{location}"
+        assert all(report["parents"][f"{main}_{sub}"] == main
+                   for sub in ("result", "advanced", "history", "backend"))
+        everything = [call for idname, calls in drawn.items() if idname.startswith(main) for call in calls]
+        settings_drawn = _props(everything, "settings")
+        assert set(settings_drawn) == SETTINGS, set(SETTINGS) ^ set(settings_drawn)
+        assert len(settings_drawn) == len(set(settings_drawn)), "a setting is drawn twice"
+
+        calls = drawn[main]
+        assert "syncsphere.generate" in _operators(calls) and "syncsphere.cancel" not in _operators(calls)
+        assert not [call for call in calls if call["method"] == "progress"]
+        assert [call["args"] for call in calls if call["method"] == "prop" and call["args"]["property"] == "mode"] \
+            == [{"data": "settings", "property": "mode", "expand": True}]
+        size = next(call for call in calls if call["args"].get("property") == "resolution")
+        assert size["args"]["text"] == "Size (1024x512)"
+        # The backend is configured: no hint to set it.
+        assert not [call for call in calls if call["method"] == "label"]
+
+        assert set(_props(drawn[f"{main}_result"], "settings")) == {"hide_from_camera", "face_camera"}
+        assert "syncsphere.restore_world" in _operators(drawn[f"{main}_result"])
+        assert _props(drawn[f"{main}_advanced"], "settings") == ["window", "stride", "device"]
+        assert _props(drawn[f"{main}_backend"], "prefs") == ["python_path", "default_model"]
+        assert set(_operators(drawn[f"{main}_backend"])) == {"syncsphere.check_backend",
+                                                             "syncsphere.open_output_folder"}
+
+
+def test_main_panel_follows_the_job_and_the_preferences(tmp_path):
+    """Busy: progress and Cancel instead of Generate. Failed: Generate and the error. No backend: a hint."""
+    states = _blender("""
+def main_calls():
+    return draw("SYNCSPHERE_PT_view3d")
+
+def summary(calls):
+    return {"operators": [call["args"]["operator"] for call in calls if call["method"] == "operator"],
+            "progress": [call["args"] for call in calls if call["method"] == "progress"],
+            "labels": [call["args"] for call in calls if call["method"] == "label"]}
+
+states = {}
+settings.mode = "TILE"
+states["tile size"] = [call["args"]["text"] for call in main_calls() if call["args"].get("property") == "resolution"]
+# The panels only read these attributes of session.current_job().
+session._job = types.SimpleNamespace(finished=False, state="running", stage="denoising", step=3, total=10, error="")
+states["denoising"] = summary(main_calls())
+session._job = types.SimpleNamespace(finished=False, state="running", stage="loading", step=0, total=0, error="")
+states["loading"] = summary(main_calls())
+session._job = types.SimpleNamespace(finished=True, state="error", stage="denoising", step=1, total=10,
+                                     error="The model could not be loaded")
+states["error"] = summary(main_calls())
+session._job = None
+prefs.python_path = "  "
+states["no backend"] = summary(main_calls())
+result(states)
+""", tmp_path)
+    assert states["tile size"] == ["Size (512x512)"]
+    assert states["denoising"]["operators"] == ["syncsphere.cancel"]
+    assert states["denoising"]["progress"] == [{"factor": 0.3, "text": "Denoising 3/10"}]
+    assert states["loading"]["operators"] == ["syncsphere.cancel"]
+    assert states["loading"]["progress"] == [{"factor": 0.0, "text": "Loading"}]
+    assert states["error"]["operators"] == ["syncsphere.generate"] and not states["error"]["progress"]
+    assert states["error"]["labels"] == [{"text": "The model could not be loaded", "icon": "ERROR"}]
+    assert states["no backend"]["operators"] == ["syncsphere.generate"]
+    assert [label["icon"] for label in states["no backend"]["labels"]] == ["INFO"]
+    assert "preferences" in states["no backend"]["labels"][0]["text"]
+
+
+# --- the Result sub-panel -------------------------------------------------------------------------------
+
+
+def test_result_panel_draws_the_syncsphere_worlds_own_sockets(tmp_path):
+    report = _blender("""
+settings.mode = "WORLD"
+report = {"user world": draw("SYNCSPHERE_PT_world_result")}
+exr = write_exr("grey.exr", np.full((4, 8, 3), 0.5, np.float32))
+for hide in (False, True):
+    new_world = W.apply_world(context, exr, rotation=0.25, strength=2.0, hide_from_camera=hide)
+    assert scene.world == new_world
+    nodes = new_world.node_tree.nodes
+    TARGETS.clear()
+    TARGETS["rotation"] = nodes[W.MAPPING_NODE].inputs["Rotation"]
+    TARGETS["strength"] = nodes[W.BACKGROUND_NODE].inputs["Strength"]
+    if hide:
+        TARGETS["camera strength"] = nodes[W.CAMERA_BACKGROUND_NODE].inputs["Strength"]
+    report[f"hide {hide}"] = draw("SYNCSPHERE_PT_view3d_result")
+result(report)
+""", tmp_path)
+    # A World that is not SyncSphere's: only the options and Restore.
+    assert _props(report["user world"], "settings") == ["hide_from_camera", "face_camera"]
+    assert [call for call in report["user world"] if call["method"] == "prop"
+            and call["args"]["data"] not in ("settings",)] == []
+    for hide in (False, True):
+        calls = report[f"hide {hide}"]
+        sockets = [call["args"] for call in calls if call["method"] == "prop" and call["args"]["data"] != "settings"]
+        assert sockets == [
+            {"data": "rotation", "property": "default_value", "index": 2, "text": "Rotation"},
+            {"data": "strength", "property": "default_value", "text": "Strength"},
+        ]
+        assert _props(calls, "settings") == ["hide_from_camera", "face_camera"]
+        assert _operators(calls) == ["syncsphere.restore_world"]
+
+
+def test_result_panel_draws_the_tiling_of_the_active_material(tmp_path):
+    report = _blender("""
+cube = context.active_object
+assert cube is not None and cube.type == "MESH" and cube.active_material.name == "Material"
+settings.mode = "TILE"
+report = {"user material": draw("SYNCSPHERE_PT_world_result")}
+context.view_layer.objects.active = None
+report["no object"] = draw("SYNCSPHERE_PT_world_result")
+context.view_layer.objects.active = cube
+new_material = material.apply_tile_texture(cube, write_png("tile.png"), scale=3.0)
+TARGETS["tiling"] = new_material.node_tree.nodes[material.MAPPING_NODE].inputs["Scale"]
+report["syncsphere material"] = draw("SYNCSPHERE_PT_world_result")
+settings.mode = "WIDE"
+report["wide"] = draw("SYNCSPHERE_PT_world_result")
+result(report)
+""", tmp_path)
+    # The default cube's own material, and no active object: where the texture would go.
+    for case in ("user material", "no object"):
+        assert [call["method"] for call in report[case]] == ["column", "label"]
+        assert "active object" in report[case][1]["args"]["text"]
+    props = [call["args"] for call in report["syncsphere material"] if call["method"] == "prop"]
+    assert props == [{"data": "tiling", "property": "default_value", "text": "Tiling"}]
+    assert [call["method"] for call in report["wide"]] == ["column", "label"]
+    assert "Image Editor" in report["wide"][1]["args"]["text"]
+
+
+# --- the History sub-panel -----------------------------------------------------------------------------
+
+
+def test_history_panel_draws_one_box_per_item_with_apply_and_reuse(tmp_path):
+    report = _blender("""
+report = {"empty": draw("SYNCSPHERE_PT_world_history")}
+# Three generations, oldest first; add_history puts each new one on top.
+for number, mode in enumerate(("WORLD", "TILE", "WIDE")):
+    settings.prompt, settings.mode = f"prompt {number}", mode
+    png = write_png(f"item{number}.png")
+    results.add_history(settings, 100 + number, {"png": png, "exr": png.replace(".png", ".exr")})
+# Thumbnails are never rendered in background mode (icon 0, so no template_icon): check that the real
+# function copes, then let the panel see an icon per existing file to draw that branch too.
+report["real icons"] = [results.thumbnail_icon(item.png_path) for item in settings.history]
+report["missing icon"] = results.thumbnail_icon(os.path.join(TMP, "gone.png"))
+report["without icons"] = draw("SYNCSPHERE_PT_world_history")
+panels.thumbnail_icon = lambda path: 1000 + int(path[-5]) if os.path.isfile(path) else 0
+os.remove(settings.history[1].png_path)  # the middle item's file is gone: no thumbnail, still a box
+report["items"] = draw("SYNCSPHERE_PT_view3d_history")
+for number in range(3, 10):
+    settings.prompt = f"prompt {number}"
+    results.add_history(settings, 100 + number, {"png": "", "exr": ""})
+report["ten"] = draw("SYNCSPHERE_PT_view3d_history")
+result(report)
+""", tmp_path)
+    assert [call["method"] for call in report["empty"]] == ["label"]
+    assert report["empty"][0]["args"]["text"] == "Nothing generated yet"
+    assert report["real icons"] == [0, 0, 0] and report["missing icon"] == 0
+    assert not [call for call in report["without icons"] if call["method"] == "template_icon"]
+
+    calls = report["items"]
+    boxes = [call for call in calls if call["method"] == "box"]
+    assert len(boxes) == 3 and all(box["path"] == "layout" for box in boxes)
+    assert not [call for call in calls if call["method"] == "label" and call["path"] == "layout"]
+    expected = [("prompt 2", 102, "wide", 1002), ("prompt 1", 101, "tile", None), ("prompt 0", 100, "world", 1000)]
+    for index, (box, (prompt, seed, mode, icon)) in enumerate(zip(boxes, expected)):  # newest first
+        inside = _under(calls, box)
+        labels = [call["args"]["text"] for call in inside if call["method"] == "label"]
+        assert labels == [prompt, f"Seed {seed}, {mode}"]
+        icons = [call["args"] for call in inside if call["method"] == "template_icon"]
+        assert icons == ([{"icon_value": icon, "scale": 3.0}] if icon else [])
+        operators = [(call["args"]["operator"], call["args"]["text"], call["properties"])
+                     for call in inside if call["method"] == "operator"]
+        assert operators == [("syncsphere.history_apply", "Apply", {"index": index}),
+                             ("syncsphere.history_reuse", "Reuse", {"index": index})]
+
+    # Ten items: the eight newest are listed.
+    ten = report["ten"]
+    boxes = [call for call in ten if call["method"] == "box"]
+    assert len(boxes) == 8
+    first_labels = [next(call["args"]["text"] for call in _under(ten, box) if call["method"] == "label")
+                    for box in boxes]
+    assert first_labels == [f"prompt {number}" for number in range(9, 1, -1)]
