@@ -11,10 +11,11 @@ from ..blender_addon.preferences import user_folder
 from ..blender_addon.results import add_history, apply_result, reuse_settings
 
 
-def _redraw_panels(context):
+def redraw_areas(context, area_types):
+    """Ask every area of the given types (e.g. {"PROPERTIES", "VIEW_3D"}) in every window to redraw."""
     for window in context.window_manager.windows:
         for area in window.screen.areas:
-            if area.type in ("PROPERTIES", "VIEW_3D"):
+            if area.type in area_types:
                 area.tag_redraw()
 
 
@@ -73,7 +74,7 @@ class SYNCSPHERE_OT_generate(Operator):
             return {"PASS_THROUGH"}
         job = session.current_job()
         job.poll()
-        _redraw_panels(context)
+        redraw_areas(context, {"PROPERTIES", "VIEW_3D"})
         if not job.finished:
             return {"PASS_THROUGH"}
         context.window_manager.event_timer_remove(self._timer)

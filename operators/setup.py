@@ -17,6 +17,7 @@ from bpy.types import Operator
 
 from ..blender_addon import backend_setup
 from ..blender_addon.preferences import get_preferences, user_folder
+from .generate import redraw_areas
 
 # Sub-folders of SyncSphere's user folder: the environment, and the log (outside the environment,
 # because a failed setup removes the environment's folder).
@@ -65,10 +66,7 @@ def _show_status(context, text):
     # Every workspace: the user may switch workspaces while pip runs, and a stale text must not stay.
     for workspace in bpy.data.workspaces:
         workspace.status_text_set(text if workspace == context.workspace else None)
-    for window in context.window_manager.windows:
-        for area in window.screen.areas:
-            if area.type == "PREFERENCES":
-                area.tag_redraw()
+    redraw_areas(context, {"PREFERENCES"})
 
 
 class SYNCSPHERE_OT_setup_backend(Operator):
