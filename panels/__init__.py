@@ -38,6 +38,10 @@ def draw_main(layout, context):
         layout.operator("syncsphere.generate", icon="RENDER_STILL")
         if job is not None and job.state == "error":
             layout.label(text=job.error, icon="ERROR")
+    if settings.history:  # a preview of the latest result
+        icon = thumbnail_icon(settings.history[0].png_path)
+        if icon:
+            layout.template_icon(icon_value=icon, scale=6.0)
     if get_preferences(context) is not None and not get_preferences(context).python_path.strip():
         layout.label(text="Set the backend Python in the add-on preferences", icon="INFO")
 
@@ -65,6 +69,7 @@ def draw_result(layout, context):
             column.prop(tree.nodes[material.MAPPING_NODE].inputs["Scale"], "default_value", text="Tiling")
         else:
             column.label(text="The texture goes on the active object's material")
+        column.operator("syncsphere.bake_to_uv", icon="RENDER_RESULT")
     else:
         column.label(text="Wide images open in the Image Editor")
 

@@ -165,3 +165,17 @@ def test_cancel_or_a_killed_worker_leaves_the_scene_unchanged_and_the_next_job_w
         assert expected in report["error"] and "backend.log" in report["error"]
     assert report["second"] == ["FINISHED"] and report["history"] == 1, report["second_error"]
     assert not list((tmp_path / "blender-user").rglob("panorama.png.partial*"))
+
+
+def test_bake_to_uv_image_after_a_tileable_texture(extension_zip, tiny_model, tmp_path):
+    report = run_blender("""
+        import numpy as np
+        bpy.ops.mesh.primitive_cube_add()
+        settings.mode = "TILE"
+        assert bpy.ops.syncsphere.generate() == {"FINISHED"}
+        assert bpy.ops.syncsphere.bake_to_uv(size=64) == {"FINISHED"}
+        baked = [image for image in bpy.data.images if image.name.endswith("Baked")][0]
+        pixels = np.array(baked.pixels[:]).reshape(64, 64, 4)
+        print(json.dumps({"size": list(baked.size), "packed": baked.packed_file is not None, "mean": float(pixels[..., :3].mean())}))
+    """, extension_zip, tiny_model, tmp_path)
+    assert report["size"] == [64, 64] and report["packed"] and report["mean"] > 0.05

@@ -450,8 +450,9 @@ result(report)
 """, tmp_path)
     # The default cube's own material, and no active object: where the texture would go.
     for case in ("user material", "no object"):
-        assert [call["method"] for call in report[case]] == ["column", "label"]
+        assert [call["method"] for call in report[case]] == ["column", "label", "operator"]
         assert "active object" in report[case][1]["args"]["text"]
+        assert report[case][2]["args"]["operator"] == "syncsphere.bake_to_uv"
     props = [call["args"] for call in report["syncsphere material"] if call["method"] == "prop"]
     assert props == [{"data": "tiling", "property": "default_value", "text": "Tiling"}]
     assert [call["method"] for call in report["wide"]] == ["column", "label"]
