@@ -1,4 +1,4 @@
-"""The command line: ``python -m backend generate | info``.
+"""The command line: ``python -m backend generate | serve | cubemap | info``.
 
 Flags map one to one onto ``GenerateRequest`` fields. Bad input gets one sentence on stderr and exit
 code 2 before any model loads and before the output folder is created.
@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import os
 import sys
 
 from . import __version__
@@ -72,6 +73,17 @@ def build_parser() -> argparse.ArgumentParser:
     )
     serve.add_argument("--stdio", action="store_true", required=True, help="talk over stdin/stdout (the only transport)")
 
+    cubemap = commands.add_parser(
+        "cubemap", help="cut a 360° equirect image into six cube faces and a cross",
+        description="Cut a 2:1 equirectangular panorama into the six cube faces face_F, face_R, face_B, face_L, "
+        "face_U, face_D and the cross cubemap_dice (py360convert's orientation and layout), written into --out: "
+        "float EXRs for an .exr panorama, 8-bit PNGs for a .png one.",
+    )
+    cubemap.add_argument("panorama", help="the equirectangular image, .exr (linear) or .png")
+    cubemap.add_argument("--out", required=True, help="output folder for the face and cross images")
+    cubemap.add_argument("--face-size", type=int, help="width and height of each face in px (default: the panorama's width / 4)")
+    cubemap.add_argument("--overwrite", action="store_true", help="replace existing cube map files in --out")
+
     commands.add_parser("info", help="print the device, dtype and package versions",
                         description="Print the device and dtype --device auto would pick, and package versions, as JSON.")
     return parser
@@ -93,7 +105,24 @@ def main(argv: list[str] | None = None) -> int:
         from .server import serve_stdio
 
         return serve_stdio()
+    if args.command == "cubemap":
+        return _cubemap(args)
     return _generate(args)
+
+
+def _cubemap(args: argparse.Namespace) -> int:
+    from .cubemap import write_cubemap
+
+    try:
+        paths = write_cubemap(args.panorama, args.out, face_size=args.face_size, overwrite=args.overwrite)
+    except SyncSphereError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return error.exit_code
+    except KeyboardInterrupt:
+        print("error: Interrupted; nothing was written.", file=sys.stderr)
+        return 130
+    print(f"wrote {', '.join(paths)} into {os.path.abspath(os.path.expanduser(args.out))}", file=sys.stderr)
+    return 0
 
 
 def _generate(args: argparse.Namespace) -> int:

@@ -3,6 +3,7 @@
 Every file is first written in full to a hidden partial file in the output folder and then renamed into
 place (a rename within a folder is atomic), so a job that fails or is killed while writing never leaves a
 half-written ``panorama.png``. Partial files of a killed run are removed by the next run in that folder.
+``write_files_atomically`` does this for any set of files (the cube map export uses it too).
 """
 
 from __future__ import annotations
@@ -10,6 +11,7 @@ from __future__ import annotations
 import glob
 import json
 import os
+from collections.abc import Callable, Sequence
 
 import numpy as np
 import OpenEXR
@@ -42,9 +44,14 @@ def write_exr(path: str, linear_rgb: np.ndarray) -> None:
 
 
 def read_exr(path: str) -> np.ndarray:
-    """Read the RGB channels of an EXR written by ``write_exr``: (H, W, 3) float32."""
+    """Read the RGB channels of an EXR (one written by ``write_exr``, or any RGB / RGBA EXR, alpha
+    dropped): (H, W, 3) float32. Raises ValueError when the file has no R, G and B channels."""
     with OpenEXR.File(path) as exr:
-        return np.asarray(exr.channels()["RGB"].pixels, dtype=np.float32)
+        channels = exr.channels()  # R, G, B (and A) come grouped as "RGB" or "RGBA"
+        for name in ("RGB", "RGBA"):
+            if name in channels:
+                return np.asarray(channels[name].pixels[..., :3], dtype=np.float32)
+    raise ValueError(f"{path} has no R, G and B channels (it has {', '.join(sorted(channels)) or 'none'})")
 
 
 def write_json(path: str, data: dict) -> None:
@@ -59,17 +66,30 @@ def write_job_outputs(out_dir: str, image: np.ndarray, metadata: dict) -> dict[s
 
     Creates ``out_dir`` if needed; replaces existing files (the request checked ``--overwrite``).
     Returns {"png": path, "exr": path, "metadata": path}, the ``outputs`` of the protocol's done event.
-    On any failure nothing new is left behind: partial files are removed, and a folder this call created
-    is removed again.
+    On any failure nothing new is left behind (``write_files_atomically``).
+    """
+    # Lambdas look the writers up when called, so tests can replace them on this module.
+    paths = write_files_atomically(out_dir, [
+        ("panorama.exr", lambda path: write_exr(path, srgb_to_linear(image))),
+        ("panorama.png", lambda path: write_png(path, image)),
+        ("metadata.json", lambda path: write_json(path, metadata)),
+    ])
+    return {"png": paths["panorama.png"], "exr": paths["panorama.exr"], "metadata": paths["metadata.json"]}
+
+
+def write_files_atomically(out_dir: str, writers: Sequence[tuple[str, Callable[[str], None]]]) -> dict[str, str]:
+    """Write several files into ``out_dir`` so that none of them is ever seen half-written.
+
+    ``writers``: (file name, write) pairs, ``write(path)`` writing the whole file at ``path``. Each is
+    written to a hidden partial file ``.NAME.partial-PID`` first; only when all are written are they
+    renamed into place (a rename within a folder is atomic), replacing files of the same name.
+    Creates ``out_dir`` if needed and first removes partial files a killed run left there. On any
+    failure the partial files are removed, and a folder this call created is removed again, before the
+    exception propagates. Returns {file name: path}.
     """
     created_folder = not os.path.isdir(out_dir)
     os.makedirs(out_dir, exist_ok=True)
     remove_partial_files(out_dir)
-    writers = [
-        ("panorama.exr", lambda path: write_exr(path, srgb_to_linear(image))),
-        ("panorama.png", lambda path: write_png(path, image)),
-        ("metadata.json", lambda path: write_json(path, metadata)),
-    ]
     partial_paths = []
     try:
         for name, write in writers:
@@ -85,8 +105,7 @@ def write_job_outputs(out_dir: str, image: np.ndarray, metadata: dict) -> dict[s
         if created_folder and not os.listdir(out_dir):
             os.rmdir(out_dir)
         raise
-    return {"png": os.path.join(out_dir, "panorama.png"), "exr": os.path.join(out_dir, "panorama.exr"),
-            "metadata": os.path.join(out_dir, "metadata.json")}
+    return {name: os.path.join(out_dir, name) for name, _ in writers}
 
 
 def remove_partial_files(out_dir: str) -> None:

@@ -59,6 +59,7 @@ def draw_result(layout, context):
             nodes = scene_world.node_tree.nodes
             column.prop(nodes[world.MAPPING_NODE].inputs["Rotation"], "default_value", index=2, text="Rotation")
             column.prop(nodes[world.BACKGROUND_NODE].inputs["Strength"], "default_value", text="Strength")
+            column.operator("syncsphere.export_cubemap", icon="EXPORT")
         column.prop(settings, "hide_from_camera")
         column.prop(settings, "face_camera")
         column.operator("syncsphere.restore_world", icon="LOOP_BACK")

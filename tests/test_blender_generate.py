@@ -153,6 +153,7 @@ def test_cancel_or_a_killed_worker_leaves_the_scene_unchanged_and_the_next_job_w
         result, error = generate()
         unchanged = sorted(bpy.data.worlds.keys()) == worlds_before and len(settings.history) == 0
         settings.steps = 2
+        prefs.timeout_s = 600  # the next job starts a new worker and loads the model again
         second, second_error = generate()
         print(json.dumps({{"result": result, "error": error, "unchanged": unchanged, "second": second,
                           "second_error": second_error, "history": len(settings.history)}}))

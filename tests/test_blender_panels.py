@@ -429,7 +429,7 @@ result(report)
             {"data": "strength", "property": "default_value", "text": "Strength"},
         ]
         assert _props(calls, "settings") == ["hide_from_camera", "face_camera"]
-        assert _operators(calls) == ["syncsphere.restore_world"]
+        assert _operators(calls) == ["syncsphere.export_cubemap", "syncsphere.restore_world"]
 
 
 def test_result_panel_draws_the_tiling_of_the_active_material(tmp_path):

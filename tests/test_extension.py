@@ -22,7 +22,9 @@ REPO = Path(__file__).resolve().parents[1]
 ADDON_PACKAGES = ("blender_addon", "operators", "panels")
 
 PANEL_CLASSES = ("SYNCSPHERE_PT_world", "SYNCSPHERE_PT_view3d")
-OPERATOR_CLASSES = ("SYNCSPHERE_OT_check_backend", "SYNCSPHERE_OT_open_output_folder")
+OPERATOR_CLASSES = ("SYNCSPHERE_OT_check_backend", "SYNCSPHERE_OT_open_output_folder", "SYNCSPHERE_OT_generate",
+                    "SYNCSPHERE_OT_cancel", "SYNCSPHERE_OT_bake_to_uv", "SYNCSPHERE_OT_export_cubemap",
+                    "SYNCSPHERE_OT_setup_backend")
 
 
 def _bpy_dir():

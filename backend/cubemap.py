@@ -1,0 +1,88 @@
+"""``python -m backend cubemap``: cut an equirectangular panorama into cube map files.
+
+Writes ``face_F`` ``face_R`` ``face_B`` ``face_L`` ``face_U`` ``face_D`` and the cross ``cubemap_dice``
+(py360convert's faces and layout, ``backend/geometry.py``) into one folder, all at once
+(``outputs.write_files_atomically``). An EXR panorama gives float32 linear EXRs, its values untouched
+(HDR stays HDR); a PNG gives 8-bit PNGs, interpolated in the file's own (sRGB-encoded) values as other
+image tools do. No torch: numpy, Pillow and OpenEXR only.
+"""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+
+from .errors import BadRequest, SyncSphereError
+from .geometry import FACES, equirect_to_cube_faces, faces_to_dice
+
+# The largest face we write: a 16384 px equirect's W/4 is 4096; this only stops typos.
+MAX_FACE_SIZE = 16384
+FORMATS = {".exr": "EXR", ".png": "PNG"}
+
+
+def output_names(extension: str) -> list[str]:
+    """The file names a cube map export writes, for ``extension`` ".exr" or ".png": faces F R B L U D, then the cross."""
+    return [f"face_{face}{extension}" for face in FACES] + [f"cubemap_dice{extension}"]
+
+
+def read_panorama(path: str) -> np.ndarray:
+    """Read an .exr (linear float RGB) or .png (8-bit, as [0, 1] floats) panorama: (H, W, 3) float32.
+
+    Raises BadRequest with one sentence when the file is missing, of another type or unreadable.
+    """
+    extension = os.path.splitext(path)[1].lower()
+    if not os.path.isfile(path):
+        raise BadRequest(f"The panorama {path} does not exist.")
+    if extension not in FORMATS:
+        raise BadRequest(f"The panorama {path} is neither an .exr nor a .png file.")
+    try:
+        if extension == ".exr":
+            from .outputs import read_exr
+
+            return read_exr(path)
+        from PIL import Image
+
+        with Image.open(path) as image:
+            return np.asarray(image.convert("RGB"), dtype=np.float32) / 255.0
+    except Exception as error:  # OpenEXR and Pillow raise assorted types for a damaged file
+        reason = str(error).strip().splitlines()[0].rstrip(".") if str(error).strip() else type(error).__name__
+        raise BadRequest(f"Could not read the panorama {path} as {FORMATS[extension]} ({reason}).") from None
+
+
+def write_cubemap(panorama: str, out: str, face_size: int | None = None, overwrite: bool = False) -> dict[str, str]:
+    """Write the cube map files of the equirect image ``panorama`` (.exr or .png) into the folder ``out``.
+
+    ``face_size``: width and height of each face in px (default: the panorama's width / 4, which keeps
+    its resolution at the face centres). Existing files of the same names are replaced only with
+    ``overwrite``. Creates ``out`` if needed. Returns {file name: path} in the order of ``output_names``.
+    Raises BadRequest (one sentence, nothing written) for bad input, SyncSphereError when writing fails.
+    """
+    panorama = os.path.abspath(os.path.expanduser(panorama))
+    out = os.path.abspath(os.path.expanduser(out))
+    extension = os.path.splitext(panorama)[1].lower()
+    if face_size is not None and not 1 <= face_size <= MAX_FACE_SIZE:
+        raise BadRequest(f"--face-size {face_size} is not between 1 and {MAX_FACE_SIZE}.")
+    if os.path.exists(out) and not os.path.isdir(out):
+        raise BadRequest(f"The output path {out} exists and is not a folder.")
+    image = read_panorama(panorama)
+    height, width = image.shape[:2]
+    if width != 2 * height:
+        raise BadRequest(f"The panorama is {width}x{height} px; a 360° equirectangular image is twice as wide as it is high.")
+    names = output_names(extension)
+    existing = [name for name in names if os.path.exists(os.path.join(out, name))]
+    if existing and not overwrite:
+        raise BadRequest(f"{os.path.join(out, existing[0])} already exists; pass --overwrite to replace it "
+                         "or choose another --out folder.")
+
+    faces = equirect_to_cube_faces(image, face_size or max(1, width // 4))
+    images = [faces[face] for face in FACES] + [faces_to_dice(faces)]
+    from . import outputs
+
+    write = outputs.write_exr if extension == ".exr" else outputs.write_png
+    # The default argument binds each lambda to its own image (a plain closure would see the last one).
+    writers = [(name, lambda path, image=image: write(path, image)) for name, image in zip(names, images)]
+    try:
+        return outputs.write_files_atomically(out, writers)
+    except OSError as error:
+        raise SyncSphereError(f"Could not write the cube map into {out} ({error.strerror or error}).") from None
