@@ -121,6 +121,12 @@ class SYNCSPHERE_OT_cancel(Operator):
         return {"FINISHED"}
 
 
+def history_item(context, index):
+    """The scene's history item at ``index``, or None when there is none."""
+    history = context.scene.syncsphere.history
+    return history[index] if 0 <= index < len(history) else None
+
+
 class SYNCSPHERE_OT_history_apply(Operator):
     """Put this past generation into the scene again"""
 
@@ -132,15 +138,14 @@ class SYNCSPHERE_OT_history_apply(Operator):
 
     def execute(self, context):
         """Apply the history item's files, as when it was generated."""
-        settings = context.scene.syncsphere
-        if not 0 <= self.index < len(settings.history):
+        item = history_item(context, self.index)
+        if item is None:
             return {"CANCELLED"}
-        item = settings.history[self.index]
         if not os.path.isfile(item.exr_path):
             self.report({"ERROR"}, f"The files of this generation are gone ({item.exr_path})")
             return {"CANCELLED"}
         try:
-            message = apply_result(context, settings, item.mode, {"png": item.png_path, "exr": item.exr_path})
+            message = apply_result(context, context.scene.syncsphere, item.mode, {"png": item.png_path, "exr": item.exr_path})
         except ValueError as error:
             self.report({"ERROR"}, str(error))
             return {"CANCELLED"}
@@ -159,10 +164,10 @@ class SYNCSPHERE_OT_history_reuse(Operator):
 
     def execute(self, context):
         """Copy the item's settings into the scene settings."""
-        settings = context.scene.syncsphere
-        if not 0 <= self.index < len(settings.history):
+        item = history_item(context, self.index)
+        if item is None:
             return {"CANCELLED"}
-        reuse_settings(settings, settings.history[self.index])
+        reuse_settings(context.scene.syncsphere, item)
         return {"FINISHED"}
 
 
