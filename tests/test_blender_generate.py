@@ -15,6 +15,9 @@ from backend.outputs import read_exr
 from test_extension import _blender_ext_tool
 
 REPO = Path(__file__).resolve().parent.parent
+# The Python that runs headless Blender (the bpy module): this one by default; CI points it at the
+# Blender 4.2 environment too. The backend always runs in this interpreter, which has torch.
+BLENDER_PYTHON = os.environ.get("SYNCSPHERE_TEST_BLENDER_PYTHON", sys.executable)
 
 
 @pytest.fixture(scope="module")
@@ -48,7 +51,7 @@ def run_blender(script, extension_zip, tiny_model, tmp_path, timeout=600):
         """
     code = textwrap.dedent(prelude) + textwrap.dedent(script)
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
-    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=timeout, env=env, cwd=tmp_path)
+    result = subprocess.run([BLENDER_PYTHON, "-c", code], capture_output=True, text=True, timeout=timeout, env=env, cwd=tmp_path)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     # Blender prints operator reports on stdout too: the script's report is the last JSON line.
     return json.loads([line for line in result.stdout.splitlines() if line.startswith("{")][-1])
