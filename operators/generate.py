@@ -98,8 +98,8 @@ class SYNCSPHERE_OT_generate(Operator):
         except ValueError as error:
             self.report({"WARNING"}, str(error))
             return {"FINISHED"}
-        if not bpy.app.background:
-            bpy.ops.ed.undo_push(message="SyncSphere: apply generation")
+        # A modal operator gets no automatic undo step: push one, so Ctrl+Z takes the result back out.
+        bpy.ops.ed.undo_push(message="SyncSphere: apply generation")
         self.report({"INFO"}, message)
         return {"FINISHED"}
 

@@ -183,3 +183,18 @@ def test_bake_to_uv_image_after_a_tileable_texture(extension_zip, tiny_model, tm
         print(json.dumps({"size": list(baked.size), "packed": baked.packed_file is not None, "mean": float(pixels[..., :3].mean())}))
     """, extension_zip, tiny_model, tmp_path)
     assert report["size"] == [64, 64] and report["packed"] and report["mean"] > 0.05
+
+
+def test_undo_takes_a_generated_world_back_out(extension_zip, tiny_model, tmp_path):
+    report = run_blender("""
+        user_world = bpy.data.worlds.new("User World")
+        bpy.context.scene.world = user_world
+        bpy.ops.ed.undo_push(message="before generating")
+        assert bpy.ops.syncsphere.generate() == {"FINISHED"}
+        generated = bpy.context.scene.world.name
+        bpy.ops.ed.undo()
+        print(json.dumps({"generated": generated, "after_undo": bpy.context.scene.world.name,
+                          "worlds": sorted(bpy.data.worlds.keys())}))
+    """, extension_zip, tiny_model, tmp_path)
+    assert report["generated"] != "User World" and report["after_undo"] == "User World"
+    assert report["generated"] not in report["worlds"]
