@@ -17,7 +17,7 @@ from test_extension import _blender_ext_tool
 REPO = Path(__file__).resolve().parent.parent
 # The Python that runs headless Blender (the bpy module): this one by default; CI points it at the
 # Blender 4.2 environment too. The backend always runs in this interpreter, which has torch.
-BLENDER_PYTHON = os.environ.get("SYNCSPHERE_TEST_BLENDER_PYTHON", sys.executable)
+BLENDER_PYTHON = os.path.abspath(os.environ.get("SYNCSPHERE_TEST_BLENDER_PYTHON", sys.executable))
 
 
 @pytest.fixture(scope="module")
