@@ -28,7 +28,11 @@ class GuidedUNetDenoiser:
 
     @torch.no_grad()
     def __call__(self, latents: torch.Tensor, timestep: torch.Tensor) -> torch.Tensor:
-        """Prediction for each view: latents (N, C, h, w) -> (N, C, h, w), same dtype."""
+        """Prediction for each view: latents (N, C, h, w) -> (N, C, h, w), same dtype, without autograd."""
+        return self.predict(latents, timestep)
+
+    def predict(self, latents: torch.Tensor, timestep: torch.Tensor) -> torch.Tensor:
+        """As calling the denoiser, but differentiable when autograd is on (SyncDiffusion's gradient)."""
         count = latents.shape[0]
         model_input = latents.repeat_interleave(2, dim=0) if self.uses_guidance else latents
         embeds = self.embeds_per_view.repeat(count, 1, 1)

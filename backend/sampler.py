@@ -16,6 +16,7 @@ import torch
 from .canvas import Canvas, CropView
 from .errors import JobCancelled
 from .sync import multidiffusion
+from .sync.syncdiffusion import SyncDiffusionGuidance
 
 # report(stage, step, total, preview_latent) -> True to stop the job before the next step.
 StepReport = Callable[[str, int, int, Optional[torch.Tensor]], Optional[bool]]
@@ -31,29 +32,33 @@ def sample_canvas(
     view_batch: int,
     report: StepReport | None = None,
     step_kwargs: dict | None = None,
+    guidance: SyncDiffusionGuidance | None = None,
 ) -> torch.Tensor:
-    """Denoise a canvas latent with MultiDiffusion over ``views``.
+    """Denoise a canvas latent with MultiDiffusion over ``views`` (and SyncDiffusion when ``guidance``).
 
     denoiser: (N, C, h, w) latents, timestep -> (N, C, h, w) guided prediction (``backend/denoiser.py``).
     scheduler: any diffusers scheduler with ``set_timesteps``/``scale_model_input``/``step``; it is copied
         once per batch of views so multistep schedulers keep each batch's own history.
     initial_noise: (1, C, H, W) unit Gaussian noise on the canvas (scaled here by init_noise_sigma).
     step_kwargs: extra arguments of ``scheduler.step`` (a generator for stochastic samplers).
+    guidance: SyncDiffusion's pull towards the anchor view before the steps it guides (None: MultiDiffusion).
     Returns the denoised canvas latent (1, C, H, W). Raises JobCancelled when ``report`` returns True.
     """
     step_kwargs = step_kwargs or {}
     scheduler.set_timesteps(num_steps, device=initial_noise.device)
     latents = initial_noise * scheduler.init_noise_sigma
-    batches = [views[start : start + view_batch] for start in range(0, len(views), view_batch)]
-    batch_schedulers = [copy.deepcopy(scheduler) for _ in batches]
+    batch_schedulers = [copy.deepcopy(scheduler) for _ in range(0, len(views), view_batch)]
     coverage = canvas.coverage(views, latents)
 
     for step_index, timestep in enumerate(scheduler.timesteps):
+        view_latents = canvas.read(latents, views)
+        if guidance is not None:
+            view_latents = guidance.guide(view_latents, timestep, scheduler, step_index)
         denoised_views = []
-        for batch, batch_scheduler in zip(batches, batch_schedulers):
-            view_latents = canvas.read(latents, batch)
-            prediction = denoiser(batch_scheduler.scale_model_input(view_latents, timestep), timestep)
-            denoised_views.append(batch_scheduler.step(prediction, timestep, view_latents, **step_kwargs).prev_sample)
+        for start, batch_scheduler in zip(range(0, len(views), view_batch), batch_schedulers):
+            batch_latents = view_latents[start : start + view_batch]
+            prediction = denoiser(batch_scheduler.scale_model_input(batch_latents, timestep), timestep)
+            denoised_views.append(batch_scheduler.step(prediction, timestep, batch_latents, **step_kwargs).prev_sample)
         latents = multidiffusion.fuse_views(canvas, views, torch.cat(denoised_views), coverage)
 
         if report is not None and report("denoising", step_index + 1, num_steps, latents):

@@ -1,0 +1,106 @@
+"""SyncDiffusion (Lee et al., NeurIPS 2023, Alg. 1 and Eq. 14): pull every view towards an anchor view.
+
+Before the scheduler step of a guided denoising step, each view's x_t (except the anchor's) moves down
+the gradient of a perceptual loss between its decoded predicted clean image and the anchor's:
+``x_t <- x_t - w_i * grad_{x_t} L(D(x0(x_t)), D(x0(x_anchor)))`` with ``w_i = w * decay^i`` at step i.
+The anchor's prediction and decode are computed once per step without autograd (the published code
+differentiates it and throws the result away); the other views go through the gradient pass in chunks.
+The loop then predicts the noise again at the updated x_t and steps, as the paper's algorithm does.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+
+from ..canvas import Canvas, CropView
+
+
+def predicted_clean_latent(scheduler, latents: torch.Tensor, prediction: torch.Tensor, timestep) -> torch.Tensor:
+    """Tweedie's estimate x0 from x_t and the model's prediction, for schedulers with ``alphas_cumprod``
+    whose latents are not rescaled by sigma (DDIM, PNDM, DPM-Solver, UniPC). Shapes (N, C, h, w)."""
+    alpha_bar = scheduler.alphas_cumprod.to(latents.device)[int(timestep)].to(latents.dtype)
+    kind = scheduler.config.prediction_type
+    if kind == "epsilon":
+        return (latents - (1 - alpha_bar).sqrt() * prediction) / alpha_bar.sqrt()
+    if kind == "v_prediction":
+        return alpha_bar.sqrt() * latents - (1 - alpha_bar).sqrt() * prediction
+    return prediction  # "sample"
+
+
+def anchor_view_index(canvas: Canvas, views: list[CropView]) -> int:
+    """The default anchor: the view whose centre is nearest the canvas centre (on an equirect canvas,
+    the view facing longitude 0, which DESIGN §3 puts at the image centre). Distances wrap where the
+    canvas wraps."""
+
+    def distance(view: CropView) -> float:
+        dy = (view.top + view.height / 2) - canvas.height / 2
+        dx = (view.left + view.width / 2) - canvas.width / 2
+        if canvas.wraps_x:
+            dx = (dx + canvas.width / 2) % canvas.width - canvas.width / 2
+        if canvas.wraps_y:
+            dy = (dy + canvas.height / 2) % canvas.height - canvas.height / 2
+        return dx * dx + dy * dy
+
+    return min(range(len(views)), key=lambda index: distance(views[index]))
+
+
+@dataclass
+class SyncDiffusionGuidance:
+    """SyncDiffusion's settings and its gradient step.
+
+    predict: (N, C, h, w) model input, timestep -> guided prediction, differentiable (the denoiser's
+        ``predict``). decode: latents (N, C, h, w) -> images (N, 3, H, W) in [-1, 1], differentiable.
+    loss: (images, anchor images) -> per-view loss (N,) or (N, 1, 1, 1), e.g. LPIPS.
+    weight, decay: w and the per-step decay; steps: guide only the first ``steps`` steps (None: all);
+    every: guide every ``every``-th step; anchor: index of the anchor view; chunk: views per gradient pass.
+    """
+
+    predict: Callable
+    decode: Callable
+    loss: Callable
+    weight: float = 20.0
+    decay: float = 0.95
+    steps: int | None = None
+    every: int = 1
+    anchor: int = 0
+    chunk: int = 4
+
+    def weight_at(self, step_index: int) -> float:
+        """w_i for step ``step_index`` (0-based), or 0.0 on steps without guidance."""
+        if self.weight == 0 or step_index % self.every or (self.steps is not None and step_index >= self.steps):
+            return 0.0
+        return self.weight * self.decay**step_index
+
+    def guide(self, view_latents: torch.Tensor, timestep, scheduler, step_index: int) -> torch.Tensor:
+        """Move every non-anchor view of ``view_latents`` (N, C, h, w) down the loss gradient; returns a
+        new tensor (the anchor's row unchanged)."""
+        weight = self.weight_at(step_index)
+        if weight == 0.0:
+            return view_latents
+        with torch.no_grad():
+            anchor = view_latents[self.anchor : self.anchor + 1]
+            anchor_prediction = self.predict(scheduler.scale_model_input(anchor, timestep), timestep)
+            anchor_image = self.decode(predicted_clean_latent(scheduler, anchor, anchor_prediction, timestep))
+        guided = view_latents.clone()
+        others = [index for index in range(view_latents.shape[0]) if index != self.anchor]
+        for start in range(0, len(others), self.chunk):
+            indices = others[start : start + self.chunk]
+            guided[indices] = view_latents[indices] - weight * self.gradient(view_latents[indices], anchor_image, timestep, scheduler)
+        return guided
+
+    def gradient(self, latents: torch.Tensor, anchor_image: torch.Tensor, timestep, scheduler) -> torch.Tensor:
+        """d loss / d x_t for each view of ``latents`` (n, C, h, w) against ``anchor_image`` (1, 3, H, W).
+
+        The per-view losses are summed: the views do not interact in the UNet or the decoder, so each
+        view's gradient is that of its own loss.
+        """
+        with torch.enable_grad():
+            latents = latents.detach().requires_grad_(True)
+            prediction = self.predict(scheduler.scale_model_input(latents, timestep), timestep)
+            images = self.decode(predicted_clean_latent(scheduler, latents, prediction, timestep))
+            loss = self.loss(images, anchor_image.expand_as(images)).sum()
+            (gradient,) = torch.autograd.grad(loss, latents)
+        return gradient
