@@ -12,6 +12,8 @@ import math
 
 import bpy
 
+from .images import load_image
+
 MATERIAL_NAME = "SyncSphere Material"
 TEXCOORD_NODE = "SyncSphere Texture Coordinate"
 MAPPING_NODE = "SyncSphere Mapping"
@@ -47,7 +49,7 @@ def apply_tile_texture(obj, image_path, *, scale=1.0):
     if obj is None or not hasattr(obj.data, "materials"):
         raise ValueError("SyncSphere needs a mesh (or other object with materials) to put a texture on")
     _check_scale(scale)
-    image = _load_image(image_path)
+    image = load_image(image_path)
     # Generated textures are 8-bit sRGB PNGs; set it explicitly so a user default (or a file whose
     # metadata says otherwise) cannot make Blender read them as linear.
     image.colorspace_settings.name = "sRGB"
@@ -112,18 +114,6 @@ def _check_scale(scale):
 def _set_mapping_scale(mapping, scale):
     """Scale UVs by ``scale`` on X and Y; Z stays 1 (UV coordinates have no depth to tile)."""
     mapping.inputs["Scale"].default_value = (scale, scale, 1.0)
-
-
-def _load_image(image_path):
-    """Load an image file, or reuse (and re-read) the image already loaded from that path."""
-    path = bpy.path.abspath(image_path)
-    count = len(bpy.data.images)
-    image = bpy.data.images.load(path, check_existing=True)
-    if len(bpy.data.images) == count:
-        # Already loaded: the file may have been rewritten since (same output path), so re-read it
-        # rather than show the stale pixels.
-        image.reload()
-    return image
 
 
 def _ensure_node_tree(material):
@@ -435,7 +425,7 @@ def load_image_in_editor(image_path):
     With no Image Editor open (always so in background mode) the image is only loaded. Returns the
     image; raises RuntimeError (from Blender) when the file cannot be read.
     """
-    image = _load_image(image_path)
+    image = load_image(image_path)
     context = bpy.context
     window_manager = context.window_manager
     for window in window_manager.windows if window_manager is not None else ():

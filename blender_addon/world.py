@@ -31,6 +31,8 @@ import os
 import bpy
 from mathutils import Vector
 
+from .images import load_image
+
 # Custom properties on Worlds that SyncSphere creates.
 SOURCE_PROP = "syncsphere_exr"  # the EXR the world shows; also marks the World as SyncSphere's
 PREVIOUS_PROP = "syncsphere_previous_world"  # the World the scene had before SyncSphere (an ID pointer)
@@ -72,13 +74,9 @@ def _linear_colorspace(image):
 def _load_linear_image(exr_path):
     """Load ``exr_path`` as a float image interpreted as scene-linear Rec.709, and return it.
 
-    An image already loaded from the same file is reused but reloaded, so a file rewritten since then
-    shows its current contents.
+    An image already loaded from the same file is reused but reloaded (``images.load_image``).
     """
-    known = {image.as_pointer() for image in bpy.data.images}
-    image = bpy.data.images.load(exr_path, check_existing=True)
-    if image.as_pointer() in known:
-        image.reload()
+    image = load_image(exr_path)
     # The backend writes scene-linear values without colourspace metadata. Blender normally treats
     # such EXRs as linear already, but 5.0 honours an EXR's colorInteropID (and a user may have
     # changed an already-loaded image), so say it explicitly. Assigning the colourspace keeps the
