@@ -14,7 +14,7 @@ import sys
 
 from . import __version__
 from .errors import SyncSphereError
-from .request import DEFAULT_MODEL, DTYPES, LAYOUTS, SCHEDULERS, GenerateRequest
+from .request import DEFAULT_MODEL, DTYPES, LAYOUTS, SCHEDULERS, SYNC_LOSS_BACKBONES, SYNC_LOSSES, SYNC_METHODS, GenerateRequest
 
 
 class _Parser(argparse.ArgumentParser):
@@ -65,6 +65,7 @@ def build_parser() -> argparse.ArgumentParser:
     generate.add_argument("--allow-pickle", action="store_true", help="allow pickled checkpoints (.ckpt/.bin/.pt), which can run code when loaded")
     generate.add_argument("--json-progress", action="store_true",
                           help="print the protocol's JSON progress/done/error events on stdout instead of a progress bar")
+    _add_sync_arguments(generate)
 
     serve = commands.add_parser(
         "serve", help="run the worker Blender talks to (JSON lines on stdin/stdout)",
@@ -87,6 +88,34 @@ def build_parser() -> argparse.ArgumentParser:
     commands.add_parser("info", help="print the device, dtype and package versions",
                         description="Print the device and dtype --device auto would pick, and package versions, as JSON.")
     return parser
+
+
+def _add_sync_arguments(generate: argparse.ArgumentParser) -> None:
+    """--sync and SyncDiffusion's options (docs/engine.md, "SyncDiffusion")."""
+    sync = generate.add_argument_group("synchronisation", "How the overlapping views are made one coherent image.")
+    sync.add_argument("--sync", default="multidiffusion", metavar="{" + ",".join(SYNC_METHODS) + "}",
+                      help="multidiffusion: average the views (default); syncdiffusion: also pull every view towards "
+                      "an anchor view with a perceptual-loss gradient (Lee et al. 2023): more coherent, slower")
+    sync.add_argument("--sync-weight", type=float, help="SyncDiffusion's gradient weight w (default 20; 0.1 with --sync-loss style)")
+    sync.add_argument("--sync-decay", type=float, default=0.95, help="w is multiplied by this every step (default 0.95)")
+    sync.add_argument("--sync-steps", type=int, help="guide only the first K denoising steps (default: all)")
+    sync.add_argument("--sync-every", type=int, default=1, help="guide every F-th step (default 1: every step)")
+    sync.add_argument("--sync-anchor", default="center",
+                      help="the view the others are pulled towards: center (default; on equirect the view facing "
+                      "longitude 0) or a view index")
+    sync.add_argument("--sync-loss", default="lpips-vgg", metavar="{" + ",".join(SYNC_LOSSES) + "}",
+                      help="perceptual loss: lpips-vgg (default, the paper's), lpips-alex, or style (Gram matrices)")
+    sync.add_argument("--sync-loss-backbone", default="auto", metavar="{" + ",".join(SYNC_LOSS_BACKBONES) + "}",
+                      help="the loss network's trunk: auto (ImageNet weights when cached or downloadable, default), "
+                      "pretrained (fail without them) or random")
+    sync.add_argument("--sync-loss-size", type=int, help="fast path: compute the loss on images resized to N px")
+    sync.add_argument("--sync-decoder", default="vae",
+                      help="fast path: decoder for the guidance only: vae (default, the model's own), taesd "
+                      "(madebyollin/taesd), or a hub id or folder of a diffusers AutoencoderTiny")
+    sync.add_argument("--sync-reuse-eps", action="store_true",
+                      help="fast path: step with the prediction from the gradient pass instead of predicting again")
+    sync.add_argument("--sync-checkpointing", action="store_true",
+                      help="gradient checkpointing in the gradient pass: less memory, more time")
 
 
 def request_from_args(args: argparse.Namespace) -> GenerateRequest:

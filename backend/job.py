@@ -6,9 +6,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 import platform
 import secrets
+import sys
 import time
 from dataclasses import dataclass
 
@@ -19,10 +21,21 @@ from .canvas import Canvas
 from .decode import decode_canvas
 from .denoiser import GuidedUNetDenoiser
 from .errors import BadRequest, JobCancelled, OutOfMemory
-from .models import LoadedModel, ModelSource, load_model, read_model_geometry, resolve_device, resolve_dtype, resolve_model_source
+from .models import (
+    LoadedModel,
+    ModelSource,
+    load_model,
+    load_tiny_autoencoder,
+    read_model_geometry,
+    resolve_device,
+    resolve_dtype,
+    resolve_model_source,
+)
 from .outputs import write_job_outputs
+from .perceptual import load_perceptual_loss
 from .request import SCHEDULERS, GenerateRequest
 from .sampler import StepReport, sample_canvas
+from .sync.syncdiffusion import SyncDiffusionGuidance, anchor_view_index
 
 
 @dataclass
@@ -45,6 +58,9 @@ def check_request(request: GenerateRequest) -> CheckedRequest:
     geometry = read_model_geometry(source)
     if geometry is not None:
         request.validate_for_model(geometry)
+        if request.sync == "syncdiffusion":
+            canvas = Canvas(request.layout, request.height // geometry.vae_scale_factor, request.width // geometry.vae_scale_factor)
+            sync_anchor_index(request, canvas, canvas.crop_views(request.window, request.stride))
     import diffusers
 
     if not hasattr(diffusers, SCHEDULERS.get(request.scheduler, request.scheduler)):
@@ -126,7 +142,7 @@ def run_job(checked: CheckedRequest, report: StepReport | None = None, models: M
         "device": str(model.device),
         "dtype": str(model.dtype).replace("torch.", ""),
         "canvas": {"kind": canvas.kind, "latent_height": canvas.height, "latent_width": canvas.width},
-        "sync": "multidiffusion",
+        "sync": request.sync,
         **details,
         "timings": timings,
         "versions": package_versions(),
@@ -152,9 +168,83 @@ def _denoise(request: GenerateRequest, model: LoadedModel, report: StepReport):
     if "generator" in inspect.signature(scheduler.step).parameters:
         # Stochastic samplers (ancestral, SDE) draw their per-step noise from the seed too.
         step_kwargs["generator"] = torch.Generator("cpu").manual_seed(request.seed + 1)
-    latents = sample_canvas(denoiser, scheduler, canvas, views, noise, request.steps, request.view_batch, report, step_kwargs)
+    guidance, sync_details, differentiated = None, {}, []
+    if request.sync == "syncdiffusion":
+        guidance, sync_details, differentiated = syncdiffusion_guidance(request, model, canvas, views, denoiser)
+    with gradient_checkpointing(differentiated if request.sync_checkpointing else []):
+        latents = sample_canvas(
+            denoiser, scheduler, canvas, views, noise, request.steps, request.view_batch, report, step_kwargs, guidance
+        )
+    if guidance is not None:
+        sync_details["guided_steps"] = guidance.guided_steps
     details = {"views": len(views), "scheduler": type(scheduler).__name__, "seconds": time.perf_counter() - began}
+    if sync_details:
+        details["syncdiffusion"] = sync_details
     return latents, canvas, details
+
+
+def syncdiffusion_guidance(request: GenerateRequest, model: LoadedModel, canvas: Canvas, views: list, denoiser: GuidedUNetDenoiser):
+    """SyncDiffusion's guidance for a request with ``--sync syncdiffusion``.
+
+    Returns (the guidance, what metadata.json records of it, the modules its gradient pass runs through).
+    Raises BadRequest (an anchor that is not a view, a bad decoder) or ModelNotFound (decoder, loss trunk).
+    """
+    anchor = sync_anchor_index(request, canvas, views)
+    if request.sync_decoder == "vae":
+        decoder = model.pipeline.vae
+    else:
+        decoder = load_tiny_autoencoder(
+            request.sync_decoder, model.device, model.dtype, model.geometry.latent_channels, request.allow_pickle
+        )
+
+    def decode(latents: torch.Tensor) -> torch.Tensor:
+        return decoder.decode(latents / decoder.config.scaling_factor).sample
+
+    # The loss network runs in float32: LPIPS divides by feature norms that underflow in float16.
+    loss = load_perceptual_loss(
+        request.sync_loss, model.device, request.sync_loss_backbone, request.sync_loss_size,
+        scale=1e6 if request.sync_loss == "style" else 1.0,  # the supplementary's S.4 scaling of the style loss
+    )
+    if not loss.backbone.pretrained and request.sync_loss_backbone == "auto":
+        print(f"warning: SyncDiffusion's loss uses a {loss.backbone.describe()} trunk; the guidance follows "
+              "random features instead of perceptual ones", file=sys.stderr)
+    guidance = SyncDiffusionGuidance(
+        predict=denoiser.predict, decode=decode, loss=loss, weight=request.sync_weight, decay=request.sync_decay,
+        steps=request.sync_steps, every=request.sync_every, anchor=anchor, chunk=request.view_batch,
+        reuse_prediction=request.sync_reuse_eps,
+    )
+    details = {
+        "anchor": anchor,
+        "loss": request.sync_loss,
+        "loss_backbone": loss.backbone.describe(),
+        "decoder": type(decoder).__name__ if request.sync_decoder == "vae" else request.sync_decoder,
+    }
+    return guidance, details, [model.pipeline.unet, decoder]
+
+
+def sync_anchor_index(request: GenerateRequest, canvas: Canvas, views: list) -> int:
+    """The index of SyncDiffusion's anchor among ``views``: ``--sync-anchor center`` is the view nearest the
+    canvas centre (on equirect, the one facing longitude 0). Raises BadRequest for an index past the views."""
+    if request.sync_anchor == "center":
+        return anchor_view_index(canvas, views)
+    if request.sync_anchor >= len(views):
+        raise BadRequest(
+            f"--sync-anchor {request.sync_anchor} is not a view: this canvas has {len(views)} views (0 to {len(views) - 1})."
+        )
+    return request.sync_anchor
+
+
+@contextlib.contextmanager
+def gradient_checkpointing(modules: list):
+    """Turn on diffusers' gradient checkpointing in ``modules`` for the block, and off again after: the
+    models are cached between jobs. It acts only where autograd is on (SyncDiffusion's gradient pass)."""
+    for module in modules:
+        module.enable_gradient_checkpointing()
+    try:
+        yield
+    finally:
+        for module in modules:
+            module.disable_gradient_checkpointing()
 
 
 def initial_noise(seed: int, shape: tuple, device: torch.device, dtype: torch.dtype) -> torch.Tensor:

@@ -178,7 +178,7 @@ def load_model(
     from diffusers import StableDiffusionPipeline
 
     common = dict(dtype=dtype, safety_checker=None, requires_safety_checker=False)
-    offline = os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false", "False")
+    offline = hub_offline()
     try:
         if source.kind == "single_file":
             pipeline = StableDiffusionPipeline.from_single_file(
@@ -207,6 +207,51 @@ def load_model(
     pipeline.to(device)
     geometry = geometry_from_configs(pipeline.vae.config, pipeline.unet.config)
     return LoadedModel(pipeline=pipeline, geometry=geometry, source=source, device=device, dtype=dtype)
+
+
+TINY_AUTOENCODERS = {"taesd": "madebyollin/taesd"}  # --sync-decoder short names for SD 1.x / 2.x latents
+
+
+def load_tiny_autoencoder(spec: str, device: torch.device, dtype: torch.dtype, latent_channels: int, allow_pickle: bool = False):
+    """A diffusers ``AutoencoderTiny`` (TAESD) for SyncDiffusion's guidance decode.
+
+    spec: ``taesd`` (``madebyollin/taesd``), another hub id, or a local folder saved with
+    ``save_pretrained``. Only safetensors weights unless ``allow_pickle``. Its decoder takes the model's
+    scaled latents (divided by its own ``scaling_factor``, 1.0) and returns images in [-1, 1].
+    Raises ModelNotFound (hub id not available) or BadRequest (unloadable folder, wrong latent channels).
+    """
+    from diffusers import AutoencoderTiny
+
+    location = TINY_AUTOENCODERS.get(spec, spec)
+    is_folder = os.path.isdir(os.path.abspath(os.path.expanduser(location)))
+    if is_folder:
+        location = os.path.abspath(os.path.expanduser(location))
+    elif not HUB_ID.match(location):
+        raise BadRequest(f"--sync-decoder {spec} is neither vae, taesd, a folder nor a hub id.")
+    try:
+        decoder = AutoencoderTiny.from_pretrained(
+            location, torch_dtype=dtype, use_safetensors=None if allow_pickle else True,
+            local_files_only=hub_offline() or is_folder,
+        )
+    except (OSError, ValueError, EnvironmentError) as error:
+        if not is_folder:
+            raise ModelNotFound(
+                f"The tiny autoencoder {location} could not be loaded from the Hugging Face cache or hub; "
+                "download it once with network access or pass a local AutoencoderTiny folder to --sync-decoder."
+            ) from error
+        raise BadRequest(f"The tiny autoencoder at {location} could not be loaded: {_first_line(error)}") from error
+    if decoder.config.latent_channels != latent_channels:
+        raise BadRequest(
+            f"The tiny autoencoder {location} decodes {decoder.config.latent_channels}-channel latents, but this "
+            f"model's have {latent_channels}; use one made for this model family."
+        )
+    return decoder.to(device).requires_grad_(False).eval()
+
+
+def hub_offline() -> bool:
+    """True when the user asked for no network (``HF_HUB_OFFLINE``; the Blender add-on sets it when
+    Blender's online access is off)."""
+    return os.environ.get("HF_HUB_OFFLINE", "0").strip().lower() not in ("0", "", "false", "no", "off")
 
 
 def _first_line(error: Exception) -> str:

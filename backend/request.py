@@ -33,6 +33,14 @@ SCHEDULERS = {
     "lms": "LMSDiscreteScheduler",
 }
 
+# --sync methods; SyncDiffusion's options (the ``sync_*`` fields) and what they accept.
+SYNC_METHODS = ("multidiffusion", "syncdiffusion")
+SYNC_LOSSES = ("lpips-vgg", "lpips-alex", "style")  # the names of backend/perceptual.py
+SYNC_LOSS_BACKBONES = ("auto", "pretrained", "random")
+# SyncDiffusion's guidance weight w per loss: 20 for LPIPS (the paper's choice); for the style loss the
+# supplementary (S.4) multiplies the loss by 10^6 and uses w = 0.1.
+DEFAULT_SYNC_WEIGHTS = {"lpips-vgg": 20.0, "lpips-alex": 20.0, "style": 0.1}
+
 # Canvas size (width, height) in pixels when the user gives none, per layout.
 DEFAULT_SIZES = {"wide": (2048, 512), "equirect": (1024, 512), "tile": (512, 512)}
 
@@ -74,6 +82,18 @@ class GenerateRequest:
     out: str | None = None
     overwrite: bool = False
     allow_pickle: bool = False
+    sync: str = "multidiffusion"
+    sync_weight: float | None = None
+    sync_decay: float = 0.95
+    sync_steps: int | None = None
+    sync_every: int = 1
+    sync_anchor: str | int = "center"
+    sync_loss: str = "lpips-vgg"
+    sync_loss_backbone: str = "auto"
+    sync_loss_size: int | None = None
+    sync_decoder: str = "vae"
+    sync_reuse_eps: bool = False
+    sync_checkpointing: bool = False
 
     @classmethod
     def from_params(cls, params: dict[str, Any]) -> "GenerateRequest":
@@ -148,6 +168,7 @@ class GenerateRequest:
             raise BadRequest(f"Unknown dtype '{self.dtype}'; choose one of {', '.join(DTYPES)}.")
         if not (self.device in ("auto", "cpu", "mps", "cuda") or _is_cuda_index(self.device)):
             raise BadRequest(f"Unknown device '{self.device}'; use {DEVICES_HELP}.")
+        self._validate_sync()
         if not self.out:
             raise BadRequest("No output folder given; pass --out DIR.")
         self.out = os.path.abspath(os.path.expanduser(self.out))
@@ -159,6 +180,53 @@ class GenerateRequest:
                 f"{os.path.join(self.out, existing[0])} already exists; pass --overwrite to replace it "
                 "or choose another --out folder."
             )
+
+    def _validate_sync(self) -> None:
+        """Check --sync and SyncDiffusion's options; fill the loss's default weight."""
+        if self.sync not in SYNC_METHODS:
+            raise BadRequest(f"Unknown --sync '{self.sync}'; choose one of {', '.join(SYNC_METHODS)}.")
+        defaults = {field.name: field.default for field in dataclasses.fields(self) if field.name.startswith("sync_")}
+        if self.sync == "multidiffusion":
+            changed = [name for name, default in defaults.items() if getattr(self, name) != default]
+            if changed:
+                flag = "--" + changed[0].replace("_", "-")
+                raise BadRequest(f"{flag} only applies to SyncDiffusion; add --sync syncdiffusion or leave it out.")
+            return
+        if self.sync_loss not in SYNC_LOSSES:
+            raise BadRequest(f"Unknown --sync-loss '{self.sync_loss}'; choose one of {', '.join(SYNC_LOSSES)}.")
+        if self.sync_loss_backbone not in SYNC_LOSS_BACKBONES:
+            raise BadRequest(
+                f"Unknown --sync-loss-backbone '{self.sync_loss_backbone}'; choose one of {', '.join(SYNC_LOSS_BACKBONES)}."
+            )
+        if self.sync_weight is None:
+            self.sync_weight = DEFAULT_SYNC_WEIGHTS[self.sync_loss]
+        if not _is_number(self.sync_weight) or self.sync_weight < 0:
+            raise BadRequest(f"--sync-weight must be a number >= 0, not {self.sync_weight!r}.")
+        if not _is_number(self.sync_decay) or not 0 < self.sync_decay <= 1:
+            raise BadRequest(f"--sync-decay must be a number in (0, 1], not {self.sync_decay!r}.")
+        if self.sync_steps is not None:
+            self.sync_steps = _int("sync_steps", self.sync_steps)
+            if self.sync_steps < 0:
+                raise BadRequest(f"--sync-steps must be 0 or more guided steps, not {self.sync_steps}.")
+        self.sync_every = _int("sync_every", self.sync_every)
+        if self.sync_every < 1:
+            raise BadRequest(f"--sync-every must be at least 1, not {self.sync_every}.")
+        if self.sync_anchor != "center":
+            anchor = self.sync_anchor
+            if isinstance(anchor, str) and anchor.strip().isdigit():
+                anchor = int(anchor)
+            if isinstance(anchor, bool) or not isinstance(anchor, int) or anchor < 0:
+                raise BadRequest(f"--sync-anchor must be 'center' or a view index >= 0, not {self.sync_anchor!r}.")
+            self.sync_anchor = anchor
+        if self.sync_loss_size is not None:
+            self.sync_loss_size = _int("sync_loss_size", self.sync_loss_size)
+            if not 16 <= self.sync_loss_size <= 4096:
+                raise BadRequest(f"--sync-loss-size must be between 16 and 4096 px, not {self.sync_loss_size}.")
+        if not isinstance(self.sync_decoder, str) or not self.sync_decoder.strip():
+            raise BadRequest("--sync-decoder must be vae, taesd, or a hub id or folder of a tiny autoencoder.")
+        for name in ("sync_reuse_eps", "sync_checkpointing"):
+            if not isinstance(getattr(self, name), bool):
+                raise BadRequest(f"--{name.replace('_', '-')} is a switch (true or false), not {getattr(self, name)!r}.")
 
     def validate_for_model(self, geometry: ModelGeometry) -> None:
         """Check the sizes against the model (VAE factor, window); fill the default window and stride.
@@ -192,6 +260,10 @@ def _int(name: str, value: Any) -> int:
     if isinstance(value, bool) or not isinstance(value, (int, float)) or value != int(value):
         raise BadRequest(f"--{name.replace('_', '-')} must be a whole number, not {value!r}.")
     return int(value)
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
 def _is_cuda_index(device: str) -> bool:

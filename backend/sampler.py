@@ -41,7 +41,8 @@ def sample_canvas(
         once per batch of views so multistep schedulers keep each batch's own history.
     initial_noise: (1, C, H, W) unit Gaussian noise on the canvas (scaled here by init_noise_sigma).
     step_kwargs: extra arguments of ``scheduler.step`` (a generator for stochastic samplers).
-    guidance: SyncDiffusion's pull towards the anchor view before the steps it guides (None: MultiDiffusion).
+    guidance: SyncDiffusion's pull towards the anchor view before the steps it guides (None: MultiDiffusion);
+        it reads the state of the first batch's scheduler copy, which is at the current step like the others.
     Returns the denoised canvas latent (1, C, H, W). Raises JobCancelled when ``report`` returns True.
     """
     step_kwargs = step_kwargs or {}
@@ -52,12 +53,16 @@ def sample_canvas(
 
     for step_index, timestep in enumerate(scheduler.timesteps):
         view_latents = canvas.read(latents, views)
+        predictions = None  # SyncDiffusion's fast path hands back the predictions of its gradient pass
         if guidance is not None:
-            view_latents = guidance.guide(view_latents, timestep, scheduler, step_index)
+            view_latents, predictions = guidance.guide(view_latents, timestep, batch_schedulers[0], step_index)
         denoised_views = []
         for start, batch_scheduler in zip(range(0, len(views), view_batch), batch_schedulers):
             batch_latents = view_latents[start : start + view_batch]
-            prediction = denoiser(batch_scheduler.scale_model_input(batch_latents, timestep), timestep)
+            if predictions is None:
+                prediction = denoiser(batch_scheduler.scale_model_input(batch_latents, timestep), timestep)
+            else:
+                prediction = predictions[start : start + view_batch]
             denoised_views.append(batch_scheduler.step(prediction, timestep, batch_latents, **step_kwargs).prev_sample)
         latents = multidiffusion.fuse_views(canvas, views, torch.cat(denoised_views), coverage)
 

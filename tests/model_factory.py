@@ -110,3 +110,23 @@ def save_random_sd_model(
     )
     pipeline.save_pretrained(folder, safe_serialization=True)
     return folder
+
+
+# A tiny AutoencoderTiny (TAESD architecture: 4 decoder stages, 8x upsampling, 4 latent channels).
+TINY_TAESD = dict(
+    encoder_block_out_channels=(8, 8, 8, 8),
+    decoder_block_out_channels=(8, 8, 8, 8),
+    num_encoder_blocks=(1, 1, 1, 1),
+    num_decoder_blocks=(1, 1, 1, 1),
+    latent_channels=4,
+)
+
+
+def save_random_tiny_autoencoder(folder: str, config: dict = TINY_TAESD, seed: int = 3) -> str:
+    """Build a diffusers AutoencoderTiny with random weights (repeatable for ``seed``), save it as
+    safetensors into ``folder`` and return ``folder`` (what ``--sync-decoder FOLDER`` loads)."""
+    from diffusers import AutoencoderTiny
+
+    torch.manual_seed(seed)
+    AutoencoderTiny(**config).eval().save_pretrained(folder, safe_serialization=True)
+    return folder

@@ -19,10 +19,23 @@ from ..canvas import Canvas, CropView
 
 
 def predicted_clean_latent(scheduler, latents: torch.Tensor, prediction: torch.Tensor, timestep) -> torch.Tensor:
-    """Tweedie's estimate x0 from x_t and the model's prediction, for schedulers with ``alphas_cumprod``
-    whose latents are not rescaled by sigma (DDIM, PNDM, DPM-Solver, UniPC). Shapes (N, C, h, w)."""
-    alpha_bar = scheduler.alphas_cumprod.to(latents.device)[int(timestep)].to(latents.dtype)
+    """Tweedie's estimate x0 from x_t and the model's prediction, as the scheduler's own ``step`` computes
+    its ``pred_original_sample``. Shapes (N, C, h, w); differentiable.
+
+    Two families: schedulers whose latents are x_t = sqrt(a) x0 + sqrt(1 - a) eps (DDIM, PNDM, DPM-Solver,
+    UniPC; ``alphas_cumprod``) and k-diffusion-style ones whose latents are x0 + sigma eps (Euler, LMS;
+    ``init_noise_sigma`` > 1, sigma at the scheduler's current ``step_index``, set by
+    ``scale_model_input``).
+    """
     kind = scheduler.config.prediction_type
+    if float(scheduler.init_noise_sigma) > 1.0:
+        sigma = scheduler.sigmas[scheduler.step_index].to(latents.device, latents.dtype)
+        if kind == "epsilon":
+            return latents - sigma * prediction
+        if kind == "v_prediction":
+            return prediction * (-sigma / (sigma**2 + 1) ** 0.5) + latents / (sigma**2 + 1)
+        return prediction  # "sample"
+    alpha_bar = scheduler.alphas_cumprod.to(latents.device)[int(timestep)].to(latents.dtype)
     if kind == "epsilon":
         return (latents - (1 - alpha_bar).sqrt() * prediction) / alpha_bar.sqrt()
     if kind == "v_prediction":
@@ -52,10 +65,13 @@ class SyncDiffusionGuidance:
     """SyncDiffusion's settings and its gradient step.
 
     predict: (N, C, h, w) model input, timestep -> guided prediction, differentiable (the denoiser's
-        ``predict``). decode: latents (N, C, h, w) -> images (N, 3, H, W) in [-1, 1], differentiable.
-    loss: (images, anchor images) -> per-view loss (N,) or (N, 1, 1, 1), e.g. LPIPS.
+        ``predict``). decode: latents (N, C, h, w) -> images (N, 3, H, W) in [-1, 1], differentiable (the
+        model's VAE decoder, or a tiny autoencoder for the fast path).
+    loss: (images, anchor images) -> per-view loss (N,), e.g. ``backend.perceptual.PerceptualLoss``.
     weight, decay: w and the per-step decay; steps: guide only the first ``steps`` steps (None: all);
     every: guide every ``every``-th step; anchor: index of the anchor view; chunk: views per gradient pass.
+    reuse_prediction: the fast path that skips the paper's second UNet pass: the loop steps every view
+        with the prediction made at its x_t before the update.
     """
 
     predict: Callable
@@ -67,6 +83,8 @@ class SyncDiffusionGuidance:
     every: int = 1
     anchor: int = 0
     chunk: int = 4
+    reuse_prediction: bool = False
+    guided_steps: int = 0  # how many steps were guided so far (metadata)
 
     def weight_at(self, step_index: int) -> float:
         """w_i for step ``step_index`` (0-based), or 0.0 on steps without guidance."""
@@ -74,25 +92,38 @@ class SyncDiffusionGuidance:
             return 0.0
         return self.weight * self.decay**step_index
 
-    def guide(self, view_latents: torch.Tensor, timestep, scheduler, step_index: int) -> torch.Tensor:
-        """Move every non-anchor view of ``view_latents`` (N, C, h, w) down the loss gradient; returns a
-        new tensor (the anchor's row unchanged)."""
+    def guide(self, view_latents: torch.Tensor, timestep, scheduler, step_index: int) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Move every non-anchor view of ``view_latents`` (N, C, h, w) down the loss gradient.
+
+        scheduler: a copy at the current step (``scale_model_input`` and x0 read its state).
+        Returns (guided latents (N, C, h, w), the anchor's row unchanged; the predictions made at the
+        latents before the update (N, C, h, w) when ``reuse_prediction``, else None). On a step without
+        guidance returns ``(view_latents, None)`` and runs nothing.
+        """
         weight = self.weight_at(step_index)
         if weight == 0.0:
-            return view_latents
+            return view_latents, None
+        self.guided_steps += 1
         with torch.no_grad():
             anchor = view_latents[self.anchor : self.anchor + 1]
             anchor_prediction = self.predict(scheduler.scale_model_input(anchor, timestep), timestep)
             anchor_image = self.decode(predicted_clean_latent(scheduler, anchor, anchor_prediction, timestep))
         guided = view_latents.clone()
+        predictions = torch.empty_like(view_latents) if self.reuse_prediction else None
+        if predictions is not None:
+            predictions[self.anchor] = anchor_prediction[0]
         others = [index for index in range(view_latents.shape[0]) if index != self.anchor]
         for start in range(0, len(others), self.chunk):
             indices = others[start : start + self.chunk]
-            guided[indices] = view_latents[indices] - weight * self.gradient(view_latents[indices], anchor_image, timestep, scheduler)
-        return guided
+            gradient, prediction = self.gradient(view_latents[indices], anchor_image, timestep, scheduler)
+            guided[indices] = view_latents[indices] - weight * gradient
+            if predictions is not None:
+                predictions[indices] = prediction
+        return guided, predictions
 
-    def gradient(self, latents: torch.Tensor, anchor_image: torch.Tensor, timestep, scheduler) -> torch.Tensor:
-        """d loss / d x_t for each view of ``latents`` (n, C, h, w) against ``anchor_image`` (1, 3, H, W).
+    def gradient(self, latents: torch.Tensor, anchor_image: torch.Tensor, timestep, scheduler) -> tuple[torch.Tensor, torch.Tensor]:
+        """d loss / d x_t for each view of ``latents`` (n, C, h, w) against ``anchor_image`` (1, 3, H, W),
+        and the (detached) predictions at ``latents``; both (n, C, h, w).
 
         The per-view losses are summed: the views do not interact in the UNet or the decoder, so each
         view's gradient is that of its own loss.
@@ -103,4 +134,4 @@ class SyncDiffusionGuidance:
             images = self.decode(predicted_clean_latent(scheduler, latents, prediction, timestep))
             loss = self.loss(images, anchor_image.expand_as(images)).sum()
             (gradient,) = torch.autograd.grad(loss, latents)
-        return gradient
+        return gradient.to(latents.dtype), prediction.detach()
