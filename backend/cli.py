@@ -1,4 +1,4 @@
-"""The command line: ``python -m backend generate | serve | cubemap | info``.
+"""The command line: ``python -m backend generate | serve | cubemap | metrics | info``.
 
 Flags map one to one onto ``GenerateRequest`` fields. Bad input gets one sentence on stderr and exit
 code 2 before any model loads and before the output folder is created.
@@ -85,6 +85,24 @@ def build_parser() -> argparse.ArgumentParser:
     cubemap.add_argument("--face-size", type=int, help="width and height of each face in px (default: the panorama's width / 4)")
     cubemap.add_argument("--overwrite", action="store_true", help="replace existing cube map files in --out")
 
+    metrics = commands.add_parser(
+        "metrics", help="measure an image's coherence (Intra-LPIPS, Intra-Style-L) and wrap seams",
+        description="Measure SyncDiffusion's coherence metrics of a finished image: Intra-LPIPS and Intra-Style-L "
+        "(mean LPIPS-VGG and Gram-matrix style loss over all pairs of non-overlapping square crops; lower is more "
+        "coherent), the wrap seam ratios, and for equirect the same metrics on the four horizon cube faces. "
+        "Prints JSON on stdout (docs/metrics.md).",
+    )
+    metrics.add_argument("image", help="the image, .png or .exr (linear; sRGB-encoded before measuring)")
+    metrics.add_argument("--layout", required=True, choices=LAYOUTS,
+                         help="wide: planar panorama; equirect: 2:1 360° image (seam in x, horizon faces); "
+                         "tile: wraps in x and y")
+    metrics.add_argument("--window-px", type=int, help="crop size in px (default: the height for wide, half the height "
+                         "for equirect and tile)")
+    metrics.add_argument("--backbone", default="auto", choices=("auto", "pretrained", "random"),
+                         help="the loss networks' trunks: auto (ImageNet weights when cached or downloadable, default), "
+                         "pretrained (fail without them) or random (numbers comparable only to each other)")
+    metrics.add_argument("--json", metavar="FILE", help="also write the results as JSON to FILE")
+
     commands.add_parser("info", help="print the device, dtype and package versions",
                         description="Print the device and dtype --device auto would pick, and package versions, as JSON.")
     return parser
@@ -136,6 +154,8 @@ def main(argv: list[str] | None = None) -> int:
         return serve_stdio()
     if args.command == "cubemap":
         return _cubemap(args)
+    if args.command == "metrics":
+        return _metrics(args)
     return _generate(args)
 
 
@@ -151,6 +171,33 @@ def _cubemap(args: argparse.Namespace) -> int:
         print("error: Interrupted; nothing was written.", file=sys.stderr)
         return 130
     print(f"wrote {', '.join(paths)} into {os.path.abspath(os.path.expanduser(args.out))}", file=sys.stderr)
+    return 0
+
+
+def _metrics(args: argparse.Namespace) -> int:
+    from .errors import BadRequest
+    from .metrics import measure, read_image
+
+    try:
+        target = os.path.abspath(os.path.expanduser(args.json)) if args.json else None
+        if target and not os.path.isdir(os.path.dirname(target)):
+            raise BadRequest(f"The folder of --json {target} does not exist.")
+        image = read_image(args.image)
+        results = measure(image, args.layout, window_px=args.window_px, backbone=args.backbone)  # checks, then loads
+        text = json.dumps(results, indent=2)
+        if target:
+            try:
+                with open(target, "w", encoding="utf-8") as f:
+                    f.write(text + "\n")
+            except OSError as error:
+                raise BadRequest(f"Could not write --json {target} ({error.strerror or error}).") from None
+    except SyncSphereError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return error.exit_code
+    except KeyboardInterrupt:
+        print("error: Interrupted.", file=sys.stderr)
+        return 130
+    print(text)
     return 0
 
 

@@ -26,6 +26,12 @@ def srgb_to_linear(image: np.ndarray) -> np.ndarray:
     return np.where(image <= 0.04045, image / 12.92, ((image + 0.055) / 1.055) ** 2.4).astype(np.float32)
 
 
+def linear_to_srgb(image: np.ndarray) -> np.ndarray:
+    """sRGB transfer function (IEC 61966-2-1), elementwise, on values clipped to [0, 1]; float32 [0, 1]."""
+    image = np.clip(image.astype(np.float32), 0.0, 1.0)
+    return np.where(image <= 0.0031308, image * 12.92, 1.055 * image ** (1.0 / 2.4) - 0.055).astype(np.float32)
+
+
 def to_uint8(image: np.ndarray) -> np.ndarray:
     """[0, 1] float image -> uint8, rounding as diffusers does."""
     return (np.clip(image, 0.0, 1.0) * 255.0).round().astype(np.uint8)

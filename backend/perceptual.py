@@ -144,7 +144,7 @@ def load_perceptual_loss(
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(0)  # random trunks (and LPIPS's unused init) repeat from run to run
         if name == "style":
-            network = _torchvision_trunk(trunk, state_dict)[: _style_cut(trunk)]
+            network = _style_layers(_torchvision_trunk(trunk, state_dict))
         else:
             network = _lpips(trunk, state_dict)
     return PerceptualLoss(name, network, chosen, size, scale).to(device)
@@ -168,13 +168,10 @@ def _lpips(trunk: str, state_dict: dict | None) -> torch.nn.Module:
     return model
 
 
-def _style_cut(trunk: str) -> int:
-    """Number of leading ``features`` layers up to and including the last style convolution."""
-    import torchvision
-
-    layers = getattr(torchvision.models, trunk)(weights=None).features
-    convolutions = [index for index, layer in enumerate(layers) if isinstance(layer, torch.nn.Conv2d)]
-    return convolutions[_STYLE_CONV_LAYERS - 1] + 1
+def _style_layers(features: torch.nn.Sequential) -> torch.nn.Sequential:
+    """The leading layers of a VGG ``features`` up to and including its fifth convolution."""
+    convolutions = [index for index, layer in enumerate(features) if isinstance(layer, torch.nn.Conv2d)]
+    return features[: convolutions[_STYLE_CONV_LAYERS - 1] + 1]
 
 
 def gram_matrix(features: torch.Tensor) -> torch.Tensor:

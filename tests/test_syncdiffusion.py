@@ -1,7 +1,6 @@
 """SyncDiffusion: the gradient step (batched = per-view, anchor fixed, w = 0 is MultiDiffusion), the
 predicted clean latent, coherence on tiny models, which steps are guided, and the opt-in fast paths."""
 
-import itertools
 import json
 
 import numpy as np
@@ -15,6 +14,7 @@ from backend.cli import main
 from backend.decode import decode_canvas
 from backend.denoiser import GuidedUNetDenoiser
 from backend.job import ModelCache, check_request, gradient_checkpointing, initial_noise, make_scheduler, run_job
+from backend.metrics import intra_lpips, non_overlapping_crops
 from backend.perceptual import load_perceptual_loss
 from backend.request import GenerateRequest
 from backend.sampler import sample_canvas
@@ -208,15 +208,6 @@ def test_loss_size_resizes_both_images_before_the_loss():
     assert not torch.allclose(small(images, targets), full(images, targets))
 
 
-def _intra_lpips(image: np.ndarray, window: int, loss) -> float:
-    """Mean loss over all pairs of non-overlapping window x window crops of an (H, W, 3) uint8 image."""
-    tensor = torch.from_numpy(image.astype(np.float32) / 127.5 - 1).permute(2, 0, 1)
-    crops = [tensor[:, :window, left : left + window] for left in range(0, tensor.shape[2] - window + 1, window)]
-    pairs = list(itertools.combinations(range(len(crops)), 2))
-    with torch.no_grad():
-        return loss(torch.stack([crops[a] for a, _ in pairs]), torch.stack([crops[b] for _, b in pairs])).mean().item()
-
-
 def test_guidance_lowers_intra_lpips_against_multidiffusion_over_five_seeds(tiny_model, models, tmp_path):
     # Intra-LPIPS measured with the same loss network as the guidance (AlexNet LPIPS, random trunk):
     # four 64 px crops of a 256x64 wide image, six pairs. Measured: 0.103 (w = 0) vs 0.098 (w = 20),
@@ -231,7 +222,7 @@ def test_guidance_lowers_intra_lpips_against_multidiffusion_over_five_seeds(tiny
                 model=tiny_model, device="cpu", out=str(tmp_path / f"{sync}-{seed}"), sync=sync, **settings,
             )
             image = np.asarray(Image.open(run_job(check_request(request), models=models)["png"]))
-            scores[sync].append(_intra_lpips(image, 64, loss))
+            scores[sync].append(intra_lpips(non_overlapping_crops(image, 64), loss))
     assert np.mean(scores["syncdiffusion"]) < np.mean(scores["multidiffusion"])
 
 

@@ -15,17 +15,11 @@ from backend.canvas import Canvas
 from backend.decode import decode_canvas
 from backend.denoiser import GuidedUNetDenoiser
 from backend.job import ModelCache, check_request, initial_noise, make_scheduler, run_job
+from backend.metrics import seam_ratio
 from backend.request import GenerateRequest
 from backend.sampler import sample_canvas
 
 WINDOW, STRIDE, STEPS = 16, 8, 5
-
-
-def seam_ratio(image: np.ndarray, axis: int) -> float:
-    """Mean |last - first| line difference over the median neighbouring-line difference (axis 1: columns)."""
-    lines = image.astype(np.float32) if axis == 1 else image.astype(np.float32).transpose(1, 0, 2)
-    neighbours = np.abs(np.diff(lines, axis=1)).mean(axis=(0, 2))
-    return float(np.abs(lines[:, -1] - lines[:, 0]).mean() / np.median(neighbours))
 
 
 @pytest.mark.parametrize("layout,width,height,axes", [("equirect", 512, 256, [1]), ("tile", 256, 256, [1, 0])])

@@ -1,0 +1,279 @@
+"""Coherence metrics (backend/metrics.py, ``python -m backend metrics``): crops, pair means, style loss,
+equirect horizon faces, seam ratios, the CLI, and that ``backbone="auto"`` really loads a cached trunk.
+
+CPU only, no network (conftest sets HF_HUB_OFFLINE=1); the loss trunks are random (seeded, repeatable).
+"""
+
+import itertools
+import json
+import math
+import os
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from backend import metrics
+from backend.cli import main
+from backend.errors import BadRequest
+from backend.metrics import (crop_positions, intra_lpips, intra_style_loss, measure, non_overlapping_crops,
+                             seam_ratio)
+from backend.perceptual import Backbone, PerceptualLoss, load_perceptual_loss, trunk_checkpoint_path
+
+
+@pytest.fixture(scope="module")
+def losses():
+    return metrics.load_losses("random")
+
+
+def _noise(shape, seed):
+    return np.random.default_rng(seed).random(shape, dtype=np.float32)
+
+
+def _smooth_periodic(height, width):
+    """A smooth image periodic in both axes: whole numbers of sine periods across it, per channel."""
+    y, x = np.mgrid[0:height, 0:width].astype(np.float64)
+    channels = [0.5 + 0.2 * np.sin(2 * np.pi * (k * x / width + 0.1 * c)) + 0.2 * np.cos(2 * np.pi * (m * y / height + 0.3 * c))
+                for c, (k, m) in enumerate([(1, 2), (3, 1), (2, 3)])]
+    return np.stack(channels, axis=-1).astype(np.float32)
+
+
+# ---------------------------------------------------------------- crops
+
+
+def test_crops_are_the_non_overlapping_windows_that_fit_row_by_row():
+    image = np.arange(130 * 260 * 3, dtype=np.int64).reshape(130, 260, 3)
+    assert crop_positions(130, 260, 64) == [(0, 0), (0, 64), (0, 128), (0, 192), (64, 0), (64, 64), (64, 128), (64, 192)]
+    crops = non_overlapping_crops(image, 64)
+    assert crops.shape == (8, 64, 64, 3) and crops.dtype == image.dtype
+    for crop, (row, col) in zip(crops, crop_positions(130, 260, 64)):
+        np.testing.assert_array_equal(crop, image[row:row + 64, col:col + 64])
+    assert crop_positions(512, 3072, 512) == [(0, 512 * k) for k in range(6)]  # the paper's 6 crops, 15 pairs
+    assert crop_positions(60, 100, 64) == [] and non_overlapping_crops(image[:60, :100], 64).shape == (0, 64, 64, 3)
+
+
+# ---------------------------------------------------------------- pair means
+
+
+def test_intra_lpips_is_zero_for_identical_crops_and_positive_for_different_ones(losses):
+    identical = non_overlapping_crops(np.tile(_noise((32, 32, 3), 1), (2, 4, 1)), 32)
+    different = non_overlapping_crops(_noise((64, 128, 3), 2), 32)
+    assert len(identical) == 8
+    assert intra_lpips(identical, losses["lpips-vgg"]) < 1e-6
+    assert intra_lpips(different, losses["lpips-vgg"]) > 0.01
+    assert intra_style_loss(identical, losses["style"]) < 1e-15
+    assert intra_style_loss(different, losses["style"]) > 0
+
+
+@pytest.mark.parametrize("name", ["lpips-vgg", "style"])
+def test_pair_mean_equals_a_loop_over_all_combinations(losses, name):
+    crops = non_overlapping_crops(_noise((32, 128, 3), 3), 32)  # 4 crops, 6 pairs
+    loss = losses[name]
+    with torch.no_grad():
+        expected = np.mean([float(loss(torch.from_numpy(crops[[i]]).permute(0, 3, 1, 2) * 2 - 1,
+                                       torch.from_numpy(crops[[j]]).permute(0, 3, 1, 2) * 2 - 1))
+                            for i, j in itertools.combinations(range(len(crops)), 2)])
+    metric = intra_lpips if name == "lpips-vgg" else intra_style_loss
+    for batch_pairs in (None, 4, 1):
+        assert metric(crops, loss, batch_pairs=batch_pairs) == pytest.approx(expected, rel=1e-5)
+
+
+def test_pairs_are_batched_not_one_call_per_pair(losses):
+    calls = []
+
+    class Counting(torch.nn.Module):
+        name = "lpips-vgg"
+
+        def forward(self, images, targets):
+            calls.append(len(images))
+            return losses["lpips-vgg"](images, targets)
+
+    crops = non_overlapping_crops(_noise((64, 128, 3), 4), 32)
+    intra_lpips(crops, Counting())
+    assert calls == [28]
+    calls.clear()
+    intra_lpips(crops, Counting(), batch_pairs=5)
+    assert calls == [5, 5, 5, 5, 5, 3]
+
+
+def test_intra_style_loss_equals_a_hand_computed_gram_matrix_value():
+    """A one-layer "VGG" (1x1 convolution, known weights): the Gram matrices can be computed by hand."""
+    weight = np.array([[0.5, -1.0, 0.25], [1.5, 0.5, -0.75]])
+    bias = np.array([0.1, -0.2])
+    conv = torch.nn.Conv2d(3, 2, 1)
+    with torch.no_grad():
+        conv.weight.copy_(torch.tensor(weight).view(2, 3, 1, 1))
+        conv.bias.copy_(torch.tensor(bias))
+    loss = PerceptualLoss("style", torch.nn.Sequential(conv), Backbone("test", False, "hand-made"))
+    crops = _noise((3, 4, 5, 3), 5)  # 3 crops of 4 x 5 px, 3 pairs
+
+    def gram(crop):
+        normalised = (crop.astype(np.float64) - [0.485, 0.456, 0.406]) / [0.229, 0.224, 0.225]
+        features = (normalised @ weight.T + bias).reshape(-1, 2).T  # (C, H*W)
+        return features @ features.T / features.size
+
+    pair_losses = [np.mean((gram(crops[i]) - gram(crops[j])) ** 2) for i, j in [(0, 1), (0, 2), (1, 2)]]
+    assert intra_style_loss(crops, loss) == pytest.approx(np.mean(pair_losses), rel=1e-4)
+    assert intra_style_loss(crops, loss) > 0
+
+
+# ---------------------------------------------------------------- equirect horizon faces
+
+
+def test_equirect_measures_the_four_horizon_faces(losses):
+    # Four identical quarters: F, R, B and L (90° apart) see the same content, the two rows of crops do not.
+    quarters = np.tile(_noise((64, 32, 3), 6), (1, 4, 1))
+    result = measure(quarters, "equirect", losses=losses)
+    assert result["window_px"] == 32 and result["crops"] == 8 and result["pairs"] == 28
+    assert result["horizon_faces"] == 4 and result["horizon_faces_pairs"] == 6
+    assert result["horizon_faces_intra_lpips"] < 1e-4
+    assert result["horizon_faces_intra_style_l"] < 1e-3 * result["intra_style_l"]
+    assert result["intra_lpips"] > 0.01
+    # Negative control: without the symmetry the faces differ.
+    noise = measure(_noise((64, 128, 3), 7), "equirect", losses=losses)
+    assert noise["horizon_faces_intra_lpips"] > 0.01 and noise["horizon_faces_intra_style_l"] > 0
+
+
+def test_horizon_faces_are_the_cube_faces_f_r_b_l():
+    from backend.geometry import equirect_to_cube_faces
+
+    image = _noise((64, 128, 3), 8)
+    faces = metrics.horizon_faces(image, 32)
+    reference = equirect_to_cube_faces(image, 32)
+    for face, name in zip(faces, "FRBL"):
+        np.testing.assert_allclose(face, np.clip(reference[name], 0, 1))
+
+
+# ---------------------------------------------------------------- seams
+
+
+def test_seam_ratio_is_low_for_a_wrapped_image_and_high_for_a_hard_seam():
+    smooth = _smooth_periodic(64, 128)
+    rolled = np.roll(smooth, (23, 45), axis=(0, 1))  # the former seam-free edges are now inside
+    for axis in (0, 1):
+        assert seam_ratio(rolled, axis) < 2.0
+    # 2.5 cosine periods across: the last column is the opposite of the first one.
+    x = np.arange(128) / 128
+    seam = np.repeat((0.5 + 0.4 * np.cos(2 * np.pi * 2.5 * x))[None, :, None], 64, axis=0).repeat(3, axis=2)
+    seam = seam + 0.05 * smooth  # some texture across rows
+    assert seam_ratio(seam, 1) > 10
+    assert seam_ratio(np.swapaxes(seam, 0, 1), 0) == pytest.approx(seam_ratio(seam, 1))
+    as_uint8 = (np.clip(seam, 0, 1) * 255).round().astype(np.uint8)
+    assert seam_ratio(as_uint8, 1) == pytest.approx(seam_ratio(as_uint8.astype(np.float32) / 255, 1), rel=1e-5)
+    edge = np.zeros((8, 8, 3))
+    edge[:, -1] = 1.0  # constant but for the last column: no typical difference, a seam
+    assert seam_ratio(np.zeros((8, 8, 3)), 1) == 0.0 and math.isinf(seam_ratio(edge, 1))
+
+
+def test_measure_reports_seams_per_layout_and_the_backbones(losses):
+    tile = measure(np.roll(_smooth_periodic(64, 64), 20, axis=1), "tile", losses=losses)
+    assert tile["window_px"] == 32 and tile["crops"] == 4 and tile["pairs"] == 6
+    assert tile["seam_ratio_x"] < 2.0 and tile["seam_ratio_y"] < 2.0
+    wide = measure(_noise((32, 128, 3), 9), "wide", losses=losses)
+    assert wide["window_px"] == 32 and wide["crops"] == 4 and not any(key.startswith("seam") for key in wide)
+    assert "horizon_faces_intra_lpips" not in wide and "horizon_faces_intra_lpips" not in tile
+    assert wide["backbones"] == {"lpips-vgg": "vgg16 random (asked for)", "style": "vgg19 random (asked for)"}
+    assert wide["pretrained"] is False
+    json.dumps(wide, allow_nan=False)  # plain JSON
+
+
+@pytest.mark.parametrize("shape,layout,window,message", [
+    ((32, 64, 3), "wide", None, "fits 2"),  # fits 2 crops: fine, checked below
+    ((32, 48, 3), "wide", None, "fits 1 non-overlapping crop "),
+    ((64, 128, 3), "wide", 100, "fits 0 non-overlapping crops"),
+    ((64, 192, 3), "equirect", None, "twice as wide"),
+    ((64, 64, 3), "cylinder", None, "Unknown layout"),
+    ((64, 64, 3), "tile", 8, "at least 16 px"),
+    ((64, 64), "tile", None, "RGB"),
+])
+def test_bad_input_is_one_sentence_before_any_network_loads(monkeypatch, shape, layout, window, message):
+    monkeypatch.setattr(metrics, "load_losses", lambda *args, **kwargs: pytest.fail("loaded networks for bad input"))
+    if message == "fits 2":
+        assert metrics.check_measurable(shape, layout, window) == 32
+        return
+    with pytest.raises(BadRequest, match=message) as error:
+        measure(np.zeros(shape, np.float32), layout, window)
+    text = str(error.value)
+    assert text.endswith(".") and "\n" not in text and text.count(". ") == 0
+
+
+# ---------------------------------------------------------------- CLI
+
+
+def _png(path, image):
+    Image.fromarray((np.clip(image, 0, 1) * 255).round().astype(np.uint8)).save(path)
+    return str(path)
+
+
+def test_cli_prints_json_with_the_backbone_stated(tmp_path, capsys):
+    path = _png(tmp_path / "wide.png", _noise((48, 160, 3), 10))
+    code = main(["metrics", path, "--layout", "wide", "--backbone", "random", "--json", str(tmp_path / "m.json")])
+    captured = capsys.readouterr()
+    assert code == 0, captured.err
+    result = json.loads(captured.out)
+    assert result["layout"] == "wide" and result["window_px"] == 48 and result["crops"] == 3 and result["pairs"] == 3
+    assert result["intra_lpips"] > 0 and result["intra_style_l"] > 0
+    assert "random" in result["backbones"]["lpips-vgg"] and "random" in result["backbones"]["style"]
+    assert result["pretrained"] is False
+    assert json.loads((tmp_path / "m.json").read_text()) == result
+
+
+@pytest.mark.parametrize("case", ["missing", "window", "ratio", "json-folder"])
+def test_cli_bad_input_is_one_sentence_and_exit_2(tmp_path, capsys, monkeypatch, case):
+    monkeypatch.setattr(metrics, "load_losses", lambda *args, **kwargs: pytest.fail("loaded networks for bad input"))
+    wide = _png(tmp_path / "wide.png", _noise((32, 128, 3), 11))
+    args = {
+        "missing": [str(tmp_path / "nothing.png"), "--layout", "wide"],
+        "window": [wide, "--layout", "wide", "--window-px", "200"],
+        "ratio": [_png(tmp_path / "three.png", _noise((32, 96, 3), 12)), "--layout", "equirect"],
+        "json-folder": [wide, "--layout", "wide", "--json", str(tmp_path / "no" / "m.json")],
+    }[case]
+    code = main(["metrics", *args, "--backbone", "random"])
+    captured = capsys.readouterr()
+    assert code == 2 and captured.out == ""
+    lines = captured.err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: ") and lines[0].endswith(".")
+
+
+def test_cli_unknown_layout_is_refused_by_the_parser(capsys):
+    with pytest.raises(SystemExit) as exit_:
+        main(["metrics", "x.png", "--layout", "cylinder"])
+    assert exit_.value.code == 2 and "invalid choice" in capsys.readouterr().err
+
+
+def test_exr_is_read_as_srgb(tmp_path):
+    from backend.outputs import srgb_to_linear, write_exr
+
+    image = _noise((8, 16, 3), 13)
+    write_exr(str(tmp_path / "p.exr"), srgb_to_linear(image))
+    np.testing.assert_allclose(metrics.read_image(str(tmp_path / "p.exr")), image, atol=1e-5)
+
+
+# ---------------------------------------------------------------- backbone="auto"
+
+
+def test_auto_backbone_loads_a_cached_trunk_checkpoint(tmp_path, monkeypatch):
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
+    import torchvision
+
+    path = trunk_checkpoint_path("vgg16")
+    assert path.startswith(str(tmp_path))
+    os.makedirs(os.path.dirname(path))
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(1234)  # not the random backbone's seed 0, so equal weights prove the file was read
+        saved = torchvision.models.vgg16(weights=None).state_dict()
+    torch.save(saved, path)
+    loss = load_perceptual_loss("lpips-vgg", backbone="auto")
+    assert loss.backbone.pretrained is True and loss.backbone.describe() == "vgg16 pretrained"
+    trunk = {index: layer for part in loss.network.net.children() for index, layer in part.named_children()}
+    for index in ("0", "28"):  # first and last convolution of VGG16's features
+        torch.testing.assert_close(trunk[index].weight, saved[f"features.{index}.weight"], rtol=0, atol=0)
+    del saved, loss
+    os.remove(path)
+
+    # No file and downloads off (HF_HUB_OFFLINE=1 from conftest): random, and the note says why.
+    assert os.environ["HF_HUB_OFFLINE"] == "1"
+    loss = load_perceptual_loss("lpips-vgg", backbone="auto")
+    assert loss.backbone.pretrained is False and "not cached" in loss.backbone.note
+    assert "random" in loss.backbone.describe()
