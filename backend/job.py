@@ -35,7 +35,7 @@ from .outputs import write_job_outputs
 from .perceptual import load_perceptual_loss
 from .request import SCHEDULERS, GenerateRequest
 from .sampler import StepReport, sample_canvas
-from .sync.syncdiffusion import SyncDiffusionGuidance, anchor_view_index
+from .sync.syncdiffusion import SyncDiffusionGuidance, ring_anchor_indices
 
 
 @dataclass
@@ -60,7 +60,7 @@ def check_request(request: GenerateRequest) -> CheckedRequest:
         request.validate_for_model(geometry)
         if request.sync == "syncdiffusion":
             canvas = Canvas(request.layout, request.height // geometry.vae_scale_factor, request.width // geometry.vae_scale_factor)
-            sync_anchor_index(request, canvas, canvas.crop_views(request.window, request.stride))
+            sync_anchors(request, canvas, canvas.crop_views(request.window, request.stride))
     import diffusers
 
     if not hasattr(diffusers, SCHEDULERS.get(request.scheduler, request.scheduler)):
@@ -122,7 +122,7 @@ def run_job(checked: CheckedRequest, report: StepReport | None = None, models: M
     timings["loading_s"] = time.perf_counter() - started
 
     try:
-        latents, canvas, details = _denoise(request, model, report)
+        latents, canvas, details = denoise(request, model, report)
         timings["denoising_s"] = details.pop("seconds")
         stage("decoding")
         began = time.perf_counter()
@@ -150,8 +150,10 @@ def run_job(checked: CheckedRequest, report: StepReport | None = None, models: M
     return write_job_outputs(request.out, image, metadata)
 
 
-def _denoise(request: GenerateRequest, model: LoadedModel, report: StepReport):
-    """Sample the canvas latent; returns (latents, canvas, {"views", "scheduler", "seconds"})."""
+def denoise(request: GenerateRequest, model: LoadedModel, report: StepReport):
+    """Sample the canvas latent with the request's synchronisation; returns (latents, canvas, details):
+    details has "views", "scheduler", "seconds" and, for SyncDiffusion, "syncdiffusion" (anchors, loss, its
+    trunk, decoder, guided steps). The benchmarks call it too."""
     pipeline, geometry = model.pipeline, model.geometry
     factor = geometry.vae_scale_factor
     canvas = Canvas(request.layout, request.height // factor, request.width // factor)
@@ -189,7 +191,7 @@ def syncdiffusion_guidance(request: GenerateRequest, model: LoadedModel, canvas:
     Returns (the guidance, what metadata.json records of it, the modules its gradient pass runs through).
     Raises BadRequest (an anchor that is not a view, a bad decoder) or ModelNotFound (decoder, loss trunk).
     """
-    anchor = sync_anchor_index(request, canvas, views)
+    anchor = sync_anchors(request, canvas, views)
     if request.sync_decoder == "vae":
         decoder = model.pipeline.vae
     else:
@@ -214,7 +216,7 @@ def syncdiffusion_guidance(request: GenerateRequest, model: LoadedModel, canvas:
         reuse_prediction=request.sync_reuse_eps,
     )
     details = {
-        "anchor": anchor,
+        "anchors": sorted(set(anchor)) if isinstance(anchor, list) else [anchor],
         "loss": request.sync_loss,
         "loss_backbone": loss.backbone.describe(),
         "decoder": type(decoder).__name__ if request.sync_decoder == "vae" else request.sync_decoder,
@@ -222,11 +224,12 @@ def syncdiffusion_guidance(request: GenerateRequest, model: LoadedModel, canvas:
     return guidance, details, [model.pipeline.unet, decoder]
 
 
-def sync_anchor_index(request: GenerateRequest, canvas: Canvas, views: list) -> int:
-    """The index of SyncDiffusion's anchor among ``views``: ``--sync-anchor center`` is the view nearest the
-    canvas centre (on equirect, the one facing longitude 0). Raises BadRequest for an index past the views."""
+def sync_anchors(request: GenerateRequest, canvas: Canvas, views: list) -> int | list[int]:
+    """SyncDiffusion's anchor among ``views``: for ``--sync-anchor center`` one anchor per view
+    (``ring_anchor_indices``: the view nearest the centre; on equirect, each ring's view facing longitude
+    0), else the given index for all. Raises BadRequest for an index past the views."""
     if request.sync_anchor == "center":
-        return anchor_view_index(canvas, views)
+        return ring_anchor_indices(canvas, views)
     if request.sync_anchor >= len(views):
         raise BadRequest(
             f"--sync-anchor {request.sync_anchor} is not a view: this canvas has {len(views)} views (0 to {len(views) - 1})."

@@ -204,6 +204,9 @@ def load_model(
             ) from error
         raise BadRequest(f"The model at {source.location} could not be loaded: {_first_line(error)}") from error
     pipeline.set_progress_bar_config(disable=True)
+    for component in (pipeline.unet, pipeline.vae, pipeline.text_encoder):
+        # Inference only: SyncDiffusion differentiates with respect to latents, never the weights.
+        component.requires_grad_(False)
     pipeline.to(device)
     geometry = geometry_from_configs(pipeline.vae.config, pipeline.unet.config)
     return LoadedModel(pipeline=pipeline, geometry=geometry, source=source, device=device, dtype=dtype)

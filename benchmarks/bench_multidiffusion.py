@@ -206,14 +206,15 @@ def planned_cases(args) -> list[str]:
     return cases
 
 
-def run_child(case: str, forwarded: list[str], model_dir: str, work_dir: str) -> dict:
-    """Run ``case`` in a fresh Python process of this script and return its result dict.
+def run_child(case: str, forwarded: list[str], model_dir: str, work_dir: str, script: str = __file__) -> dict:
+    """Run ``case`` in a fresh Python process of ``script`` (this benchmark, or another that shares this
+    machinery) and return its result dict.
 
     The child's stderr (its progress lines) goes straight to ours. A child that fails (an exception, or
     killed for memory) gives {"failed": reason} so the other cases still run and print.
     """
     result_path = os.path.join(work_dir, f"{case}.json")
-    command = [sys.executable, os.path.abspath(__file__), *forwarded,
+    command = [sys.executable, os.path.abspath(script), *forwarded,
                "--model-dir", model_dir, "--case", case, "--result", result_path]
     print(f"[{case}] starting", file=sys.stderr, flush=True)
     began = time.perf_counter()
@@ -548,7 +549,7 @@ def case_ours(args, layout: str) -> dict:
     memory.loaded()
     log(args.case, f"model loaded in {load_s:.1f} s")
 
-    # The stages of backend.job._denoise, called one at a time so each can be timed.
+    # The stages of backend.job.denoise, called one at a time so each can be timed.
     pipeline, geometry = model.pipeline, model.geometry
     factor = geometry.vae_scale_factor
     canvas = Canvas(layout, args.height // factor, width // factor)
@@ -570,7 +571,7 @@ def case_ours(args, layout: str) -> dict:
     denoise_began = clock()
     denoiser = GuidedUNetDenoiser(pipeline.unet, prompt_embeds, negative_embeds, request.guidance)
     noise = initial_noise(request.seed, (1, geometry.latent_channels, canvas.height, canvas.width), model.device, model.dtype)
-    # As job._denoise does: a generator for schedulers that take one (DDIM with eta 0 does not use it).
+    # As job.denoise does: a generator for schedulers that take one (DDIM with eta 0 does not use it).
     step_kwargs = {"generator": torch.Generator("cpu").manual_seed(request.seed + 1)}
     latents = sample_canvas(denoiser, scheduler, canvas, views, noise, request.steps, request.view_batch, report, step_kwargs)
     denoise_s = clock() - denoise_began

@@ -18,7 +18,7 @@ from backend.metrics import intra_lpips, non_overlapping_crops
 from backend.perceptual import load_perceptual_loss
 from backend.request import GenerateRequest
 from backend.sampler import sample_canvas
-from backend.sync.syncdiffusion import SyncDiffusionGuidance, anchor_view_index, predicted_clean_latent
+from backend.sync.syncdiffusion import SyncDiffusionGuidance, anchor_view_index, predicted_clean_latent, ring_anchor_indices
 
 
 @pytest.fixture(scope="module")
@@ -117,6 +117,32 @@ def test_default_anchor_faces_longitude_zero_on_equirect():
     views = canvas.crop_views(8, 4)
     anchor = views[anchor_view_index(canvas, views)]
     assert anchor.left + anchor.width / 2 == 32  # the centre column: longitude 0
+
+
+def test_each_equirect_ring_has_its_own_anchor_facing_longitude_zero():
+    canvas = Canvas("equirect", 16, 64)  # three rows of 8-latent views at stride 4
+    views = canvas.crop_views(8, 4)
+    anchors = ring_anchor_indices(canvas, views)
+    assert len(set(anchors)) == 3
+    for index, anchor in enumerate(anchors):
+        assert views[anchor].top == views[index].top  # same latitude
+        assert views[anchor].left + views[anchor].width / 2 == 32  # longitude 0
+        assert anchors[anchor] == anchor
+    wide = Canvas("wide", 16, 64)
+    wide_views = wide.crop_views(8, 4)
+    assert set(ring_anchor_indices(wide, wide_views)) == {anchor_view_index(wide, wide_views)}
+
+
+def test_views_are_pulled_towards_their_own_rings_anchor(parts):
+    scheduler = ddim(parts[0])
+    timestep = scheduler.timesteps[1]
+    latents = torch.randn(4, 4, 16, 16, generator=torch.Generator().manual_seed(7))
+    anchor_of = [0, 0, 2, 2]  # two rings: views 0-1 and 2-3
+    guided, _ = guidance(parts, anchor=anchor_of, weight=1.0, decay=1.0).guide(latents, timestep, scheduler, 0)
+    assert torch.equal(guided[0], latents[0]) and torch.equal(guided[2], latents[2])
+    for view, anchor in ((1, 0), (3, 2)):
+        alone, _ = guidance(parts, anchor=0, weight=1.0, decay=1.0).guide(latents[[anchor, view]], timestep, scheduler, 0)
+        torch.testing.assert_close(guided[view], alone[1], rtol=0, atol=2e-3 * (alone[1] - latents[view]).abs().max().item())
 
 
 class UNetCalls:

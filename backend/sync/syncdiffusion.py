@@ -60,6 +60,23 @@ def anchor_view_index(canvas: Canvas, views: list[CropView]) -> int:
     return min(range(len(views)), key=lambda index: distance(views[index]))
 
 
+def ring_anchor_indices(canvas: Canvas, views: list[CropView]) -> list[int]:
+    """The default anchor of every view, one list entry per view.
+
+    On an ``equirect`` canvas each row of views (a ring of equal latitude) has its own anchor, its view
+    facing longitude 0: a view of the sky is pulled towards sky, not towards the horizon (DESIGN §4: views
+    at different pitch see different things by design). Other canvases use one anchor for all views, the
+    view nearest the centre, as the paper does. With a single row both rules give the same anchor.
+    """
+    if canvas.kind != "equirect":
+        return [anchor_view_index(canvas, views)] * len(views)
+    ring_anchor = {}
+    for top in sorted({view.top for view in views}):
+        ring = [index for index, view in enumerate(views) if view.top == top]
+        ring_anchor[top] = min(ring, key=lambda index: abs((views[index].left + views[index].width / 2) - canvas.width / 2))
+    return [ring_anchor[view.top] for view in views]
+
+
 @dataclass
 class SyncDiffusionGuidance:
     """SyncDiffusion's settings and its gradient step.
@@ -69,7 +86,8 @@ class SyncDiffusionGuidance:
         model's VAE decoder, or a tiny autoencoder for the fast path).
     loss: (images, anchor images) -> per-view loss (N,), e.g. ``backend.perceptual.PerceptualLoss``.
     weight, decay: w and the per-step decay; steps: guide only the first ``steps`` steps (None: all);
-    every: guide every ``every``-th step; anchor: index of the anchor view; chunk: views per gradient pass.
+    every: guide every ``every``-th step; anchor: index of the anchor view, or one anchor index per view
+    (``ring_anchor_indices``; anchors are views whose own anchor is themselves); chunk: views per gradient pass.
     reuse_prediction: the fast path that skips the paper's second UNet pass: the loop steps every view
         with the prediction made at its x_t before the update.
     """
@@ -81,7 +99,7 @@ class SyncDiffusionGuidance:
     decay: float = 0.95
     steps: int | None = None
     every: int = 1
-    anchor: int = 0
+    anchor: int | list[int] = 0
     chunk: int = 4
     reuse_prediction: bool = False
     guided_steps: int = 0  # how many steps were guided so far (metadata)
@@ -104,26 +122,32 @@ class SyncDiffusionGuidance:
         if weight == 0.0:
             return view_latents, None
         self.guided_steps += 1
+        count = view_latents.shape[0]
+        anchor_of = self.anchor if isinstance(self.anchor, list) else [self.anchor] * count
+        anchors = sorted(set(anchor_of))
         with torch.no_grad():
-            anchor = view_latents[self.anchor : self.anchor + 1]
-            anchor_prediction = self.predict(scheduler.scale_model_input(anchor, timestep), timestep)
-            anchor_image = self.decode(predicted_clean_latent(scheduler, anchor, anchor_prediction, timestep))
+            anchor_latents = view_latents[anchors]
+            anchor_predictions = self.predict(scheduler.scale_model_input(anchor_latents, timestep), timestep)
+            anchor_images = self.decode(predicted_clean_latent(scheduler, anchor_latents, anchor_predictions, timestep))
+        image_of_anchor = {anchor: anchor_images[row] for row, anchor in enumerate(anchors)}
         guided = view_latents.clone()
         predictions = torch.empty_like(view_latents) if self.reuse_prediction else None
         if predictions is not None:
-            predictions[self.anchor] = anchor_prediction[0]
-        others = [index for index in range(view_latents.shape[0]) if index != self.anchor]
+            predictions[anchors] = anchor_predictions
+        others = [index for index in range(count) if index not in image_of_anchor]
         for start in range(0, len(others), self.chunk):
             indices = others[start : start + self.chunk]
-            gradient, prediction = self.gradient(view_latents[indices], anchor_image, timestep, scheduler)
+            targets = torch.stack([image_of_anchor[anchor_of[index]] for index in indices])
+            gradient, prediction = self.gradient(view_latents[indices], targets, timestep, scheduler)
             guided[indices] = view_latents[indices] - weight * gradient
             if predictions is not None:
                 predictions[indices] = prediction
         return guided, predictions
 
     def gradient(self, latents: torch.Tensor, anchor_image: torch.Tensor, timestep, scheduler) -> tuple[torch.Tensor, torch.Tensor]:
-        """d loss / d x_t for each view of ``latents`` (n, C, h, w) against ``anchor_image`` (1, 3, H, W),
-        and the (detached) predictions at ``latents``; both (n, C, h, w).
+        """d loss / d x_t for each view of ``latents`` (n, C, h, w) against ``anchor_image`` (1 or n, 3, H, W:
+        one target for all views or one per view), and the (detached) predictions at ``latents``; both
+        (n, C, h, w).
 
         The per-view losses are summed: the views do not interact in the UNet or the decoder, so each
         view's gradient is that of its own loss.
