@@ -159,26 +159,35 @@ def main(argv: list[str] | None = None) -> int:
     return _generate(args)
 
 
-def _cubemap(args: argparse.Namespace) -> int:
-    from .cubemap import write_cubemap
-
+def _one_sentence_errors(work, interrupted: str) -> int:
+    """Run ``work()`` and return its exit code; a SyncSphereError or Ctrl-C becomes one sentence on stderr
+    (``interrupted`` for Ctrl-C) and its exit code."""
     try:
-        paths = write_cubemap(args.panorama, args.out, face_size=args.face_size, overwrite=args.overwrite)
+        return work()
     except SyncSphereError as error:
         print(f"error: {error}", file=sys.stderr)
         return error.exit_code
     except KeyboardInterrupt:
-        print("error: Interrupted; nothing was written.", file=sys.stderr)
+        print(f"error: {interrupted}", file=sys.stderr)
         return 130
-    print(f"wrote {', '.join(paths)} into {os.path.abspath(os.path.expanduser(args.out))}", file=sys.stderr)
-    return 0
+
+
+def _cubemap(args: argparse.Namespace) -> int:
+    from .cubemap import write_cubemap
+
+    def work() -> int:
+        paths = write_cubemap(args.panorama, args.out, face_size=args.face_size, overwrite=args.overwrite)
+        print(f"wrote {', '.join(paths)} into {os.path.abspath(os.path.expanduser(args.out))}", file=sys.stderr)
+        return 0
+
+    return _one_sentence_errors(work, "Interrupted; nothing was written.")
 
 
 def _metrics(args: argparse.Namespace) -> int:
     from .errors import BadRequest
     from .metrics import measure, read_image
 
-    try:
+    def work() -> int:
         target = os.path.abspath(os.path.expanduser(args.json)) if args.json else None
         if target and not os.path.isdir(os.path.dirname(target)):
             raise BadRequest(f"The folder of --json {target} does not exist.")
@@ -191,14 +200,10 @@ def _metrics(args: argparse.Namespace) -> int:
                     f.write(text + "\n")
             except OSError as error:
                 raise BadRequest(f"Could not write --json {target} ({error.strerror or error}).") from None
-    except SyncSphereError as error:
-        print(f"error: {error}", file=sys.stderr)
-        return error.exit_code
-    except KeyboardInterrupt:
-        print("error: Interrupted.", file=sys.stderr)
-        return 130
-    print(text)
-    return 0
+        print(text)
+        return 0
+
+    return _one_sentence_errors(work, "Interrupted.")
 
 
 def _generate(args: argparse.Namespace) -> int:

@@ -129,9 +129,10 @@ def run_job(checked: CheckedRequest, report: StepReport | None = None, models: M
         image = decode_canvas(pipeline.vae, latents, canvas)[0].permute(1, 2, 0).numpy()
         timings["decoding_s"] = time.perf_counter() - began
     except torch.OutOfMemoryError as error:
-        raise OutOfMemory(
-            f"The {model.device} device ran out of memory; lower --view-batch, the canvas size or use --dtype float16."
-        ) from error
+        advice = "lower --view-batch, the canvas size or use --dtype float16"
+        if request.sync == "syncdiffusion":
+            advice += ", or add --sync-checkpointing or --sync-decoder taesd for SyncDiffusion's gradient pass"
+        raise OutOfMemory(f"The {model.device} device ran out of memory; {advice}.") from error
 
     stage("writing")
     timings["total_s"] = time.perf_counter() - started

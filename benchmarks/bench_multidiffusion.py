@@ -166,22 +166,29 @@ def main(argv=None) -> None:
     if args.case:
         run_case(args)
         return
-    # `timeout` and Ctrl-C end the parent: exit through `finally` so children and temp folders go too.
+    run_benchmark(args, argv, planned_cases(args), __file__,
+                  lambda results, work_dir: summarise(args, results, work_dir), lambda summary: print_report(args, summary))
+
+
+def run_benchmark(args, argv, cases: list[str], script: str, summarise_results, print_summary) -> None:
+    """The parent of a benchmark script: build (or reuse) the model in --model-dir, run "build" and then each
+    of ``cases`` in a fresh subprocess of ``script``, then print ``summarise_results(results, work_dir)``
+    with ``print_summary`` and write it to --json. The temporary folder (and model, without --model-dir) is
+    deleted at the end, also on Ctrl-C or `timeout`."""
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     started = time.perf_counter()
     work_dir = tempfile.mkdtemp(prefix="syncsphere-bench-")
     model_dir = os.path.abspath(args.model_dir) if args.model_dir else os.path.join(work_dir, "sd2-base-random")
     forwarded = list(argv if argv is not None else sys.argv[1:])  # each case gets the same flags
     try:
-        results = {}
-        results["build"] = run_child("build", forwarded, model_dir, work_dir)
+        results = {"build": run_child("build", forwarded, model_dir, work_dir, script)}
         if "failed" in results["build"]:
             raise SystemExit("Building the model failed; see the error above.")
-        for case in planned_cases(args):
-            results[case] = run_child(case, forwarded, model_dir, work_dir)
-        summary = summarise(args, results, work_dir)
+        for case in cases:
+            results[case] = run_child(case, forwarded, model_dir, work_dir, script)
+        summary = summarise_results(results, work_dir)
         summary["wall_s"]["all"] = time.perf_counter() - started
-        print_report(args, summary)
+        print_summary(summary)
         if args.json:
             with open(args.json, "w", encoding="utf-8") as f:
                 json.dump(summary, f, indent=2)

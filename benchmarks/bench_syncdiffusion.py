@@ -35,11 +35,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import shutil
-import signal
 import sys
-import tempfile
-import time
 
 os.environ["HF_HUB_OFFLINE"] = "1"  # never download: the models are built here
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -48,7 +44,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 REPO = os.path.dirname(HERE)
 sys.path[:0] = [REPO, os.path.join(REPO, "tests"), HERE]
 
-from bench_multidiffusion import SD2_UNET, Clock, PeakMemory, case_build, log, machine_info, run_child  # noqa: E402
+from bench_multidiffusion import SD2_UNET, Clock, PeakMemory, case_build, log, machine_info, run_benchmark  # noqa: E402
 
 # Guided steps out of 50 of each case when projected to the paper's 50-step schedule (Table S3; best: 3 of 50).
 PROJECTED_GUIDED_OF_50 = {"paper-exact": 50, "paper-first": 10, "taesd": 50, "reuse-eps": 50, "loss-size": 50,
@@ -105,26 +101,8 @@ def main(argv=None) -> None:
     if args.case:
         run_case(args)
         return
-    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
-    started = time.perf_counter()
-    work_dir = tempfile.mkdtemp(prefix="syncsphere-bench-sync-")
-    model_dir = os.path.abspath(args.model_dir) if args.model_dir else os.path.join(work_dir, "sd2-base-random")
-    forwarded = list(argv if argv is not None else sys.argv[1:])
-    try:
-        results = {"build": run_child("build", forwarded, model_dir, work_dir, __file__)}
-        if "failed" in results["build"]:
-            raise SystemExit("Building the model failed; see the error above.")
-        for case in ["flops", *args.case_list]:
-            results[case] = run_child(case, forwarded, model_dir, work_dir, __file__)
-        summary = summarise(args, results)
-        summary["wall_s"] = time.perf_counter() - started
-        print_report(summary)
-        if args.json:
-            with open(args.json, "w", encoding="utf-8") as f:
-                json.dump(summary, f, indent=2)
-            print(f"\nAll numbers written to {args.json}")
-    finally:
-        shutil.rmtree(work_dir, ignore_errors=True)
+    run_benchmark(args, argv, ["flops", *args.case_list], __file__, lambda results, work_dir: summarise(args, results),
+                  print_report)
 
 
 def summarise(args, results: dict) -> dict:
@@ -161,6 +139,7 @@ def summarise(args, results: dict) -> dict:
         "settings": {name: value for name, value in vars(args).items() if name not in ("case", "result")},
         "machine": results["build"]["machine"], "model": results["build"]["model"],
         "flops_per_row": flops["per_row"], "cases": rows,
+        "wall_s": {name: result["wall_s"] for name, result in results.items()},
     }
 
 
