@@ -21,6 +21,14 @@ RESOLUTIONS = {
 
 MAX_SEED = 2**31 - 1  # Blender's IntProperty is 32-bit signed
 
+# Synchronisation method -> the backend's --sync. MultiDiffusion is the backend's default and is never sent,
+# nor are any sync_* params with it: the backend refuses SyncDiffusion's options without --sync syncdiffusion.
+SYNC_OF_METHOD = {"MULTIDIFFUSION": "multidiffusion", "SYNCDIFFUSION": "syncdiffusion"}
+
+# "Fast Guidance": the backend's approximate SyncDiffusion (docs/engine.md, "SyncDiffusion"): the tiny
+# autoencoder decodes for the guidance, the gradient pass's prediction is reused, the loss runs at 256 px.
+FAST_SYNC_PARAMS = {"sync_decoder": "taesd", "sync_reuse_eps": True, "sync_loss_size": 256}
+
 
 def resolution(mode, preset):
     """(width, height) in pixels of a resolution ``preset`` (DRAFT, STANDARD, HIGH) for ``mode``."""
@@ -38,6 +46,9 @@ def generate_params(settings, seed, *, model, device):
 
     model: hub id or local path (the preferences' default model); device: auto, cuda, mps or cpu.
     ``settings.window`` / ``settings.stride`` of 0 leave the backend's defaults (from the model).
+    With SyncDiffusion: ``sync``, ``sync_weight`` and ``sync_steps`` (left out when ``settings.sync_steps`` is 0,
+    which means every step), plus FAST_SYNC_PARAMS when ``settings.sync_fast``; with MultiDiffusion nothing
+    sync-related.
     """
     width, height = resolution(settings.mode, settings.resolution)
     params = {
@@ -56,6 +67,14 @@ def generate_params(settings, seed, *, model, device):
         params["window"] = int(settings.window)
     if settings.stride:
         params["stride"] = int(settings.stride)
+    sync = SYNC_OF_METHOD[settings.sync_method]
+    if sync != "multidiffusion":
+        params["sync"] = sync
+        params["sync_weight"] = float(settings.sync_weight)
+        if settings.sync_steps:
+            params["sync_steps"] = int(settings.sync_steps)
+        if settings.sync_fast:
+            params.update(FAST_SYNC_PARAMS)
     return params
 
 

@@ -18,7 +18,10 @@ RESOLUTION_ITEMS = (
 )
 # Only the methods the backend implements are offered.
 SYNC_ITEMS = (
-    ("MULTIDIFFUSION", "MultiDiffusion", "Average overlapping views every step (Bar-Tal et al., 2023)"),
+    ("MULTIDIFFUSION", "MultiDiffusion", "Average overlapping views every step (Bar-Tal et al., 2023). Fast; "
+     "neighbouring views agree, distant parts may drift apart in style"),
+    ("SYNCDIFFUSION", "SyncDiffusion", "Also steer every view towards one anchor view so the whole image is one "
+     "coherent scene (Lee et al., 2023). Several times slower per guided step"),
 )
 DEVICE_ITEMS = (
     ("PREFERENCES", "From Preferences", "The device chosen in the add-on preferences"),
@@ -39,6 +42,11 @@ class SyncSphereHistoryItem(PropertyGroup):
     seed: IntProperty(name="Seed", min=0)
     steps: IntProperty(name="Steps")
     guidance: FloatProperty(name="Guidance")
+    # The settings' defaults, so items recorded before these existed reuse as MultiDiffusion with the defaults.
+    sync_method: EnumProperty(name="Synchronisation", items=SYNC_ITEMS, default="MULTIDIFFUSION")
+    sync_weight: FloatProperty(name="Coherence Strength", default=20.0)
+    sync_steps: IntProperty(name="Guided Steps", default=10)
+    sync_fast: BoolProperty(name="Fast Guidance", default=False)
     png_path: StringProperty(name="PNG", subtype="FILE_PATH")
     exr_path: StringProperty(name="EXR", subtype="FILE_PATH")
 
@@ -57,6 +65,19 @@ class SyncSphereSettings(PropertyGroup):
     guidance: FloatProperty(name="Guidance", description="Classifier-free guidance scale", default=7.5, min=0.0, max=30.0)
     sync_method: EnumProperty(name="Synchronisation", items=SYNC_ITEMS, default="MULTIDIFFUSION",
                               description="How the overlapping views are kept coherent")
+    # SyncDiffusion's settings: drawn and sent (generation.generate_params) only with SyncDiffusion.
+    sync_weight: FloatProperty(name="Coherence Strength", default=20.0, min=0.0, soft_max=40.0,
+                               description="How strongly every view is pulled towards the anchor view's look. "
+                                           "0 gives MultiDiffusion's result; too high can wash out detail")
+    sync_steps: IntProperty(name="Guided Steps", default=10, min=0, max=500,
+                            description="Guide only the first steps, where the layout and colours are decided: "
+                                        "they give most of the coherence at a fraction of the time. "
+                                        "0: guide every step (slowest)")
+    sync_fast: BoolProperty(name="Fast Guidance", default=False,
+                            description="Approximate the guidance to make it several times faster: decode with the "
+                                        "tiny autoencoder madebyollin/taesd (downloaded once, or already in the model "
+                                        "cache), reuse the gradient pass's noise prediction instead of predicting again, "
+                                        "and compare views at 256 px")
     window: IntProperty(name="Window", description="View size in latent pixels; 0: the model's own size",
                         default=0, min=0, max=256)
     stride: IntProperty(name="Stride", description="Distance between views in latent pixels; 0: window / 8",

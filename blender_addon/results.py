@@ -27,10 +27,15 @@ def apply_result(context, settings, mode, outputs):
     return f"The panorama is loaded as the image '{image.name}'."
 
 
+# The settings a history item records and Reuse copies back, besides the seed (recorded as the one used).
+HISTORY_SETTINGS = ("prompt", "negative_prompt", "mode", "resolution", "steps", "guidance",
+                    "sync_method", "sync_weight", "sync_steps", "sync_fast")
+
+
 def add_history(settings, seed, outputs):
     """Record a finished generation at the top of ``settings.history``; returns the new item."""
     item = settings.history.add()
-    for name in ("prompt", "negative_prompt", "mode", "resolution", "steps", "guidance"):
+    for name in HISTORY_SETTINGS:
         setattr(item, name, getattr(settings, name))
     item.seed = seed
     item.png_path = outputs["png"]
@@ -41,8 +46,8 @@ def add_history(settings, seed, outputs):
 
 
 def reuse_settings(settings, item):
-    """Copy a history ``item``'s prompt, mode, seed and sampling settings back into ``settings``."""
-    for name in ("prompt", "negative_prompt", "mode", "resolution", "steps", "guidance", "seed"):
+    """Copy a history ``item``'s prompt, mode, seed, sampling and synchronisation settings back into ``settings``."""
+    for name in HISTORY_SETTINGS + ("seed",):
         setattr(settings, name, getattr(item, name))
     settings.randomize_seed = False
 

@@ -12,7 +12,8 @@ from ..blender_addon.results import thumbnail_icon
 
 
 def draw_main(layout, context):
-    """Prompt, mode, resolution, seed, sampling, and Generate / Cancel with the job's progress."""
+    """Prompt, mode, resolution, seed, sampling, synchronisation (SyncDiffusion's options only when it is
+    chosen), and Generate / Cancel with the job's progress."""
     settings = context.scene.syncsphere
     layout.prop(settings, "prompt")
     layout.prop(settings, "negative_prompt", text="Avoid")
@@ -28,6 +29,10 @@ def draw_main(layout, context):
     column.prop(settings, "steps")
     column.prop(settings, "guidance")
     column.prop(settings, "sync_method")
+    if settings.sync_method == "SYNCDIFFUSION":  # its options mean nothing to MultiDiffusion
+        column.prop(settings, "sync_weight")
+        column.prop(settings, "sync_steps")
+        column.prop(settings, "sync_fast")
 
     job = session.current_job()
     if session.is_busy():
@@ -99,7 +104,8 @@ def draw_history(layout, context):
             row.template_icon(icon_value=icon, scale=3.0)
         column = row.column()
         column.label(text=item.prompt or "(no prompt)")
-        column.label(text=f"Seed {item.seed}, {item.mode.lower()}")
+        method = ", SyncDiffusion" if item.sync_method == "SYNCDIFFUSION" else ""
+        column.label(text=f"Seed {item.seed}, {item.mode.lower()}{method}")
         buttons = column.row(align=True)
         buttons.operator("syncsphere.history_apply", text="Apply").index = index
         buttons.operator("syncsphere.history_reuse", text="Reuse").index = index

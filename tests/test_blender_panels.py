@@ -25,7 +25,10 @@ pytestmark = pytest.mark.skipif(_bpy_dir() is None, reason="bpy is not installed
 # Every setting of SyncSphereSettings that the user edits (history and history_index are drawn as the
 # History panel, not as properties).
 SETTINGS = {"prompt", "negative_prompt", "mode", "resolution", "seed", "randomize_seed", "steps", "guidance",
-            "sync_method", "window", "stride", "device", "hide_from_camera", "face_camera"}
+            "sync_method", "sync_weight", "sync_steps", "sync_fast", "window", "stride", "device",
+            "hide_from_camera", "face_camera"}
+# SyncDiffusion's options, drawn (right under the Synchronisation menu) only when it is chosen.
+SYNCDIFFUSION_SETTINGS = ["sync_weight", "sync_steps", "sync_fast"]
 
 # Runs after _PRELUDE: registers and enables the add-on and defines the recording layout.
 _HELPERS = r"""
@@ -322,13 +325,20 @@ def test_every_setting_is_drawn_and_generate_is_shown_when_idle(tmp_path):
 settings.mode = "WORLD"
 registered = sorted(name for name in settings.bl_rna.properties.keys()
                     if name not in ("rna_type", "name", "history", "history_index"))
+assert settings.sync_method == "MULTIDIFFUSION"  # the default
+multidiffusion = draw_all()
+settings.sync_method = "SYNCDIFFUSION"
 drawn = draw_all()
-result({"registered": registered, "drawn": drawn,
+result({"registered": registered, "drawn": drawn, "multidiffusion": multidiffusion,
         "parents": {cls.bl_idname: getattr(cls, "bl_parent_id", "") for cls in panels._CLASSES}})
 """, tmp_path)
     # The list above is the whole of SyncSphereSettings' user settings: a new one must be added there.
     assert set(report["registered"]) == SETTINGS
-    drawn = report["drawn"]
+    for location in ("world", "view3d"):  # With MultiDiffusion, everything but SyncDiffusion's options.
+        everything = [call for idname, calls in report["multidiffusion"].items()
+                      if idname.startswith(f"SYNCSPHERE_PT_{location}") for call in calls]
+        assert set(_props(everything, "settings")) == SETTINGS - set(SYNCDIFFUSION_SETTINGS)
+    drawn = report["drawn"]  # with SyncDiffusion: every setting
     assert set(drawn) == {f"SYNCSPHERE_PT_{location}{sub}" for location in ("world", "view3d")
                           for sub in ("", "_result", "_advanced", "_history", "_backend")}
     for location in ("world", "view3d"):
@@ -395,6 +405,73 @@ result(states)
     assert states["no backend"]["operators"] == ["syncsphere.generate"]
     assert [label["icon"] for label in states["no backend"]["labels"]] == ["INFO"]
     assert "preferences" in states["no backend"]["labels"][0]["text"]
+
+
+def test_syncdiffusion_options_appear_under_the_synchronisation_menu_only_when_chosen(tmp_path):
+    report = _blender("""
+report = {}
+for method in ("MULTIDIFFUSION", "SYNCDIFFUSION", "MULTIDIFFUSION"):
+    settings.sync_method = method
+    report.setdefault(method, []).append(draw("SYNCSPHERE_PT_world"))
+report["labels"] = {name: [settings.bl_rna.properties[name].name, settings.bl_rna.properties[name].description]
+                    for name in ("sync_method", "sync_weight", "sync_steps", "sync_fast")}
+report["items"] = [[item.identifier, item.name, item.description]
+                   for item in settings.bl_rna.properties["sync_method"].enum_items]
+result(report)
+""", tmp_path)
+    for calls in report["MULTIDIFFUSION"]:  # before and after choosing SyncDiffusion once
+        drawn = _props(calls, "settings")
+        assert "sync_method" in drawn and not set(drawn) & set(SYNCDIFFUSION_SETTINGS), drawn
+    calls = report["SYNCDIFFUSION"][0]
+    drawn = _props(calls, "settings")
+    at = drawn.index("sync_method")
+    assert drawn[at + 1:at + 4] == SYNCDIFFUSION_SETTINGS, drawn
+    # In the same property-split column as the Synchronisation menu, with their own names as labels.
+    props = {call["args"]["property"]: call for call in calls if call["method"] == "prop"}
+    assert {props[name]["path"] for name in ["sync_method"] + SYNCDIFFUSION_SETTINGS} == {props["sync_method"]["path"]}
+    assert all(set(props[name]["args"]) == {"data", "property"} for name in SYNCDIFFUSION_SETTINGS)
+    # Everything else is drawn exactly as with MultiDiffusion.
+    others = [call["args"] for call in calls if call["args"].get("property") not in SYNCDIFFUSION_SETTINGS]
+    assert others == [call["args"] for call in report["MULTIDIFFUSION"][0]]
+    labels = report["labels"]
+    assert [labels[name][0] for name in SYNCDIFFUSION_SETTINGS] == ["Coherence Strength", "Guided Steps", "Fast Guidance"]
+    assert "taesd" in labels["sync_fast"][1] and "0" in labels["sync_steps"][1]
+    assert [item[:2] for item in report["items"]] == [["MULTIDIFFUSION", "MultiDiffusion"], ["SYNCDIFFUSION", "SyncDiffusion"]]
+    assert "coherent" in report["items"][1][2] and "slower" in report["items"][1][2]
+
+
+def test_the_real_settings_send_syncdiffusion_only_when_chosen(tmp_path):
+    """generation.generate_params on the registered settings (their real defaults), and the history keeping
+    and giving back the synchronisation settings (Reuse)."""
+    report = _blender("""
+from syncsphere.blender_addon import generation
+report = {"default": generation.generate_params(settings, 7, model="m", device="cpu")}
+settings.sync_method = "SYNCDIFFUSION"
+report["syncdiffusion"] = generation.generate_params(settings, 7, model="m", device="cpu")
+settings.sync_weight, settings.sync_steps, settings.sync_fast = 31.5, 0, True
+report["every step, fast"] = generation.generate_params(settings, 7, model="m", device="cpu")
+report["ranges"] = {name: [settings.bl_rna.properties[name].hard_min, settings.bl_rna.properties[name].soft_max]
+                    for name in ("sync_weight", "sync_steps")}
+results.add_history(settings, 7, {"png": "", "exr": ""})
+settings.sync_method, settings.sync_weight, settings.sync_steps, settings.sync_fast = "MULTIDIFFUSION", 1.0, 3, False
+results.add_history(settings, 8, {"png": "", "exr": ""})
+report["history"] = [[item.sync_method, item.sync_weight, item.sync_steps, item.sync_fast] for item in settings.history]
+report["history labels"] = [[call["args"]["text"] for call in draw("SYNCSPHERE_PT_world_history") if call["method"] == "label"]]
+results.reuse_settings(settings, settings.history[1])
+report["reused"] = [settings.sync_method, settings.sync_weight, settings.sync_steps, settings.sync_fast, settings.seed]
+result(report)
+""", tmp_path)
+    assert not [name for name in report["default"] if name.startswith("sync")]
+    sync = {name: value for name, value in report["syncdiffusion"].items() if name.startswith("sync")}
+    assert sync == {"sync": "syncdiffusion", "sync_weight": 20.0, "sync_steps": 10}  # the properties' defaults
+    sync = {name: value for name, value in report["every step, fast"].items() if name.startswith("sync")}
+    assert sync == {"sync": "syncdiffusion", "sync_weight": 31.5, "sync_decoder": "taesd", "sync_reuse_eps": True,
+                    "sync_loss_size": 256}
+    assert report["ranges"]["sync_weight"] == [0.0, 40.0] and report["ranges"]["sync_steps"][0] == 0
+    assert report["history"] == [["MULTIDIFFUSION", 1.0, 3, False], ["SYNCDIFFUSION", 31.5, 0, True]]
+    labels = report["history labels"][0]
+    assert labels[1] == "Seed 8, world" and labels[3] == "Seed 7, world, SyncDiffusion"
+    assert report["reused"] == ["SYNCDIFFUSION", 31.5, 0, True, 7]
 
 
 # --- the Result sub-panel -------------------------------------------------------------------------------

@@ -1,0 +1,113 @@
+"""What a Generate press sends (blender_addon/generation.py), without Blender: the scene settings become
+the protocol's generate params, and the backend's own request validation (backend/request.py, standard
+library only) accepts them and reads them as meant.
+"""
+
+import importlib.util
+import os
+import types
+
+import pytest
+
+from backend.errors import BadRequest
+from backend.request import GenerateRequest
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _load_generation():
+    """blender_addon/generation.py by path (the blender_addon package itself imports bpy)."""
+    spec = importlib.util.spec_from_file_location("addon_generation", os.path.join(REPO, "blender_addon", "generation.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+generation = _load_generation()
+
+SYNC_OPTIONS = ("sync_weight", "sync_steps", "sync_fast")
+
+
+def settings(**overrides):
+    """A stand-in for scene.syncsphere with the defaults of blender_addon/properties.py."""
+    values = dict(prompt="a harbour at dusk", negative_prompt="fog", mode="WORLD", resolution="DRAFT", seed=3,
+                  randomize_seed=False, steps=30, guidance=6.5, sync_method="MULTIDIFFUSION", window=0, stride=0,
+                  device="PREFERENCES", sync_weight=20.0, sync_steps=10, sync_fast=False)
+    values.update(overrides)
+    return types.SimpleNamespace(**values)
+
+
+def params_of(**overrides):
+    return generation.generate_params(settings(**overrides), 42, model="some/model", device="cpu")
+
+
+def backend_request(params, tmp_path):
+    """The backend's reading of ``params``, validated as the worker validates a generate request."""
+    request = GenerateRequest.from_params({**params, "out": str(tmp_path / "job")})
+    request.validate()
+    return request
+
+
+def test_the_basic_params():
+    assert params_of() == {"prompt": "a harbour at dusk", "negative_prompt": "fog", "layout": "equirect",
+                           "width": 1024, "height": 512, "steps": 30, "guidance": 6.5, "seed": 42,
+                           "model": "some/model", "device": "cpu"}
+    tile = params_of(mode="TILE", resolution="HIGH", window=48, stride=12)
+    assert (tile["layout"], tile["width"], tile["height"], tile["window"], tile["stride"]) == ("tile", 2048, 2048, 48, 12)
+
+
+@pytest.mark.parametrize("options", [{}, {"sync_weight": 5.0, "sync_steps": 0, "sync_fast": True}])
+def test_multidiffusion_sends_nothing_sync_related(options, tmp_path):
+    """Whatever SyncDiffusion's options are set to, MultiDiffusion sends none of them (the backend would
+    refuse them) and not even ``sync``: the backend's default."""
+    params = params_of(sync_method="MULTIDIFFUSION", **options)
+    assert not [name for name in params if name.startswith("sync")], params
+    request = backend_request(params, tmp_path)
+    assert request.sync == "multidiffusion"
+
+
+def test_syncdiffusion_sends_its_method_weight_and_guided_steps(tmp_path):
+    params = params_of(sync_method="SYNCDIFFUSION", sync_weight=12.5, sync_steps=7)
+    assert {name: value for name, value in params.items() if name.startswith("sync")} == \
+        {"sync": "syncdiffusion", "sync_weight": 12.5, "sync_steps": 7}
+    assert type(params["sync_weight"]) is float and type(params["sync_steps"]) is int
+    request = backend_request(params, tmp_path)
+    assert (request.sync, request.sync_weight, request.sync_steps) == ("syncdiffusion", 12.5, 7)
+    # The exact, slow path: the model's own VAE, a second prediction, the loss at the view's size.
+    assert (request.sync_decoder, request.sync_reuse_eps, request.sync_loss_size) == ("vae", False, None)
+
+
+def test_syncdiffusion_with_zero_guided_steps_guides_every_step(tmp_path):
+    """Guided Steps 0 means every step: sync_steps is left out (the backend's null), never sent as 0, which
+    the backend would read as no guided step at all."""
+    params = params_of(sync_method="SYNCDIFFUSION", sync_steps=0)
+    assert "sync_steps" not in params and params["sync"] == "syncdiffusion"
+    assert backend_request(params, tmp_path).sync_steps is None
+
+
+def test_syncdiffusion_weight_zero_is_sent_as_zero(tmp_path):
+    params = params_of(sync_method="SYNCDIFFUSION", sync_weight=0.0)
+    assert params["sync_weight"] == 0.0
+    assert backend_request(params, tmp_path).sync_weight == 0.0  # not replaced by the loss's default weight
+
+
+def test_fast_guidance_adds_the_backends_fast_path(tmp_path):
+    params = params_of(sync_method="SYNCDIFFUSION", sync_fast=True)
+    assert {name: value for name, value in params.items() if name.startswith("sync")} == \
+        {"sync": "syncdiffusion", "sync_weight": 20.0, "sync_steps": 10,
+         "sync_decoder": "taesd", "sync_reuse_eps": True, "sync_loss_size": 256}
+    request = backend_request(params, tmp_path)
+    assert (request.sync_decoder, request.sync_reuse_eps, request.sync_loss_size) == ("taesd", True, 256)
+
+
+def test_every_sync_method_offered_maps_to_a_backend_method(tmp_path):
+    """The mapping covers the backend's methods, and each is accepted as sent."""
+    assert sorted(generation.SYNC_OF_METHOD.values()) == sorted(("multidiffusion", "syncdiffusion"))
+    for method in generation.SYNC_OF_METHOD:
+        backend_request(params_of(sync_method=method, sync_fast=True), tmp_path)
+
+
+def test_the_backend_would_refuse_sync_options_with_multidiffusion(tmp_path):
+    """Why MultiDiffusion sends nothing: the backend refuses any SyncDiffusion option without it."""
+    with pytest.raises(BadRequest, match="only applies to SyncDiffusion"):
+        backend_request({**params_of(), "sync_weight": 20.0}, tmp_path)
