@@ -1,4 +1,4 @@
-"""The command line: ``python -m backend generate | serve | cubemap | metrics | info``.
+"""The command line: ``python -m backend generate | serve | cubemap | view | metrics | info``.
 
 Flags map one to one onto ``GenerateRequest`` fields. Bad input gets one sentence on stderr and exit
 code 2 before any model loads and before the output folder is created.
@@ -85,6 +85,22 @@ def build_parser() -> argparse.ArgumentParser:
     cubemap.add_argument("--face-size", type=int, help="width and height of each face in px (default: the panorama's width / 4)")
     cubemap.add_argument("--overwrite", action="store_true", help="replace existing cube map files in --out")
 
+    view = commands.add_parser(
+        "view", help="render a perspective view of a 360° equirect image",
+        description="Render a square perspective view of a 2:1 equirectangular panorama into the file --out "
+        "(docs/engine.md, \"Sphere geometry\"): a float EXR for an .exr panorama, an 8-bit PNG for a .png one. "
+        "Angles in degrees: yaw positive turns right, pitch positive looks up, roll positive banks right "
+        "(the scene turns counter-clockwise in the picture); yaw 0, pitch 0 looks at the image centre.",
+    )
+    view.add_argument("panorama", help="the equirectangular image, .exr (linear) or .png")
+    view.add_argument("--yaw", type=float, required=True, help="degrees to the right of the image centre")
+    view.add_argument("--pitch", type=float, required=True, help="degrees above the horizon")
+    view.add_argument("--roll", type=float, default=0.0, help="degrees the camera banks right, clockwise about its view axis (default 0)")
+    view.add_argument("--fov", type=float, required=True, help="field of view in degrees, horizontal and vertical, between 0 and 180")
+    view.add_argument("--size", type=int, required=True, help="width and height of the view in px")
+    view.add_argument("--out", required=True, help="the image file to write, with the panorama's extension")
+    view.add_argument("--overwrite", action="store_true", help="replace an existing --out file")
+
     metrics = commands.add_parser(
         "metrics", help="measure an image's coherence (Intra-LPIPS, Intra-Style-L) and wrap seams",
         description="Measure SyncDiffusion's coherence metrics of a finished image: Intra-LPIPS and Intra-Style-L "
@@ -154,6 +170,8 @@ def main(argv: list[str] | None = None) -> int:
         return serve_stdio()
     if args.command == "cubemap":
         return _cubemap(args)
+    if args.command == "view":
+        return _view(args)
     if args.command == "metrics":
         return _metrics(args)
     return _generate(args)
@@ -178,6 +196,18 @@ def _cubemap(args: argparse.Namespace) -> int:
     def work() -> int:
         paths = write_cubemap(args.panorama, args.out, face_size=args.face_size, overwrite=args.overwrite)
         print(f"wrote {', '.join(paths)} into {os.path.abspath(os.path.expanduser(args.out))}", file=sys.stderr)
+        return 0
+
+    return _one_sentence_errors(work, "Interrupted; nothing was written.")
+
+
+def _view(args: argparse.Namespace) -> int:
+    from .panorama_view import render_view
+
+    def work() -> int:
+        path = render_view(args.panorama, args.out, yaw=args.yaw, pitch=args.pitch, roll=args.roll, fov=args.fov,
+                           size=args.size, overwrite=args.overwrite)
+        print(f"wrote {path}", file=sys.stderr)
         return 0
 
     return _one_sentence_errors(work, "Interrupted; nothing was written.")

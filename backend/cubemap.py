@@ -50,6 +50,18 @@ def read_panorama(path: str) -> np.ndarray:
         raise BadRequest(f"Could not read the panorama {path} as {FORMATS[extension]} ({reason}).") from None
 
 
+def read_equirect(path: str) -> np.ndarray:
+    """``read_panorama``, then check that the image is a 360° equirect (twice as wide as high): (H, 2H, 3) float32.
+
+    Raises BadRequest with one sentence otherwise.
+    """
+    image = read_panorama(path)
+    height, width = image.shape[:2]
+    if width != 2 * height:
+        raise BadRequest(f"The panorama is {width}x{height} px; a 360° equirectangular image is twice as wide as it is high.")
+    return image
+
+
 def write_cubemap(panorama: str, out: str, face_size: int | None = None, overwrite: bool = False) -> dict[str, str]:
     """Write the cube map files of the equirect image ``panorama`` (.exr or .png) into the folder ``out``.
 
@@ -65,10 +77,8 @@ def write_cubemap(panorama: str, out: str, face_size: int | None = None, overwri
         raise BadRequest(f"--face-size {face_size} is not between 1 and {MAX_FACE_SIZE}.")
     if os.path.exists(out) and not os.path.isdir(out):
         raise BadRequest(f"The output path {out} exists and is not a folder.")
-    image = read_panorama(panorama)
-    height, width = image.shape[:2]
-    if width != 2 * height:
-        raise BadRequest(f"The panorama is {width}x{height} px; a 360° equirectangular image is twice as wide as it is high.")
+    image = read_equirect(panorama)
+    width = image.shape[1]
     names = output_names(extension)
     existing = [name for name in names if os.path.exists(os.path.join(out, name))]
     if existing and not overwrite:
