@@ -117,13 +117,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--steps", type=int, default=2, help="DDIM steps of the wide cases")
     parser.add_argument("--equirect-steps", type=int, default=1,
                         help="DDIM steps of the equirect case (it has many more views; compare seconds per step)")
-    parser.add_argument("--guidance", type=float, default=7.5)
-    parser.add_argument("--view-batch", type=int, default=3)
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--prompt", default="a sunlit alpine valley with a lake, 360 panorama")
-    parser.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
-    parser.add_argument("--dtype", default="auto", choices=("auto", "float32", "float16", "bfloat16"),
-                        help="auto: float16 on GPUs, float32 on the CPU")
+    add_shared_arguments(parser, view_batch=3, prompt="a sunlit alpine valley with a lake, 360 panorama")
     parser.add_argument("--decode-size", default="1024x512", help="WIDTHxHEIGHT in px of the decode benchmark's image")
     parser.add_argument("--decode-layout", default="equirect", choices=("wide", "equirect", "tile"))
     parser.add_argument("--decode-one-piece", action="store_true",
@@ -135,13 +129,6 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--decode-context", type=int, default=None, help="context of both decodes (default: the engine's)")
     parser.add_argument("--cases", default="ours,diffusers,equirect,decode",
                         help="comma-separated subset of: ours, diffusers, equirect, decode")
-    parser.add_argument("--model-dir", default=None,
-                        help="folder for the random SD2 model: built there if absent, reused if present "
-                        "(default: a temporary folder, deleted at the end)")
-    parser.add_argument("--json", default=None, metavar="PATH", help="also write every number printed to PATH")
-    # Internal: the parent runs each case as `--case NAME --result FILE` in a fresh process.
-    parser.add_argument("--case", default=None, help=argparse.SUPPRESS)
-    parser.add_argument("--result", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     try:
         args.decode_width, args.decode_height = (int(side) for side in args.decode_size.lower().split("x"))
@@ -157,6 +144,24 @@ def parse_args(argv=None) -> argparse.Namespace:
     if unknown:
         parser.error(f"unknown case(s) in --cases: {', '.join(sorted(unknown))}")
     return args
+
+
+def add_shared_arguments(parser: argparse.ArgumentParser, view_batch: int, prompt: str) -> None:
+    """The flags every benchmark script has: sampling settings, device, dtype, --model-dir, --json, and the
+    internal --case/--result with which the parent runs each case in a fresh process."""
+    parser.add_argument("--guidance", type=float, default=7.5)
+    parser.add_argument("--view-batch", type=int, default=view_batch)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--prompt", default=prompt)
+    parser.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
+    parser.add_argument("--dtype", default="auto", choices=("auto", "float32", "float16", "bfloat16"),
+                        help="auto: float16 on GPUs, float32 on the CPU")
+    parser.add_argument("--model-dir", default=None,
+                        help="folder for the random SD2 model: built there if absent, reused if present "
+                        "(default: a temporary folder, deleted at the end)")
+    parser.add_argument("--json", default=None, metavar="PATH", help="also write every number printed to PATH")
+    parser.add_argument("--case", default=None, help=argparse.SUPPRESS)
+    parser.add_argument("--result", default=None, help=argparse.SUPPRESS)
 
 
 # ================================================================================ the parent

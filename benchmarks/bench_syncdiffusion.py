@@ -44,7 +44,16 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 REPO = os.path.dirname(HERE)
 sys.path[:0] = [REPO, os.path.join(REPO, "tests"), HERE]
 
-from bench_multidiffusion import SD2_UNET, Clock, PeakMemory, case_build, log, machine_info, run_benchmark  # noqa: E402
+from bench_multidiffusion import (  # noqa: E402
+    SD2_UNET,
+    Clock,
+    PeakMemory,
+    add_shared_arguments,
+    case_build,
+    log,
+    machine_info,
+    run_benchmark,
+)
 
 # Guided steps out of 50 of each case when projected to the paper's 50-step schedule (Table S3; best: 3 of 50).
 PROJECTED_GUIDED_OF_50 = {"paper-exact": 50, "paper-first": 10, "taesd": 50, "reuse-eps": 50, "loss-size": 50,
@@ -69,19 +78,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--first-steps", type=int, default=1, help="guided steps of paper-first (paper: 10 of 50)")
     parser.add_argument("--best-steps", type=int, default=1, help="guided steps of best (Table S3: 3 of 50)")
     parser.add_argument("--loss-size", type=int, default=128, help="--sync-loss-size of loss-size and best")
-    parser.add_argument("--guidance", type=float, default=7.5)
-    parser.add_argument("--view-batch", type=int, default=4)
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--prompt", default="a sunlit alpine valley with a lake, wide panorama")
-    parser.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
-    parser.add_argument("--dtype", default="auto", choices=("auto", "float32", "float16", "bfloat16"))
+    add_shared_arguments(parser, view_batch=4, prompt="a sunlit alpine valley with a lake, wide panorama")
     parser.add_argument("--cases", default=",".join(CASES), help="comma-separated subset of: " + ", ".join(CASES))
-    parser.add_argument("--model-dir", default=None,
-                        help="folder for the random SD2 model: built there if absent, reused if present "
-                        "(default: a temporary folder, deleted at the end)")
-    parser.add_argument("--json", default=None, metavar="PATH", help="also write every number printed to PATH")
-    parser.add_argument("--case", default=None, help=argparse.SUPPRESS)
-    parser.add_argument("--result", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     args.case_list = [name.strip() for name in args.cases.split(",") if name.strip()]
     unknown = set(args.case_list) - set(CASES)
