@@ -60,7 +60,8 @@ def build_parser() -> argparse.ArgumentParser:
     generate.add_argument("--device", default="auto", help="auto (cuda, then mps, then cpu), cpu, cuda, cuda:N or mps")
     generate.add_argument("--dtype", default="auto", metavar="{" + ",".join(DTYPES) + "}",
                           help="auto: float16 on GPUs, float32 on the CPU")
-    generate.add_argument("--out", required=True, help="output folder for panorama.png, panorama.exr and metadata.json")
+    generate.add_argument("--out", required=True, help="output folder for panorama.png, panorama.exr and metadata.json (equirect: "
+                          "also the cube map face_F.png … face_D.png, cubemap_dice.png, cubemap_horizon.png)")
     generate.add_argument("--overwrite", action="store_true", help="replace existing output files in --out")
     generate.add_argument("--allow-pickle", action="store_true", help="allow pickled checkpoints (.ckpt/.bin/.pt), which can run code when loaded")
     generate.add_argument("--json-progress", action="store_true",
@@ -105,12 +106,13 @@ def build_parser() -> argparse.ArgumentParser:
         "metrics", help="measure an image's coherence (Intra-LPIPS, Intra-Style-L) and wrap seams",
         description="Measure SyncDiffusion's coherence metrics of a finished image: Intra-LPIPS and Intra-Style-L "
         "(mean LPIPS-VGG and Gram-matrix style loss over all pairs of non-overlapping square crops; lower is more "
-        "coherent), the wrap seam ratios, and for equirect the same metrics on the four horizon cube faces. "
+        "coherent), the wrap seam ratios, and for equirect the same metrics on the four horizon cube faces plus the "
+        "seam ratios of the 12 cube-face edges and of the two poles. "
         "Prints JSON on stdout (docs/metrics.md).",
     )
     metrics.add_argument("image", help="the image, .png or .exr (linear; sRGB-encoded before measuring)")
     metrics.add_argument("--layout", required=True, choices=LAYOUTS,
-                         help="wide: planar panorama; equirect: 2:1 360° image (seam in x, horizon faces); "
+                         help="wide: planar panorama; equirect: 2:1 360° image (seam in x, horizon faces, cube edges, poles); "
                          "tile: wraps in x and y")
     metrics.add_argument("--window-px", type=int, help="crop size in px (default: the height for wide, half the height "
                          "for equirect and tile)")
@@ -260,7 +262,8 @@ def _generate(args: argparse.Namespace) -> int:
     if json_progress:
         _print_event(events, protocol.done_event(None, outputs))
     else:
-        print(f"wrote {outputs['png']}, {outputs['exr']} and {outputs['metadata']}", file=sys.stderr)
+        cube_map = " and the cube map (face_*.png, cubemap_dice.png, cubemap_horizon.png)" if "faces" in outputs else ""
+        print(f"wrote {outputs['png']}, {outputs['exr']} and {outputs['metadata']}{cube_map}", file=sys.stderr)
     return 0
 
 

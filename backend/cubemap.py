@@ -2,7 +2,9 @@
 
 Writes ``face_F`` ``face_R`` ``face_B`` ``face_L`` ``face_U`` ``face_D`` and the cross ``cubemap_dice``
 (py360convert's faces and layout, ``backend/geometry.py``) into one folder, all at once
-(``outputs.write_files_atomically``). An EXR panorama gives float32 linear EXRs, its values untouched
+(``outputs.write_files_atomically``). ``cube_map_writers`` is the one way to make these files: an equirect
+generation job writes them too (as PNG, with the ``cubemap_horizon`` strip), in the same atomic write as
+its panorama (``outputs.write_job_outputs``). An EXR panorama gives float32 linear EXRs, its values untouched
 (HDR stays HDR); a PNG gives 8-bit PNGs, interpolated in the file's own (sRGB-encoded) values as other
 image tools do. No torch: numpy, Pillow and OpenEXR only.
 """
@@ -14,16 +16,38 @@ import os
 import numpy as np
 
 from .errors import BadRequest, SyncSphereError
-from .geometry import FACES, equirect_to_cube_faces, faces_to_dice
+from .geometry import FACES, equirect_to_cube_faces, faces_to_dice, faces_to_horizon
 
 # The largest face we write: a 16384 px equirect's W/4 is 4096; this only stops typos.
 MAX_FACE_SIZE = 16384
 FORMATS = {".exr": "EXR", ".png": "PNG"}
 
 
-def output_names(extension: str) -> list[str]:
-    """The file names a cube map export writes, for ``extension`` ".exr" or ".png": faces F R B L U D, then the cross."""
-    return [f"face_{face}{extension}" for face in FACES] + [f"cubemap_dice{extension}"]
+def output_names(extension: str, horizon: bool = False) -> list[str]:
+    """The file names of a cube map, for ``extension`` ".exr" or ".png": faces F R B L U D, then the cross,
+    then (``horizon``) the strip. The ``cubemap`` command writes the faces and the cross; a job, all of them."""
+    names = [f"face_{face}{extension}" for face in FACES] + [f"cubemap_dice{extension}"]
+    return names + [f"cubemap_horizon{extension}"] if horizon else names
+
+
+def cube_map_writers(image: np.ndarray, extension: str, face_size: int | None = None,
+                     horizon: bool = False) -> list[tuple[str, object]]:
+    """The cube map of the equirect ``image`` as (file name, write(path)) pairs for ``outputs.write_files_atomically``.
+
+    ``image``: (H, 2H, 3) float; for ".exr" scene-linear values (written untouched), for ".png" sRGB-encoded
+    values in [0, 1] (written as 8 bits). ``face_size``: px per face side (default: the width / 4).
+    ``horizon``: also the strip F R B L U D (``faces_to_horizon``). The faces are cut here, before anything
+    is written; the pairs come in the order of ``output_names(extension, horizon)``.
+    """
+    faces = equirect_to_cube_faces(image, face_size or max(1, image.shape[1] // 4))
+    images = [faces[face] for face in FACES] + [faces_to_dice(faces)] + ([faces_to_horizon(faces)] if horizon else [])
+    from . import outputs
+
+    writer = "write_exr" if extension == ".exr" else "write_png"
+    # Writers are looked up when called (tests replace them on the outputs module); the default argument
+    # binds each lambda to its own image (a plain closure would see the last one).
+    return [(name, lambda path, image=image: getattr(outputs, writer)(path, image))
+            for name, image in zip(output_names(extension, horizon), images)]
 
 
 def read_panorama(path: str) -> np.ndarray:
@@ -78,20 +102,14 @@ def write_cubemap(panorama: str, out: str, face_size: int | None = None, overwri
     if os.path.exists(out) and not os.path.isdir(out):
         raise BadRequest(f"The output path {out} exists and is not a folder.")
     image = read_equirect(panorama)
-    width = image.shape[1]
-    names = output_names(extension)
-    existing = [name for name in names if os.path.exists(os.path.join(out, name))]
+    existing = [name for name in output_names(extension) if os.path.exists(os.path.join(out, name))]
     if existing and not overwrite:
         raise BadRequest(f"{os.path.join(out, existing[0])} already exists; pass --overwrite to replace it "
                          "or choose another --out folder.")
 
-    faces = equirect_to_cube_faces(image, face_size or max(1, width // 4))
-    images = [faces[face] for face in FACES] + [faces_to_dice(faces)]
+    writers = cube_map_writers(image, extension, face_size)
     from . import outputs
 
-    write = outputs.write_exr if extension == ".exr" else outputs.write_png
-    # The default argument binds each lambda to its own image (a plain closure would see the last one).
-    writers = [(name, lambda path, image=image: write(path, image)) for name, image in zip(names, images)]
     try:
         return outputs.write_files_atomically(out, writers)
     except OSError as error:

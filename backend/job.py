@@ -98,7 +98,8 @@ def make_scheduler(name: str, config):
 
 
 def run_job(checked: CheckedRequest, report: StepReport | None = None, models: ModelCache | None = None) -> dict:
-    """Run one generation and write its files. Returns the written paths ({"png", "exr", "metadata"}).
+    """Run one generation and write its files. Returns the written paths ({"png", "exr", "metadata"}, and for
+    equirect jobs the cube map's {"faces": {"F": …}, "dice", "horizon"}: ``outputs.write_job_outputs``).
 
     ``report(stage, step, total, preview)`` is called for stages loading, denoising (every step),
     decoding and writing; returning True stops the job with JobCancelled. Nothing is written unless the
@@ -148,7 +149,7 @@ def run_job(checked: CheckedRequest, report: StepReport | None = None, models: M
         "timings": timings,
         "versions": package_versions(),
     }
-    return write_job_outputs(request.out, image, metadata)
+    return write_job_outputs(request.out, image, metadata, cube_map=request.cube_map)
 
 
 def denoise(request: GenerateRequest, model: LoadedModel, report: StepReport):

@@ -1,4 +1,5 @@
-"""Coherence metrics of a finished image: SyncDiffusion's Intra-LPIPS and Intra-Style-L, and seam ratios.
+"""Coherence metrics of a finished image: SyncDiffusion's Intra-LPIPS and Intra-Style-L, and seam ratios
+(wrap seams; on an equirect image also the 12 cube-face edges and the two poles).
 
 ``python -m backend metrics IMAGE --layout ...`` prints ``measure``'s result; docs/metrics.md says what the
 numbers mean and where we differ from the paper's evaluation code (Lee et al., NeurIPS 2023).
@@ -18,6 +19,7 @@ Plain numpy and torch; no bpy.
 
 from __future__ import annotations
 
+import functools
 import itertools
 import math
 
@@ -34,6 +36,11 @@ MIN_WINDOW_PX = 16
 # At most this many pixels per crop times pairs in one loss call (two 512 px pairs): bounds memory
 # whatever the window, while small crops still go through in one or a few batches.
 _PAIR_PIXEL_BUDGET = 2 * 512 * 512
+# The pole ratios: straight lines sampled through the centre of the U and D faces; steps within
+# POLE_NEAR_DEGREES of the pole (polar angle) are "at the pole", compared with those out to POLE_RING_DEGREES.
+POLE_DIAMETERS = 32
+POLE_NEAR_DEGREES = 5.0
+POLE_RING_DEGREES = 10.0
 
 
 def crop_positions(height: int, width: int, window: int) -> list[tuple[int, int]]:
@@ -146,6 +153,142 @@ def seam_ratio(image: np.ndarray, axis: int) -> float:
     return seam / typical
 
 
+def _ratio(across: float, typical: float) -> float:
+    """``across / typical`` as ``seam_ratio`` reports it: 0 for 0 / 0, ``inf`` for x / 0."""
+    if typical == 0.0:
+        return 0.0 if across == 0.0 else math.inf
+    return across / typical
+
+
+@functools.lru_cache(maxsize=8)
+def cube_edges(face_size: int) -> tuple:
+    """The 12 edges of a cube map with faces of ``face_size`` px, derived from ``backend.geometry``.
+
+    For each side of each face, the direction one texel beyond its outer texels (the face's plane
+    extended) is looked up on the cube (``direction_to_cube_face``): that names the neighbouring face and
+    its texels across the edge, the nearest to those points (about half a texel from the edge, as the
+    face's own outer texels are). Each edge is kept once, from the face that comes first in F R B L U D.
+    Returns a tuple of (name "A-B", face A, (rows, cols) of A's outer texels, axis, face B, (rows, cols)
+    of B's matching texels, axis): ``axis`` is the face axis across the edge (1: the edge is a column,
+    as between F and R; 0: a row, as between F and U).
+    """
+    from .geometry import FACE_VIEWS, FACES, direction_to_cube_face, perspective_to_direction
+
+    s = face_size
+    along = np.arange(s)
+    sides = (  # (outer texel rows, cols), one step outwards (drow, dcol), the axis across the side
+        ((along, np.zeros(s, np.intp)), (0, -1), 1), ((along, np.full(s, s - 1)), (0, 1), 1),
+        ((np.zeros(s, np.intp), along), (-1, 0), 0), ((np.full(s, s - 1), along), (1, 0), 0),
+    )
+    edges = []
+    for face in FACES:
+        for (rows, cols), (drow, dcol), axis in sides:
+            beyond = perspective_to_direction(cols + dcol, rows + drow, *FACE_VIEWS[face], 0.0, 90.0, s)
+            neighbour, col, row = direction_to_cube_face(beyond, s)
+            other = FACES[int(neighbour[0])]
+            if not (neighbour == neighbour[0]).all() or other == face:
+                raise AssertionError(f"face {face}: the texels beyond one side lie on more than one face")
+            if FACES.index(other) < FACES.index(face):
+                continue  # this edge was kept from the other face
+            other_rows = np.clip(np.rint(row), 0, s - 1).astype(np.intp)
+            other_cols = np.clip(np.rint(col), 0, s - 1).astype(np.intp)
+            other_axis = 1 if s == 1 or (other_cols == other_cols[0]).all() and other_cols[0] in (0, s - 1) else 0
+            edges.append((f"{face}-{other}", face, (rows, cols), axis, other, (other_rows, other_cols), other_axis))
+    return tuple(edges)
+
+
+def _line_differences(face: np.ndarray, axis: int) -> np.ndarray:
+    """Mean absolute difference of each pair of neighbouring lines of ``face`` (s, s, C): columns for
+    ``axis`` 1, rows for 0 (the lines parallel to a cube edge of that axis): s − 1 values."""
+    return np.abs(np.diff(face, axis=axis)).mean(axis=(1 - axis, 2))
+
+
+def cube_edge_ratios(image: np.ndarray) -> dict[str, float]:
+    """How visible each of the 12 cube-face edges of an equirect ``image`` (H, 2H, C) is, as ``seam_ratio``
+    measures a wrap seam.
+
+    The faces are cut with our geometry (``geometry.equirect_to_cube_faces``, W/4 px, texel centres) from
+    the image as it is (any numeric dtype and range). For each edge (``cube_edges``): the mean absolute
+    difference between the two faces' outer texels that meet there, divided by the median, over the
+    neighbouring pairs of lines parallel to the edge inside both faces (in each face, its columns where the
+    edge is one of its columns, its rows where it is a row), of their mean absolute difference. About 1
+    or less without a seam, well above 1 with one; 0 / 0 is 0 and x / 0 is ``inf``. Returns
+    {"F-R": ratio, …} for the 12 edges in ``cube_edges`` order.
+    """
+    from .geometry import equirect_to_cube_faces
+
+    pixels = np.asarray(image, dtype=np.float32)
+    face_size = max(1, pixels.shape[1] // 4)
+    faces = equirect_to_cube_faces(pixels, face_size)
+    ratios = {}
+    for name, face_a, texels_a, axis_a, face_b, texels_b, axis_b in cube_edges(face_size):
+        across = float(np.abs(faces[face_a][texels_a] - faces[face_b][texels_b]).mean())
+        lines = np.concatenate([_line_differences(faces[face_a], axis_a), _line_differences(faces[face_b], axis_b)])
+        ratios[name] = _ratio(across, float(np.median(lines)) if len(lines) else 0.0)
+    return ratios
+
+
+def pole_profile(image: np.ndarray, diameters: int = POLE_DIAMETERS) -> dict[str, np.ndarray]:
+    """Step differences along great circles through the poles, sampled on the U and D cube faces.
+
+    The faces are cut with our geometry (``geometry.equirect_to_cube_faces``, W/4 px) from the equirect
+    ``image`` (H, 2H, C), any numeric dtype and range. On each of U and D, ``diameters`` straight lines
+    through the face centre (azimuths 180° k / ``diameters``) are sampled (``geometry.sample_cube_faces``)
+    at equal angles on the sphere, one equirect row (180° / H) apart, at ±0.5, ±1.5, … rows from the pole
+    out to 45° (the circle inscribed in the face); equal angles, not equal texels, so that a smooth image
+    changes by as much per step near the face centre as near its edge. Returns {"U": ..., "D": ...}, each
+    a pair (angles, steps): the polar angle in degrees of the steps' midpoints (0: the step across the
+    pole, then one row further out each) and the mean absolute difference of the steps at that distance
+    from the pole, over both sides of every diameter and the channels (so the profile does not change when
+    the image turns about the poles by a multiple of 180° / ``diameters``).
+    """
+    from .geometry import FACE_VIEWS, equirect_to_cube_faces, perspective_to_direction, sample_cube_faces
+
+    pixels = np.asarray(image, dtype=np.float32)
+    height, width = pixels.shape[:2]
+    face_size = max(1, width // 4)
+    faces = equirect_to_cube_faces(pixels, face_size)
+    step = math.pi / height
+    count = max(1, int(math.floor(math.atan(1.0 - 1.0 / face_size) / step - 0.5)) + 1)
+    polar = (np.arange(-count, count) + 0.5) * step  # signed angles from the pole
+    azimuth = np.arange(diameters) * math.pi / diameters
+    radius = np.tan(polar)[None, :] * face_size / 2.0  # in texels from the face centre
+    centre = (face_size - 1) / 2.0
+    cols = centre + radius * np.cos(azimuth)[:, None]
+    rows = centre + radius * np.sin(azimuth)[:, None]
+    profile = {}
+    for face in ("U", "D"):
+        directions = perspective_to_direction(cols, rows, *FACE_VIEWS[face], 0.0, 90.0, face_size)
+        samples = sample_cube_faces(faces, directions)  # (diameters, 2 count, C)
+        steps = np.abs(np.diff(samples, axis=1)).mean(axis=(0, 2))  # step j between samples j and j + 1
+        # Step count - 1 crosses the pole; fold the steps on its two sides together, by distance.
+        folded = np.concatenate([steps[count - 1:count], (steps[count:] + steps[count - 2::-1]) / 2.0])
+        profile[face] = (np.degrees(np.arange(len(folded)) * step), folded)
+    return profile
+
+
+def pole_ratios(image: np.ndarray, near_degrees: float = POLE_NEAR_DEGREES, ring_degrees: float = POLE_RING_DEGREES) -> dict[str, float]:
+    """How visible a discontinuity at the zenith (U) and nadir (D) of an equirect ``image`` (H, 2H, C) is.
+
+    From ``pole_profile`` (one step = one equirect row along a great circle through the pole): the larger
+    of the step across the pole itself and the mean step within ``near_degrees`` of the pole, divided by
+    the median step in the ring from ``near_degrees`` to ``ring_degrees`` around it (at least the first
+    step beyond ``near_degrees``). A pinch, content converging into a star at the pole, shows at the step
+    across the pole, where each diameter compares opposite sides of the star; a cap with a hard edge
+    within ``near_degrees`` raises the mean step there. A smooth image changes about as fast at the pole as
+    just around it: about 1. 0 / 0 is 0 and x / 0 is ``inf``. Returns {"U": ratio, "D": ratio}.
+    """
+    ratios = {}
+    for face, (distance, steps) in pole_profile(image).items():
+        near = distance <= near_degrees
+        crossing = float(steps[0])
+        beyond = distance[~near]
+        ring = ~near & (distance <= max(ring_degrees, beyond.min() if len(beyond) else 0.0))
+        typical = float(np.median(steps[ring])) if ring.any() else 0.0
+        ratios[face] = _ratio(max(crossing, float(steps[near].mean())), typical)
+    return ratios
+
+
 def horizon_faces(image: np.ndarray, face_size: int) -> np.ndarray:
     """The four horizon cube faces F, R, B, L of an equirect ``image`` (H, W, 3) with H = W/2, uint8 or
     [0, 1] float sRGB: 90° perspective views looking forward, right, back and left, which tile the
@@ -209,7 +352,9 @@ def measure(image: np.ndarray, layout: str, window_px: int | None = None, backbo
     prints it x 10^-3), seam_ratio_x (equirect and tile: the left/right wrap seam) and seam_ratio_y (tile:
     top/bottom); a wide image is planar and has no wrap seam, so it gets neither. Equirect also gets
     horizon_faces (4), horizon_faces_pairs (6), horizon_faces_intra_lpips and horizon_faces_intra_style_l:
-    the same metrics on the perspective faces F, R, B, L of size window_px. Finally backbones
+    the same metrics on the perspective faces F, R, B, L of size window_px, and the sphere's seam ratios:
+    cube_edge_ratios ({"F-L": ratio, …} for the 12 cube edges, ``cube_edge_ratios``), cube_edge_ratio_max,
+    pole_ratio_up and pole_ratio_down (``pole_ratios``; seam_ratio_x is the ±180° meridian). Finally backbones
     ({loss: "vgg16 pretrained" / "... random (why)"}) and pretrained (True only if every trunk was).
     A seam ratio that is infinite (constant image with a seam) is reported as None (JSON null).
     """
@@ -240,6 +385,11 @@ def measure(image: np.ndarray, layout: str, window_px: int | None = None, backbo
         result["horizon_faces_pairs"] = len(faces) * (len(faces) - 1) // 2
         result["horizon_faces_intra_lpips"] = intra_lpips(faces, losses["lpips-vgg"])
         result["horizon_faces_intra_style_l"] = intra_style_loss(faces, losses["style"])
+        edges = cube_edge_ratios(pixels)
+        result["cube_edge_ratios"] = {edge: _finite_or_none(value) for edge, value in edges.items()}
+        result["cube_edge_ratio_max"] = _finite_or_none(max(edges.values()))
+        poles = pole_ratios(pixels)
+        result["pole_ratio_up"], result["pole_ratio_down"] = _finite_or_none(poles["U"]), _finite_or_none(poles["D"])
     result["backbones"] = {name: losses[name].backbone.describe() for name in METRIC_LOSSES}
     result["pretrained"] = all(losses[name].backbone.pretrained for name in METRIC_LOSSES)
     return result

@@ -1,4 +1,5 @@
-"""Writing a job's files: panorama.png (8-bit sRGB), panorama.exr (float32 linear RGB), metadata.json.
+"""Writing a job's files: panorama.png (8-bit sRGB), panorama.exr (float32 linear RGB), metadata.json, and for
+360° (equirect) jobs the cube map: six faces, a dice cross and a horizon strip as PNG.
 
 Every file is first written in full to a hidden partial file in the output folder and then renamed into
 place (a rename within a folder is atomic), so a job that fails or is killed while writing never leaves a
@@ -67,20 +68,40 @@ def write_json(path: str, data: dict) -> None:
         f.write("\n")
 
 
-def write_job_outputs(out_dir: str, image: np.ndarray, metadata: dict) -> dict[str, str]:
-    """Write panorama.png, panorama.exr and metadata.json for ``image`` (H, W, 3) in [0, 1], sRGB-encoded.
+def write_job_outputs(out_dir: str, image: np.ndarray, metadata: dict, cube_map: bool = False) -> dict:
+    """Write panorama.png, panorama.exr and metadata.json for ``image`` (H, W, 3) in [0, 1], sRGB-encoded;
+    with ``cube_map`` (360° equirect jobs) also its cube map as PNG: face_F … face_D, the cross
+    cubemap_dice and the strip cubemap_horizon (``cubemap.cube_map_writers``, faces W/4 px).
 
-    Creates ``out_dir`` if needed; replaces existing files (the request checked ``--overwrite``).
-    Returns {"png": path, "exr": path, "metadata": path}, the ``outputs`` of the protocol's done event.
-    On any failure nothing new is left behind (``write_files_atomically``).
+    The faces are cut with ``geometry.equirect_to_cube_faces`` from the PNG's own 8-bit pixels, so they are
+    byte for byte what ``python -m backend cubemap panorama.png`` writes. Creates ``out_dir`` if needed;
+    replaces existing files (the request checked ``--overwrite``). Returns {"png": path, "exr": path,
+    "metadata": path}, plus with ``cube_map`` {"faces": {"F": path, … "D": path}, "dice": path,
+    "horizon": path}: the ``outputs`` of the protocol's done event. All files are written in one
+    ``write_files_atomically``: on any failure nothing new is left behind.
     """
     # Lambdas look the writers up when called, so tests can replace them on this module.
-    paths = write_files_atomically(out_dir, [
+    writers = [
         ("panorama.exr", lambda path: write_exr(path, srgb_to_linear(image))),
         ("panorama.png", lambda path: write_png(path, image)),
         ("metadata.json", lambda path: write_json(path, metadata)),
-    ])
-    return {"png": paths["panorama.png"], "exr": paths["panorama.exr"], "metadata": paths["metadata.json"]}
+    ]
+    cube_names = []
+    if cube_map:
+        from .cubemap import cube_map_writers
+
+        cube_writers = cube_map_writers(to_uint8(image).astype(np.float32) / 255.0, ".png", horizon=True)
+        cube_names = [name for name, _ in cube_writers]
+        writers += cube_writers
+    paths = write_files_atomically(out_dir, writers)
+    outputs = {"png": paths["panorama.png"], "exr": paths["panorama.exr"], "metadata": paths["metadata.json"]}
+    if cube_map:
+        from .geometry import FACES
+
+        # cube_map_writers' order: the faces F R B L U D, the cross, the strip.
+        outputs["faces"] = {face: paths[name] for face, name in zip(FACES, cube_names)}
+        outputs["dice"], outputs["horizon"] = paths[cube_names[6]], paths[cube_names[7]]
+    return outputs
 
 
 def write_files_atomically(out_dir: str, writers: Sequence[tuple[str, Callable[[str], None]]]) -> dict[str, str]:

@@ -30,7 +30,8 @@ def progress_event(job: str | None, stage: str, step: int, total: int, preview: 
 
 
 def done_event(job: str | None, outputs: dict) -> dict:
-    """A done event; ``outputs`` maps names (png, exr, metadata) to absolute paths."""
+    """A done event; ``outputs`` maps names (png, exr, metadata; for equirect jobs also dice, horizon, and
+    faces: {F, R, B, L, U, D: path}) to absolute paths."""
     return {"event": "done", "job": job, "outputs": outputs}
 
 

@@ -2,7 +2,8 @@
 
 Field names are the CLI flags in snake_case (``--view-batch`` -> ``view_batch``), which is also what
 the protocol's ``params`` object uses. Standard library only, so it validates without torch: every
-check here runs before any model is loaded and before any output folder is created.
+check here runs before any model is loaded and before any output folder is created. (Checking an
+equirect job's existing outputs reads the cube map's file names from ``backend/cubemap.py``, numpy.)
 """
 
 from __future__ import annotations
@@ -112,6 +113,21 @@ class GenerateRequest:
         """All parameters as a JSON-serialisable dict (what metadata.json records)."""
         return dataclasses.asdict(self)
 
+    @property
+    def cube_map(self) -> bool:
+        """Whether the job also writes its panorama's cube map (faces, cross, strip): 360° equirect jobs do."""
+        return self.layout == "equirect"
+
+    def output_names(self) -> list[str]:
+        """The files a job of this request writes into its folder: OUTPUT_NAMES, then for ``cube_map`` the
+        cube map's PNGs (named by ``backend/cubemap.py``, imported only then: it needs numpy, not torch)."""
+        names = list(OUTPUT_NAMES)
+        if self.cube_map:
+            from .cubemap import output_names
+
+            names += output_names(".png", horizon=True)
+        return names
+
     # ------------------------------------------------------------------ validation
     def validate(self) -> None:
         """Check everything that does not need the model; fill per-layout default sizes.
@@ -174,7 +190,7 @@ class GenerateRequest:
         self.out = os.path.abspath(os.path.expanduser(self.out))
         if os.path.exists(self.out) and not os.path.isdir(self.out):
             raise BadRequest(f"The output path {self.out} exists and is not a folder.")
-        existing = [name for name in OUTPUT_NAMES if os.path.exists(os.path.join(self.out, name))]
+        existing = [name for name in self.output_names() if os.path.exists(os.path.join(self.out, name))]
         if existing and not self.overwrite:
             raise BadRequest(
                 f"{os.path.join(self.out, existing[0])} already exists; pass --overwrite to replace it "

@@ -48,6 +48,12 @@ def run_blender(script, extension_zip, tiny_model, tmp_path, timeout=600):
         settings.steps = 2
         settings.window = 16
         settings.stride = 8
+
+        def generate():  # the Generate operator: (sorted result set, None), or (None, the error sentence)
+            try:
+                return sorted(bpy.ops.syncsphere.generate()), None
+            except RuntimeError as error:  # operator errors raise in background mode
+                return None, str(error)
         """
     code = textwrap.dedent(prelude) + textwrap.dedent(script)
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
@@ -93,12 +99,7 @@ def test_backend_error_is_reported_and_the_scene_is_unchanged(extension_zip, tin
     report = run_blender("""
         settings.stride = 40  # larger than the window of 16: the backend refuses the request
         worlds_before = sorted(bpy.data.worlds.keys())
-        try:
-            bpy.ops.syncsphere.generate()
-        except RuntimeError as error:  # operator errors raise in background mode
-            message = str(error)
-        else:
-            message = None
+        _, message = generate()
         print(json.dumps({"message": message, "same_worlds": sorted(bpy.data.worlds.keys()) == worlds_before,
                           "history": len(settings.history)}))
     """, extension_zip, tiny_model, tmp_path)
@@ -144,12 +145,6 @@ INTERRUPT_AT_DENOISING = """
             elif action == "hang":
                 os.kill(job.worker.process.pid, signal.SIGSTOP)
         threading.Thread(target=run, daemon=True).start()
-
-    def generate():
-        try:
-            return sorted(bpy.ops.syncsphere.generate()), None
-        except RuntimeError as error:  # operator errors raise in background mode
-            return None, str(error)
 """
 
 
@@ -229,12 +224,7 @@ def test_syncdiffusion_world_end_to_end(extension_zip, tiny_model, tmp_path):
         # backend accepts the request and the operator reports why it failed.
         settings.sync_fast = True
         worlds = sorted(bpy.data.worlds.keys())
-        try:
-            bpy.ops.syncsphere.generate()
-        except RuntimeError as error:  # operator errors raise in background mode
-            fast_error = str(error)
-        else:
-            fast_error = None
+        _, fast_error = generate()
         print(json.dumps({"metadata": metadata, "exr": item.exr_path,
                           "history": [item.sync_method, item.sync_weight, item.sync_steps, item.sync_fast],
                           "environment": bpy.path.abspath(environment.image.filepath), "size": list(environment.image.size),

@@ -196,3 +196,94 @@ def test_info_prints_device_and_versions():
     result = run_cli("info")
     info = json.loads(result.stdout)
     assert result.returncode == 0 and info["device"] == "cpu" and info["dtype"] == "float32" and info["versions"]["torch"]
+
+
+# ---------------------------------------------------------------- the cube map of 360° jobs
+
+
+def _job(tiny_model, out, layout, width, height, **extra):
+    """Run one generation through check_request / run_job (what the CLI and the server call); its outputs."""
+    from backend.job import check_request, run_job
+    from backend.request import GenerateRequest
+
+    request = GenerateRequest(prompt="a courtyard", layout=layout, width=width, height=height, steps=2, window=16,
+                              stride=8, seed=3, device="cpu", model=tiny_model, out=str(out), **extra)
+    return run_job(check_request(request))
+
+
+def test_equirect_job_writes_the_cube_map_of_its_png_in_the_same_folder(tiny_model, tmp_path):
+    from backend.cubemap import output_names, write_cubemap
+    from backend.geometry import FACES, equirect_to_cube_faces, faces_to_dice, faces_to_horizon
+    from backend.outputs import to_uint8
+    from backend.protocol import done_event
+
+    out = tmp_path / "out"
+    outputs = _job(tiny_model, out, "equirect", 512, 256)
+    cube_names = output_names(".png", horizon=True)
+    assert sorted(os.listdir(out)) == sorted(["metadata.json", "panorama.exr", "panorama.png", *cube_names])
+    # The done event's outputs: the existing keys as before, the cube map under its own keys.
+    assert outputs["png"] == str(out / "panorama.png") and outputs["exr"] == str(out / "panorama.exr")
+    assert outputs["metadata"] == str(out / "metadata.json")
+    assert outputs["faces"] == {face: str(out / f"face_{face}.png") for face in FACES}
+    assert outputs["dice"] == str(out / "cubemap_dice.png") and outputs["horizon"] == str(out / "cubemap_horizon.png")
+    json.dumps(done_event("job", outputs))
+
+    def read(path):
+        with Image.open(path) as image:
+            assert image.mode == "RGB"
+            return np.asarray(image)
+
+    panorama = read(outputs["png"])
+    faces = {face: read(path) for face, path in outputs["faces"].items()}
+    assert all(face.shape == (128, 128, 3) for face in faces.values())  # W / 4
+    # Cut from the written PNG's pixels with our geometry, then rounded to 8 bits.
+    reference = equirect_to_cube_faces(panorama.astype(np.float32) / 255.0, 128)
+    for face in FACES:
+        np.testing.assert_array_equal(faces[face], to_uint8(reference[face]))
+    dice, horizon = read(outputs["dice"]), read(outputs["horizon"])
+    assert dice.shape == (384, 512, 3) and horizon.shape == (128, 768, 3)
+    np.testing.assert_array_equal(dice, faces_to_dice(faces))
+    np.testing.assert_array_equal(horizon, faces_to_horizon(faces))
+    # One way to cut a cube map: the `cubemap` command on panorama.png writes the same bytes.
+    exported = write_cubemap(outputs["png"], str(tmp_path / "exported"))
+    for name, path in exported.items():
+        assert (out / name).read_bytes() == open(path, "rb").read()
+
+
+@pytest.mark.parametrize("layout,width,height", [("wide", 256, 128), ("tile", 128, 128)])
+def test_wide_and_tile_jobs_write_no_cube_map(tiny_model, tmp_path, layout, width, height):
+    out = tmp_path / "out"
+    outputs = _job(tiny_model, out, layout, width, height)
+    assert sorted(outputs) == ["exr", "metadata", "png"]
+    assert sorted(os.listdir(out)) == ["metadata.json", "panorama.exr", "panorama.png"]
+
+
+def test_failure_while_writing_a_cube_face_leaves_nothing(tiny_model, tmp_path, monkeypatch):
+    import backend.outputs
+
+    real_write_png = backend.outputs.write_png
+
+    def fail_on_face_u(path, image):
+        if "face_U" in os.path.basename(path):
+            raise OSError("disk full")
+        real_write_png(path, image)
+
+    monkeypatch.setattr(backend.outputs, "write_png", fail_on_face_u)
+    out = tmp_path / "out"
+    with pytest.raises(OSError):
+        _job(tiny_model, out, "equirect", 256, 128)
+    assert not out.exists()  # not even panorama.png, written before the faces
+
+
+def test_existing_cube_map_files_need_overwrite_for_equirect_jobs_only(tmp_path):
+    from backend.errors import BadRequest
+    from backend.request import GenerateRequest
+
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "cubemap_horizon.png").write_bytes(b"the user's file")
+    with pytest.raises(BadRequest, match="cubemap_horizon.png already exists; pass --overwrite"):
+        GenerateRequest(prompt="x", layout="equirect", out=str(out)).validate()
+    GenerateRequest(prompt="x", layout="equirect", out=str(out), overwrite=True).validate()
+    GenerateRequest(prompt="x", layout="tile", out=str(out)).validate()  # a tile job does not write it
+    assert GenerateRequest(prompt="x", layout="wide").output_names() == ["panorama.png", "panorama.exr", "metadata.json"]

@@ -166,6 +166,133 @@ def test_seam_ratio_is_low_for_a_wrapped_image_and_high_for_a_hard_seam():
     assert seam_ratio(np.zeros((8, 8, 3)), 1) == 0.0 and math.isinf(seam_ratio(edge, 1))
 
 
+# ---------------------------------------------------------------- sphere seams: cube edges and poles
+
+
+def _sphere_image(height, seed=0, latitude_limit=None):
+    """An equirect image that is a smooth function of direction (linear plus a sine per channel). With
+    ``latitude_limit`` (degrees), rows nearer a pole show the colour of that latitude at their longitude:
+    the pinch into a star that flat content gives at the poles."""
+    from backend.geometry import lonlat_to_direction
+
+    width = 2 * height
+    rows, cols = np.mgrid[0:height, 0:width]
+    lon = (cols + 0.5) / width * 2 * np.pi - np.pi
+    lat = np.pi / 2 - (rows + 0.5) / height * np.pi
+    if latitude_limit is not None:
+        lat = np.clip(lat, -np.radians(latitude_limit), np.radians(latitude_limit))
+    directions = lonlat_to_direction(lon, lat)
+    rng = np.random.default_rng(seed)
+    linear, wave = rng.normal(size=(3, 3)), rng.normal(size=(3, 3))
+    return np.stack([0.5 + 0.15 * directions @ linear[c] + 0.1 * np.sin(2 * directions @ wave[c]) for c in range(3)],
+                    axis=-1).astype(np.float32)
+
+
+def test_cube_edges_are_the_twelve_edges_and_pair_texels_across_them():
+    from backend.geometry import FACES, cube_face_directions
+
+    size = 16
+    edges = metrics.cube_edges(size)
+    pairs = {frozenset((edge[1], edge[4])) for edge in edges}
+    assert len(edges) == 12 and len(pairs) == 12
+    assert not pairs & {frozenset("FB"), frozenset("RL"), frozenset("UD")}  # opposite faces never meet
+    assert all(sum(face in pair for pair in pairs) == 4 for face in FACES)
+    texel = np.radians(90) / size  # at a face's centre; texels are smaller towards its edges
+    for name, face_a, (rows_a, cols_a), axis_a, face_b, (rows_b, cols_b), axis_b in edges:
+        a = cube_face_directions(face_a, size)[rows_a, cols_a]
+        b = cube_face_directions(face_b, size)[rows_b, cols_b]
+        # Texels meeting across the edge are less than a (central) texel apart, and each of B's is the
+        # nearest of B's side to its partner in A.
+        angles = np.arccos(np.clip((a * b).sum(axis=-1), -1, 1))
+        assert angles.max() < texel, name
+        nearest = np.argmax(a @ b.T, axis=1)  # b is B's whole side, in A's order along the edge
+        assert (nearest == np.arange(size)).all(), name
+        # The axis across the edge: the outer texels lie on one column (axis 1) or one row (axis 0).
+        assert len(set((cols_a if axis_a == 1 else rows_a).tolist())) == 1
+        assert len(set((cols_b if axis_b == 1 else rows_b).tolist())) == 1
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_a_smooth_sphere_passes_at_every_cube_edge_and_pole(seed):
+    image = _sphere_image(256, seed)
+    edges = metrics.cube_edge_ratios(image)
+    poles = metrics.pole_ratios(image)
+    print(f"smooth sphere {seed}: edges {min(edges.values()):.2f}-{max(edges.values()):.2f}, poles {poles}")
+    assert len(edges) == 12 and max(edges.values()) < 1.2
+    assert all(0.8 < value < 1.2 for value in poles.values())
+
+
+def test_a_seam_at_cube_face_edges_fails_there_only():
+    from backend.geometry import cube_faces_to_equirect, equirect_to_cube_faces
+
+    faces = equirect_to_cube_faces(_sphere_image(256), 128)
+    faces["R"] = faces["R"] + 0.1  # the right face painted separately, a little brighter
+    image = cube_faces_to_equirect(faces, 512)
+    edges = metrics.cube_edge_ratios(image)
+    print("face R + 0.1:", {name: round(value, 2) for name, value in edges.items()})
+    for name, value in edges.items():
+        if "R" in name:
+            assert value > 3, name
+        else:
+            assert value < 1.2, name
+
+
+@pytest.mark.parametrize("case", ["pinch at 80°", "pinch at 87°", "cap", "half and half"])
+def test_a_pinched_or_broken_pole_fails(case):
+    height = 256
+    if case.startswith("pinch"):
+        image = _sphere_image(height, latitude_limit=float(case[-3:-1]))
+    else:
+        image = _sphere_image(height)
+        rows = np.arange(height)[:, None]
+        polar = np.minimum(rows + 0.5, height - rows - 0.5) / height * 180.0  # degrees from the nearer pole
+        if case == "cap":  # a brighter cap 3° across at each pole
+            image = image + 0.1 * (polar < 3.0)[..., None]
+        else:  # half of each polar cap from another image: a hard line through the pole
+            other = _sphere_image(height, seed=5)
+            mask = (polar < 8.0) & (np.arange(2 * height)[None, :] < height)
+            image = np.where(mask[..., None], other, image)
+    poles = metrics.pole_ratios(image)
+    print(f"{case}: {poles}")
+    assert poles["U"] > 1.2 and poles["D"] > 1.2
+
+
+def test_measure_reports_cube_edge_and_pole_ratios_for_equirect_only(losses):
+    image = _sphere_image(64)
+    result = measure(image, "equirect", losses=losses)
+    assert result["cube_edge_ratios"] == pytest.approx(metrics.cube_edge_ratios(image))
+    assert result["cube_edge_ratio_max"] == pytest.approx(max(result["cube_edge_ratios"].values()))
+    poles = metrics.pole_ratios(image)
+    assert (result["pole_ratio_up"], result["pole_ratio_down"]) == pytest.approx((poles["U"], poles["D"]))
+    assert result["seam_ratio_x"] == pytest.approx(seam_ratio(image, 1))  # the ±180° meridian
+    json.dumps(result, allow_nan=False)
+    as_uint8 = measure((image * 255).round().astype(np.uint8), "equirect", losses=losses)
+    assert as_uint8["cube_edge_ratio_max"] == pytest.approx(result["cube_edge_ratio_max"], rel=0.05)
+    tile = measure(_smooth_periodic(64, 64), "tile", losses=losses)
+    assert not any(key.startswith(("cube_edge", "pole_")) for key in tile)
+
+
+def test_tiny_model_equirect_job_seam_and_pole_ratios(tiny_model, tmp_path):
+    """The ratios of a real (tiny, random) generation: reported, and checked where they do not depend on
+    content (design section 6): turning the panorama by 90° of yaw permutes the cube faces and turns U and D
+    by a quarter, so the 12 edge ratios are permuted and the pole ratios stay as they are."""
+    from backend.job import check_request, run_job
+    from backend.request import GenerateRequest
+
+    request = GenerateRequest(prompt="a forest clearing", layout="equirect", width=512, height=256, steps=3,
+                              window=16, stride=8, seed=11, device="cpu", model=tiny_model, out=str(tmp_path / "out"))
+    image = np.asarray(Image.open(run_job(check_request(request))["png"])).astype(np.float32) / 255.0
+    edges, poles = metrics.cube_edge_ratios(image), metrics.pole_ratios(image)
+    seam = seam_ratio(image, 1)
+    print(f"tiny model 512x256: cube edges {({name: round(value, 3) for name, value in edges.items()})}, "
+          f"max {max(edges.values()):.3f}; poles {({face: round(value, 3) for face, value in poles.items()})}; "
+          f"seam at ±180° {seam:.3f}")
+    assert len(edges) == 12 and all(math.isfinite(value) for value in [*edges.values(), *poles.values(), seam])
+    turned = np.roll(image, 128, axis=1)  # 90° of yaw
+    assert sorted(metrics.cube_edge_ratios(turned).values()) == pytest.approx(sorted(edges.values()), rel=1e-4)
+    assert metrics.pole_ratios(turned) == pytest.approx(poles, rel=1e-4)
+
+
 def test_measure_reports_seams_per_layout_and_the_backbones(losses):
     tile = measure(np.roll(_smooth_periodic(64, 64), 20, axis=1), "tile", losses=losses)
     assert tile["window_px"] == 32 and tile["crops"] == 4 and tile["pairs"] == 6
