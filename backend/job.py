@@ -221,6 +221,7 @@ def syncdiffusion_guidance(request: GenerateRequest, model: LoadedModel, canvas:
         "anchors": sorted(set(anchor)) if isinstance(anchor, list) else [anchor],
         "loss": request.sync_loss,
         "loss_backbone": loss.backbone.describe(),
+        "loss_pretrained": loss.backbone.pretrained,
         "decoder": type(decoder).__name__ if request.sync_decoder == "vae" else request.sync_decoder,
     }
     return guidance, details, [model.pipeline.unet, decoder]

@@ -4,6 +4,7 @@ The scene settings (``properties.SyncSphereSettings``, or any object with the sa
 protocol's ``generate`` params (docs/protocol.md): the CLI's flag names in snake_case.
 """
 
+import json
 import os
 import random
 import re
@@ -76,6 +77,25 @@ def generate_params(settings, seed, *, model, device):
         if settings.sync_fast:
             params.update(FAST_SYNC_PARAMS)
     return params
+
+
+def result_warnings(metadata_path):
+    """Sentences an artist should read about a finished job, from its metadata.json (a path): today, that
+    SyncDiffusion's perceptual loss ran with a random network because the ImageNet one was not available
+    (Blender's online access off and nothing cached), so its guidance followed random features.
+    Returns a list of sentences (empty when there is nothing to say or the file cannot be read)."""
+    try:
+        with open(metadata_path, encoding="utf-8") as file:
+            metadata = json.load(file)
+    except (OSError, ValueError, TypeError):
+        return []
+    sync = metadata.get("syncdiffusion") or {}
+    if sync.get("loss_pretrained") is False:
+        return [f"SyncDiffusion's perceptual loss ran with a random network ({sync.get('loss_backbone', 'no ImageNet weights')}), "
+                "so its coherence guidance did little; allow online access once (Preferences > System > Network > "
+                "Allow Online Access) "
+                "so the backend can download it"]
+    return []
 
 
 def job_folder(output_root, prompt, seed, now=None):

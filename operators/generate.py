@@ -101,6 +101,8 @@ class SYNCSPHERE_OT_generate(Operator):
         # A modal operator gets no automatic undo step: push one, so Ctrl+Z takes the result back out.
         bpy.ops.ed.undo_push(message="SyncSphere: apply generation")
         self.report({"INFO"}, message)
+        for warning in generation.result_warnings(job.outputs.get("metadata")):
+            self.report({"WARNING"}, warning)
         return {"FINISHED"}
 
 

@@ -4,6 +4,7 @@ library only) accepts them and reads them as meant.
 """
 
 import importlib.util
+import json
 import os
 import types
 
@@ -111,3 +112,19 @@ def test_the_backend_would_refuse_sync_options_with_multidiffusion(tmp_path):
     """Why MultiDiffusion sends nothing: the backend refuses any SyncDiffusion option without it."""
     with pytest.raises(BadRequest, match="only applies to SyncDiffusion"):
         backend_request({**params_of(), "sync_weight": 20.0}, tmp_path)
+
+
+@pytest.mark.parametrize("syncdiffusion,expected", [
+    ({"loss_backbone": "vgg16 random (ImageNet weights not cached and downloads are off)", "loss_pretrained": False}, 1),
+    ({"loss_backbone": "vgg16 pretrained", "loss_pretrained": True}, 0),
+    (None, 0),
+])
+def test_a_random_loss_network_is_reported_to_the_artist(tmp_path, syncdiffusion, expected):
+    metadata = tmp_path / "metadata.json"
+    metadata.write_text(json.dumps({"sync": "syncdiffusion" if syncdiffusion else "multidiffusion",
+                                    **({"syncdiffusion": syncdiffusion} if syncdiffusion else {})}))
+    warnings = generation.result_warnings(str(metadata))
+    assert len(warnings) == expected
+    if expected:
+        assert "random network" in warnings[0] and "online access" in warnings[0]
+    assert generation.result_warnings(str(tmp_path / "missing.json")) == []

@@ -234,6 +234,7 @@ def test_syncdiffusion_world_end_to_end(extension_zip, tiny_model, tmp_path):
     with open(report["metadata"], encoding="utf-8") as file:
         metadata = json.load(file)
     assert metadata["sync"] == "syncdiffusion"
+    assert metadata["syncdiffusion"]["loss_pretrained"] is False  # offline: the artist is warned (result_warnings)
     params = metadata["params"]
     assert (params["sync"], params["sync_weight"], params["sync_steps"]) == ("syncdiffusion", 15.0, 1)
     assert (params["sync_decoder"], params["sync_reuse_eps"], params["sync_loss_size"]) == ("vae", False, None)
