@@ -116,7 +116,7 @@ def build_parser() -> argparse.ArgumentParser:
                          "tile: wraps in x and y")
     metrics.add_argument("--window-px", type=int, help="crop size in px (default: the height for wide, half the height "
                          "for equirect and tile)")
-    metrics.add_argument("--backbone", default="auto", choices=("auto", "pretrained", "random"),
+    metrics.add_argument("--backbone", default="auto", choices=SYNC_LOSS_BACKBONES,
                          help="the loss networks' trunks: auto (ImageNet weights when cached or downloadable, default), "
                          "pretrained (fail without them) or random (numbers comparable only to each other)")
     metrics.add_argument("--json", metavar="FILE", help="also write the results as JSON to FILE")

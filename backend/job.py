@@ -193,7 +193,7 @@ def syncdiffusion_guidance(request: GenerateRequest, model: LoadedModel, canvas:
     Returns (the guidance, what metadata.json records of it, the modules its gradient pass runs through).
     Raises BadRequest (an anchor that is not a view, a bad decoder) or ModelNotFound (decoder, loss trunk).
     """
-    anchor = sync_anchors(request, canvas, views)
+    anchors = sync_anchors(request, canvas, views)
     if request.sync_decoder == "vae":
         decoder = model.pipeline.vae
     else:
@@ -214,11 +214,11 @@ def syncdiffusion_guidance(request: GenerateRequest, model: LoadedModel, canvas:
               "random features instead of perceptual ones", file=sys.stderr)
     guidance = SyncDiffusionGuidance(
         predict=denoiser.predict, decode=decode, loss=loss, weight=request.sync_weight, decay=request.sync_decay,
-        steps=request.sync_steps, every=request.sync_every, anchor=anchor, chunk=request.view_batch,
+        steps=request.sync_steps, every=request.sync_every, anchors=anchors, chunk=request.view_batch,
         reuse_prediction=request.sync_reuse_eps,
     )
     details = {
-        "anchors": sorted(set(anchor)) if isinstance(anchor, list) else [anchor],
+        "anchors": sorted(set(anchors)),
         "loss": request.sync_loss,
         "loss_backbone": loss.backbone.describe(),
         "loss_pretrained": loss.backbone.pretrained,
@@ -227,17 +227,17 @@ def syncdiffusion_guidance(request: GenerateRequest, model: LoadedModel, canvas:
     return guidance, details, [model.pipeline.unet, decoder]
 
 
-def sync_anchors(request: GenerateRequest, canvas: Canvas, views: list) -> int | list[int]:
-    """SyncDiffusion's anchor among ``views``: for ``--sync-anchor center`` one anchor per view
-    (``ring_anchor_indices``: the view nearest the centre; on equirect, each ring's view facing longitude
-    0), else the given index for all. Raises BadRequest for an index past the views."""
+def sync_anchors(request: GenerateRequest, canvas: Canvas, views: list) -> list[int]:
+    """SyncDiffusion's anchor of every view of ``views``, one index per view: for ``--sync-anchor center``
+    ``ring_anchor_indices`` (the view nearest the centre; on equirect, each ring's view facing longitude 0),
+    else the given index for all. Raises BadRequest for an index past the views."""
     if request.sync_anchor == "center":
         return ring_anchor_indices(canvas, views)
     if request.sync_anchor >= len(views):
         raise BadRequest(
             f"--sync-anchor {request.sync_anchor} is not a view: this canvas has {len(views)} views (0 to {len(views) - 1})."
         )
-    return request.sync_anchor
+    return [request.sync_anchor] * len(views)
 
 
 @contextlib.contextmanager

@@ -27,8 +27,9 @@ import numpy as np
 import torch
 
 from .errors import BadRequest
+from .request import LAYOUTS
 
-METRIC_LAYOUTS = ("wide", "equirect", "tile")
+
 METRIC_LOSSES = ("lpips-vgg", "style")
 HORIZON_FACES = ("F", "R", "B", "L")
 # LPIPS-VGG pools four times, so a crop needs at least 16 px on a side to reach its last layer.
@@ -322,8 +323,8 @@ def check_measurable(shape: tuple, layout: str, window_px: int | None = None) ->
 
     Raises BadRequest with one sentence for an unknown layout, an image that is not RGB, an equirect
     image that is not 2:1, a window below MIN_WINDOW_PX, or a window that leaves fewer than 2 crops."""
-    if layout not in METRIC_LAYOUTS:
-        raise BadRequest(f"Unknown layout {layout!r}; use one of {', '.join(METRIC_LAYOUTS)}.")
+    if layout not in LAYOUTS:
+        raise BadRequest(f"Unknown layout {layout!r}; use one of {', '.join(LAYOUTS)}.")
     if len(shape) != 3 or shape[2] != 3:
         raise BadRequest(f"Expected an RGB image of shape (H, W, 3), got {tuple(shape)}.")
     height, width = shape[:2]

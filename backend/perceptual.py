@@ -13,6 +13,7 @@ the numbers then repeat but only mean something relative to each other; every re
 
 from __future__ import annotations
 
+import functools
 import os
 import sys
 from dataclasses import dataclass
@@ -22,9 +23,9 @@ import torch.nn.functional as F
 
 from .errors import ModelNotFound
 from .models import hub_offline
+from .request import SYNC_LOSSES
 
-PERCEPTUAL_LOSSES = ("lpips-vgg", "lpips-alex", "style")
-BACKBONE_CHOICES = ("auto", "pretrained", "random")
+PERCEPTUAL_LOSSES = SYNC_LOSSES  # lpips-vgg, lpips-alex, style: the names --sync-loss accepts
 
 # torchvision's ImageNet weights for each trunk (the URL's file name carries the hash prefix it checks).
 _TRUNK_URLS = {
@@ -61,27 +62,30 @@ def trunk_checkpoint_path(trunk: str) -> str:
 
 
 def _trunk_state_dict(trunk: str, backbone: str) -> tuple[dict | None, Backbone]:
-    """The trunk's ImageNet state dict (or None for random weights) and a description of the choice."""
-    path = trunk_checkpoint_path(trunk)
+    """The trunk's ImageNet state dict (or None for random weights) and a description of the choice.
+
+    ``torch.hub.load_state_dict_from_url`` reads the cached file or downloads it (checking the hash its
+    name carries), with ``weights_only=True``."""
     if backbone == "random":
         return None, Backbone(trunk, False, "asked for")
-    if not os.path.exists(path):
-        if hub_offline():
-            if backbone == "pretrained":
-                raise ModelNotFound(
-                    f"The {trunk} weights the perceptual loss needs are not in {path} and downloads are off "
-                    "(HF_HUB_OFFLINE); download them once online or use --sync-loss-backbone random."
-                )
-            return None, Backbone(trunk, False, "ImageNet weights not cached and downloads are off")
-        try:
-            os.makedirs(os.path.dirname(path), exist_ok=True)
-            torch.hub.download_url_to_file(_TRUNK_URLS[trunk], path, hash_prefix=None, progress=False)
-        except Exception as error:  # network errors come in many types; the result says what happened
-            if backbone == "pretrained":
-                raise ModelNotFound(f"Could not download the {trunk} weights from {_TRUNK_URLS[trunk]}: {error}.") from error
-            print(f"warning: could not download {trunk} weights ({error}); using a random trunk", file=sys.stderr)
-            return None, Backbone(trunk, False, "download failed")
-    return torch.load(path, map_location="cpu", weights_only=True), Backbone(trunk, True)
+    path = trunk_checkpoint_path(trunk)
+    if not os.path.exists(path) and hub_offline():
+        if backbone == "pretrained":
+            raise ModelNotFound(
+                f"The {trunk} weights the perceptual loss needs are not in {path} and downloads are off "
+                "(HF_HUB_OFFLINE); download them once online or use --sync-loss-backbone random."
+            )
+        return None, Backbone(trunk, False, "ImageNet weights not cached and downloads are off")
+    try:
+        state_dict = torch.hub.load_state_dict_from_url(
+            _TRUNK_URLS[trunk], map_location="cpu", progress=False, check_hash=True, weights_only=True
+        )
+    except Exception as error:  # network errors come in many types; the result says what happened
+        if backbone == "pretrained":
+            raise ModelNotFound(f"Could not load the {trunk} weights from {_TRUNK_URLS[trunk]}: {error}.") from error
+        print(f"warning: could not load {trunk} weights ({error}); using a random trunk", file=sys.stderr)
+        return None, Backbone(trunk, False, "download failed")
+    return state_dict, Backbone(trunk, True)
 
 
 def _torchvision_trunk(trunk: str, state_dict: dict | None) -> torch.nn.Sequential:
@@ -135,10 +139,21 @@ def load_perceptual_loss(
 
     backbone: ``auto`` (ImageNet trunk when cached or downloadable, else random with a note), ``pretrained``
     (ImageNet or a ModelNotFound error), ``random`` (random trunk from seed 0; repeatable, the global RNG
-    untouched). LPIPS's own linear layers ship inside the lpips package and are always loaded.
+    untouched). LPIPS's own linear layers ship inside the lpips package and are always loaded. The network
+    is built once and kept for later calls (the worker runs many jobs), until the trunk file or the
+    offline setting it was chosen by changes.
     """
     if name not in PERCEPTUAL_LOSSES:
         raise ValueError(f"unknown perceptual loss {name!r}")
+    path = trunk_checkpoint_path(_TRUNK_OF_LOSS[name])
+    network, chosen = _loss_network(name, backbone, str(torch.device(device)), path, os.path.exists(path), hub_offline())
+    return PerceptualLoss(name, network, chosen, size, scale)
+
+
+@functools.lru_cache(maxsize=2)
+def _loss_network(name: str, backbone: str, device: str, path: str, cached: bool, offline: bool):
+    """(network on ``device``, Backbone) of loss ``name``; ``path``, ``cached`` and ``offline`` only key the
+    cache, so that a trunk downloaded or cached since, or a change of the offline setting, is seen."""
     trunk = _TRUNK_OF_LOSS[name]
     state_dict, chosen = _trunk_state_dict(trunk, backbone)
     with torch.random.fork_rng(devices=[]):
@@ -147,7 +162,7 @@ def load_perceptual_loss(
             network = _style_layers(_torchvision_trunk(trunk, state_dict))
         else:
             network = _lpips(trunk, state_dict)
-    return PerceptualLoss(name, network, chosen, size, scale).to(device)
+    return network.requires_grad_(False).eval().to(device), chosen
 
 
 def _lpips(trunk: str, state_dict: dict | None) -> torch.nn.Module:

@@ -57,14 +57,14 @@ def test_batched_gradient_equals_each_views_own_gradient(parts):
     scheduler = ddim(model)
     timestep = scheduler.timesteps[2]
     latents = torch.randn(5, 4, 16, 16, generator=torch.Generator().manual_seed(1))
-    guide = guidance(parts, anchor=2)
+    guide = guidance(parts, anchors=[2] * 5)
     anchor_image = parts[2](latents[2:3])  # any fixed image serves for the comparison
     batched, _ = guide.gradient(latents[[0, 1, 3, 4]], anchor_image, timestep, scheduler)
     scale = batched.abs().max().item()
     assert scale > 0  # the loss really depends on x_t
     for row, index in enumerate([0, 1, 3, 4]):
         alone, _ = guide.gradient(latents[index : index + 1], anchor_image, timestep, scheduler)
-        # Equal up to float32 summation order in batched convolutions: measured at most 5e-4 of the
+        # Equal up to float32 summation order in batched convolutions: measured at most 1.7e-3 of the
         # largest gradient entry. Another view's gradient differs by the order of the gradient itself.
         torch.testing.assert_close(batched[row : row + 1], alone, rtol=0, atol=2e-3 * scale)
         assert (batched[(row + 1) % 4] - alone[0]).abs().max() > 0.1 * scale
@@ -73,7 +73,7 @@ def test_batched_gradient_equals_each_views_own_gradient(parts):
 def test_the_anchor_never_moves_and_the_others_do(parts):
     scheduler = ddim(parts[0])
     latents = torch.randn(4, 4, 16, 16, generator=torch.Generator().manual_seed(2))
-    guided, predictions = guidance(parts, anchor=1, chunk=2).guide(latents, scheduler.timesteps[0], scheduler, 0)
+    guided, predictions = guidance(parts, anchors=[1] * 4, chunk=2).guide(latents, scheduler.timesteps[0], scheduler, 0)
     assert predictions is None  # the paper's algorithm predicts again at the updated latents
     assert torch.equal(guided[1], latents[1])
     assert all((guided[index] - latents[index]).abs().max() > 0 for index in (0, 2, 3))
@@ -85,7 +85,7 @@ def test_weight_zero_is_multidiffusion_bit_for_bit(parts):
     views = canvas.crop_views(16, 8)
     noise = initial_noise(3, (1, 4, 16, 32), model.device, model.dtype)
     results = []
-    for guide in (None, guidance(parts, weight=0.0, anchor=anchor_view_index(canvas, views))):
+    for guide in (None, guidance(parts, weight=0.0, anchors=[anchor_view_index(canvas, views)] * len(views))):
         scheduler = make_scheduler("ddim", model.pipeline.scheduler.config)
         results.append(sample_canvas(denoiser, scheduler, canvas, views, noise, 3, 2, guidance=guide))
     assert torch.equal(results[0], results[1])
@@ -108,7 +108,7 @@ def test_predicted_clean_latent_is_the_schedulers_own(parts, name, prediction_ty
 
 
 def test_decay_steps_and_every_choose_the_guided_steps():
-    guide = SyncDiffusionGuidance(predict=None, decode=None, loss=None, weight=20.0, decay=0.5, steps=6, every=2)
+    guide = SyncDiffusionGuidance(predict=None, decode=None, loss=None, anchors=[0], weight=20.0, decay=0.5, steps=6, every=2)
     assert [guide.weight_at(step) for step in range(8)] == [20.0, 0.0, 5.0, 0.0, 1.25, 0.0, 0.0, 0.0]
 
 
@@ -138,10 +138,10 @@ def test_views_are_pulled_towards_their_own_rings_anchor(parts):
     timestep = scheduler.timesteps[1]
     latents = torch.randn(4, 4, 16, 16, generator=torch.Generator().manual_seed(7))
     anchor_of = [0, 0, 2, 2]  # two rings: views 0-1 and 2-3
-    guided, _ = guidance(parts, anchor=anchor_of, weight=1.0, decay=1.0).guide(latents, timestep, scheduler, 0)
+    guided, _ = guidance(parts, anchors=anchor_of, weight=1.0, decay=1.0).guide(latents, timestep, scheduler, 0)
     assert torch.equal(guided[0], latents[0]) and torch.equal(guided[2], latents[2])
     for view, anchor in ((1, 0), (3, 2)):
-        alone, _ = guidance(parts, anchor=0, weight=1.0, decay=1.0).guide(latents[[anchor, view]], timestep, scheduler, 0)
+        alone, _ = guidance(parts, anchors=[0, 0], weight=1.0, decay=1.0).guide(latents[[anchor, view]], timestep, scheduler, 0)
         torch.testing.assert_close(guided[view], alone[1], rtol=0, atol=2e-3 * (alone[1] - latents[view]).abs().max().item())
 
 
@@ -202,7 +202,7 @@ def test_gradient_checkpointing_gives_the_same_gradient_and_is_switched_off_afte
     unet, vae = model.pipeline.unet, model.pipeline.vae
     scheduler = ddim(model)
     latents = torch.randn(3, 4, 16, 16, generator=torch.Generator().manual_seed(6))
-    guide = guidance(parts)
+    guide = guidance(parts, anchors=[0] * 3)
     anchor_image = parts[2](latents[:1])
     plain, _ = guide.gradient(latents[1:], anchor_image, scheduler.timesteps[1], scheduler)
     with gradient_checkpointing([unet, vae]):
@@ -252,12 +252,19 @@ def test_guidance_lowers_intra_lpips_against_multidiffusion_over_five_seeds(tiny
     assert np.mean(scores["syncdiffusion"]) < np.mean(scores["multidiffusion"])
 
 
-def test_style_loss_guidance_runs_with_the_supplementarys_weight(tiny_model, models, tmp_path):
-    outputs, metadata = _run(tiny_model, models, tmp_path, "style", sync="syncdiffusion", sync_loss="style",
-                             sync_loss_backbone="random", sync_steps=1)
+def test_style_loss_guidance_runs_with_the_supplementarys_weight(tiny_model, models, tmp_path, parts):
+    _, metadata = _run(tiny_model, models, tmp_path, "style", sync="syncdiffusion", sync_loss="style",
+                       sync_loss_backbone="random", sync_steps=1)
     assert metadata["params"]["sync_weight"] == 0.1
     assert metadata["syncdiffusion"]["loss_backbone"].startswith("vgg19 random")
-    assert np.isfinite(np.asarray(Image.open(outputs["png"]), dtype=np.float32)).all()
+    # The style loss (x 10^6, as the job scales it) really moves the views at that weight.
+    _, denoiser, decode, _ = parts
+    style = load_perceptual_loss("style", backbone="random", scale=1e6)
+    scheduler = ddim(parts[0])
+    latents = torch.randn(3, 4, 16, 16, generator=torch.Generator().manual_seed(8))
+    guide = SyncDiffusionGuidance(predict=denoiser.predict, decode=decode, loss=style, anchors=[0] * 3, weight=0.1)
+    guided, _ = guide.guide(latents, scheduler.timesteps[0], scheduler, 0)
+    assert all((guided[index] - latents[index]).abs().max() > 0 for index in (1, 2))
 
 
 BAD_SYNC_FLAGS = {

@@ -85,9 +85,10 @@ class SyncDiffusionGuidance:
         ``predict``). decode: latents (N, C, h, w) -> images (N, 3, H, W) in [-1, 1], differentiable (the
         model's VAE decoder, or a tiny autoencoder for the fast path).
     loss: (images, anchor images) -> per-view loss (N,), e.g. ``backend.perceptual.PerceptualLoss``.
+    anchors: the anchor of every view, one index per view (``ring_anchor_indices``); anchors are the views
+        that are their own anchor, and never move.
     weight, decay: w and the per-step decay; steps: guide only the first ``steps`` steps (None: all);
-    every: guide every ``every``-th step; anchor: index of the anchor view, or one anchor index per view
-    (``ring_anchor_indices``; anchors are views whose own anchor is themselves); chunk: views per gradient pass.
+    every: guide every ``every``-th step; chunk: views per gradient pass.
     reuse_prediction: the fast path that skips the paper's second UNet pass: the loop steps every view
         with the prediction made at its x_t before the update.
     """
@@ -95,11 +96,11 @@ class SyncDiffusionGuidance:
     predict: Callable
     decode: Callable
     loss: Callable
+    anchors: list[int]
     weight: float = 20.0
     decay: float = 0.95
     steps: int | None = None
     every: int = 1
-    anchor: int | list[int] = 0
     chunk: int = 4
     reuse_prediction: bool = False
     guided_steps: int = 0  # how many steps were guided so far (metadata)
@@ -122,9 +123,7 @@ class SyncDiffusionGuidance:
         if weight == 0.0:
             return view_latents, None
         self.guided_steps += 1
-        count = view_latents.shape[0]
-        anchor_of = self.anchor if isinstance(self.anchor, list) else [self.anchor] * count
-        anchors = sorted(set(anchor_of))
+        anchors = sorted(set(self.anchors))
         with torch.no_grad():
             anchor_latents = view_latents[anchors]
             anchor_predictions = self.predict(scheduler.scale_model_input(anchor_latents, timestep), timestep)
@@ -134,10 +133,10 @@ class SyncDiffusionGuidance:
         predictions = torch.empty_like(view_latents) if self.reuse_prediction else None
         if predictions is not None:
             predictions[anchors] = anchor_predictions
-        others = [index for index in range(count) if index not in image_of_anchor]
+        others = [index for index in range(view_latents.shape[0]) if index not in image_of_anchor]
         for start in range(0, len(others), self.chunk):
             indices = others[start : start + self.chunk]
-            targets = torch.stack([image_of_anchor[anchor_of[index]] for index in indices])
+            targets = torch.stack([image_of_anchor[self.anchors[index]] for index in indices])
             gradient, prediction = self.gradient(view_latents[indices], targets, timestep, scheduler)
             guided[indices] = view_latents[indices] - weight * gradient
             if predictions is not None:
@@ -158,4 +157,4 @@ class SyncDiffusionGuidance:
             images = self.decode(predicted_clean_latent(scheduler, latents, prediction, timestep))
             loss = self.loss(images, anchor_image.expand_as(images)).sum()
             (gradient,) = torch.autograd.grad(loss, latents)
-        return gradient.to(latents.dtype), prediction.detach()
+        return gradient, prediction.detach()
