@@ -14,7 +14,19 @@ import sys
 
 from . import __version__
 from .errors import SyncSphereError
-from .request import DEFAULT_MODEL, DTYPES, LAYOUTS, SCHEDULERS, SYNC_LOSS_BACKBONES, SYNC_LOSSES, SYNC_METHODS, GenerateRequest
+from .request import (
+    DEFAULT_MODEL,
+    DEFAULT_VIEW_SET,
+    DTYPES,
+    FUSIONS,
+    LAYOUTS,
+    SCHEDULERS,
+    SYNC_LOSS_BACKBONES,
+    SYNC_LOSSES,
+    SYNC_METHODS,
+    VIEW_SETS,
+    GenerateRequest,
+)
 
 
 class _Parser(argparse.ArgumentParser):
@@ -66,6 +78,7 @@ def build_parser() -> argparse.ArgumentParser:
     generate.add_argument("--allow-pickle", action="store_true", help="allow pickled checkpoints (.ckpt/.bin/.pt), which can run code when loaded")
     generate.add_argument("--json-progress", action="store_true",
                           help="print the protocol's JSON progress/done/error events on stdout instead of a progress bar")
+    _add_view_arguments(generate)
     _add_sync_arguments(generate)
 
     serve = commands.add_parser(
@@ -124,6 +137,21 @@ def build_parser() -> argparse.ArgumentParser:
     commands.add_parser("info", help="print the device, dtype and package versions",
                         description="Print the device and dtype --device auto would pick, and package versions, as JSON.")
     return parser
+
+
+def _add_view_arguments(generate: argparse.ArgumentParser) -> None:
+    """--views, --fusion and the per-direction prompts (docs/engine.md, "View sets" and "Fusion")."""
+    views = generate.add_argument_group("views", "Which views a 360° (equirect) job denoises, and how they are fused.")
+    views.add_argument("--views", metavar="{" + ",".join(VIEW_SETS) + "}",
+                       help=f"equirect only: band: crop windows of the canvas; cube: the six faces; ring: 8 views 45° apart "
+                            f"plus the up and down faces (MVDiffusion); band+poles: crop windows within ±60° plus the up and "
+                            f"down faces (default {DEFAULT_VIEW_SET})")
+    views.add_argument("--fusion", default="auto", metavar="{" + ",".join(FUSIONS) + "}",
+                       help="what is averaged where views overlap: noisy: each view's x_t-1 (MultiDiffusion); clean: "
+                            "Tweedie's x0, each view keeping its own noise; auto (default): noisy for crop windows only, "
+                            "clean when projected views take part")
+    views.add_argument("--prompt-up", default="", help="equirect only: added to the prompt of views looking up (the sky)")
+    views.add_argument("--prompt-down", default="", help="equirect only: added to the prompt of views looking down (the ground)")
 
 
 def _add_sync_arguments(generate: argparse.ArgumentParser) -> None:

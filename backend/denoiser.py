@@ -8,34 +8,49 @@ implements this call.
 
 from __future__ import annotations
 
+from typing import Sequence
+
 import torch
 
 
 class GuidedUNetDenoiser:
     """A Stable Diffusion UNet with classifier-free guidance, as diffusers' pipelines apply it.
 
-    prompt_embeds, negative_embeds: (1, L, D) text encoder outputs for the prompt and negative prompt.
-    guidance_scale: w in ``uncond + w * (cond - uncond)``; at w <= 1 the unconditional pass is skipped
-    (diffusers' rule), so the call costs one UNet evaluation per view instead of two.
+    prompt_embeds: (P, L, D) text encoder outputs, one row per distinct prompt (row 0: the main prompt;
+    more rows when views have their own prompts, e.g. ``--prompt-up``). negative_embeds: (1, L, D) for
+    the negative prompt, shared by every view. view_prompts: the prompt row of every view (None: row 0
+    for all). guidance_scale: w in ``uncond + w * (cond - uncond)``; at w <= 1 the unconditional pass is
+    skipped (diffusers' rule), so the call costs one UNet evaluation per view instead of two.
     """
 
-    def __init__(self, unet, prompt_embeds: torch.Tensor, negative_embeds: torch.Tensor | None, guidance_scale: float):
+    def __init__(self, unet, prompt_embeds: torch.Tensor, negative_embeds: torch.Tensor | None, guidance_scale: float,
+                 view_prompts: list[int] | None = None):
         self.unet = unet
         self.guidance_scale = guidance_scale
         self.uses_guidance = guidance_scale > 1.0
-        # Interleaved (uncond, cond) pairs per view, the order diffusers' panorama pipeline uses.
-        self.embeds_per_view = torch.cat([negative_embeds, prompt_embeds]) if self.uses_guidance else prompt_embeds
+        self.prompt_embeds = prompt_embeds
+        self.negative_embeds = negative_embeds
+        self.view_prompts = view_prompts
 
     @torch.no_grad()
-    def __call__(self, latents: torch.Tensor, timestep: torch.Tensor) -> torch.Tensor:
-        """Prediction for each view: latents (N, C, h, w) -> (N, C, h, w), same dtype, without autograd."""
-        return self.predict(latents, timestep)
+    def __call__(self, latents: torch.Tensor, timestep: torch.Tensor, views: Sequence[int] | None = None) -> torch.Tensor:
+        """Prediction for each view: latents (N, C, h, w) of the views numbered ``views`` (None: N views of the
+        main prompt) -> (N, C, h, w), same dtype, without autograd."""
+        return self.predict(latents, timestep, views)
 
-    def predict(self, latents: torch.Tensor, timestep: torch.Tensor) -> torch.Tensor:
+    def predict(self, latents: torch.Tensor, timestep: torch.Tensor, views: Sequence[int] | None = None) -> torch.Tensor:
         """As calling the denoiser, but differentiable when autograd is on (SyncDiffusion's gradient)."""
         count = latents.shape[0]
+        if views is None or self.view_prompts is None:
+            rows = [0] * count
+        else:
+            rows = [self.view_prompts[view] for view in views]
+        embeds = self.prompt_embeds[rows]
+        if self.uses_guidance:
+            # Interleaved (uncond, cond) pairs per view, the order diffusers' panorama pipeline uses.
+            negative = self.negative_embeds.expand(count, -1, -1)
+            embeds = torch.stack([negative, embeds], dim=1).flatten(0, 1)
         model_input = latents.repeat_interleave(2, dim=0) if self.uses_guidance else latents
-        embeds = self.embeds_per_view.repeat(count, 1, 1)
         prediction = self.unet(model_input, timestep, encoder_hidden_states=embeds).sample
         if not self.uses_guidance:
             return prediction

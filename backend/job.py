@@ -18,7 +18,7 @@ import torch
 
 from . import __version__
 from .canvas import Canvas
-from .decode import decode_canvas
+from .decode import decode_canvas, decode_pole_caps
 from .denoiser import GuidedUNetDenoiser
 from .errors import BadRequest, JobCancelled, OutOfMemory
 from .models import (
@@ -33,9 +33,10 @@ from .models import (
 )
 from .outputs import write_job_outputs
 from .perceptual import load_perceptual_loss
-from .request import SCHEDULERS, GenerateRequest
+from .request import DEFAULT_VIEW_SET, POLE_FACE_VIEW_SETS, SCHEDULERS, UP_DOWN_PITCH, GenerateRequest
 from .sampler import StepReport, sample_canvas
 from .sync.syncdiffusion import SyncDiffusionGuidance, ring_anchor_indices
+from .view_sets import CanvasViews, band_rows, canvas_views
 
 
 @dataclass
@@ -58,9 +59,10 @@ def check_request(request: GenerateRequest) -> CheckedRequest:
     geometry = read_model_geometry(source)
     if geometry is not None:
         request.validate_for_model(geometry)
+        views = request_views(request, geometry.vae_scale_factor)
+        view_prompt_rows(request, views)
         if request.sync == "syncdiffusion":
-            canvas = Canvas(request.layout, request.height // geometry.vae_scale_factor, request.width // geometry.vae_scale_factor)
-            sync_anchors(request, canvas, canvas.crop_views(request.window, request.stride))
+            sync_anchors(request, views)
     import diffusers
 
     if not hasattr(diffusers, SCHEDULERS.get(request.scheduler, request.scheduler)):
@@ -127,7 +129,10 @@ def run_job(checked: CheckedRequest, report: StepReport | None = None, models: M
         timings["denoising_s"] = details.pop("seconds")
         stage("decoding")
         began = time.perf_counter()
-        image = decode_canvas(pipeline.vae, latents, canvas)[0].permute(1, 2, 0).numpy()
+        image = decode_canvas(pipeline.vae, latents, canvas)
+        if request.views in POLE_FACE_VIEW_SETS:
+            image = decode_pole_caps(pipeline.vae, latents, image)
+        image = image[0].permute(1, 2, 0).numpy()
         timings["decoding_s"] = time.perf_counter() - began
     except torch.OutOfMemoryError as error:
         advice = "lower --view-batch, the canvas size or use --dtype float16"
@@ -153,47 +158,103 @@ def run_job(checked: CheckedRequest, report: StepReport | None = None, models: M
 
 
 def denoise(request: GenerateRequest, model: LoadedModel, report: StepReport):
-    """Sample the canvas latent with the request's synchronisation; returns (latents, canvas, details):
-    details has "views", "scheduler", "seconds" and, for SyncDiffusion, "syncdiffusion" (anchors, loss, its
-    trunk, decoder, guided steps). The benchmarks call it too."""
+    """Sample the canvas latent with the request's views, fusion and synchronisation; returns (latents,
+    canvas, details): details has "views" (how many), "view_set", "fusion", "scheduler", "seconds", with
+    per-direction prompts "view_prompts", and for SyncDiffusion "syncdiffusion" (anchors, loss, its trunk,
+    decoder, guided steps). The benchmarks call it too."""
     pipeline, geometry = model.pipeline, model.geometry
-    factor = geometry.vae_scale_factor
-    canvas = Canvas(request.layout, request.height // factor, request.width // factor)
-    views = canvas.crop_views(request.window, request.stride)
+    views = request_views(request, geometry.vae_scale_factor)
+    canvas = views.canvas
     scheduler = make_scheduler(request.scheduler, pipeline.scheduler.config)
     began = time.perf_counter()
     uses_guidance = request.guidance > 1.0
+    prompts, view_prompts = view_prompt_rows(request, views)
     prompt_embeds, negative_embeds = pipeline.encode_prompt(
-        request.prompt, model.device, 1, uses_guidance, request.negative_prompt or None
+        prompts, model.device, 1, uses_guidance, [request.negative_prompt] * len(prompts) if request.negative_prompt else None
     )
-    denoiser = GuidedUNetDenoiser(pipeline.unet, prompt_embeds, negative_embeds, request.guidance)
-    noise = initial_noise(request.seed, (1, geometry.latent_channels, canvas.height, canvas.width), model.device, model.dtype)
+    negative_embeds = negative_embeds[:1] if negative_embeds is not None else None
+    denoiser = GuidedUNetDenoiser(pipeline.unet, prompt_embeds, negative_embeds, request.guidance,
+                                  view_prompts if len(prompts) > 1 else None)
+    shape = (1, geometry.latent_channels, canvas.height, canvas.width)
+    noise = initial_noise(request.seed, shape, model.device, model.dtype)
+    fusion = request.resolved_fusion
+    projected_noise = None
+    if fusion == "clean" and views.projected:
+        # Each projected view's own noise, from the seed too (seed + 1 belongs to stochastic samplers).
+        projected_noise = initial_noise(request.seed + 2, (len(views.projected), geometry.latent_channels, views.size, views.size),
+                                        model.device, model.dtype)
     step_kwargs = {}
     if "generator" in inspect.signature(scheduler.step).parameters:
         # Stochastic samplers (ancestral, SDE) draw their per-step noise from the seed too.
         step_kwargs["generator"] = torch.Generator("cpu").manual_seed(request.seed + 1)
     guidance, sync_details, differentiated = None, {}, []
     if request.sync == "syncdiffusion":
-        guidance, sync_details, differentiated = syncdiffusion_guidance(request, model, canvas, views, denoiser)
+        guidance, sync_details, differentiated = syncdiffusion_guidance(request, model, views, denoiser)
     with gradient_checkpointing(differentiated if request.sync_checkpointing else []):
         latents = sample_canvas(
-            denoiser, scheduler, canvas, views, noise, request.steps, request.view_batch, report, step_kwargs, guidance
+            denoiser, scheduler, views, noise, request.steps, request.view_batch, report, step_kwargs, guidance,
+            fusion, projected_noise,
         )
     if guidance is not None:
         sync_details["guided_steps"] = guidance.guided_steps
-    details = {"views": len(views), "scheduler": type(scheduler).__name__, "seconds": time.perf_counter() - began}
+    details = {"views": len(views), "view_set": request.views, "fusion": fusion,
+               "scheduler": type(scheduler).__name__, "seconds": time.perf_counter() - began}
+    if len(prompts) > 1:
+        details["view_prompts"] = {label: prompts[row] for label, row in zip(views.labels, view_prompts) if row}
     if sync_details:
         details["syncdiffusion"] = sync_details
     return latents, canvas, details
 
 
-def syncdiffusion_guidance(request: GenerateRequest, model: LoadedModel, canvas: Canvas, views: list, denoiser: GuidedUNetDenoiser):
+def request_views(request: GenerateRequest, vae_scale_factor: int) -> CanvasViews:
+    """The canvas and views of ``request`` (sizes checked against the model): ``view_sets.canvas_views``.
+
+    Without ``--views`` an equirect job uses ``band+poles`` when its canvas is tall enough for a row of
+    windows between ±60°, else ``band`` (docs/engine.md, "View sets"), and records the choice in
+    ``request.views``. Raises BadRequest with one sentence when the view set does not fit the canvas.
+    """
+    canvas = Canvas(request.layout, request.height // vae_scale_factor, request.width // vae_scale_factor)
+    if request.layout == "equirect" and request.views is None:
+        first, stop = band_rows(canvas.height)
+        request.views = DEFAULT_VIEW_SET if stop - first >= request.window else "band"
+    try:
+        return canvas_views(canvas, request.views, request.window, request.stride)
+    except ValueError as error:
+        raise BadRequest(str(error)) from None
+
+
+def view_prompt_rows(request: GenerateRequest, views: CanvasViews) -> tuple[list[str], list[int]]:
+    """The distinct prompts of a job and each view's row among them: ([prompt, prompt + up, prompt + down],
+    one row per view). A view whose centre is at least ``UP_DOWN_PITCH`` above the horizon gets
+    ``--prompt-up`` added to the prompt (", " between), one as far below gets ``--prompt-down``, as
+    MVDiffusion conditions each view on its own text. Without those prompts: ([prompt], all 0).
+    Raises BadRequest when a per-direction prompt is given but no view looks that way."""
+    prompts, rows = [request.prompt], [0] * len(views)
+    if not (request.prompt_up or request.prompt_down):
+        return prompts, rows
+    pitches = [pitch for _, pitch in views.centres()]
+    for flag, extra, looks in (("--prompt-up", request.prompt_up, lambda pitch: pitch >= UP_DOWN_PITCH),
+                               ("--prompt-down", request.prompt_down, lambda pitch: pitch <= -UP_DOWN_PITCH)):
+        if not extra:
+            continue
+        chosen = [index for index, pitch in enumerate(pitches) if looks(pitch)]
+        if not chosen:
+            raise BadRequest(f"{flag} has no view to act on: no view of the {request.views} view set looks "
+                             f"{UP_DOWN_PITCH:g}° or more {'up' if flag == '--prompt-up' else 'down'} on this canvas; "
+                             "use --views band+poles, ring or cube.")
+        prompts.append(f"{request.prompt}, {extra}")
+        for index in chosen:
+            rows[index] = len(prompts) - 1
+    return prompts, rows
+
+
+def syncdiffusion_guidance(request: GenerateRequest, model: LoadedModel, views: CanvasViews, denoiser: GuidedUNetDenoiser):
     """SyncDiffusion's guidance for a request with ``--sync syncdiffusion``.
 
     Returns (the guidance, what metadata.json records of it, the modules its gradient pass runs through).
     Raises BadRequest (an anchor that is not a view, a bad decoder) or ModelNotFound (decoder, loss trunk).
     """
-    anchors = sync_anchors(request, canvas, views)
+    anchors = sync_anchors(request, views)
     if request.sync_decoder == "vae":
         decoder = model.pipeline.vae
     else:
@@ -227,12 +288,12 @@ def syncdiffusion_guidance(request: GenerateRequest, model: LoadedModel, canvas:
     return guidance, details, [model.pipeline.unet, decoder]
 
 
-def sync_anchors(request: GenerateRequest, canvas: Canvas, views: list) -> list[int]:
+def sync_anchors(request: GenerateRequest, views: CanvasViews) -> list[int]:
     """SyncDiffusion's anchor of every view of ``views``, one index per view: for ``--sync-anchor center``
     ``ring_anchor_indices`` (the view nearest the centre; on equirect, each ring's view facing longitude 0),
     else the given index for all. Raises BadRequest for an index past the views."""
     if request.sync_anchor == "center":
-        return ring_anchor_indices(canvas, views)
+        return ring_anchor_indices(views)
     if request.sync_anchor >= len(views):
         raise BadRequest(
             f"--sync-anchor {request.sync_anchor} is not a view: this canvas has {len(views)} views (0 to {len(views) - 1})."

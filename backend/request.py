@@ -42,8 +42,66 @@ SYNC_LOSS_BACKBONES = ("auto", "pretrained", "random")
 # supplementary (S.4) multiplies the loss by 10^6 and uses w = 0.1.
 DEFAULT_SYNC_WEIGHTS = {"lpips-vgg": 20.0, "lpips-alex": 20.0, "style": 0.1}
 
+# --views: which views a 360° (equirect) job denoises (backend/view_sets.py builds them). The names are
+# here, standard library only, so that requests validate without torch.
+VIEW_SETS = ("band", "cube", "ring", "band+poles")
+"""Canonical view set names, in the order the help lists them."""
+
+VIEW_SET_PARTS = ("band", "cube", "ring", "poles")
+"""The words a view set name is made of, joined by ``+``."""
+
+# Canonical name of each valid set of parts.
+_CANONICAL = {frozenset({"band"}): "band", frozenset({"cube"}): "cube", frozenset({"ring"}): "ring",
+              frozenset({"band", "poles"}): "band+poles"}
+
+# Why a set of known parts is not a view set (the part of a sentence in parentheses).
+_NOT_A_SET = {
+    frozenset({"poles"}): "the up and down faces alone leave the middle latitudes unseen",
+    frozenset({"cube", "poles"}): "cube already has the up and down faces",
+    frozenset({"ring", "poles"}): "ring already has the up and down faces",
+    frozenset({"cube", "ring"}): "ring already has the cube's faces",
+    frozenset({"band", "cube"}): "crop windows combine only with the pole faces",
+    frozenset({"band", "ring"}): "crop windows combine only with the pole faces",
+}
+
+
+def parse_view_set(name: str) -> str:
+    """The canonical name (one of ``VIEW_SETS``) of a view set name given by a user.
+
+    ``name``: parts from ``VIEW_SET_PARTS`` joined by ``+``, in any order, any case, spaces around
+    parts ignored: ``"band"``, ``"cube"``, ``"ring"``, ``"band+poles"`` (also ``"Poles + band"``).
+    Raises ValueError, with one sentence, for an unknown part or a combination that is not a view set
+    (e.g. ``"cube+poles"``: cube already has the up and down faces).
+    """
+    choices = ", ".join(VIEW_SETS[:-1]) + " or " + VIEW_SETS[-1]
+    parts = [part.strip().lower() for part in str(name).split("+")]
+    for part in parts:
+        if part not in VIEW_SET_PARTS:
+            shown = f"{part!r} in {name!r}" if len(parts) > 1 else repr(name)
+            raise ValueError(f"Unknown view set {shown}; use {choices}.")
+    key = frozenset(parts)
+    if len(key) == len(parts) and key in _CANONICAL:
+        return _CANONICAL[key]
+    reason = _NOT_A_SET.get(key, "a part is repeated") if len(key) == len(parts) else "a part is repeated"
+    raise ValueError(f"{name!r} is not a view set ({reason}); use {choices}.")
+
+
+
+# --fusion: what is averaged where views overlap (docs/engine.md, "Fusion"). noisy: each view's x_{t-1}
+# (MultiDiffusion); clean: Tweedie's x0, each view keeping its own noise (SyncTweedies); auto: noisy for
+# crop windows only (exactly MultiDiffusion), clean as soon as the views include projected ones.
+FUSIONS = ("auto", "noisy", "clean")
+# --views when none is given and the canvas is tall enough for it (else band): the measured choice
+# (docs/engine.md, "View sets"); backend/job.py's request_views decides, once the window is known.
+DEFAULT_VIEW_SET = "band+poles"
+# The view sets with the up and down faces, whose polar caps are decoded from those faces (backend/decode.py).
+POLE_FACE_VIEW_SETS = ("cube", "ring", "band+poles")
+# A view whose centre is at least this far above (below) the horizon gets --prompt-up (--prompt-down).
+UP_DOWN_PITCH = 45.0
+
 # Canvas size (width, height) in pixels when the user gives none, per layout.
-DEFAULT_SIZES = {"wide": (2048, 512), "equirect": (1024, 512), "tile": (512, 512)}
+# 2048 x 1024 for 360°: the faces are then 512 px, Stable Diffusion's own scale, and band+poles fits.
+DEFAULT_SIZES = {"wide": (2048, 512), "equirect": (2048, 1024), "tile": (512, 512)}
 
 
 @dataclass
@@ -83,6 +141,10 @@ class GenerateRequest:
     out: str | None = None
     overwrite: bool = False
     allow_pickle: bool = False
+    views: str | None = None
+    fusion: str = "auto"
+    prompt_up: str = ""
+    prompt_down: str = ""
     sync: str = "multidiffusion"
     sync_weight: float | None = None
     sync_decay: float = 0.95
@@ -184,6 +246,7 @@ class GenerateRequest:
             raise BadRequest(f"Unknown dtype '{self.dtype}'; choose one of {', '.join(DTYPES)}.")
         if not (self.device in ("auto", "cpu", "mps", "cuda") or _is_cuda_index(self.device)):
             raise BadRequest(f"Unknown device '{self.device}'; use {DEVICES_HELP}.")
+        self._validate_views()
         self._validate_sync()
         if not self.out:
             raise BadRequest("No output folder given; pass --out DIR.")
@@ -196,6 +259,33 @@ class GenerateRequest:
                 f"{os.path.join(self.out, existing[0])} already exists; pass --overwrite to replace it "
                 "or choose another --out folder."
             )
+
+    def _validate_views(self) -> None:
+        """Check --views, --fusion and the per-direction prompts; fill the default view set (equirect only)."""
+        if self.fusion not in FUSIONS:
+            raise BadRequest(f"Unknown --fusion '{self.fusion}'; choose one of {', '.join(FUSIONS)}.")
+        for name in ("prompt_up", "prompt_down"):
+            if not isinstance(getattr(self, name), str):
+                raise BadRequest(f"--{name.replace('_', '-')} must be text, not {getattr(self, name)!r}.")
+        if self.layout != "equirect":
+            for name in ("views", "prompt_up", "prompt_down"):
+                if getattr(self, name):
+                    raise BadRequest(f"--{name.replace('_', '-')} applies only to --layout equirect, "
+                                     "where views can look up and down.")
+            return
+        if self.views is None:
+            return
+        try:
+            self.views = parse_view_set(self.views)
+        except ValueError as error:
+            raise BadRequest(str(error)) from None
+
+    @property
+    def resolved_fusion(self) -> str:
+        """``fusion`` with ``auto`` decided: noisy for crop windows only, clean when projected views take part."""
+        if self.fusion != "auto":
+            return self.fusion
+        return "noisy" if self.views in (None, "band") else "clean"
 
     def _validate_sync(self) -> None:
         """Check --sync and SyncDiffusion's options; fill the loss's default weight."""

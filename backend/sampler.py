@@ -1,9 +1,10 @@
 """THE denoising loop, top to bottom.
 
-Every step: read each view's window of the canvas latent, predict with the denoiser (views in batches),
-step each batch's own scheduler copy, and fuse the views back into the canvas. The synchronisation
-strategies are the small pieces it calls (``backend/sync/``). The loop reports each step through one
-callback, which can also stop the job, so the loop never knows whether a terminal or Blender watches.
+Every step: take each view's latent (read from the canvas, or the view's own state when clean latents
+are fused), let SyncDiffusion guide them, predict with the denoiser (views in batches), synchronise,
+step each batch's own scheduler copy, and fuse. The synchronisation strategies are the small pieces it
+calls (``backend/sync/``). The loop reports each step through one callback, which can also stop the
+job, so the loop never knows whether a terminal or Blender watches.
 """
 
 from __future__ import annotations
@@ -13,59 +14,86 @@ from typing import Callable, Optional
 
 import torch
 
-from .canvas import Canvas, CropView
 from .errors import JobCancelled
 from .sync import multidiffusion
 from .sync.syncdiffusion import SyncDiffusionGuidance
+from .view_sets import CanvasViews
 
 # report(stage, step, total, preview_latent) -> True to stop the job before the next step.
 StepReport = Callable[[str, int, int, Optional[torch.Tensor]], Optional[bool]]
 
 
 def sample_canvas(
-    denoiser: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+    denoiser: Callable,
     scheduler,
-    canvas: Canvas,
-    views: list[CropView],
+    views: CanvasViews,
     initial_noise: torch.Tensor,
     num_steps: int,
     view_batch: int,
     report: StepReport | None = None,
     step_kwargs: dict | None = None,
     guidance: SyncDiffusionGuidance | None = None,
+    fusion: str = "noisy",
+    projected_noise: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Denoise a canvas latent with MultiDiffusion over ``views`` (and SyncDiffusion when ``guidance``).
+    """Denoise a canvas latent over ``views`` with MultiDiffusion (and SyncDiffusion when ``guidance``).
 
-    denoiser: (N, C, h, w) latents, timestep -> (N, C, h, w) guided prediction (``backend/denoiser.py``).
+    denoiser: (N, C, s, s) latents, timestep, the N views' indices -> (N, C, s, s) guided prediction
+        (``backend/denoiser.py``).
     scheduler: any diffusers scheduler with ``set_timesteps``/``scale_model_input``/``step``; it is copied
         once per batch of views so multistep schedulers keep each batch's own history.
     initial_noise: (1, C, H, W) unit Gaussian noise on the canvas (scaled here by init_noise_sigma).
+    fusion: "noisy" averages the views' x_{t-1} on the canvas every step; "clean" averages their x0 and
+        lets each view keep its own x_t (``sync/multidiffusion.py``). With "clean", crop windows start
+        from their window of ``initial_noise`` and projected views from ``projected_noise``
+        (len(views.projected), C, s, s) unit Gaussian noise of their own.
     step_kwargs: extra arguments of ``scheduler.step`` (a generator for stochastic samplers).
-    guidance: SyncDiffusion's pull towards the anchor view before the steps it guides (None: MultiDiffusion);
-        it reads the state of the first batch's scheduler copy, which is at the current step like the others.
+    guidance: SyncDiffusion's pull towards the anchor views before the steps it guides (None: none).
     Returns the denoised canvas latent (1, C, H, W). Raises JobCancelled when ``report`` returns True.
     """
     step_kwargs = step_kwargs or {}
     scheduler.set_timesteps(num_steps, device=initial_noise.device)
+    starts = range(0, len(views), view_batch)
+    batch_schedulers = [copy.deepcopy(scheduler) for _ in starts]
+    batches = [(slice(start, start + view_batch), batch_scheduler) for start, batch_scheduler in zip(starts, batch_schedulers)]
+    view_indices = range(len(views))
     latents = initial_noise * scheduler.init_noise_sigma
-    batch_schedulers = [copy.deepcopy(scheduler) for _ in range(0, len(views), view_batch)]
-    coverage = canvas.coverage(views, latents)
+    if fusion == "clean":
+        view_latents = _own_view_noise(views, initial_noise, projected_noise) * scheduler.init_noise_sigma
 
     for step_index, timestep in enumerate(scheduler.timesteps):
-        view_latents = canvas.read(latents, views)
+        if fusion == "noisy":
+            view_latents = views.read(latents)
         predictions = None  # SyncDiffusion's fast path hands back the predictions of its gradient pass
         if guidance is not None:
             view_latents, predictions = guidance.guide(view_latents, timestep, batch_schedulers[0], step_index)
-        denoised_views = []
-        for start, batch_scheduler in zip(range(0, len(views), view_batch), batch_schedulers):
-            batch_latents = view_latents[start : start + view_batch]
-            if predictions is None:
-                prediction = denoiser(batch_scheduler.scale_model_input(batch_latents, timestep), timestep)
-            else:
-                prediction = predictions[start : start + view_batch]
-            denoised_views.append(batch_scheduler.step(prediction, timestep, batch_latents, **step_kwargs).prev_sample)
-        latents = multidiffusion.fuse_views(canvas, views, torch.cat(denoised_views), coverage)
+        if predictions is None:
+            predictions = torch.cat([
+                denoiser(batch_scheduler.scale_model_input(view_latents[part], timestep), timestep, view_indices[part])
+                for part, batch_scheduler in batches
+            ])
+        if fusion == "clean":
+            predictions, latents = multidiffusion.fuse_clean(views, batch_schedulers[0], view_latents, predictions, timestep)
+        view_latents = torch.cat([
+            batch_scheduler.step(predictions[part], timestep, view_latents[part], **step_kwargs).prev_sample
+            for part, batch_scheduler in batches
+        ])
+        if fusion == "noisy":
+            latents = multidiffusion.fuse_noisy(views, view_latents)
 
         if report is not None and report("denoising", step_index + 1, num_steps, latents):
             raise JobCancelled(f"The job was cancelled after step {step_index + 1} of {num_steps}.")
+    if fusion == "clean":
+        latents = multidiffusion.fuse_noisy(views, view_latents)  # each view's final latent, averaged once
     return latents
+
+
+def _own_view_noise(views: CanvasViews, canvas_noise: torch.Tensor, projected_noise: torch.Tensor | None) -> torch.Tensor:
+    """Each view's own starting noise (len(views), C, s, s): crop windows read theirs exactly from the canvas
+    noise (no resampling, so overlapping windows agree), projected views bring their own."""
+    parts = [views.canvas.read(canvas_noise, views.crops)] if views.crops else []
+    if views.projected:
+        if projected_noise is None or projected_noise.shape[0] != len(views.projected):
+            raise ValueError("Clean-latent fusion needs one noise latent per projected view.")
+        parts.append(projected_noise)
+    return torch.cat(parts)

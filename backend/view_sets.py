@@ -33,9 +33,10 @@ The view sets (names for ``parse_view_set``):
   a 128-row latent canvas (a 2048 × 1024 px image) for a 64-latent window, or exactly 2 × window rows
   for ``band_latitude`` 45° (one row of windows between ±45°).
 
-``parse_view_set`` turns a user's name into the canonical one, ``build_view_set`` lists the views for a
-canvas, ``projected_view_grid`` gives the grid that reads a projected view from the canvas, and
-``canvas_coverage`` counts the views that see each canvas pixel.
+``request.parse_view_set`` turns a user's name into the canonical one (standard library, so requests
+validate without torch), ``build_view_set`` lists the views for a canvas, ``projected_view_grid`` gives
+the grid that reads a projected view from the canvas, ``canvas_coverage`` counts the views that see each
+canvas pixel, and ``CanvasViews`` moves latents between the canvas and the views for the denoising loop.
 """
 
 from __future__ import annotations
@@ -46,14 +47,18 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+import torch.nn.functional as F
+
 from .canvas import Canvas, CropView, window_starts
-from .geometry import FACE_VIEWS, PerspectiveView, equirect_to_direction, sampling_grid, view_equirect_coordinates
-
-VIEW_SETS = ("band", "cube", "ring", "band+poles")
-"""Canonical view set names, in the order the help lists them."""
-
-VIEW_SET_PARTS = ("band", "cube", "ring", "poles")
-"""The words a view set name is made of, joined by ``+``."""
+from .geometry import (
+    FACE_VIEWS,
+    PerspectiveView,
+    equirect_padding_indices,
+    equirect_to_direction,
+    sampling_grid,
+    view_equirect_coordinates,
+)
+from .request import parse_view_set
 
 BAND_LATITUDE = 60.0
 """Default latitude limit (degrees) of the crop windows in ``band+poles`` (module docstring)."""
@@ -69,21 +74,6 @@ RING_VIEWS = 8
 
 GRID_PAD = 1
 """Latent pixels of sphere padding the canvas needs around it for ``projected_view_grid``'s grids."""
-
-# Canonical name of each valid set of parts.
-_CANONICAL = {frozenset({"band"}): "band", frozenset({"cube"}): "cube", frozenset({"ring"}): "ring",
-              frozenset({"band", "poles"}): "band+poles"}
-
-# Why a set of known parts is not a view set (the part of a sentence in parentheses).
-_NOT_A_SET = {
-    frozenset({"poles"}): "the up and down faces alone leave the middle latitudes unseen",
-    frozenset({"cube", "poles"}): "cube already has the up and down faces",
-    frozenset({"ring", "poles"}): "ring already has the up and down faces",
-    frozenset({"cube", "ring"}): "ring already has the cube's faces",
-    frozenset({"band", "cube"}): "crop windows combine only with the pole faces",
-    frozenset({"band", "ring"}): "crop windows combine only with the pole faces",
-}
-
 
 @dataclass(frozen=True)
 class ViewSet:
@@ -102,27 +92,6 @@ class ViewSet:
     projected: tuple[tuple[str, PerspectiveView], ...]
 
 
-def parse_view_set(name: str) -> str:
-    """The canonical name (one of ``VIEW_SETS``) of a view set name given by a user.
-
-    ``name``: parts from ``VIEW_SET_PARTS`` joined by ``+``, in any order, any case, spaces around
-    parts ignored: ``"band"``, ``"cube"``, ``"ring"``, ``"band+poles"`` (also ``"Poles + band"``).
-    Raises ValueError, with one sentence, for an unknown part or a combination that is not a view set
-    (e.g. ``"cube+poles"``: cube already has the up and down faces).
-    """
-    choices = ", ".join(VIEW_SETS[:-1]) + " or " + VIEW_SETS[-1]
-    parts = [part.strip().lower() for part in str(name).split("+")]
-    for part in parts:
-        if part not in VIEW_SET_PARTS:
-            shown = f"{part!r} in {name!r}" if len(parts) > 1 else repr(name)
-            raise ValueError(f"Unknown view set {shown}; use {choices}.")
-    key = frozenset(parts)
-    if len(key) == len(parts) and key in _CANONICAL:
-        return _CANONICAL[key]
-    reason = _NOT_A_SET.get(key, "a part is repeated") if len(key) == len(parts) else "a part is repeated"
-    raise ValueError(f"{name!r} is not a view set ({reason}); use {choices}.")
-
-
 def _check_equirect(canvas_height: int, canvas_width: int) -> None:
     """Raise ValueError unless height x width latents is a full-sphere equirect canvas (W = 2H, H >= 1)."""
     if int(canvas_height) != canvas_height or canvas_height < 1 or canvas_width != 2 * canvas_height:
@@ -133,6 +102,11 @@ def _face(name: str) -> tuple[str, PerspectiveView]:
     """(name, the cube face ``name`` as a perspective view): FOV 90° at ``FACE_VIEWS[name]``, roll 0."""
     yaw, pitch = FACE_VIEWS[name]
     return name, PerspectiveView(yaw, pitch, 0.0, PROJECTED_FOV)
+
+
+def pole_faces() -> tuple[tuple[str, PerspectiveView], ...]:
+    """The up and down cube faces as (label, view) pairs: ``("U", …), ("D", …)``, FOV 90°."""
+    return (_face("U"), _face("D"))
 
 
 def ring_views() -> tuple[tuple[str, PerspectiveView], ...]:
@@ -175,7 +149,7 @@ def build_view_set(name: str, canvas_height: int, canvas_width: int, window: int
     canonical = parse_view_set(name)
     _check_equirect(canvas_height, canvas_width)
     canvas = Canvas("equirect", canvas_height, canvas_width)
-    poles = (_face("U"), _face("D"))
+    poles = pole_faces()
     if canonical == "band":
         return ViewSet(canonical, tuple(canvas.crop_views(window, stride)), ())
     if canonical == "cube":
@@ -239,3 +213,111 @@ def canvas_coverage(view_set: ViewSet, canvas_height: int, canvas_width: int, vi
         seen = sum(_sees(view, directions, view_size).astype(np.float32) for _, view in view_set.projected)
         count += torch.from_numpy(seen)
     return count
+
+
+class CanvasViews:
+    """The views of one generation, and the two maps the denoising loop needs: canvas -> views and back.
+
+    ``canvas``: the latent canvas (any kind); ``crops``: its crop windows; ``projected``: (label, view)
+    pairs of perspective views (equirect canvases only), each sampled at ``size`` x ``size`` latents.
+    Views are numbered crops first, then projected, in the given order; every view is square with the
+    same side (the UNet's window), so the loop batches them together.
+
+    - ``read(canvas_tensor)``: each view's latent. Crop windows are read exactly; projected views are
+      bilinear samples of the canvas padded with its sphere neighbours (``projected_view_grid``).
+    - ``fuse(view_tensors)``: the canvas whose every pixel is the average of the views that see it.
+      A crop window puts its pixels back where it read them; a projected view is sampled, bilinearly
+      with its edge repeated, at the point where each canvas pixel's centre direction falls on its image
+      (every canvas pixel whose direction falls on the image counts, as ``canvas_coverage`` counts).
+
+    With crop windows only both maps are exactly ``Canvas.read`` and MultiDiffusion's average, so a
+    ``band`` generation is the engine's crop-window generation bit for bit.
+    """
+
+    def __init__(self, canvas: Canvas, crops, projected=(), size: int | None = None):
+        self.canvas = canvas
+        self.crops = list(crops)
+        self.projected = list(projected)
+        self.size = size if size is not None else (self.crops[0].height if self.crops else None)
+        if self.projected and canvas.kind != "equirect":
+            raise ValueError("Projected views need an equirect canvas.")
+        if self.projected and self.size is None:
+            raise ValueError("Projected views need a size.")
+        self.labels = [f"crop{index}" for index in range(len(self.crops))] + [label for label, _ in self.projected]
+        height, width = canvas.height, canvas.width
+        self._coverage_mask = canvas.coverage(self.crops, torch.zeros((), dtype=torch.float32))
+        if self.projected:
+            rows, cols = equirect_padding_indices(height, width, GRID_PAD)
+            self._pad_rows, self._pad_cols = torch.as_tensor(rows), torch.as_tensor(cols)
+            self._read_grids = torch.stack([projected_view_grid(view, self.size, height, width) for _, view in self.projected])
+            directions = equirect_to_direction(*np.mgrid[0:height, 0:width][::-1], width, height)
+            fuse_grids, masks = [], []
+            for _, view in self.projected:
+                col, row, _ = view.project(directions, self.size)
+                seen = _sees(view, directions, self.size)
+                fuse_grids.append(sampling_grid(col, row, self.size, self.size, valid=seen))
+                masks.append(torch.from_numpy(seen.astype(np.float32)))
+            self._fuse_grids = torch.stack(fuse_grids)  # (P, H, W, 2) into each view's image
+            self._fuse_masks = torch.stack(masks)[:, None]  # (P, 1, H, W): 1 where the view sees the pixel
+            self._coverage_mask = self._coverage_mask + self._fuse_masks.sum(0, keepdim=True)
+        self._cache: dict = {}
+
+    def __len__(self) -> int:
+        return len(self.crops) + len(self.projected)
+
+    def _on(self, name: str, like: torch.Tensor) -> torch.Tensor:
+        """The precomputed tensor ``name`` in ``like``'s dtype and device (converted once, then kept)."""
+        key = (name, like.dtype, like.device)
+        if key not in self._cache:
+            self._cache[key] = getattr(self, name).to(like.device, like.dtype)
+        return self._cache[key]
+
+    def coverage(self, like: torch.Tensor) -> torch.Tensor:
+        """How many views see each canvas pixel: (1, 1, H, W) in ``like``'s dtype and device, every value >= 1."""
+        return self._on("_coverage_mask", like)
+
+    def read(self, canvas_tensor: torch.Tensor) -> torch.Tensor:
+        """Every view's latent from ``canvas_tensor`` (1, C, H, W): (len(self), C, size, size), crops first."""
+        parts = [self.canvas.read(canvas_tensor, self.crops)] if self.crops else []
+        if self.projected:
+            padded = canvas_tensor[:, :, self._pad_rows.to(canvas_tensor.device), self._pad_cols.to(canvas_tensor.device)]
+            grids = self._on("_read_grids", canvas_tensor)
+            parts.append(F.grid_sample(padded.expand(len(self.projected), -1, -1, -1), grids, mode="bilinear", align_corners=False))
+        return torch.cat(parts)
+
+    def fuse(self, view_tensors: torch.Tensor) -> torch.Tensor:
+        """The canvas (1, C, H, W) that averages ``view_tensors`` (len(self), C, size, size) where views overlap."""
+        total = torch.zeros(1, view_tensors.shape[1], self.canvas.height, self.canvas.width,
+                            dtype=view_tensors.dtype, device=view_tensors.device)
+        for index, view in enumerate(self.crops):
+            self.canvas.add(total, view, view_tensors[index : index + 1])
+        if self.projected:
+            warped = F.grid_sample(view_tensors[len(self.crops):], self._on("_fuse_grids", view_tensors),
+                                   mode="bilinear", padding_mode="border", align_corners=False)
+            total += (warped * self._on("_fuse_masks", view_tensors)).sum(0, keepdim=True)
+        return total / self.coverage(view_tensors)
+
+    def centres(self) -> list[tuple[float, float]]:
+        """(yaw, pitch) in degrees of every view's centre, equirect canvases only (design section 3).
+
+        A crop window's centre is the middle of its window (wrapped to yaw in [−180°, 180°)); a projected
+        view's is its own yaw and pitch.
+        """
+        if self.canvas.kind != "equirect":
+            raise ValueError("View directions exist only on an equirect canvas.")
+        centres = []
+        for view in self.crops:
+            yaw = ((view.left + view.width / 2) / self.canvas.width * 360.0) % 360.0 - 180.0
+            pitch = 90.0 - (view.top + view.height / 2) / self.canvas.height * 180.0
+            centres.append((yaw, pitch))
+        return centres + [(view.yaw, view.pitch) for _, view in self.projected]
+
+
+def canvas_views(canvas: Canvas, view_set: str | None, window: int, stride: int) -> CanvasViews:
+    """The views of a generation on ``canvas``: on an equirect canvas ``view_set`` (``build_view_set``; None
+    means the crop windows, ``band``), elsewhere the crop windows ``canvas.crop_views(window, stride)``.
+    Raises ValueError with one sentence when the view set does not fit the canvas."""
+    if canvas.kind != "equirect":
+        return CanvasViews(canvas, canvas.crop_views(window, stride), (), window)
+    views = build_view_set(view_set or "band", canvas.height, canvas.width, window, stride)
+    return CanvasViews(canvas, views.crops, views.projected, window)

@@ -536,10 +536,9 @@ def case_ours(args, layout: str) -> dict:
     """Our engine on a ``layout`` canvas, stage by stage as ``backend.job`` runs them (minus writing files)."""
     import torch
 
-    from backend.canvas import Canvas
     from backend.decode import decode_canvas
     from backend.denoiser import GuidedUNetDenoiser
-    from backend.job import ModelCache, check_request, initial_noise, make_scheduler
+    from backend.job import ModelCache, check_request, initial_noise, make_scheduler, request_views
     from backend.request import GenerateRequest
     from backend.sampler import sample_canvas
 
@@ -563,9 +562,8 @@ def case_ours(args, layout: str) -> dict:
 
     # The stages of backend.job.denoise, called one at a time so each can be timed.
     pipeline, geometry = model.pipeline, model.geometry
-    factor = geometry.vae_scale_factor
-    canvas = Canvas(layout, args.height // factor, width // factor)
-    views = canvas.crop_views(request.window, request.stride)
+    views = request_views(request, geometry.vae_scale_factor)
+    canvas = views.canvas
     scheduler = make_scheduler(request.scheduler, pipeline.scheduler.config)
     unet = UNetCounter(pipeline.unet)
 
@@ -585,7 +583,7 @@ def case_ours(args, layout: str) -> dict:
     noise = initial_noise(request.seed, (1, geometry.latent_channels, canvas.height, canvas.width), model.device, model.dtype)
     # As job.denoise does: a generator for schedulers that take one (DDIM with eta 0 does not use it).
     step_kwargs = {"generator": torch.Generator("cpu").manual_seed(request.seed + 1)}
-    latents = sample_canvas(denoiser, scheduler, canvas, views, noise, request.steps, request.view_batch, report, step_kwargs)
+    latents = sample_canvas(denoiser, scheduler, views, noise, request.steps, request.view_batch, report, step_kwargs)
     denoise_s = clock() - denoise_began
 
     began = clock()

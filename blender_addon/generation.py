@@ -30,6 +30,11 @@ SYNC_OF_METHOD = {"MULTIDIFFUSION": "multidiffusion", "SYNCDIFFUSION": "syncdiff
 # autoencoder decodes for the guidance, the gradient pass's prediction is reused, the loss runs at 256 px.
 FAST_SYNC_PARAMS = {"sync_decoder": "taesd", "sync_reuse_eps": True, "sync_loss_size": 256}
 
+# View set (properties.VIEW_SET_ITEMS) -> the backend's --views. AUTO is missing on purpose: nothing is sent and
+# the backend picks band+poles when the canvas is tall enough, else band; only it can tell, as that depends on
+# the model's window.
+VIEWS_OF_SET = {"BAND": "band", "BAND_POLES": "band+poles", "RING": "ring", "CUBE": "cube"}
+
 
 def resolution(mode, preset):
     """(width, height) in pixels of a resolution ``preset`` (DRAFT, STANDARD, HIGH) for ``mode``."""
@@ -50,6 +55,9 @@ def generate_params(settings, seed, *, model, device):
     With SyncDiffusion: ``sync``, ``sync_weight`` and ``sync_steps`` (left out when ``settings.sync_steps`` is 0,
     which means every step), plus FAST_SYNC_PARAMS when ``settings.sync_fast``; with MultiDiffusion nothing
     sync-related.
+    In WORLD mode only (the backend refuses them for the other layouts): ``views`` from ``settings.view_set``
+    (VIEWS_OF_SET; none with AUTO, the backend's own choice), and ``prompt_up`` / ``prompt_down`` when
+    ``settings.prompt_up`` / ``settings.prompt_down`` are not blank (stripped).
     """
     width, height = resolution(settings.mode, settings.resolution)
     params = {
@@ -68,6 +76,14 @@ def generate_params(settings, seed, *, model, device):
         params["window"] = int(settings.window)
     if settings.stride:
         params["stride"] = int(settings.stride)
+    if settings.mode == "WORLD":
+        if settings.view_set in VIEWS_OF_SET:
+            params["views"] = VIEWS_OF_SET[settings.view_set]
+        # Sent only when set: the backend refuses a per-direction prompt that no view of the set looks towards.
+        for name in ("prompt_up", "prompt_down"):
+            text = getattr(settings, name).strip()
+            if text:
+                params[name] = text
     sync = SYNC_OF_METHOD[settings.sync_method]
     if sync != "multidiffusion":
         params["sync"] = sync

@@ -23,6 +23,15 @@ SYNC_ITEMS = (
     ("SYNCDIFFUSION", "SyncDiffusion", "Also steer every view towards one anchor view so the whole image is one "
      "coherent scene (Lee et al., 2023). Several times slower per guided step"),
 )
+# Which views a 360° World denoises (generation.VIEWS_OF_SET maps them to the backend's --views). Automatic
+# sends nothing and leaves the choice to the backend, which knows the canvas.
+VIEW_SET_ITEMS = (
+    ("AUTO", "Automatic", "Band and pole faces where the resolution allows, else the band"),
+    ("BAND", "Band", "Crop windows of the panorama; the poles are stretched"),
+    ("BAND_POLES", "Band + Poles", "Crop windows within ±60° plus the up and down cube faces"),
+    ("RING", "Ring", "8 views 45° apart plus up and down faces, as MVDiffusion"),
+    ("CUBE", "Cube", "The six cube faces"),
+)
 DEVICE_ITEMS = (
     ("PREFERENCES", "From Preferences", "The device chosen in the add-on preferences"),
     ("auto", "Automatic", "CUDA, then Apple Metal, then the CPU"),
@@ -42,11 +51,15 @@ class SyncSphereHistoryItem(PropertyGroup):
     seed: IntProperty(name="Seed", min=0)
     steps: IntProperty(name="Steps")
     guidance: FloatProperty(name="Guidance")
-    # The settings' defaults, so items recorded before these existed reuse as MultiDiffusion with the defaults.
+    # The settings' defaults, so items recorded before these existed reuse as MultiDiffusion with the defaults
+    # (and, for the view set and per-direction prompts, as Automatic without them).
     sync_method: EnumProperty(name="Synchronisation", items=SYNC_ITEMS, default="MULTIDIFFUSION")
     sync_weight: FloatProperty(name="Coherence Strength", default=20.0)
     sync_steps: IntProperty(name="Guided Steps", default=10)
     sync_fast: BoolProperty(name="Fast Guidance", default=False)
+    view_set: EnumProperty(name="View Set", items=VIEW_SET_ITEMS, default="AUTO")
+    prompt_up: StringProperty(name="Sky Prompt")
+    prompt_down: StringProperty(name="Ground Prompt")
     png_path: StringProperty(name="PNG", subtype="FILE_PATH")
     exr_path: StringProperty(name="EXR", subtype="FILE_PATH")
 
@@ -78,6 +91,18 @@ class SyncSphereSettings(PropertyGroup):
                                         "tiny autoencoder madebyollin/taesd (downloaded once, or already in the model "
                                         "cache), reuse the gradient pass's noise prediction instead of predicting again, "
                                         "and compare views at 256 px")
+    # The 360° World's views and per-direction prompts: drawn and sent (generation.generate_params) only in
+    # WORLD mode, the backend refuses them for the other layouts.
+    view_set: EnumProperty(name="View Set", items=VIEW_SET_ITEMS, default="AUTO",
+                           description="Which views of the panorama are denoised together")
+    prompt_up: StringProperty(name="Sky Prompt", default="",
+                              description="Added to the prompt of the views that look up (45° or more above the "
+                                          "horizon), e.g. \"clear blue sky\". Empty: off. The backend refuses it "
+                                          "when no view looks up, as with Band on a short image")
+    prompt_down: StringProperty(name="Ground Prompt", default="",
+                                description="Added to the prompt of the views that look down (45° or more below "
+                                            "the horizon), e.g. \"green meadow\". Empty: off. The backend refuses it "
+                                            "when no view looks down, as with Band on a short image")
     window: IntProperty(name="Window", description="View size in latent pixels; 0: the model's own size",
                         default=0, min=0, max=256)
     stride: IntProperty(name="Stride", description="Distance between views in latent pixels; 0: window / 8",

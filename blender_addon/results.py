@@ -29,7 +29,7 @@ def apply_result(context, settings, mode, outputs):
 
 # The settings a history item records and Reuse copies back, besides the seed (recorded as the one used).
 HISTORY_SETTINGS = ("prompt", "negative_prompt", "mode", "resolution", "steps", "guidance",
-                    "sync_method", "sync_weight", "sync_steps", "sync_fast")
+                    "sync_method", "sync_weight", "sync_steps", "sync_fast", "view_set", "prompt_up", "prompt_down")
 
 
 def add_history(settings, seed, outputs):
@@ -46,7 +46,7 @@ def add_history(settings, seed, outputs):
 
 
 def reuse_settings(settings, item):
-    """Copy a history ``item``'s prompt, mode, seed, sampling and synchronisation settings back into ``settings``."""
+    """Copy a history ``item``'s prompts, mode, seed, sampling, synchronisation and view set back into ``settings``."""
     for name in HISTORY_SETTINGS + ("seed",):
         setattr(settings, name, getattr(item, name))
     settings.randomize_seed = False

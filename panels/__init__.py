@@ -12,8 +12,9 @@ from ..blender_addon.results import thumbnail_icon
 
 
 def draw_main(layout, context):
-    """Prompt, mode, resolution, seed, sampling, synchronisation (SyncDiffusion's options only when it is
-    chosen), and Generate / Cancel with the job's progress."""
+    """Prompt, mode, resolution (with the view set and sky / ground prompts for a 360° World), seed, sampling,
+    synchronisation (SyncDiffusion's options only when it is chosen), and Generate / Cancel with the job's
+    progress."""
     settings = context.scene.syncsphere
     layout.prop(settings, "prompt")
     layout.prop(settings, "negative_prompt", text="Avoid")
@@ -23,6 +24,10 @@ def draw_main(layout, context):
     column.use_property_decorate = False
     width, height = generation.resolution(settings.mode, settings.resolution)
     column.prop(settings, "resolution", text=f"Size ({width}x{height})")
+    if settings.mode == "WORLD":  # only a 360° World has views that look up and down
+        column.prop(settings, "view_set")
+        column.prop(settings, "prompt_up")
+        column.prop(settings, "prompt_down")
     row = column.row(align=True)
     row.prop(settings, "seed")
     row.prop(settings, "randomize_seed", text="", icon="FILE_REFRESH", toggle=True)

@@ -33,7 +33,8 @@ def settings(**overrides):
     """A stand-in for scene.syncsphere with the defaults of blender_addon/properties.py."""
     values = dict(prompt="a harbour at dusk", negative_prompt="fog", mode="WORLD", resolution="DRAFT", seed=3,
                   randomize_seed=False, steps=30, guidance=6.5, sync_method="MULTIDIFFUSION", window=0, stride=0,
-                  device="PREFERENCES", sync_weight=20.0, sync_steps=10, sync_fast=False)
+                  device="PREFERENCES", sync_weight=20.0, sync_steps=10, sync_fast=False, view_set="AUTO",
+                  prompt_up="", prompt_down="")
     values.update(overrides)
     return types.SimpleNamespace(**values)
 
@@ -112,6 +113,61 @@ def test_the_backend_would_refuse_sync_options_with_multidiffusion(tmp_path):
     """Why MultiDiffusion sends nothing: the backend refuses any SyncDiffusion option without it."""
     with pytest.raises(BadRequest, match="only applies to SyncDiffusion"):
         backend_request({**params_of(), "sync_weight": 20.0}, tmp_path)
+
+
+VIEW_OPTIONS = ("views", "prompt_up", "prompt_down")
+
+
+def test_a_world_with_the_automatic_view_set_sends_no_views(tmp_path):
+    """AUTO leaves --views out: the backend picks band+poles or band once it knows the model's window."""
+    params = params_of(mode="WORLD", view_set="AUTO")
+    assert not set(params) & set(VIEW_OPTIONS), params
+    request = backend_request(params, tmp_path)
+    assert (request.layout, request.views, request.prompt_up, request.prompt_down) == ("equirect", None, "", "")
+
+
+@pytest.mark.parametrize("view_set,views", [("BAND", "band"), ("BAND_POLES", "band+poles"), ("RING", "ring"),
+                                            ("CUBE", "cube")])
+def test_a_world_sends_the_chosen_view_set(view_set, views, tmp_path):
+    params = params_of(mode="WORLD", resolution="STANDARD", view_set=view_set)
+    assert params["views"] == views and "prompt_up" not in params and "prompt_down" not in params
+    assert backend_request(params, tmp_path).views == views  # already the backend's canonical name
+
+
+def test_every_view_set_offered_maps_to_a_backend_view_set():
+    """The mapping covers the backend's view sets (and only them); AUTO is the one left out."""
+    from backend.request import VIEW_SETS
+
+    assert sorted(generation.VIEWS_OF_SET.values()) == sorted(VIEW_SETS)
+    assert "AUTO" not in generation.VIEWS_OF_SET
+
+
+@pytest.mark.parametrize("mode", ["TILE", "WIDE"])
+def test_tiles_and_wide_images_never_send_views_or_direction_prompts(mode, tmp_path):
+    """A view set and sky / ground prompts left set from a World are not sent: the backend refuses them for
+    any layout but equirect."""
+    params = params_of(mode=mode, view_set="BAND_POLES", prompt_up="clear blue sky", prompt_down="green meadow")
+    assert not set(params) & set(VIEW_OPTIONS), params
+    request = backend_request(params, tmp_path)
+    assert (request.views, request.prompt_up, request.prompt_down) == (None, "", "")
+    with pytest.raises(BadRequest, match="only to --layout equirect"):  # why they are left out
+        backend_request({**params, "views": "band+poles"}, tmp_path)
+
+
+def test_a_world_sends_its_sky_and_ground_prompts_when_set(tmp_path):
+    params = params_of(mode="WORLD", view_set="BAND_POLES", prompt_up="  clear blue sky ")
+    assert (params["views"], params["prompt_up"]) == ("band+poles", "clear blue sky")
+    assert "prompt_down" not in params  # empty: off
+    request = backend_request(params, tmp_path)
+    assert (request.prompt_up, request.prompt_down) == ("clear blue sky", "")
+    both = params_of(mode="WORLD", prompt_up="sky", prompt_down="cobblestones")
+    assert "views" not in both and (both["prompt_up"], both["prompt_down"]) == ("sky", "cobblestones")
+    assert backend_request(both, tmp_path).prompt_down == "cobblestones"
+
+
+def test_blank_sky_and_ground_prompts_are_not_sent():
+    params = params_of(mode="WORLD", prompt_up="   ", prompt_down="\t")
+    assert "prompt_up" not in params and "prompt_down" not in params
 
 
 @pytest.mark.parametrize("syncdiffusion,expected", [

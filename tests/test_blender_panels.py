@@ -25,10 +25,12 @@ pytestmark = pytest.mark.skipif(_bpy_dir() is None, reason="bpy is not installed
 # Every setting of SyncSphereSettings that the user edits (history and history_index are drawn as the
 # History panel, not as properties).
 SETTINGS = {"prompt", "negative_prompt", "mode", "resolution", "seed", "randomize_seed", "steps", "guidance",
-            "sync_method", "sync_weight", "sync_steps", "sync_fast", "window", "stride", "device",
-            "hide_from_camera", "face_camera"}
+            "sync_method", "sync_weight", "sync_steps", "sync_fast", "view_set", "prompt_up", "prompt_down",
+            "window", "stride", "device", "hide_from_camera", "face_camera"}
 # SyncDiffusion's options, drawn (right under the Synchronisation menu) only when it is chosen.
 SYNCDIFFUSION_SETTINGS = ["sync_weight", "sync_steps", "sync_fast"]
+# A 360° World's view set and sky / ground prompts, drawn (right under the size) only in WORLD mode.
+WORLD_VIEW_SETTINGS = ["view_set", "prompt_up", "prompt_down"]
 
 # Runs after _PRELUDE: registers and enables the add-on and defines the recording layout.
 _HELPERS = r"""
@@ -472,6 +474,68 @@ result(report)
     labels = report["history labels"][0]
     assert labels[1] == "Seed 8, world" and labels[3] == "Seed 7, world, SyncDiffusion"
     assert report["reused"] == ["SYNCDIFFUSION", 31.5, 0, True, 7]
+
+
+def test_the_view_set_and_sky_and_ground_prompts_appear_under_the_size_only_for_a_world(tmp_path):
+    report = _blender("""
+report = {}
+for mode in ("WORLD", "TILE", "WIDE", "WORLD"):
+    settings.mode = mode
+    report.setdefault(mode, []).append(draw("SYNCSPHERE_PT_view3d"))
+report["labels"] = {name: [settings.bl_rna.properties[name].name, settings.bl_rna.properties[name].description]
+                    for name in ("view_set", "prompt_up", "prompt_down")}
+report["items"] = [[item.identifier, item.name, item.description]
+                   for item in settings.bl_rna.properties["view_set"].enum_items]
+report["defaults"] = [settings.view_set, settings.prompt_up, settings.prompt_down]
+result(report)
+""", tmp_path)
+    for mode in ("TILE", "WIDE"):
+        drawn = _props(report[mode][0], "settings")
+        assert "resolution" in drawn and not set(drawn) & set(WORLD_VIEW_SETTINGS), drawn
+    for calls in report["WORLD"]:  # before and after another mode
+        drawn = _props(calls, "settings")
+        at = drawn.index("resolution")
+        assert drawn[at + 1:at + 4] == WORLD_VIEW_SETTINGS, drawn
+        # In the size's property-split column, with their own names as labels.
+        props = {call["args"]["property"]: call for call in calls if call["method"] == "prop"}
+        assert {props[name]["path"] for name in ["resolution"] + WORLD_VIEW_SETTINGS} == {props["resolution"]["path"]}
+        assert all(set(props[name]["args"]) == {"data", "property"} for name in WORLD_VIEW_SETTINGS)
+    assert report["WORLD"][0] == report["WORLD"][1]
+    assert report["defaults"] == ["AUTO", "", ""]
+    labels = report["labels"]
+    assert [labels[name][0] for name in WORLD_VIEW_SETTINGS] == ["View Set", "Sky Prompt", "Ground Prompt"]
+    assert "look up" in labels["prompt_up"][1] and "look down" in labels["prompt_down"][1]
+    assert [item[:2] for item in report["items"]] == [["AUTO", "Automatic"], ["BAND", "Band"],
+                                                      ["BAND_POLES", "Band + Poles"], ["RING", "Ring"], ["CUBE", "Cube"]]
+    assert all(item[2] for item in report["items"])
+
+
+def test_the_real_settings_send_the_view_set_only_for_a_world_and_the_history_keeps_it(tmp_path):
+    """generation.generate_params on the registered settings, and the history keeping and giving back
+    (Reuse) the view set and the sky / ground prompts."""
+    report = _blender("""
+from syncsphere.blender_addon import generation
+settings.mode = "WORLD"
+report = {"default": generation.generate_params(settings, 7, model="m", device="cpu")}
+settings.view_set, settings.prompt_up, settings.prompt_down = "BAND_POLES", "clear blue sky", " "
+report["world"] = generation.generate_params(settings, 7, model="m", device="cpu")
+results.add_history(settings, 7, {"png": "", "exr": ""})
+settings.mode = "TILE"
+report["tile"] = generation.generate_params(settings, 8, model="m", device="cpu")
+settings.view_set, settings.prompt_up, settings.prompt_down = "AUTO", "", "grass"
+results.add_history(settings, 8, {"png": "", "exr": ""})
+report["history"] = [[item.mode, item.view_set, item.prompt_up, item.prompt_down] for item in settings.history]
+results.reuse_settings(settings, settings.history[1])
+report["reused"] = [settings.mode, settings.view_set, settings.prompt_up, settings.prompt_down, settings.seed]
+result(report)
+""", tmp_path)
+    views = ("views", "prompt_up", "prompt_down")
+    assert not set(report["default"]) & set(views)
+    assert {name: report["world"][name] for name in views if name in report["world"]} == \
+        {"views": "band+poles", "prompt_up": "clear blue sky"}
+    assert not set(report["tile"]) & set(views)
+    assert report["history"] == [["TILE", "AUTO", "", "grass"], ["WORLD", "BAND_POLES", "clear blue sky", " "]]
+    assert report["reused"] == ["WORLD", "BAND_POLES", "clear blue sky", " ", 7]
 
 
 # --- the Result sub-panel -------------------------------------------------------------------------------

@@ -5,7 +5,7 @@ import torch
 
 from backend.canvas import Canvas, CropView, window_starts
 from backend.decode import axis_tiles
-from backend.sync.multidiffusion import fuse_views
+from backend.view_sets import CanvasViews
 
 
 @pytest.mark.parametrize("kind", ["wide", "equirect", "tile"])
@@ -37,7 +37,7 @@ def test_fusion_averages_overlaps_across_the_wrap():
     canvas = Canvas("equirect", 4, 10)
     views = [CropView(0, 0, 4, 6), CropView(0, 6, 4, 6)]  # the second wraps onto columns 0..1
     values = torch.stack([torch.full((4, 4, 6), 1.0), torch.full((4, 4, 6), 3.0)])
-    fused = fuse_views(canvas, views, values, canvas.coverage(views, values))
+    fused = CanvasViews(canvas, views).fuse(values)
     assert torch.equal(fused[0, 0, 0], torch.tensor([2.0, 2.0, 1, 1, 1, 1, 3, 3, 3, 3]))
 
 

@@ -18,7 +18,9 @@ from backend.metrics import intra_lpips, non_overlapping_crops
 from backend.perceptual import load_perceptual_loss
 from backend.request import GenerateRequest
 from backend.sampler import sample_canvas
-from backend.sync.syncdiffusion import SyncDiffusionGuidance, anchor_view_index, predicted_clean_latent, ring_anchor_indices
+from backend.sync.syncdiffusion import SyncDiffusionGuidance, anchor_view_index, ring_anchor_indices
+from backend.sync.tweedie import predicted_clean_latent
+from backend.view_sets import CanvasViews
 
 
 @pytest.fixture(scope="module")
@@ -59,11 +61,11 @@ def test_batched_gradient_equals_each_views_own_gradient(parts):
     latents = torch.randn(5, 4, 16, 16, generator=torch.Generator().manual_seed(1))
     guide = guidance(parts, anchors=[2] * 5)
     anchor_image = parts[2](latents[2:3])  # any fixed image serves for the comparison
-    batched, _ = guide.gradient(latents[[0, 1, 3, 4]], anchor_image, timestep, scheduler)
+    batched, _ = guide.gradient(latents[[0, 1, 3, 4]], None, anchor_image, timestep, scheduler)
     scale = batched.abs().max().item()
     assert scale > 0  # the loss really depends on x_t
     for row, index in enumerate([0, 1, 3, 4]):
-        alone, _ = guide.gradient(latents[index : index + 1], anchor_image, timestep, scheduler)
+        alone, _ = guide.gradient(latents[index : index + 1], None, anchor_image, timestep, scheduler)
         # Equal up to float32 summation order in batched convolutions: measured at most 1.7e-3 of the
         # largest gradient entry. Another view's gradient differs by the order of the gradient itself.
         torch.testing.assert_close(batched[row : row + 1], alone, rtol=0, atol=2e-3 * scale)
@@ -82,12 +84,12 @@ def test_the_anchor_never_moves_and_the_others_do(parts):
 def test_weight_zero_is_multidiffusion_bit_for_bit(parts):
     model, denoiser = parts[0], parts[1]
     canvas = Canvas("equirect", 16, 32)
-    views = canvas.crop_views(16, 8)
+    views = CanvasViews(canvas, canvas.crop_views(16, 8))
     noise = initial_noise(3, (1, 4, 16, 32), model.device, model.dtype)
     results = []
-    for guide in (None, guidance(parts, weight=0.0, anchors=[anchor_view_index(canvas, views)] * len(views))):
+    for guide in (None, guidance(parts, weight=0.0, anchors=[anchor_view_index(canvas, views.crops)] * len(views))):
         scheduler = make_scheduler("ddim", model.pipeline.scheduler.config)
-        results.append(sample_canvas(denoiser, scheduler, canvas, views, noise, 3, 2, guidance=guide))
+        results.append(sample_canvas(denoiser, scheduler, views, noise, 3, 2, guidance=guide))
     assert torch.equal(results[0], results[1])
 
 
@@ -122,7 +124,7 @@ def test_default_anchor_faces_longitude_zero_on_equirect():
 def test_each_equirect_ring_has_its_own_anchor_facing_longitude_zero():
     canvas = Canvas("equirect", 16, 64)  # three rows of 8-latent views at stride 4
     views = canvas.crop_views(8, 4)
-    anchors = ring_anchor_indices(canvas, views)
+    anchors = ring_anchor_indices(CanvasViews(canvas, views))
     assert len(set(anchors)) == 3
     for index, anchor in enumerate(anchors):
         assert views[anchor].top == views[index].top  # same latitude
@@ -130,7 +132,7 @@ def test_each_equirect_ring_has_its_own_anchor_facing_longitude_zero():
         assert anchors[anchor] == anchor
     wide = Canvas("wide", 16, 64)
     wide_views = wide.crop_views(8, 4)
-    assert set(ring_anchor_indices(wide, wide_views)) == {anchor_view_index(wide, wide_views)}
+    assert set(ring_anchor_indices(CanvasViews(wide, wide_views))) == {anchor_view_index(wide, wide_views)}
 
 
 def test_views_are_pulled_towards_their_own_rings_anchor(parts):
@@ -204,10 +206,10 @@ def test_gradient_checkpointing_gives_the_same_gradient_and_is_switched_off_afte
     latents = torch.randn(3, 4, 16, 16, generator=torch.Generator().manual_seed(6))
     guide = guidance(parts, anchors=[0] * 3)
     anchor_image = parts[2](latents[:1])
-    plain, _ = guide.gradient(latents[1:], anchor_image, scheduler.timesteps[1], scheduler)
+    plain, _ = guide.gradient(latents[1:], None, anchor_image, scheduler.timesteps[1], scheduler)
     with gradient_checkpointing([unet, vae]):
         assert unet.is_gradient_checkpointing and vae.is_gradient_checkpointing
-        checkpointed, _ = guide.gradient(latents[1:], anchor_image, scheduler.timesteps[1], scheduler)
+        checkpointed, _ = guide.gradient(latents[1:], None, anchor_image, scheduler.timesteps[1], scheduler)
     assert not unet.is_gradient_checkpointing and not vae.is_gradient_checkpointing
     torch.testing.assert_close(checkpointed, plain, rtol=1e-4, atol=1e-6 * plain.abs().max().item())
 

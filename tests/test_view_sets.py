@@ -7,15 +7,8 @@ import torch
 import torch.nn.functional as F
 
 from backend.geometry import FACE_VIEWS, PerspectiveView, equirect_padding_indices, equirect_to_direction
-from backend.view_sets import (
-    GRID_PAD,
-    VIEW_SETS,
-    band_rows,
-    build_view_set,
-    canvas_coverage,
-    parse_view_set,
-    projected_view_grid,
-)
+from backend.request import VIEW_SETS, parse_view_set
+from backend.view_sets import GRID_PAD, band_rows, build_view_set, canvas_coverage, projected_view_grid
 
 # (canvas height, width, window = view size, stride): a 64-latent window on a 2048 x 1024 px panorama
 # (four 90° faces round, the faces' resolution), and the same geometry at half the scale.

@@ -18,6 +18,7 @@ from backend.job import ModelCache, check_request, initial_noise, make_scheduler
 from backend.metrics import seam_ratio
 from backend.request import GenerateRequest
 from backend.sampler import sample_canvas
+from backend.view_sets import CanvasViews
 
 WINDOW, STRIDE, STEPS = 16, 8, 5
 
@@ -42,12 +43,12 @@ def denoiser_and_model(tiny_model):
 
 def _sample_shifted(denoiser, model, kind, height, width, shift):
     canvas = Canvas(kind, height, width)
-    views = canvas.crop_views(WINDOW, STRIDE)
+    views = CanvasViews(canvas, canvas.crop_views(WINDOW, STRIDE))
     noise = initial_noise(7, (1, 4, height, width), model.device, model.dtype)
     results = []
     for initial in (noise, torch.roll(noise, shift, dims=(2, 3))):
         scheduler = make_scheduler("ddim", model.pipeline.scheduler.config)
-        results.append(sample_canvas(denoiser, scheduler, canvas, views, initial, STEPS, 4))
+        results.append(sample_canvas(denoiser, scheduler, views, initial, STEPS, 4))
     return canvas, results
 
 

@@ -1,24 +1,39 @@
-"""MultiDiffusion (Bar-Tal et al., 2023): fuse the views by averaging them where they overlap.
+"""MultiDiffusion (Bar-Tal et al., 2023): make the views one image by averaging them where they overlap.
 
-For crop views the averaged quantity is each view's x_{t-1} after its own scheduler step, which is what
-the paper and diffusers' ``StableDiffusionPanoramaPipeline`` do.
+Two rules for *what* is averaged (``--fusion``; docs/engine.md, "Fusion"):
+
+- ``fuse_noisy``: each view's x_{t-1} after its own scheduler step, the paper's rule and diffusers'
+  ``StableDiffusionPanoramaPipeline``'s. The next step reads every view from the averaged canvas. Exact
+  for crop windows; for projected views the bilinear read mixes neighbouring noise samples, which
+  shrinks the noise's variance (docs/engine.md has the numbers).
+- ``fuse_clean``: Tweedie's x0 of every view (SyncTweedies, Kim et al. 2024). Each view keeps its own
+  x_t (its own noise) from step to step; the views' x0 are averaged on the canvas and read back, and
+  each view steps from its own x_t with the model output that predicts the averaged x0. Only clean,
+  noise-free content is ever resampled.
 """
 
 from __future__ import annotations
 
 import torch
 
-from ..canvas import Canvas, CropView
+from ..view_sets import CanvasViews
+from .tweedie import predicted_clean_latent, prediction_for_clean_latent
 
 
-def fuse_views(canvas: Canvas, views: list[CropView], view_latents: torch.Tensor, coverage: torch.Tensor) -> torch.Tensor:
-    """Average the views onto the canvas.
+def fuse_noisy(views: CanvasViews, stepped_latents: torch.Tensor) -> torch.Tensor:
+    """The canvas latent x_{t-1} (1, C, H, W): the average of the views' stepped latents (len(views), C, s, s)."""
+    return views.fuse(stepped_latents)
 
-    view_latents: (len(views), C, h, w), one latent per view, in the order of ``views``.
-    coverage: (1, 1, H, W) number of views covering each canvas position (``Canvas.coverage``), > 0.
-    Returns the canvas latent (1, C, H, W).
+
+def fuse_clean(views: CanvasViews, scheduler, view_latents: torch.Tensor, predictions: torch.Tensor, timestep) -> tuple[torch.Tensor, torch.Tensor]:
+    """Synchronise the views' predictions through their averaged clean latents.
+
+    scheduler: a scheduler copy at this step (``scale_model_input`` called): x0 and its inverse read only
+        the step's noise level, which every view shares.
+    view_latents, predictions: (len(views), C, s, s), each view's x_t and the model's prediction there.
+    Returns (the predictions that make each view's x0 its reading of the averaged x0, same shape; the
+    averaged x0 on the canvas (1, C, H, W), which is also the step's preview).
     """
-    total = torch.zeros(1, view_latents.shape[1], canvas.height, canvas.width, dtype=view_latents.dtype, device=view_latents.device)
-    for index, view in enumerate(views):
-        canvas.add(total, view, view_latents[index : index + 1])
-    return total / coverage
+    fused_clean = views.fuse(predicted_clean_latent(scheduler, view_latents, predictions, timestep))
+    synced = views.read(fused_clean)
+    return prediction_for_clean_latent(scheduler, view_latents, synced, timestep), fused_clean

@@ -16,37 +16,13 @@ from typing import Callable
 import torch
 
 from ..canvas import Canvas, CropView
-
-
-def predicted_clean_latent(scheduler, latents: torch.Tensor, prediction: torch.Tensor, timestep) -> torch.Tensor:
-    """Tweedie's estimate x0 from x_t and the model's prediction, as the scheduler's own ``step`` computes
-    its ``pred_original_sample``. Shapes (N, C, h, w); differentiable.
-
-    Two families: schedulers whose latents are x_t = sqrt(a) x0 + sqrt(1 - a) eps (DDIM, PNDM, DPM-Solver,
-    UniPC; ``alphas_cumprod``) and k-diffusion-style ones whose latents are x0 + sigma eps (Euler, LMS;
-    ``init_noise_sigma`` > 1, sigma at the scheduler's current ``step_index``, set by
-    ``scale_model_input``).
-    """
-    kind = scheduler.config.prediction_type
-    if float(scheduler.init_noise_sigma) > 1.0:
-        sigma = scheduler.sigmas[scheduler.step_index].to(latents.device, latents.dtype)
-        if kind == "epsilon":
-            return latents - sigma * prediction
-        if kind == "v_prediction":
-            return prediction * (-sigma / (sigma**2 + 1) ** 0.5) + latents / (sigma**2 + 1)
-        return prediction  # "sample"
-    alpha_bar = scheduler.alphas_cumprod.to(latents.device)[int(timestep)].to(latents.dtype)
-    if kind == "epsilon":
-        return (latents - (1 - alpha_bar).sqrt() * prediction) / alpha_bar.sqrt()
-    if kind == "v_prediction":
-        return alpha_bar.sqrt() * latents - (1 - alpha_bar).sqrt() * prediction
-    return prediction  # "sample"
+from ..view_sets import CanvasViews
+from .tweedie import predicted_clean_latent
 
 
 def anchor_view_index(canvas: Canvas, views: list[CropView]) -> int:
-    """The default anchor: the view whose centre is nearest the canvas centre (on an equirect canvas,
-    the view facing longitude 0, which DESIGN §3 puts at the image centre). Distances wrap where the
-    canvas wraps."""
+    """The default anchor among crop windows: the view whose centre is nearest the canvas centre. Distances
+    wrap where the canvas wraps."""
 
     def distance(view: CropView) -> float:
         dy = (view.top + view.height / 2) - canvas.height / 2
@@ -60,29 +36,33 @@ def anchor_view_index(canvas: Canvas, views: list[CropView]) -> int:
     return min(range(len(views)), key=lambda index: distance(views[index]))
 
 
-def ring_anchor_indices(canvas: Canvas, views: list[CropView]) -> list[int]:
+def ring_anchor_indices(views: CanvasViews) -> list[int]:
     """The default anchor of every view, one list entry per view.
 
-    On an ``equirect`` canvas each row of views (a ring of equal latitude) has its own anchor, its view
-    facing longitude 0: a view of the sky is pulled towards sky, not towards the horizon (DESIGN §4: views
-    at different pitch see different things by design). Other canvases use one anchor for all views, the
-    view nearest the centre, as the paper does. With a single row both rules give the same anchor.
+    On an ``equirect`` canvas each ring of views (the views whose centres share a pitch: a row of crop
+    windows, MVDiffusion's ring, the up face, the down face) has its own anchor, its view facing nearest
+    yaw 0, the image centre (DESIGN §3): a view of the sky is pulled towards sky, not towards the horizon
+    (DESIGN §4: views at different pitch see different things by design). The up and down faces are
+    rings of one, their own anchors, so the guidance leaves them to the fusion. Other canvases use one
+    anchor for all views, the view nearest the centre, as the paper does.
     """
-    if canvas.kind != "equirect":
-        return [anchor_view_index(canvas, views)] * len(views)
+    if views.canvas.kind != "equirect":
+        return [anchor_view_index(views.canvas, views.crops)] * len(views)
+    centres = views.centres()
     ring_anchor = {}
-    for top in sorted({view.top for view in views}):
-        ring = [index for index, view in enumerate(views) if view.top == top]
-        ring_anchor[top] = min(ring, key=lambda index: abs((views[index].left + views[index].width / 2) - canvas.width / 2))
-    return [ring_anchor[view.top] for view in views]
+    for index, (yaw, pitch) in enumerate(centres):
+        ring = round(pitch, 6)
+        if ring not in ring_anchor or abs(yaw) < abs(centres[ring_anchor[ring]][0]):
+            ring_anchor[ring] = index
+    return [ring_anchor[round(pitch, 6)] for _, pitch in centres]
 
 
 @dataclass
 class SyncDiffusionGuidance:
     """SyncDiffusion's settings and its gradient step.
 
-    predict: (N, C, h, w) model input, timestep -> guided prediction, differentiable (the denoiser's
-        ``predict``). decode: latents (N, C, h, w) -> images (N, 3, H, W) in [-1, 1], differentiable (the
+    predict: (N, C, h, w) model input, timestep, the N views' indices -> guided prediction, differentiable
+        (the denoiser's ``predict``; the indices choose each view's prompt). decode: latents (N, C, h, w) -> images (N, 3, H, W) in [-1, 1], differentiable (the
         model's VAE decoder, or a tiny autoencoder for the fast path).
     loss: (images, anchor images) -> per-view loss (N,), e.g. ``backend.perceptual.PerceptualLoss``.
     anchors: the anchor of every view, one index per view (``ring_anchor_indices``); anchors are the views
@@ -126,7 +106,7 @@ class SyncDiffusionGuidance:
         anchors = sorted(set(self.anchors))
         with torch.no_grad():
             anchor_latents = view_latents[anchors]
-            anchor_predictions = self.predict(scheduler.scale_model_input(anchor_latents, timestep), timestep)
+            anchor_predictions = self.predict(scheduler.scale_model_input(anchor_latents, timestep), timestep, anchors)
             anchor_images = self.decode(predicted_clean_latent(scheduler, anchor_latents, anchor_predictions, timestep))
         image_of_anchor = {anchor: anchor_images[row] for row, anchor in enumerate(anchors)}
         guided = view_latents.clone()
@@ -137,14 +117,14 @@ class SyncDiffusionGuidance:
         for start in range(0, len(others), self.chunk):
             indices = others[start : start + self.chunk]
             targets = torch.stack([image_of_anchor[self.anchors[index]] for index in indices])
-            gradient, prediction = self.gradient(view_latents[indices], targets, timestep, scheduler)
+            gradient, prediction = self.gradient(view_latents[indices], indices, targets, timestep, scheduler)
             guided[indices] = view_latents[indices] - weight * gradient
             if predictions is not None:
                 predictions[indices] = prediction
         return guided, predictions
 
-    def gradient(self, latents: torch.Tensor, anchor_image: torch.Tensor, timestep, scheduler) -> tuple[torch.Tensor, torch.Tensor]:
-        """d loss / d x_t for each view of ``latents`` (n, C, h, w) against ``anchor_image`` (1 or n, 3, H, W:
+    def gradient(self, latents: torch.Tensor, views, anchor_image: torch.Tensor, timestep, scheduler) -> tuple[torch.Tensor, torch.Tensor]:
+        """d loss / d x_t for each view of ``latents`` (n, C, h, w; the views numbered ``views``) against ``anchor_image`` (1 or n, 3, H, W:
         one target for all views or one per view), and the (detached) predictions at ``latents``; both
         (n, C, h, w).
 
@@ -153,7 +133,7 @@ class SyncDiffusionGuidance:
         """
         with torch.enable_grad():
             latents = latents.detach().requires_grad_(True)
-            prediction = self.predict(scheduler.scale_model_input(latents, timestep), timestep)
+            prediction = self.predict(scheduler.scale_model_input(latents, timestep), timestep, views)
             images = self.decode(predicted_clean_latent(scheduler, latents, prediction, timestep))
             loss = self.loss(images, anchor_image.expand_as(images)).sum()
             (gradient,) = torch.autograd.grad(loss, latents)

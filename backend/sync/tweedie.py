@@ -1,0 +1,58 @@
+"""Tweedie's estimate x0 and back: the scheduler arithmetic that fusion of clean latents needs.
+
+Fusing predicted clean latents (SyncTweedies, Kim et al. 2024) averages each view's x0 on the canvas,
+reads the average back into every view, and steps each view from its *own* x_t with the model output
+that predicts exactly that x0. ``predicted_clean_latent`` is the first conversion (SyncDiffusion uses
+it too) and ``prediction_for_clean_latent`` its inverse; both follow the scheduler's own formulas, so
+any diffusers scheduler in the two families below steps as if the model had predicted the fused x0.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+def predicted_clean_latent(scheduler, latents: torch.Tensor, prediction: torch.Tensor, timestep) -> torch.Tensor:
+    """Tweedie's estimate x0 from x_t and the model's prediction, as the scheduler's own ``step`` computes
+    its ``pred_original_sample``. Shapes (N, C, h, w); differentiable.
+
+    Two families: schedulers whose latents are x_t = sqrt(a) x0 + sqrt(1 - a) eps (DDIM, PNDM, DPM-Solver,
+    UniPC; ``alphas_cumprod``) and k-diffusion-style ones whose latents are x0 + sigma eps (Euler, LMS;
+    ``init_noise_sigma`` > 1, sigma at the scheduler's current ``step_index``, set by
+    ``scale_model_input``).
+    """
+    kind = scheduler.config.prediction_type
+    if float(scheduler.init_noise_sigma) > 1.0:
+        sigma = scheduler.sigmas[scheduler.step_index].to(latents.device, latents.dtype)
+        if kind == "epsilon":
+            return latents - sigma * prediction
+        if kind == "v_prediction":
+            return prediction * (-sigma / (sigma**2 + 1) ** 0.5) + latents / (sigma**2 + 1)
+        return prediction  # "sample"
+    alpha_bar = scheduler.alphas_cumprod.to(latents.device)[int(timestep)].to(latents.dtype)
+    if kind == "epsilon":
+        return (latents - (1 - alpha_bar).sqrt() * prediction) / alpha_bar.sqrt()
+    if kind == "v_prediction":
+        return alpha_bar.sqrt() * latents - (1 - alpha_bar).sqrt() * prediction
+    return prediction  # "sample"
+
+
+def prediction_for_clean_latent(scheduler, latents: torch.Tensor, clean: torch.Tensor, timestep) -> torch.Tensor:
+    """The model output (noise, velocity or sample, per the scheduler's ``prediction_type``) for which the
+    scheduler's x0 at ``latents`` is ``clean``: the inverse of ``predicted_clean_latent``. Shapes (N, C, h, w).
+
+    Call it where ``predicted_clean_latent`` may be called (after ``scale_model_input`` at this step).
+    """
+    kind = scheduler.config.prediction_type
+    if kind == "sample":
+        return clean
+    if float(scheduler.init_noise_sigma) > 1.0:
+        sigma = scheduler.sigmas[scheduler.step_index].to(latents.device, latents.dtype)
+        if kind == "epsilon":
+            return (latents - clean) / sigma
+        # v_prediction: x0 = v * (-sigma / sqrt(sigma^2 + 1)) + x / (sigma^2 + 1)
+        return (latents / (sigma**2 + 1) - clean) * (sigma**2 + 1) ** 0.5 / sigma
+    alpha_bar = scheduler.alphas_cumprod.to(latents.device)[int(timestep)].to(latents.dtype)
+    if kind == "epsilon":
+        return (latents - alpha_bar.sqrt() * clean) / (1 - alpha_bar).sqrt()
+    return (alpha_bar.sqrt() * latents - clean) / (1 - alpha_bar).sqrt()  # v_prediction
