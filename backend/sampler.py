@@ -35,6 +35,8 @@ def sample_canvas(
     guidance: SyncDiffusionGuidance | None = None,
     fusion: str = "noisy",
     projected_noise: torch.Tensor | None = None,
+    synchroniser=None,
+    merged_attention=None,
 ) -> torch.Tensor:
     """Denoise a canvas latent over ``views`` with MultiDiffusion (and SyncDiffusion when ``guidance``).
 
@@ -44,9 +46,15 @@ def sample_canvas(
         once per batch of views so multistep schedulers keep each batch's own history.
     initial_noise: (1, C, H, W) unit Gaussian noise on the canvas (scaled here by init_noise_sigma).
     fusion: "noisy" averages the views' x_{t-1} on the canvas every step; "clean" averages their x0 and
-        lets each view keep its own x_t (``sync/multidiffusion.py``). With "clean", crop windows start
-        from their window of ``initial_noise`` and projected views from ``projected_noise``
+        lets each view keep its own x_t (``sync/multidiffusion.py``); "own": each view keeps its own x_t and
+        nothing is averaged: ``synchroniser`` ties them. With "clean" and "own", crop windows start from
+        their window of ``initial_noise`` and projected views from ``projected_noise``
         (len(views.projected), C, s, s) unit Gaussian noise of their own.
+    synchroniser: SyncSDE (``sync/syncsde.py``): after every step ``synchroniser.synchronise(previous,
+        stepped, predictions, timestep, step_index, scheduler)`` returns the views' new x_{t-1} and
+        ``synchroniser.compose(view_latents)`` the canvas (the preview, and the result).
+    merged_attention: MAD (``sync/mad.py``): ``begin_step(step_index)`` is called first thing every step;
+        while ``active`` the denoiser sees every view in one batch, so merged attention merges them all.
     step_kwargs: extra arguments of ``scheduler.step`` (a generator for stochastic samplers).
     guidance: SyncDiffusion's pull towards the anchor views before the steps it guides (None: none).
     Returns the denoised canvas latent (1, C, H, W). Raises JobCancelled when ``report`` returns True.
@@ -58,27 +66,35 @@ def sample_canvas(
     batches = [(slice(start, start + view_batch), batch_scheduler) for start, batch_scheduler in zip(starts, batch_schedulers)]
     view_indices = range(len(views))
     latents = initial_noise * scheduler.init_noise_sigma
-    if fusion == "clean":
+    if fusion != "noisy":
         view_latents = _own_view_noise(views, initial_noise, projected_noise) * scheduler.init_noise_sigma
 
     for step_index, timestep in enumerate(scheduler.timesteps):
+        if merged_attention is not None:
+            merged_attention.begin_step(step_index)
         if fusion == "noisy":
             view_latents = views.read(latents)
         predictions = None  # SyncDiffusion's fast path hands back the predictions of its gradient pass
         if guidance is not None:
             view_latents, predictions = guidance.guide(view_latents, timestep, batch_schedulers[0], step_index)
         if predictions is None:
+            model_inputs = torch.cat([batch_scheduler.scale_model_input(view_latents[part], timestep) for part, batch_scheduler in batches])
+            chunk = len(views) if merged_attention is not None and merged_attention.active else view_batch
             predictions = torch.cat([
-                denoiser(batch_scheduler.scale_model_input(view_latents[part], timestep), timestep, view_indices[part])
-                for part, batch_scheduler in batches
+                denoiser(model_inputs[start : start + chunk], timestep, view_indices[start : start + chunk])
+                for start in range(0, len(views), chunk)
             ])
         if fusion == "clean":
             predictions, latents = multidiffusion.fuse_clean(views, batch_schedulers[0], view_latents, predictions, timestep)
+        previous = view_latents
         view_latents = torch.cat([
             batch_scheduler.step(predictions[part], timestep, view_latents[part], **step_kwargs).prev_sample
             for part, batch_scheduler in batches
         ])
-        if fusion == "noisy":
+        if synchroniser is not None:
+            view_latents = synchroniser.synchronise(previous, view_latents, predictions, timestep, step_index, batch_schedulers[0])
+            latents = synchroniser.compose(view_latents)
+        elif fusion == "noisy":
             latents = multidiffusion.fuse_noisy(views, view_latents)
 
         if report is not None and report("denoising", step_index + 1, num_steps, latents):

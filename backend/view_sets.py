@@ -295,7 +295,32 @@ class CanvasViews:
             warped = F.grid_sample(view_tensors[len(self.crops):], self._on("_fuse_grids", view_tensors),
                                    mode="bilinear", padding_mode="border", align_corners=False)
             total += (warped * self._on("_fuse_masks", view_tensors)).sum(0, keepdim=True)
-        return total / self.coverage(view_tensors)
+        return total / self.coverage(view_tensors).clamp(min=1)  # clamp: only a subset can leave pixels unseen
+
+    def at_resolution(self, divisor: int) -> "CanvasViews":
+        """The same views on the canvas ``divisor`` times smaller on each side (a UNet feature resolution:
+        2, 4, 8 for SD's down blocks), each view ``size / divisor`` px. Crop windows keep their place
+        exactly, so every window position and side must be a multiple of ``divisor``; projected views are
+        resolution-free (the pixel-centre grid). Raises ValueError when the canvas, the view size or a
+        window does not divide."""
+        if divisor == 1:
+            return self
+        sides = [self.canvas.height, self.canvas.width, self.size or 0]
+        sides += [value for view in self.crops for value in (view.top, view.left, view.height, view.width)]
+        if any(side % divisor for side in sides):
+            raise ValueError(f"The views do not divide into a {divisor}x smaller feature map: the canvas, the view "
+                             f"size and every window position must be multiples of {divisor}.")
+        canvas = Canvas(self.canvas.kind, self.canvas.height // divisor, self.canvas.width // divisor)
+        crops = [CropView(view.top // divisor, view.left // divisor, view.height // divisor, view.width // divisor) for view in self.crops]
+        return CanvasViews(canvas, crops, self.projected, self.size // divisor if self.size else None)
+
+    def subset(self, indices) -> "CanvasViews":
+        """The views numbered ``indices`` (ascending view numbers: crops first, then projected) on the same
+        canvas. Canvas pixels none of them sees have coverage 0 and fuse to 0."""
+        indices = list(indices)
+        crops = [self.crops[index] for index in indices if index < len(self.crops)]
+        projected = [self.projected[index - len(self.crops)] for index in indices if index >= len(self.crops)]
+        return CanvasViews(self.canvas, crops, projected, self.size)
 
     def centres(self) -> list[tuple[float, float]]:
         """(yaw, pitch) in degrees of every view's centre, equirect canvases only (design section 3).
