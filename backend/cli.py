@@ -63,12 +63,16 @@ def build_parser() -> argparse.ArgumentParser:
     generate.add_argument("--stride", type=int, help="distance between views in latent pixels (default: window/8)")
     generate.add_argument("--view-batch", type=int, default=4, help="views per UNet batch; lower it to save memory (default 4)")
     generate.add_argument(
-        "--scheduler", default="ddim",
-        help=f"sampler: {', '.join(SCHEDULERS)} or any diffusers scheduler class name (default ddim)",
+        "--scheduler", default="auto",
+        help=f"sampler: {', '.join(SCHEDULERS)} or any diffusers scheduler class name (default auto: the model's own "
+             "scheduler for few-step models (LCM, trailing-spaced Turbo), DDIM otherwise)",
     )
     generate.add_argument("--model", default=DEFAULT_MODEL, help=f"hub id, local diffusers folder or .safetensors file (default {DEFAULT_MODEL})")
     generate.add_argument("--model-config", help="for a single-file checkpoint: a diffusers folder or hub id whose configs describe it "
                           "(default: inferred by diffusers and fetched from the hub cache)")
+    generate.add_argument("--lora", help="LoRA weights to fuse into the model: a .safetensors file, a folder or a hub id "
+                          "(e.g. latent-consistency/lcm-lora-sdv1-5 with --scheduler lcm --steps 4 --guidance 1)")
+    generate.add_argument("--lora-scale", type=float, default=1.0, help="strength of the --lora weights (default 1)")
     generate.add_argument("--device", default="auto", help="auto (cuda, then mps, then cpu), cpu, cuda, cuda:N or mps")
     generate.add_argument("--dtype", default="auto", metavar="{" + ",".join(DTYPES) + "}",
                           help="auto: float16 on GPUs, float32 on the CPU")

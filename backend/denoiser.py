@@ -20,13 +20,20 @@ class GuidedUNetDenoiser:
     more rows when views have their own prompts, e.g. ``--prompt-up``). negative_embeds: (1, L, D) for
     the negative prompt, shared by every view. view_prompts: the prompt row of every view (None: row 0
     for all). guidance_scale: w in ``uncond + w * (cond - uncond)``; at w <= 1 the unconditional pass is
-    skipped (diffusers' rule), so the call costs one UNet evaluation per view instead of two.
+    skipped (diffusers' rule), so the call costs one UNet evaluation per view instead of two. A UNet with
+    ``time_cond_proj_dim`` (a guidance-distilled Latent Consistency Model) takes w as an embedding instead,
+    as diffusers' ``LatentConsistencyModelPipeline`` gives it, and runs no unconditional pass.
     """
 
     def __init__(self, unet, prompt_embeds: torch.Tensor, negative_embeds: torch.Tensor | None, guidance_scale: float,
                  view_prompts: list[int] | None = None):
         self.unet = unet
         self.guidance_scale = guidance_scale
+        self.guidance_embedding = None
+        if getattr(unet.config, "time_cond_proj_dim", None):
+            self.guidance_embedding = guidance_scale_embedding(guidance_scale, unet.config.time_cond_proj_dim).to(
+                prompt_embeds.device, prompt_embeds.dtype)
+            guidance_scale = 1.0  # the embedding carries it
         self.uses_guidance = guidance_scale > 1.0
         self.prompt_embeds = prompt_embeds
         self.negative_embeds = negative_embeds
@@ -51,8 +58,20 @@ class GuidedUNetDenoiser:
             negative = self.negative_embeds.expand(count, -1, -1)
             embeds = torch.stack([negative, embeds], dim=1).flatten(0, 1)
         model_input = latents.repeat_interleave(2, dim=0) if self.uses_guidance else latents
-        prediction = self.unet(model_input, timestep, encoder_hidden_states=embeds).sample
+        condition = None if self.guidance_embedding is None else self.guidance_embedding.expand(model_input.shape[0], -1)
+        prediction = self.unet(model_input, timestep, encoder_hidden_states=embeds, timestep_cond=condition).sample
         if not self.uses_guidance:
             return prediction
         uncond, cond = prediction[::2], prediction[1::2]
         return uncond + self.guidance_scale * (cond - uncond)
+
+
+def guidance_scale_embedding(guidance_scale: float, dim: int) -> torch.Tensor:
+    """The (1, dim) float32 sinusoidal embedding of w − 1 (scaled by 1000) that guidance-distilled LCM UNets take
+    as ``timestep_cond``: the formula of diffusers' ``LatentConsistencyModelPipeline.get_guidance_scale_embedding``."""
+    w = torch.tensor([(guidance_scale - 1.0) * 1000.0])
+    half = dim // 2
+    frequencies = torch.exp(torch.arange(half, dtype=torch.float32) * -(torch.log(torch.tensor(10000.0)) / (half - 1)))
+    angles = w[:, None] * frequencies[None, :]
+    embedding = torch.cat([torch.sin(angles), torch.cos(angles)], dim=1)
+    return torch.nn.functional.pad(embedding, (0, 1)) if dim % 2 else embedding

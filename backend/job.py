@@ -23,6 +23,8 @@ from .denoiser import GuidedUNetDenoiser
 from .errors import BadRequest, JobCancelled, OutOfMemory
 from .models import (
     LoadedModel,
+    fuse_lora,
+    resolve_lora_source,
     ModelSource,
     load_model,
     load_tiny_autoencoder,
@@ -47,6 +49,7 @@ class CheckedRequest:
     source: ModelSource
     device: torch.device
     dtype: torch.dtype
+    lora: ModelSource | None = None
 
 
 def check_request(request: GenerateRequest) -> CheckedRequest:
@@ -56,6 +59,7 @@ def check_request(request: GenerateRequest) -> CheckedRequest:
     """
     request.validate()
     source = resolve_model_source(request.model, request.allow_pickle)
+    lora = resolve_lora_source(request.lora, request.allow_pickle) if request.lora else None
     geometry = read_model_geometry(source)
     if geometry is not None:
         request.validate_for_model(geometry)
@@ -65,13 +69,13 @@ def check_request(request: GenerateRequest) -> CheckedRequest:
             sync_anchors(request, views)
     import diffusers
 
-    if not hasattr(diffusers, SCHEDULERS.get(request.scheduler, request.scheduler)):
+    if request.scheduler != "auto" and not hasattr(diffusers, SCHEDULERS.get(request.scheduler) or request.scheduler):
         raise BadRequest(f"diffusers {diffusers.__version__} has no scheduler named {request.scheduler}.")
     device = resolve_device(request.device)
     dtype = resolve_dtype(request.dtype, device)
     if dtype == torch.float16 and device.type == "cpu":
         raise BadRequest("float16 is not supported on the CPU; use --dtype float32 or --dtype auto.")
-    return CheckedRequest(request, source, device, dtype)
+    return CheckedRequest(request, source, device, dtype, lora)
 
 
 class ModelCache:
@@ -84,19 +88,27 @@ class ModelCache:
     def get(self, checked: CheckedRequest) -> LoadedModel:
         """The model for ``checked``: the cached one when source, device, dtype and config match."""
         request = checked.request
-        key = (checked.source, checked.device, checked.dtype, request.allow_pickle, request.model_config)
+        key = (checked.source, checked.device, checked.dtype, request.allow_pickle, request.model_config,
+               checked.lora, request.lora_scale)
         if key != self._key:
             self._model = None  # release the old model before loading the next one
             self._model = load_model(checked.source, checked.device, checked.dtype, request.allow_pickle, request.model_config)
+            if checked.lora is not None:
+                fuse_lora(self._model, checked.lora, request.lora_scale)
             self._key = key
         return self._model
 
 
 def make_scheduler(name: str, config):
-    """A diffusers scheduler of the class named by ``name`` (a SCHEDULERS key or class name) from ``config``."""
+    """A diffusers scheduler of the class named by ``name`` (a SCHEDULERS key or class name) from ``config``
+    (the model's scheduler config). ``auto``: the model's own class when it is a few-step sampler (an
+    ``LCMScheduler``, or ``trailing`` timestep spacing as SD-Turbo ships), else DDIM."""
     import diffusers
 
-    return getattr(diffusers, SCHEDULERS.get(name, name)).from_config(config)
+    if name == "auto":
+        own = config.get("_class_name", "")
+        name = own if own == "LCMScheduler" or config.get("timestep_spacing") == "trailing" else "ddim"
+    return getattr(diffusers, SCHEDULERS.get(name) or name).from_config(config)
 
 
 def run_job(checked: CheckedRequest, report: StepReport | None = None, models: ModelCache | None = None) -> dict:

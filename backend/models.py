@@ -212,6 +212,54 @@ def load_model(
     return LoadedModel(pipeline=pipeline, geometry=geometry, source=source, device=device, dtype=dtype)
 
 
+def resolve_lora_source(spec: str, allow_pickle: bool = False) -> ModelSource:
+    """Where ``--lora`` weights come from: a local weights file (kind ``single_file``), a local folder
+    holding one (``folder``), or a hub id (``hub``). Raises BadRequest, with one sentence, for a missing
+    path, a pickled file (.bin, .pt, .ckpt) without ``allow_pickle``, or a folder without weights."""
+    path = os.path.abspath(os.path.expanduser(spec))
+    if os.path.isdir(path):
+        names = sorted(name for name in os.listdir(path) if name.endswith((".safetensors",) + (PICKLE_SUFFIXES if allow_pickle else ())))
+        if not names:
+            raise BadRequest(f"The LoRA folder {path} has no .safetensors weights file.")
+        return ModelSource("folder", os.path.join(path, names[0]))
+    if os.path.isfile(path):
+        if path.lower().endswith(PICKLE_SUFFIXES) and not allow_pickle:
+            raise BadRequest(f"{os.path.basename(path)} is pickled LoRA weights, which can run code when loaded; "
+                             "use a .safetensors file or pass --allow-pickle if you trust its source.")
+        if not path.lower().endswith((".safetensors",) + PICKLE_SUFFIXES):
+            raise BadRequest(f"The LoRA file {path} is neither .safetensors nor a known weights format.")
+        return ModelSource("single_file", path)
+    if spec.startswith(("/", ".", "~")) or not HUB_ID.match(spec):
+        raise BadRequest(f"The LoRA path {path} does not exist.")
+    return ModelSource("hub", spec)
+
+
+def fuse_lora(model: LoadedModel, source: ModelSource, scale: float) -> None:
+    """Load LoRA weights from ``source`` (``resolve_lora_source``) into ``model``'s UNet and text encoder and
+    fuse them into the weights at ``scale`` (diffusers' ``load_lora_weights`` / ``fuse_lora``, PEFT), then
+    drop the adapter layers, so sampling runs at the plain model's speed. Modifies the model in place.
+    Raises ModelNotFound (hub weights not available) or BadRequest (weights that do not fit the model)."""
+    pipeline = model.pipeline
+    try:
+        if source.kind == "hub":
+            pipeline.load_lora_weights(source.location, local_files_only=hub_offline(), adapter_name="syncsphere")
+        else:
+            folder, name = os.path.split(source.location)
+            pipeline.load_lora_weights(folder, weight_name=name, adapter_name="syncsphere",
+                                       use_safetensors=name.lower().endswith(".safetensors"))
+        pipeline.fuse_lora(lora_scale=scale, adapter_names=["syncsphere"])
+        pipeline.unload_lora_weights()
+    except (OSError, EnvironmentError) as error:
+        if source.kind == "hub":
+            raise ModelNotFound(f"The LoRA {source.location} could not be loaded from the Hugging Face cache or hub; "
+                                "point --lora at a local .safetensors file.") from error
+        raise BadRequest(f"The LoRA weights at {source.location} could not be read: {_first_line(error)}") from error
+    except (ValueError, KeyError, RuntimeError) as error:
+        raise BadRequest(f"The LoRA weights at {source.location} do not fit this model: {_first_line(error)}") from error
+    for component in (pipeline.unet, pipeline.text_encoder):
+        component.requires_grad_(False)
+
+
 TINY_AUTOENCODERS = {"taesd": "madebyollin/taesd"}  # --sync-decoder short names for SD 1.x / 2.x latents
 
 

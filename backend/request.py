@@ -24,8 +24,12 @@ MAX_CANVAS_PIXELS = 16384
 OUTPUT_NAMES = ("panorama.png", "panorama.exr", "metadata.json")
 
 # --scheduler names and the diffusers classes they stand for; a diffusers class name is accepted too.
+# "auto" (the default) is DDIM, MultiDiffusion's sampler, unless the model ships a few-step scheduler
+# (backend/job.py's make_scheduler).
 SCHEDULERS = {
+    "auto": None,
     "ddim": "DDIMScheduler",
+    "lcm": "LCMScheduler",
     "euler": "EulerDiscreteScheduler",
     "euler-a": "EulerAncestralDiscreteScheduler",
     "dpm++": "DPMSolverMultistepScheduler",
@@ -133,9 +137,11 @@ class GenerateRequest:
     window: int | None = None
     stride: int | None = None
     view_batch: int = 4
-    scheduler: str = "ddim"
+    scheduler: str = "auto"
     model: str = DEFAULT_MODEL
     model_config: str | None = None
+    lora: str | None = None
+    lora_scale: float = 1.0
     device: str = "auto"
     dtype: str = "auto"
     out: str | None = None
@@ -246,6 +252,10 @@ class GenerateRequest:
             raise BadRequest(f"Unknown dtype '{self.dtype}'; choose one of {', '.join(DTYPES)}.")
         if not (self.device in ("auto", "cpu", "mps", "cuda") or _is_cuda_index(self.device)):
             raise BadRequest(f"Unknown device '{self.device}'; use {DEVICES_HELP}.")
+        if self.lora is not None and (not isinstance(self.lora, str) or not self.lora.strip()):
+            raise BadRequest("--lora must be a .safetensors file, a folder or a hub id of LoRA weights.")
+        if not _is_number(self.lora_scale):
+            raise BadRequest(f"--lora-scale must be a number, not {self.lora_scale!r}.")
         self._validate_views()
         self._validate_sync()
         if not self.out:

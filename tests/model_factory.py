@@ -83,10 +83,13 @@ def save_random_sd_model(
     vae_config: dict = TINY_VAE,
     text_config: dict = TINY_TEXT,
     seed: int = 0,
+    scheduler=None,
 ) -> str:
     """Build a Stable Diffusion pipeline with random weights (repeatable for ``seed``) and save it.
 
-    Returns ``folder``, a diffusers folder with safetensors weights and a DDIM scheduler.
+    Returns ``folder``, a diffusers folder with safetensors weights and ``scheduler`` (default: DDIM with
+    Stable Diffusion's betas). A UNet config with ``time_cond_proj_dim`` and an ``LCMScheduler`` make a
+    guidance-distilled Latent Consistency Model's architecture.
     """
     torch.manual_seed(seed)
     unet = UNet2DConditionModel(**unet_config)
@@ -103,7 +106,7 @@ def save_random_sd_model(
         vae=vae.eval(),
         text_encoder=text_encoder.eval(),
         tokenizer=tokenizer,
-        scheduler=DDIMScheduler(**SD_SCHEDULER),
+        scheduler=scheduler if scheduler is not None else DDIMScheduler(**SD_SCHEDULER),
         safety_checker=None,
         feature_extractor=None,
         requires_safety_checker=False,
@@ -129,4 +132,21 @@ def save_random_tiny_autoencoder(folder: str, config: dict = TINY_TAESD, seed: i
 
     torch.manual_seed(seed)
     AutoencoderTiny(**config).eval().save_pretrained(folder, safe_serialization=True)
+    return folder
+
+
+def save_random_lora(folder: str, model_folder: str, rank: int = 4, seed: int = 4) -> str:
+    """Build LoRA weights with random (non-zero) values for the UNet attention projections of the model in
+    ``model_folder`` and save them as diffusers' ``pytorch_lora_weights.safetensors`` into ``folder``; returns
+    ``folder`` (what ``--lora FOLDER`` loads)."""
+    from diffusers.utils import convert_state_dict_to_diffusers
+    from peft import LoraConfig
+    from peft.utils import get_peft_model_state_dict
+
+    unet = UNet2DConditionModel.from_pretrained(model_folder, subfolder="unet")
+    torch.manual_seed(seed)
+    unet.add_adapter(LoraConfig(r=rank, lora_alpha=rank, init_lora_weights=False,
+                                target_modules=["to_q", "to_k", "to_v", "to_out.0"]))
+    layers = convert_state_dict_to_diffusers(get_peft_model_state_dict(unet))
+    StableDiffusionPipeline.save_lora_weights(folder, unet_lora_layers=layers, safe_serialization=True)
     return folder

@@ -16,11 +16,17 @@ def predicted_clean_latent(scheduler, latents: torch.Tensor, prediction: torch.T
     """Tweedie's estimate x0 from x_t and the model's prediction, as the scheduler's own ``step`` computes
     its ``pred_original_sample``. Shapes (N, C, h, w); differentiable.
 
-    Two families: schedulers whose latents are x_t = sqrt(a) x0 + sqrt(1 - a) eps (DDIM, PNDM, DPM-Solver,
-    UniPC; ``alphas_cumprod``) and k-diffusion-style ones whose latents are x0 + sigma eps (Euler, LMS;
+    Consistency models (``LCMScheduler``) return the scheduler's ``denoised`` output, c_skip x_t + c_out x0,
+    which is what their step moves to. Otherwise two families: schedulers whose latents are
+    x_t = sqrt(a) x0 + sqrt(1 - a) eps (DDIM, PNDM, DPM-Solver, UniPC; ``alphas_cumprod``) and
+    k-diffusion-style ones whose latents are x0 + sigma eps (Euler, LMS;
     ``init_noise_sigma`` > 1, sigma at the scheduler's current ``step_index``, set by
     ``scale_model_input``).
     """
+    if hasattr(scheduler, "get_scalings_for_boundary_condition_discrete"):
+        # A consistency model's estimate is its boundary-condition output: c_skip x_t + c_out x0.
+        c_skip, c_out = scheduler.get_scalings_for_boundary_condition_discrete(timestep)
+        return c_out * _alpha_family_clean(scheduler, latents, prediction, timestep) + c_skip * latents
     kind = scheduler.config.prediction_type
     if float(scheduler.init_noise_sigma) > 1.0:
         sigma = scheduler.sigmas[scheduler.step_index].to(latents.device, latents.dtype)
@@ -29,6 +35,12 @@ def predicted_clean_latent(scheduler, latents: torch.Tensor, prediction: torch.T
         if kind == "v_prediction":
             return prediction * (-sigma / (sigma**2 + 1) ** 0.5) + latents / (sigma**2 + 1)
         return prediction  # "sample"
+    return _alpha_family_clean(scheduler, latents, prediction, timestep)
+
+
+def _alpha_family_clean(scheduler, latents: torch.Tensor, prediction: torch.Tensor, timestep) -> torch.Tensor:
+    """x0 for latents x_t = sqrt(a) x0 + sqrt(1 - a) eps, a = ``alphas_cumprod[timestep]``."""
+    kind = scheduler.config.prediction_type
     alpha_bar = scheduler.alphas_cumprod.to(latents.device)[int(timestep)].to(latents.dtype)
     if kind == "epsilon":
         return (latents - (1 - alpha_bar).sqrt() * prediction) / alpha_bar.sqrt()
@@ -43,6 +55,9 @@ def prediction_for_clean_latent(scheduler, latents: torch.Tensor, clean: torch.T
 
     Call it where ``predicted_clean_latent`` may be called (after ``scale_model_input`` at this step).
     """
+    if hasattr(scheduler, "get_scalings_for_boundary_condition_discrete"):
+        c_skip, c_out = scheduler.get_scalings_for_boundary_condition_discrete(timestep)
+        clean = (clean - c_skip * latents) / c_out  # the x0 inside the consistency model's boundary condition
     kind = scheduler.config.prediction_type
     if kind == "sample":
         return clean
