@@ -24,6 +24,8 @@ from .request import (
     SYNC_LOSS_BACKBONES,
     SYNC_LOSSES,
     SYNC_METHODS,
+    SYNCSDE_COMPOSE,
+    DEFAULT_SYNCSDE_LAMBDA,
     VIEW_SETS,
     GenerateRequest,
 )
@@ -84,6 +86,7 @@ def build_parser() -> argparse.ArgumentParser:
                           help="print the protocol's JSON progress/done/error events on stdout instead of a progress bar")
     _add_view_arguments(generate)
     _add_sync_arguments(generate)
+    _add_mad_arguments(generate)
 
     serve = commands.add_parser(
         "serve", help="run the worker Blender talks to (JSON lines on stdin/stdout)",
@@ -158,12 +161,23 @@ def _add_view_arguments(generate: argparse.ArgumentParser) -> None:
     views.add_argument("--prompt-down", default="", help="equirect only: added to the prompt of views looking down (the ground)")
 
 
+def _add_mad_arguments(generate: argparse.ArgumentParser) -> None:
+    """--mad-steps and --mad-blocks (docs/engine.md, "MAD")."""
+    mad = generate.add_argument_group("merged attention (MAD)", "Attention on the merged canvas for the first steps.")
+    mad.add_argument("--mad-steps", type=int, default=0, metavar="TAU",
+                     help="merge the views' attention on the canvas for the first TAU steps (Quattrini et al.; the "
+                          "paper uses 15 of 50); every view then runs in one batch; default 0: off")
+    mad.add_argument("--mad-blocks", default="down,mid,up",
+                     help="UNet blocks whose attention is merged: a comma-separated list of down, mid, up (default all)")
+
+
 def _add_sync_arguments(generate: argparse.ArgumentParser) -> None:
     """--sync and SyncDiffusion's options (docs/engine.md, "SyncDiffusion")."""
     sync = generate.add_argument_group("synchronisation", "How the overlapping views are made one coherent image.")
     sync.add_argument("--sync", default="multidiffusion", metavar="{" + ",".join(SYNC_METHODS) + "}",
                       help="multidiffusion: average the views (default); syncdiffusion: also pull every view towards "
-                      "an anchor view with a perceptual-loss gradient (Lee et al. 2023): more coherent, slower")
+                      "an anchor view with a perceptual-loss gradient (Lee et al. 2023): more coherent, slower; syncsde: "
+                      "each view keeps its own state and is pulled towards its neighbours on their overlap (Lee et al. 2025)")
     sync.add_argument("--sync-weight", type=float, help="SyncDiffusion's gradient weight w (default 20; 0.1 with --sync-loss style)")
     sync.add_argument("--sync-decay", type=float, default=0.95, help="w is multiplied by this every step (default 0.95)")
     sync.add_argument("--sync-steps", type=int, help="guide only the first K denoising steps (default: all)")
@@ -184,6 +198,14 @@ def _add_sync_arguments(generate: argparse.ArgumentParser) -> None:
                       help="fast path: step with the prediction from the gradient pass instead of predicting again")
     sync.add_argument("--sync-checkpointing", action="store_true",
                       help="gradient checkpointing in the gradient pass: less memory, more time")
+    sync.add_argument("--syncsde-lambda", type=float, default=DEFAULT_SYNCSDE_LAMBDA,
+                      help=f"SyncSDE's strength lambda (default {DEFAULT_SYNCSDE_LAMBDA:g}, the paper's wide-image value; 0: "
+                           "independent views)")
+    sync.add_argument("--syncsde-compose", default="paper", metavar="{" + ",".join(SYNCSDE_COMPOSE) + "}",
+                      help="paper: later views on top in chain order, as the paper composes; average: average the "
+                           "overlaps (default paper)")
+    sync.add_argument("--syncsde-open-chain", action="store_true",
+                      help="do not close SyncSDE's chain around the wrap (the published code's open chain)")
 
 
 def request_from_args(args: argparse.Namespace) -> GenerateRequest:

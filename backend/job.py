@@ -24,6 +24,7 @@ from .errors import BadRequest, JobCancelled, OutOfMemory
 from .models import (
     LoadedModel,
     fuse_lora,
+    read_unet_config,
     resolve_lora_source,
     ModelSource,
     load_model,
@@ -38,6 +39,8 @@ from .perceptual import load_perceptual_loss
 from .request import DEFAULT_VIEW_SET, POLE_FACE_VIEW_SETS, SCHEDULERS, UP_DOWN_PITCH, GenerateRequest
 from .sampler import StepReport, sample_canvas
 from .sync.syncdiffusion import SyncDiffusionGuidance, ring_anchor_indices
+from .sync.mad import MergedAttention, block_divisors, check_mad
+from .sync.syncsde import SyncSDE
 from .view_sets import CanvasViews, band_rows, canvas_views
 
 
@@ -63,7 +66,7 @@ def check_request(request: GenerateRequest) -> CheckedRequest:
     geometry = read_model_geometry(source)
     if geometry is not None:
         request.validate_for_model(geometry)
-        views = request_views(request, geometry.vae_scale_factor)
+        views = request_views(request, geometry.vae_scale_factor, read_unet_config(source))
         view_prompt_rows(request, views)
         if request.sync == "syncdiffusion":
             sync_anchors(request, views)
@@ -148,6 +151,8 @@ def run_job(checked: CheckedRequest, report: StepReport | None = None, models: M
         timings["decoding_s"] = time.perf_counter() - began
     except torch.OutOfMemoryError as error:
         advice = "lower --view-batch, the canvas size or use --dtype float16"
+        if request.mad_steps:
+            advice += ", or lower --mad-steps (MAD runs every view in one batch)"
         if request.sync == "syncdiffusion":
             advice += ", or add --sync-checkpointing or --sync-decoder taesd for SyncDiffusion's gradient pass"
         raise OutOfMemory(f"The {model.device} device ran out of memory; {advice}.") from error
@@ -175,7 +180,7 @@ def denoise(request: GenerateRequest, model: LoadedModel, report: StepReport):
     per-direction prompts "view_prompts", and for SyncDiffusion "syncdiffusion" (anchors, loss, its trunk,
     decoder, guided steps). The benchmarks call it too."""
     pipeline, geometry = model.pipeline, model.geometry
-    views = request_views(request, geometry.vae_scale_factor)
+    views = request_views(request, geometry.vae_scale_factor, pipeline.unet)
     canvas = views.canvas
     scheduler = make_scheduler(request.scheduler, pipeline.scheduler.config)
     began = time.perf_counter()
@@ -191,7 +196,7 @@ def denoise(request: GenerateRequest, model: LoadedModel, report: StepReport):
     noise = initial_noise(request.seed, shape, model.device, model.dtype)
     fusion = request.resolved_fusion
     projected_noise = None
-    if fusion == "clean" and views.projected:
+    if fusion in ("clean", "own") and views.projected:
         # Each projected view's own noise, from the seed too (seed + 1 belongs to stochastic samplers).
         projected_noise = initial_noise(request.seed + 2, (len(views.projected), geometry.latent_channels, views.size, views.size),
                                         model.device, model.dtype)
@@ -199,13 +204,27 @@ def denoise(request: GenerateRequest, model: LoadedModel, report: StepReport):
     if "generator" in inspect.signature(scheduler.step).parameters:
         # Stochastic samplers (ancestral, SDE) draw their per-step noise from the seed too.
         step_kwargs["generator"] = torch.Generator("cpu").manual_seed(request.seed + 1)
-    guidance, sync_details, differentiated = None, {}, []
+    guidance, sync_details, differentiated, synchroniser = None, {}, [], None
     if request.sync == "syncdiffusion":
         guidance, sync_details, differentiated = syncdiffusion_guidance(request, model, views, denoiser)
-    with gradient_checkpointing(differentiated if request.sync_checkpointing else []):
+    if request.sync == "syncsde":
+        synchroniser = SyncSDE(views, request.syncsde_lambda, closed_loop=not request.syncsde_open_chain,
+                               compose=request.syncsde_compose)
+    merged_attention = None
+    if request.mad_steps:
+        merged_attention = MergedAttention(pipeline.unet, views, request.mad_steps, request.mad_blocks)
+    predict = denoiser
+    if merged_attention is not None:
+        # The processors must know which views each batch holds; the gradient pass's chunks too.
+        predict = merged_attention.wrap(denoiser)
+        if guidance is not None:
+            guidance.predict = merged_attention.wrap(guidance.predict)
+    # The with-blocks put the cached UNet back as it was, even when the job fails or is cancelled.
+    checkpointed = differentiated if request.sync_checkpointing else []
+    with merged_attention or contextlib.nullcontext(), gradient_checkpointing(checkpointed):
         latents = sample_canvas(
-            denoiser, scheduler, views, noise, request.steps, request.view_batch, report, step_kwargs, guidance,
-            fusion, projected_noise,
+            predict, scheduler, views, noise, request.steps, request.view_batch, report, step_kwargs, guidance,
+            fusion, projected_noise, synchroniser, merged_attention,
         )
     if guidance is not None:
         sync_details["guided_steps"] = guidance.guided_steps
@@ -215,22 +234,34 @@ def denoise(request: GenerateRequest, model: LoadedModel, report: StepReport):
         details["view_prompts"] = {label: prompts[row] for label, row in zip(views.labels, view_prompts) if row}
     if sync_details:
         details["syncdiffusion"] = sync_details
+    if synchroniser is not None:
+        details["syncsde"] = synchroniser.details()
+    if merged_attention is not None:
+        details["mad"] = {"steps": request.mad_steps, "blocks": list(merged_attention.blocks)}
     return latents, canvas, details
 
 
-def request_views(request: GenerateRequest, vae_scale_factor: int) -> CanvasViews:
+def request_views(request: GenerateRequest, vae_scale_factor: int, unet=None) -> CanvasViews:
     """The canvas and views of ``request`` (sizes checked against the model): ``view_sets.canvas_views``.
 
     Without ``--views`` an equirect job uses ``band+poles`` when its canvas is tall enough for a row of
     windows between ±60°, else ``band`` (docs/engine.md, "View sets"), and records the choice in
-    ``request.views``. Raises BadRequest with one sentence when the view set does not fit the canvas.
+    ``request.views``. With ``--mad-steps``, ``unet`` (the model or its config; None: not checked yet)
+    decides the feature resolutions MAD merges at: band+poles' rows are aligned to them and the views are
+    checked to divide (``sync.mad.check_mad``). Raises BadRequest with one sentence when the view set does
+    not fit the canvas or MAD cannot merge it.
     """
     canvas = Canvas(request.layout, request.height // vae_scale_factor, request.width // vae_scale_factor)
+    divisors = block_divisors(unet, request.mad_blocks) if request.mad_steps and unet is not None else {}
+    row_multiple = max(divisors.values(), default=1)
     if request.layout == "equirect" and request.views is None:
-        first, stop = band_rows(canvas.height)
+        first, stop = band_rows(canvas.height, row_multiple=row_multiple)
         request.views = DEFAULT_VIEW_SET if stop - first >= request.window else "band"
     try:
-        return canvas_views(canvas, request.views, request.window, request.stride)
+        views = canvas_views(canvas, request.views, request.window, request.stride, row_multiple)
+        if divisors:
+            check_mad(unet, views, request.mad_blocks)
+        return views
     except ValueError as error:
         raise BadRequest(str(error)) from None
 

@@ -90,6 +90,14 @@ def read_model_geometry(source: ModelSource) -> ModelGeometry | None:
     return geometry_from_configs(_read_config(source, "vae/config.json"), _read_config(source, "unet/config.json"))
 
 
+def read_unet_config(source: ModelSource) -> dict | None:
+    """The UNet's config (a dict) of a diffusers folder or hub model, None for a single-file checkpoint
+    (``read_model_geometry``'s rule). Raises ModelNotFound as it does."""
+    if source.kind == "single_file":
+        return None
+    return _read_config(source, "unet/config.json")
+
+
 def geometry_from_configs(vae_config: dict, unet_config: dict) -> ModelGeometry:
     """ModelGeometry from a VAE and a UNet config (dicts, or diffusers' FrozenDict configs).
 

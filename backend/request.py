@@ -39,7 +39,9 @@ SCHEDULERS = {
 }
 
 # --sync methods; SyncDiffusion's options (the ``sync_*`` fields) and what they accept.
-SYNC_METHODS = ("multidiffusion", "syncdiffusion")
+SYNC_METHODS = ("multidiffusion", "syncdiffusion", "syncsde")
+SYNCSDE_COMPOSE = ("paper", "average")  # backend/sync/syncsde.py's COMPOSE_MODES
+DEFAULT_SYNCSDE_LAMBDA = 5.0  # the paper's wide-image lambda (backend/sync/syncsde.py's DEFAULT_STRENGTH)
 SYNC_LOSSES = ("lpips-vgg", "lpips-alex", "style")  # the names of backend/perceptual.py
 SYNC_LOSS_BACKBONES = ("auto", "pretrained", "random")
 # SyncDiffusion's guidance weight w per loss: 20 for LPIPS (the paper's choice); for the style loss the
@@ -90,6 +92,9 @@ def parse_view_set(name: str) -> str:
     raise ValueError(f"{name!r} is not a view set ({reason}); use {choices}.")
 
 
+
+# --mad-blocks: the UNet block groups whose attention MAD merges (backend/sync/mad.py's BLOCKS).
+MAD_BLOCKS = ("down", "mid", "up")
 
 # --fusion: what is averaged where views overlap (docs/engine.md, "Fusion"). noisy: each view's x_{t-1}
 # (MultiDiffusion); clean: Tweedie's x0, each view keeping its own noise (SyncTweedies); auto: noisy for
@@ -163,6 +168,11 @@ class GenerateRequest:
     sync_decoder: str = "vae"
     sync_reuse_eps: bool = False
     sync_checkpointing: bool = False
+    mad_steps: int = 0
+    mad_blocks: str = "down,mid,up"
+    syncsde_lambda: float = DEFAULT_SYNCSDE_LAMBDA
+    syncsde_compose: str = "paper"
+    syncsde_open_chain: bool = False
 
     @classmethod
     def from_params(cls, params: dict[str, Any]) -> "GenerateRequest":
@@ -258,6 +268,12 @@ class GenerateRequest:
             raise BadRequest(f"--lora-scale must be a number, not {self.lora_scale!r}.")
         self._validate_views()
         self._validate_sync()
+        self.mad_steps = _int("mad_steps", self.mad_steps)
+        if self.mad_steps < 0:
+            raise BadRequest(f"--mad-steps must be 0 (off) or more steps, not {self.mad_steps}.")
+        names = [name.strip() for name in str(self.mad_blocks).split(",")]
+        if not isinstance(self.mad_blocks, str) or not names or any(name not in MAD_BLOCKS for name in names):
+            raise BadRequest(f"--mad-blocks takes a comma-separated list of {', '.join(MAD_BLOCKS)}, not {self.mad_blocks!r}.")
         if not self.out:
             raise BadRequest("No output folder given; pass --out DIR.")
         self.out = os.path.abspath(os.path.expanduser(self.out))
@@ -292,7 +308,10 @@ class GenerateRequest:
 
     @property
     def resolved_fusion(self) -> str:
-        """``fusion`` with ``auto`` decided: noisy for crop windows only, clean when projected views take part."""
+        """``fusion`` with ``auto`` decided: noisy for crop windows only, clean when projected views take part;
+        "own" for SyncSDE, whose views keep their own states (``sampler.sample_canvas``)."""
+        if self.sync == "syncsde":
+            return "own"
         if self.fusion != "auto":
             return self.fusion
         return "noisy" if self.views in (None, "band") else "clean"
@@ -301,12 +320,23 @@ class GenerateRequest:
         """Check --sync and SyncDiffusion's options; fill the loss's default weight."""
         if self.sync not in SYNC_METHODS:
             raise BadRequest(f"Unknown --sync '{self.sync}'; choose one of {', '.join(SYNC_METHODS)}.")
-        defaults = {field.name: field.default for field in dataclasses.fields(self) if field.name.startswith("sync_")}
-        if self.sync == "multidiffusion":
-            changed = [name for name, default in defaults.items() if getattr(self, name) != default]
-            if changed:
+        for prefix, method, name in (("sync_", "syncdiffusion", "SyncDiffusion"), ("syncsde_", "syncsde", "SyncSDE")):
+            changed = [field.name for field in dataclasses.fields(self)
+                       if field.name.startswith(prefix) and getattr(self, field.name) != field.default]
+            if changed and self.sync != method:
                 flag = "--" + changed[0].replace("_", "-")
-                raise BadRequest(f"{flag} only applies to SyncDiffusion; add --sync syncdiffusion or leave it out.")
+                raise BadRequest(f"{flag} only applies to {name}; add --sync {method} or leave it out.")
+        if self.sync == "syncsde":
+            if not _is_number(self.syncsde_lambda) or self.syncsde_lambda < 0:
+                raise BadRequest(f"--syncsde-lambda must be a number >= 0, not {self.syncsde_lambda!r}.")
+            if self.syncsde_compose not in SYNCSDE_COMPOSE:
+                raise BadRequest(f"Unknown --syncsde-compose '{self.syncsde_compose}'; choose one of {', '.join(SYNCSDE_COMPOSE)}.")
+            if not isinstance(self.syncsde_open_chain, bool):
+                raise BadRequest(f"--syncsde-open-chain is a switch (true or false), not {self.syncsde_open_chain!r}.")
+            if self.fusion != "auto":
+                raise BadRequest("--fusion does not apply to SyncSDE, whose views keep their own states; "
+                                 "use --syncsde-compose to choose how they are composed.")
+        if self.sync != "syncdiffusion":
             return
         if self.sync_loss not in SYNC_LOSSES:
             raise BadRequest(f"Unknown --sync-loss '{self.sync_loss}'; choose one of {', '.join(SYNC_LOSSES)}.")

@@ -120,29 +120,31 @@ def ring_views() -> tuple[tuple[str, PerspectiveView], ...]:
     return tuple((f"yaw{yaw:g}", PerspectiveView(yaw, 0.0, 0.0, PROJECTED_FOV)) for yaw in yaws)
 
 
-def band_rows(canvas_height: int, band_latitude: float = BAND_LATITUDE) -> tuple[int, int]:
+def band_rows(canvas_height: int, band_latitude: float = BAND_LATITUDE, row_multiple: int = 1) -> tuple[int, int]:
     """The canvas rows [first, stop) between latitudes ±``band_latitude`` degrees, rounded outward to whole rows.
 
     Row i spans latitudes 90° − i/H·180° (its top edge) to 90° − (i+1)/H·180°: first = floor(H·(90° −
-    L)/180°), stop = ceil(H·(90° + L)/180°), so the rows reach at most one row past ±L. ``band_latitude``
-    L must be in [45°, 90°] (``MIN_BAND_LATITUDE``: below 45° the pole faces leave a gap); raises
-    ValueError otherwise.
+    L)/180°), stop = ceil(H·(90° + L)/180°), so the rows reach at most one row past ±L. With
+    ``row_multiple`` m > 1 both are rounded outward further, to multiples of m (MAD merges windows at
+    feature maps m times smaller, where their rows must stay whole). ``band_latitude`` L must be in
+    [45°, 90°] (``MIN_BAND_LATITUDE``: below 45° the pole faces leave a gap); raises ValueError otherwise.
     """
     if not MIN_BAND_LATITUDE <= band_latitude <= 90.0:
         raise ValueError(f"The band+poles latitude limit must be between {MIN_BAND_LATITUDE:g} and 90 degrees "
                          f"(below {MIN_BAND_LATITUDE:g} the pole faces leave a gap), not {band_latitude!r}.")
     first = math.floor(canvas_height * (90.0 - band_latitude) / 180.0 + 1e-9)
     stop = math.ceil(canvas_height * (90.0 + band_latitude) / 180.0 - 1e-9)
+    first, stop = first // row_multiple * row_multiple, -(-stop // row_multiple) * row_multiple
     return max(first, 0), min(stop, canvas_height)
 
 
 def build_view_set(name: str, canvas_height: int, canvas_width: int, window: int, stride: int,
-                   *, band_latitude: float = BAND_LATITUDE) -> ViewSet:
+                   *, band_latitude: float = BAND_LATITUDE, row_multiple: int = 1) -> ViewSet:
     """The views of view set ``name`` on an equirect latent canvas ``canvas_height`` x ``canvas_width``.
 
     ``name``: any spelling ``parse_view_set`` accepts; ``window``, ``stride``: the crop windows' side and
-    step in latent pixels (as ``Canvas.crop_views``); ``band_latitude``: degrees, for ``band+poles`` only
-    (module docstring). Returns a ``ViewSet`` (crop views in latent pixels, projected views with FOV
+    step in latent pixels (as ``Canvas.crop_views``); ``band_latitude``, ``row_multiple``: for ``band+poles``
+    only (module docstring, ``band_rows``). Returns a ``ViewSet`` (crop views in latent pixels, projected views with FOV
     90°). Raises ValueError for an unknown name, a canvas that is not H x 2H, or (``band+poles``) a canvas
     too short for one window between ±``band_latitude``.
     """
@@ -156,7 +158,7 @@ def build_view_set(name: str, canvas_height: int, canvas_width: int, window: int
         return ViewSet(canonical, (), tuple(_face(face) for face in FACE_VIEWS))
     if canonical == "ring":
         return ViewSet(canonical, (), ring_views() + poles)
-    first, stop = band_rows(canvas_height, band_latitude)
+    first, stop = band_rows(canvas_height, band_latitude, row_multiple)
     if stop - first < window:
         need = math.ceil(window * 180.0 / (2.0 * band_latitude))
         raise ValueError(f"band+poles needs a canvas at least about {need} latents high for a {window}-latent window "
@@ -338,11 +340,12 @@ class CanvasViews:
         return centres + [(view.yaw, view.pitch) for _, view in self.projected]
 
 
-def canvas_views(canvas: Canvas, view_set: str | None, window: int, stride: int) -> CanvasViews:
+def canvas_views(canvas: Canvas, view_set: str | None, window: int, stride: int, row_multiple: int = 1) -> CanvasViews:
     """The views of a generation on ``canvas``: on an equirect canvas ``view_set`` (``build_view_set``; None
-    means the crop windows, ``band``), elsewhere the crop windows ``canvas.crop_views(window, stride)``.
-    Raises ValueError with one sentence when the view set does not fit the canvas."""
+    means the crop windows, ``band``; ``row_multiple`` as there), elsewhere the crop windows
+    ``canvas.crop_views(window, stride)``. Raises ValueError with one sentence when the view set does not
+    fit the canvas."""
     if canvas.kind != "equirect":
         return CanvasViews(canvas, canvas.crop_views(window, stride), (), window)
-    views = build_view_set(view_set or "band", canvas.height, canvas.width, window, stride)
+    views = build_view_set(view_set or "band", canvas.height, canvas.width, window, stride, row_multiple=row_multiple)
     return CanvasViews(canvas, views.crops, views.projected, window)

@@ -861,6 +861,38 @@ def _rss_now() -> int:
     return _rss_peak() if current is None else current
 
 
+def add_canvas_and_case_arguments(parser: argparse.ArgumentParser, cases: tuple, width: int, height: int, steps: int) -> None:
+    """The flags of the benchmarks that compare methods on one wide canvas: its size, window, stride and DDIM
+    steps, the shared flags (``add_shared_arguments``), and ``--cases``, a subset of ``cases``."""
+    parser.add_argument("--width", type=int, default=width, help="wide canvas width in px")
+    parser.add_argument("--height", type=int, default=height, help="canvas height in px")
+    parser.add_argument("--window", type=int, default=32, help="view size in latents (the GPU run: 64)")
+    parser.add_argument("--stride", type=int, default=8, help="view stride in latents")
+    parser.add_argument("--steps", type=int, default=steps, help="DDIM steps (the GPU run: 50)")
+    add_shared_arguments(parser, view_batch=4, prompt="a sunlit alpine valley with a lake, wide panorama")
+    parser.add_argument("--cases", default=",".join(cases), help="comma-separated subset of: " + ", ".join(cases))
+
+
+def parse_case_list(parser: argparse.ArgumentParser, args: argparse.Namespace, cases: tuple) -> argparse.Namespace:
+    """``args.case_list`` from ``--cases`` (unknown names are a parser error), with "multidiffusion" first
+    since every ratio is to it; checks the canvas size against the window. Returns ``args``."""
+    args.case_list = [name.strip() for name in args.cases.split(",") if name.strip()]
+    unknown = set(args.case_list) - set(cases)
+    if unknown:
+        parser.error(f"unknown case(s) in --cases: {', '.join(sorted(unknown))}")
+    if "multidiffusion" not in args.case_list:
+        args.case_list.insert(0, "multidiffusion")
+    if args.width % 8 or args.height % 8 or min(args.width, args.height) < args.window * 8:
+        parser.error("width and height must be multiples of 8 px and at least one window")
+    return args
+
+
+def later_mean(seconds: list[float]) -> float:
+    """Mean step time without the first step, which carries one-off costs, when there are later ones."""
+    later = seconds[1:] or seconds
+    return sum(later) / len(later)
+
+
 def log(case: str, message: str) -> None:
     """A progress line on stderr, tagged with the case."""
     print(f"[{case}] {message}", file=sys.stderr, flush=True)

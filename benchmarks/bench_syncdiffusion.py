@@ -48,10 +48,12 @@ from bench_multidiffusion import (  # noqa: E402
     SD2_UNET,
     Clock,
     PeakMemory,
-    add_shared_arguments,
+    add_canvas_and_case_arguments,
     case_build,
+    later_mean,
     log,
     machine_info,
+    parse_case_list,
     run_benchmark,
 )
 
@@ -70,26 +72,11 @@ def parse_args(argv=None) -> argparse.Namespace:
         "initialised Stable Diffusion 2 base model, with operation counts and Intra-LPIPS.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
-    parser.add_argument("--width", type=int, default=384, help="wide canvas width in px")
-    parser.add_argument("--height", type=int, default=256, help="canvas height in px")
-    parser.add_argument("--window", type=int, default=32, help="view size in latents (the GPU run: 64)")
-    parser.add_argument("--stride", type=int, default=8, help="view stride in latents")
-    parser.add_argument("--steps", type=int, default=4, help="DDIM steps (the GPU run: 50)")
+    add_canvas_and_case_arguments(parser, CASES, width=384, height=256, steps=4)
     parser.add_argument("--first-steps", type=int, default=1, help="guided steps of paper-first (paper: 10 of 50)")
     parser.add_argument("--best-steps", type=int, default=1, help="guided steps of best (Table S3: 3 of 50)")
     parser.add_argument("--loss-size", type=int, default=128, help="--sync-loss-size of loss-size and best")
-    add_shared_arguments(parser, view_batch=4, prompt="a sunlit alpine valley with a lake, wide panorama")
-    parser.add_argument("--cases", default=",".join(CASES), help="comma-separated subset of: " + ", ".join(CASES))
-    args = parser.parse_args(argv)
-    args.case_list = [name.strip() for name in args.cases.split(",") if name.strip()]
-    unknown = set(args.case_list) - set(CASES)
-    if unknown:
-        parser.error(f"unknown case(s) in --cases: {', '.join(sorted(unknown))}")
-    if "multidiffusion" not in args.case_list:
-        args.case_list.insert(0, "multidiffusion")  # every ratio is to it
-    if args.width % 8 or args.height % 8 or min(args.width, args.height) < args.window * 8:
-        parser.error("width and height must be multiples of 8 px and at least one window")
-    return args
+    return parse_case_list(parser, parser.parse_args(argv), CASES)
 
 
 # ================================================================================ the parent
@@ -115,7 +102,7 @@ def summarise(args, results: dict) -> dict:
         operations = sum(count * flops["per_row"][key] for key, count in result["rows"].items())
         rows[case] = {**result, "denoise_tflop": operations / 1e12}
     base = rows["multidiffusion"]
-    base_step = _later_mean(base.get("step_s", []))
+    base_step = later_mean(base.get("step_s", []))
     for case, row in rows.items():
         if "failed" in row or "failed" in base:
             continue
@@ -127,7 +114,7 @@ def summarise(args, results: dict) -> dict:
         guided = row["step_s"][: row["guided_steps"]]
         if guided and case in PROJECTED_GUIDED_OF_50:
             # 50 steps with K guided: K guided steps at this case's guided-step time, the rest at MultiDiffusion's.
-            row["guided_step_s"] = _later_mean(guided)
+            row["guided_step_s"] = later_mean(guided)
             k = PROJECTED_GUIDED_OF_50[case]
             row["projected_50_step_ratio"] = (k * row["guided_step_s"] + (50 - k) * base_step) / (50 * base_step)
         exact = rows.get("paper-exact", {})
@@ -177,12 +164,6 @@ def print_report(summary: dict) -> None:
     print("50-step x: the time ratio projected to 50 steps with the guided steps shown, from this run's guided-step "
           "seconds and MultiDiffusion's step seconds (first steps excluded where later ones exist).")
     print("TFLOP per row: " + ", ".join(f"{key} {value / 1e12:.3f}" for key, value in summary["flops_per_row"].items()))
-
-
-def _later_mean(seconds: list[float]) -> float:
-    """Mean step time without the first step, which carries one-off costs, when there are later ones."""
-    later = seconds[1:] or seconds
-    return sum(later) / len(later)
 
 
 def _f(value, digits: int, signed: bool = False) -> str:

@@ -74,7 +74,11 @@ def test_lcm_clean_latent_is_the_schedulers_denoised_output(prediction_type):
     dict(views="band+poles"),
     dict(views="band", sync="syncdiffusion", sync_steps=2, sync_loss="lpips-alex", sync_loss_backbone="random"),
     dict(views="cube", sync="syncdiffusion", sync_steps=1, sync_loss="lpips-alex", sync_loss_backbone="random"),
-], ids=["band", "band+poles", "syncdiffusion", "syncdiffusion-cube"])
+    dict(views="band", sync="syncsde"),
+    dict(views="ring", sync="syncsde"),
+    dict(mad_steps=2),
+    dict(mad_steps=2, sync="syncsde"),
+], ids=["band", "band+poles", "syncdiffusion", "syncdiffusion-cube", "syncsde", "syncsde-ring", "mad", "mad+syncsde"])
 def test_a_four_step_lcm_panorama_runs_with_each_method(lcm_model, models, tmp_path, settings):
     request = _request(lcm_model, tmp_path, "lcm", guidance=8.0, **settings)
     outputs = run_job(check_request(request), models=models)

@@ -1,0 +1,352 @@
+"""MAD, Merge-Attend-Diffuse (Quattrini et al.): attention layers that see the whole canvas, not one view.
+
+For the first τ denoising steps, each attention layer of the selected UNet blocks (down, mid, up) runs
+on the canvas instead of on each view: the views' input features are merged onto the canvas at that
+layer's feature resolution (overlaps averaged), the layer attends there (self-attention among all canvas
+tokens; cross-attention of every canvas token to the prompt), and the result is split back into the views.
+Convolutions and everything outside the attention layers still run per view, so the views keep their own
+detail while attention ties their content together. After τ steps the layers run per view again, exactly
+as before (the original processors do the work).
+
+Merge and split are ``CanvasViews.fuse`` and ``CanvasViews.read`` at the feature resolution
+(``CanvasViews.at_resolution``), so one mechanism serves every view set:
+
+- crop windows put their features back where they read them and read them back exactly; wrapping in
+  longitude (equirect) and in both axes (tile) comes with the windows. This is the paper's operator.
+- projected views (cube faces, the ring, the pole faces of ``band+poles``) are merged through the same
+  sphere correspondences that fuse their latents: fuse averages, at each canvas pixel, every view's
+  feature sampled bilinearly where that pixel's direction falls on the view (a back-warp), and read
+  samples the canvas bilinearly through the view's grid. So a cube face attends to the sky the band
+  sees, and its features come back as a resampling of the canvas. The two resamplings blur the features
+  of projected views slightly; crop windows are exact. Using the correspondences the loop already has
+  (rather than a second, attention-specific geometry) keeps the canvas the single place views meet.
+
+Our processor is one object per attention layer, installed on the selected blocks only (the published
+code shares one processor across the UNet, so choosing blocks there changes nothing). Cross-attention is
+merged only when every view of a CFG branch has the same prompt; with per-view prompts (``--prompt-up``,
+``--prompt-down``) each view attends to its own prompt unmerged, while self-attention is still merged.
+A batch merges only the views it holds: the loop predicts every view in one batch while MAD is active,
+but SyncDiffusion's gradient pass predicts chunks, which merge among themselves and attend only to the
+canvas pixels they see. A layer's own residual connection (none in SD's transformer blocks, whose
+residual is outside the layer and stays per view) adds each view's own input.
+"""
+
+from __future__ import annotations
+
+import inspect
+import math
+from dataclasses import dataclass
+from typing import Callable, Sequence
+
+import torch
+import torch.nn.functional as F
+
+from ..view_sets import CanvasViews
+
+BLOCKS = ("down", "mid", "up")
+"""The UNet block groups MAD can act on, in the names ``--mad-blocks`` takes."""
+
+_BLOCK_PREFIX = {"down": "down_blocks.", "mid": "mid_block.", "up": "up_blocks."}
+
+
+def parse_blocks(blocks) -> tuple[str, ...]:
+    """The block names of ``blocks`` (a sequence, or a comma-separated string such as "down,mid,up"),
+    de-duplicated in the order of ``BLOCKS``. Raises ValueError for an unknown or empty selection."""
+    names = [name.strip() for name in (blocks.split(",") if isinstance(blocks, str) else blocks)]
+    unknown = [name for name in names if name not in BLOCKS]
+    if unknown or not names:
+        raise ValueError(f"--mad-blocks takes a comma-separated list of {', '.join(BLOCKS)}, not {','.join(names)!r}.")
+    return tuple(name for name in BLOCKS if name in names)
+
+
+def attention_layers(unet, blocks=BLOCKS) -> dict[str, torch.nn.Module]:
+    """The attention modules of the selected blocks of ``unet``: {module name (as in ``unet.named_modules``):
+    module}, every module that holds a processor (diffusers ``Attention``: attn1, attn2, and any other)."""
+    prefixes = tuple(_BLOCK_PREFIX[name] for name in parse_blocks(blocks))
+    return {name: module for name, module in unet.named_modules()
+            if name.startswith(prefixes) and hasattr(module, "set_processor") and hasattr(module, "processor")}
+
+
+def block_divisors(unet, blocks=BLOCKS) -> dict[str, int]:
+    """How many times smaller than the latents the features are in each selected block with attention.
+
+    unet: a diffusers ``UNet2DConditionModel``, or its config (a mapping with ``down_block_types``,
+    ``up_block_types`` and ``mid_block_type``, so a request can be checked before the weights load).
+    Returns {block group name + index ("down1", "mid", "up0", ...): divisor}. Every down block except the
+    last halves the resolution (it has a downsampler), the mid block works at the smallest resolution,
+    and every up block except the last doubles it again.
+    """
+    selected = parse_blocks(blocks)
+    if hasattr(unet, "down_blocks"):
+        down, mid, up = list(unet.down_blocks), unet.mid_block, list(unet.up_blocks)
+    else:
+        down, mid, up = unet["down_block_types"], unet.get("mid_block_type", "UNetMidBlock2DCrossAttn"), unet["up_block_types"]
+    levels = len(down) - 1
+    named = [(f"down{index}", block, 2**index) for index, block in enumerate(down)]
+    named += [("mid", mid, 2**levels)] + [(f"up{index}", block, 2 ** (levels - index)) for index, block in enumerate(up)]
+    return {name: divisor for name, block, divisor in named
+            if name.rstrip("0123456789") in selected and _has_attention(block)}
+
+
+def _has_attention(block) -> bool:
+    """Whether a UNet block (a module, or its type name in a config) has attention layers."""
+    if block is None:
+        return False
+    if isinstance(block, str):  # CrossAttnDownBlock2D, AttnUpBlock2D, UNetMidBlock2DCrossAttn, ...
+        return "Attn" in block
+    return any(hasattr(module, "set_processor") for module in block.modules())
+
+
+def check_mad(unet, views: CanvasViews, blocks=BLOCKS) -> dict[int, CanvasViews]:
+    """Check that ``views`` can be merged at the feature resolution of every selected block of ``unet``.
+
+    Returns {divisor: the views at that resolution} (``CanvasViews.at_resolution``). Raises ValueError
+    with one sentence, naming the block and what to change, when the canvas, the window or a window
+    position is not a multiple of a block's divisor.
+    """
+    feature_views = {}
+    for block, divisor in block_divisors(unet, blocks).items():
+        if divisor not in feature_views:
+            feature_views[divisor] = _at_resolution(views, divisor, f"the UNet's {block} block")
+    return feature_views
+
+
+def _at_resolution(views: CanvasViews, divisor: int, where: str) -> CanvasViews:
+    """``views.at_resolution(divisor)``, raising ValueError with one sentence saying what does not divide
+    and pointing at ``--mad-blocks``."""
+    try:
+        return views.at_resolution(divisor)
+    except ValueError:
+        canvas = views.canvas
+        if canvas.height % divisor or canvas.width % divisor:
+            reason = f"the canvas ({canvas.height}x{canvas.width} latents) is not a multiple of {divisor}"
+        elif views.size % divisor:
+            reason = f"the {views.size}-latent --window is not a multiple of {divisor}"
+        else:
+            crop = next(crop for crop in views.crops if crop.top % divisor or crop.left % divisor)
+            reason = (f"a crop window starts at latent row {crop.top}, column {crop.left}, not multiples of {divisor} "
+                      "(--stride sets them, and in band+poles the latitude limit sets the first row)")
+        raise ValueError(f"MAD cannot merge these views in {where}, whose features are {divisor}x smaller than the "
+                         f"latents: {reason}; change that, or leave that block out of --mad-blocks.") from None
+
+
+def merge_views(feature_views: CanvasViews, tokens: torch.Tensor, branches: int) -> torch.Tensor:
+    """Merge view features onto the canvas: the paper's MERGE at one feature resolution.
+
+    tokens: (n * branches, side * side, dim), the n views of ``feature_views`` (in its order) interleaved
+    per view ([view 0 branch 0, view 0 branch 1, view 1 branch 0, ...]), each a row-major side x side map.
+    Returns (branches, H * W, dim): each branch's canvas H x W (row-major), overlaps averaged.
+    """
+    count, length, dim = tokens.shape
+    side = math.isqrt(length)
+    maps = tokens.reshape(count // branches, branches, side, side, dim).permute(0, 1, 4, 2, 3)
+    canvas = feature_views.fuse(maps.reshape(count // branches, branches * dim, side, side))
+    return canvas.reshape(branches, dim, -1).transpose(1, 2)
+
+
+def split_canvas(feature_views: CanvasViews, canvas_tokens: torch.Tensor) -> torch.Tensor:
+    """Split canvas features back into the views: the paper's SPLIT, inverse layout of ``merge_views``.
+
+    canvas_tokens: (branches, H * W, dim). Returns (n * branches, side * side, dim), interleaved per view.
+    """
+    branches, _, dim = canvas_tokens.shape
+    canvas = feature_views.canvas
+    maps = canvas_tokens.transpose(1, 2).reshape(1, branches * dim, canvas.height, canvas.width)
+    views = feature_views.read(maps)  # (n, branches * dim, side, side)
+    count, side = views.shape[0], views.shape[-1]
+    return views.reshape(count, branches, dim, side * side).transpose(2, 3).reshape(count * branches, side * side, dim)
+
+
+def attend(attn, hidden_states: torch.Tensor, context: torch.Tensor | None) -> torch.Tensor:
+    """The layer's attention on tokens, as diffusers' ``AttnProcessor2_0`` computes it without its residual.
+
+    attn: the diffusers ``Attention`` module (its group norm, to_q/to_k/to_v, heads, q/k norms, to_out).
+    hidden_states: (b, tokens, dim); context: (b, L, D) for cross-attention, None for self-attention.
+    Returns (b, tokens, out_dim). On CUDA ``scaled_dot_product_attention`` runs flash or memory-efficient
+    kernels that never hold the tokens x tokens matrix, which is what lets a whole canvas fit.
+    """
+    if attn.group_norm is not None:
+        hidden_states = attn.group_norm(hidden_states.transpose(1, 2)).transpose(1, 2)
+    query = attn.to_q(hidden_states)
+    if context is None:
+        context = hidden_states
+    elif attn.norm_cross:
+        context = attn.norm_encoder_hidden_states(context)
+    key, value = attn.to_k(context), attn.to_v(context)
+    batch, head_dim = hidden_states.shape[0], key.shape[-1] // attn.heads
+    query, key, value = (tensor.view(batch, -1, attn.heads, head_dim).transpose(1, 2) for tensor in (query, key, value))
+    if attn.norm_q is not None:
+        query = attn.norm_q(query)
+    if attn.norm_k is not None:
+        key = attn.norm_k(key)
+    out = F.scaled_dot_product_attention(query, key, value, dropout_p=0.0, is_causal=False, scale=attn.scale)
+    out = out.transpose(1, 2).reshape(batch, -1, attn.heads * head_dim).to(query.dtype)
+    return attn.to_out[1](attn.to_out[0](out))
+
+
+class MergedAttentionProcessor:
+    """The processor of one attention layer: merged attention while MAD is active, else the original.
+
+    ``owner``: the ``MergedAttention`` that knows the step and the batch's views; ``name``: the layer's
+    module name in the UNet; ``original``: the processor it replaces (it does the work whenever MAD is
+    inactive, the batch's views are unknown, the call has an attention mask or spatial norm, or a
+    cross-attention's views have different prompts, so those calls are the original's bit for bit).
+    ``merged_calls`` counts the calls that merged.
+    """
+
+    def __init__(self, owner: "MergedAttention", name: str, original):
+        self.owner = owner
+        self.name = name
+        self.original = original
+        self.merged_calls = 0
+        self._original_takes = set(inspect.signature(original.__call__).parameters)
+
+    def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, temb=None, **kwargs):
+        views = self.owner.batch_views
+        merging = (self.owner.active and views is not None and attention_mask is None and attn.spatial_norm is None
+                   and not kwargs)
+        if merging and hidden_states.shape[0] % len(views):
+            raise RuntimeError(f"MAD: a batch of {hidden_states.shape[0]} rows cannot hold the {len(views)} views "
+                               "it was given.")
+        if not (merging and self._shares_context(encoder_hidden_states, len(views))):
+            extra = {"temb": temb} if temb is not None and "temb" in self._original_takes else {}
+            return self.original(attn, hidden_states, encoder_hidden_states=encoder_hidden_states,
+                                 attention_mask=attention_mask, **extra, **kwargs)
+        tokens = hidden_states.flatten(2).transpose(1, 2) if hidden_states.ndim == 4 else hidden_states
+        self.merged_calls += 1
+        branches = tokens.shape[0] // len(views)
+        merge = self.owner.merge_plan(views, tokens.shape[1])
+        if merge.order is not None:  # CanvasViews numbers views ascending: bring the batch's rows into that order
+            tokens = tokens.unflatten(0, (len(views), branches))[merge.order].flatten(0, 1)
+        canvas = merge_views(merge.views, tokens, branches)
+        context = encoder_hidden_states[:branches] if encoder_hidden_states is not None else None
+        if merge.seen is None:
+            canvas = attend(attn, canvas, context)
+        else:  # a subset of the views: attend among the canvas pixels they see, not the empty rest
+            seen = merge.seen.to(canvas.device)
+            attended = attend(attn, canvas[:, seen], context)
+            canvas = canvas.new_zeros(*canvas.shape[:2], attended.shape[-1]).index_copy_(1, seen, attended)
+        out = split_canvas(merge.views, canvas)
+        if merge.order is not None:
+            out = out.unflatten(0, (len(views), branches))[torch.argsort(merge.order)].flatten(0, 1)
+        if hidden_states.ndim == 4:
+            out = out.transpose(1, 2).reshape(hidden_states.shape[0], -1, *hidden_states.shape[2:])
+        if attn.residual_connection:
+            out = out + hidden_states  # each view keeps its own residual, as a transformer block's outer one
+        return out / attn.rescale_output_factor
+
+    @staticmethod
+    def _shares_context(context: torch.Tensor | None, count: int) -> bool:
+        """Whether every view of each CFG branch attends to the same context (always true for self-attention)."""
+        if context is None:
+            return True
+        per_view = context.unflatten(0, (count, context.shape[0] // count))
+        return torch.equal(per_view, per_view[:1].expand_as(per_view))
+
+
+class MergedAttention:
+    """MAD on ``unet`` for ``views``: merged attention in the ``blocks`` selected, for the first ``steps`` steps.
+
+    unet: a diffusers ``UNet2DConditionModel``; views: the generation's ``CanvasViews`` (at latent
+    resolution); steps: τ, the number of leading denoising steps with merged attention (0: never);
+    blocks: any of "down", "mid", "up" (or a comma-separated string). Raises ValueError (``check_mad``)
+    when the views do not divide at a selected block's feature resolution.
+
+    Use: ``with MergedAttention(unet, views, 15) as mad:`` (or ``install()`` / ``remove()``), wrap the
+    denoiser's calls with ``mad.wrap`` and pass ``mad`` to ``sample_canvas(merged_attention=mad)``, which
+    calls ``begin_step`` every step and batches all views while ``active``. ``remove`` puts back the exact
+    processor objects that were there (the UNet is cached between jobs).
+    """
+
+    def __init__(self, unet, views: CanvasViews, steps: int, blocks=BLOCKS):
+        if steps < 0:
+            raise ValueError(f"--mad-steps must be 0 or more, not {steps}.")
+        self.unet = unet
+        self.views = views
+        self.steps = steps
+        self.blocks = parse_blocks(blocks)
+        self.active = False
+        self.batch_views: tuple[int, ...] | None = None
+        self.processors: dict[str, MergedAttentionProcessor] = {}
+        self._at_resolution = check_mad(unet, views, self.blocks)
+        self._plans: dict = {}
+        self._originals: dict[str, tuple[torch.nn.Module, object]] = {}
+
+    def install(self) -> "MergedAttention":
+        """Give every attention layer of the selected blocks its own ``MergedAttentionProcessor``; returns self."""
+        if self._originals:
+            raise RuntimeError("MAD's processors are already installed.")
+        for name, module in attention_layers(self.unet, self.blocks).items():
+            self._originals[name] = (module, module.processor)
+            self.processors[name] = MergedAttentionProcessor(self, name, module.processor)
+            module.set_processor(self.processors[name])
+        return self
+
+    def remove(self) -> None:
+        """Put back the processor objects ``install`` replaced (identical objects), and stop merging."""
+        for module, original in self._originals.values():
+            module.set_processor(original)
+        self._originals.clear()
+        self.processors = {}
+        self.active, self.batch_views = False, None
+
+    def __enter__(self) -> "MergedAttention":
+        return self.install()
+
+    def __exit__(self, *exc) -> None:
+        self.remove()
+
+    def begin_step(self, step_index: int) -> None:
+        """Called by the loop first thing in step ``step_index`` (from 0): merge while step_index < τ."""
+        self.active = step_index < self.steps
+
+    def wrap(self, predict: Callable) -> Callable:
+        """``predict(latents, timestep, views=None)`` that tells the processors which views the batch holds.
+
+        Returns a callable with the same signature and result. ``views`` (the view indices of the batch's
+        rows; None: unknown, so nothing is merged) stays recorded after the call returns, until the next
+        wrapped call: a backward pass through gradient-checkpointed blocks (SyncDiffusion with
+        ``--sync-checkpointing``) runs their forward again after ``predict`` has returned, and must merge
+        the same views as the first forward did.
+        """
+
+        def predict_views(latents: torch.Tensor, timestep, views: Sequence[int] | None = None):
+            self.batch_views = None if views is None else tuple(int(view) for view in views)
+            return predict(latents, timestep, views)
+
+        return predict_views
+
+    def merge_plan(self, views: tuple[int, ...], length: int) -> "MergePlan":
+        """How to merge a batch holding ``views`` (view indices, one per view of the batch) in a layer with
+        ``length`` tokens per view: a ``MergePlan``, cached per batch and resolution. Raises ValueError when
+        the layer's feature maps are not square or do not divide the window."""
+        key = (views, length)
+        if key not in self._plans:
+            side, size = math.isqrt(length), self.views.size
+            if side * side != length or size % side:
+                raise ValueError(f"MAD needs square feature maps that divide the {size}-latent window; "
+                                 f"a layer has {length} tokens per view.")
+            divisor = size // side
+            if divisor not in self._at_resolution:
+                self._at_resolution[divisor] = _at_resolution(self.views, divisor, "an attention layer")
+            at_resolution, ordered = self._at_resolution[divisor], sorted(views)
+            if ordered != list(range(len(self.views))):
+                at_resolution = at_resolution.subset(ordered)
+            order = None if ordered == list(views) else torch.tensor(sorted(range(len(views)), key=views.__getitem__))
+            seen = at_resolution.coverage(torch.zeros(())).flatten() > 0
+            self._plans[key] = MergePlan(at_resolution, order, None if bool(seen.all()) else seen.nonzero()[:, 0])
+        return self._plans[key]
+
+
+@dataclass(frozen=True)
+class MergePlan:
+    """How one batch merges at one feature resolution.
+
+    views: the batch's views at that resolution, in ascending view numbers (``CanvasViews.subset``);
+    order: LongTensor permutation that sorts the batch's views into that order (None: already sorted);
+    seen: LongTensor of the flattened canvas positions those views see (None: all of them).
+    """
+
+    views: CanvasViews
+    order: torch.Tensor | None
+    seen: torch.Tensor | None
