@@ -135,7 +135,8 @@ def summarise(args, results: dict) -> dict:
         if "failed" not in rows.get("lcm", {"failed": ""}):
             rows["lcm"]["vs_ddim_50"] = rows["lcm"]["denoise_s"] / (50 * base_step)
     return {"settings": {k: v for k, v in vars(args).items() if k not in ("case", "result")},
-            "machine": results["build"]["machine"], "cases": rows}
+            "machine": results["build"]["machine"], "cases": rows,
+            "wall_s": {name: result["wall_s"] for name, result in results.items()}}
 
 
 def print_report(summary: dict) -> None:
