@@ -1,4 +1,4 @@
-"""The command line: ``python -m backend generate | serve | cubemap | view | metrics | info``.
+"""The command line: ``python -m backend generate | serve | cubemap | view | hdr | metrics | info``.
 
 Flags map one to one onto ``GenerateRequest`` fields. Bad input gets one sentence on stderr and exit
 code 2 before any model loads and before the output folder is created.
@@ -14,6 +14,7 @@ import sys
 
 from . import __version__
 from .errors import SyncSphereError
+from .models_command import add_models_command, run_models_command
 from .request import (
     DEFAULT_MODEL,
     DEFAULT_VIEW_SET,
@@ -26,6 +27,7 @@ from .request import (
     SYNC_METHODS,
     SYNCSDE_COMPOSE,
     DEFAULT_SYNCSDE_LAMBDA,
+    DEFAULT_SUN_RATIO,
     VIEW_SETS,
     GenerateRequest,
 )
@@ -79,7 +81,8 @@ def build_parser() -> argparse.ArgumentParser:
     generate.add_argument("--dtype", default="auto", metavar="{" + ",".join(DTYPES) + "}",
                           help="auto: float16 on GPUs, float32 on the CPU")
     generate.add_argument("--out", required=True, help="output folder for panorama.png, panorama.exr and metadata.json (equirect: "
-                          "also the cube map face_F.png … face_D.png, cubemap_dice.png, cubemap_horizon.png)")
+                          "also the cube map face_F.png … face_D.png, cubemap_dice.png, cubemap_horizon.png, and unless "
+                          "--no-hdr panorama_sky.exr and lighting.json)")
     generate.add_argument("--overwrite", action="store_true", help="replace existing output files in --out")
     generate.add_argument("--allow-pickle", action="store_true", help="allow pickled checkpoints (.ckpt/.bin/.pt), which can run code when loaded")
     generate.add_argument("--json-progress", action="store_true",
@@ -87,6 +90,12 @@ def build_parser() -> argparse.ArgumentParser:
     _add_view_arguments(generate)
     _add_sync_arguments(generate)
     _add_mad_arguments(generate)
+    lighting = generate.add_argument_group(
+        "HDR lighting", "equirect only: panorama.exr becomes an HDR image whose sun lights a scene, with panorama_sky.exr "
+        "and lighting.json beside it (docs/engine.md, \"HDR lighting\").")
+    lighting.add_argument("--no-hdr", action="store_true",
+                          help="write panorama.exr as the plain linearised image, without panorama_sky.exr and lighting.json")
+    _add_lighting_arguments(lighting, generation=True)
 
     serve = commands.add_parser(
         "serve", help="run the worker Blender talks to (JSON lines on stdin/stdout)",
@@ -122,6 +131,19 @@ def build_parser() -> argparse.ArgumentParser:
     view.add_argument("--out", required=True, help="the image file to write, with the panorama's extension")
     view.add_argument("--overwrite", action="store_true", help="replace an existing --out file")
 
+    hdr = commands.add_parser(
+        "hdr", help="turn a 360° equirect image into HDR lighting: panorama.exr, panorama_sky.exr, lighting.json",
+        description="Linearise a 2:1 equirectangular panorama, find its light sources (compact near-saturated regions "
+        "on the sphere) and expand them into HDR emitters: the sun's irradiance on a plane facing it becomes --sun-ratio "
+        "times the rest of the sky's. Writes panorama.exr (HDR), panorama_sky.exr (the sky without the emitters) and "
+        "lighting.json (the sources: direction, size, colour, radiance, irradiance) into --out (docs/engine.md, "
+        "\"HDR lighting\").",
+    )
+    hdr.add_argument("panorama", help="the equirectangular image: .png (8-bit sRGB) or .exr (linear)")
+    hdr.add_argument("--out", required=True, help="output folder for panorama.exr, panorama_sky.exr and lighting.json")
+    hdr.add_argument("--overwrite", action="store_true", help="replace existing files of those names in --out")
+    _add_lighting_arguments(hdr, generation=False)
+
     metrics = commands.add_parser(
         "metrics", help="measure an image's coherence (Intra-LPIPS, Intra-Style-L) and wrap seams",
         description="Measure SyncDiffusion's coherence metrics of a finished image: Intra-LPIPS and Intra-Style-L "
@@ -143,6 +165,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     commands.add_parser("info", help="print the device, dtype and package versions",
                         description="Print the device and dtype --device auto would pick, and package versions, as JSON.")
+    add_models_command(commands)
     return parser
 
 
@@ -159,6 +182,23 @@ def _add_view_arguments(generate: argparse.ArgumentParser) -> None:
                             "clean when projected views take part")
     views.add_argument("--prompt-up", default="", help="equirect only: added to the prompt of views looking up (the sky)")
     views.add_argument("--prompt-down", default="", help="equirect only: added to the prompt of views looking down (the ground)")
+
+
+def _add_lighting_arguments(parser, generation: bool) -> None:
+    """--exposure, --sun-ratio, --sun-strength, --sun-direction and --half, for ``generate`` and ``hdr``."""
+    parser.add_argument("--exposure", type=float, default=0.0, metavar="EV",
+                        help="scale the linear image by 2^EV (default 0)")
+    parser.add_argument("--sun-ratio", type=float, default=DEFAULT_SUN_RATIO, metavar="R",
+                        help=f"the sun's irradiance on a plane facing it over the rest of the sky's, > 0 (default "
+                             f"{DEFAULT_SUN_RATIO:g}; clear days are about 3-10)")
+    parser.add_argument("--sun-strength", type=float, metavar="S",
+                        help="the sun's irradiance in the EXR's units instead (a uniform sky of 1 gives pi); overrides --sun-ratio")
+    where = "; the views that see it also get \"the sun\" in their prompt" if generation else ""
+    parser.add_argument("--sun-direction", metavar="YAW,PITCH",
+                        help="degrees (yaw right of the image centre, pitch above the horizon) where the sun is: the "
+                             f"light source found near it, or one placed there with a warning{where}; write "
+                             "--sun-direction=-30,20 for a negative yaw")
+    parser.add_argument("--half", action="store_true", help="write half-float EXRs instead of float32")
 
 
 def _add_mad_arguments(generate: argparse.ArgumentParser) -> None:
@@ -228,8 +268,12 @@ def main(argv: list[str] | None = None) -> int:
         return _cubemap(args)
     if args.command == "view":
         return _view(args)
+    if args.command == "hdr":
+        return _hdr(args)
     if args.command == "metrics":
         return _metrics(args)
+    if args.command == "models":
+        return run_models_command(args)
     return _generate(args)
 
 
@@ -264,6 +308,19 @@ def _view(args: argparse.Namespace) -> int:
         path = render_view(args.panorama, args.out, yaw=args.yaw, pitch=args.pitch, roll=args.roll, fov=args.fov,
                            size=args.size, overwrite=args.overwrite)
         print(f"wrote {path}", file=sys.stderr)
+        return 0
+
+    return _one_sentence_errors(work, "Interrupted; nothing was written.")
+
+
+def _hdr(args: argparse.Namespace) -> int:
+    from .hdr import write_hdr
+
+    def work() -> int:
+        paths = write_hdr(args.panorama, args.out, exposure=args.exposure, sun_ratio=args.sun_ratio,
+                          sun_strength=args.sun_strength, sun_direction=args.sun_direction, half=args.half,
+                          overwrite=args.overwrite)
+        print(f"wrote {', '.join(paths)} into {os.path.abspath(os.path.expanduser(args.out))}", file=sys.stderr)
         return 0
 
     return _one_sentence_errors(work, "Interrupted; nothing was written.")
@@ -317,7 +374,8 @@ def _generate(args: argparse.Namespace) -> int:
         _print_event(events, protocol.done_event(None, outputs))
     else:
         cube_map = " and the cube map (face_*.png, cubemap_dice.png, cubemap_horizon.png)" if "faces" in outputs else ""
-        print(f"wrote {outputs['png']}, {outputs['exr']} and {outputs['metadata']}{cube_map}", file=sys.stderr)
+        lighting = f", {outputs['exr_sky']}, {outputs['lighting']}" if "lighting" in outputs else ""
+        print(f"wrote {outputs['png']}, {outputs['exr']}{lighting} and {outputs['metadata']}{cube_map}", file=sys.stderr)
     return 0
 
 

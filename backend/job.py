@@ -34,9 +34,9 @@ from .models import (
     resolve_dtype,
     resolve_model_source,
 )
-from .outputs import write_job_outputs
+from .outputs import srgb_to_linear, write_job_outputs
 from .perceptual import load_perceptual_loss
-from .request import DEFAULT_VIEW_SET, POLE_FACE_VIEW_SETS, SCHEDULERS, UP_DOWN_PITCH, GenerateRequest
+from .request import DEFAULT_VIEW_SET, HDR_OUTPUT_NAMES, POLE_FACE_VIEW_SETS, SCHEDULERS, UP_DOWN_PITCH, GenerateRequest
 from .sampler import StepReport, sample_canvas
 from .sync.syncdiffusion import SyncDiffusionGuidance, ring_anchor_indices
 from .sync.mad import MergedAttention, block_divisors, check_mad
@@ -116,7 +116,9 @@ def make_scheduler(name: str, config):
 
 def run_job(checked: CheckedRequest, report: StepReport | None = None, models: ModelCache | None = None) -> dict:
     """Run one generation and write its files. Returns the written paths ({"png", "exr", "metadata"}, and for
-    equirect jobs the cube map's {"faces": {"F": …}, "dice", "horizon"}: ``outputs.write_job_outputs``).
+    equirect jobs the cube map's {"faces": {"F": …}, "dice", "horizon"}, and unless --no-hdr the HDR
+    lighting's {"exr_sky", "lighting"}: ``outputs.write_job_outputs``). The HDR step (``hdr.make_hdr`` on
+    the decoded image) runs in the writing stage; metadata.json records it under "hdr".
 
     ``report(stage, step, total, preview)`` is called for stages loading, denoising (every step),
     decoding and writing; returning True stops the job with JobCancelled. Nothing is written unless the
@@ -158,6 +160,13 @@ def run_job(checked: CheckedRequest, report: StepReport | None = None, models: M
         raise OutOfMemory(f"The {model.device} device ran out of memory; {advice}.") from error
 
     stage("writing")
+    hdr = None
+    if request.hdr:
+        from .hdr import make_hdr
+
+        hdr = make_hdr(srgb_to_linear(image), request.exposure, request.sun_ratio, request.sun_strength,
+                       request.sun_direction, request.half)
+        timings["hdr_s"] = hdr.details["seconds"]
     timings["total_s"] = time.perf_counter() - started
     metadata = {
         "params": request.to_dict(),
@@ -171,7 +180,12 @@ def run_job(checked: CheckedRequest, report: StepReport | None = None, models: M
         "timings": timings,
         "versions": package_versions(),
     }
-    return write_job_outputs(request.out, image, metadata, cube_map=request.cube_map)
+    if hdr is not None:
+        metadata["hdr"] = hdr.details
+    # An equirect --no-hdr job removes the lighting files of an earlier run in its folder (it had --overwrite).
+    stale = list(HDR_OUTPUT_NAMES[1:]) if request.cube_map and hdr is None else []
+    return write_job_outputs(request.out, image, metadata, cube_map=request.cube_map, hdr=hdr, half=request.half,
+                             remove=stale)
 
 
 def denoise(request: GenerateRequest, model: LoadedModel, report: StepReport):
@@ -266,12 +280,30 @@ def request_views(request: GenerateRequest, vae_scale_factor: int, unet=None) ->
         raise BadRequest(str(error)) from None
 
 
+SUN_PROMPT = "the sun"
+"""Added to the prompt (", " between) of every view that sees ``--sun-direction``."""
+
+
 def view_prompt_rows(request: GenerateRequest, views: CanvasViews) -> tuple[list[str], list[int]]:
     """The distinct prompts of a job and each view's row among them: ([prompt, prompt + up, prompt + down],
     one row per view). A view whose centre is at least ``UP_DOWN_PITCH`` above the horizon gets
     ``--prompt-up`` added to the prompt (", " between), one as far below gets ``--prompt-down``, as
-    MVDiffusion conditions each view on its own text. Without those prompts: ([prompt], all 0).
+    MVDiffusion conditions each view on its own text. Then every view that sees ``--sun-direction``
+    (``CanvasViews.seeing``) gets ``SUN_PROMPT`` added to its prompt, each such prompt a row after those. Without
+    any of these: ([prompt], all 0); row 0 is always the prompt itself.
     Raises BadRequest when a per-direction prompt is given but no view looks that way."""
+    prompts, rows = direction_prompt_rows(request, views)
+    if request.sun_direction is not None:
+        for index in views.seeing(*request.sun_direction):
+            text = f"{prompts[rows[index]]}, {SUN_PROMPT}"
+            if text not in prompts:
+                prompts.append(text)
+            rows[index] = prompts.index(text)
+    return prompts, rows
+
+
+def direction_prompt_rows(request: GenerateRequest, views: CanvasViews) -> tuple[list[str], list[int]]:
+    """``view_prompt_rows`` for --prompt-up and --prompt-down alone: ([prompt, prompt + up, prompt + down], rows)."""
     prompts, rows = [request.prompt], [0] * len(views)
     if not (request.prompt_up or request.prompt_down):
         return prompts, rows

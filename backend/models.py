@@ -90,6 +90,21 @@ def read_model_geometry(source: ModelSource) -> ModelGeometry | None:
     return geometry_from_configs(_read_config(source, "vae/config.json"), _read_config(source, "unet/config.json"))
 
 
+def local_weights_variant(source: ModelSource) -> str | None:
+    """``fp16`` when the local folder, or the cached snapshot of a hub model, holds some component's weights
+    only as the fp16 variant (``python -m backend models download --fp16``), so diffusers must load it with
+    ``variant="fp16"`` (taking the plain weights of the others); else None."""
+    from .model_manager import check_model_folder
+
+    folder = source.location if source.kind == "folder" else None
+    if source.kind == "hub":
+        from huggingface_hub import try_to_load_from_cache
+
+        cached = try_to_load_from_cache(source.location, "model_index.json")
+        folder = os.path.dirname(cached) if isinstance(cached, str) else None
+    return check_model_folder(folder).variant if folder else None
+
+
 def read_unet_config(source: ModelSource) -> dict | None:
     """The UNet's config (a dict) of a diffusers folder or hub model, None for a single-file checkpoint
     (``read_model_geometry``'s rule). Raises ModelNotFound as it does."""
@@ -195,6 +210,7 @@ def load_model(
         else:
             pipeline = StableDiffusionPipeline.from_pretrained(
                 source.location,
+                variant=local_weights_variant(source),
                 use_safetensors=None if allow_pickle else True,
                 local_files_only=offline or source.kind == "folder",
                 **common,

@@ -9,8 +9,8 @@ from __future__ import annotations
 import json
 import os
 
-PROTOCOL_VERSION = 1
-STAGES = ("loading", "denoising", "decoding", "writing")
+PROTOCOL_VERSION = 2  # 2: the stage "downloading" (step and total count bytes)
+STAGES = ("downloading", "loading", "denoising", "decoding", "writing")
 ERROR_KINDS = ("bad_request", "model_not_found", "out_of_memory", "cancelled", "internal")
 REQUEST_OPS = ("hello", "generate", "cancel", "shutdown")
 
@@ -30,8 +30,8 @@ def progress_event(job: str | None, stage: str, step: int, total: int, preview: 
 
 
 def done_event(job: str | None, outputs: dict) -> dict:
-    """A done event; ``outputs`` maps names (png, exr, metadata; for equirect jobs also dice, horizon, and
-    faces: {F, R, B, L, U, D: path}) to absolute paths."""
+    """A done event; ``outputs`` maps names (png, exr, metadata; for equirect jobs also dice, horizon,
+    faces: {F, R, B, L, U, D: path}, and with HDR exr_sky and lighting) to absolute paths."""
     return {"event": "done", "job": job, "outputs": outputs}
 
 

@@ -23,6 +23,13 @@ DTYPES = ("auto", "float32", "float16", "bfloat16")
 MAX_CANVAS_PIXELS = 16384
 OUTPUT_NAMES = ("panorama.png", "panorama.exr", "metadata.json")
 
+# HDR lighting (backend/hdr.py, issue #8): the files of `python -m backend hdr`, which an equirect job writes
+# too (panorama.exr then holds the HDR image), and the defaults of its options.
+HDR_OUTPUT_NAMES = ("panorama.exr", "panorama_sky.exr", "lighting.json")
+DEFAULT_SUN_RATIO = 6.0  # the sun's irradiance over the rest of the sky's; clear days are about 3-10
+MAX_EXPOSURE = 20.0  # |--exposure| in EV: 2^20 is a million; this only stops typos
+HALF_EXPOSURE = 15.0  # with --half an 8-bit sky of 1.0 times 2^15 stays below the largest half float, 65504
+
 # --scheduler names and the diffusers classes they stand for; a diffusers class name is accepted too.
 # "auto" (the default) is DDIM, MultiDiffusion's sampler, unless the model ships a few-step scheduler
 # (backend/job.py's make_scheduler).
@@ -173,6 +180,12 @@ class GenerateRequest:
     syncsde_lambda: float = DEFAULT_SYNCSDE_LAMBDA
     syncsde_compose: str = "paper"
     syncsde_open_chain: bool = False
+    no_hdr: bool = False
+    exposure: float = 0.0
+    sun_ratio: float = DEFAULT_SUN_RATIO
+    sun_strength: float | None = None
+    sun_direction: str | list | None = None
+    half: bool = False
 
     @classmethod
     def from_params(cls, params: dict[str, Any]) -> "GenerateRequest":
@@ -196,13 +209,22 @@ class GenerateRequest:
         """Whether the job also writes its panorama's cube map (faces, cross, strip): 360° equirect jobs do."""
         return self.layout == "equirect"
 
+    @property
+    def hdr(self) -> bool:
+        """Whether the job makes HDR lighting (panorama.exr with the sun expanded, panorama_sky.exr,
+        lighting.json; backend/hdr.py): 360° equirect jobs do, unless ``no_hdr``."""
+        return self.layout == "equirect" and not self.no_hdr
+
     def output_names(self) -> list[str]:
-        """The files a job of this request writes into its folder: OUTPUT_NAMES, then for ``cube_map`` the
-        cube map's PNGs (named by ``backend/cubemap.py``, imported only then: it needs numpy, not torch)."""
+        """The files a job of this request may write into its folder: OUTPUT_NAMES, then for ``cube_map`` the
+        HDR files panorama_sky.exr and lighting.json and the cube map's PNGs (named by ``backend/cubemap.py``,
+        imported only then: it needs numpy, not torch). An equirect job with ``no_hdr`` lists the HDR files
+        too: with --overwrite it removes them, so no stale lighting.json sits beside a new panorama."""
         names = list(OUTPUT_NAMES)
         if self.cube_map:
             from .cubemap import output_names
 
+            names += [name for name in HDR_OUTPUT_NAMES if name not in names]
             names += output_names(".png", horizon=True)
         return names
 
@@ -267,6 +289,7 @@ class GenerateRequest:
         if not _is_number(self.lora_scale):
             raise BadRequest(f"--lora-scale must be a number, not {self.lora_scale!r}.")
         self._validate_views()
+        self._validate_hdr()
         self._validate_sync()
         self.mad_steps = _int("mad_steps", self.mad_steps)
         if self.mad_steps < 0:
@@ -305,6 +328,29 @@ class GenerateRequest:
             self.views = parse_view_set(self.views)
         except ValueError as error:
             raise BadRequest(str(error)) from None
+
+    def _validate_hdr(self) -> None:
+        """Check --no-hdr, --exposure, --sun-ratio, --sun-strength, --sun-direction and --half (``check_hdr_options``);
+        store the sun direction as [yaw, pitch]. The lighting options apply only to equirect jobs, and only
+        --sun-direction (which also prompts the views that see it) goes with --no-hdr."""
+        for name in ("no_hdr", "half"):
+            if not isinstance(getattr(self, name), bool):
+                raise BadRequest(f"--{name.replace('_', '-')} is a switch (true or false), not {getattr(self, name)!r}.")
+        changed = [name for name, default in (("exposure", 0.0), ("sun_ratio", DEFAULT_SUN_RATIO),
+                                              ("sun_strength", None), ("sun_direction", None))
+                   if getattr(self, name) != default]
+        if changed and self.layout != "equirect":
+            raise BadRequest(f"--{changed[0].replace('_', '-')} applies only to --layout equirect, whose 360° image "
+                             "can light a scene.")
+        lighting = [name for name in changed if name != "sun_direction"]
+        if lighting and self.no_hdr:
+            raise BadRequest(f"--{lighting[0].replace('_', '-')} sets the HDR lighting that --no-hdr turns off; "
+                             "leave one of them out.")
+        direction = check_hdr_options(self.exposure, self.sun_ratio, self.sun_strength, self.sun_direction)
+        self.sun_direction = list(direction) if direction is not None else None
+        if self.half and self.hdr and self.exposure > HALF_EXPOSURE:
+            raise BadRequest(f"--exposure {self.exposure:g} takes a white sky above the largest half float; "
+                             f"use at most {HALF_EXPOSURE:g} with --half.")
 
     @property
     def resolved_fusion(self) -> str:
@@ -400,6 +446,39 @@ class GenerateRequest:
                 f"{self.window * factor} px; make it at least {self.window * factor} px in each direction "
                 "or pass a smaller --window."
             )
+
+
+def parse_sun_direction(value: Any) -> tuple[float, float]:
+    """(yaw, pitch) in degrees of a --sun-direction: "YAW,PITCH" (the CLI) or a [yaw, pitch] pair (protocol
+    params). Yaw is wrapped into [-180, 180); pitch must lie in [-90, 90]. Raises BadRequest with one sentence."""
+    parts = value.split(",") if isinstance(value, str) else value
+    try:
+        if isinstance(parts, (str, bytes)) or len(parts) != 2:
+            raise ValueError
+        yaw, pitch = (float(part) for part in parts)
+        if any(isinstance(part, bool) for part in parts):
+            raise ValueError
+    except (TypeError, ValueError):
+        raise BadRequest(f"--sun-direction must be YAW,PITCH in degrees (e.g. 30,45), not {value!r}.") from None
+    if not (math.isfinite(yaw) and math.isfinite(pitch)):
+        raise BadRequest(f"--sun-direction {yaw:g},{pitch:g} is not a direction: both angles must be finite.")
+    if not -90.0 <= pitch <= 90.0:
+        raise BadRequest(f"--sun-direction's pitch {pitch:g}° is off the sphere; it must lie between -90 and 90.")
+    return (yaw + 180.0) % 360.0 - 180.0, pitch
+
+
+def check_hdr_options(exposure: Any, sun_ratio: Any, sun_strength: Any, sun_direction: Any) -> tuple[float, float] | None:
+    """Check the HDR lighting options (generation and ``python -m backend hdr``): ``exposure`` a finite EV within
+    ±MAX_EXPOSURE, ``sun_ratio`` > 0, ``sun_strength`` None or > 0, ``sun_direction`` None or as
+    ``parse_sun_direction``. Returns the sun direction (yaw, pitch) or None. Raises BadRequest with one sentence."""
+    if not _is_number(exposure) or abs(exposure) > MAX_EXPOSURE:
+        raise BadRequest(f"--exposure must be a number of EV between -{MAX_EXPOSURE:g} and {MAX_EXPOSURE:g}, not {exposure!r}.")
+    if not _is_number(sun_ratio) or sun_ratio <= 0:
+        raise BadRequest(f"--sun-ratio must be a number > 0 (the sun's irradiance over the sky's; clear days "
+                         f"are about 3-10), not {sun_ratio!r}.")
+    if sun_strength is not None and (not _is_number(sun_strength) or sun_strength <= 0):
+        raise BadRequest(f"--sun-strength must be an irradiance > 0 in the EXR's units, not {sun_strength!r}.")
+    return None if sun_direction is None else parse_sun_direction(sun_direction)
 
 
 def _int(name: str, value: Any) -> int:

@@ -55,6 +55,7 @@ from .geometry import (
     PerspectiveView,
     equirect_padding_indices,
     equirect_to_direction,
+    lonlat_to_direction,
     sampling_grid,
     view_equirect_coordinates,
 )
@@ -323,6 +324,28 @@ class CanvasViews:
         crops = [self.crops[index] for index in indices if index < len(self.crops)]
         projected = [self.projected[index - len(self.crops)] for index in indices if index >= len(self.crops)]
         return CanvasViews(self.canvas, crops, projected, self.size)
+
+    def seeing(self, yaw: float, pitch: float) -> list[int]:
+        """The numbers of the views that see the direction (yaw, pitch) in degrees (equirect canvases only).
+
+        A crop window sees it when it lies in the window's longitude span (wrapping across the seam) and
+        latitude span (edges included), read from the window's place on the canvas (design section 3); at a
+        pole every longitude is the same point, so a window reaching the pole sees it. A projected view sees
+        it as ``canvas_coverage`` counts (``_sees``: in front of it, on its image, edges included).
+        """
+        canvas = self.canvas
+        seen = []
+        for index, view in enumerate(self.crops):
+            west = view.left / canvas.width * 360.0 - 180.0  # the window's left edge; it spans width / W of 360°
+            north = 90.0 - view.top / canvas.height * 180.0
+            south = 90.0 - (view.top + view.height) / canvas.height * 180.0
+            at_pole = (pitch >= 90.0 and north >= 90.0) or (pitch <= -90.0 and south <= -90.0)
+            if south <= pitch <= north and (at_pole or (yaw - west) % 360.0 <= view.width / canvas.width * 360.0):
+                seen.append(index)
+        direction = lonlat_to_direction(math.radians(yaw), math.radians(pitch))
+        seen += [len(self.crops) + offset for offset, (_, view) in enumerate(self.projected)
+                 if _sees(view, direction, self.size)]
+        return seen
 
     def centres(self) -> list[tuple[float, float]]:
         """(yaw, pitch) in degrees of every view's centre, equirect canvases only (design section 3).

@@ -22,9 +22,14 @@ RESOLUTIONS = {
 
 MAX_SEED = 2**31 - 1  # Blender's IntProperty is 32-bit signed
 
-# Synchronisation method -> the backend's --sync. MultiDiffusion is the backend's default and is never sent,
-# nor are any sync_* params with it: the backend refuses SyncDiffusion's options without --sync syncdiffusion.
-SYNC_OF_METHOD = {"MULTIDIFFUSION": "multidiffusion", "SYNCDIFFUSION": "syncdiffusion"}
+# Synchronisation method -> the backend's --sync. MultiDiffusion is the backend's default and is never sent.
+# Each method's own params go only with it: the backend refuses sync_* (SyncDiffusion's) without
+# --sync syncdiffusion and syncsde_* without --sync syncsde.
+SYNC_OF_METHOD = {"MULTIDIFFUSION": "multidiffusion", "SYNCDIFFUSION": "syncdiffusion", "SYNCSDE": "syncsde"}
+
+# "Merged Attention" (MAD) is active for this fraction of the steps: the paper's 15 of 50. Its layout-setting
+# effect lives in the early steps, and it costs memory (every view in one batch) only while active.
+MAD_FRACTION = 0.3
 
 # "Fast Guidance": the backend's approximate SyncDiffusion (docs/engine.md, "SyncDiffusion"): the tiny
 # autoencoder decodes for the guidance, the gradient pass's prediction is reused, the loss runs at 256 px.
@@ -34,6 +39,13 @@ FAST_SYNC_PARAMS = {"sync_decoder": "taesd", "sync_reuse_eps": True, "sync_loss_
 # the backend picks band+poles when the canvas is tall enough, else band; only it can tell, as that depends on
 # the model's window.
 VIEWS_OF_SET = {"BAND": "band", "BAND_POLES": "band+poles", "RING": "ring", "CUBE": "cube"}
+
+# The backend's defaults for a 360° World's HDR (--exposure, --sun-ratio): equal values are not sent.
+DEFAULT_EXPOSURE = 0.0
+DEFAULT_SUN_RATIO = 6.0
+# Blender keeps float settings in single precision (0.3 reads back 0.30000001192092896): the lighting
+# values are sent rounded to this many decimals, more than the panel shows.
+LIGHTING_DECIMALS = 4
 
 
 def resolution(mode, preset):
@@ -53,11 +65,16 @@ def generate_params(settings, seed, *, model, device):
     model: hub id or local path (the preferences' default model); device: auto, cuda, mps or cpu.
     ``settings.window`` / ``settings.stride`` of 0 leave the backend's defaults (from the model).
     With SyncDiffusion: ``sync``, ``sync_weight`` and ``sync_steps`` (left out when ``settings.sync_steps`` is 0,
-    which means every step), plus FAST_SYNC_PARAMS when ``settings.sync_fast``; with MultiDiffusion nothing
-    sync-related.
+    which means every step), plus FAST_SYNC_PARAMS when ``settings.sync_fast``; with SyncSDE: ``sync`` and
+    ``syncsde_lambda`` only; with MultiDiffusion nothing sync-related.
+    With ``settings.mad`` (any method): ``mad_steps``, MAD_FRACTION of the steps rounded, at least 1; nothing
+    mad-related when it is off (the backend's default, 0 = off).
     In WORLD mode only (the backend refuses them for the other layouts): ``views`` from ``settings.view_set``
     (VIEWS_OF_SET; none with AUTO, the backend's own choice), and ``prompt_up`` / ``prompt_down`` when
-    ``settings.prompt_up`` / ``settings.prompt_down`` are not blank (stripped).
+    ``settings.prompt_up`` / ``settings.prompt_down`` are not blank (stripped). Also in WORLD mode only, the
+    HDR lighting (lighting_params): ``no_hdr`` when ``settings.hdr`` is off; with HDR, ``exposure`` /
+    ``sun_ratio`` when they differ from the backend's defaults; ``sun_direction`` when
+    ``settings.use_sun_direction``, with or without HDR.
     """
     width, height = resolution(settings.mode, settings.resolution)
     params = {
@@ -84,14 +101,52 @@ def generate_params(settings, seed, *, model, device):
             text = getattr(settings, name).strip()
             if text:
                 params[name] = text
+        params.update(lighting_params(settings))
     sync = SYNC_OF_METHOD[settings.sync_method]
     if sync != "multidiffusion":
         params["sync"] = sync
+    if sync == "syncdiffusion":
         params["sync_weight"] = float(settings.sync_weight)
         if settings.sync_steps:
             params["sync_steps"] = int(settings.sync_steps)
         if settings.sync_fast:
             params.update(FAST_SYNC_PARAMS)
+    elif sync == "syncsde":
+        params["syncsde_lambda"] = float(settings.syncsde_lambda)
+    if settings.mad:
+        # At least one step, so a very short run still gets what was asked for.
+        params["mad_steps"] = max(1, round(MAD_FRACTION * int(settings.steps)))
+    return params
+
+
+def format_direction(yaw, pitch):
+    """The backend's --sun-direction value "YAW,PITCH" (degrees, at most LIGHTING_DECIMALS decimals, no
+    trailing zeros): yaw positive turns right from the image centre, pitch positive looks up."""
+    texts = [repr(round(float(value), LIGHTING_DECIMALS) + 0.0) for value in (yaw, pitch)]  # + 0.0: no "-0"
+    return ",".join(text[:-2] if text.endswith(".0") else text for text in texts)
+
+
+def lighting_params(settings):
+    """The HDR params of a 360° World (generate_params adds them in WORLD mode only).
+
+    ``sun_direction`` ("YAW,PITCH", format_direction) whenever ``settings.use_sun_direction``: it also asks
+    the views that see it for the sun, with or without HDR. ``settings.hdr`` off: ``no_hdr``, and neither
+    exposure nor ratio (the backend refuses them with --no-hdr). On: ``exposure`` (EV) and ``sun_ratio``
+    when they differ from DEFAULT_EXPOSURE / DEFAULT_SUN_RATIO (rounded to LIGHTING_DECIMALS); nothing at
+    all with the defaults.
+    """
+    params = {}
+    if settings.use_sun_direction:
+        params["sun_direction"] = format_direction(settings.sun_yaw, settings.sun_pitch)
+    if not settings.hdr:
+        params["no_hdr"] = True
+        return params
+    exposure = round(float(settings.exposure), LIGHTING_DECIMALS) + 0.0  # + 0.0 turns -0.0 into 0.0
+    if exposure != DEFAULT_EXPOSURE:
+        params["exposure"] = exposure
+    sun_ratio = round(float(settings.sun_ratio), LIGHTING_DECIMALS)
+    if sun_ratio != DEFAULT_SUN_RATIO:
+        params["sun_ratio"] = sun_ratio
     return params
 
 

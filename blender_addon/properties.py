@@ -22,6 +22,8 @@ SYNC_ITEMS = (
      "neighbouring views agree, distant parts may drift apart in style"),
     ("SYNCDIFFUSION", "SyncDiffusion", "Also steer every view towards one anchor view so the whole image is one "
      "coherent scene (Lee et al., 2023). Several times slower per guided step"),
+    ("SYNCSDE", "SyncSDE", "Every view keeps its own trajectory and is pulled towards its neighbours where they "
+     "overlap after each step (Lee et al., 2025). About as fast as MultiDiffusion"),
 )
 # Which views a 360° World denoises (generation.VIEWS_OF_SET maps them to the backend's --views). Automatic
 # sends nothing and leaves the choice to the backend, which knows the canvas.
@@ -39,6 +41,15 @@ DEVICE_ITEMS = (
     ("mps", "Apple Metal", "An Apple Silicon GPU"),
     ("cpu", "CPU", "The CPU (very slow)"),
 )
+# How the sun of a HDR World lights the scene (blender_addon/world.py, apply_lit_world). The identifiers are
+# lighting.SUN_LAMP and lighting.IN_TEXTURE.
+SUN_MODE_ITEMS = (
+    ("SUN_LAMP", "Sun Lamp", "A Sun light shines from the sun's direction with its size and strength, and the "
+     "World lights the scene without the sun's disc (the camera still sees it): sharp, noise-free shadows "
+     "in EEVEE and Cycles", "LIGHT_SUN", 0),
+    ("IN_TEXTURE", "In the World Texture", "The sun's bright disc in the World lights the scene, no lamp: "
+     "Cycles needs more samples for clean shadows", "WORLD", 1),
+)
 
 
 class SyncSphereHistoryItem(PropertyGroup):
@@ -52,14 +63,23 @@ class SyncSphereHistoryItem(PropertyGroup):
     steps: IntProperty(name="Steps")
     guidance: FloatProperty(name="Guidance")
     # The settings' defaults, so items recorded before these existed reuse as MultiDiffusion with the defaults
-    # (and, for the view set and per-direction prompts, as Automatic without them).
+    # (and, for the view set and per-direction prompts, as Automatic without them; without merged attention).
     sync_method: EnumProperty(name="Synchronisation", items=SYNC_ITEMS, default="MULTIDIFFUSION")
     sync_weight: FloatProperty(name="Coherence Strength", default=20.0)
     sync_steps: IntProperty(name="Guided Steps", default=10)
     sync_fast: BoolProperty(name="Fast Guidance", default=False)
+    syncsde_lambda: FloatProperty(name="Pull Strength", default=5.0)
+    mad: BoolProperty(name="Merged Attention", default=False)
     view_set: EnumProperty(name="View Set", items=VIEW_SET_ITEMS, default="AUTO")
     prompt_up: StringProperty(name="Sky Prompt")
     prompt_down: StringProperty(name="Ground Prompt")
+    # The lighting's generation settings (items recorded before they existed: the defaults, HDR on).
+    hdr: BoolProperty(name="HDR", default=True)
+    exposure: FloatProperty(name="Exposure", default=0.0)
+    sun_ratio: FloatProperty(name="Sun Ratio", default=6.0)
+    use_sun_direction: BoolProperty(name="Sun Direction", default=False)
+    sun_yaw: FloatProperty(name="Sun Yaw", default=0.0)
+    sun_pitch: FloatProperty(name="Sun Pitch", default=45.0)
     png_path: StringProperty(name="PNG", subtype="FILE_PATH")
     exr_path: StringProperty(name="EXR", subtype="FILE_PATH")
 
@@ -91,6 +111,17 @@ class SyncSphereSettings(PropertyGroup):
                                         "tiny autoencoder madebyollin/taesd (downloaded once, or already in the model "
                                         "cache), reuse the gradient pass's noise prediction instead of predicting again, "
                                         "and compare views at 256 px")
+    # SyncSDE's setting: drawn and sent (generation.generate_params) only with SyncSDE. 5 is the paper's value
+    # for wide images (the backend's default).
+    syncsde_lambda: FloatProperty(name="Pull Strength", default=5.0, min=0.0, soft_max=20.0,
+                                  description="How strongly every view is pulled towards its neighbours where "
+                                              "they overlap after each step. 0: the views are denoised "
+                                              "independently; higher ties them together more firmly")
+    # Merged attention composes with every method, so it is drawn and sent whatever sync_method is.
+    mad: BoolProperty(name="Merged Attention", default=False,
+                      description="Let the attention layers see the whole panorama for the first 30% of the steps "
+                                  "(MAD, Quattrini et al.; the paper's 15 of 50), which ties distant parts together. "
+                                  "Needs more GPU memory, since every view runs in one batch meanwhile")
     # The 360° World's views and per-direction prompts: drawn and sent (generation.generate_params) only in
     # WORLD mode, the backend refuses them for the other layouts.
     view_set: EnumProperty(name="View Set", items=VIEW_SET_ITEMS, default="AUTO",
@@ -116,6 +147,30 @@ class SyncSphereSettings(PropertyGroup):
                                    description="The world lights the scene but the camera sees a plain background")
     face_camera: BoolProperty(name="Face the Camera", default=False,
                               description="Rotate the world so the image centre is in front of the active camera")
+
+    # Lighting (the Lighting sub-panel, 360° World only). hdr ... sun_pitch are sent to the backend
+    # (generation.generate_params) when they differ from its defaults; sun_mode is how a result is applied.
+    hdr: BoolProperty(name="HDR", default=True,
+                      description="Make the World a HDR image: linear values, with the sun (or other lights) "
+                                  "expanded into bright discs that cast real shadows, and a Sun lamp or the "
+                                  "texture lighting the scene. Off: the plain image, lit like an overcast day")
+    exposure: FloatProperty(name="Exposure", default=0.0, soft_min=-5.0, soft_max=5.0,
+                            description="Scale the HDR image by 2^EV (0: as generated)")
+    sun_ratio: FloatProperty(name="Sun Ratio", default=6.0, min=0.1, soft_max=20.0,
+                             description="How much brighter the sun's direct light is than the sky's, on a "
+                                         "surface facing the sun. Clear days are about 3-10; higher gives "
+                                         "darker shadows")
+    use_sun_direction: BoolProperty(name="Sun Direction", default=False,
+                                    description="Ask for the sun in this direction: the views that see it are "
+                                                "prompted with the sun, and if the image still has none there, "
+                                                "one is placed there. Off: wherever the image puts it")
+    sun_yaw: FloatProperty(name="Yaw", default=0.0, min=-180.0, max=180.0,
+                           description="Degrees right of the image centre (the middle of the panorama)")
+    sun_pitch: FloatProperty(name="Pitch", default=45.0, min=-90.0, max=90.0,
+                             description="Degrees above the horizon")
+    sun_mode: EnumProperty(name="Sun", items=SUN_MODE_ITEMS, default="SUN_LAMP",
+                           description="How the sun of a HDR World lights the scene; applies to the next "
+                                       "World applied, or to this one with Update Lighting")
 
     history: CollectionProperty(type=SyncSphereHistoryItem)
     history_index: IntProperty(name="History", default=0)

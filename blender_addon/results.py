@@ -8,15 +8,18 @@ from . import material, world
 def apply_result(context, settings, mode, outputs):
     """Apply a job's ``outputs`` ({"png", "exr", "metadata"} paths) for ``mode`` (WORLD, TILE, WIDE).
 
-    WORLD: a new SyncSphere World from the EXR, facing the camera and hidden from it if the settings say so.
+    WORLD: a new SyncSphere World from the EXR, facing the camera and hidden from it if the settings say so,
+    lit as the Lighting settings say (``world.apply_lit_world``: with HDR, a Sun lamp or the sun in the
+    texture, from the lighting.json next to the EXR).
     TILE: the PNG as a tiling texture on the active object's material. WIDE: the PNG in the Image Editor.
     Returns a short sentence saying what was done. Raises ValueError when TILE has no mesh to go on.
     """
     if mode == "WORLD":
         camera = context.scene.camera
         rotation = world.face_camera_rotation(camera) if settings.face_camera and camera is not None else 0.0
-        new_world = world.apply_world(context, outputs["exr"], rotation=rotation, hide_from_camera=settings.hide_from_camera)
-        return f"The world '{new_world.name}' now lights the scene."
+        new_world, note = world.apply_lit_world(context, outputs, hdr=settings.hdr, sun_mode=settings.sun_mode,
+                                                rotation=rotation, hide_from_camera=settings.hide_from_camera)
+        return f"The world '{new_world.name}' now lights the scene{note}."
     if mode == "TILE":
         obj = context.active_object
         if obj is None or obj.type != "MESH":
@@ -29,7 +32,10 @@ def apply_result(context, settings, mode, outputs):
 
 # The settings a history item records and Reuse copies back, besides the seed (recorded as the one used).
 HISTORY_SETTINGS = ("prompt", "negative_prompt", "mode", "resolution", "steps", "guidance",
-                    "sync_method", "sync_weight", "sync_steps", "sync_fast", "view_set", "prompt_up", "prompt_down")
+                    "sync_method", "sync_weight", "sync_steps", "sync_fast", "syncsde_lambda", "mad",
+                    "view_set", "prompt_up", "prompt_down")
+# The lighting's generation settings (not sun_mode: how a result is applied, not how it was made).
+HISTORY_SETTINGS += ("hdr", "exposure", "sun_ratio", "use_sun_direction", "sun_yaw", "sun_pitch")
 
 
 def add_history(settings, seed, outputs):
@@ -46,7 +52,8 @@ def add_history(settings, seed, outputs):
 
 
 def reuse_settings(settings, item):
-    """Copy a history ``item``'s prompts, mode, seed, sampling, synchronisation and view set back into ``settings``."""
+    """Copy a history ``item``'s prompts, mode, seed, sampling, synchronisation (merged attention included) and
+    view set back into ``settings``."""
     for name in HISTORY_SETTINGS + ("seed",):
         setattr(settings, name, getattr(item, name))
     settings.randomize_seed = False

@@ -23,6 +23,14 @@ Blender 4.2 and 5.0, and written up in ``docs/blender.md``):
 - The Mapping node (type Point) rotates the *lookup* direction: with Z rotation ``r`` the image centre
   appears at world azimuth ``-r`` (atan2(y, x)), i.e. increasing the rotation turns the image
   clockwise seen from above. ``face_camera_rotation`` returns ``-azimuth(camera view)``.
+
+Lighting (issue #8, ``apply_lit_world``): a HDR World whose sun lights the scene as a lamp shows
+``panorama.exr`` to camera rays and ``panorama_sky.exr`` (the sun's disc at sky level) to every other
+ray, through a ``SKY_MIX_NODE`` colour mix driven by the Light Path's "Is Camera Ray", into the one
+Background (so the World's strength stays one socket). The sun is then SyncSphere's own Sun light
+(``SUN_NAME``, marked ``obj[SUN_PROP]`` and remembered by the scene in ``scene[SCENE_SUN_PROP]``),
+turned with the World's Mapping rotation and scaled with its strength by drivers
+(blender_addon/lighting.py has the directions; tests/test_blender_lighting.py renders them).
 """
 
 import math
@@ -31,6 +39,7 @@ import os
 import bpy
 from mathutils import Vector
 
+from . import lighting
 from .images import load_image
 
 # Custom properties on Worlds that SyncSphere creates.
@@ -46,6 +55,20 @@ LIGHT_PATH_NODE = "SyncSphere Light Path"
 CAMERA_BACKGROUND_NODE = "SyncSphere Camera Background"
 MIX_NODE = "SyncSphere Camera Mix"
 OUTPUT_NODE = "SyncSphere World Output"
+SKY_ENVIRONMENT_NODE = "SyncSphere Sky Environment"  # panorama_sky.exr, for every ray but camera rays
+SKY_MIX_NODE = "SyncSphere Sky Mix"  # Is Camera Ray ? the panorama : the sky, into the Background's colour
+
+SKY_SOURCE_PROP = "syncsphere_sky_exr"  # on a World lit by a lamp: the sky EXR its non-camera rays see
+
+# SyncSphere's Sun lamp: its object's name (Blender adds .001 ... when taken), the marks on the object, and
+# the scene's pointer to it. The lamp SyncSphere replaces or removes is the one the scene points to, and
+# only if it still carries the mark: never one of the user's lights, nor a copy of ours (a duplicate keeps
+# the custom properties but is not the one the scene points to).
+SUN_NAME = "SyncSphere Sun"
+SUN_PROP = "syncsphere_sun"  # on the lamp object: True
+SUN_WORLD_PROP = "syncsphere_sun_world"  # on the lamp object: the World whose rotation and strength it follows
+SUN_DIRECTION_PROP = "syncsphere_sun_direction"  # on the lamp object: the source's image [yaw, pitch] in degrees
+SCENE_SUN_PROP = "syncsphere_sun"  # on the scene: its SyncSphere Sun lamp (an Object pointer)
 
 # What the camera sees instead of the image when hide_from_camera is set. Black keeps the render
 # neutral; users who want another colour edit the node (or use Film > Transparent).
@@ -88,13 +111,16 @@ def _load_linear_image(exr_path):
 
 
 def apply_world(context, exr_path, *, rotation=0.0, strength=1.0, hide_from_camera=False,
-                name="SyncSphere World"):
+                name="SyncSphere World", sky_exr_path=None):
     """Make a new World showing the equirectangular EXR ``exr_path`` and assign it to the scene.
 
     ``rotation``: Z rotation of the Mapping node in radians (see the module docstring for which way
     the image turns; ``face_camera_rotation`` computes one). ``strength``: the Background's strength.
     ``hide_from_camera``: camera rays see plain black while the image still lights the scene.
     ``name``: the new World's name (Blender adds .001 ... when it is taken).
+    ``sky_exr_path``: an equirectangular EXR that every ray but camera rays sees instead of ``exr_path``
+    (the HDR sky without its sun, when a lamp is the sun); camera rays still see ``exr_path`` (or black
+    with ``hide_from_camera``). Both images share the Mapping node and the Background's strength.
 
     Always creates a new World and never edits an existing one, so the user's World and earlier
     SyncSphere worlds keep their nodes. The scene's previous World is remembered on the new one
@@ -104,13 +130,19 @@ def apply_world(context, exr_path, *, rotation=0.0, strength=1.0, hide_from_came
     user: like any World Blender unassigns, they stay in the file until it is saved and reopened
     without them being used.
 
-    Returns the new bpy.types.World. Raises FileNotFoundError when ``exr_path`` is not a file.
+    Returns the new bpy.types.World. Raises FileNotFoundError when ``exr_path`` (or ``sky_exr_path``) is
+    not a file.
     """
     exr_path = os.path.abspath(bpy.path.abspath(exr_path))
     if not os.path.isfile(exr_path):
         raise FileNotFoundError(f"The world image {exr_path} does not exist.")
+    if sky_exr_path is not None:
+        sky_exr_path = os.path.abspath(bpy.path.abspath(sky_exr_path))
+        if not os.path.isfile(sky_exr_path):
+            raise FileNotFoundError(f"The sky image {sky_exr_path} does not exist.")
     # Load first: when the file cannot be read, no half-built World is left behind.
     image = _load_linear_image(exr_path)
+    sky_image = _load_linear_image(sky_exr_path) if sky_exr_path is not None else None
 
     scene = context.scene
     current = scene.world
@@ -143,9 +175,27 @@ def apply_world(context, exr_path, *, rotation=0.0, strength=1.0, hide_from_came
     # For a World, Generated coordinates are the view direction in world space.
     links.new(texcoord.outputs["Generated"], mapping.inputs["Vector"])
     links.new(mapping.outputs["Vector"], environment.inputs["Vector"])
-    links.new(environment.outputs["Color"], background.inputs["Color"])
-    if hide_from_camera:
+    light_path = None
+    if sky_image is not None:
+        # One Light Path for this and hide_from_camera: camera rays see the panorama, the others the sky.
         light_path = add("ShaderNodeLightPath", LIGHT_PATH_NODE, -200, 300)
+        sky = add("ShaderNodeTexEnvironment", SKY_ENVIRONMENT_NODE, -500, -300)
+        sky.image = sky_image
+        sky.projection = "EQUIRECTANGULAR"
+        sky_mix = add("ShaderNodeMix", SKY_MIX_NODE, -350, 0)
+        sky_mix.data_type = "RGBA"  # Mix (not clamped): HDR values pass unchanged
+        sockets = {socket.identifier: socket for socket in (*sky_mix.inputs, *sky_mix.outputs)}
+        links.new(mapping.outputs["Vector"], sky.inputs["Vector"])
+        # Factor 0 -> A (the sky) for every ray but camera rays; 1 -> B (the panorama) for camera rays.
+        links.new(light_path.outputs["Is Camera Ray"], sockets["Factor_Float"])
+        links.new(sky.outputs["Color"], sockets["A_Color"])
+        links.new(environment.outputs["Color"], sockets["B_Color"])
+        links.new(sockets["Result_Color"], background.inputs["Color"])
+    else:
+        links.new(environment.outputs["Color"], background.inputs["Color"])
+    if hide_from_camera:
+        if light_path is None:
+            light_path = add("ShaderNodeLightPath", LIGHT_PATH_NODE, -200, 300)
         camera_background = add("ShaderNodeBackground", CAMERA_BACKGROUND_NODE, -200, -200)
         camera_background.inputs["Color"].default_value = CAMERA_BACKGROUND_COLOR
         camera_background.inputs["Strength"].default_value = 1.0
@@ -162,6 +212,8 @@ def apply_world(context, exr_path, *, rotation=0.0, strength=1.0, hide_from_came
     set_world_strength(world, strength)
 
     world[SOURCE_PROP] = exr_path
+    if sky_exr_path is not None:
+        world[SKY_SOURCE_PROP] = sky_exr_path
     if previous is not None:
         # An ID pointer rather than a name: it follows renames, and it is a real user of the old
         # World, so that World is still in the file after save and reload although no scene uses it.
@@ -180,6 +232,12 @@ def set_world_rotation(world, radians):
     if node is None:
         return False
     node.inputs["Rotation"].default_value[2] = radians
+    # SyncSphere's lamps that follow this World turn with it. Their drivers do the same on the next
+    # depsgraph update (and for edits of the socket itself, as the panel makes); this sets the value now.
+    for obj in bpy.data.objects:
+        if obj.get(SUN_PROP) and obj.get(SUN_WORLD_PROP) == world and SUN_DIRECTION_PROP in obj:
+            yaw, pitch = obj[SUN_DIRECTION_PROP]
+            obj.rotation_euler = lighting.sun_lamp_rotation(yaw, pitch, radians)
     return True
 
 
@@ -200,9 +258,10 @@ def restore_previous_world(context):
     """Give the scene back the World it had before SyncSphere replaced it.
 
     Reads the previous World remembered on the scene's current (SyncSphere) World. Returns True when
-    it was assigned; False, changing nothing, when the current World is not a SyncSphere world, the
-    scene had no World before, or that World has since been deleted. The SyncSphere world itself is
-    kept (unassigned) in ``bpy.data.worlds``.
+    it was assigned (SyncSphere's Sun lamp, if the scene has one, is removed with it); False, changing
+    nothing, when the current World is not a SyncSphere world, the scene had no World before, or that
+    World has since been deleted. The SyncSphere world itself is kept (unassigned) in
+    ``bpy.data.worlds``.
     """
     scene = context.scene
     current = scene.world
@@ -213,6 +272,7 @@ def restore_previous_world(context):
     if not isinstance(previous, bpy.types.World):
         return False
     scene.world = previous
+    remove_sun_lamp(scene)  # its sun belongs to the SyncSphere world, not to the user's
     return True
 
 
@@ -240,3 +300,129 @@ def face_camera_rotation(camera_object):
     if heading.length < 1e-9:
         return 0.0  # degenerate matrix (zero scale): nothing to face
     return -math.atan2(heading.y, heading.x) + 0.0  # + 0.0 turns -0.0 into 0.0
+
+
+# --- lighting: a HDR World and its sun (issue #8) ----------------------------------------------------------
+
+
+def sun_lamp(scene):
+    """SyncSphere's Sun lamp of ``scene``: the object ``scene[SCENE_SUN_PROP]`` points to, if it is still a
+    light marked ``SUN_PROP``; else None. Never one of the user's lights."""
+    obj = scene.get(SCENE_SUN_PROP)
+    if isinstance(obj, bpy.types.Object) and obj.get(SUN_PROP) and obj.type == "LIGHT":
+        return obj
+    return None
+
+
+def remove_sun_lamp(scene):
+    """Delete SyncSphere's Sun lamp of ``scene`` (``sun_lamp``) and its light data when nothing else uses it.
+    Returns True when there was one; the user's lights are never touched."""
+    obj = sun_lamp(scene)
+    if SCENE_SUN_PROP in scene:
+        del scene[SCENE_SUN_PROP]
+    if obj is None:
+        return False
+    light = obj.data
+    bpy.data.objects.remove(obj)
+    if light is not None and light.users == 0:
+        bpy.data.lights.remove(light)
+    return True
+
+
+def _drive(owner, path, index, world, data_path, expression):
+    """Replace the driver of ``owner``'s ``path`` (``index``: array element or -1) with ``expression`` of
+    the variable ``value``: ``world``'s ``data_path``. Only arithmetic, so Blender evaluates it without
+    Python (a "simple expression"; it works when auto-run of scripts is off)."""
+    owner.driver_remove(path, index)
+    driver = (owner.driver_add(path, index) if index >= 0 else owner.driver_add(path)).driver
+    driver.type = "SCRIPTED"
+    variable = driver.variables.new()
+    variable.name = "value"
+    variable.type = "SINGLE_PROP"
+    variable.targets[0].id_type = "WORLD"
+    variable.targets[0].id = world
+    variable.targets[0].data_path = data_path
+    driver.expression = expression
+    return driver
+
+
+def set_sun_lamp(context, world, source):
+    """Create or update SyncSphere's Sun lamp so that it is ``source`` (a lighting.Source) of ``world``.
+
+    One lamp per scene (``sun_lamp``): made when the scene has none (named SUN_NAME, linked to the scene's
+    collection), else updated in place, keeping its location; linked to the scene again if it was
+    unlinked. Its rotation shines from the source's direction under the World's Mapping rotation, its
+    angle is the source's angular diameter, its colour the source's, and its strength the source's
+    irradiance times the World's Background strength. Drivers on the rotation's Z angle and on the
+    strength read the World's Mapping and Background sockets, so turning or dimming the World in the
+    panel turns and dims the lamp with it. Returns the lamp object.
+    """
+    scene = context.scene
+    obj = sun_lamp(scene)
+    if obj is None:
+        obj = bpy.data.objects.new(SUN_NAME, bpy.data.lights.new(SUN_NAME, "SUN"))
+        obj.location = (0.0, 0.0, 5.0)  # anywhere: a Sun lights from its direction only
+        obj[SUN_PROP] = True
+        scene[SCENE_SUN_PROP] = obj
+    elif obj.data.type != "SUN":
+        obj.data.type = "SUN"
+    if scene.objects.get(obj.name) != obj:
+        scene.collection.objects.link(obj)
+
+    nodes = world.node_tree.nodes
+    rotation = nodes[MAPPING_NODE].inputs["Rotation"].default_value[2]
+    strength = nodes[BACKGROUND_NODE].inputs["Strength"].default_value
+    light = obj.data
+    light.angle = lighting.sun_lamp_angle(source.angular_radius_deg)
+    light.color = source.color
+    light.energy = lighting.sun_lamp_strength(source.irradiance, strength)
+    obj.rotation_mode = "XYZ"
+    obj.rotation_euler = lighting.sun_lamp_rotation(source.yaw_deg, source.pitch_deg, rotation)
+    obj[SUN_WORLD_PROP] = world
+    obj[SUN_DIRECTION_PROP] = [source.yaw_deg, source.pitch_deg]
+
+    # Z angle = world_azimuth(yaw, rotation) = -yaw - rotation; strength = irradiance * World strength.
+    _drive(obj, "rotation_euler", 2, world,
+           f'node_tree.nodes["{MAPPING_NODE}"].inputs["Rotation"].default_value[2]',
+           f"{lighting.world_azimuth(source.yaw_deg, 0.0)!r} - value")
+    _drive(light, "energy", -1, world, f'node_tree.nodes["{BACKGROUND_NODE}"].inputs["Strength"].default_value',
+           f"{float(source.irradiance)!r} * value")
+    return obj
+
+
+def apply_lit_world(context, outputs, *, hdr=True, sun_mode=lighting.SUN_LAMP, rotation=0.0, strength=1.0,
+                    hide_from_camera=False):
+    """Apply a 360° World job's ``outputs`` ({"exr": path, ...}) with its lighting; returns (World, note).
+
+    With ``hdr`` and a readable lighting.json next to the EXR (``lighting.lighting_files``) that has a sun:
+    ``sun_mode`` SUN_LAMP makes the World show the panorama to the camera and panorama_sky.exr to every other
+    ray (``apply_world``'s ``sky_exr_path``) and the sun SyncSphere's Sun lamp (``set_sun_lamp``); IN_TEXTURE
+    shows the panorama to every ray, so its bright disc lights the scene. Anything else (``hdr`` off, no
+    lighting.json, no sun, IN_TEXTURE, or SUN_LAMP without panorama_sky.exr, which would light the scene
+    twice) applies the panorama alone and removes SyncSphere's lamp if the scene has one.
+    ``rotation``, ``strength``, ``hide_from_camera``: as for ``apply_world``.
+
+    The note ends the sentence "The world ... now lights the scene": empty, or what the sun does, or why
+    the lighting could not be used. Raises FileNotFoundError when the EXR is missing.
+    """
+    lighting_path, sky_path = lighting.lighting_files(outputs)
+    sun, note = None, ""
+    if hdr and lighting_path is not None:
+        try:
+            sun = lighting.read_lighting(lighting_path).sun
+        except lighting.LightingError as error:
+            note = f"; its lighting could not be read, so it lights from its image alone: {str(error).rstrip('.')}"
+    use_lamp = sun is not None and sun_mode == lighting.SUN_LAMP
+    if use_lamp and sky_path is None:
+        use_lamp = False
+        note = f"; {lighting.SKY_EXR_FILE} is missing, so the sun lights from the image instead of a lamp"
+    new_world = apply_world(context, outputs["exr"], rotation=rotation, strength=strength,
+                            hide_from_camera=hide_from_camera, sky_exr_path=sky_path if use_lamp else None)
+    if use_lamp:
+        lamp = set_sun_lamp(context, new_world, sun)
+        note = f", with its sun as the lamp '{lamp.name}'"
+    else:
+        remove_sun_lamp(context.scene)
+        if sun is not None and not note:
+            note = ", with its sun in the texture"
+    return new_world, note

@@ -1,7 +1,7 @@
 """SyncSphere operators. Thin: they read the preferences and call into ``blender_addon``.
 
 Here: check that the configured backend interpreter can run the backend, and open the output folder.
-``generate.py``: generate, cancel, history and world operators; ``setup.py``: set up the backend environment; ``bake.py``: bake to a UV image; ``export.py``: export the World as a cube map.
+``generate.py``: generate, cancel, history and world operators; ``setup.py``: set up the backend environment; ``bake.py``: bake to a UV image; ``export.py``: export the World as a cube map; ``lighting.py``: update a World's lighting.
 """
 
 import os
@@ -10,7 +10,7 @@ import bpy
 from bpy.types import Operator
 
 from ..blender_addon import backend_command, get_preferences, interpreter_path, output_folder
-from . import bake, export, generate, setup
+from . import bake, export, generate, lighting, setup
 
 
 class SYNCSPHERE_OT_check_backend(Operator):
@@ -62,7 +62,7 @@ class SYNCSPHERE_OT_open_output_folder(Operator):
 
 
 _CLASSES = (SYNCSPHERE_OT_check_backend, SYNCSPHERE_OT_open_output_folder, *generate.classes, *setup.classes,
-            *bake.classes, *export.classes)
+            *bake.classes, *export.classes, *lighting.classes)
 
 
 # Blender's own helper: registers in order, unregisters in reverse.

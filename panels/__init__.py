@@ -13,8 +13,8 @@ from ..blender_addon.results import thumbnail_icon
 
 def draw_main(layout, context):
     """Prompt, mode, resolution (with the view set and sky / ground prompts for a 360° World), seed, sampling,
-    synchronisation (SyncDiffusion's options only when it is chosen), and Generate / Cancel with the job's
-    progress."""
+    synchronisation (each method's options only when it is chosen; merged attention always), and Generate /
+    Cancel with the job's progress."""
     settings = context.scene.syncsphere
     layout.prop(settings, "prompt")
     layout.prop(settings, "negative_prompt", text="Avoid")
@@ -38,6 +38,9 @@ def draw_main(layout, context):
         column.prop(settings, "sync_weight")
         column.prop(settings, "sync_steps")
         column.prop(settings, "sync_fast")
+    elif settings.sync_method == "SYNCSDE":
+        column.prop(settings, "syncsde_lambda")
+    column.prop(settings, "mad")  # composes with every method
 
     job = session.current_job()
     if session.is_busy():
@@ -85,6 +88,34 @@ def draw_result(layout, context):
         column.label(text="Wide images open in the Image Editor")
 
 
+def draw_lighting(layout, context):
+    """A 360° World's HDR settings (sent with the next Generate; exposure and ratio greyed out without HDR,
+    yaw and pitch without Sun Direction, which also asks the views for the sun without HDR), how its sun
+    lights the scene, and Update Lighting for the SyncSphere World the scene shows."""
+    settings = context.scene.syncsphere
+    column = layout.column()
+    column.use_property_split = True
+    column.use_property_decorate = False
+    if settings.mode != "WORLD":
+        column.label(text="Lighting is made for 360° Worlds")
+        return
+    column.prop(settings, "hdr")
+    hdr = column.column()
+    hdr.active = settings.hdr
+    hdr.prop(settings, "exposure")
+    hdr.prop(settings, "sun_ratio")
+    column.prop(settings, "use_sun_direction")
+    direction = column.column(align=True)
+    direction.active = settings.use_sun_direction
+    direction.prop(settings, "sun_yaw")
+    direction.prop(settings, "sun_pitch")
+    mode = column.column()
+    mode.active = settings.hdr
+    mode.prop(settings, "sun_mode")
+    if world.is_syncsphere_world(context.scene.world):
+        column.operator("syncsphere.update_lighting", icon="LIGHT_SUN")
+
+
 def draw_advanced(layout, context):
     """Window, stride and device."""
     settings = context.scene.syncsphere
@@ -94,6 +125,10 @@ def draw_advanced(layout, context):
     column.prop(settings, "window")
     column.prop(settings, "stride")
     column.prop(settings, "device")
+
+
+# What a history item says after its seed about a method other than the default MultiDiffusion.
+HISTORY_METHOD_LABELS = {"SYNCDIFFUSION": ", SyncDiffusion", "SYNCSDE": ", SyncSDE"}
 
 
 def draw_history(layout, context):
@@ -109,7 +144,7 @@ def draw_history(layout, context):
             row.template_icon(icon_value=icon, scale=3.0)
         column = row.column()
         column.label(text=item.prompt or "(no prompt)")
-        method = ", SyncDiffusion" if item.sync_method == "SYNCDIFFUSION" else ""
+        method = HISTORY_METHOD_LABELS.get(item.sync_method, "")
         column.label(text=f"Seed {item.seed}, {item.mode.lower()}{method}")
         buttons = column.row(align=True)
         buttons.operator("syncsphere.history_apply", text="Apply").index = index
@@ -133,6 +168,7 @@ def draw_backend(layout, context):
 # (label, draw function, closed by default) of the sub-panels under the main panel.
 SUB_PANELS = (
     ("Result", draw_result, False),
+    ("Lighting", draw_lighting, False),
     ("Advanced", draw_advanced, True),
     ("History", draw_history, True),
     ("Backend", draw_backend, True),

@@ -33,8 +33,9 @@ def settings(**overrides):
     """A stand-in for scene.syncsphere with the defaults of blender_addon/properties.py."""
     values = dict(prompt="a harbour at dusk", negative_prompt="fog", mode="WORLD", resolution="DRAFT", seed=3,
                   randomize_seed=False, steps=30, guidance=6.5, sync_method="MULTIDIFFUSION", window=0, stride=0,
-                  device="PREFERENCES", sync_weight=20.0, sync_steps=10, sync_fast=False, view_set="AUTO",
-                  prompt_up="", prompt_down="")
+                  device="PREFERENCES", sync_weight=20.0, sync_steps=10, sync_fast=False, syncsde_lambda=5.0,
+                  mad=False, view_set="AUTO", prompt_up="", prompt_down="", hdr=True, exposure=0.0, sun_ratio=6.0,
+                  use_sun_direction=False, sun_yaw=0.0, sun_pitch=45.0)
     values.update(overrides)
     return types.SimpleNamespace(**values)
 
@@ -103,10 +104,78 @@ def test_fast_guidance_adds_the_backends_fast_path(tmp_path):
 
 
 def test_every_sync_method_offered_maps_to_a_backend_method(tmp_path):
-    """The mapping covers the backend's methods, and each is accepted as sent."""
-    assert sorted(generation.SYNC_OF_METHOD.values()) == sorted(("multidiffusion", "syncdiffusion"))
+    """The mapping covers the backend's methods (and only them), and each is accepted as sent, with or
+    without merged attention."""
+    from backend.request import SYNC_METHODS
+
+    assert sorted(generation.SYNC_OF_METHOD.values()) == sorted(SYNC_METHODS)
     for method in generation.SYNC_OF_METHOD:
-        backend_request(params_of(sync_method=method, sync_fast=True), tmp_path)
+        for mad in (False, True):
+            request = backend_request(params_of(sync_method=method, sync_fast=True, mad=mad), tmp_path)
+            assert request.sync == generation.SYNC_OF_METHOD[method]
+
+
+def test_syncsde_sends_its_method_and_pull_strength_only(tmp_path):
+    """SyncSDE sends ``sync`` and ``syncsde_lambda``, and none of SyncDiffusion's options, however they are
+    set: the backend refuses sync_* without --sync syncdiffusion."""
+    params = params_of(sync_method="SYNCSDE", syncsde_lambda=8.5, sync_weight=12.5, sync_steps=0, sync_fast=True)
+    assert {name: value for name, value in params.items() if name.startswith("sync")} == \
+        {"sync": "syncsde", "syncsde_lambda": 8.5}
+    assert type(params["syncsde_lambda"]) is float
+    assert "fusion" not in params  # the backend refuses any fusion but auto with SyncSDE
+    request = backend_request(params, tmp_path)
+    assert (request.sync, request.syncsde_lambda, request.resolved_fusion) == ("syncsde", 8.5, "own")
+    # The backend's own defaults for what the add-on does not offer.
+    assert (request.syncsde_compose, request.syncsde_open_chain) == ("paper", False)
+
+
+def test_syncsde_pull_strength_zero_is_sent_as_zero(tmp_path):
+    """0 is a real choice (independent views), not "unset"."""
+    params = params_of(sync_method="SYNCSDE", syncsde_lambda=0.0)
+    assert params["syncsde_lambda"] == 0.0
+    assert backend_request(params, tmp_path).syncsde_lambda == 0.0
+
+
+@pytest.mark.parametrize("method", ["MULTIDIFFUSION", "SYNCDIFFUSION"])
+def test_other_methods_never_send_the_pull_strength(method, tmp_path):
+    params = params_of(sync_method=method, syncsde_lambda=9.0)
+    assert not [name for name in params if name.startswith("syncsde")], params
+    backend_request(params, tmp_path)
+
+
+def test_the_backend_would_refuse_syncsde_and_syncdiffusion_options_crossed(tmp_path):
+    """Why each method sends only its own options."""
+    with pytest.raises(BadRequest, match="only applies to SyncSDE"):
+        backend_request({**params_of(sync_method="SYNCDIFFUSION"), "syncsde_lambda": 8.0}, tmp_path)
+    with pytest.raises(BadRequest, match="only applies to SyncDiffusion"):
+        backend_request({**params_of(sync_method="SYNCSDE"), "sync_weight": 20.0}, tmp_path)
+
+
+MAD_OPTIONS = ("mad_steps", "mad_blocks")
+
+
+@pytest.mark.parametrize("steps,mad_steps", [(50, 15), (2, 1), (1, 1), (10, 3), (500, 150)])
+def test_merged_attention_runs_for_the_first_30_percent_of_the_steps(steps, mad_steps, tmp_path):
+    """The paper's 15 of 50, scaled to the steps asked for, and at least one step."""
+    params = params_of(mad=True, steps=steps)
+    assert {name: params[name] for name in MAD_OPTIONS if name in params} == {"mad_steps": mad_steps}
+    assert type(params["mad_steps"]) is int
+    request = backend_request(params, tmp_path)
+    assert (request.mad_steps, request.mad_blocks) == (mad_steps, "down,mid,up")
+
+
+def test_merged_attention_off_sends_nothing(tmp_path):
+    params = params_of(mad=False, steps=50)
+    assert not set(params) & set(MAD_OPTIONS), params
+    assert backend_request(params, tmp_path).mad_steps == 0  # the backend's off
+
+
+@pytest.mark.parametrize("method", ["SYNCDIFFUSION", "SYNCSDE"])
+def test_merged_attention_composes_with_the_other_methods(method, tmp_path):
+    params = params_of(sync_method=method, mad=True, steps=50)
+    assert params["mad_steps"] == 15 and params["sync"] == generation.SYNC_OF_METHOD[method]
+    request = backend_request(params, tmp_path)
+    assert (request.sync, request.mad_steps) == (generation.SYNC_OF_METHOD[method], 15)
 
 
 def test_the_backend_would_refuse_sync_options_with_multidiffusion(tmp_path):

@@ -86,7 +86,11 @@ def test_generate_a_360_world_end_to_end(extension_zip, tiny_model, tmp_path):
     assert report["world"] != "User World" and report["user_world_kept"]
     report["links"] = [tuple(link) for link in report["links"]]
     assert ("TEX_COORD", "MAPPING") in report["links"] and ("MAPPING", "TEX_ENVIRONMENT") in report["links"]
-    assert ("TEX_ENVIRONMENT", "BACKGROUND") in report["links"] and ("BACKGROUND", "OUTPUT_WORLD") in report["links"]
+    # With HDR (the default) and a sun in lighting.json, the panorama reaches the Background through the Sky Mix
+    # and a Sun lamp lights the scene (docs/blender.md, "Lighting"); without a sun, directly.
+    wired = ("TEX_ENVIRONMENT", "BACKGROUND") in report["links"] or \
+        {("TEX_ENVIRONMENT", "MIX"), ("MIX", "BACKGROUND")} <= set(report["links"])
+    assert wired and ("BACKGROUND", "OUTPUT_WORLD") in report["links"]
     assert report["history"][:2] == ["a quiet harbour at dusk", 42]
     # The world shows exactly the backend's linear EXR.
     exr = read_exr(report["history"][2])

@@ -25,10 +25,16 @@ pytestmark = pytest.mark.skipif(_bpy_dir() is None, reason="bpy is not installed
 # Every setting of SyncSphereSettings that the user edits (history and history_index are drawn as the
 # History panel, not as properties).
 SETTINGS = {"prompt", "negative_prompt", "mode", "resolution", "seed", "randomize_seed", "steps", "guidance",
-            "sync_method", "sync_weight", "sync_steps", "sync_fast", "view_set", "prompt_up", "prompt_down",
-            "window", "stride", "device", "hide_from_camera", "face_camera"}
+            "sync_method", "sync_weight", "sync_steps", "sync_fast", "syncsde_lambda", "mad", "view_set",
+            "prompt_up", "prompt_down", "window", "stride", "device", "hide_from_camera", "face_camera"}
+# The Lighting sub-panel's (360° World; tests/test_blender_lighting.py draws it in detail).
+SETTINGS |= {"hdr", "exposure", "sun_ratio", "use_sun_direction", "sun_yaw", "sun_pitch", "sun_mode"}
 # SyncDiffusion's options, drawn (right under the Synchronisation menu) only when it is chosen.
 SYNCDIFFUSION_SETTINGS = ["sync_weight", "sync_steps", "sync_fast"]
+# SyncSDE's option, drawn (right under the Synchronisation menu) only when it is chosen.
+SYNCSDE_SETTINGS = ["syncsde_lambda"]
+# Each method's own options, by method (MultiDiffusion has none).
+METHOD_SETTINGS = {"MULTIDIFFUSION": [], "SYNCDIFFUSION": SYNCDIFFUSION_SETTINGS, "SYNCSDE": SYNCSDE_SETTINGS}
 # A 360° World's view set and sky / ground prompts, drawn (right under the size) only in WORLD mode.
 WORLD_VIEW_SETTINGS = ["view_set", "prompt_up", "prompt_down"]
 
@@ -328,29 +334,34 @@ settings.mode = "WORLD"
 registered = sorted(name for name in settings.bl_rna.properties.keys()
                     if name not in ("rna_type", "name", "history", "history_index"))
 assert settings.sync_method == "MULTIDIFFUSION"  # the default
-multidiffusion = draw_all()
-settings.sync_method = "SYNCDIFFUSION"
-drawn = draw_all()
-result({"registered": registered, "drawn": drawn, "multidiffusion": multidiffusion,
+by_method = {}
+for method in ("MULTIDIFFUSION", "SYNCSDE", "SYNCDIFFUSION"):
+    settings.sync_method = method
+    by_method[method] = draw_all()
+result({"registered": registered, "by method": by_method,
         "parents": {cls.bl_idname: getattr(cls, "bl_parent_id", "") for cls in panels._CLASSES}})
 """, tmp_path)
     # The list above is the whole of SyncSphereSettings' user settings: a new one must be added there.
     assert set(report["registered"]) == SETTINGS
-    for location in ("world", "view3d"):  # With MultiDiffusion, everything but SyncDiffusion's options.
-        everything = [call for idname, calls in report["multidiffusion"].items()
-                      if idname.startswith(f"SYNCSPHERE_PT_{location}") for call in calls]
-        assert set(_props(everything, "settings")) == SETTINGS - set(SYNCDIFFUSION_SETTINGS)
-    drawn = report["drawn"]  # with SyncDiffusion: every setting
+    # Each method draws everything but the other methods' options; together they draw every setting.
+    every_method = set()
+    for method, drawn in report["by method"].items():
+        others = {name for other, names in METHOD_SETTINGS.items() if other != method for name in names}
+        for location in ("world", "view3d"):
+            everything = [call for idname, calls in drawn.items()
+                          if idname.startswith(f"SYNCSPHERE_PT_{location}") for call in calls]
+            settings_drawn = _props(everything, "settings")
+            assert set(settings_drawn) == SETTINGS - others, (method, set(settings_drawn) ^ (SETTINGS - others))
+            assert len(settings_drawn) == len(set(settings_drawn)), "a setting is drawn twice"
+            every_method |= set(settings_drawn)
+    assert every_method == SETTINGS
+    drawn = report["by method"]["SYNCDIFFUSION"]
     assert set(drawn) == {f"SYNCSPHERE_PT_{location}{sub}" for location in ("world", "view3d")
-                          for sub in ("", "_result", "_advanced", "_history", "_backend")}
+                          for sub in ("", "_result", "_lighting", "_advanced", "_history", "_backend")}
     for location in ("world", "view3d"):
         main = f"SYNCSPHERE_PT_{location}"
         assert all(report["parents"][f"{main}_{sub}"] == main
-                   for sub in ("result", "advanced", "history", "backend"))
-        everything = [call for idname, calls in drawn.items() if idname.startswith(main) for call in calls]
-        settings_drawn = _props(everything, "settings")
-        assert set(settings_drawn) == SETTINGS, set(SETTINGS) ^ set(settings_drawn)
-        assert len(settings_drawn) == len(set(settings_drawn)), "a setting is drawn twice"
+                   for sub in ("result", "lighting", "advanced", "history", "backend"))
 
         calls = drawn[main]
         assert "syncsphere.generate" in _operators(calls) and "syncsphere.cancel" not in _operators(calls)
@@ -438,8 +449,85 @@ result(report)
     labels = report["labels"]
     assert [labels[name][0] for name in SYNCDIFFUSION_SETTINGS] == ["Coherence Strength", "Guided Steps", "Fast Guidance"]
     assert "taesd" in labels["sync_fast"][1] and "0" in labels["sync_steps"][1]
-    assert [item[:2] for item in report["items"]] == [["MULTIDIFFUSION", "MultiDiffusion"], ["SYNCDIFFUSION", "SyncDiffusion"]]
+    assert [item[:2] for item in report["items"]] == [["MULTIDIFFUSION", "MultiDiffusion"],
+                                                      ["SYNCDIFFUSION", "SyncDiffusion"], ["SYNCSDE", "SyncSDE"]]
     assert "coherent" in report["items"][1][2] and "slower" in report["items"][1][2]
+    assert "neighbours" in report["items"][2][2] and "fast" in report["items"][2][2]
+
+
+def test_syncsde_pull_strength_appears_only_when_chosen_and_merged_attention_always(tmp_path):
+    report = _blender("""
+report = {}
+for method in ("MULTIDIFFUSION", "SYNCSDE", "SYNCDIFFUSION", "SYNCSDE", "MULTIDIFFUSION"):
+    settings.sync_method = method
+    report.setdefault(method, []).append(draw("SYNCSPHERE_PT_view3d"))
+settings.mad = True
+report["mad on"] = draw("SYNCSPHERE_PT_view3d")
+properties = settings.bl_rna.properties
+report["labels"] = {name: [properties[name].name, properties[name].description] for name in ("syncsde_lambda", "mad")}
+report["range"] = [properties["syncsde_lambda"].hard_min, properties["syncsde_lambda"].soft_max]
+report["defaults"] = [properties["syncsde_lambda"].default, properties["mad"].default]
+result(report)
+""", tmp_path)
+    for method, calls_of_method in report.items():
+        if method not in METHOD_SETTINGS:
+            continue
+        for calls in calls_of_method:  # the same before and after another method
+            drawn = _props(calls, "settings")
+            at = drawn.index("sync_method")
+            own = METHOD_SETTINGS[method]
+            # The method's own options right under the menu, then Merged Attention whatever the method.
+            assert drawn[at + 1:at + 2 + len(own)] == own + ["mad"], (method, drawn)
+            assert drawn.count("mad") == 1
+            if method != "SYNCSDE":
+                assert "syncsde_lambda" not in drawn, (method, drawn)
+            # In the Synchronisation menu's property-split column, with their own names as labels.
+            props = {call["args"]["property"]: call for call in calls if call["method"] == "prop"}
+            assert {props[name]["path"] for name in ["sync_method", "mad"] + own} == {props["sync_method"]["path"]}
+            assert all(set(props[name]["args"]) == {"data", "property"} for name in ["mad"] + own)
+        assert calls_of_method[0] == calls_of_method[-1]
+    assert report["mad on"] == report["MULTIDIFFUSION"][0]  # a checkbox: drawn the same on and off
+    labels = report["labels"]
+    assert [labels[name][0] for name in ("syncsde_lambda", "mad")] == ["Pull Strength", "Merged Attention"]
+    assert "neighbours" in labels["syncsde_lambda"][1] and "0" in labels["syncsde_lambda"][1]
+    assert "30%" in labels["mad"][1] and "15 of 50" in labels["mad"][1] and "memory" in labels["mad"][1]
+    assert report["range"] == [0.0, 20.0]
+    assert report["defaults"] == [5.0, False]
+
+
+def test_the_real_settings_send_syncsde_and_merged_attention_and_the_history_keeps_them(tmp_path):
+    """generation.generate_params on the registered settings (their real defaults), and the history keeping
+    and giving back (Reuse) SyncSDE's pull strength and merged attention."""
+    report = _blender("""
+from syncsphere.blender_addon import generation
+report = {"default": generation.generate_params(settings, 7, model="m", device="cpu")}
+settings.sync_method = "SYNCSDE"
+report["syncsde"] = generation.generate_params(settings, 7, model="m", device="cpu")
+settings.syncsde_lambda, settings.mad, settings.steps = 12.5, True, 50
+report["syncsde, mad"] = generation.generate_params(settings, 7, model="m", device="cpu")
+results.add_history(settings, 7, {"png": "", "exr": ""})
+settings.sync_method, settings.syncsde_lambda, settings.mad = "MULTIDIFFUSION", 1.0, False
+results.add_history(settings, 8, {"png": "", "exr": ""})
+# An item recorded before these settings existed: the properties' defaults.
+old = settings.history.add()
+report["old item"] = [old.syncsde_lambda, old.mad]
+settings.history.remove(len(settings.history) - 1)
+report["history"] = [[item.sync_method, item.syncsde_lambda, item.mad] for item in settings.history]
+report["history labels"] = [call["args"]["text"] for call in draw("SYNCSPHERE_PT_world_history") if call["method"] == "label"]
+results.reuse_settings(settings, settings.history[1])
+report["reused"] = [settings.sync_method, settings.syncsde_lambda, settings.mad, settings.seed]
+result(report)
+""", tmp_path)
+    assert not [name for name in report["default"] if name.startswith(("sync", "mad"))]
+    picked = {name: value for name, value in report["syncsde"].items() if name.startswith(("sync", "mad"))}
+    assert picked == {"sync": "syncsde", "syncsde_lambda": 5.0}  # the property's default
+    picked = {name: value for name, value in report["syncsde, mad"].items() if name.startswith(("sync", "mad"))}
+    assert picked == {"sync": "syncsde", "syncsde_lambda": 12.5, "mad_steps": 15}
+    assert report["old item"] == [5.0, False]
+    assert report["history"] == [["MULTIDIFFUSION", 1.0, False], ["SYNCSDE", 12.5, True]]
+    labels = report["history labels"]
+    assert labels[1] == "Seed 8, world" and labels[3] == "Seed 7, world, SyncSDE"
+    assert report["reused"] == ["SYNCSDE", 12.5, True, 7]
 
 
 def test_the_real_settings_send_syncdiffusion_only_when_chosen(tmp_path):

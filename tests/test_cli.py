@@ -112,9 +112,10 @@ def test_same_seed_gives_identical_png_bytes_and_outputs_are_consistent(tiny_mod
 
     image = np.asarray(Image.open(paths[0] / "panorama.png"))
     assert image.shape == (128, 256, 3) and image.dtype == np.uint8
-    exr = read_exr(str(paths[0] / "panorama.exr"))
+    exr = read_exr(str(paths[0] / "panorama_sky.exr"))
     assert exr.dtype == np.float32 and exr.shape == (128, 256, 3)
-    # The EXR is the linear version of the same image (the PNG is its 8-bit sRGB quantisation).
+    # The sky EXR (panorama.exr without the HDR emitters, tests/test_hdr.py) is the linear version of the same
+    # image (the PNG is its 8-bit sRGB quantisation).
     assert np.abs(srgb_to_linear(image / 255.0) - exr).max() < 0.01
     metadata = json.loads((paths[0] / "metadata.json").read_text())
     assert metadata["seed"] == 5 and metadata["params"]["prompt"] == "a lighthouse"
@@ -220,7 +221,9 @@ def test_equirect_job_writes_the_cube_map_of_its_png_in_the_same_folder(tiny_mod
     out = tmp_path / "out"
     outputs = _job(tiny_model, out, "equirect", 512, 256)
     cube_names = output_names(".png", horizon=True)
-    assert sorted(os.listdir(out)) == sorted(["metadata.json", "panorama.exr", "panorama.png", *cube_names])
+    # With the HDR lighting files (tests/test_hdr.py checks them).
+    assert sorted(os.listdir(out)) == sorted(["metadata.json", "panorama.exr", "panorama.png", "panorama_sky.exr",
+                                              "lighting.json", *cube_names])
     # The done event's outputs: the existing keys as before, the cube map under its own keys.
     assert outputs["png"] == str(out / "panorama.png") and outputs["exr"] == str(out / "panorama.exr")
     assert outputs["metadata"] == str(out / "metadata.json")

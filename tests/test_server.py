@@ -9,6 +9,8 @@ import threading
 
 import pytest
 
+from backend.protocol import PROTOCOL_VERSION
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TIMEOUT = 120
 
@@ -57,7 +59,7 @@ def params(tiny_model, **overrides):
 def test_hello_generate_queue_and_shutdown(worker, tiny_model, tmp_path):
     worker.send({"op": "hello"})
     ready = worker.next_event()
-    assert ready["event"] == "ready" and ready["protocol"] == 1 and ready["device"] == "cpu"
+    assert ready["event"] == "ready" and ready["protocol"] == PROTOCOL_VERSION == 2 and ready["device"] == "cpu"
 
     worker.send("this is not json")
     error = worker.next_event()

@@ -1,0 +1,187 @@
+"""``python -m backend models list | download ID | remove ID``: the command line of backend/model_manager.py.
+
+``list`` prints a table (or ``--json``: a JSON array) on stdout; ``download`` draws a progress bar on stderr,
+or with ``--json-progress`` prints protocol ``progress`` events (stage ``downloading``; ``step`` and
+``total`` count bytes) then a ``done`` or ``error`` event on stdout; ``remove`` says what it freed on stderr.
+Errors are one sentence on stderr prefixed ``error:`` with exit code 2 (130 for Ctrl-C), as elsewhere in
+the CLI.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import sys
+
+from .errors import SyncSphereError
+
+
+def add_models_command(subparsers) -> argparse.ArgumentParser:
+    """Add ``models`` with its ``list``, ``download`` and ``remove`` sub-commands to ``subparsers`` (the
+    result of ``add_subparsers``); returns the ``models`` parser. ``run_models_command`` runs the result."""
+    models = subparsers.add_parser(
+        "models", help="list, download or remove Stable Diffusion models",
+        description="Manage models: those in the Hugging Face cache and in local model folders.",
+    )
+    actions = models.add_subparsers(dest="models_command", required=True, metavar="{list,download,remove}",
+                                    parser_class=type(models))
+    listing = actions.add_parser(
+        "list", help="list installed models with size, family and state",
+        description="List the models in the Hugging Face cache and in --folder: id or path, size on disk, family "
+        "(SD1, SD2, SDXL, LCM, Turbo, read from the configs) and whether every file the engine loads is there.",
+    )
+    listing.add_argument("--folder", action="append", default=[], metavar="DIR",
+                         help="also list the diffusers folders and .safetensors checkpoints in DIR (repeatable)")
+    listing.add_argument("--json", action="store_true", help="print a JSON array instead of a table")
+
+    download = actions.add_parser(
+        "download", help="download a hub model: only the files the engine loads",
+        description="Download a hub model into the Hugging Face cache: model_index.json, configs, tokenizer files "
+        "and one safetensors variant per component (never .bin/.ckpt). Running it again after an "
+        "interruption resumes: finished files are kept.",
+    )
+    download.add_argument("model_id", metavar="ID", help="a hub id, like stabilityai/stable-diffusion-2-base")
+    download.add_argument("--fp16", action="store_true",
+                          help="fetch the half-precision weights (*.fp16.safetensors) where the repo has them")
+    download.add_argument("--revision", help="a branch, tag or commit (default main)")
+    download.add_argument("--json-progress", action="store_true",
+                          help="print protocol progress events (stage downloading, bytes) and a done or error "
+                          "event on stdout instead of a progress bar")
+
+    remove = actions.add_parser(
+        "remove", help="delete a model from the Hugging Face cache",
+        description="Delete a hub model's Hugging Face cache entry and say how much space it freed. Folders and "
+        "files you pointed at are never deleted.",
+    )
+    remove.add_argument("model_id", metavar="ID", help="the hub id of a cached model")
+    return models
+
+
+def run_models_command(args: argparse.Namespace) -> int:
+    """Run a parsed ``models`` command; returns the exit code (0, 2 bad input or model not found, 130
+    interrupted)."""
+    from .cli import _one_sentence_errors  # here, not at the top: backend/cli.py imports this module
+
+    if args.models_command == "download":
+        return _download(args, _one_sentence_errors)
+    if args.models_command == "remove":
+        return _one_sentence_errors(lambda: _remove(args), "Interrupted; the cache entry may be partly removed.")
+    return _one_sentence_errors(lambda: _list(args), "Interrupted.")
+
+
+def _list(args: argparse.Namespace) -> int:
+    from .model_manager import list_models
+
+    models = list_models(model_folders=args.folder)
+    if args.json:
+        print(json.dumps([model.to_dict() for model in models], indent=2))
+    else:
+        print(format_table(models))
+    return 0
+
+
+def format_table(models) -> str:
+    """The ``list`` table: model, size, family, state (``partial: what is missing``)."""
+    from .model_manager import human_size
+
+    if not models:
+        return "No models in the Hugging Face cache or the given folders."
+    rows = [("MODEL", "SIZE", "FAMILY", "STATE")]
+    for model in models:
+        state = "complete" if model.complete else "partial: missing " + ", ".join(model.missing)
+        if model.variant:
+            state += f" ({model.variant})"
+        rows.append((model.id, human_size(model.size), model.family or "?", state))
+    widths = [max(len(row[column]) for row in rows) for column in range(3)]
+    return "\n".join(
+        f"{row[0]:<{widths[0]}}  {row[1]:>{widths[1]}}  {row[2]:<{widths[2]}}  {row[3]}" for row in rows
+    )
+
+
+def _remove(args: argparse.Namespace) -> int:
+    from .model_manager import human_size, remove_model
+
+    freed = remove_model(args.model_id)
+    print(f"removed {args.model_id} from the Hugging Face cache, freeing {human_size(freed)}", file=sys.stderr)
+    return 0
+
+
+def _download(args: argparse.Namespace, one_sentence_errors) -> int:
+    from . import protocol
+    from .model_manager import download_model, human_size
+
+    events = sys.stdout if args.json_progress else None
+
+    def work() -> int:
+        try:
+            # With --json-progress stdout carries protocol lines only: whatever a library prints goes to stderr.
+            with contextlib.redirect_stdout(sys.stderr if events else sys.stdout), \
+                    DownloadPrinter(args.model_id, events) as printer:
+                result = download_model(args.model_id, fp16=args.fp16, progress=printer, revision=args.revision)
+        except SyncSphereError as error:
+            if events:
+                _print_event(events, protocol.error_event(None, error.kind, str(error)))
+            raise
+        if events:
+            _print_event(events, protocol.done_event(None, {"model": result.path}))
+        what = f"{len(result.files)} files, {human_size(result.bytes_total)}"
+        if result.fetched:
+            print(f"downloaded {args.model_id} ({what}) into {result.path}", file=sys.stderr)
+        else:
+            print(f"{args.model_id} is already complete in the Hugging Face cache ({what}): {result.path}",
+                  file=sys.stderr)
+        return 0
+
+    return one_sentence_errors(work, "Interrupted; the files fetched so far are kept, so the same download resumes it.")
+
+
+class DownloadPrinter:
+    """The download's progress report (``download_model``'s ``progress``): a tqdm bar of bytes on stderr,
+    or protocol ``progress`` events on ``events``, at most one per 1% of the total plus one per file and
+    the last."""
+
+    def __init__(self, model_id: str, events=None):
+        self.model_id, self.events = model_id, events
+        self.bar = None
+        self.last: tuple[int, str | None] | None = None
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        if self.bar is not None:
+            self.bar.close()
+
+    def __call__(self, done: int, total: int, current: str | None) -> bool:
+        if self.events is not None:
+            self._event(done, total, current)
+        else:
+            self._draw(done, total, current)
+        return False
+
+    def _event(self, done: int, total: int, current: str | None) -> None:
+        from .model_manager import download_progress_event
+
+        if self.last is not None and current == self.last[1] and current is not None \
+                and done - self.last[0] < total / 100:
+            return
+        self.last = (done, current)
+        _print_event(self.events, download_progress_event(None, self.model_id, done, total, current))
+
+    def _draw(self, done: int, total: int, current: str | None) -> None:
+        if self.bar is None:
+            from tqdm import tqdm
+
+            self.bar = tqdm(total=total, initial=done, desc=self.model_id, unit="B", unit_scale=True,
+                            file=sys.stderr)
+        if current is not None:
+            self.bar.set_postfix_str(current, refresh=False)
+        self.bar.update(done - self.bar.n)
+
+
+def _print_event(stream, event: dict) -> None:
+    from .protocol import encode
+
+    stream.write(encode(event) + "\n")
+    stream.flush()
