@@ -50,6 +50,11 @@ SATURATION_LUMINANCE = 0.85
 237/255, a white, or a pale warm core such as 255/240/200 clipped by the 8-bit range. Bright but
 colourful pixels (a yellow coat, 255/220/0: Y 0.73) are not: a clipped light source clips in every channel."""
 
+CLIPPED_CHANNEL = 0.98
+"""A source's brightest pixel reaches the 8-bit ceiling in at least one channel (linear 0.98, sRGB 252/255):
+a light source clips. The top of a smooth bright gradient (an overcast sky peaking at 242/255 at the zenith)
+is near-saturated but never clips, and is sky, however compact."""
+
 MIN_SOURCE_PIXELS = 4
 """A source has at least this many pixels (a 2 x 2 block): single clipped pixels are noise or sparkle."""
 
@@ -290,7 +295,7 @@ def find_light_sources(linear: np.ndarray) -> list[LightSource]:
     ``linear``: (H, 2H, 3) scene-linear RGB *before* exposure (the inverse sRGB of the 8-bit image, so that
     1.0 is the clip level). A pixel is near-saturated when its luminance is at least
     ``SATURATION_LUMINANCE``; regions connect across the seam and the poles (``label_on_sphere``) and are
-    kept when ``is_compact``. For each: solid angle Ω = Σ pixel solid angles; direction = the normalised
+    kept when their brightest pixel clips (``CLIPPED_CHANNEL``) and they are ``is_compact``. For each: solid angle Ω = Σ pixel solid angles; direction = the normalised
     solid-angle-weighted mean of its pixels' directions; angular radius = that of the cap of solid angle Ω
     (acos(1 − Ω/2π)); colour = its solid-angle-weighted mean linear RGB scaled to max component 1.
     Returns at most ``MAX_SOURCES``, largest solid angle first; none are the sun yet (``choose_sun``).
@@ -321,12 +326,16 @@ def find_light_sources(linear: np.ndarray) -> list[LightSource]:
     lowest = np.ones(count + 1)
     np.minimum.at(lowest, ids, cosines)  # the farthest pixel of each region from its centre
     colours = linear[rows, cols].astype(np.float64)
+    peaks = np.zeros(count + 1)
+    np.maximum.at(peaks, ids, colours.max(axis=1))  # each region's brightest channel value
     colour_sums = np.stack([np.bincount(ids, weights * colours[:, ch], count + 1) for ch in range(3)], axis=1)
     pixel_angle = np.pi / height  # a pixel's height; its width is never larger (cos lat <= 1)
     sources = []
     for label in np.nonzero(candidate)[0]:
         extent = math.acos(min(1.0, max(-1.0, lowest[label])))
-        if norms[label] <= 0 or not is_compact(solid_angles[label], extent, pixel_angle, int(pixel_counts[label])):
+        if norms[label] <= 0 or peaks[label] < CLIPPED_CHANNEL:
+            continue
+        if not is_compact(solid_angles[label], extent, pixel_angle, int(pixel_counts[label])):
             continue
         lon, lat = direction_to_lonlat(means[label])
         colour = colour_sums[label] / max(colour_sums[label].max(), 1e-12)

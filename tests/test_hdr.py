@@ -123,6 +123,17 @@ def test_an_overcast_sky_has_no_source_and_is_left_as_linearised(tmp_path):
     assert lighting["diffuse_irradiance"] == pytest.approx(float(np.einsum("hw,hwc->c", up, hdr) @ LUMINANCE_WEIGHTS), rel=1e-4)
 
 
+def test_the_bright_top_of_a_smooth_overcast_gradient_is_not_a_sun():
+    # Brightest at the zenith (242/255): its near-saturated top is a compact 17° cap, but nothing clips.
+    lat = np.arcsin(directions()[..., 1])
+    image = np.repeat((0.5 + 0.45 * np.clip(np.sin(lat), 0, 1))[..., None], 3, axis=2)
+    assert (srgb_to_linear(image) @ LUMINANCE_WEIGHTS >= 0.85).any()
+    assert find_light_sources(srgb_to_linear(image)) == []
+    # The same sky with a clipped sun in it: that sun, and only it.
+    sources = find_light_sources(srgb_to_linear(add_disc(image, 40.0, 35.0, 2.0)))
+    assert len(sources) == 1 and abs(sources[0].yaw_deg - 40.0) < 1 and abs(sources[0].pitch_deg - 35.0) < 1
+
+
 def test_a_night_scene_with_three_lamps_has_three_sources_and_no_sun():
     image = np.full((HEIGHT, WIDTH, 3), 0.06)  # a dark sky
     lamps = [(-100.0, 10.0), (20.0, 25.0), (140.0, -5.0)]
