@@ -7,12 +7,16 @@
 from __future__ import annotations
 
 import contextlib
+import dataclasses
+import gc
 import inspect
+import os
 import platform
 import secrets
 import sys
 import time
 from dataclasses import dataclass
+from typing import Callable
 
 import torch
 
@@ -123,6 +127,13 @@ def run_job(checked: CheckedRequest, report: StepReport | None = None, models: M
     ``report(stage, step, total, preview)`` is called for stages loading, denoising (every step),
     decoding and writing; returning True stops the job with JobCancelled. Nothing is written unless the
     job completes. Raises BadRequest, ModelNotFound, OutOfMemory or JobCancelled.
+
+    When the device runs out of memory while denoising or decoding, the job starts again from the same
+    seed with half the view batch, then in low-memory mode (``memory_attempts``), releasing the failed
+    attempt's memory in between; the denoising steps are reported again from step 1. OutOfMemory is raised
+    only when the last attempt fails too. metadata.json records it under "memory": the mode that succeeded,
+    "retries" (each failed attempt's view_batch and mad_steps, "reason", and the "next" mode) and
+    "view_batch_used"; "params" keep the view batch asked for.
     """
     request = checked.request
     report = report or (lambda *args: None)
@@ -141,23 +152,33 @@ def run_job(checked: CheckedRequest, report: StepReport | None = None, models: M
         request.seed = secrets.randbelow(2**32)
     timings["loading_s"] = time.perf_counter() - started
 
+    # Out of memory: retry with half the view batch, then in low-memory mode, then fail (memory_attempts).
+    attempts = memory_attempts(request)
+    retries = []
+    hook = install_test_oom_hook(pipeline.unet)
     try:
-        latents, canvas, details = denoise(request, model, report)
-        timings["denoising_s"] = details.pop("seconds")
-        stage("decoding")
-        began = time.perf_counter()
-        image = decode_canvas(pipeline.vae, latents, canvas)
-        if request.views in POLE_FACE_VIEW_SETS:
-            image = decode_pole_caps(pipeline.vae, latents, image)
-        image = image[0].permute(1, 2, 0).numpy()
-        timings["decoding_s"] = time.perf_counter() - began
-    except torch.OutOfMemoryError as error:
-        advice = "lower --view-batch, the canvas size or use --dtype float16"
-        if request.mad_steps:
-            advice += ", or lower --mad-steps (MAD runs every view in one batch)"
-        if request.sync == "syncdiffusion":
-            advice += ", or add --sync-checkpointing or --sync-decoder taesd for SyncDiffusion's gradient pass"
-        raise OutOfMemory(f"The {model.device} device ran out of memory; {advice}.") from error
+        for number, (mode, attempt) in enumerate(attempts):
+            try:
+                image, canvas, details, attempt_timings = denoise_and_decode(attempt, model, report, stage)
+                break
+            except RuntimeError as error:  # torch.OutOfMemoryError is a RuntimeError; others are re-raised
+                if not is_out_of_memory(error, model.device):
+                    raise
+                if number + 1 == len(attempts):
+                    raise OutOfMemory(out_of_memory_message(attempt, model)) from error
+                retries.append({"view_batch": attempt.view_batch, "mad_steps": attempt.mad_steps,
+                                "reason": "out of memory", "next": attempts[number + 1][0]})
+                print(f"warning: the {model.device} device ran out of memory with --view-batch {attempt.view_batch}; "
+                      f"retrying ({attempts[number + 1][0]})", file=sys.stderr)
+            # Outside the except block, so the failed attempt's traceback (and the tensors its frames held)
+            # is already dropped when the memory is released.
+            release_memory(model.device)
+    finally:
+        if hook is not None:
+            hook.remove()  # the UNet is cached between jobs
+    timings.update(attempt_timings)
+    request.views = attempt.views  # request_views may have chosen the view set on the attempt's copy
+    memory = {"mode": mode, "retries": retries, "view_batch_used": attempt.view_batch}
 
     stage("writing")
     hdr = None
@@ -177,6 +198,7 @@ def run_job(checked: CheckedRequest, report: StepReport | None = None, models: M
         "canvas": {"kind": canvas.kind, "latent_height": canvas.height, "latent_width": canvas.width},
         "sync": request.sync,
         **details,
+        "memory": memory,
         "timings": timings,
         "versions": package_versions(),
     }
@@ -186,6 +208,92 @@ def run_job(checked: CheckedRequest, report: StepReport | None = None, models: M
     stale = list(HDR_OUTPUT_NAMES[1:]) if request.cube_map and hdr is None else []
     return write_job_outputs(request.out, image, metadata, cube_map=request.cube_map, hdr=hdr, half=request.half,
                              remove=stale)
+
+
+def denoise_and_decode(request: GenerateRequest, model: LoadedModel, report: StepReport, stage: Callable[[str], None]):
+    """One attempt at a job's image: ``denoise`` from the seed's noise, then decode. Returns (image as an
+    (H, W, 3) float array, canvas, details, {"denoising_s", "decoding_s"}); ``stage(name)`` reports the
+    decoding stage (and raises JobCancelled). Keeps nothing between calls, so a retry starts from scratch."""
+    pipeline = model.pipeline
+    latents, canvas, details = denoise(request, model, report)
+    timings = {"denoising_s": details.pop("seconds")}
+    stage("decoding")
+    began = time.perf_counter()
+    image = decode_canvas(pipeline.vae, latents, canvas)
+    if request.views in POLE_FACE_VIEW_SETS:
+        image = decode_pole_caps(pipeline.vae, latents, image)
+    image = image[0].permute(1, 2, 0).numpy()
+    timings["decoding_s"] = time.perf_counter() - began
+    return image, canvas, details, timings
+
+
+def memory_attempts(request: GenerateRequest) -> list[tuple[str, GenerateRequest]]:
+    """The attempts a job makes when the device runs out of memory, in order, as (mode, request copy):
+    "full" (the request as given), "half view batch" (``view_batch // 2``; skipped when it is already 1),
+    then "low" (view batch 1 and MAD off: merged attention runs every view in one batch).
+
+    The "low" retry is only part of ``--memory low`` (issue 9, item 4): half precision, tiled VAE decode
+    and CPU offload are not built yet. The copies share the seed, so each attempt starts from the same noise.
+    """
+    attempts = [("full", dataclasses.replace(request))]
+    if request.view_batch > 1:
+        attempts.append(("half view batch", dataclasses.replace(request, view_batch=max(1, request.view_batch // 2))))
+    attempts.append(("low", dataclasses.replace(request, view_batch=1, mad_steps=0)))
+    return attempts
+
+
+def is_out_of_memory(error: BaseException, device: torch.device) -> bool:
+    """Whether ``error`` is ``device`` running out of memory: torch.OutOfMemoryError (CUDA and the CPU
+    allocator), or on Apple's MPS the plain RuntimeError whose message says "out of memory"."""
+    if isinstance(error, torch.OutOfMemoryError):
+        return True
+    return device.type == "mps" and type(error) is RuntimeError and "out of memory" in str(error).lower()
+
+
+def release_memory(device: torch.device) -> None:
+    """Free what a failed attempt held: collect its reference cycles, then return the device's cached
+    blocks to the driver so the next attempt can allocate them."""
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+    elif device.type == "mps":
+        torch.mps.empty_cache()
+
+
+def out_of_memory_message(request: GenerateRequest, model: LoadedModel) -> str:
+    """The one sentence of the OutOfMemory a job raises after its last attempt (``request``) failed too."""
+    advice = "lower the canvas size (--width, --height) or --window"
+    if model.device.type != "cpu" and model.dtype != torch.float16:
+        advice += ", or use --dtype float16"
+    if request.sync == "syncdiffusion":
+        advice += ", or add --sync-checkpointing or --sync-decoder taesd for SyncDiffusion's gradient pass"
+    return (f"The {model.device} device ran out of memory even with --view-batch {request.view_batch} "
+            f"and MAD off; {advice}.")
+
+
+TEST_OOM_VARIABLE = "SYNCSPHERE_TEST_OOM"
+_test_oom_calls = 0  # UNet calls the test hook has seen in this process
+
+
+def install_test_oom_hook(unet: torch.nn.Module):
+    """TEST HOOK, not for users: when the environment variable ``SYNCSPHERE_TEST_OOM`` is set, make the
+    UNet raise torch.OutOfMemoryError as a device that ran out of memory would: "first": only the first
+    UNet call of this process; "always": every call. Returns the forward pre-hook's handle (remove it when
+    the job ends: the UNet is cached), or None when the variable is unset, so production runs are untouched.
+    A worker subprocess inherits the variable."""
+    mode = os.environ.get(TEST_OOM_VARIABLE)
+    if not mode:
+        return None
+    if mode not in ("first", "always"):
+        raise BadRequest(f"{TEST_OOM_VARIABLE} must be first or always, not {mode}.")
+
+    def raise_out_of_memory(module, args):
+        global _test_oom_calls
+        _test_oom_calls += 1
+        if mode == "always" or _test_oom_calls == 1:
+            raise torch.OutOfMemoryError(f"{TEST_OOM_VARIABLE}={mode}: simulated out of memory (test hook).")
+
+    return unet.register_forward_pre_hook(raise_out_of_memory)
 
 
 def denoise(request: GenerateRequest, model: LoadedModel, report: StepReport):

@@ -1,0 +1,134 @@
+"""Out-of-memory recovery (issue 9, item 5): retry with half the view batch, then in low-memory mode, then
+an ``out_of_memory`` error; the worker survives. The UNet's OOM comes from job.py's test hook
+(``SYNCSPHERE_TEST_OOM``)."""
+
+import json
+import os
+
+import pytest
+
+from backend import job
+from backend.errors import OutOfMemory
+from backend.job import ModelCache, check_request, run_job
+from backend.request import GenerateRequest
+from test_server import TIMEOUT, Worker, params
+
+
+@pytest.fixture(scope="module")
+def models():
+    return ModelCache()
+
+
+def wide_request(tiny_model, out, **overrides) -> GenerateRequest:
+    # 256x128 wide with window 16 and stride 8: a 32x16 latent, 4 views, so a view batch of 4 can be halved.
+    return GenerateRequest(**{"prompt": "a harbour", "layout": "wide", "width": 256, "height": 128, "window": 16,
+                              "stride": 8, "steps": 2, "seed": 7, "device": "cpu", "view_batch": 4,
+                              "model": tiny_model, "out": str(out), **overrides})
+
+
+def simulate_oom(monkeypatch, mode: str) -> None:
+    monkeypatch.setenv(job.TEST_OOM_VARIABLE, mode)
+    monkeypatch.setattr(job, "_test_oom_calls", 0)  # "first" counts UNet calls per process
+
+
+def test_first_unet_call_out_of_memory_retries_with_half_the_view_batch(tiny_model, tmp_path, monkeypatch, models):
+    simulate_oom(monkeypatch, "first")
+    steps = []
+    outputs = run_job(check_request(wide_request(tiny_model, tmp_path / "oom")),
+                      lambda stage, step, total, preview: steps.append((stage, step)), models)
+    metadata = json.loads(open(outputs["metadata"]).read())
+    assert metadata["memory"] == {
+        "mode": "half view batch", "view_batch_used": 2,
+        "retries": [{"view_batch": 4, "mad_steps": 0, "reason": "out of memory", "next": "half view batch"}],
+    }
+    assert metadata["params"]["view_batch"] == 4  # what was asked for stays recorded
+    assert steps.count(("denoising", 1)) == 1  # the first UNet call failed before step 1 finished
+
+    # The retry starts from the same seed's noise: the same image as asking for view batch 2 outright.
+    monkeypatch.delenv(job.TEST_OOM_VARIABLE)
+    plain = run_job(check_request(wide_request(tiny_model, tmp_path / "plain", view_batch=2)), models=models)
+    assert open(outputs["png"], "rb").read() == open(plain["png"], "rb").read()
+    assert json.loads(open(plain["metadata"]).read())["memory"] == {"mode": "full", "retries": [], "view_batch_used": 2}
+
+
+def test_persistent_out_of_memory_fails_with_advice_and_writes_nothing(tiny_model, tmp_path, monkeypatch, models):
+    simulate_oom(monkeypatch, "always")
+    with pytest.raises(OutOfMemory) as raised:
+        run_job(check_request(wide_request(tiny_model, tmp_path / "out", mad_steps=1)), models=models)
+    message = str(raised.value)
+    assert "--view-batch 1" in message and "canvas size" in message
+    assert message.endswith(".") and message.count(". ") == 0  # one sentence
+    assert job._test_oom_calls == 3  # full, half view batch, low: one failed UNet call each
+    assert not (tmp_path / "out").exists() or not os.listdir(tmp_path / "out")
+
+    # The hook is gone once the job ends: the cached UNet works for the next job.
+    monkeypatch.delenv(job.TEST_OOM_VARIABLE)
+    outputs = run_job(check_request(wide_request(tiny_model, tmp_path / "next")), models=models)
+    assert os.path.exists(outputs["png"])
+
+
+def test_other_errors_are_not_taken_for_out_of_memory(tiny_model, tmp_path, monkeypatch, models):
+    import torch
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("shape mismatch")
+
+    monkeypatch.setattr(job, "decode_canvas", broken)
+    with pytest.raises(RuntimeError, match="shape mismatch"):
+        run_job(check_request(wide_request(tiny_model, tmp_path / "out")), models=models)
+    assert job.is_out_of_memory(RuntimeError("MPS backend out of memory"), torch.device("mps"))
+    assert not job.is_out_of_memory(RuntimeError("MPS backend out of memory"), torch.device("cpu"))
+
+
+class OomWorker(Worker):
+    """The stdio worker with the test hook's variable set in its environment."""
+
+    def __init__(self, mode: str, monkeypatch):
+        monkeypatch.setenv(job.TEST_OOM_VARIABLE, mode)  # Worker passes os.environ on
+        super().__init__()
+
+
+@pytest.fixture
+def start_worker(monkeypatch):
+    started = []
+
+    def start(mode):
+        started.append(OomWorker(mode, monkeypatch))
+        return started[-1]
+
+    yield start
+    for worker in started:
+        if worker.process.poll() is None:
+            worker.process.kill()
+        worker.process.wait()
+
+
+def wide_params(tiny_model, **overrides):
+    return params(tiny_model, layout="wide", width=256, height=128, view_batch=4, **overrides)
+
+
+def test_worker_reports_out_of_memory_and_keeps_running(tiny_model, tmp_path, start_worker):
+    worker = start_worker("always")
+    worker.send({"op": "generate", "job": "big", "params": wide_params(tiny_model), "out_dir": str(tmp_path / "big")})
+    event = worker.until(lambda event: event["event"] in ("done", "error"))[-1]
+    assert event["event"] == "error" and event["kind"] == "out_of_memory" and event["job"] == "big"
+    assert "canvas size" in event["message"] and event["message"].endswith(".")
+    assert not (tmp_path / "big" / "panorama.png").exists()
+    worker.send({"op": "hello"})
+    assert worker.next_event()["event"] == "ready"
+    worker.send({"op": "shutdown"})
+    assert worker.process.wait(timeout=TIMEOUT) == 0
+
+
+def test_worker_recovers_from_a_first_out_of_memory_and_runs_the_next_job(tiny_model, tmp_path, start_worker):
+    worker = start_worker("first")
+    for name in ("a", "b"):
+        worker.send({"op": "generate", "job": name, "params": wide_params(tiny_model), "out_dir": str(tmp_path / name)})
+    events = worker.until(lambda event: event["event"] in ("done", "error") and event["job"] == "b")
+    finished = [(event["job"], event["event"]) for event in events if event["event"] in ("done", "error")]
+    assert finished == [("a", "done"), ("b", "done")]
+    memory = [json.loads((tmp_path / name / "metadata.json").read_text())["memory"] for name in "ab"]
+    assert [entry["view_batch_used"] for entry in memory] == [2, 4]
+    assert [len(entry["retries"]) for entry in memory] == [1, 0]
+    worker.send({"op": "shutdown"})
+    assert worker.process.wait(timeout=TIMEOUT) == 0
