@@ -741,3 +741,62 @@ result(report)
                       "off": {"no_hdr": True}}
     assert report["old item"] == [True, 0.0, 6.0, False]
     assert report["reused"] == [True, 0.3, 9.0, True, -20.5, 35.0]
+
+
+# --- end to end: the backend's own HDR of a painted sun ---------------------------------------------------
+
+
+def _painted_sun_png(path, width=PANORAMA_WIDTH):
+    """An 8-bit sRGB panorama as a model paints a clear day: a blue sky, paler towards the horizon, brown
+    ground, and a sun disc of SUN_RADIUS at (SUN_YAW, SUN_PITCH) clipped to white. Returns ``path``."""
+    from PIL import Image
+
+    lon, lat = _equirect_angles(width)
+    towards_horizon = np.clip(1.0 - lat / (np.pi / 2), 0.0, 1.0)
+    image = np.stack([0.30 + 0.30 * towards_horizon, 0.45 + 0.25 * towards_horizon, np.full_like(lat, 0.85)], axis=-1)
+    image[lat < 0] = (0.40, 0.33, 0.25)
+    yaw, pitch = math.radians(SUN_YAW), math.radians(SUN_PITCH)
+    cos_to_sun = np.sin(lat) * math.sin(pitch) + np.cos(lat) * math.cos(pitch) * np.cos(lon - yaw)
+    image[cos_to_sun >= math.cos(math.radians(SUN_RADIUS))] = 1.0
+    Image.fromarray((image * 255).round().astype(np.uint8)).save(path)
+    return path
+
+
+def test_the_backends_hdr_of_a_painted_sun_casts_the_shadow(tmp_path):
+    """The whole path: ``python -m backend hdr`` turns an 8-bit panorama with a clipped sun into the HDR
+    files, and Blender, applying them, renders the cube's shadow opposite the sun in both sun modes (lit /
+    shadow >= 3), while the same panorama without HDR (its linearised pixels, no lighting.json) does not."""
+    png = _painted_sun_png(str(tmp_path / "painted.png"))
+    done = subprocess.run([sys.executable, "-m", "backend", "hdr", png, "--out", str(tmp_path / "hdr")],
+                          cwd=REPO, capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(REPO)})
+    if done.returncode != 0 and "No module named" in done.stderr:
+        pytest.skip("the backend's environment (numpy, scipy, OpenEXR) is not this interpreter's")
+    assert done.returncode == 0, done.stderr
+    lighting = json.loads((tmp_path / "hdr" / "lighting.json").read_text())
+    (sun,) = [source for source in lighting["sources"] if source["is_sun"]]
+    assert abs(sun["yaw_deg"] - SUN_YAW) < 1 and abs(sun["pitch_deg"] - SUN_PITCH) < 1
+    (tmp_path / "ldr").mkdir()
+    os.replace(tmp_path / "hdr" / "panorama_sky.exr", tmp_path / "ldr" / "panorama.exr")  # the linearised image
+    done = subprocess.run([sys.executable, "-m", "backend", "hdr", png, "--out", str(tmp_path / "hdr"), "--overwrite"],
+                          cwd=REPO, capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(REPO)})
+    assert done.returncode == 0, done.stderr
+    measured = _blender(f"""
+CUBE, CAMERA, SAMPLES, SIZE = {CUBE!r}, {CAMERA!r}, {SAMPLES}, {SIZE}
+PATCHES = {patches(0.0)!r}
+""" + _SCENE + """
+hdr = {"png": "", "exr": os.path.join(TMP, "hdr", "panorama.exr")}
+measured = {}
+settings.mode, settings.hdr = "WORLD", True
+for mode in ("SUN_LAMP", "IN_TEXTURE"):
+    settings.sun_mode = mode
+    results.apply_result(context, settings, "WORLD", hdr)
+    measured[mode] = measure(mode.lower())
+settings.hdr = False
+results.apply_result(context, settings, "WORLD", {"png": "", "exr": os.path.join(TMP, "ldr", "panorama.exr")})
+measured["no hdr"] = measure("no-hdr")
+result(measured)
+""", tmp_path)
+    ratios = {case: values["mirror"] / values["shadow"] for case, values in measured.items()}
+    print("painted sun, lit/shadow:", {case: round(ratio, 2) for case, ratio in ratios.items()})
+    assert ratios["SUN_LAMP"] >= 3.0 and ratios["IN_TEXTURE"] >= 3.0, ratios
+    assert ratios["no hdr"] < 1.5, ratios
