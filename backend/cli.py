@@ -398,11 +398,14 @@ class _ProgressPrinter:
             from .protocol import progress_event
 
             _print_event(self.events, progress_event(None, stage, step, total))
-        elif stage == "denoising":
-            if self.bar is None:
+        elif stage in ("downloading", "denoising"):
+            if self.bar is None or self.bar.desc != stage:
                 from tqdm import tqdm
 
-                self.bar = tqdm(total=total, desc="denoising", unit="step", file=sys.stderr)
+                if self.bar is not None:
+                    self.bar.close()
+                bytes_ = stage == "downloading"  # downloading counts bytes, denoising steps
+                self.bar = tqdm(total=total, desc=stage, unit="B" if bytes_ else "step", unit_scale=bytes_, file=sys.stderr)
             self.bar.update(step - self.bar.n)
         else:
             print(f"{stage}…", file=sys.stderr)

@@ -28,6 +28,7 @@ from .errors import BadRequest, JobCancelled, OutOfMemory
 from .models import (
     LoadedModel,
     fuse_lora,
+    hub_offline,
     read_unet_config,
     resolve_lora_source,
     ModelSource,
@@ -144,6 +145,7 @@ def run_job(checked: CheckedRequest, report: StepReport | None = None, models: M
         if report(name, 0, 1, None):
             raise JobCancelled(f"The job was cancelled while {name}.")
 
+    download_if_needed(checked, report)
     stage("loading")
     model = (models or ModelCache()).get(checked)
     pipeline, geometry = model.pipeline, model.geometry
@@ -208,6 +210,18 @@ def run_job(checked: CheckedRequest, report: StepReport | None = None, models: M
     stale = list(HDR_OUTPUT_NAMES[1:]) if request.cube_map and hdr is None else []
     return write_job_outputs(request.out, image, metadata, cube_map=request.cube_map, hdr=hdr, half=request.half,
                              remove=stale)
+
+
+def download_if_needed(checked: CheckedRequest, report: StepReport) -> None:
+    """Before loading a hub model that is not completely in the cache, download what the engine loads
+    (``model_manager.download_model``), reporting stage "downloading" with bytes done and total as step and
+    total; returning True from ``report`` cancels (JobCancelled). Offline, a model missing from the cache is
+    left to the loader, whose error names the model and how to point at a local folder."""
+    from .model_manager import download_model, is_cached
+
+    if checked.source.kind != "hub" or hub_offline() or is_cached(checked.source.location):
+        return
+    download_model(checked.source.location, progress=lambda done, total, name: report("downloading", done, total, None))
 
 
 def denoise_and_decode(request: GenerateRequest, model: LoadedModel, report: StepReport, stage: Callable[[str], None]):

@@ -464,6 +464,13 @@ def _cached_snapshot(cache_dir: str, model_id: str, revision: str | None) -> str
     return snapshot if os.path.isdir(snapshot) else None
 
 
+def is_cached(model_id: str, cache_dir: str | None = None) -> bool:
+    """Whether the Hugging Face cache holds a complete copy of hub model ``model_id`` (main revision): every
+    file the engine loads (``check_model_folder``), so loading it needs no download."""
+    snapshot = _cached_snapshot(_cache_dir(cache_dir), model_id, None)
+    return bool(snapshot) and check_model_folder(snapshot).complete
+
+
 def _not_reachable(model_id: str, offline: bool) -> ModelNotFound:
     from .models import HOW_TO_POINT_LOCALLY
 

@@ -437,3 +437,34 @@ def test_cli_errors_are_one_sentence_with_exit_code_2_and_an_error_event(online,
     (event,) = [json.loads(line) for line in out.splitlines()]
     assert event["event"] == "error" and event["kind"] == "model_not_found" and "someone/some-model" in event["message"]
     assert err.startswith("error: The model someone/some-model") and err.count("\n") == 1
+
+
+def test_a_generation_downloads_a_missing_model_with_progress_events(hub, online, tiny_model):
+    """The engine downloads a hub model it does not have before loading it, reporting stage "downloading"
+    in bytes, then generates as usual; a second generation finds it cached and downloads nothing."""
+    import subprocess
+    import sys
+
+    repo = "syncsphere-test/tiny-sd"
+    hub.add_repo(repo, tiny_model)  # a model that generates (the served SD2 one only has SD2's configs)
+    everything = sum(os.path.getsize(os.path.join(folder, name)) for folder, _, names in os.walk(tiny_model) for name in names)
+    repo_root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = {**os.environ, "HF_ENDPOINT": hub.url, "HF_HUB_CACHE": online, "HF_HUB_OFFLINE": "0", "PYTHONPATH": repo_root}
+
+    def generate(out):
+        done = subprocess.run([sys.executable, "-m", "backend", "generate", "--prompt", "x", "--model", repo, "--out", out,
+                               "--layout", "wide", "--width", "256", "--height", "128", "--window", "16", "--steps", "1",
+                               "--device", "cpu", "--json-progress"], capture_output=True, text=True, env=env, cwd=repo_root)
+        assert done.returncode == 0, done.stderr[-2000:]
+        return [json.loads(line) for line in done.stdout.splitlines()]
+
+    events = generate(os.path.join(online, "..", "first"))
+    stages = [event["stage"] for event in events if event["event"] == "progress"]
+    downloading = [event for event in events if event.get("stage") == "downloading"]
+    assert downloading and stages.index("loading") > max(i for i, stage in enumerate(stages) if stage == "downloading")
+    steps = [event["step"] for event in downloading]
+    assert steps == sorted(steps) and steps[-1] == downloading[-1]["total"] == everything  # the tiny model is only what the engine loads
+    assert events[-1]["event"] == "done"
+    hub.reset_counters()
+    events = generate(os.path.join(online, "..", "second"))
+    assert not any(event.get("stage") == "downloading" for event in events) and events[-1]["event"] == "done"
