@@ -578,6 +578,17 @@ class _Tally:
         self.report()
 
 
+def _raise_unless_unreachable(model_id: str, error: Exception) -> None:
+    """Raise ``error`` again unless the hub or the network failed, and the one-sentence refusal when the hub
+    refused (gated, private, missing: ``_hub_error``); return only for a download that could not get through,
+    which the caller words."""
+    if not _is_hub_or_network_error(error):
+        raise error
+    refusal = _hub_error(model_id, error)
+    if refusal is not None:
+        raise refusal from error
+
+
 def _fetch_file(model_id: str, name: str, commit: str, bar_class, fetch: dict) -> None:
     """One file into the cache (huggingface_hub's hf_hub_download); failures become one sentence."""
     from huggingface_hub import hf_hub_download
@@ -585,11 +596,7 @@ def _fetch_file(model_id: str, name: str, commit: str, bar_class, fetch: dict) -
     try:
         hf_hub_download(model_id, name, revision=commit, tqdm_class=bar_class, **fetch)
     except Exception as error:
-        if not _is_hub_or_network_error(error):
-            raise
-        refusal = _hub_error(model_id, error)
-        if refusal is not None:
-            raise refusal from error
+        _raise_unless_unreachable(model_id, error)
         raise ModelNotFound(
             f"The download of {model_id} stopped while fetching {name} ({_first_line(error)}); the files fetched "
             "so far are kept, so running the same download again resumes it."
@@ -642,11 +649,7 @@ def download_model(
                                                              revision=info.sha), str)
         index_path = hf_hub_download(model_id, "model_index.json", revision=revision, **fetch)
     except Exception as error:
-        if not _is_hub_or_network_error(error):
-            raise
-        refusal = _hub_error(model_id, error)
-        if refusal is not None:
-            raise refusal from error
+        _raise_unless_unreachable(model_id, error)
         try:
             return _from_cache_or_raise(model_id, cache_dir, revision, offline=False)
         except ModelNotFound as not_cached:
