@@ -193,7 +193,12 @@ def projected_view_grid(view: PerspectiveView, view_size: int, canvas_height: in
 
 def _sees(view: PerspectiveView, directions: np.ndarray, view_size: int) -> np.ndarray:
     """Bool (...): whether each direction (..., 3) falls on ``view``'s image at ``view_size`` px (edges included)."""
-    col, row, in_front = view.project(directions, view_size)
+    return _on_image(*view.project(directions, view_size), view_size)
+
+
+def _on_image(col: np.ndarray, row: np.ndarray, in_front: np.ndarray, view_size: int) -> np.ndarray:
+    """Bool (...): whether projected coordinates (``PerspectiveView.project``'s) lie on a ``view_size`` px
+    image, edges included."""
     with np.errstate(invalid="ignore"):
         return in_front & (col >= -0.5) & (col <= view_size - 0.5) & (row >= -0.5) & (row <= view_size - 0.5)
 
@@ -256,34 +261,40 @@ class CanvasViews:
             directions = equirect_to_direction(*np.mgrid[0:height, 0:width][::-1], width, height)
             fuse_grids, masks = [], []
             for _, view in self.projected:
-                col, row, _ = view.project(directions, self.size)
-                seen = _sees(view, directions, self.size)
+                col, row, in_front = view.project(directions, self.size)
+                seen = _on_image(col, row, in_front, self.size)
                 fuse_grids.append(sampling_grid(col, row, self.size, self.size, valid=seen))
                 masks.append(torch.from_numpy(seen.astype(np.float32)))
             self._fuse_grids = torch.stack(fuse_grids)  # (P, H, W, 2) into each view's image
             self._fuse_masks = torch.stack(masks)[:, None]  # (P, 1, H, W): 1 where the view sees the pixel
             self._coverage_mask = self._coverage_mask + self._fuse_masks.sum(0, keepdim=True)
+        # What fuse divides by: the coverage, at least 1 (only a subset of views leaves pixels unseen).
+        self._coverage_divisor = self._coverage_mask.clamp(min=1)
         self._cache: dict = {}
+        self._at_resolution: dict[int, CanvasViews] = {}
 
     def __len__(self) -> int:
         return len(self.crops) + len(self.projected)
 
     def _on(self, name: str, like: torch.Tensor) -> torch.Tensor:
-        """The precomputed tensor ``name`` in ``like``'s dtype and device (converted once, then kept)."""
+        """The precomputed tensor ``name`` on ``like``'s device, in its dtype when ``name`` is floating point
+        (index tensors stay integer); converted once, then kept: the loop calls this every step."""
         key = (name, like.dtype, like.device)
         if key not in self._cache:
-            self._cache[key] = getattr(self, name).to(like.device, like.dtype)
+            tensor = getattr(self, name)
+            self._cache[key] = tensor.to(like.device, like.dtype if tensor.is_floating_point() else tensor.dtype)
         return self._cache[key]
 
     def coverage(self, like: torch.Tensor) -> torch.Tensor:
-        """How many views see each canvas pixel: (1, 1, H, W) in ``like``'s dtype and device, every value >= 1."""
+        """How many views see each canvas pixel: (1, 1, H, W) in ``like``'s dtype and device (every value >= 1
+        for a whole view set; a ``subset`` can leave pixels at 0)."""
         return self._on("_coverage_mask", like)
 
     def read(self, canvas_tensor: torch.Tensor) -> torch.Tensor:
         """Every view's latent from ``canvas_tensor`` (1, C, H, W): (len(self), C, size, size), crops first."""
         parts = [self.canvas.read(canvas_tensor, self.crops)] if self.crops else []
         if self.projected:
-            padded = canvas_tensor[:, :, self._pad_rows.to(canvas_tensor.device), self._pad_cols.to(canvas_tensor.device)]
+            padded = canvas_tensor[:, :, self._on("_pad_rows", canvas_tensor), self._on("_pad_cols", canvas_tensor)]
             grids = self._on("_read_grids", canvas_tensor)
             parts.append(F.grid_sample(padded.expand(len(self.projected), -1, -1, -1), grids, mode="bilinear", align_corners=False))
         return torch.cat(parts)
@@ -298,7 +309,7 @@ class CanvasViews:
             warped = F.grid_sample(view_tensors[len(self.crops):], self._on("_fuse_grids", view_tensors),
                                    mode="bilinear", padding_mode="border", align_corners=False)
             total += (warped * self._on("_fuse_masks", view_tensors)).sum(0, keepdim=True)
-        return total / self.coverage(view_tensors).clamp(min=1)  # clamp: only a subset can leave pixels unseen
+        return total / self._on("_coverage_divisor", view_tensors)
 
     def at_resolution(self, divisor: int) -> "CanvasViews":
         """The same views on the canvas ``divisor`` times smaller on each side (a UNet feature resolution:
@@ -308,6 +319,12 @@ class CanvasViews:
         window does not divide."""
         if divisor == 1:
             return self
+        if divisor not in self._at_resolution:  # MAD asks for each resolution more than once per job
+            self._at_resolution[divisor] = self._scaled(divisor)
+        return self._at_resolution[divisor]
+
+    def _scaled(self, divisor: int) -> "CanvasViews":
+        """``at_resolution``'s work, uncached."""
         sides = [self.canvas.height, self.canvas.width, self.size or 0]
         sides += [value for view in self.crops for value in (view.top, view.left, view.height, view.width)]
         if any(side % divisor for side in sides):

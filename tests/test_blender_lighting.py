@@ -24,7 +24,7 @@ import numpy as np
 import pytest
 
 from test_blender_world import _backend_write_exr
-from test_extension import _PRELUDE, REPO, _bpy_dir
+from test_extension import _ENABLE_ADDON, _PRELUDE, REPO, _bpy_dir
 
 BLENDER_PYTHON = os.path.abspath(os.environ.get("SYNCSPHERE_TEST_BLENDER_PYTHON", sys.executable))
 pytestmark = pytest.mark.skipif(BLENDER_PYTHON == os.path.abspath(sys.executable) and _bpy_dir() is None,
@@ -38,11 +38,7 @@ import bpy
 from mathutils import Vector
 from bpy_extras.object_utils import world_to_camera_view
 
-addon = load_addon()
-addon.register()
-entry = bpy.context.preferences.addons.new()
-entry.module = "syncsphere"
-from syncsphere.blender_addon import lighting as L, results, world as W
+""" + _ENABLE_ADDON + r"""from syncsphere.blender_addon import lighting as L, results, world as W
 
 context = bpy.context
 scene = context.scene

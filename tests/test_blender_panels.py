@@ -18,7 +18,7 @@ import json
 
 import pytest
 
-from test_extension import _PRELUDE, _bpy_dir, _run_python
+from test_extension import _ENABLE_ADDON, _PRELUDE, _bpy_dir, _run_python
 
 pytestmark = pytest.mark.skipif(_bpy_dir() is None, reason="bpy is not installed")
 
@@ -44,11 +44,7 @@ import functools, json, os, sys, types
 import numpy as np
 import bpy
 
-addon = load_addon()
-addon.register()
-entry = bpy.context.preferences.addons.new()
-entry.module = "syncsphere"
-
+""" + _ENABLE_ADDON + r"""
 from syncsphere import panels
 from syncsphere.blender_addon import get_preferences, material, results, session, world as W
 

@@ -92,6 +92,15 @@ def load_addon(name="syncsphere"):
     return module
 """
 
+# Runs after _PRELUDE in the Blender tests' scripts: registers the add-on and enables it the way Blender
+# does (its preferences entry), as ``addon``.
+_ENABLE_ADDON = r"""
+addon = load_addon()
+addon.register()
+entry = bpy.context.preferences.addons.new()
+entry.module = "syncsphere"
+"""
+
 
 # --- manifest and build ------------------------------------------------------------------------
 
