@@ -25,6 +25,7 @@ from .canvas import Canvas
 from .decode import decode_canvas, decode_pole_caps
 from .denoiser import GuidedUNetDenoiser
 from .errors import BadRequest, JobCancelled, OutOfMemory
+from .memory import MemoryPlan, StagePlacement, low_plan, plan_memory, plan_request
 from .models import (
     LoadedModel,
     fuse_lora,
@@ -129,12 +130,15 @@ def run_job(checked: CheckedRequest, report: StepReport | None = None, models: M
     decoding and writing; returning True stops the job with JobCancelled. Nothing is written unless the
     job completes. Raises BadRequest, ModelNotFound, OutOfMemory or JobCancelled.
 
-    When the device runs out of memory while denoising or decoding, the job starts again from the same
-    seed with half the view batch, then in low-memory mode (``memory_attempts``), releasing the failed
-    attempt's memory in between; the denoising steps are reported again from step 1. OutOfMemory is raised
-    only when the last attempt fails too. metadata.json records it under "memory": the mode that succeeded,
-    "retries" (each failed attempt's view_batch and mad_steps, "reason", and the "next" mode) and
-    "view_batch_used"; "params" keep the view batch asked for.
+    ``--memory`` decides how the job uses memory (``memory.plan_memory``: full, low, or auto from the free
+    memory). When the device runs out of memory while denoising or decoding anyway, the job starts again
+    from the same seed with half the view batch, then in low mode with MAD off (``memory_attempts``),
+    releasing the failed attempt's memory in between; the denoising steps are reported again from step 1.
+    OutOfMemory is raised only when the last attempt fails too. metadata.json records it under "memory":
+    the plan that succeeded (``MemoryPlan.to_dict``: requested, mode, reason, view_batch, offload,
+    strip_decode, free_mib, estimated_full_mib), its "attempt" name, "retries" (each failed attempt's
+    view_batch and mad_steps, "reason", and the "next" attempt) and "view_batch_used"; "params" keep the
+    view batch asked for.
     """
     request = checked.request
     report = report or (lambda *args: None)
@@ -154,14 +158,19 @@ def run_job(checked: CheckedRequest, report: StepReport | None = None, models: M
         request.seed = secrets.randbelow(2**32)
     timings["loading_s"] = time.perf_counter() - started
 
-    # Out of memory: retry with half the view batch, then in low-memory mode, then fail (memory_attempts).
-    attempts = memory_attempts(request)
+    # --memory: full or low (auto picks from the free memory); when the device runs out of memory anyway,
+    # retry with half the view batch, then in low mode with MAD off, then fail (memory_attempts).
+    plan = plan_memory(request, model.device, model.dtype, pipeline.unet.config, pipeline.vae.config,
+                       len(request_views(dataclasses.replace(request), geometry.vae_scale_factor, pipeline.unet)),
+                       weights_bytes=sum(parameter.numel() * parameter.element_size() for name in ("unet", "vae", "text_encoder")
+                                         for parameter in getattr(pipeline, name).parameters()))
+    attempts = memory_attempts(request, plan, model.device)
     retries = []
     hook = install_test_oom_hook(pipeline.unet)
     try:
-        for number, (mode, attempt) in enumerate(attempts):
+        for number, (attempt_name, attempt_plan, attempt) in enumerate(attempts):
             try:
-                image, canvas, details, attempt_timings = denoise_and_decode(attempt, model, report, stage)
+                image, canvas, details, attempt_timings = denoise_and_decode(attempt, model, attempt_plan, report, stage)
                 break
             except RuntimeError as error:  # torch.OutOfMemoryError is a RuntimeError; others are re-raised
                 if not is_out_of_memory(error, model.device):
@@ -180,7 +189,7 @@ def run_job(checked: CheckedRequest, report: StepReport | None = None, models: M
             hook.remove()  # the UNet is cached between jobs
     timings.update(attempt_timings)
     request.views = attempt.views  # request_views may have chosen the view set on the attempt's copy
-    memory = {"mode": mode, "retries": retries, "view_batch_used": attempt.view_batch}
+    memory = {**attempt_plan.to_dict(), "attempt": attempt_name, "retries": retries, "view_batch_used": attempt.view_batch}
 
     stage("writing")
     hdr = None
@@ -224,35 +233,42 @@ def download_if_needed(checked: CheckedRequest, report: StepReport) -> None:
     download_model(checked.source.location, progress=lambda done, total, name: report("downloading", done, total, None))
 
 
-def denoise_and_decode(request: GenerateRequest, model: LoadedModel, report: StepReport, stage: Callable[[str], None]):
-    """One attempt at a job's image: ``denoise`` from the seed's noise, then decode. Returns (image as an
-    (H, W, 3) float array, canvas, details, {"denoising_s", "decoding_s"}); ``stage(name)`` reports the
-    decoding stage (and raises JobCancelled). Keeps nothing between calls, so a retry starts from scratch."""
+def denoise_and_decode(request: GenerateRequest, model: LoadedModel, plan: MemoryPlan, report: StepReport,
+                       stage: Callable[[str], None]):
+    """One attempt at a job's image with the memory ``plan``: ``denoise`` from the seed's noise, then decode.
+    Returns (image as an (H, W, 3) float array, canvas, details, {"denoising_s", "decoding_s"});
+    ``stage(name)`` reports the decoding stage (and raises JobCancelled). Keeps nothing between calls, so a
+    retry starts from scratch."""
     pipeline = model.pipeline
-    latents, canvas, details = denoise(request, model, report)
+    placement = StagePlacement(pipeline, model.device, plan.offload,
+                               vae_while_denoising=request.sync == "syncdiffusion" and request.sync_decoder == "vae")
+    latents, canvas, details = denoise(request, model, report, placement)
     timings = {"denoising_s": details.pop("seconds")}
     stage("decoding")
     began = time.perf_counter()
-    image = decode_canvas(pipeline.vae, latents, canvas)
+    placement.enter("decode")
+    image = decode_canvas(pipeline.vae, latents, canvas, in_strips=plan.strip_decode)
     if request.views in POLE_FACE_VIEW_SETS:
-        image = decode_pole_caps(pipeline.vae, latents, image)
+        image = decode_pole_caps(pipeline.vae, latents, image, in_strips=plan.strip_decode)
     image = image[0].permute(1, 2, 0).numpy()
     timings["decoding_s"] = time.perf_counter() - began
     return image, canvas, details, timings
 
 
-def memory_attempts(request: GenerateRequest) -> list[tuple[str, GenerateRequest]]:
-    """The attempts a job makes when the device runs out of memory, in order, as (mode, request copy):
-    "full" (the request as given), "half view batch" (``view_batch // 2``; skipped when it is already 1),
-    then "low" (view batch 1 and MAD off: merged attention runs every view in one batch).
-
-    The "low" retry is only part of ``--memory low`` (issue 9, item 4): half precision, tiled VAE decode
-    and CPU offload are not built yet. The copies share the seed, so each attempt starts from the same noise.
-    """
-    attempts = [("full", dataclasses.replace(request))]
-    if request.view_batch > 1:
-        attempts.append(("half view batch", dataclasses.replace(request, view_batch=max(1, request.view_batch // 2))))
-    attempts.append(("low", dataclasses.replace(request, view_batch=1, mad_steps=0)))
+def memory_attempts(request: GenerateRequest, plan: MemoryPlan, device: torch.device) -> list[tuple[str, MemoryPlan, GenerateRequest]]:
+    """The attempts a job makes when the device runs out of memory, in order, as (name, memory plan, request
+    copy with the plan's view batch): "full" or "low", the ``plan`` as given; after a full plan with a view
+    batch above 1, "half view batch"; then "low" with MAD off (merged attention runs every view in one
+    batch), unless the first attempt was that already. The copies share the seed, so each attempt starts
+    from the same noise."""
+    attempts = [(plan.mode, plan, plan_request(request, plan))]
+    if plan.mode == "full" and plan.view_batch > 1:
+        half = dataclasses.replace(plan, view_batch=max(1, plan.view_batch // 2), reason="out of memory")
+        attempts.append(("half view batch", half, plan_request(request, half)))
+    if plan.mode == "full" or request.mad_steps:
+        low = dataclasses.replace(low_plan(request, device, "out of memory"), free_bytes=plan.free_bytes,
+                                  estimated_full_bytes=plan.estimated_full_bytes)
+        attempts.append(("low", low, dataclasses.replace(plan_request(request, low), mad_steps=0)))
     return attempts
 
 
@@ -310,11 +326,13 @@ def install_test_oom_hook(unet: torch.nn.Module):
     return unet.register_forward_pre_hook(raise_out_of_memory)
 
 
-def denoise(request: GenerateRequest, model: LoadedModel, report: StepReport):
+def denoise(request: GenerateRequest, model: LoadedModel, report: StepReport, placement: StagePlacement | None = None):
     """Sample the canvas latent with the request's views, fusion and synchronisation; returns (latents,
     canvas, details): details has "views" (how many), "view_set", "fusion", "scheduler", "seconds", with
     per-direction prompts "view_prompts", and for SyncDiffusion "syncdiffusion" (anchors, loss, its trunk,
-    decoder, guided steps). The benchmarks call it too."""
+    decoder, guided steps). ``placement`` moves the models for the text and denoising stages (None: they
+    stay where they are). The benchmarks call it too."""
+    placement = placement or StagePlacement(model.pipeline, model.device, offload=False)
     pipeline, geometry = model.pipeline, model.geometry
     views = request_views(request, geometry.vae_scale_factor, pipeline.unet)
     canvas = views.canvas
@@ -322,6 +340,7 @@ def denoise(request: GenerateRequest, model: LoadedModel, report: StepReport):
     began = time.perf_counter()
     uses_guidance = request.guidance > 1.0
     prompts, view_prompts = view_prompt_rows(request, views)
+    placement.enter("text")
     prompt_embeds, negative_embeds = pipeline.encode_prompt(
         prompts, model.device, 1, uses_guidance, [request.negative_prompt] * len(prompts) if request.negative_prompt else None
     )
@@ -355,6 +374,7 @@ def denoise(request: GenerateRequest, model: LoadedModel, report: StepReport):
         predict = merged_attention.wrap(denoiser)
         if guidance is not None:
             guidance.predict = merged_attention.wrap(guidance.predict)
+    placement.enter("denoise")
     # The with-blocks put the cached UNet back as it was, even when the job fails or is cancelled.
     checkpointed = differentiated if request.sync_checkpointing else []
     with merged_attention or contextlib.nullcontext(), gradient_checkpointing(checkpointed):
@@ -460,7 +480,7 @@ def syncdiffusion_guidance(request: GenerateRequest, model: LoadedModel, views: 
         )
 
     def decode(latents: torch.Tensor) -> torch.Tensor:
-        return decoder.decode(latents / decoder.config.scaling_factor).sample
+        return decoder.decode((latents / decoder.config.scaling_factor).to(decoder.dtype)).sample
 
     # The loss network runs in float32: LPIPS divides by feature norms that underflow in float16.
     loss = load_perceptual_loss(

@@ -232,6 +232,9 @@ def load_model(
         # Inference only: SyncDiffusion differentiates with respect to latents, never the weights.
         component.requires_grad_(False)
     pipeline.to(device)
+    if device.type == "mps" and dtype != torch.float32:
+        # Half-precision VAE decodes on MPS can come out black; the decoders cast latents to the VAE's dtype.
+        pipeline.vae.to(torch.float32)
     geometry = geometry_from_configs(pipeline.vae.config, pipeline.unet.config)
     return LoadedModel(pipeline=pipeline, geometry=geometry, source=source, device=device, dtype=dtype)
 

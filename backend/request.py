@@ -20,6 +20,10 @@ DEFAULT_MODEL = "stabilityai/stable-diffusion-2-base"
 LAYOUTS = ("wide", "equirect", "tile")
 DEVICES_HELP = "auto, cpu, cuda, cuda:N or mps"
 DTYPES = ("auto", "float32", "float16", "bfloat16")
+# --memory: "full" keeps everything on the device at once, "low" trades time for memory (half precision
+# where the device has it, model offload to the CPU between stages, view batch 1, a strip-wise VAE decode),
+# "auto" picks one from the device's free memory and the canvas (backend/memory.py).
+MEMORY_MODES = ("auto", "full", "low")
 MAX_CANVAS_PIXELS = 16384
 OUTPUT_NAMES = ("panorama.png", "panorama.exr", "metadata.json")
 
@@ -156,6 +160,7 @@ class GenerateRequest:
     lora_scale: float = 1.0
     device: str = "auto"
     dtype: str = "auto"
+    memory: str = "auto"
     out: str | None = None
     overwrite: bool = False
     allow_pickle: bool = False
@@ -282,6 +287,8 @@ class GenerateRequest:
             )
         if self.dtype not in DTYPES:
             raise BadRequest(f"Unknown dtype '{self.dtype}'; choose one of {', '.join(DTYPES)}.")
+        if self.memory not in MEMORY_MODES:
+            raise BadRequest(f"Unknown memory mode '{self.memory}'; choose one of {', '.join(MEMORY_MODES)}.")
         if not (self.device in ("auto", "cpu", "mps", "cuda") or _is_cuda_index(self.device)):
             raise BadRequest(f"Unknown device '{self.device}'; use {DEVICES_HELP}.")
         if self.lora is not None and (not isinstance(self.lora, str) or not self.lora.strip()):

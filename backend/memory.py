@@ -1,0 +1,193 @@
+"""Memory modes (``--memory auto|full|low``): what a job keeps on the device, and how it picks.
+
+``full`` keeps the text encoder, the UNet and the VAE on the device for the whole job, runs
+``--view-batch`` views per UNet call and decodes each tile in one ``vae.decode`` call.
+
+``low`` trades time for memory and gives the same image (within float rounding):
+
+- **Model offload**: on a GPU the models live in CPU memory and each stage moves only what it runs to the
+  device (``StagePlacement``: the text encoder for the prompts, the UNet for denoising, the VAE for
+  decoding). We move them ourselves rather than through accelerate's forward hooks: SyncDiffusion decodes
+  with the VAE inside every denoising step, which hooks would answer by swapping the UNet out and back
+  twice a step. On the CPU there is nothing to offload to.
+- **View batch 1**: one view per UNet call.
+- **Strip decode**: each decode tile goes through the VAE's full-resolution layers in strips of rows
+  (``decode.decode_in_strips``), which holds about half the memory of ``vae.decode``.
+- **Half precision and attention** are the same in both modes: ``--dtype auto`` is already float16 on CUDA
+  and MPS (on the CPU it stays float32: CPU half precision is slow and not within 2/255 of float32), and
+  diffusers' attention already runs through PyTorch's scaled_dot_product_attention, whose flash and
+  memory-efficient kernels never hold the full attention matrix.
+
+``auto`` estimates the activation memory of a ``full`` job (``estimate_full_bytes``; rough, from the
+canvas, the views and the model's channels) and compares it with the device's free memory
+(``free_memory_bytes``): ``full`` when it fits with ``HEADROOM`` to spare, else ``low``. metadata.json
+records the plan under "memory" (``MemoryPlan.to_dict``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+
+import torch
+
+from .request import GenerateRequest
+
+HEADROOM = 0.8
+"""``auto`` picks ``full`` when the estimate is at most this fraction of the free memory."""
+
+# Activation elements per pixel and per channel of the model's first block, measured on the CPU in float32
+# with the Stable Diffusion 2 base architecture (benchmarks/bench_memory.py) and rounded up: one UNet sample
+# at 64x64 latents held 51 per latent pixel and channel (254 MiB), a 384x512 px vae.decode 8.4 per image
+# pixel and channel (803 MiB).
+UNET_ELEMENTS_PER_PIXEL_CHANNEL = 64
+DECODE_ELEMENTS_PER_PIXEL_CHANNEL = 10
+
+
+@dataclass
+class MemoryPlan:
+    """How a job uses memory. requested: auto, full or low (--memory); mode: full or low, what runs;
+    reason: why (one phrase); view_batch: views per UNet call; offload: models move between the CPU and
+    the device stage by stage; strip_decode: decode tiles in strips of rows; free_bytes and
+    estimated_full_bytes: what ``auto`` compared (None when not measured)."""
+
+    requested: str
+    mode: str
+    reason: str
+    view_batch: int
+    offload: bool
+    strip_decode: bool
+    free_bytes: int | None = None
+    estimated_full_bytes: int | None = None
+
+    def to_dict(self) -> dict:
+        """The plan as metadata.json records it, sizes in MiB."""
+        mib = 2**-20
+        return {
+            "requested": self.requested, "mode": self.mode, "reason": self.reason, "view_batch": self.view_batch,
+            "offload": self.offload, "strip_decode": self.strip_decode,
+            "free_mib": None if self.free_bytes is None else round(self.free_bytes * mib),
+            "estimated_full_mib": None if self.estimated_full_bytes is None else round(self.estimated_full_bytes * mib),
+        }
+
+
+def full_plan(request: GenerateRequest, reason: str) -> MemoryPlan:
+    """The ``full`` plan for ``request``: its own view batch, no offload, one-call decodes."""
+    return MemoryPlan(request.memory, "full", reason, request.view_batch, offload=False, strip_decode=False)
+
+
+def low_plan(request: GenerateRequest, device: torch.device, reason: str) -> MemoryPlan:
+    """The ``low`` plan: view batch 1, offload when the device is not the CPU, strip decodes."""
+    return MemoryPlan(request.memory, "low", reason, 1, offload=device.type != "cpu", strip_decode=True)
+
+
+def plan_memory(request: GenerateRequest, device: torch.device, dtype: torch.dtype, unet_config, vae_config,
+                view_count: int, weights_bytes: int = 0, free_bytes: int | None = None) -> MemoryPlan:
+    """The memory plan of ``request`` (validated, with its view set chosen) on ``device`` in ``dtype``.
+
+    For ``auto``: ``estimate_full_bytes`` of the job (``view_count`` views, the model's UNet and VAE configs)
+    against ``free_bytes`` (default: ``free_memory_bytes(device)`` now, with the model loaded). On the CPU
+    the model's ``weights_bytes`` count too: safetensors weights are memory-mapped and count as free
+    page cache until they are first used.
+    """
+    if request.memory == "full":
+        return full_plan(request, "asked for")
+    if request.memory == "low":
+        return low_plan(request, device, "asked for")
+    estimate = estimate_full_bytes(request, dtype, unet_config, vae_config, view_count)
+    if device.type == "cpu":
+        estimate += weights_bytes
+    free = free_memory_bytes(device) if free_bytes is None else free_bytes
+    if free is None:
+        plan = full_plan(request, f"the free memory of the {device.type} device is unknown")
+    elif estimate <= HEADROOM * free:
+        plan = full_plan(request, "the job fits in the free memory")
+    else:
+        plan = low_plan(request, device, "the job would not fit in the free memory")
+    plan.free_bytes, plan.estimated_full_bytes = free, estimate
+    return plan
+
+
+def estimate_full_bytes(request: GenerateRequest, dtype: torch.dtype, unet_config, vae_config, view_count: int) -> int:
+    """A rough upper estimate, in bytes, of the activation memory of ``request`` in ``full`` mode: the larger
+    of a UNet call (``view_batch`` views, twice with guidance; every view while MAD merges them; three times
+    that for SyncDiffusion's gradient pass) and the largest decode tile (``decode.decode_canvas``'s default
+    tiling). unet_config / vae_config: the model's configs (dicts or diffusers configs)."""
+    from .decode import largest_decode_tile
+
+    element = torch.finfo(dtype).bits // 8
+    factor = 2 ** (len(vae_config["block_out_channels"]) - 1)
+    window = request.window or unet_config["sample_size"]
+    views = view_count if request.mad_steps else min(request.view_batch, view_count)
+    samples = views * (2 if request.guidance > 1.0 else 1)
+    unet = samples * window * window * unet_config["block_out_channels"][0] * UNET_ELEMENTS_PER_PIXEL_CHANNEL * element
+    if request.sync == "syncdiffusion":
+        unet *= 3
+    tile_height, tile_width = largest_decode_tile(request.height // factor, request.width // factor, request.layout)
+    decode = (tile_height * factor) * (tile_width * factor) * vae_config["block_out_channels"][0] * DECODE_ELEMENTS_PER_PIXEL_CHANNEL * element
+    return int(max(unet, decode))
+
+
+def free_memory_bytes(device: torch.device) -> int | None:
+    """Bytes the job can still allocate on ``device``: CUDA's free memory plus what PyTorch has cached but
+    not used; on MPS the recommended working set less what the driver holds; on the CPU the kernel's
+    MemAvailable. None when the platform does not say."""
+    if device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+        return free + torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
+    if device.type == "mps":
+        return max(0, torch.mps.recommended_max_memory() - torch.mps.driver_allocated_memory())
+    try:
+        with open("/proc/meminfo", encoding="ascii") as meminfo:
+            for line in meminfo:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    try:
+        import psutil
+    except ImportError:
+        return None
+    return psutil.virtual_memory().available
+
+
+def plan_request(request: GenerateRequest, plan: MemoryPlan) -> GenerateRequest:
+    """A copy of ``request`` with the plan's view batch (the request keeps the batch asked for)."""
+    return dataclasses.replace(request, view_batch=plan.view_batch)
+
+
+STAGES = ("text", "denoise", "decode")
+
+
+class StagePlacement:
+    """Where the pipeline's models sit during each stage of a job.
+
+    Without offload every model stays on ``device``. With offload (``--memory low`` on a GPU), ``enter(stage)``
+    moves the models ``stage`` runs to ``device`` and the others to the CPU first, so the device holds one
+    model at a time: "text" the text encoder, "denoise" the UNet (and the VAE when SyncDiffusion decodes
+    with it), "decode" the VAE. ``enter`` with offload off puts every model back on the device, so a model
+    cached by the server serves a ``full`` job after a ``low`` one.
+    """
+
+    def __init__(self, pipeline, device: torch.device, offload: bool, vae_while_denoising: bool = False,
+                 offload_device: torch.device = torch.device("cpu")):
+        self.pipeline = pipeline
+        self.device = device
+        self.offload = offload
+        self.offload_device = offload_device  # where offloaded models wait
+        self.needs = {"text": ("text_encoder",), "denoise": ("unet", "vae") if vae_while_denoising else ("unet",),
+                      "decode": ("vae",)}
+
+    def enter(self, stage: str) -> None:
+        """Put the models of ``stage`` (one of STAGES) on the device; with offload, the rest on the CPU."""
+        wanted = self.needs[stage]
+        names = ("text_encoder", "unet", "vae")
+        # Offload first, so the device never holds the old stage's models and the new ones together.
+        for name in sorted(names, key=lambda name: name in wanted):
+            target = self.device if name in wanted or not self.offload else self.offload_device
+            module = getattr(self.pipeline, name)
+            if next(module.parameters()).device != target:
+                module.to(target)
+        if self.offload and self.device.type == "cuda":
+            torch.cuda.empty_cache()  # return the offloaded models' blocks to the driver
+
