@@ -16,8 +16,8 @@ not asked), root-level checkpoints or Flax/ONNX files: Stable Diffusion 2 base i
 **Complete or partial** (``check_model_folder``): complete when ``model_index.json`` is present and every
 component the engine loads has its folder with a ``.json`` file and, if it has a ``config.json`` (a model
 rather than a scheduler/tokenizer/feature extractor), one complete safetensors weight set (a single file, or
-an index whose shards are all there). A cache entry is also partial while an interrupted download's
-``*.incomplete`` blob lies in it.
+an index whose shards are all there). ``list`` names an interrupted download's ``*.incomplete`` blob among
+the missing files of a partial entry; a completed download deletes such leftovers.
 
 **Families** (``model_family``), read from the configs, first rule that holds:
 
@@ -52,6 +52,20 @@ from pathlib import Path
 from typing import Callable
 
 from .errors import BadRequest, JobCancelled, ModelNotFound, SyncSphereError
+
+# Here rather than in backend/models.py, which imports torch: ``models list|download|remove`` start fast.
+HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
+HOW_TO_POINT_LOCALLY = (
+    "pass a local diffusers folder or a .safetensors file with --model PATH, "
+    "or download the model once with network access"
+)
+
+
+def hub_offline() -> bool:
+    """True when the user asked for no network (``HF_HUB_OFFLINE``; the Blender add-on sets it when
+    Blender's online access is off)."""
+    return os.environ.get("HF_HUB_OFFLINE", "0").strip().lower() not in ("0", "", "false", "no", "off")
+
 
 # (bytes_done, bytes_total, current file or None when finished) -> True to cancel the download.
 DownloadProgress = Callable[[int, int, "str | None"], "bool | None"]
@@ -367,7 +381,8 @@ def _hub_models(cache_dir: str) -> list[InstalledModel]:
         snapshot = str(revision.snapshot_path)
         incomplete = [f for f in scan.incomplete_files if repo.repo_path in f.file_path.parents]
         check = check_model_folder(snapshot)
-        missing = check.missing + (["an interrupted download (.incomplete)"] if incomplete else [])
+        # A partial blob left by a killed download does not make a model whose files are all there partial.
+        missing = check.missing + (["an interrupted download (.incomplete)"] if incomplete and check.missing else [])
         family, architecture = model_family(snapshot)
         found.append(InstalledModel(
             id=repo.repo_id, kind="hub", path=snapshot,
@@ -428,19 +443,15 @@ def list_models(cache_dir: str | None = None, model_folders=()) -> list[Installe
 
 
 def _offline() -> bool:
-    """Downloads are off: ``HF_HUB_OFFLINE`` now (backend.models.hub_offline) or when huggingface_hub was
+    """Downloads are off: ``HF_HUB_OFFLINE`` now (``hub_offline``) or when huggingface_hub was
     imported (it reads the variable once)."""
     from huggingface_hub import constants
-
-    from .models import hub_offline
 
     return hub_offline() or constants.is_offline_mode()
 
 
 def _check_hub_id(model_id: str, action: str) -> None:
     """BadRequest unless ``model_id`` is a hub id rather than a local path."""
-    from .models import HUB_ID
-
     path = os.path.abspath(os.path.expanduser(model_id))
     if os.path.exists(path) or model_id.startswith(("/", ".", "~")) or "\\" in model_id:
         raise BadRequest(
@@ -472,8 +483,6 @@ def is_cached(model_id: str, cache_dir: str | None = None) -> bool:
 
 
 def _not_reachable(model_id: str, offline: bool) -> ModelNotFound:
-    from .models import HOW_TO_POINT_LOCALLY
-
     why = "downloads are off (HF_HUB_OFFLINE is set)" if offline else "the hub cannot be reached"
     return ModelNotFound(
         f"The model {model_id} is not in the local Hugging Face cache and {why}; " + HOW_TO_POINT_LOCALLY + "."
@@ -673,7 +682,21 @@ def download_model(
             tally.done = before + sizes[name]  # exact even if a retry re-sent bytes
     tally.current = None
     tally.report()
+    _remove_stale_partial_files(_repo_folder(cache_dir, model_id))
     return DownloadResult(model_id, snapshot, files, tally.total, tally.fetched, check_model_folder(snapshot).variant)
+
+
+def _remove_stale_partial_files(repo_folder: str) -> None:
+    """Delete the ``*.incomplete`` blobs of a cache entry whose download has just completed. huggingface_hub
+    names them ``<etag>.<random>.incomplete``, so the partial file of a killed download is never reused or
+    deleted by a later one, and ``list`` would call the model partial for ever."""
+    blobs = os.path.join(repo_folder, "blobs")
+    for name in os.listdir(blobs) if os.path.isdir(blobs) else ():
+        if name.endswith(".incomplete"):
+            try:
+                os.remove(os.path.join(blobs, name))
+            except OSError:
+                pass  # another process's download of the same file still writes it (Windows keeps it open)
 
 
 # --- remove ----------------------------------------------------------------------------------------

@@ -12,20 +12,15 @@ from __future__ import annotations
 
 import json
 import os
-import re
 from dataclasses import dataclass
 
 import torch
 
 from .errors import BadRequest, ModelNotFound
+from .model_manager import HOW_TO_POINT_LOCALLY, HUB_ID, hub_offline
 from .request import ModelGeometry
 
 PICKLE_SUFFIXES = (".ckpt", ".bin", ".pt", ".pth")
-HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
-HOW_TO_POINT_LOCALLY = (
-    "pass a local diffusers folder or a .safetensors file with --model PATH, "
-    "or download the model once with network access"
-)
 
 
 @dataclass(frozen=True)
@@ -324,12 +319,6 @@ def load_tiny_autoencoder(spec: str, device: torch.device, dtype: torch.dtype, l
             f"model's have {latent_channels}; use one made for this model family."
         )
     return decoder.to(device).requires_grad_(False).eval()
-
-
-def hub_offline() -> bool:
-    """True when the user asked for no network (``HF_HUB_OFFLINE``; the Blender add-on sets it when
-    Blender's online access is off)."""
-    return os.environ.get("HF_HUB_OFFLINE", "0").strip().lower() not in ("0", "", "false", "no", "off")
 
 
 def _first_line(error: Exception) -> str:

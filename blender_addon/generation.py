@@ -63,6 +63,7 @@ def generate_params(settings, seed, *, model, device):
     """The protocol's generate params for ``settings`` with ``seed``.
 
     model: hub id or local path (the preferences' default model); device: auto, cuda, mps or cpu.
+    ``memory`` is always sent, from ``settings.memory`` (auto, full or low: the backend's --memory).
     ``settings.window`` / ``settings.stride`` of 0 leave the backend's defaults (from the model).
     With SyncDiffusion: ``sync``, ``sync_weight`` and ``sync_steps`` (left out when ``settings.sync_steps`` is 0,
     which means every step), plus FAST_SYNC_PARAMS when ``settings.sync_fast``; with SyncSDE: ``sync`` and
@@ -88,6 +89,7 @@ def generate_params(settings, seed, *, model, device):
         "seed": int(seed),
         "model": model,
         "device": device,
+        "memory": settings.memory,
     }
     if settings.window:
         params["window"] = int(settings.window)

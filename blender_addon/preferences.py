@@ -1,17 +1,56 @@
-"""The add-on preferences: which Python runs the backend, which model, which device, where outputs go."""
+"""The add-on preferences: which Python runs the backend, which model, which device, where outputs go, and
+the Models list (installed models, download, remove; the logic is in ``model_list``)."""
+
+import os
+import textwrap
 
 import bpy
 from bpy.props import BoolProperty, EnumProperty, IntProperty, StringProperty
 from bpy.types import AddonPreferences
 
+from . import model_list
+from .model_list import DEFAULT_MODEL
+
 # Preferences belong to the add-on, whose package is the parent of this one
 # (``bl_ext.<repository>.syncsphere.blender_addon`` -> ``bl_ext.<repository>.syncsphere``).
 ADDON_PACKAGE = __package__.rpartition(".")[0]
 
-DEFAULT_MODEL = "stabilityai/stable-diffusion-2-base"
-
 # Sub-folder of the extension's user folder that holds generated images when no folder is chosen.
 OUTPUTS_SUBFOLDER = "outputs"
+
+# Characters per line of an error sentence in the preferences (a label does not wrap by itself).
+SENTENCE_WIDTH = 90
+
+# The icon next to how the last download ended.
+DOWNLOAD_END_ICONS = {"done": "CHECKMARK", "cancelled": "INFO", "error": "ERROR"}
+
+# The model menu's items as last handed to Blender. Blender keeps pointers to the strings of a dynamic
+# enum's items without owning them: they must stay alive here, or menus show garbage or Blender crashes.
+_menu_items = []
+
+
+def default_model_menu_items(prefs, context=None):
+    """The items of the model menu (``default_model_menu``): ``model_list.model_choices`` of the last listing
+    and ``prefs.default_model``, as Blender's ``(identifier, name, description, number)`` tuples."""
+    global _menu_items
+    items = [(model_id, label, description, number) for number, (model_id, label, description)
+             in enumerate(model_list.model_choices(model_list.cached_models(), prefs.default_model))]
+    if items != _menu_items:  # equal items: hand back the same strings Blender already holds
+        _menu_items = items
+    return _menu_items
+
+
+def _get_default_model_menu(prefs):
+    """The menu shows Default Model: the number of its item (-1, no item, only when it is blank)."""
+    return next((number for model_id, _, _, number in default_model_menu_items(prefs)
+                 if model_id == prefs.default_model), -1)
+
+
+def _set_default_model_menu(prefs, number):
+    """Picking an item sets Default Model to its model."""
+    for model_id, _, _, item_number in _menu_items:
+        if item_number == number:
+            prefs.default_model = model_id
 
 
 class SyncSpherePreferences(AddonPreferences):
@@ -30,6 +69,33 @@ class SyncSpherePreferences(AddonPreferences):
         name="Default Model",
         description="Hugging Face model id or local folder of a Stable Diffusion model",
         default=DEFAULT_MODEL,
+    )
+    # Default Model as a menu of the installed models (the panel draws it). It has no value of its own, it
+    # reads and writes default_model: the two never disagree, and a typed id or path is one of its items.
+    default_model_menu: EnumProperty(
+        name="Model",
+        description="The model Generate uses: the default, the installed models (Refresh in SyncSphere's "
+                    "preferences lists them) or the one typed in Default Model. Picking one sets Default Model",
+        items=default_model_menu_items,
+        get=_get_default_model_menu,
+        set=_set_default_model_menu,
+    )
+    model_folder: StringProperty(
+        name="Model Folder",
+        description=("A folder of your own models (diffusers folders and .safetensors checkpoints), listed with "
+                     "the installed models. SyncSphere never deletes anything in it"),
+        subtype="DIR_PATH",
+        default="",
+    )
+    download_id: StringProperty(
+        name="Hub ID",
+        description="The Hugging Face id of a model to download, like stabilityai/stable-diffusion-2-base",
+        default="",
+    )
+    download_fp16: BoolProperty(
+        name="fp16",
+        description="Download the half-precision weights where the model has them (about half the size)",
+        default=False,
     )
     device: EnumProperty(
         name="Device",
@@ -65,17 +131,71 @@ class SyncSpherePreferences(AddonPreferences):
 
     def draw(self, context):
         """Draw the preferences in Preferences > Add-ons > SyncSphere."""
-        layout = self.layout
-        layout.use_property_split = True
-        layout.prop(self, "python_path")
-        layout.prop(self, "default_model")
-        layout.prop(self, "device")
-        layout.prop(self, "output_dir")
-        layout.prop(self, "keep_warm")
-        layout.prop(self, "timeout_s")
-        row = layout.row(align=True)
-        row.operator("syncsphere.setup_backend", icon="IMPORT")
-        row.operator("syncsphere.check_backend", icon="CONSOLE")
+        draw_preferences(self.layout, self)
+
+
+def draw_preferences(layout, prefs):
+    """The backend settings with Set Up / Check Backend, then the Models box (``draw_models``)."""
+    layout.use_property_split = True
+    layout.prop(prefs, "python_path")
+    layout.prop(prefs, "default_model")
+    layout.prop(prefs, "device")
+    layout.prop(prefs, "output_dir")
+    layout.prop(prefs, "keep_warm")
+    layout.prop(prefs, "timeout_s")
+    row = layout.row(align=True)
+    row.operator("syncsphere.setup_backend", icon="IMPORT")
+    row.operator("syncsphere.check_backend", icon="CONSOLE")
+    draw_models(layout.box(), prefs)
+
+
+def draw_sentence(layout, text, icon):
+    """Draw ``text`` (a sentence) as labels of at most SENTENCE_WIDTH characters each, ``icon`` on the first."""
+    for number, line in enumerate(textwrap.wrap(text, SENTENCE_WIDTH) or [""]):
+        layout.label(text=line, icon=icon if number == 0 else "BLANK1")
+
+
+def draw_models(layout, prefs):
+    """The Models box: Refresh, the Model Folder, every installed model (name, size, family, state; Set as
+    Default; Remove for cache entries, Resume for partial ones), and Download with its progress and Cancel."""
+    layout.use_property_split = False
+    header = layout.row()
+    header.label(text="Models", icon="FILE_3D")
+    header.operator("syncsphere.refresh_models", text="Refresh", icon="FILE_REFRESH")
+    layout.prop(prefs, "model_folder")
+    if model_list.listing_error():
+        draw_sentence(layout, model_list.listing_error(), "ERROR")
+    models = model_list.cached_models()
+    if not model_list.has_listed():
+        layout.label(text="Press Refresh to list the installed models", icon="INFO")
+    elif not models:
+        layout.label(text="No models installed yet: download one below, or set a Model Folder", icon="INFO")
+    for model in models:
+        row = layout.row()
+        names = row.split(factor=0.5)
+        is_default = model.id == prefs.default_model
+        names.label(text=model.label, icon="CHECKMARK" if is_default else "BLANK1")
+        names.label(text=model.summary())
+        buttons = row.row(align=True)
+        if model.removable and not model.complete:
+            buttons.operator("syncsphere.download_model", text="Resume", icon="IMPORT").model_id = model.id
+        default_button = buttons.row(align=True)
+        default_button.enabled = not is_default
+        default_button.operator("syncsphere.set_default_model", text="Set as Default").model_id = model.id
+        if model.removable:  # only cache entries: a folder the user pointed at is never deleted
+            buttons.operator("syncsphere.remove_model", text="", icon="TRASH").model_id = model.id
+
+    row = layout.row(align=True)
+    row.prop(prefs, "download_id")
+    row.prop(prefs, "download_fp16", toggle=True)
+    row.operator("syncsphere.download_model", text="Download", icon="IMPORT")
+    download = model_list.current_download()
+    if model_list.is_downloading():
+        row = layout.row()
+        row.progress(factor=download.fraction, text=download.status_text())
+        row.operator("syncsphere.cancel_model_download", text="Cancel", icon="CANCEL")
+    elif download is not None:  # how the last download ended
+        draw_sentence(layout, download.status_text(), DOWNLOAD_END_ICONS[download.state])
 
 
 def get_preferences(context=None):
@@ -106,6 +226,14 @@ def output_folder(prefs):
         return bpy.path.abspath(prefs.output_dir)
     # Never inside the extension folder: Blender wipes it on every upgrade (design section 7).
     return user_folder(OUTPUTS_SUBFOLDER)
+
+
+def model_folders(prefs):
+    """The Model Folder as a list of one absolute path ([] when unset), for ``models list --folder``."""
+    if prefs is None or not prefs.model_folder.strip():
+        return []
+    # DIR_PATH properties may hold Blender-relative ("//") or "~" paths.
+    return [os.path.normpath(os.path.expanduser(bpy.path.abspath(prefs.model_folder.strip())))]
 
 
 def interpreter_path(prefs):

@@ -41,6 +41,13 @@ DEVICE_ITEMS = (
     ("mps", "Apple Metal", "An Apple Silicon GPU"),
     ("cpu", "CPU", "The CPU (very slow)"),
 )
+# How the backend uses GPU memory (its --memory; generation.generate_params sends the identifier as is).
+MEMORY_ITEMS = (
+    ("auto", "Auto", "Picks Full or Low from the GPU's free memory and the image size"),
+    ("full", "Full", "Everything on the GPU at once: fastest, needs the most GPU memory"),
+    ("low", "Low", "Slower, but fits smaller GPUs: the models moved to the CPU between stages, "
+     "one view at a time and the image decoded in strips"),
+)
 # How the sun of a HDR World lights the scene (blender_addon/world.py, apply_lit_world). The identifiers are
 # lighting.SUN_LAMP and lighting.IN_TEXTURE.
 SUN_MODE_ITEMS = (
@@ -139,6 +146,8 @@ class SyncSphereSettings(PropertyGroup):
     stride: IntProperty(name="Stride", description="Distance between views in latent pixels; 0: window / 8",
                         default=0, min=0, max=256)
     device: EnumProperty(name="Device", items=DEVICE_ITEMS, default="PREFERENCES")
+    memory: EnumProperty(name="Memory", items=MEMORY_ITEMS, default="auto",
+                         description="How the backend uses GPU memory; choose Low if a job runs out of memory")
 
     # The world's rotation and strength, and a texture's tiling, are not copied here: the panel draws the
     # SyncSphere nodes' own sockets, so they are live, undoable and saved with the World or material.

@@ -1,7 +1,7 @@
 """SyncSphere operators. Thin: they read the preferences and call into ``blender_addon``.
 
 Here: check that the configured backend interpreter can run the backend, and open the output folder.
-``generate.py``: generate, cancel, history and world operators; ``setup.py``: set up the backend environment; ``bake.py``: bake to a UV image; ``export.py``: export the World as a cube map; ``lighting.py``: update a World's lighting.
+``generate.py``: generate, cancel, history and world operators; ``setup.py``: set up the backend environment; ``bake.py``: bake to a UV image; ``export.py``: export the World as a cube map; ``lighting.py``: update a World's lighting; ``models.py``: the preferences' Models list (refresh, download, cancel, remove, set as default).
 """
 
 import os
@@ -10,7 +10,7 @@ import bpy
 from bpy.types import Operator
 
 from ..blender_addon import backend_command, get_preferences, interpreter_path, output_folder
-from . import bake, export, generate, lighting, setup
+from . import bake, export, generate, lighting, models, setup
 
 
 class SYNCSPHERE_OT_check_backend(Operator):
@@ -66,4 +66,16 @@ _CLASSES = (SYNCSPHERE_OT_check_backend, SYNCSPHERE_OT_open_output_folder, *gene
 
 
 # Blender's own helper: registers in order, unregisters in reverse.
-register, unregister = bpy.utils.register_classes_factory(_CLASSES)
+_register_classes, _unregister_classes = bpy.utils.register_classes_factory(_CLASSES)
+
+
+def register():
+    """Register every operator; ``models`` also schedules listing the installed models after start-up."""
+    _register_classes()
+    models.register()
+
+
+def unregister():
+    """Unregister every operator (``models`` first: it stops a running download), in reverse order."""
+    models.unregister()
+    _unregister_classes()

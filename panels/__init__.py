@@ -12,16 +12,20 @@ from ..blender_addon.results import thumbnail_icon
 
 
 def draw_main(layout, context):
-    """Prompt, mode, resolution (with the view set and sky / ground prompts for a 360° World), seed, sampling,
-    synchronisation (each method's options only when it is chosen; merged attention always), and Generate /
-    Cancel with the job's progress."""
+    """Prompt, mode, model (the preferences' Default Model as a menu of the installed models), resolution
+    (with the view set and sky / ground prompts for a 360° World), seed, sampling, synchronisation (each
+    method's options only when it is chosen; merged attention always), and Generate / Cancel with the job's
+    progress."""
     settings = context.scene.syncsphere
+    prefs = get_preferences(context)
     layout.prop(settings, "prompt")
     layout.prop(settings, "negative_prompt", text="Avoid")
     layout.prop(settings, "mode", expand=True)
     column = layout.column()
     column.use_property_split = True
     column.use_property_decorate = False
+    if prefs is not None:
+        column.prop(prefs, "default_model_menu", text="Model")
     width, height = generation.resolution(settings.mode, settings.resolution)
     column.prop(settings, "resolution", text=f"Size ({width}x{height})")
     if settings.mode == "WORLD":  # only a 360° World has views that look up and down
@@ -55,7 +59,7 @@ def draw_main(layout, context):
         icon = thumbnail_icon(settings.history[0].png_path)
         if icon:
             layout.template_icon(icon_value=icon, scale=6.0)
-    if get_preferences(context) is not None and not get_preferences(context).python_path.strip():
+    if prefs is not None and not prefs.python_path.strip():
         layout.label(text="Set the backend Python in the add-on preferences", icon="INFO")
 
 
@@ -117,7 +121,7 @@ def draw_lighting(layout, context):
 
 
 def draw_advanced(layout, context):
-    """Window, stride and device."""
+    """Window, stride, device and memory."""
     settings = context.scene.syncsphere
     column = layout.column()
     column.use_property_split = True
@@ -125,6 +129,7 @@ def draw_advanced(layout, context):
     column.prop(settings, "window")
     column.prop(settings, "stride")
     column.prop(settings, "device")
+    column.prop(settings, "memory")
 
 
 # What a history item says after its seed about a method other than the default MultiDiffusion.

@@ -3,28 +3,16 @@ the protocol's generate params, and the backend's own request validation (backen
 library only) accepts them and reads them as meant.
 """
 
-import importlib.util
 import json
-import os
 import types
 
 import pytest
 
 from backend.errors import BadRequest
 from backend.request import GenerateRequest
+from test_worker_client import load_addon_module
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-
-def _load_generation():
-    """blender_addon/generation.py by path (the blender_addon package itself imports bpy)."""
-    spec = importlib.util.spec_from_file_location("addon_generation", os.path.join(REPO, "blender_addon", "generation.py"))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-generation = _load_generation()
+generation = load_addon_module("generation")
 
 SYNC_OPTIONS = ("sync_weight", "sync_steps", "sync_fast")
 
@@ -35,7 +23,7 @@ def settings(**overrides):
                   randomize_seed=False, steps=30, guidance=6.5, sync_method="MULTIDIFFUSION", window=0, stride=0,
                   device="PREFERENCES", sync_weight=20.0, sync_steps=10, sync_fast=False, syncsde_lambda=5.0,
                   mad=False, view_set="AUTO", prompt_up="", prompt_down="", hdr=True, exposure=0.0, sun_ratio=6.0,
-                  use_sun_direction=False, sun_yaw=0.0, sun_pitch=45.0)
+                  use_sun_direction=False, sun_yaw=0.0, sun_pitch=45.0, memory="auto")
     values.update(overrides)
     return types.SimpleNamespace(**values)
 
@@ -54,9 +42,20 @@ def backend_request(params, tmp_path):
 def test_the_basic_params():
     assert params_of() == {"prompt": "a harbour at dusk", "negative_prompt": "fog", "layout": "equirect",
                            "width": 1024, "height": 512, "steps": 30, "guidance": 6.5, "seed": 42,
-                           "model": "some/model", "device": "cpu"}
+                           "model": "some/model", "device": "cpu", "memory": "auto"}
     tile = params_of(mode="TILE", resolution="HIGH", window=48, stride=12)
     assert (tile["layout"], tile["width"], tile["height"], tile["window"], tile["stride"]) == ("tile", 2048, 2048, 48, 12)
+
+
+@pytest.mark.parametrize("memory", ["auto", "full", "low"])
+def test_the_memory_mode_is_sent_and_the_backend_reads_it(memory, tmp_path):
+    """Every Memory item of the settings is one of the backend's --memory modes, sent as is."""
+    from backend.request import MEMORY_MODES
+
+    assert memory in MEMORY_MODES
+    params = params_of(memory=memory)
+    assert params["memory"] == memory
+    assert backend_request(params, tmp_path).memory == memory
 
 
 @pytest.mark.parametrize("options", [{}, {"sync_weight": 5.0, "sync_steps": 0, "sync_fast": True}])

@@ -6,28 +6,16 @@ by rendering; tests/test_blender_lighting.py renders the lamp and the shadows th
 """
 
 import dataclasses
-import importlib.util
 import json
 import math
-import os
 
 import numpy as np
 import pytest
 
 from test_addon_generation import backend_request, generation, settings
+from test_worker_client import load_addon_module
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-
-def _load_lighting():
-    """blender_addon/lighting.py by path (the blender_addon package itself imports bpy)."""
-    spec = importlib.util.spec_from_file_location("addon_lighting", os.path.join(REPO, "blender_addon", "lighting.py"))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-lighting = _load_lighting()
+lighting = load_addon_module("lighting")
 
 
 def source(**overrides):

@@ -26,7 +26,7 @@ pytestmark = pytest.mark.skipif(_bpy_dir() is None, reason="bpy is not installed
 # History panel, not as properties).
 SETTINGS = {"prompt", "negative_prompt", "mode", "resolution", "seed", "randomize_seed", "steps", "guidance",
             "sync_method", "sync_weight", "sync_steps", "sync_fast", "syncsde_lambda", "mad", "view_set",
-            "prompt_up", "prompt_down", "window", "stride", "device", "hide_from_camera", "face_camera"}
+            "prompt_up", "prompt_down", "window", "stride", "device", "memory", "hide_from_camera", "face_camera"}
 # The Lighting sub-panel's (360° World; tests/test_blender_lighting.py draws it in detail).
 SETTINGS |= {"hdr", "exposure", "sun_ratio", "use_sun_direction", "sun_yaw", "sun_pitch", "sun_mode"}
 # SyncDiffusion's options, drawn (right under the Synchronisation menu) only when it is chosen.
@@ -371,7 +371,7 @@ result({"registered": registered, "by method": by_method,
 
         assert set(_props(drawn[f"{main}_result"], "settings")) == {"hide_from_camera", "face_camera"}
         assert "syncsphere.restore_world" in _operators(drawn[f"{main}_result"])
-        assert _props(drawn[f"{main}_advanced"], "settings") == ["window", "stride", "device"]
+        assert _props(drawn[f"{main}_advanced"], "settings") == ["window", "stride", "device", "memory"]
         assert _props(drawn[f"{main}_backend"], "prefs") == ["python_path", "default_model"]
         assert set(_operators(drawn[f"{main}_backend"])) == {"syncsphere.check_backend",
                                                              "syncsphere.open_output_folder"}

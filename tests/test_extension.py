@@ -24,7 +24,8 @@ ADDON_PACKAGES = ("blender_addon", "operators", "panels")
 PANEL_CLASSES = ("SYNCSPHERE_PT_world", "SYNCSPHERE_PT_view3d")
 OPERATOR_CLASSES = ("SYNCSPHERE_OT_check_backend", "SYNCSPHERE_OT_open_output_folder", "SYNCSPHERE_OT_generate",
                     "SYNCSPHERE_OT_cancel", "SYNCSPHERE_OT_bake_to_uv", "SYNCSPHERE_OT_export_cubemap",
-                    "SYNCSPHERE_OT_setup_backend")
+                    "SYNCSPHERE_OT_setup_backend", "SYNCSPHERE_OT_refresh_models", "SYNCSPHERE_OT_download_model",
+                    "SYNCSPHERE_OT_cancel_model_download", "SYNCSPHERE_OT_remove_model", "SYNCSPHERE_OT_set_default_model")
 
 
 def _bpy_dir():

@@ -299,16 +299,27 @@ def test_cancelling_from_the_progress_callback_keeps_the_finished_files(hub):
     assert download_model(REPO).fetched > 0 and list_models()[0].complete
 
 
-def test_an_interrupted_blob_shows_the_model_as_partial_and_remove_frees_it(hub, served_model, online):
+def test_an_interrupted_blob_is_counted_cleared_by_the_next_download_and_freed_by_remove(hub, served_model, online):
     download_model(REPO)
     total = _size(served_model, ENGINE_FILES)
     blobs = os.path.join(online, "models--syncsphere-test--tiny-sd2", "blobs")
-    with open(os.path.join(blobs, "0123abcd.4567ef89.incomplete"), "wb") as f:
+    leftover = os.path.join(blobs, "0123abcd.4567ef89.incomplete")  # what a killed download leaves
+    with open(leftover, "wb") as f:
+        f.write(b"x" * 1000)
+    # Every file the engine loads is there: complete, with the leftover counted in the size.
+    (model,) = list_models()
+    assert model.complete and model.size == total + 1000
+    # A download that completes (here fetching nothing) deletes it.
+    assert download_model(REPO).fetched == 0 and not os.path.exists(leftover) and list_models()[0].size == total
+
+    # With files missing, the interrupted blob is named among them.
+    os.remove(os.path.join(list_models()[0].path, "unet", "diffusion_pytorch_model.safetensors"))
+    with open(leftover, "wb") as f:
         f.write(b"x" * 1000)
     (model,) = list_models()
-    assert not model.complete and "interrupted" in model.missing[0] and model.size == total + 1000
+    assert not model.complete and model.missing == ["unet weights", "an interrupted download (.incomplete)"]
 
-    assert remove_model(REPO) == total + 1000
+    assert remove_model(REPO) == model.size
     assert not os.path.exists(os.path.join(online, "models--syncsphere-test--tiny-sd2"))
     assert list_models() == []
     with pytest.raises(ModelNotFound, match="not in the Hugging Face cache"):

@@ -1,0 +1,241 @@
+"""The Models list, the panel's model menu and the Memory setting in headless Blender.
+
+Like tests/test_blender_panels.py, the add-on is registered and enabled in a fresh bpy interpreter and what
+the preferences and panels draw is recorded with its ``RecordingLayout``. The operators run for real: they
+start ``python -m backend models ...`` with this interpreter (which has the backend's requirements), against
+the local hub of tests/test_addon_models.py (``HF_ENDPOINT``) and a tmp ``HF_HOME``. No network.
+
+The Python that runs Blender (the bpy module) is this one by default; CI points
+``SYNCSPHERE_TEST_BLENDER_PYTHON`` at the Blender 4.2 environment too.
+"""
+
+import json
+import os
+import subprocess
+import sys
+import threading
+
+import pytest
+
+from test_addon_models import MODEL_ID, REPO, UNET_WEIGHTS, folder_size
+from test_addon_models import hub, served_model, stall  # noqa: F401 (fixtures)
+from test_blender_panels import _HELPERS
+from test_extension import _PRELUDE, _bpy_dir
+
+BLENDER_PYTHON = os.path.abspath(os.environ.get("SYNCSPHERE_TEST_BLENDER_PYTHON", sys.executable))
+
+pytestmark = pytest.mark.skipif(BLENDER_PYTHON == os.path.abspath(sys.executable) and _bpy_dir() is None,
+                                reason="bpy is not installed")
+
+# Runs after the panels' helpers (the add-on enabled, RecordingLayout, draw(), result(), finish()).
+_MODELS_HELPERS = r"""
+import time
+from syncsphere.blender_addon import generation, model_list, preferences
+
+models_operators = sys.modules["syncsphere.operators.models"]
+setup_operators = sys.modules["syncsphere.operators.setup"]
+prefs.python_path = BACKEND_PYTHON  # the backend needs torch and huggingface_hub, which bpy's Python may lack
+
+
+def run(operator, **properties):
+    '''Run an operator: (sorted result set, None), or (None, the error sentence it reported).'''
+    try:
+        return sorted(operator(**properties)), None
+    except RuntimeError as error:  # an ERROR report raises in background mode
+        return None, str(error).strip()
+
+
+def models_box():
+    '''What the preferences' Models box draws: labels, operators with their model ids, progress bars.'''
+    calls = []
+    preferences.draw_models(RecordingLayout(calls), prefs)
+    return {"labels": [call["args"]["text"] for call in calls if call["method"] == "label"],
+            "operators": [[call["args"]["operator"], call["properties"].get("model_id", "")]
+                          for call in calls if call["method"] == "operator"],
+            "progress": [call["args"].get("text", "") for call in calls if call["method"] == "progress"],
+            "props": [call["args"]["property"] for call in calls if call["method"] == "prop"]}
+
+
+def listed():
+    '''The cached listing as [id, kind, family, size, complete].'''
+    return [[model.id, model.kind, model.family, model.size, model.complete] for model in model_list.cached_models()]
+"""
+
+
+def run_blender(code, tmp_path, hub=None):
+    """Run ``code`` after the helpers in a fresh headless Blender whose backend processes reach the local
+    hub and keep their cache in tmp; returns (what it passed to result(), its stdout)."""
+    env = {**os.environ, "HF_HOME": str(tmp_path / "hf-home"), "HF_HUB_OFFLINE": "0"}
+    env.pop("HF_HUB_CACHE", None)
+    if hub is not None:
+        env["HF_ENDPOINT"] = hub.url
+    script = (_PRELUDE + _HELPERS + f"TMP = {str(tmp_path)!r}\nBACKEND_PYTHON = {sys.executable!r}\n"
+              + _MODELS_HELPERS + code + "\nfinish()\n")
+    done = subprocess.run([BLENDER_PYTHON, "-c", script], cwd=REPO, env=env, capture_output=True, text=True,
+                          timeout=300)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    lines = [line for line in done.stdout.splitlines() if line.startswith("RESULT ")]
+    assert lines, f"no RESULT line\nstdout:\n{done.stdout}\nstderr:\n{done.stderr}"
+    return json.loads(lines[-1][len("RESULT "):]), done.stdout
+
+
+def test_download_cancel_resume_list_set_default_menu_and_remove(hub, served_model, stall, tmp_path):
+    """The whole Models list on a tmp cache: a download cancelled half-way in the UI (timer) path, resumed by
+    the operator in background mode with its progress printed, listed with family and size, set as default,
+    chosen in the panel's menu and sent by generate_params, removed; a Model Folder listed and never removed."""
+    total = folder_size(served_model)
+    stall.held.add(UNET_WEIGHTS)
+    reached = tmp_path / "stall-reached"  # tells the Blender script the hub is sending the UNet's weights now
+    threading.Thread(target=lambda: stall.reached.wait(120) and reached.touch(), daemon=True).start()
+
+    report, stdout = run_blender(f"""
+from types import SimpleNamespace
+MODEL_ID, REACHED, FOLDER = {MODEL_ID!r}, {str(reached)!r}, {served_model!r}
+report = {{"before": models_box()}}
+prefs.download_id = MODEL_ID
+report["offline"] = run(bpy.ops.syncsphere.download_model)  # bpy's online access is off
+setup_operators.online_access = lambda: True  # read-only in Blender: patched where the operators ask
+
+# The UI path without a UI: the download started as the operator starts it, followed by calling its timer
+# function (Blender's timers never fire here), Cancel pressed half-way.
+command = models_operators.backend_command.backend_command(BACKEND_PYTHON, *model_list.download_arguments(MODEL_ID))
+model_list.start_download(command, models_operators.backend_command.backend_environment(),
+                          models_operators.backend_command.EXTENSION_DIR, MODEL_ID)
+deadline = time.monotonic() + 120
+while not os.path.exists(REACHED):
+    assert models_operators.follow_download() == models_operators._TIMER_S
+    assert time.monotonic() < deadline
+    time.sleep(0.1)
+models_operators.follow_download()
+report["while downloading"] = models_box()
+report["poll while downloading"] = [bpy.ops.syncsphere.download_model.poll(),
+                                    bpy.ops.syncsphere.cancel_model_download.poll()]
+report["cancel"] = run(bpy.ops.syncsphere.cancel_model_download)
+report["after cancel"] = [models_operators.follow_download(), models_box()["labels"][-1]]
+report["refresh"] = run(bpy.ops.syncsphere.refresh_models)
+report["partial"] = [listed(), models_box()]
+
+# Background mode: the operator waits for the download (which resumes), printing its progress, then lists.
+report["download"] = run(bpy.ops.syncsphere.download_model)
+report["downloaded"] = [listed(), models_box()["labels"][-1]]
+prefs.model_folder = FOLDER  # a diffusers folder of the user's own
+report["with folder"] = [run(bpy.ops.syncsphere.refresh_models), listed(), models_box()]
+
+report["set default"] = run(bpy.ops.syncsphere.set_default_model, model_id=MODEL_ID)
+report["default"] = [prefs.default_model, prefs.default_model_menu]
+report["menu"] = [list(item) for item in preferences.default_model_menu_items(prefs)]
+report["main panel"] = [[call["args"]["property"], call["args"].get("text")] for call in draw("SYNCSPHERE_PT_view3d")
+                        if call["method"] == "prop" and call["args"]["data"] == "prefs"]
+report["sent"] = [generation.generate_params(settings, 7, model=prefs.default_model, device="cpu")["model"]]
+prefs.default_model_menu = FOLDER  # picking the folder in the panel's menu sets Default Model
+report["sent"].append(generation.generate_params(settings, 7, model=prefs.default_model, device="cpu")["model"])
+try:
+    prefs.default_model_menu = "someone/not-listed"
+except TypeError:
+    report["not an item"] = True
+prefs.default_model = "someone/typed-model"  # a typed id is an item of the menu too
+report["typed"] = [prefs.default_model_menu, [item[0] for item in preferences.default_model_menu_items(prefs)]]
+
+report["remove folder"] = run(bpy.ops.syncsphere.remove_model, model_id=FOLDER)
+report["folder kept"] = os.path.isfile(os.path.join(FOLDER, "model_index.json"))
+cache_entry = os.path.join(os.environ["HF_HOME"], "hub", "models--" + MODEL_ID.replace("/", "--"))
+report["cache entry before"] = os.path.isdir(cache_entry)
+report["remove"] = run(bpy.ops.syncsphere.remove_model, model_id=MODEL_ID)
+report["removed"] = [os.path.isdir(cache_entry), listed()]
+prefs.download_id = "syncsphere-test/no-such-model"
+report["unknown"] = [run(bpy.ops.syncsphere.download_model), models_box()["labels"]]
+result(report)
+""", tmp_path, hub)
+
+    # Before the first listing the box says how to get one, and shows the Download field and the Model Folder.
+    assert "Press Refresh to list the installed models" in report["before"]["labels"]
+    assert report["before"]["props"] == ["model_folder", "download_id", "download_fp16"]
+    assert report["before"]["operators"] == [["syncsphere.refresh_models", ""], ["syncsphere.download_model", ""]]
+    assert report["offline"][0] is None and "Allow Online Access" in report["offline"][1]
+
+    # Half-way: a byte progress bar and Cancel; no second download meanwhile.
+    (progress,) = report["while downloading"]["progress"]
+    assert progress.startswith(f"Downloading {MODEL_ID}: ") and progress.endswith(" kB")
+    assert ["syncsphere.cancel_model_download", ""] in report["while downloading"]["operators"]
+    assert report["poll while downloading"] == [False, True]
+    assert report["cancel"] == [["FINISHED"], None]
+    assert report["after cancel"] == [None, f"Download of {MODEL_ID} cancelled; downloading it again resumes it"]
+    # What came stays: the model is listed as partial, with Resume.
+    assert report["refresh"] == [["FINISHED"], None]
+    (partial,), box = report["partial"]
+    assert partial[:3] == [MODEL_ID, "hub", "SD2"] and partial[4] is False
+    assert ["syncsphere.download_model", MODEL_ID] in box["operators"]
+    assert any("partial: missing unet weights" in label for label in box["labels"])
+
+    # The background download resumed and printed its bytes; the list was refreshed with the model complete.
+    assert report["download"] == [["FINISHED"], None]
+    printed = [line for line in stdout.splitlines() if line.startswith(f"Downloading {MODEL_ID}: ")]
+    assert printed and printed[-1].endswith(" kB") and not printed[0].startswith(f"Downloading {MODEL_ID}: 0.0 ")
+    assert report["downloaded"] == [[[MODEL_ID, "hub", "SD2", total, True]], f"Downloaded {MODEL_ID}"]
+
+    # With the Model Folder: both listed; Remove only for the cache entry, Set as Default for both.
+    refresh, models, box = report["with folder"]
+    assert refresh == [["FINISHED"], None]
+    assert [model[:2] for model in models] == [[MODEL_ID, "hub"], [served_model, "folder"]]
+    assert box["operators"] == [["syncsphere.refresh_models", ""],
+                                ["syncsphere.set_default_model", MODEL_ID], ["syncsphere.remove_model", MODEL_ID],
+                                ["syncsphere.set_default_model", served_model], ["syncsphere.download_model", ""]]
+    size = f"{total / 1000:.0f} kB"
+    assert MODEL_ID in box["labels"] and f"{size}, SD2, complete" in box["labels"]
+    assert os.path.basename(served_model) in box["labels"]
+
+    # Set as Default, the panel's menu, and what Generate sends.
+    assert report["set default"] == [["FINISHED"], None]
+    assert report["default"] == [MODEL_ID, MODEL_ID]
+    assert [item[0] for item in report["menu"]] == ["stabilityai/stable-diffusion-2-base", MODEL_ID, served_model]
+    assert report["menu"][0][1] == "stabilityai/stable-diffusion-2-base (not installed)"
+    assert [item[3] for item in report["menu"]] == [0, 1, 2]
+    assert report["main panel"] == [["default_model_menu", "Model"]]
+    assert report["sent"] == [MODEL_ID, served_model]
+    assert report["not an item"]
+    assert report["typed"] == ["someone/typed-model", ["stabilityai/stable-diffusion-2-base", MODEL_ID, served_model,
+                                                       "someone/typed-model"]]
+
+    # Remove: a folder of the user's is refused and kept; the cache entry goes.
+    assert report["remove folder"][0] is None and "local path" in report["remove folder"][1]
+    assert report["folder kept"]
+    assert report["cache entry before"] and report["remove"] == [["FINISHED"], None]
+    assert report["removed"] == [False, [[served_model, "folder", "SD2", folder_size(served_model), True]]]
+
+    # A download that fails: the backend's sentence, reported and shown in the box.
+    result, error = report["unknown"][0]
+    assert result is None and "syncsphere-test/no-such-model" in error and "not found" in error
+    assert error.removeprefix("Error: ") in " ".join(report["unknown"][1])  # wrapped into lines
+
+
+def test_the_preferences_draw_the_models_box_and_memory_is_a_scene_setting(tmp_path):
+    """The whole preferences draw (the Models box at the end), and Memory: the backend's three modes, sent
+    with every generation, drawn in the Advanced sub-panel."""
+    report, _ = run_blender("""
+calls = []
+preferences.draw_preferences(RecordingLayout(calls), prefs)  # what the preferences' draw() draws
+drawn = [call["args"].get("property") or call["args"].get("operator") for call in calls
+         if call["method"] in ("prop", "operator")]
+properties = settings.bl_rna.properties
+report = {"drawn": drawn,
+          "items": [[item.identifier, item.name, item.description] for item in properties["memory"].enum_items],
+          "default": properties["memory"].default,
+          "sent": generation.generate_params(settings, 7, model="m", device="cpu")["memory"]}
+settings.memory = "low"
+report["low"] = generation.generate_params(settings, 7, model="m", device="cpu")["memory"]
+report["advanced"] = [call["args"]["property"] for call in draw("SYNCSPHERE_PT_world_advanced")
+                      if call["method"] == "prop"]
+result(report)
+""", tmp_path)
+    from backend.request import MEMORY_MODES
+
+    assert [item[0] for item in report["items"]] == list(MEMORY_MODES) == ["auto", "full", "low"]
+    assert [item[1] for item in report["items"]] == ["Auto", "Full", "Low"]
+    descriptions = {item[0]: item[2] for item in report["items"]}
+    assert "free memory" in descriptions["auto"]
+    assert "Slower" in descriptions["low"] and "smaller GPUs" in descriptions["low"]
+    assert (report["default"], report["sent"], report["low"]) == ("auto", "auto", "low")
+    assert report["advanced"] == ["window", "stride", "device", "memory"]
+    assert report["drawn"] == ["python_path", "default_model", "device", "output_dir", "keep_warm", "timeout_s",
+                               "syncsphere.setup_backend", "syncsphere.check_backend", "syncsphere.refresh_models",
+                               "model_folder", "download_id", "download_fp16", "syncsphere.download_model"]
