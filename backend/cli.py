@@ -82,9 +82,9 @@ def build_parser() -> argparse.ArgumentParser:
     generate.add_argument("--dtype", default="auto", metavar="{" + ",".join(DTYPES) + "}",
                           help="auto: float16 on GPUs, float32 on the CPU")
     generate.add_argument("--memory", default="auto", choices=MEMORY_MODES,
-                          help="full: everything on the device at once; low: half precision where the device has it, "
-                          "models offloaded to the CPU between stages, view batch 1 and a strip-wise VAE decode (slower, "
-                          "same image); auto (default): full when the device's free memory holds the job, else low")
+                          help="full: everything on the device at once; low: models kept in CPU memory and moved to the "
+                          "GPU stage by stage, view batch 1 (MAD off) and a strip-wise VAE decode (the same image with "
+                          "less memory); auto (default): full when the device's free memory holds the job, else low")
     generate.add_argument("--out", required=True, help="output folder for panorama.png, panorama.exr and metadata.json (equirect: "
                           "also the cube map face_F.png … face_D.png, cubemap_dice.png, cubemap_horizon.png, and unless "
                           "--no-hdr panorama_sky.exr and lighting.json)")

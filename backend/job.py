@@ -25,7 +25,7 @@ from .canvas import Canvas
 from .decode import decode_canvas, decode_pole_caps
 from .denoiser import GuidedUNetDenoiser
 from .errors import BadRequest, JobCancelled, OutOfMemory
-from .memory import MemoryPlan, StagePlacement, low_plan, plan_memory, plan_request
+from .memory import MemoryPlan, StagePlacement, low_plan, plan_memory, plan_request, weights_to_place
 from .models import (
     LoadedModel,
     fuse_lora,
@@ -101,7 +101,10 @@ class ModelCache:
                checked.lora, request.lora_scale)
         if key != self._key:
             self._model = None  # release the old model before loading the next one
-            self._model = load_model(checked.source, checked.device, checked.dtype, request.allow_pickle, request.model_config)
+            # A low-memory job on a GPU loads the models into CPU memory; each stage moves in what it runs.
+            on_device = request.memory != "low" or checked.device.type == "cpu"
+            self._model = load_model(checked.source, checked.device, checked.dtype, request.allow_pickle, request.model_config,
+                                     place_on_device=on_device)
             if checked.lora is not None:
                 fuse_lora(self._model, checked.lora, request.lora_scale)
             self._key = key
@@ -162,8 +165,7 @@ def run_job(checked: CheckedRequest, report: StepReport | None = None, models: M
     # retry with half the view batch, then in low mode with MAD off, then fail (memory_attempts).
     plan = plan_memory(request, model.device, model.dtype, pipeline.unet.config, pipeline.vae.config,
                        len(request_views(dataclasses.replace(request), geometry.vae_scale_factor, pipeline.unet)),
-                       weights_bytes=sum(parameter.numel() * parameter.element_size() for name in ("unet", "vae", "text_encoder")
-                                         for parameter in getattr(pipeline, name).parameters()))
+                       weights_bytes=weights_to_place(pipeline, model.device), vae_dtype=pipeline.vae.dtype)
     attempts = memory_attempts(request, plan, model.device)
     retries = []
     hook = install_test_oom_hook(pipeline.unet)
@@ -190,6 +192,9 @@ def run_job(checked: CheckedRequest, report: StepReport | None = None, models: M
     timings.update(attempt_timings)
     request.views = attempt.views  # request_views may have chosen the view set on the attempt's copy
     memory = {**attempt_plan.to_dict(), "attempt": attempt_name, "retries": retries, "view_batch_used": attempt.view_batch}
+    if attempt.mad_steps != request.mad_steps:
+        memory["mad_off"] = True  # low mode runs one view at a time; MAD would batch them all
+        print("warning: merged attention (--mad-steps) was off: low-memory mode runs one view at a time", file=sys.stderr)
 
     stage("writing")
     hdr = None
@@ -257,18 +262,17 @@ def denoise_and_decode(request: GenerateRequest, model: LoadedModel, plan: Memor
 
 def memory_attempts(request: GenerateRequest, plan: MemoryPlan, device: torch.device) -> list[tuple[str, MemoryPlan, GenerateRequest]]:
     """The attempts a job makes when the device runs out of memory, in order, as (name, memory plan, request
-    copy with the plan's view batch): "full" or "low", the ``plan`` as given; after a full plan with a view
-    batch above 1, "half view batch"; then "low" with MAD off (merged attention runs every view in one
-    batch), unless the first attempt was that already. The copies share the seed, so each attempt starts
-    from the same noise."""
+    copy for the plan: ``plan_request``): "full" or "low", the ``plan`` as given; after a full plan with a
+    view batch above 1, "half view batch"; after a full plan, "low" (view batch 1, MAD off). The copies share
+    the seed, so each attempt starts from the same noise."""
     attempts = [(plan.mode, plan, plan_request(request, plan))]
     if plan.mode == "full" and plan.view_batch > 1:
         half = dataclasses.replace(plan, view_batch=max(1, plan.view_batch // 2), reason="out of memory")
         attempts.append(("half view batch", half, plan_request(request, half)))
-    if plan.mode == "full" or request.mad_steps:
+    if plan.mode == "full":
         low = dataclasses.replace(low_plan(request, device, "out of memory"), free_bytes=plan.free_bytes,
                                   estimated_full_bytes=plan.estimated_full_bytes)
-        attempts.append(("low", low, dataclasses.replace(plan_request(request, low), mad_steps=0)))
+        attempts.append(("low", low, plan_request(request, low)))
     return attempts
 
 

@@ -10,7 +10,8 @@
   decoding). We move them ourselves rather than through accelerate's forward hooks: SyncDiffusion decodes
   with the VAE inside every denoising step, which hooks would answer by swapping the UNet out and back
   twice a step. On the CPU there is nothing to offload to.
-- **View batch 1**: one view per UNet call.
+- **View batch 1**: one view per UNet call. MAD (``--mad-steps``) is turned off: merged attention runs every
+  view in one batch.
 - **Strip decode**: each decode tile goes through the VAE's full-resolution layers in strips of rows
   (``decode.decode_in_strips``), which holds about half the memory of ``vae.decode``.
 - **Half precision and attention** are the same in both modes: ``--dtype auto`` is already float16 on CUDA
@@ -82,21 +83,22 @@ def low_plan(request: GenerateRequest, device: torch.device, reason: str) -> Mem
 
 
 def plan_memory(request: GenerateRequest, device: torch.device, dtype: torch.dtype, unet_config, vae_config,
-                view_count: int, weights_bytes: int = 0, free_bytes: int | None = None) -> MemoryPlan:
-    """The memory plan of ``request`` (validated, with its view set chosen) on ``device`` in ``dtype``.
+                view_count: int, weights_bytes: int = 0, free_bytes: int | None = None,
+                vae_dtype: torch.dtype | None = None) -> MemoryPlan:
+    """The memory plan of ``request`` (validated, with its view set chosen) on ``device`` in ``dtype``
+    (the VAE in ``vae_dtype``, default ``dtype``).
 
     For ``auto``: ``estimate_full_bytes`` of the job (``view_count`` views, the model's UNet and VAE configs)
-    against ``free_bytes`` (default: ``free_memory_bytes(device)`` now, with the model loaded). On the CPU
-    the model's ``weights_bytes`` count too: safetensors weights are memory-mapped and count as free
-    page cache until they are first used.
+    plus ``weights_bytes`` against ``free_bytes`` (default: ``free_memory_bytes(device)`` now).
+    ``weights_bytes`` are the weights a full job must still bring in (``weights_to_place``): on the CPU all of
+    them (memory-mapped safetensors count as free page cache until first used), on a GPU those a low job left
+    in CPU memory.
     """
     if request.memory == "full":
         return full_plan(request, "asked for")
     if request.memory == "low":
         return low_plan(request, device, "asked for")
-    estimate = estimate_full_bytes(request, dtype, unet_config, vae_config, view_count)
-    if device.type == "cpu":
-        estimate += weights_bytes
+    estimate = estimate_full_bytes(request, dtype, unet_config, vae_config, view_count, vae_dtype) + weights_bytes
     free = free_memory_bytes(device) if free_bytes is None else free_bytes
     if free is None:
         plan = full_plan(request, f"the free memory of the {device.type} device is unknown")
@@ -108,11 +110,13 @@ def plan_memory(request: GenerateRequest, device: torch.device, dtype: torch.dty
     return plan
 
 
-def estimate_full_bytes(request: GenerateRequest, dtype: torch.dtype, unet_config, vae_config, view_count: int) -> int:
+def estimate_full_bytes(request: GenerateRequest, dtype: torch.dtype, unet_config, vae_config, view_count: int,
+                        vae_dtype: torch.dtype | None = None) -> int:
     """A rough upper estimate, in bytes, of the activation memory of ``request`` in ``full`` mode: the larger
     of a UNet call (``view_batch`` views, twice with guidance; every view while MAD merges them; three times
     that for SyncDiffusion's gradient pass) and the largest decode tile (``decode.decode_canvas``'s default
-    tiling). unet_config / vae_config: the model's configs (dicts or diffusers configs)."""
+    tiling, in ``vae_dtype``, default ``dtype``). unet_config / vae_config: the model's configs (dicts or
+    diffusers configs)."""
     from .decode import largest_decode_tile
 
     element = torch.finfo(dtype).bits // 8
@@ -124,8 +128,18 @@ def estimate_full_bytes(request: GenerateRequest, dtype: torch.dtype, unet_confi
     if request.sync == "syncdiffusion":
         unet *= 3
     tile_height, tile_width = largest_decode_tile(request.height // factor, request.width // factor, request.layout)
-    decode = (tile_height * factor) * (tile_width * factor) * vae_config["block_out_channels"][0] * DECODE_ELEMENTS_PER_PIXEL_CHANNEL * element
+    vae_element = torch.finfo(vae_dtype or dtype).bits // 8
+    decode = (tile_height * factor) * (tile_width * factor) * vae_config["block_out_channels"][0] * DECODE_ELEMENTS_PER_PIXEL_CHANNEL * vae_element
     return int(max(unet, decode))
+
+
+def weights_to_place(pipeline, device: torch.device) -> int:
+    """Bytes of the pipeline's text encoder, UNet and VAE weights that a ``full`` job on ``device`` must still
+    make resident: all of them on the CPU, else those not on ``device`` now (a ``low`` job left them in CPU
+    memory)."""
+    return sum(parameter.numel() * parameter.element_size() for name in ("text_encoder", "unet", "vae")
+               for parameter in getattr(pipeline, name).parameters()
+               if device.type == "cpu" or parameter.device.type != device.type)
 
 
 def free_memory_bytes(device: torch.device) -> int | None:
@@ -152,8 +166,9 @@ def free_memory_bytes(device: torch.device) -> int | None:
 
 
 def plan_request(request: GenerateRequest, plan: MemoryPlan) -> GenerateRequest:
-    """A copy of ``request`` with the plan's view batch (the request keeps the batch asked for)."""
-    return dataclasses.replace(request, view_batch=plan.view_batch)
+    """A copy of ``request`` with the plan's view batch (the request keeps the batch asked for); a ``low``
+    plan also turns MAD off, since merged attention runs every view in one UNet batch."""
+    return dataclasses.replace(request, view_batch=plan.view_batch, mad_steps=0 if plan.mode == "low" else request.mad_steps)
 
 
 STAGES = ("text", "denoise", "decode")
@@ -184,10 +199,10 @@ class StagePlacement:
         names = ("text_encoder", "unet", "vae")
         # Offload first, so the device never holds the old stage's models and the new ones together.
         for name in sorted(names, key=lambda name: name in wanted):
-            target = self.device if name in wanted or not self.offload else self.offload_device
-            module = getattr(self.pipeline, name)
-            if next(module.parameters()).device != target:
-                module.to(target)
+            # Always .to(): it is free for tensors already there, and finishes a move an earlier OOM cut short.
+            getattr(self.pipeline, name).to(self.device if name in wanted or not self.offload else self.offload_device)
         if self.offload and self.device.type == "cuda":
             torch.cuda.empty_cache()  # return the offloaded models' blocks to the driver
+        elif self.offload and self.device.type == "mps":
+            torch.mps.empty_cache()
 

@@ -682,21 +682,30 @@ def download_model(
             tally.done = before + sizes[name]  # exact even if a retry re-sent bytes
     tally.current = None
     tally.report()
-    _remove_stale_partial_files(_repo_folder(cache_dir, model_id))
+    _remove_stale_partial_files(cache_dir, model_id)
     return DownloadResult(model_id, snapshot, files, tally.total, tally.fetched, check_model_folder(snapshot).variant)
 
 
-def _remove_stale_partial_files(repo_folder: str) -> None:
-    """Delete the ``*.incomplete`` blobs of a cache entry whose download has just completed. huggingface_hub
-    names them ``<etag>.<random>.incomplete``, so the partial file of a killed download is never reused or
-    deleted by a later one, and ``list`` would call the model partial for ever."""
+def _remove_stale_partial_files(cache_dir: str, model_id: str) -> None:
+    """Delete the ``*.incomplete`` blobs of a cache entry whose download has just completed, when no download
+    holds them. huggingface_hub names them ``<etag>.<random>.incomplete``, so the partial file of a killed
+    download is never reused or deleted by a later one, and ``list`` would count it for ever. A blob that
+    another process is still writing is protected by huggingface_hub's lock ``.locks/<repo>/<etag>.lock``,
+    which we try to take without waiting."""
+    from filelock import FileLock, Timeout
+
+    repo_folder = _repo_folder(cache_dir, model_id)
     blobs = os.path.join(repo_folder, "blobs")
+    locks = os.path.join(cache_dir, ".locks", os.path.basename(repo_folder))
     for name in os.listdir(blobs) if os.path.isdir(blobs) else ():
-        if name.endswith(".incomplete"):
-            try:
+        if not name.endswith(".incomplete"):
+            continue
+        os.makedirs(locks, exist_ok=True)
+        try:
+            with FileLock(os.path.join(locks, name.split(".")[0] + ".lock"), timeout=0):
                 os.remove(os.path.join(blobs, name))
-            except OSError:
-                pass  # another process's download of the same file still writes it (Windows keeps it open)
+        except (Timeout, OSError):
+            pass  # another download is writing it (or Windows keeps it open)
 
 
 # --- remove ----------------------------------------------------------------------------------------

@@ -185,8 +185,10 @@ def load_model(
     dtype: torch.dtype,
     allow_pickle: bool = False,
     single_file_config: str | None = None,
+    place_on_device: bool = True,
 ) -> LoadedModel:
-    """Load a Stable Diffusion pipeline from ``source`` onto ``device`` in ``dtype``.
+    """Load a Stable Diffusion pipeline from ``source`` for ``device`` in ``dtype``: onto the device, or with
+    ``place_on_device`` False left in CPU memory for ``memory.StagePlacement`` to move stage by stage.
 
     Only safetensors weights are read unless ``allow_pickle``. ``single_file_config`` (a diffusers folder
     or hub id) gives the component configs of a single-file checkpoint; without it diffusers infers the
@@ -226,7 +228,8 @@ def load_model(
     for component in (pipeline.unet, pipeline.vae, pipeline.text_encoder):
         # Inference only: SyncDiffusion differentiates with respect to latents, never the weights.
         component.requires_grad_(False)
-    pipeline.to(device)
+    if place_on_device:
+        pipeline.to(device)
     if device.type == "mps" and dtype != torch.float32:
         # Half-precision VAE decodes on MPS can come out black; the decoders cast latents to the VAE's dtype.
         pipeline.vae.to(torch.float32)

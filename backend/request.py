@@ -20,9 +20,9 @@ DEFAULT_MODEL = "stabilityai/stable-diffusion-2-base"
 LAYOUTS = ("wide", "equirect", "tile")
 DEVICES_HELP = "auto, cpu, cuda, cuda:N or mps"
 DTYPES = ("auto", "float32", "float16", "bfloat16")
-# --memory: "full" keeps everything on the device at once, "low" trades time for memory (half precision
-# where the device has it, model offload to the CPU between stages, view batch 1, a strip-wise VAE decode),
-# "auto" picks one from the device's free memory and the canvas (backend/memory.py).
+# --memory: "full" keeps everything on the device at once, "low" trades time for memory (model offload to
+# the CPU between stages, view batch 1, a strip-wise VAE decode), "auto" picks one from the device's free
+# memory and the canvas (backend/memory.py).
 MEMORY_MODES = ("auto", "full", "low")
 MAX_CANVAS_PIXELS = 16384
 OUTPUT_NAMES = ("panorama.png", "panorama.exr", "metadata.json")

@@ -155,3 +155,20 @@ def test_an_unknown_memory_mode_is_one_sentence(tiny_model, tmp_path):
         check_request(_equirect(tiny_model, tmp_path / "x", memory="tiny"))
     result = run_cli("generate", "--prompt", "x", "--memory", "tiny", "--out", str(tmp_path / "y"))
     assert result.returncode == 2 and "--memory" in result.stderr and not (tmp_path / "y").exists()
+
+
+def test_low_memory_turns_merged_attention_off_and_says_so(tiny_model, tmp_path, models):
+    wide = dict(layout="wide", width=256, height=128, window=16, stride=8, views=None, memory="low")
+    merged = run_job(check_request(_equirect(tiny_model, tmp_path / "mad", mad_steps=1, **wide)), models=models)
+    plain = run_job(check_request(_equirect(tiny_model, tmp_path / "plain", **wide)), models=models)
+    recorded = json.loads(open(merged["metadata"]).read())
+    assert recorded["memory"]["mad_off"] is True and recorded["params"]["mad_steps"] == 1 and "mad" not in recorded
+    assert open(merged["png"], "rb").read() == open(plain["png"], "rb").read()
+
+
+def test_weights_still_to_place_are_all_of_them_on_the_cpu_and_the_offloaded_ones_on_a_gpu():
+    models = ThreeModels()
+    each = sum(parameter.numel() * parameter.element_size() for parameter in models.unet.parameters())
+    assert memory.weights_to_place(models, torch.device("cpu")) == 3 * each
+    models.unet.to("meta")  # the meta device plays the GPU: the UNet is there, the others were left in CPU memory
+    assert memory.weights_to_place(models, torch.device("meta")) == 2 * each

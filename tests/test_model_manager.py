@@ -309,7 +309,12 @@ def test_an_interrupted_blob_is_counted_cleared_by_the_next_download_and_freed_b
     # Every file the engine loads is there: complete, with the leftover counted in the size.
     (model,) = list_models()
     assert model.complete and model.size == total + 1000
-    # A download that completes (here fetching nothing) deletes it.
+    # A download that completes (here fetching nothing) deletes it, unless a download holds its lock.
+    from filelock import FileLock
+
+    with FileLock(os.path.join(online, ".locks", "models--syncsphere-test--tiny-sd2", "0123abcd.lock")):
+        download_model(REPO)
+        assert os.path.exists(leftover)
     assert download_model(REPO).fetched == 0 and not os.path.exists(leftover) and list_models()[0].size == total
 
     # With files missing, the interrupted blob is named among them.
