@@ -24,7 +24,7 @@ import numpy as np
 import pytest
 
 from test_blender_world import _backend_write_exr
-from test_extension import _ENABLE_ADDON, _PRELUDE, REPO, _bpy_dir
+from test_extension import _ENABLE_ADDON, _PRELUDE, _WRITE_EXR, REPO, _bpy_dir
 
 BLENDER_PYTHON = os.path.abspath(os.environ.get("SYNCSPHERE_TEST_BLENDER_PYTHON", sys.executable))
 pytestmark = pytest.mark.skipif(BLENDER_PYTHON == os.path.abspath(sys.executable) and _bpy_dir() is None,
@@ -60,20 +60,7 @@ def finish():
     addon.unregister()
 
 
-def write_exr(path, rgb):
-    '''Write an (H, W, 3) scene-linear array, top row first, as a float EXR (tests/test_blender_world.py's
-    way, for an environment without the backend's OpenEXR).'''
-    rgb = np.asarray(rgb, dtype=np.float32)
-    height, width, _ = rgb.shape
-    image = bpy.data.images.new("test-exr", width, height, float_buffer=True, alpha=False)
-    pixels = np.ones((height, width, 4), np.float32)
-    pixels[..., :3] = rgb[::-1]
-    image.pixels.foreach_set(pixels.ravel())
-    image_settings = scene.render.image_settings
-    image_settings.file_format, image_settings.color_depth, image_settings.color_mode = "OPEN_EXR", "32", "RGB"
-    image.save_render(path, scene=scene)
-    bpy.data.images.remove(image)
-
+""" + _WRITE_EXR + r"""
 
 def write_pending_exrs():
     '''The EXRs the test could not write with the backend's writer (TMP/pending.npz: name -> array).'''
@@ -688,7 +675,7 @@ def test_the_lighting_panel_the_real_settings_and_the_history(tmp_path):
 from syncsphere.blender_addon import generation
 settings.mode = "WORLD"
 report = {"user world": draw("SYNCSPHERE_PT_world_lighting")}
-W.apply_world(context, write_exr("grey.exr", np.full((4, 8, 3), 0.5, np.float32)))
+W.apply_world(context, write_exr(os.path.join(TMP, "grey.exr"), np.full((4, 8, 3), 0.5, np.float32)))
 report["syncsphere world"] = draw("SYNCSPHERE_PT_view3d_lighting")
 settings.hdr, settings.use_sun_direction = False, True
 report["hdr off"] = draw("SYNCSPHERE_PT_world_lighting")

@@ -18,7 +18,7 @@ import json
 
 import pytest
 
-from test_extension import _ENABLE_ADDON, _PRELUDE, _bpy_dir, _run_python
+from test_extension import _ENABLE_ADDON, _PRELUDE, _WRITE_EXR, _bpy_dir, _run_python
 
 pytestmark = pytest.mark.skipif(_bpy_dir() is None, reason="bpy is not installed")
 
@@ -234,21 +234,7 @@ def write_png(name, size=(16, 8), colour=(0.8, 0.4, 0.2)):
     return path
 
 
-def write_exr(name, rgb):
-    '''Write an (H, W, 3) scene-linear float EXR (as tests/test_blender_world.py does) and return its path.'''
-    path = os.path.join(TMP, name)
-    rgb = np.asarray(rgb, dtype=np.float32)
-    height, width, _ = rgb.shape
-    image = bpy.data.images.new(name, width, height, float_buffer=True, alpha=False)
-    pixels = np.ones((height, width, 4), np.float32)
-    pixels[..., :3] = rgb[::-1]
-    image.pixels.foreach_set(pixels.ravel())
-    image_settings = scene.render.image_settings
-    image_settings.file_format, image_settings.color_depth, image_settings.color_mode = "OPEN_EXR", "32", "RGB"
-    image.save_render(path, scene=scene)
-    bpy.data.images.remove(image)
-    return path
-
+""" + _WRITE_EXR + r"""
 
 def finish():
     '''Disable and unregister the add-on, as Blender does, so the interpreter exits cleanly.'''
@@ -629,7 +615,7 @@ def test_result_panel_draws_the_syncsphere_worlds_own_sockets(tmp_path):
     report = _blender("""
 settings.mode = "WORLD"
 report = {"user world": draw("SYNCSPHERE_PT_world_result")}
-exr = write_exr("grey.exr", np.full((4, 8, 3), 0.5, np.float32))
+exr = write_exr(os.path.join(TMP, "grey.exr"), np.full((4, 8, 3), 0.5, np.float32))
 for hide in (False, True):
     new_world = W.apply_world(context, exr, rotation=0.25, strength=2.0, hide_from_camera=hide)
     assert scene.world == new_world

@@ -16,7 +16,7 @@ import math
 import numpy as np
 import pytest
 
-from test_extension import _PRELUDE, REPO, _bpy_dir, _run_python
+from test_extension import _PRELUDE, _WRITE_EXR, REPO, _bpy_dir, _run_python
 
 pytestmark = pytest.mark.skipif(_bpy_dir() is None, reason="bpy is not installed")
 
@@ -37,23 +37,7 @@ def result(value):
     print("RESULT " + json.dumps(value))
 
 
-def write_exr(path, rgb):
-    '''Write an (H, W, 3) scene-linear array, top row first (as the backend does), as a float EXR.
-
-    Image.save() writes a generated float image sRGB-encoded (seen on 4.2 and 5.0), so the file is
-    written with save_render, which stores EXR values linear and unchanged.
-    '''
-    rgb = np.asarray(rgb, dtype=np.float32)
-    height, width, _ = rgb.shape
-    image = bpy.data.images.new("test-exr", width, height, float_buffer=True, alpha=False)
-    pixels = np.ones((height, width, 4), np.float32)
-    pixels[..., :3] = rgb[::-1]  # Image.pixels starts at the bottom row
-    image.pixels.foreach_set(pixels.ravel())
-    settings = bpy.context.scene.render.image_settings
-    settings.file_format, settings.color_depth, settings.color_mode = "OPEN_EXR", "32", "RGB"
-    image.save_render(path, scene=bpy.context.scene)
-    bpy.data.images.remove(image)
-
+""" + _WRITE_EXR + r"""
 
 def image_rgb(image):
     '''An image's pixels as (H, W, 3), top row first.'''
