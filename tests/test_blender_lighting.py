@@ -383,9 +383,6 @@ result({{"measured": measured, "lamps": lamps}})
 # --- the lamp is SyncSphere's own, and the World's nodes -------------------------------------------------
 
 
-W_SKY_NODE = "SyncSphere Sky Environment"  # world.SKY_ENVIRONMENT_NODE
-
-
 def _small_jobs(tmp_path):
     """Tiny jobs (8x16 EXRs): a (a sun), b (another sun), nosun (lighting.json without one), bad (a broken
     lighting.json), nosky (no panorama_sky.exr), ldr (no lighting.json). Returns {job: lighting dict}."""
@@ -470,7 +467,8 @@ settings.sun_mode = "IN_TEXTURE"
 seen["messages"]["in texture"] = apply("a")
 seen["in texture"] = {"lamps": sync_lamps(), "lights": sorted(bpy.data.lights.keys()), "users": users(),
                       "copy kept": snapshot(copy) == copy_before, "pointer": W.SCENE_SUN_PROP in scene,
-                      "nodes": sorted(node.name for node in scene.world.node_tree.nodes)}
+                      "nodes": sorted(node.name for node in scene.world.node_tree.nodes),
+                      "sky node": W.SKY_ENVIRONMENT_NODE}
 
 seen["cases"] = {}
 for case, job, hdr, mode in [("hdr off", "a", False, "SUN_LAMP"), ("no sun", "nosun", True, "SUN_LAMP"),
@@ -555,7 +553,7 @@ result(seen)
     assert texture["copy kept"] and texture["users"] == users and not texture["pointer"]
     # Our light data stays only because the user's copy shares it.
     assert texture["lights"] == ["My Lamp", "My Sun", "SyncSphere Sun"]
-    assert W_SKY_NODE not in texture["nodes"]
+    assert texture["sky node"] not in texture["nodes"]
     assert seen["messages"]["in texture"].endswith("now lights the scene, with its sun in the texture.")
 
     for case, found in seen["cases"].items():

@@ -440,7 +440,7 @@ result(report)
 def test_syncsde_pull_strength_appears_only_when_chosen_and_merged_attention_always(tmp_path):
     report = _blender("""
 report = {}
-for method in ("MULTIDIFFUSION", "SYNCSDE", "SYNCDIFFUSION", "SYNCSDE", "MULTIDIFFUSION"):
+for method in ("MULTIDIFFUSION", "SYNCSDE", "SYNCDIFFUSION", "SYNCSDE", "SYNCDIFFUSION", "MULTIDIFFUSION"):
     settings.sync_method = method
     report.setdefault(method, []).append(draw("SYNCSPHERE_PT_view3d"))
 settings.mad = True

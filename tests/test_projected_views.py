@@ -210,7 +210,7 @@ def test_every_view_set_generates_with_both_methods(tiny_model, tmp_path, models
     with open(outputs["metadata"]) as f:
         metadata = json.load(f)
     assert metadata["view_set"] == name and metadata["fusion"] == "clean"
-    assert metadata["views"] == {"cube": 6, "ring": 10}.get(name, metadata["views"])
+    assert metadata["views"] == {"cube": 6, "ring": 10, "band+poles": 50}[name]
     if sync == "syncdiffusion":
         assert metadata["syncdiffusion"]["guided_steps"] == 1
         assert len(metadata["syncdiffusion"]["anchors"]) >= 3  # a ring's anchor plus the two pole faces

@@ -192,12 +192,17 @@ def test_few_step_and_sigma_schedulers(model, denoiser, scheduler_class):
 @pytest.mark.parametrize("name", ["ring", "band+poles"])
 def test_projected_view_sets_run(model, denoiser, name):
     views = canvas_views(Canvas("equirect", 32, 64), name, 16, 8)
-    sde = Recording(views, DEFAULT_STRENGTH)
     noise = initial_noise(0, (1, 4, 32, 64), model.device, model.dtype)
     own = initial_noise(2, (len(views.projected), 4, 16, 16), model.device, model.dtype)
-    scheduler = make_scheduler("ddim", model.pipeline.scheduler.config)
-    latents = sample_canvas(denoiser, scheduler, views, noise, 3, 8, fusion="own", projected_noise=own, synchroniser=sde)
+
+    def sample(strength):
+        scheduler = make_scheduler("ddim", model.pipeline.scheduler.config)
+        return sample_canvas(denoiser, scheduler, views, noise, 3, 8, fusion="own", projected_noise=own,
+                             synchroniser=Recording(views, strength))
+
+    latents = sample(DEFAULT_STRENGTH)
     assert latents.shape == (1, 4, 32, 64) and torch.isfinite(latents).all()
+    assert not torch.allclose(latents, sample(0.0))  # the pull acts on these view sets too
 
 
 def test_sync_syncsde_through_the_command_line(tiny_model, tmp_path):
