@@ -12,6 +12,7 @@ row, top to bottom and left to right, as diffusers' panorama pipeline lists them
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import torch
@@ -70,33 +71,29 @@ class Canvas:
         lefts = window_starts(self.width, window, stride, self.wraps_x)
         return [CropView(top, left, window, window) for top in tops for left in lefts]
 
-    def _rows(self, view: CropView) -> slice | torch.Tensor:
-        return _axis_index(view.top, view.height, self.height)
-
-    def _cols(self, view: CropView) -> slice | torch.Tensor:
-        return _axis_index(view.left, view.width, self.width)
-
     def read(self, canvas_tensor: torch.Tensor, views: list[CropView]) -> torch.Tensor:
         """The views' windows of ``canvas_tensor`` (B, C, H, W), stacked to (len(views) * B, C, h, w)."""
-        crops = []
+        crops, device = [], canvas_tensor.device
         for view in views:
-            rows, cols = self._rows(view), self._cols(view)
-            crop = canvas_tensor[:, :, rows] if isinstance(rows, slice) else canvas_tensor.index_select(2, rows.to(canvas_tensor.device))
-            crop = crop[:, :, :, cols] if isinstance(cols, slice) else crop.index_select(3, cols.to(canvas_tensor.device))
+            rows = _axis_index(view.top, view.height, self.height, device)
+            cols = _axis_index(view.left, view.width, self.width, device)
+            crop = canvas_tensor[:, :, rows] if isinstance(rows, slice) else canvas_tensor.index_select(2, rows)
+            crop = crop[:, :, :, cols] if isinstance(cols, slice) else crop.index_select(3, cols)
             crops.append(crop)
         return torch.cat(crops)
 
     def add(self, canvas_tensor: torch.Tensor, view: CropView, values: torch.Tensor | float) -> None:
         """Add ``values`` (B, C, h, w, or a number) into ``view``'s window of ``canvas_tensor``, in place."""
-        rows, cols = self._rows(view), self._cols(view)
+        device = canvas_tensor.device
+        rows = _axis_index(view.top, view.height, self.height, device)
+        cols = _axis_index(view.left, view.width, self.width, device)
         if isinstance(rows, slice) and isinstance(cols, slice):
             canvas_tensor[:, :, rows, cols] += values
             return
-        rows = torch.arange(self.height)[rows] if isinstance(rows, slice) else rows
-        cols = torch.arange(self.width)[cols] if isinstance(cols, slice) else cols
-        device = canvas_tensor.device
+        rows = _wrapped_index(view.top, view.height, self.height, device)
+        cols = _wrapped_index(view.left, view.width, self.width, device)
         # Indices within one view are unique (a window is never larger than the canvas), so += is exact.
-        canvas_tensor[:, :, rows.to(device)[:, None], cols.to(device)[None, :]] += values
+        canvas_tensor[:, :, rows[:, None], cols[None, :]] += values
 
     def coverage(self, views: list[CropView], like: torch.Tensor) -> torch.Tensor:
         """How many views cover each canvas position: shape (1, 1, H, W), dtype and device of ``like``."""
@@ -106,8 +103,16 @@ class Canvas:
         return count
 
 
-def _axis_index(start: int, length: int, size: int) -> slice | torch.Tensor:
-    """A slice when the window lies inside the axis, else the wrapped index tensor (start may be < 0)."""
+def _axis_index(start: int, length: int, size: int, device: torch.device) -> slice | torch.Tensor:
+    """A slice when the window lies inside the axis, else the wrapped index tensor on ``device`` (start may be < 0)."""
     if 0 <= start and start + length <= size:
         return slice(start, start + length)
-    return (start + torch.arange(length)) % size
+    return _wrapped_index(start, length, size, device)
+
+
+@functools.lru_cache(maxsize=4096)
+def _wrapped_index(start: int, length: int, size: int, device: torch.device) -> torch.Tensor:
+    """Positions start .. start + length - 1 modulo ``size`` as a long tensor on ``device``. Cached: the
+    denoising loop (and MAD's attention layers) read and fuse the same windows every step, and building the
+    tensor and copying it to a GPU each time would make the CPU wait for the GPU."""
+    return ((start + torch.arange(length)) % size).to(device)

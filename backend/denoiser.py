@@ -38,6 +38,7 @@ class GuidedUNetDenoiser:
         self.prompt_embeds = prompt_embeds
         self.negative_embeds = negative_embeds
         self.view_prompts = view_prompts
+        self._batch_embeds = {}  # prompt rows of a batch -> its encoder states; the loop's batches repeat every step
 
     @torch.no_grad()
     def __call__(self, latents: torch.Tensor, timestep: torch.Tensor, views: Sequence[int] | None = None) -> torch.Tensor:
@@ -52,11 +53,14 @@ class GuidedUNetDenoiser:
             rows = [0] * count
         else:
             rows = [self.view_prompts[view] for view in views]
-        embeds = self.prompt_embeds[rows]
-        if self.uses_guidance:
-            # Interleaved (uncond, cond) pairs per view, the order diffusers' panorama pipeline uses.
-            negative = self.negative_embeds.expand(count, -1, -1)
-            embeds = torch.stack([negative, embeds], dim=1).flatten(0, 1)
+        embeds = self._batch_embeds.get(tuple(rows))
+        if embeds is None:
+            embeds = self.prompt_embeds[rows]
+            if self.uses_guidance:
+                # Interleaved (uncond, cond) pairs per view, the order diffusers' panorama pipeline uses.
+                negative = self.negative_embeds.expand(count, -1, -1)
+                embeds = torch.stack([negative, embeds], dim=1).flatten(0, 1)
+            self._batch_embeds[tuple(rows)] = embeds
         model_input = latents.repeat_interleave(2, dim=0) if self.uses_guidance else latents
         condition = None if self.guidance_embedding is None else self.guidance_embedding.expand(model_input.shape[0], -1)
         prediction = self.unet(model_input, timestep, encoder_hidden_states=embeds, timestep_cond=condition).sample

@@ -41,10 +41,11 @@ from typing import Callable, Sequence
 import torch
 import torch.nn.functional as F
 
+from ..request import MAD_BLOCKS
 from ..view_sets import CanvasViews
 
-BLOCKS = ("down", "mid", "up")
-"""The UNet block groups MAD can act on, in the names ``--mad-blocks`` takes."""
+BLOCKS = MAD_BLOCKS
+"""The UNet block groups MAD can act on, in the names ``--mad-blocks`` takes (``request.MAD_BLOCKS``)."""
 
 _BLOCK_PREFIX = {"down": "down_blocks.", "mid": "mid_block.", "up": "up_blocks."}
 
@@ -196,7 +197,6 @@ class MergedAttentionProcessor:
 
     def __init__(self, owner: "MergedAttention", name: str, original):
         self.owner = owner
-        self.name = name
         self.original = original
         self.merged_calls = 0
         self._original_takes = set(inspect.signature(original.__call__).parameters)
@@ -208,14 +208,14 @@ class MergedAttentionProcessor:
         if merging and hidden_states.shape[0] % len(views):
             raise RuntimeError(f"MAD: a batch of {hidden_states.shape[0]} rows cannot hold the {len(views)} views "
                                "it was given.")
-        if not (merging and self._shares_context(encoder_hidden_states, len(views))):
+        if not (merging and self.owner.shares_context(encoder_hidden_states, len(views))):
             extra = {"temb": temb} if temb is not None and "temb" in self._original_takes else {}
             return self.original(attn, hidden_states, encoder_hidden_states=encoder_hidden_states,
                                  attention_mask=attention_mask, **extra, **kwargs)
         tokens = hidden_states.flatten(2).transpose(1, 2) if hidden_states.ndim == 4 else hidden_states
         self.merged_calls += 1
         branches = tokens.shape[0] // len(views)
-        merge = self.owner.merge_plan(views, tokens.shape[1])
+        merge = self.owner.merge_plan(views, tokens.shape[1], tokens.device)
         if merge.order is not None:  # CanvasViews numbers views ascending: bring the batch's rows into that order
             tokens = tokens.unflatten(0, (len(views), branches))[merge.order].flatten(0, 1)
         canvas = merge_views(merge.views, tokens, branches)
@@ -223,25 +223,16 @@ class MergedAttentionProcessor:
         if merge.seen is None:
             canvas = attend(attn, canvas, context)
         else:  # a subset of the views: attend among the canvas pixels they see, not the empty rest
-            seen = merge.seen.to(canvas.device)
-            attended = attend(attn, canvas[:, seen], context)
-            canvas = canvas.new_zeros(*canvas.shape[:2], attended.shape[-1]).index_copy_(1, seen, attended)
+            attended = attend(attn, canvas[:, merge.seen], context)
+            canvas = canvas.new_zeros(*canvas.shape[:2], attended.shape[-1]).index_copy_(1, merge.seen, attended)
         out = split_canvas(merge.views, canvas)
         if merge.order is not None:
-            out = out.unflatten(0, (len(views), branches))[torch.argsort(merge.order)].flatten(0, 1)
+            out = out.unflatten(0, (len(views), branches))[merge.inverse].flatten(0, 1)
         if hidden_states.ndim == 4:
             out = out.transpose(1, 2).reshape(hidden_states.shape[0], -1, *hidden_states.shape[2:])
         if attn.residual_connection:
             out = out + hidden_states  # each view keeps its own residual, as a transformer block's outer one
         return out / attn.rescale_output_factor
-
-    @staticmethod
-    def _shares_context(context: torch.Tensor | None, count: int) -> bool:
-        """Whether every view of each CFG branch attends to the same context (always true for self-attention)."""
-        if context is None:
-            return True
-        per_view = context.unflatten(0, (count, context.shape[0] // count))
-        return torch.equal(per_view, per_view[:1].expand_as(per_view))
 
 
 class MergedAttention:
@@ -268,8 +259,9 @@ class MergedAttention:
         self.active = False
         self.batch_views: tuple[int, ...] | None = None
         self.processors: dict[str, MergedAttentionProcessor] = {}
-        self._at_resolution = check_mad(unet, views, self.blocks)
+        check_mad(unet, views, self.blocks)  # one sentence now rather than in the first attention layer
         self._plans: dict = {}
+        self._context_answer = (None, 0, False)  # the last context checked, its view count, the answer
         self._originals: dict[str, tuple[torch.nn.Module, object]] = {}
 
     def install(self) -> "MergedAttention":
@@ -316,25 +308,37 @@ class MergedAttention:
 
         return predict_views
 
-    def merge_plan(self, views: tuple[int, ...], length: int) -> "MergePlan":
+    def shares_context(self, context: torch.Tensor | None, count: int) -> bool:
+        """Whether every view of each CFG branch of a batch of ``count`` views attends to the same context
+        (always true for self-attention). Every cross-attention layer of a UNet call gets the same context
+        tensor (the denoiser keeps one per batch), so the answer is kept for it: comparing it waits for the GPU."""
+        if context is None:
+            return True
+        last, last_count, answer = self._context_answer
+        if context is not last or count != last_count:
+            per_view = context.unflatten(0, (count, context.shape[0] // count))
+            answer = torch.equal(per_view, per_view[:1].expand_as(per_view))
+            self._context_answer = (context, count, answer)
+        return answer
+
+    def merge_plan(self, views: tuple[int, ...], length: int, device: torch.device) -> "MergePlan":
         """How to merge a batch holding ``views`` (view indices, one per view of the batch) in a layer with
-        ``length`` tokens per view: a ``MergePlan``, cached per batch and resolution. Raises ValueError when
-        the layer's feature maps are not square or do not divide the window."""
-        key = (views, length)
+        ``length`` tokens per view, its index tensors on ``device``: a ``MergePlan``, cached per batch and
+        resolution. Raises ValueError when the layer's feature maps are not square or do not divide the window."""
+        key = (views, length, device)
         if key not in self._plans:
             side, size = math.isqrt(length), self.views.size
             if side * side != length or size % side:
                 raise ValueError(f"MAD needs square feature maps that divide the {size}-latent window; "
                                  f"a layer has {length} tokens per view.")
-            divisor = size // side
-            if divisor not in self._at_resolution:
-                self._at_resolution[divisor] = _at_resolution(self.views, divisor, "an attention layer")
-            at_resolution, ordered = self._at_resolution[divisor], sorted(views)
+            at_resolution, ordered = _at_resolution(self.views, size // side, "an attention layer"), sorted(views)
             if ordered != list(range(len(self.views))):
                 at_resolution = at_resolution.subset(ordered)
             order = None if ordered == list(views) else torch.tensor(sorted(range(len(views)), key=views.__getitem__))
             seen = at_resolution.coverage(torch.zeros(())).flatten() > 0
-            self._plans[key] = MergePlan(at_resolution, order, None if bool(seen.all()) else seen.nonzero()[:, 0])
+            self._plans[key] = MergePlan(at_resolution, None if order is None else order.to(device),
+                                         None if order is None else torch.argsort(order).to(device),
+                                         None if bool(seen.all()) else seen.nonzero()[:, 0].to(device))
         return self._plans[key]
 
 
@@ -344,9 +348,12 @@ class MergePlan:
 
     views: the batch's views at that resolution, in ascending view numbers (``CanvasViews.subset``);
     order: LongTensor permutation that sorts the batch's views into that order (None: already sorted);
+    inverse: the permutation that undoes ``order``;
     seen: LongTensor of the flattened canvas positions those views see (None: all of them).
+    All on the device of the layer's features.
     """
 
     views: CanvasViews
     order: torch.Tensor | None
+    inverse: torch.Tensor | None
     seen: torch.Tensor | None

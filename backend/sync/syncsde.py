@@ -51,13 +51,14 @@ from collections.abc import Sequence
 
 import torch
 
+from ..request import DEFAULT_SYNCSDE_LAMBDA, SYNCSDE_COMPOSE
 from ..view_sets import CanvasViews
 
-DEFAULT_STRENGTH = 5.0
+DEFAULT_STRENGTH = DEFAULT_SYNCSDE_LAMBDA
 """The paper's lambda for wide images: ``--inv_lambda`` defaults to 5.0 in the official ``src/wide_image.py``
 and the README's wide-image command passes 5.0 (the pipeline's own keyword default, 0.1, is never used)."""
 
-COMPOSE_MODES = ("paper", "average")
+COMPOSE_MODES = SYNCSDE_COMPOSE
 
 
 class SyncSDE:
@@ -92,6 +93,7 @@ class SyncSDE:
         self.neighbours = crop_neighbours + projected_neighbours
         # Each conditioned view's neighbours as one subset (fused together), and where they cover the view.
         self._neighbour_views = {index: views.subset(sorted(group)) for index, group in enumerate(self.neighbours) if group}
+        self._neighbour_indices = {index: torch.tensor(self.neighbours[index]) for index in self._neighbour_views}
         self._weights = {}
         for index, group in self._neighbour_views.items():
             seen = (group.coverage(footprint) > 0).float()  # (1, 1, H, W)
@@ -114,7 +116,8 @@ class SyncSDE:
         coefficient = self.strength * _time_weight(scheduler, timestep) * score_step_gain(scheduler, step_index, timestep)
         pulled = stepped.clone()
         for index, group in self._neighbour_views.items():
-            target = self._single[index].read(group.fuse(previous[self.neighbours[index]]))  # 0 where no neighbour sees
+            neighbours = self._on(("neighbours", index), self._neighbour_indices[index], previous)
+            target = self._single[index].read(group.fuse(previous[neighbours]))  # 0 where no neighbour sees
             weight = self._on(("weight", index), self._weights[index][0], previous)  # (1, s, s)
             pulled[index] -= coefficient * (weight * previous[index] - target[0])
         return pulled
@@ -140,10 +143,10 @@ class SyncSDE:
                 "conditioned_views": len(self._neighbour_views)}
 
     def _on(self, key, tensor: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
-        """``tensor`` on ``like``'s device (and dtype unless bool), converted once and kept."""
+        """``tensor`` on ``like``'s device (and dtype unless bool or integer), converted once and kept."""
         cache_key = (key, like.device, like.dtype)
         if cache_key not in self._device_cache:
-            dtype = torch.bool if tensor.dtype == torch.bool else like.dtype
+            dtype = tensor.dtype if tensor.dtype == torch.bool or not tensor.is_floating_point() else like.dtype
             self._device_cache[cache_key] = tensor.to(like.device, dtype)
         return self._device_cache[cache_key]
 

@@ -41,7 +41,7 @@ def predicted_clean_latent(scheduler, latents: torch.Tensor, prediction: torch.T
 def _alpha_family_clean(scheduler, latents: torch.Tensor, prediction: torch.Tensor, timestep) -> torch.Tensor:
     """x0 for latents x_t = sqrt(a) x0 + sqrt(1 - a) eps, a = ``alphas_cumprod[timestep]``."""
     kind = scheduler.config.prediction_type
-    alpha_bar = scheduler.alphas_cumprod.to(latents.device)[int(timestep)].to(latents.dtype)
+    alpha_bar = scheduler.alphas_cumprod[int(timestep)].to(latents.device, latents.dtype)
     if kind == "epsilon":
         return (latents - (1 - alpha_bar).sqrt() * prediction) / alpha_bar.sqrt()
     if kind == "v_prediction":
@@ -67,7 +67,7 @@ def prediction_for_clean_latent(scheduler, latents: torch.Tensor, clean: torch.T
             return (latents - clean) / sigma
         # v_prediction: x0 = v * (-sigma / sqrt(sigma^2 + 1)) + x / (sigma^2 + 1)
         return (latents / (sigma**2 + 1) - clean) * (sigma**2 + 1) ** 0.5 / sigma
-    alpha_bar = scheduler.alphas_cumprod.to(latents.device)[int(timestep)].to(latents.dtype)
+    alpha_bar = scheduler.alphas_cumprod[int(timestep)].to(latents.device, latents.dtype)
     if kind == "epsilon":
         return (latents - alpha_bar.sqrt() * clean) / (1 - alpha_bar).sqrt()
     return (alpha_bar.sqrt() * latents - clean) / (1 - alpha_bar).sqrt()  # v_prediction
