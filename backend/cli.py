@@ -369,14 +369,14 @@ def _generate(args: argparse.Namespace) -> int:
                 outputs = run_job(checked, report)
     except SyncSphereError as error:
         if json_progress:
-            _print_event(events, protocol.error_event(None, error.kind, str(error)))
+            protocol.write_event(events, protocol.error_event(None, error.kind, str(error)))
         print(f"error: {error}", file=sys.stderr)
         return error.exit_code
     except KeyboardInterrupt:
         print("error: Interrupted; nothing was written.", file=sys.stderr)
         return 130
     if json_progress:
-        _print_event(events, protocol.done_event(None, outputs))
+        protocol.write_event(events, protocol.done_event(None, outputs))
     else:
         cube_map = " and the cube map (face_*.png, cubemap_dice.png, cubemap_horizon.png)" if "faces" in outputs else ""
         lighting = f", {outputs['exr_sky']}, {outputs['lighting']}" if "lighting" in outputs else ""
@@ -400,9 +400,9 @@ class _ProgressPrinter:
 
     def __call__(self, stage, step, total, preview):
         if self.events is not None:
-            from .protocol import progress_event
+            from .protocol import progress_event, write_event
 
-            _print_event(self.events, progress_event(None, stage, step, total))
+            write_event(self.events, progress_event(None, stage, step, total))
         elif stage in ("downloading", "denoising"):
             if self.bar is None or self.bar.desc != stage:
                 from tqdm import tqdm
@@ -415,13 +415,6 @@ class _ProgressPrinter:
         else:
             print(f"{stage}…", file=sys.stderr)
         return False
-
-
-def _print_event(stream, event: dict) -> None:
-    from .protocol import encode
-
-    stream.write(encode(event) + "\n")
-    stream.flush()
 
 
 def _info() -> int:

@@ -69,10 +69,11 @@ def check_request(request: GenerateRequest) -> CheckedRequest:
     request.validate()
     source = resolve_model_source(request.model, request.allow_pickle)
     lora = resolve_lora_source(request.lora, request.allow_pickle) if request.lora else None
-    geometry = read_model_geometry(source)
+    unet_config = read_unet_config(source)
+    geometry = read_model_geometry(source, unet_config)
     if geometry is not None:
         request.validate_for_model(geometry)
-        views = request_views(request, geometry.vae_scale_factor, read_unet_config(source))
+        views = request_views(request, geometry.vae_scale_factor, unet_config)
         view_prompt_rows(request, views)
         if request.sync == "syncdiffusion":
             sync_anchors(request, views)

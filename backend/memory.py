@@ -171,9 +171,6 @@ def plan_request(request: GenerateRequest, plan: MemoryPlan) -> GenerateRequest:
     return dataclasses.replace(request, view_batch=plan.view_batch, mad_steps=0 if plan.mode == "low" else request.mad_steps)
 
 
-STAGES = ("text", "denoise", "decode")
-
-
 class StagePlacement:
     """Where the pipeline's models sit during each stage of a job.
 
@@ -194,7 +191,7 @@ class StagePlacement:
                       "decode": ("vae",)}
 
     def enter(self, stage: str) -> None:
-        """Put the models of ``stage`` (one of STAGES) on the device; with offload, the rest on the CPU."""
+        """Put the models of ``stage`` ("text", "denoise" or "decode") on the device; with offload, the rest on the CPU."""
         wanted = self.needs[stage]
         names = ("text_encoder", "unet", "vae")
         # Offload first, so the device never holds the old stage's models and the new ones together.

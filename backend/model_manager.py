@@ -74,7 +74,6 @@ ENGINE_SKIPPED_COMPONENTS = ("safety_checker",)  # load_model passes safety_chec
 CONFIG_SUFFIXES = (".json", ".txt", ".model")  # configs, tokenizer vocabularies and merges, sentencepiece
 WEIGHTS_SUFFIX = ".safetensors"
 SHARD = re.compile(r"-\d{5}-of-\d{5}")
-FAMILIES = ("SD1", "SD2", "SDXL", "LCM", "Turbo")
 TOKEN_HELP = "log in with `huggingface-cli login` (or `hf auth login`) or set the HF_TOKEN environment variable"
 
 

@@ -74,15 +74,16 @@ def resolve_model_source(spec: str, allow_pickle: bool = False) -> ModelSource:
     return ModelSource("hub", spec)
 
 
-def read_model_geometry(source: ModelSource) -> ModelGeometry | None:
-    """Read VAE factor, latent channels and UNet sample size from the model's config files.
+def read_model_geometry(source: ModelSource, unet_config: dict | None = None) -> ModelGeometry | None:
+    """Read VAE factor, latent channels and UNet sample size from the model's config files (``unet_config``:
+    the UNet's config when the caller has read it already, ``read_unet_config``).
 
     Returns None for single-file checkpoints, whose configs diffusers only derives while loading.
     Raises ModelNotFound when a hub model is neither cached nor downloadable.
     """
     if source.kind == "single_file":
         return None
-    return geometry_from_configs(_read_config(source, "vae/config.json"), _read_config(source, "unet/config.json"))
+    return geometry_from_configs(_read_config(source, "vae/config.json"), unet_config or read_unet_config(source))
 
 
 def local_weights_variant(source: ModelSource) -> str | None:

@@ -121,10 +121,10 @@ def _download(args: argparse.Namespace, one_sentence_errors) -> int:
                 result = download_model(args.model_id, fp16=args.fp16, progress=printer, revision=args.revision)
         except SyncSphereError as error:
             if events:
-                _print_event(events, protocol.error_event(None, error.kind, str(error)))
+                protocol.write_event(events, protocol.error_event(None, error.kind, str(error)))
             raise
         if events:
-            _print_event(events, protocol.done_event(None, {"model": result.path}))
+            protocol.write_event(events, protocol.done_event(None, {"model": result.path}))
         what = f"{len(result.files)} files, {human_size(result.bytes_total)}"
         if result.fetched:
             print(f"downloaded {args.model_id} ({what}) into {result.path}", file=sys.stderr)
@@ -162,12 +162,13 @@ class DownloadPrinter:
 
     def _event(self, done: int, total: int, current: str | None) -> None:
         from .model_manager import download_progress_event
+        from .protocol import write_event
 
         if self.last is not None and current == self.last[1] and current is not None \
                 and done - self.last[0] < total / 100:
             return
         self.last = (done, current)
-        _print_event(self.events, download_progress_event(None, self.model_id, done, total, current))
+        write_event(self.events, download_progress_event(None, self.model_id, done, total, current))
 
     def _draw(self, done: int, total: int, current: str | None) -> None:
         if self.bar is None:
@@ -178,10 +179,3 @@ class DownloadPrinter:
         if current is not None:
             self.bar.set_postfix_str(current, refresh=False)
         self.bar.update(done - self.bar.n)
-
-
-def _print_event(stream, event: dict) -> None:
-    from .protocol import encode
-
-    stream.write(encode(event) + "\n")
-    stream.flush()

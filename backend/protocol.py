@@ -24,6 +24,12 @@ def encode(message: dict) -> str:
     return json.dumps(message, ensure_ascii=False, separators=(",", ":"))
 
 
+def write_event(stream, event: dict) -> None:
+    """Write ``event`` to ``stream`` as one protocol line and flush it, so the reader sees it at once."""
+    stream.write(encode(event) + "\n")
+    stream.flush()
+
+
 def progress_event(job: str | None, stage: str, step: int, total: int, preview: str | None = None) -> dict:
     """A progress event: ``stage`` one of STAGES, ``step`` of ``total`` done, optional preview PNG path."""
     return {"event": "progress", "job": job, "stage": stage, "step": step, "total": total, "preview": preview}

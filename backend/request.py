@@ -51,8 +51,9 @@ SCHEDULERS = {
 
 # --sync methods; SyncDiffusion's options (the ``sync_*`` fields) and what they accept.
 SYNC_METHODS = ("multidiffusion", "syncdiffusion", "syncsde")
-SYNCSDE_COMPOSE = ("paper", "average")  # backend/sync/syncsde.py's COMPOSE_MODES
-DEFAULT_SYNCSDE_LAMBDA = 5.0  # the paper's wide-image lambda (backend/sync/syncsde.py's DEFAULT_STRENGTH)
+# Here, standard library only, so requests validate without torch; backend/sync/syncsde.py uses these.
+SYNCSDE_COMPOSE = ("paper", "average")
+DEFAULT_SYNCSDE_LAMBDA = 5.0  # the paper's wide-image lambda
 SYNC_LOSSES = ("lpips-vgg", "lpips-alex", "style")  # the names of backend/perceptual.py
 SYNC_LOSS_BACKBONES = ("auto", "pretrained", "random")
 # SyncDiffusion's guidance weight w per loss: 20 for LPIPS (the paper's choice); for the style loss the
@@ -104,7 +105,7 @@ def parse_view_set(name: str) -> str:
 
 
 
-# --mad-blocks: the UNet block groups whose attention MAD merges (backend/sync/mad.py's BLOCKS).
+# --mad-blocks: the UNet block groups whose attention MAD merges (backend/sync/mad.py uses these).
 MAD_BLOCKS = ("down", "mid", "up")
 
 # --fusion: what is averaged where views overlap (docs/engine.md, "Fusion"). noisy: each view's x_{t-1}

@@ -40,6 +40,7 @@ from bench_multidiffusion import (  # noqa: E402
     PeakMemory,
     add_shared_arguments,
     case_build,
+    case_list,
     log,
     print_table,
     run_benchmark,
@@ -56,12 +57,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--probe-views", type=int, default=8, help="views pushed through the UNet by the denoise cases")
     parser.add_argument("--cases", default=",".join(CASES), help="comma-separated subset of: " + ", ".join(CASES))
     add_shared_arguments(parser, view_batch=4, prompt="a sunlit alpine valley with a lake, 360 panorama")
-    args = parser.parse_args(argv)
-    args.case_list = [name.strip() for name in args.cases.split(",") if name.strip()]
-    unknown = set(args.case_list) - set(CASES)
-    if unknown:
-        parser.error(f"unknown case(s) in --cases: {', '.join(sorted(unknown))}")
-    return args
+    return case_list(parser, parser.parse_args(argv), CASES)
 
 
 def main(argv=None) -> None:
@@ -130,7 +126,8 @@ def case_mode(args) -> dict:
         for first in range(0, count, plan.view_batch):
             denoiser(noise[first : first + plan.view_batch], timestep)
             log(args.case, f"{min(first + plan.view_batch, count)}/{count} views at {clock() - began:.1f} s")
-        result.update(probe_views=count, denoise_s=clock() - began, per_view_s=(clock() - began) / count)
+        seconds = clock() - began
+        result.update(probe_views=count, denoise_s=seconds, per_view_s=seconds / count)
     else:
         latents = torch.randn(1, channels, request.height // factor, request.width // factor,
                               generator=torch.Generator("cpu").manual_seed(args.seed)).to(device, dtype)
@@ -166,9 +163,9 @@ def summarise(args, results: dict, work_dir: str) -> dict:
         full, low = cases.get(f"full-{stage}", {}), cases.get(f"low-{stage}", {})
         if key in full and key in low:
             ratios[f"{stage}_time_low_over_full"] = low[key] / full[key]
-            peak, work = (lambda case, name: case["memory"].get(name)), None
-            if peak(full, "peak_mib") and peak(low, "peak_mib"):
-                ratios[f"{stage}_peak_low_over_full"] = peak(low, "peak_mib") / peak(full, "peak_mib")
+            peaks = [case["memory"].get("peak_mib") for case in (full, low)]
+            if all(peaks):
+                ratios[f"{stage}_peak_low_over_full"] = peaks[1] / peaks[0]
                 work = [case["memory"]["peak_mib"] - case["memory"]["loaded_mib"] for case in (full, low)]
                 ratios[f"{stage}_work_low_over_full"] = work[1] / work[0] if work[0] > 0 else None
     if all("failed" not in cases.get(f"{mode}-{stage}", {"failed": "not run"}) for mode in ("full", "low") for stage in ("denoise", "decode")):

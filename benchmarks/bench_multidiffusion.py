@@ -873,13 +873,19 @@ def add_canvas_and_case_arguments(parser: argparse.ArgumentParser, cases: tuple,
     parser.add_argument("--cases", default=",".join(cases), help="comma-separated subset of: " + ", ".join(cases))
 
 
-def parse_case_list(parser: argparse.ArgumentParser, args: argparse.Namespace, cases: tuple) -> argparse.Namespace:
-    """``args.case_list`` from ``--cases`` (unknown names are a parser error), with "multidiffusion" first
-    since every ratio is to it; checks the canvas size against the window. Returns ``args``."""
+def case_list(parser: argparse.ArgumentParser, args: argparse.Namespace, cases: tuple) -> argparse.Namespace:
+    """``args.case_list``: the names in ``--cases`` (unknown names are a parser error). Returns ``args``."""
     args.case_list = [name.strip() for name in args.cases.split(",") if name.strip()]
     unknown = set(args.case_list) - set(cases)
     if unknown:
         parser.error(f"unknown case(s) in --cases: {', '.join(sorted(unknown))}")
+    return args
+
+
+def parse_case_list(parser: argparse.ArgumentParser, args: argparse.Namespace, cases: tuple) -> argparse.Namespace:
+    """``case_list``, with "multidiffusion" first since every ratio is to it; checks the canvas size against
+    the window. Returns ``args``."""
+    case_list(parser, args, cases)
     if "multidiffusion" not in args.case_list:
         args.case_list.insert(0, "multidiffusion")
     if args.width % 8 or args.height % 8 or min(args.width, args.height) < args.window * 8:

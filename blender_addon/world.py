@@ -175,10 +175,9 @@ def apply_world(context, exr_path, *, rotation=0.0, strength=1.0, hide_from_came
     # For a World, Generated coordinates are the view direction in world space.
     links.new(texcoord.outputs["Generated"], mapping.inputs["Vector"])
     links.new(mapping.outputs["Vector"], environment.inputs["Vector"])
-    light_path = None
+    # One Light Path for the sky mix (camera rays see the panorama, the others the sky) and hide_from_camera.
+    light_path = add("ShaderNodeLightPath", LIGHT_PATH_NODE, -200, 300) if sky_image is not None or hide_from_camera else None
     if sky_image is not None:
-        # One Light Path for this and hide_from_camera: camera rays see the panorama, the others the sky.
-        light_path = add("ShaderNodeLightPath", LIGHT_PATH_NODE, -200, 300)
         sky = add("ShaderNodeTexEnvironment", SKY_ENVIRONMENT_NODE, -500, -300)
         sky.image = sky_image
         sky.projection = "EQUIRECTANGULAR"
@@ -194,8 +193,6 @@ def apply_world(context, exr_path, *, rotation=0.0, strength=1.0, hide_from_came
     else:
         links.new(environment.outputs["Color"], background.inputs["Color"])
     if hide_from_camera:
-        if light_path is None:
-            light_path = add("ShaderNodeLightPath", LIGHT_PATH_NODE, -200, 300)
         camera_background = add("ShaderNodeBackground", CAMERA_BACKGROUND_NODE, -200, -200)
         camera_background.inputs["Color"].default_value = CAMERA_BACKGROUND_COLOR
         camera_background.inputs["Strength"].default_value = 1.0
@@ -239,6 +236,18 @@ def set_world_rotation(world, radians):
             yaw, pitch = obj[SUN_DIRECTION_PROP]
             obj.rotation_euler = lighting.sun_lamp_rotation(yaw, pitch, radians)
     return True
+
+
+def world_rotation(world):
+    """The Z rotation (radians) of a SyncSphere world's Mapping node; 0 when it has none."""
+    node = world.node_tree.nodes.get(MAPPING_NODE) if world.node_tree else None
+    return node.inputs["Rotation"].default_value[2] if node is not None else 0.0
+
+
+def world_strength(world):
+    """The strength of a SyncSphere world's image Background; 1 when it has none."""
+    node = world.node_tree.nodes.get(BACKGROUND_NODE) if world.node_tree else None
+    return node.inputs["Strength"].default_value if node is not None else 1.0
 
 
 def set_world_strength(world, value):
@@ -369,9 +378,7 @@ def set_sun_lamp(context, world, source):
     if scene.objects.get(obj.name) != obj:
         scene.collection.objects.link(obj)
 
-    nodes = world.node_tree.nodes
-    rotation = nodes[MAPPING_NODE].inputs["Rotation"].default_value[2]
-    strength = nodes[BACKGROUND_NODE].inputs["Strength"].default_value
+    rotation, strength = world_rotation(world), world_strength(world)
     light = obj.data
     light.angle = lighting.sun_lamp_angle(source.angular_radius_deg)
     light.color = source.color

@@ -21,14 +21,10 @@ class SYNCSPHERE_OT_update_lighting(Operator):
         """Re-apply the World's own EXR (and the lighting files next to it) as a new SyncSphere World."""
         settings = context.scene.syncsphere
         current = context.scene.world
-        nodes = current.node_tree.nodes if current.node_tree else {}
-        mapping, background = nodes.get(world.MAPPING_NODE), nodes.get(world.BACKGROUND_NODE)
-        rotation = mapping.inputs["Rotation"].default_value[2] if mapping is not None else 0.0
-        strength = background.inputs["Strength"].default_value if background is not None else 1.0
         try:
             new_world, note = world.apply_lit_world(
                 context, {"exr": current[world.SOURCE_PROP]}, hdr=settings.hdr, sun_mode=settings.sun_mode,
-                rotation=rotation, strength=strength, hide_from_camera=settings.hide_from_camera)
+                rotation=world.world_rotation(current), strength=world.world_strength(current), hide_from_camera=settings.hide_from_camera)
         except FileNotFoundError as error:
             self.report({"ERROR"}, str(error))
             return {"CANCELLED"}

@@ -30,13 +30,18 @@ def _backend(context):
     return python, backend_command.backend_environment(allow_network=setup.online_access())
 
 
+def _list_command(context=None):
+    """``models list`` for the installed models (the hub cache and the Model Folder) as (command, env, cwd).
+    Raises ``model_list.ModelCommandError`` when no usable backend Python is set."""
+    python, env = _backend(context)
+    arguments = model_list.list_arguments(model_folders(get_preferences(context)))
+    return backend_command.backend_command(python, *arguments), env, backend_command.EXTENSION_DIR
+
+
 def refresh_models(context):
-    """List the installed models (the hub cache and the Model Folder) into ``model_list``'s cache.
-    Returns None, or the sentence saying why it failed."""
+    """List the installed models into ``model_list``'s cache. Returns None, or the sentence saying why it failed."""
     try:
-        python, env = _backend(context)
-        arguments = model_list.list_arguments(model_folders(get_preferences(context)))
-        model_list.refresh(backend_command.backend_command(python, *arguments), env, backend_command.EXTENSION_DIR)
+        model_list.refresh(*_list_command(context))
     except model_list.ModelCommandError as error:
         return str(error)
     return None
@@ -45,12 +50,10 @@ def refresh_models(context):
 def _refresh_at_startup():
     """A one-shot timer after the add-on is enabled: list the models on a thread, so the panel's model menu
     has them without anyone pressing Refresh. Returns None (run once)."""
-    prefs = get_preferences()
-    python = interpreter_path(prefs)
-    if prefs is not None and backend_command.interpreter_error(python) is None:
-        command = backend_command.backend_command(python, *model_list.list_arguments(model_folders(prefs)))
-        model_list.refresh_in_background(command, backend_command.backend_environment(allow_network=False),
-                                         backend_command.EXTENSION_DIR)
+    try:
+        model_list.refresh_in_background(*_list_command())
+    except model_list.ModelCommandError:
+        pass  # no backend Python yet: the Models box says how to set one
     return None
 
 
