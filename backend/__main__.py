@@ -1,4 +1,4 @@
-"""``python -m backend``: see backend/cli.py."""
+"""``python -m backend``: see backend/app/cli.py."""
 
 import os
 import sys
@@ -7,6 +7,6 @@ import sys
 # it is imported, so it is set before anything imports torch; a value the user set is kept.
 os.environ.setdefault("PYTORCH_ENABLE_MPS_FALLBACK", "1")
 
-from .cli import main  # noqa: E402  (after the environment above)
+from .app.cli import main  # noqa: E402  (after the environment above)
 
 sys.exit(main())

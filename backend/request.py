@@ -2,8 +2,8 @@
 
 Field names are the CLI flags in snake_case (``--view-batch`` -> ``view_batch``), which is also what
 the protocol's ``params`` object uses. Standard library only, so it validates without torch: every
-check here runs before any model is loaded and before any output folder is created. (Checking an
-equirect job's existing outputs reads the cube map's file names from ``backend/cubemap.py``, numpy.)
+check here runs before any model is loaded and before any output folder is created (the files a job would
+replace are checked by ``app.job.check_request``, which knows their names from ``products.outputs``).
 """
 
 from __future__ import annotations
@@ -22,21 +22,18 @@ DEVICES_HELP = "auto, cpu, cuda, cuda:N or mps"
 DTYPES = ("auto", "float32", "float16", "bfloat16")
 # --memory: "full" keeps everything on the device at once, "low" trades time for memory (model offload to
 # the CPU between stages, view batch 1, a strip-wise VAE decode), "auto" picks one from the device's free
-# memory and the canvas (backend/memory.py).
+# memory and the canvas (backend/engine/memory.py).
 MEMORY_MODES = ("auto", "full", "low")
 MAX_CANVAS_PIXELS = 16384
-OUTPUT_NAMES = ("panorama.png", "panorama.exr", "metadata.json")
 
-# HDR lighting (backend/hdr.py, issue #8): the files of `python -m backend hdr`, which an equirect job writes
-# too (panorama.exr then holds the HDR image), and the defaults of its options.
-HDR_OUTPUT_NAMES = ("panorama.exr", "panorama_sky.exr", "lighting.json")
+# HDR lighting (backend/products/hdr.py, issue #8): the defaults of its options.
 DEFAULT_SUN_RATIO = 6.0  # the sun's irradiance over the rest of the sky's; clear days are about 3-10
 MAX_EXPOSURE = 20.0  # |--exposure| in EV: 2^20 is a million; this only stops typos
 HALF_EXPOSURE = 15.0  # with --half an 8-bit sky of 1.0 times 2^15 stays below the largest half float, 65504
 
 # --scheduler names and the diffusers classes they stand for; a diffusers class name is accepted too.
 # "auto" (the default) is DDIM, MultiDiffusion's sampler, unless the model ships a few-step scheduler
-# (backend/job.py's make_scheduler).
+# (backend/app/job.py's make_scheduler).
 SCHEDULERS = {
     "auto": None,
     "ddim": "DDIMScheduler",
@@ -51,16 +48,16 @@ SCHEDULERS = {
 
 # --sync methods; SyncDiffusion's options (the ``sync_*`` fields) and what they accept.
 SYNC_METHODS = ("multidiffusion", "syncdiffusion", "syncsde")
-# Here, standard library only, so requests validate without torch; backend/sync/syncsde.py uses these.
+# Here, standard library only, so requests validate without torch; backend/engine/sync/syncsde.py uses these.
 SYNCSDE_COMPOSE = ("paper", "average")
 DEFAULT_SYNCSDE_LAMBDA = 5.0  # the paper's wide-image lambda
-SYNC_LOSSES = ("lpips-vgg", "lpips-alex", "style")  # the names of backend/perceptual.py
+SYNC_LOSSES = ("lpips-vgg", "lpips-alex", "style")  # the names of backend/engine/perceptual.py
 SYNC_LOSS_BACKBONES = ("auto", "pretrained", "random")
 # SyncDiffusion's guidance weight w per loss: 20 for LPIPS (the paper's choice); for the style loss the
 # supplementary (S.4) multiplies the loss by 10^6 and uses w = 0.1.
 DEFAULT_SYNC_WEIGHTS = {"lpips-vgg": 20.0, "lpips-alex": 20.0, "style": 0.1}
 
-# --views: which views a 360° (equirect) job denoises (backend/view_sets.py builds them). The names are
+# --views: which views a 360° (equirect) job denoises (backend/sphere/view_sets.py builds them). The names are
 # here, standard library only, so that requests validate without torch.
 VIEW_SETS = ("band", "cube", "ring", "band+poles")
 """Canonical view set names, in the order the help lists them."""
@@ -105,7 +102,7 @@ def parse_view_set(name: str) -> str:
 
 
 
-# --mad-blocks: the UNet block groups whose attention MAD merges (backend/sync/mad.py uses these).
+# --mad-blocks: the UNet block groups whose attention MAD merges (backend/engine/sync/mad.py uses these).
 MAD_BLOCKS = ("down", "mid", "up")
 
 # --fusion: what is averaged where views overlap (docs/engine.md, "Fusion"). noisy: each view's x_{t-1}
@@ -113,9 +110,9 @@ MAD_BLOCKS = ("down", "mid", "up")
 # crop windows only (exactly MultiDiffusion), clean as soon as the views include projected ones.
 FUSIONS = ("auto", "noisy", "clean")
 # --views when none is given and the canvas is tall enough for it (else band): the measured choice
-# (docs/engine.md, "View sets"); backend/job.py's request_views decides, once the window is known.
+# (docs/engine.md, "View sets"); backend/app/job.py's request_views decides, once the window is known.
 DEFAULT_VIEW_SET = "band+poles"
-# The view sets with the up and down faces, whose polar caps are decoded from those faces (backend/decode.py).
+# The view sets with the up and down faces, whose polar caps are decoded from those faces (backend/engine/decode.py).
 POLE_FACE_VIEW_SETS = ("cube", "ring", "band+poles")
 # A view whose centre is at least this far above (below) the horizon gets --prompt-up (--prompt-down).
 UP_DOWN_PITCH = 45.0
@@ -141,7 +138,7 @@ class ModelGeometry:
 
 @dataclass
 class GenerateRequest:
-    """Every parameter of one generation. See ``backend/cli.py`` for the meaning of each flag."""
+    """Every parameter of one generation. See ``backend/app/cli.py`` for the meaning of each flag."""
 
     prompt: str
     negative_prompt: str = ""
@@ -218,21 +215,8 @@ class GenerateRequest:
     @property
     def hdr(self) -> bool:
         """Whether the job makes HDR lighting (panorama.exr with the sun expanded, panorama_sky.exr,
-        lighting.json; backend/hdr.py): 360° equirect jobs do, unless ``no_hdr``."""
+        lighting.json; backend/products/hdr.py): 360° equirect jobs do, unless ``no_hdr``."""
         return self.layout == "equirect" and not self.no_hdr
-
-    def output_names(self) -> list[str]:
-        """The files a job of this request may write into its folder: OUTPUT_NAMES, then for ``cube_map`` the
-        HDR files panorama_sky.exr and lighting.json and the cube map's PNGs (named by ``backend/cubemap.py``,
-        imported only then: it needs numpy, not torch). An equirect job with ``no_hdr`` lists the HDR files
-        too: with --overwrite it removes them, so no stale lighting.json sits beside a new panorama."""
-        names = list(OUTPUT_NAMES)
-        if self.cube_map:
-            from .cubemap import output_names
-
-            names += [name for name in HDR_OUTPUT_NAMES if name not in names]
-            names += output_names(".png", horizon=True)
-        return names
 
     # ------------------------------------------------------------------ validation
     def validate(self) -> None:
@@ -308,14 +292,6 @@ class GenerateRequest:
         if not self.out:
             raise BadRequest("No output folder given; pass --out DIR.")
         self.out = os.path.abspath(os.path.expanduser(self.out))
-        if os.path.exists(self.out) and not os.path.isdir(self.out):
-            raise BadRequest(f"The output path {self.out} exists and is not a folder.")
-        existing = [name for name in self.output_names() if os.path.exists(os.path.join(self.out, name))]
-        if existing and not self.overwrite:
-            raise BadRequest(
-                f"{os.path.join(self.out, existing[0])} already exists; pass --overwrite to replace it "
-                "or choose another --out folder."
-            )
 
     def _validate_views(self) -> None:
         """Check --views, --fusion and the per-direction prompts; fill the default view set (equirect only)."""

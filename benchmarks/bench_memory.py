@@ -3,7 +3,7 @@
 
 On a model with the full Stable Diffusion 2 base architecture and random weights (built by
 ``bench_multidiffusion.py``'s machinery; nothing is downloaded). Each case runs in a fresh subprocess so its
-peak memory is its own, and goes through the engine's own pieces with the plan ``backend.memory.plan_memory``
+peak memory is its own, and goes through the engine's own pieces with the plan ``backend.engine.memory.plan_memory``
 makes for the mode (view batch, offload, strip decode):
 
 | case | what |
@@ -84,10 +84,10 @@ def case_mode(args) -> dict:
     import numpy as np
     import torch
 
-    from backend.decode import decode_canvas, decode_pole_caps
-    from backend.denoiser import GuidedUNetDenoiser
-    from backend.job import ModelCache, check_request, request_views
-    from backend.memory import StagePlacement, plan_memory
+    from backend.engine.decode import decode_canvas, decode_pole_caps
+    from backend.engine.denoiser import GuidedUNetDenoiser
+    from backend.app.job import ModelCache, check_request, request_views
+    from backend.engine.memory import StagePlacement, plan_memory
     from backend.request import GenerateRequest
 
     mode, stage = args.case.split("-")

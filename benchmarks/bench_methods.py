@@ -3,7 +3,7 @@
 
 On a model with the full Stable Diffusion 2 base architecture and random weights (built by
 ``bench_multidiffusion.py``'s machinery; nothing is downloaded), one ``wide`` canvas, one seed, each case
-runs the engine's denoising stage (``backend.job.denoise``, the product's code path, from the same request
+runs the engine's denoising stage (``backend.app.job.denoise``, the product's code path, from the same request
 fields as ``python -m backend generate``) in a fresh subprocess, so its peak memory is its own. Cases:
 
 | case | what |
@@ -89,7 +89,7 @@ def run_case(args) -> None:
 
 def case_denoise(args) -> dict:
     """One case: the engine's denoising stage with the case's settings; seconds per step and peak memory."""
-    from backend.job import ModelCache, check_request, denoise
+    from backend.app.job import ModelCache, check_request, denoise
     from backend.request import GenerateRequest
 
     settings = {"steps": args.steps, "guidance": args.guidance, **case_settings(args, args.case)}

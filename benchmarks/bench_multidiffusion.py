@@ -499,7 +499,7 @@ def machine_info(args) -> dict:
     import torch
     import transformers
 
-    from backend.models import resolve_device, resolve_dtype
+    from backend.engine.models import resolve_device, resolve_dtype
 
     device = resolve_device(args.device)
     dtype = resolve_dtype(args.dtype, device)
@@ -533,14 +533,14 @@ def _cpu_name() -> str:
 
 # ------------------------------------------------------------------------------------ generation
 def case_ours(args, layout: str) -> dict:
-    """Our engine on a ``layout`` canvas, stage by stage as ``backend.job`` runs them (minus writing files)."""
+    """Our engine on a ``layout`` canvas, stage by stage as ``backend.app.job`` runs them (minus writing files)."""
     import torch
 
-    from backend.decode import decode_canvas
-    from backend.denoiser import GuidedUNetDenoiser
-    from backend.job import ModelCache, check_request, initial_noise, make_scheduler, request_views
+    from backend.engine.decode import decode_canvas
+    from backend.engine.denoiser import GuidedUNetDenoiser
+    from backend.app.job import ModelCache, check_request, initial_noise, make_scheduler, request_views
     from backend.request import GenerateRequest
-    from backend.sampler import sample_canvas
+    from backend.engine.sampler import sample_canvas
 
     width = args.width if layout == "wide" else 2 * args.height  # equirect is 2:1
     steps = args.steps if layout == "wide" else args.equirect_steps
@@ -560,7 +560,7 @@ def case_ours(args, layout: str) -> dict:
     memory.loaded()
     log(args.case, f"model loaded in {load_s:.1f} s")
 
-    # The stages of backend.job.denoise, called one at a time so each can be timed.
+    # The stages of backend.app.job.denoise, called one at a time so each can be timed.
     pipeline, geometry = model.pipeline, model.geometry
     views = request_views(request, geometry.vae_scale_factor)
     canvas = views.canvas
@@ -600,7 +600,7 @@ def case_diffusers(args) -> dict:
     import torch
     from diffusers import DDIMScheduler, StableDiffusionPanoramaPipeline
 
-    from backend.models import resolve_device, resolve_dtype
+    from backend.engine.models import resolve_device, resolve_dtype
 
     device = resolve_device(args.device)
     dtype = resolve_dtype(args.dtype, device)
@@ -672,9 +672,9 @@ def case_decode(args, one_piece: bool) -> dict:
     import torch
     from diffusers import AutoencoderKL
 
-    from backend.canvas import Canvas
-    from backend.decode import axis_tiles, decode_canvas
-    from backend.models import resolve_device, resolve_dtype
+    from backend.sphere.canvas import Canvas
+    from backend.engine.decode import axis_tiles, decode_canvas
+    from backend.engine.models import resolve_device, resolve_dtype
 
     device = resolve_device(args.device)
     dtype = resolve_dtype(args.dtype, device)

@@ -3,9 +3,9 @@
 
 On a model with the full Stable Diffusion 2 base architecture and random weights (built by
 ``bench_multidiffusion.py``'s machinery; nothing is downloaded), one ``wide`` canvas, one seed, DDIM, each
-case runs the engine's own denoising stage (``backend.job.denoise``: the product's code path, guidance
+case runs the engine's own denoising stage (``backend.app.job.denoise``: the product's code path, guidance
 built from the same request fields as ``python -m backend generate``), then the tiled decode, then
-measures the result's Intra-LPIPS (``backend.metrics``). Cases:
+measures the result's Intra-LPIPS (``backend.analysis.metrics``). Cases:
 
 | case | what |
 |---|---|
@@ -257,11 +257,11 @@ def case_generate(args) -> dict:
     """One case: the engine's denoising stage with the case's settings, the decode, Intra-LPIPS."""
     import numpy as np
 
-    from backend.decode import decode_canvas
-    from backend.job import ModelCache, check_request, denoise
-    from backend.metrics import intra_lpips, non_overlapping_crops
-    from backend.outputs import to_uint8
-    from backend.perceptual import load_perceptual_loss
+    from backend.engine.decode import decode_canvas
+    from backend.app.job import ModelCache, check_request, denoise
+    from backend.analysis.metrics import intra_lpips, non_overlapping_crops
+    from backend.products.images import to_uint8
+    from backend.engine.perceptual import load_perceptual_loss
     from backend.request import GenerateRequest
 
     settings = sync_settings(args, args.case)
@@ -311,7 +311,7 @@ def case_flops(args) -> dict:
     from torch.utils.flop_counter import FlopCounterMode
 
     from bench_multidiffusion import SD_VAE
-    from backend.perceptual import load_perceptual_loss
+    from backend.engine.perceptual import load_perceptual_loss
 
     def count(run) -> int:
         mode = FlopCounterMode(display=False)

@@ -1,9 +1,9 @@
 """Seam, pole and noise statistics for every view set and fusion rule (issue #4's measurements).
 
-Runs the engine (``backend.job.run_job``, files written to a temporary folder) on a tiny random Stable
+Runs the engine (``backend.app.job.run_job``, files written to a temporary folder) on a tiny random Stable
 Diffusion model built with ``tests/model_factory.py`` (UNet sample size 32, VAE factor 8), for each view
 set (band, cube, ring, band+poles) and fusion rule (noisy, clean), over several seeds, and measures the
-output with ``backend.metrics``: the wrap-seam ratio at longitude ±180°, the largest ratio over the 12
+output with ``backend.analysis.metrics``: the wrap-seam ratio at longitude ±180°, the largest ratio over the 12
 cube-face edges, and the pole ratios of the up and down faces (docs/metrics.md; about 1 means no
 discontinuity). It also measures what a bilinear read does to noise: the standard deviation of unit
 Gaussian canvas noise read into each view set's views (noisy fusion reads x_t that way every step),
@@ -37,8 +37,8 @@ def read_noise_std(view_set: str, height: int, width: int, window: int, stride: 
     (all views when it has none): the noise level a noisy-latent read hands the UNet."""
     import torch
 
-    from backend.canvas import Canvas
-    from backend.view_sets import canvas_views
+    from backend.sphere.canvas import Canvas
+    from backend.sphere.view_sets import canvas_views
 
     views = canvas_views(Canvas("equirect", height, width), view_set, window, stride)
     noise = torch.randn(1, 4, height, width, generator=torch.Generator().manual_seed(0))
@@ -58,8 +58,8 @@ def main(argv=None) -> int:
     import numpy as np
     from PIL import Image
 
-    from backend.job import ModelCache, check_request, run_job
-    from backend.metrics import cube_edge_ratios, pole_ratios, seam_ratio
+    from backend.app.job import ModelCache, check_request, run_job
+    from backend.analysis.metrics import cube_edge_ratios, pole_ratios, seam_ratio
     from backend.request import GenerateRequest
     from model_factory import TINY_UNET, save_random_sd_model
 

@@ -10,8 +10,8 @@ import pytest
 pytest.importorskip("bpy")
 pytest.importorskip("OpenEXR")  # the backend's cubemap command runs in this interpreter
 
-from backend.geometry import FACES, equirect_to_cube_faces, faces_to_dice  # noqa: E402
-from backend.outputs import read_exr, write_exr  # noqa: E402
+from backend.sphere.geometry import FACES, equirect_to_cube_faces, faces_to_dice  # noqa: E402
+from backend.products.images import read_exr, write_exr  # noqa: E402
 from test_blender_generate import extension_zip, run_blender  # noqa: E402,F401  (extension_zip: a fixture)
 
 SCRIPT = """

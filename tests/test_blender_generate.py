@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from backend.outputs import read_exr
+from backend.products.images import read_exr
 from test_extension import _blender_ext_tool
 
 REPO = Path(__file__).resolve().parent.parent

@@ -15,7 +15,7 @@ import pytest
 pytest.importorskip("bpy")
 pytest.importorskip("diffusers")
 
-from backend.outputs import read_exr  # noqa: E402
+from backend.products.images import read_exr  # noqa: E402
 from test_blender_generate import extension_zip, run_blender  # noqa: E402,F401  (extension_zip: a fixture)
 
 # The camera's rotation: X 90° turns its view (local -Z) onto +Y, Z 30° then turns that to azimuth 120°.

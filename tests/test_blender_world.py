@@ -241,12 +241,9 @@ result(seen)
 
 
 def _backend_write_exr():
-    """The backend's own EXR writer (backend/outputs.py, loaded by path), or None without OpenEXR/PIL."""
+    """The backend's own EXR writer (backend/products/images.py, loaded by path), or None without OpenEXR/PIL."""
     try:
-        spec = importlib.util.spec_from_file_location("syncsphere_backend_outputs",
-                                                      REPO / "backend" / "outputs.py")
-        module = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(module)
+        module = importlib.import_module("backend.products.images")
     except ImportError:
         return None
     return module.write_exr

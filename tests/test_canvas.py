@@ -3,9 +3,9 @@
 import pytest
 import torch
 
-from backend.canvas import Canvas, CropView, window_starts
-from backend.decode import axis_tiles
-from backend.view_sets import CanvasViews
+from backend.sphere.canvas import Canvas, CropView, window_starts
+from backend.engine.decode import axis_tiles
+from backend.sphere.view_sets import CanvasViews
 
 
 @pytest.mark.parametrize("kind", ["wide", "equirect", "tile"])

@@ -10,8 +10,8 @@ import textwrap
 import numpy as np
 import pytest
 
-from backend.cli import main
-from backend.outputs import read_exr, srgb_to_linear
+from backend.app.cli import main
+from backend.products.images import read_exr, srgb_to_linear
 from PIL import Image
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -131,12 +131,12 @@ def test_omitted_seed_is_picked_and_recorded(tiny_model, tmp_path):
 
 
 def test_failure_while_writing_leaves_nothing(tiny_model, tmp_path, monkeypatch, capsys):
-    import backend.outputs
+    import backend.products.images
 
     def failing_json(path, data):
         raise OSError("disk full")
 
-    monkeypatch.setattr(backend.outputs, "write_json", failing_json)
+    monkeypatch.setattr(backend.products.images, "write_json", failing_json)
     out = tmp_path / "out"
     with pytest.raises(OSError):
         main(["generate", "--prompt", "x", "--model", tiny_model, "--out", str(out), "--layout", "tile", "--width", "128", "--height", "128", *FAST])
@@ -148,13 +148,13 @@ def test_run_killed_while_writing_leaves_no_png_and_next_run_cleans_up(tiny_mode
     # Kill the process (SIGKILL: no clean-up runs) right after the PNG's bytes are written.
     script = textwrap.dedent(f"""
         import os, signal, sys
-        import backend.outputs as outputs
+        import backend.products.images as outputs
         real_write_png = outputs.write_png
         def write_png_then_die(path, image):
             real_write_png(path, image)
             os.kill(os.getpid(), signal.SIGKILL)
         outputs.write_png = write_png_then_die
-        from backend.cli import main
+        from backend.app.cli import main
         sys.exit(main(sys.argv[1:]))
     """)
     args = ["generate", "--prompt", "x", "--model", tiny_model, "--out", str(out), "--layout", "tile", "--width", "128", "--height", "128", *FAST]
@@ -204,7 +204,7 @@ def test_info_prints_device_and_versions():
 
 def _job(tiny_model, out, layout, width, height, **extra):
     """Run one generation through check_request / run_job (what the CLI and the server call); its outputs."""
-    from backend.job import check_request, run_job
+    from backend.app.job import check_request, run_job
     from backend.request import GenerateRequest
 
     request = GenerateRequest(prompt="a courtyard", layout=layout, width=width, height=height, steps=2, window=16,
@@ -213,9 +213,9 @@ def _job(tiny_model, out, layout, width, height, **extra):
 
 
 def test_equirect_job_writes_the_cube_map_of_its_png_in_the_same_folder(tiny_model, tmp_path):
-    from backend.cubemap import output_names, write_cubemap
-    from backend.geometry import FACES, equirect_to_cube_faces, faces_to_dice, faces_to_horizon
-    from backend.outputs import to_uint8
+    from backend.products.cubemap import output_names, write_cubemap
+    from backend.sphere.geometry import FACES, equirect_to_cube_faces, faces_to_dice, faces_to_horizon
+    from backend.products.images import to_uint8
     from backend.protocol import done_event
 
     out = tmp_path / "out"
@@ -262,31 +262,35 @@ def test_wide_and_tile_jobs_write_no_cube_map(tiny_model, tmp_path, layout, widt
 
 
 def test_failure_while_writing_a_cube_face_leaves_nothing(tiny_model, tmp_path, monkeypatch):
-    import backend.outputs
+    import backend.products.images
 
-    real_write_png = backend.outputs.write_png
+    real_write_png = backend.products.images.write_png
 
     def fail_on_face_u(path, image):
         if "face_U" in os.path.basename(path):
             raise OSError("disk full")
         real_write_png(path, image)
 
-    monkeypatch.setattr(backend.outputs, "write_png", fail_on_face_u)
+    monkeypatch.setattr(backend.products.images, "write_png", fail_on_face_u)
     out = tmp_path / "out"
     with pytest.raises(OSError):
         _job(tiny_model, out, "equirect", 256, 128)
     assert not out.exists()  # not even panorama.png, written before the faces
 
 
-def test_existing_cube_map_files_need_overwrite_for_equirect_jobs_only(tmp_path):
+def test_existing_cube_map_files_need_overwrite_for_equirect_jobs_only(tiny_model, tmp_path, capsys):
     from backend.errors import BadRequest
-    from backend.request import GenerateRequest
+    from backend.products.files import check_output_folder
+    from backend.products.outputs import job_output_names
 
     out = tmp_path / "out"
     out.mkdir()
     (out / "cubemap_horizon.png").write_bytes(b"the user's file")
+    assert main(["generate", "--prompt", "x", "--model", tiny_model, "--out", str(out), "--layout", "equirect"]) == 2
+    assert "cubemap_horizon.png already exists; pass --overwrite" in capsys.readouterr().err
     with pytest.raises(BadRequest, match="cubemap_horizon.png already exists; pass --overwrite"):
-        GenerateRequest(prompt="x", layout="equirect", out=str(out)).validate()
-    GenerateRequest(prompt="x", layout="equirect", out=str(out), overwrite=True).validate()
-    GenerateRequest(prompt="x", layout="tile", out=str(out)).validate()  # a tile job does not write it
-    assert GenerateRequest(prompt="x", layout="wide").output_names() == ["panorama.png", "panorama.exr", "metadata.json"]
+        check_output_folder(str(out), job_output_names("equirect"), overwrite=False)
+    assert check_output_folder(str(out), job_output_names("equirect"), overwrite=True) == str(out)
+    check_output_folder(str(out), job_output_names("tile"), overwrite=False)  # a tile job does not write it
+    assert job_output_names("wide") == ["panorama.png", "panorama.exr", "metadata.json"]
+    assert (out / "cubemap_horizon.png").read_bytes() == b"the user's file"

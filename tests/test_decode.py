@@ -4,8 +4,8 @@ import pytest
 import torch
 from diffusers import AutoencoderKL
 
-from backend.canvas import Canvas
-from backend.decode import decode_canvas
+from backend.sphere.canvas import Canvas
+from backend.engine.decode import decode_canvas
 
 
 @pytest.fixture(scope="module")

@@ -11,10 +11,10 @@ from diffusers import DDIMScheduler, EulerDiscreteScheduler, LCMScheduler
 from model_factory import TINY_UNET, save_random_lora, save_random_sd_model
 from PIL import Image
 
-from backend.cli import main
-from backend.job import ModelCache, check_request, make_scheduler, run_job
+from backend.app.cli import main
+from backend.app.job import ModelCache, check_request, make_scheduler, run_job
 from backend.request import GenerateRequest
-from backend.sync.tweedie import predicted_clean_latent, prediction_for_clean_latent
+from backend.engine.sync.tweedie import predicted_clean_latent, prediction_for_clean_latent
 
 LCM_SCHEDULER = dict(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", original_inference_steps=50)
 

@@ -1,4 +1,4 @@
-"""Sphere geometry and cube maps (backend/geometry.py, ``python -m backend cubemap``): directions,
+"""Sphere geometry and cube maps (backend/sphere/geometry.py, ``python -m backend cubemap``): directions,
 agreement with py360convert's ``e2c``, the longitude seam, and the cube map files. numpy only; fast."""
 
 import os
@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from backend.cli import main
-from backend.geometry import (
+from backend.app.cli import main
+from backend.sphere.geometry import (
     FACES,
     cube_face_directions,
     direction_to_equirect,
@@ -21,7 +21,7 @@ from backend.geometry import (
     faces_to_horizon,
     lonlat_to_direction,
 )
-from backend.outputs import read_exr, write_exr, write_png
+from backend.products.images import read_exr, write_exr, write_png
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -324,7 +324,7 @@ def test_cli_output_path_that_is_a_file_is_refused(tmp_path, capsys):
 
 
 def test_cli_failure_while_writing_leaves_nothing(tmp_path, capsys, monkeypatch):
-    import backend.outputs
+    import backend.products.images
 
     written = []
 
@@ -335,7 +335,7 @@ def test_cli_failure_while_writing_leaves_nothing(tmp_path, capsys, monkeypatch)
         write_exr(path, image)
 
     write_exr(str(tmp_path / "p.exr"), noise((8, 16, 3)))
-    monkeypatch.setattr(backend.outputs, "write_exr", write_exr_then_fail)
+    monkeypatch.setattr(backend.products.images, "write_exr", write_exr_then_fail)
     code, message = cubemap(capsys, tmp_path / "p.exr", "--out", tmp_path / "out")
     assert code == 1 and "No space left on device" in message and len(message.splitlines()) == 1
     assert written and not (tmp_path / "out").exists()  # the first face was written, then removed

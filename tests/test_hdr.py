@@ -13,9 +13,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from backend.cli import main
-from backend.geometry import equirect_to_direction, lonlat_to_direction
-from backend.hdr import (
+from backend.app.cli import main
+from backend.sphere.geometry import equirect_to_direction, lonlat_to_direction
+from backend.products.hdr import (
     HALO_WIDTH,
     LUMINANCE_WEIGHTS,
     angular_distance_deg,
@@ -24,7 +24,7 @@ from backend.hdr import (
     make_hdr,
     pixel_solid_angles,
 )
-from backend.outputs import read_exr, srgb_to_linear
+from backend.products.images import read_exr, srgb_to_linear
 
 WIDTH, HEIGHT = 512, 256
 
@@ -314,10 +314,10 @@ def test_bad_hdr_values_of_a_generation_are_refused_before_the_model_loads(tmp_p
 
 
 def test_the_views_that_see_the_sun_direction_get_the_sun_in_their_prompt():
-    from backend.canvas import Canvas
-    from backend.job import SUN_PROMPT, view_prompt_rows
+    from backend.sphere.canvas import Canvas
+    from backend.app.job import SUN_PROMPT, view_prompt_rows
     from backend.request import GenerateRequest
-    from backend.view_sets import canvas_views
+    from backend.sphere.view_sets import canvas_views
 
     views = canvas_views(Canvas("equirect", 32, 64), "band+poles", 16, 8)
     for yaw, pitch in ((100.0, 20.0), (-170.0, 1.0), (0.0, 70.0), (10.0, -89.0)):
@@ -341,7 +341,7 @@ def test_the_views_that_see_the_sun_direction_get_the_sun_in_their_prompt():
 
 
 def test_an_equirect_generation_writes_the_hdr_files_and_no_hdr_writes_none(tiny_model, tmp_path):
-    from backend.job import check_request, run_job
+    from backend.app.job import check_request, run_job
     from backend.request import GenerateRequest
 
     def job(out, **extra):

@@ -35,7 +35,7 @@ def test_from_single_file_loads_back_every_weight(tmp_path):
 
 
 def test_cli_generates_the_same_image_from_a_single_file_checkpoint(tiny_model, tmp_path):
-    from backend.cli import main
+    from backend.app.cli import main
 
     checkpoint = write_ldm_single_file(tiny_model, str(tmp_path / "tiny.safetensors"))
     common = ["generate", "--prompt", "a canyon", "--layout", "tile", "--width", "128", "--height", "128",

@@ -1,18 +1,18 @@
-"""MAD, merged attention (backend/sync/mad.py), on the tiny random model: exactness where nothing overlaps,
+"""MAD, merged attention (backend/engine/sync/mad.py), on the tiny random model: exactness where nothing overlaps,
 block selection and restore, τ = 0 is MultiDiffusion bit for bit, merging really spans all views, projected
 views, and the merge/split operator at a feature resolution (constants, wrap equivariance)."""
 
 import pytest
 import torch
 
-from backend.canvas import Canvas, CropView
-from backend.denoiser import GuidedUNetDenoiser
-from backend.job import ModelCache, check_request, initial_noise, make_scheduler
+from backend.sphere.canvas import Canvas, CropView
+from backend.engine.denoiser import GuidedUNetDenoiser
+from backend.app.job import ModelCache, check_request, initial_noise, make_scheduler
 from backend.request import GenerateRequest
-from backend.sampler import sample_canvas
-from backend.sync import mad as mad_module
-from backend.sync.mad import MergedAttention, MergedAttentionProcessor, check_mad, merge_views, parse_blocks, split_canvas
-from backend.view_sets import CanvasViews, canvas_views
+from backend.engine.sampler import sample_canvas
+from backend.engine.sync import mad as mad_module
+from backend.engine.sync.mad import MergedAttention, MergedAttentionProcessor, check_mad, merge_views, parse_blocks, split_canvas
+from backend.sphere.view_sets import CanvasViews, canvas_views
 
 
 @pytest.fixture(scope="module")
@@ -236,7 +236,7 @@ def _job(tiny_model, tmp_path, name, **settings):
     import numpy as np
     from PIL import Image
 
-    from backend.job import run_job
+    from backend.app.job import run_job
 
     base = dict(prompt="a canyon", layout="equirect", width=512, height=256, steps=3, seed=1, window=16, stride=4,
                 model=tiny_model, device="cpu", out=str(tmp_path / name))
@@ -265,7 +265,7 @@ def test_mad_composes_with_every_method_through_the_job(tiny_model, tmp_path, se
 
 
 def test_band_and_poles_rows_are_aligned_for_mad(tiny_model):
-    from backend.job import request_views
+    from backend.app.job import request_views
 
     request = GenerateRequest(prompt="x", layout="equirect", width=512, height=256, window=16, stride=4,
                               model=tiny_model, device="cpu", out="/unused", mad_steps=2)
@@ -283,7 +283,7 @@ def test_band_and_poles_rows_are_aligned_for_mad(tiny_model):
     (["--mad-steps", "2", "--views", "band", "--stride", "3"], "MAD cannot merge these views"),
 ])
 def test_bad_mad_flags_are_one_sentence_and_exit_2(tiny_model, tmp_path, capsys, args, message):
-    from backend.cli import main
+    from backend.app.cli import main
 
     out = tmp_path / "out"
     code = main(["generate", "--prompt", "x", "--model", tiny_model, "--out", str(out), "--layout", "equirect",

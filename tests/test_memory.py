@@ -9,12 +9,12 @@ import torch
 from diffusers import AutoencoderKL, AutoencoderTiny
 from PIL import Image
 
-from backend import memory
-from backend.canvas import Canvas
-from backend.decode import can_decode_in_strips, decode_canvas, decode_in_strips, largest_decode_tile
+from backend.engine import memory
+from backend.sphere.canvas import Canvas
+from backend.engine.decode import can_decode_in_strips, decode_canvas, decode_in_strips, largest_decode_tile
 from backend.errors import BadRequest
-from backend.job import ModelCache, check_request, run_job
-from backend.memory import StagePlacement, estimate_full_bytes, free_memory_bytes, plan_memory
+from backend.app.job import ModelCache, check_request, run_job
+from backend.engine.memory import StagePlacement, estimate_full_bytes, free_memory_bytes, plan_memory
 from backend.request import GenerateRequest
 from model_factory import TINY_TAESD, TINY_VAE
 from test_cli import run_cli

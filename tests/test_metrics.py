@@ -1,4 +1,4 @@
-"""Coherence metrics (backend/metrics.py, ``python -m backend metrics``): crops, pair means, style loss,
+"""Coherence metrics (backend/analysis/metrics.py, ``python -m backend metrics``): crops, pair means, style loss,
 equirect horizon faces, seam ratios, the CLI, and that ``backbone="auto"`` really loads a cached trunk.
 
 CPU only, no network (conftest sets HF_HUB_OFFLINE=1); the loss trunks are random (seeded, repeatable).
@@ -14,12 +14,12 @@ import pytest
 import torch
 from PIL import Image
 
-from backend import metrics
-from backend.cli import main
+from backend.analysis import metrics
+from backend.app.cli import main
 from backend.errors import BadRequest
-from backend.metrics import (crop_positions, intra_lpips, intra_style_loss, measure, non_overlapping_crops,
+from backend.analysis.metrics import (crop_positions, intra_lpips, intra_style_loss, measure, non_overlapping_crops,
                              seam_ratio)
-from backend.perceptual import Backbone, PerceptualLoss, load_perceptual_loss, trunk_checkpoint_path
+from backend.engine.perceptual import Backbone, PerceptualLoss, load_perceptual_loss, trunk_checkpoint_path
 
 
 @pytest.fixture(scope="module")
@@ -136,7 +136,7 @@ def test_equirect_measures_the_four_horizon_faces(losses):
 
 
 def test_horizon_faces_are_the_cube_faces_f_r_b_l():
-    from backend.geometry import equirect_to_cube_faces
+    from backend.sphere.geometry import equirect_to_cube_faces
 
     image = _noise((64, 128, 3), 8)
     faces = metrics.horizon_faces(image, 32)
@@ -173,7 +173,7 @@ def _sphere_image(height, seed=0, latitude_limit=None):
     """An equirect image that is a smooth function of direction (linear plus a sine per channel). With
     ``latitude_limit`` (degrees), rows nearer a pole show the colour of that latitude at their longitude:
     the pinch into a star that flat content gives at the poles."""
-    from backend.geometry import lonlat_to_direction
+    from backend.sphere.geometry import lonlat_to_direction
 
     width = 2 * height
     rows, cols = np.mgrid[0:height, 0:width]
@@ -189,7 +189,7 @@ def _sphere_image(height, seed=0, latitude_limit=None):
 
 
 def test_cube_edges_are_the_twelve_edges_and_pair_texels_across_them():
-    from backend.geometry import FACES, cube_face_directions
+    from backend.sphere.geometry import FACES, cube_face_directions
 
     size = 16
     edges = metrics.cube_edges(size)
@@ -223,7 +223,7 @@ def test_a_smooth_sphere_passes_at_every_cube_edge_and_pole(seed):
 
 
 def test_a_seam_at_cube_face_edges_fails_there_only():
-    from backend.geometry import cube_faces_to_equirect, equirect_to_cube_faces
+    from backend.sphere.geometry import cube_faces_to_equirect, equirect_to_cube_faces
 
     faces = equirect_to_cube_faces(_sphere_image(256), 128)
     faces["R"] = faces["R"] + 0.1  # the right face painted separately, a little brighter
@@ -276,7 +276,7 @@ def test_tiny_model_equirect_job_seam_and_pole_ratios(tiny_model, tmp_path):
     """The ratios of a real (tiny, random) generation: reported, and checked where they do not depend on
     content (design section 6): turning the panorama by 90° of yaw permutes the cube faces and turns U and D
     by a quarter, so the 12 edge ratios are permuted and the pole ratios stay as they are."""
-    from backend.job import check_request, run_job
+    from backend.app.job import check_request, run_job
     from backend.request import GenerateRequest
 
     request = GenerateRequest(prompt="a forest clearing", layout="equirect", width=512, height=256, steps=3,
@@ -370,7 +370,7 @@ def test_cli_unknown_layout_is_refused_by_the_parser(capsys):
 
 
 def test_exr_is_read_as_srgb(tmp_path):
-    from backend.outputs import srgb_to_linear, write_exr
+    from backend.products.images import srgb_to_linear, write_exr
 
     image = _noise((8, 16, 3), 13)
     write_exr(str(tmp_path / "p.exr"), srgb_to_linear(image))

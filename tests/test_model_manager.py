@@ -1,4 +1,4 @@
-"""The model manager (backend/model_manager.py, ``python -m backend models``) against a local hub.
+"""The model manager (backend/engine/model_manager.py, ``python -m backend models``) against a local hub.
 
 No network: tests/hub_server.py serves a tiny Stable Diffusion 2-architecture model (random weights) through
 the hub's file API on 127.0.0.1, and each test points ``HF_ENDPOINT`` at it and ``HF_HUB_CACHE`` at a tmp
@@ -14,9 +14,9 @@ import socket
 import pytest
 import torch
 
-from backend.cli import _Parser
+from backend.app.cli import _Parser
 from backend.errors import BadRequest, JobCancelled, ModelNotFound
-from backend.model_manager import (
+from backend.engine.model_manager import (
     check_model_folder,
     download_model,
     list_models,
@@ -24,7 +24,7 @@ from backend.model_manager import (
     select_engine_files,
     weights_variant,
 )
-from backend.models_command import add_models_command, run_models_command
+from backend.app.models_cli import add_models_command, run_models_command
 from hub_server import HubServer
 
 REPO = "syncsphere-test/tiny-sd2"
@@ -225,7 +225,7 @@ def test_download_fetches_only_what_the_engine_loads_with_progress_in_order(hub,
     assert again.fetched == 0 and hub.bytes_sent == 0 and again.path == result.path
 
     # The engine loads it from the cache by hub id, offline.
-    from backend.models import load_model, resolve_model_source
+    from backend.engine.models import load_model, resolve_model_source
 
     _go_offline(monkeypatch)
     hub.reset_counters()
@@ -246,7 +246,7 @@ def test_fp16_download_takes_the_half_precision_variant_where_there_is_one(hub, 
     (model,) = list_models()
     assert model.complete and model.variant == "fp16"
     # ... and the engine does: offline, from the cache, the fp16 UNet and the plain VAE.
-    from backend.models import load_model, resolve_model_source
+    from backend.engine.models import load_model, resolve_model_source
 
     _go_offline(monkeypatch)
     hub.reset_counters()

@@ -3,9 +3,9 @@
 import pytest
 import torch
 
-from backend.cli import main
+from backend.app.cli import main
 from backend.errors import BadRequest
-from backend.models import read_model_geometry, resolve_device, resolve_dtype, resolve_model_source
+from backend.engine.models import read_model_geometry, resolve_device, resolve_dtype, resolve_model_source
 
 
 def test_model_sources_are_told_apart(tiny_model, tmp_path):

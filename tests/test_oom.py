@@ -7,9 +7,9 @@ import os
 
 import pytest
 
-from backend import job
+from backend.app import job
 from backend.errors import OutOfMemory
-from backend.job import ModelCache, check_request, run_job
+from backend.app.job import ModelCache, check_request, run_job
 from backend.request import GenerateRequest
 from test_server import TIMEOUT, Worker, params
 

@@ -10,19 +10,19 @@ import torch
 from diffusers import DDIMScheduler, EulerDiscreteScheduler
 from PIL import Image
 
-from backend.canvas import Canvas
-from backend.cli import main
-from backend.decode import decode_canvas, decode_pole_caps
-from backend.denoiser import GuidedUNetDenoiser
+from backend.sphere.canvas import Canvas
+from backend.app.cli import main
+from backend.engine.decode import decode_canvas, decode_pole_caps
+from backend.engine.denoiser import GuidedUNetDenoiser
 from backend.errors import BadRequest
-from backend.geometry import equirect_to_direction
-from backend.job import ModelCache, check_request, initial_noise, make_scheduler, request_views, run_job, view_prompt_rows
-from backend.metrics import cube_edge_ratios, pole_ratios, seam_ratio
+from backend.sphere.geometry import equirect_to_direction
+from backend.app.job import ModelCache, check_request, initial_noise, make_scheduler, request_views, run_job, view_prompt_rows
+from backend.analysis.metrics import cube_edge_ratios, pole_ratios, seam_ratio
 from backend.request import GenerateRequest
-from backend.sampler import sample_canvas
-from backend.sync.syncdiffusion import ring_anchor_indices
-from backend.sync.tweedie import predicted_clean_latent, prediction_for_clean_latent
-from backend.view_sets import CanvasViews, canvas_views, pole_faces
+from backend.engine.sampler import sample_canvas
+from backend.engine.sync.syncdiffusion import ring_anchor_indices
+from backend.engine.sync.tweedie import predicted_clean_latent, prediction_for_clean_latent
+from backend.sphere.view_sets import CanvasViews, canvas_views, pole_faces
 
 PROJECTED_SETS = ["cube", "ring", "band+poles"]
 

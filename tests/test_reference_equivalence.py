@@ -4,7 +4,7 @@ import numpy as np
 import torch
 from diffusers import DDIMScheduler, StableDiffusionPanoramaPipeline
 
-from backend.job import check_request, run_job
+from backend.app.job import check_request, run_job
 from backend.request import GenerateRequest
 from PIL import Image
 

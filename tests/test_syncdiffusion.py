@@ -9,18 +9,18 @@ import torch
 from model_factory import save_random_tiny_autoencoder
 from PIL import Image
 
-from backend.canvas import Canvas
-from backend.cli import main
-from backend.decode import decode_canvas
-from backend.denoiser import GuidedUNetDenoiser
-from backend.job import ModelCache, check_request, gradient_checkpointing, initial_noise, make_scheduler, run_job
-from backend.metrics import intra_lpips, non_overlapping_crops
-from backend.perceptual import load_perceptual_loss
+from backend.sphere.canvas import Canvas
+from backend.app.cli import main
+from backend.engine.decode import decode_canvas
+from backend.engine.denoiser import GuidedUNetDenoiser
+from backend.app.job import ModelCache, check_request, gradient_checkpointing, initial_noise, make_scheduler, run_job
+from backend.analysis.metrics import intra_lpips, non_overlapping_crops
+from backend.engine.perceptual import load_perceptual_loss
 from backend.request import GenerateRequest
-from backend.sampler import sample_canvas
-from backend.sync.syncdiffusion import SyncDiffusionGuidance, anchor_view_index, ring_anchor_indices
-from backend.sync.tweedie import predicted_clean_latent
-from backend.view_sets import CanvasViews
+from backend.engine.sampler import sample_canvas
+from backend.engine.sync.syncdiffusion import SyncDiffusionGuidance, anchor_view_index, ring_anchor_indices
+from backend.engine.sync.tweedie import predicted_clean_latent
+from backend.sphere.view_sets import CanvasViews
 
 
 @pytest.fixture(scope="module")

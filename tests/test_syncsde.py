@@ -1,4 +1,4 @@
-"""SyncSDE (backend/sync/syncsde.py): the official wide-image correlation term, the chain of neighbours on
+"""SyncSDE (backend/engine/sync/syncsde.py): the official wide-image correlation term, the chain of neighbours on
 grids of windows and around wraps, lambda = 0 as independent sampling, the pull and the closed loop
 measured on a tiny random model, the two compositions, and schedulers other than DDIM."""
 
@@ -8,13 +8,13 @@ import pytest
 import torch
 from diffusers import DDIMScheduler, EulerDiscreteScheduler, LCMScheduler
 
-from backend.canvas import Canvas
-from backend.denoiser import GuidedUNetDenoiser
-from backend.job import ModelCache, check_request, initial_noise, make_scheduler
+from backend.sphere.canvas import Canvas
+from backend.engine.denoiser import GuidedUNetDenoiser
+from backend.app.job import ModelCache, check_request, initial_noise, make_scheduler
 from backend.request import GenerateRequest
-from backend.sampler import sample_canvas
-from backend.sync.syncsde import DEFAULT_STRENGTH, SyncSDE, score_step_gain
-from backend.view_sets import CanvasViews, canvas_views
+from backend.engine.sampler import sample_canvas
+from backend.engine.sync.syncsde import DEFAULT_STRENGTH, SyncSDE, score_step_gain
+from backend.sphere.view_sets import CanvasViews, canvas_views
 
 WINDOW, STRIDE, STEPS = 16, 8, 10
 
@@ -208,7 +208,7 @@ def test_projected_view_sets_run(model, denoiser, name):
 def test_sync_syncsde_through_the_command_line(tiny_model, tmp_path):
     import json
 
-    from backend.cli import main
+    from backend.app.cli import main
 
     out = tmp_path / "out"
     code = main(["generate", "--prompt", "a canyon", "--model", tiny_model, "--out", str(out), "--layout", "equirect",
@@ -229,7 +229,7 @@ def test_sync_syncsde_through_the_command_line(tiny_model, tmp_path):
     (["--sync", "syncsde", "--syncsde-compose", "median"], "Unknown --syncsde-compose 'median'"),
 ])
 def test_bad_syncsde_flags_are_one_sentence_and_exit_2(tiny_model, tmp_path, capsys, args, message):
-    from backend.cli import main
+    from backend.app.cli import main
 
     out = tmp_path / "out"
     code = main(["generate", "--prompt", "x", "--model", tiny_model, "--out", str(out), "--device", "cpu", *args])

@@ -1,4 +1,4 @@
-"""View sets of an equirect canvas (backend/view_sets.py): names, coverage, where the projected views look,
+"""View sets of an equirect canvas (backend/sphere/view_sets.py): names, coverage, where the projected views look,
 and their grid_sample grids. numpy/torch only, no model; fast."""
 
 import numpy as np
@@ -6,9 +6,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from backend.geometry import FACE_VIEWS, PerspectiveView, equirect_padding_indices, equirect_to_direction
+from backend.sphere.geometry import FACE_VIEWS, PerspectiveView, equirect_padding_indices, equirect_to_direction
 from backend.request import VIEW_SETS, parse_view_set
-from backend.view_sets import GRID_PAD, band_rows, build_view_set, canvas_coverage, projected_view_grid
+from backend.sphere.view_sets import GRID_PAD, band_rows, build_view_set, canvas_coverage, projected_view_grid
 
 # (canvas height, width, window = view size, stride): a 64-latent window on a 2048 x 1024 px panorama
 # (four 90° faces round, the faces' resolution), and the same geometry at half the scale.

@@ -1,5 +1,5 @@
 """Perspective views, cube map -> equirect, correspondences between views, and ``python -m backend view``
-(backend/geometry.py, backend/panorama_view.py). numpy only (torch for the grid_sample grids); fast."""
+(backend/sphere/geometry.py, backend/products/perspective_view.py). numpy only (torch for the grid_sample grids); fast."""
 
 import os
 import subprocess
@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from backend.cli import main
-from backend.geometry import (
+from backend.app.cli import main
+from backend.sphere.geometry import (
     FACE_VIEWS,
     FACES,
     PerspectiveView,
@@ -35,7 +35,7 @@ from backend.geometry import (
     view_equirect_coordinates,
     view_homography,
 )
-from backend.outputs import read_exr, write_exr, write_png
+from backend.products.images import read_exr, write_exr, write_png
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -537,7 +537,7 @@ def test_view_bad_input_is_one_sentence_exit_2_and_writes_nothing(tmp_path, caps
 
 
 def test_view_failure_while_writing_leaves_nothing(tmp_path, capsys, monkeypatch):
-    import backend.outputs
+    import backend.products.images
 
     def full_disk(path, image):
         with open(path, "wb") as f:
@@ -545,7 +545,7 @@ def test_view_failure_while_writing_leaves_nothing(tmp_path, capsys, monkeypatch
         raise OSError(28, "No space left on device")
 
     panorama = _panorama(tmp_path)
-    monkeypatch.setattr(backend.outputs, "write_exr", full_disk)
+    monkeypatch.setattr(backend.products.images, "write_exr", full_disk)
     code, message = view(capsys, panorama, "--yaw", 0, "--pitch", 0, "--fov", 90, "--size", 4, "--out", tmp_path / "new" / "v.exr")
     assert code == 1 and "No space left on device" in message and len(message.splitlines()) == 1, message
     assert not (tmp_path / "new").exists()  # the partial file and the folder this call created are gone

@@ -11,14 +11,14 @@ import pytest
 import torch
 from PIL import Image
 
-from backend.canvas import Canvas
-from backend.decode import decode_canvas
-from backend.denoiser import GuidedUNetDenoiser
-from backend.job import ModelCache, check_request, initial_noise, make_scheduler, run_job
-from backend.metrics import seam_ratio
+from backend.sphere.canvas import Canvas
+from backend.engine.decode import decode_canvas
+from backend.engine.denoiser import GuidedUNetDenoiser
+from backend.app.job import ModelCache, check_request, initial_noise, make_scheduler, run_job
+from backend.analysis.metrics import seam_ratio
 from backend.request import GenerateRequest
-from backend.sampler import sample_canvas
-from backend.view_sets import CanvasViews
+from backend.engine.sampler import sample_canvas
+from backend.sphere.view_sets import CanvasViews
 
 WINDOW, STRIDE, STEPS = 16, 8, 5
 

@@ -51,9 +51,9 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Callable
 
-from .errors import BadRequest, JobCancelled, ModelNotFound, SyncSphereError
+from ..errors import BadRequest, JobCancelled, ModelNotFound, SyncSphereError
 
-# Here rather than in backend/models.py, which imports torch: ``models list|download|remove`` start fast.
+# Here rather than in backend/engine/models.py, which imports torch: ``models list|download|remove`` start fast.
 HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
 HOW_TO_POINT_LOCALLY = (
     "pass a local diffusers folder or a .safetensors file with --model PATH, "
@@ -762,7 +762,7 @@ def download_progress_event(job: str | None, model_id: str, bytes_done: int, byt
     (so ``step / total`` is the fraction done, as for every stage), plus ``model`` (the hub id) and ``file``
     (the repo file being fetched, null once done). Built on ``protocol.progress_event``; the protocol's
     STAGES and docs/protocol.md gain ``downloading`` with the protocol version bump."""
-    from .protocol import progress_event
+    from ..protocol import progress_event
 
     event = progress_event(job, "downloading", bytes_done, bytes_total)
     event.update(model=model_id, file=current_file)

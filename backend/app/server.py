@@ -14,8 +14,8 @@ import sys
 import threading
 import traceback
 
-from . import __version__, protocol
-from .errors import BadRequest, SyncSphereError
+from .. import __version__, protocol
+from ..errors import BadRequest, SyncSphereError
 
 
 class StdioServer:
@@ -69,7 +69,7 @@ class StdioServer:
         from diffusers import StableDiffusionPipeline  # noqa: F401
 
         from . import job  # noqa: F401
-        from .models import resolve_device, resolve_dtype
+        from ..engine.models import resolve_device, resolve_dtype
 
         device = resolve_device("auto")
         return protocol.ready_event(__version__, str(device), str(resolve_dtype("auto", device)).replace("torch.", ""))
@@ -97,7 +97,7 @@ class StdioServer:
 
     def _generate(self, job: str, request: dict) -> dict:
         from .job import ModelCache, check_request, run_job
-        from .request import GenerateRequest
+        from ..request import GenerateRequest
 
         if "out" in request["params"]:
             raise BadRequest("Pass the output folder as the request's out_dir, not as params.out.")

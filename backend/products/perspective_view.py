@@ -1,11 +1,11 @@
 """``python -m backend view``: render a perspective view of an equirectangular panorama.
 
 The view (yaw, pitch, roll, field of view in degrees; square, ``size`` px) follows the conventions of
-``backend/geometry.py`` (``equirect_to_perspective``): yaw positive turns right, pitch positive looks
+``backend/sphere/geometry.py`` (``equirect_to_perspective``): yaw positive turns right, pitch positive looks
 up, roll positive banks right (the scene turns counter-clockwise in the picture). An EXR panorama gives
 a float32 linear EXR, its values untouched (HDR stays HDR); a PNG gives an 8-bit PNG, interpolated in
 the file's own (sRGB-encoded) values as ``cubemap`` does. The file is written atomically
-(``outputs.write_files_atomically``). No torch: numpy, Pillow and OpenEXR only.
+(``files.write_files_atomically``). No torch: numpy, Pillow and OpenEXR only.
 """
 
 from __future__ import annotations
@@ -13,9 +13,10 @@ from __future__ import annotations
 import math
 import os
 
-from .cubemap import read_equirect
-from .errors import BadRequest, SyncSphereError
-from .geometry import equirect_to_perspective
+from ..errors import BadRequest, SyncSphereError
+from ..sphere.geometry import equirect_to_perspective
+from . import images
+from .files import check_output_file, write_files_atomically
 
 # The largest view we render (8192² px is 0.8 GB of float32 RGB); this only stops typos.
 MAX_VIEW_SIZE = 8192
@@ -31,7 +32,6 @@ def render_view(panorama: str, out: str, yaw: float, pitch: float, fov: float, s
     (one sentence, nothing written) for bad input, SyncSphereError when writing fails.
     """
     panorama = os.path.abspath(os.path.expanduser(panorama))
-    out = os.path.abspath(os.path.expanduser(out))
     for name, value in (("--yaw", yaw), ("--pitch", pitch), ("--roll", roll), ("--fov", fov)):
         if not math.isfinite(value):
             raise BadRequest(f"{name} {value} is not a finite number of degrees.")
@@ -39,21 +39,17 @@ def render_view(panorama: str, out: str, yaw: float, pitch: float, fov: float, s
         raise BadRequest(f"--fov {fov:g} is not between 0 and 180 degrees (both excluded).")
     if not 1 <= size <= MAX_VIEW_SIZE:
         raise BadRequest(f"--size {size} is not between 1 and {MAX_VIEW_SIZE}.")
-    image = read_equirect(panorama)
+    image = images.read_equirect(panorama)
     extension = os.path.splitext(panorama)[1].lower()
     if os.path.splitext(out)[1].lower() != extension:
-        raise BadRequest(f"The output {out} must be a {extension} file, the panorama's own kind.")
-    if os.path.isdir(out):
-        raise BadRequest(f"The output path {out} is a folder; --out names the image file to write.")
-    if os.path.exists(out) and not overwrite:
-        raise BadRequest(f"{out} already exists; pass --overwrite to replace it or choose another --out file.")
+        raise BadRequest(f"The output {os.path.abspath(os.path.expanduser(out))} must be a {extension} file, "
+                         "the panorama's own kind.")
+    out = check_output_file(out, overwrite)
 
     view = equirect_to_perspective(image, yaw, pitch, roll, fov, size)
-    from . import outputs
-
-    write = outputs.write_exr if extension == ".exr" else outputs.write_png
+    write = images.write_exr if extension == ".exr" else images.write_png
     name = os.path.basename(out)
     try:
-        return outputs.write_files_atomically(os.path.dirname(out), [(name, lambda path: write(path, view))])[name]
+        return write_files_atomically(os.path.dirname(out), [(name, lambda path: write(path, view))])[name]
     except OSError as error:
         raise SyncSphereError(f"Could not write the view {out} ({error.strerror or error}).") from None

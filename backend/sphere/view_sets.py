@@ -1,9 +1,9 @@
 """View sets of an equirect canvas: which views a 360° generation denoises, as plain data.
 
 A view set is a list of **crop views** (square windows of the latent canvas, read exactly:
-``backend/canvas.py``) and **projected views** (square perspective images of the sphere,
+``backend/sphere/canvas.py``) and **projected views** (square perspective images of the sphere,
 ``geometry.PerspectiveView``, read through a ``grid_sample`` grid). Conventions are those of
-``backend/geometry.py`` (design section 3): the canvas is (1, C, H, W) latents with W = 2H, column j at
+``backend/sphere/geometry.py`` (design section 3): the canvas is (1, C, H, W) latents with W = 2H, column j at
 longitude ``(j + 0.5) / W · 360° − 180°`` and row i at latitude ``90° − (i + 0.5) / H · 180°``; yaw
 positive turns right, pitch positive looks up; a projected view is evaluated at any size (the latent
 window of the UNet, or a feature resolution). Plain numpy/torch, no model.
@@ -59,7 +59,7 @@ from .geometry import (
     sampling_grid,
     view_equirect_coordinates,
 )
-from .request import parse_view_set
+from ..request import parse_view_set
 
 BAND_LATITUDE = 60.0
 """Default latitude limit (degrees) of the crop windows in ``band+poles`` (module docstring)."""

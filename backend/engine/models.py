@@ -16,9 +16,9 @@ from dataclasses import dataclass
 
 import torch
 
-from .errors import BadRequest, ModelNotFound
+from ..errors import BadRequest, ModelNotFound
 from .model_manager import HOW_TO_POINT_LOCALLY, HUB_ID, hub_offline
-from .request import ModelGeometry
+from ..request import ModelGeometry
 
 PICKLE_SUFFIXES = (".ckpt", ".bin", ".pt", ".pth")
 

@@ -15,8 +15,8 @@ from typing import Callable
 
 import torch
 
-from ..canvas import Canvas, CropView
-from ..view_sets import CanvasViews
+from ...sphere.canvas import Canvas, CropView
+from ...sphere.view_sets import CanvasViews
 from .tweedie import predicted_clean_latent
 
 

@@ -16,8 +16,8 @@ from __future__ import annotations
 
 import torch
 
-from .canvas import Canvas, CropView, window_starts
-from .geometry import equirect_padding_indices
+from ..sphere.canvas import Canvas, CropView, window_starts
+from ..sphere.geometry import equirect_padding_indices
 
 
 # decode_canvas's tiling, in latent pixels (see the module docstring).
@@ -147,8 +147,8 @@ def decode_pole_caps(vae, latents: torch.Tensor, image: torch.Tensor, blend: tup
     import numpy as np
     import torch.nn.functional as F
 
-    from .geometry import equirect_to_direction, sampling_grid
-    from .view_sets import CanvasViews, pole_faces
+    from ..sphere.geometry import equirect_to_direction, sampling_grid
+    from ..sphere.view_sets import CanvasViews, pole_faces
 
     _, _, height, width = latents.shape
     canvas = Canvas("equirect", height, width)

@@ -51,8 +51,8 @@ from collections.abc import Sequence
 
 import torch
 
-from ..request import DEFAULT_SYNCSDE_LAMBDA, SYNCSDE_COMPOSE
-from ..view_sets import CanvasViews
+from ...request import DEFAULT_SYNCSDE_LAMBDA, SYNCSDE_COMPOSE
+from ...sphere.view_sets import CanvasViews
 
 DEFAULT_STRENGTH = DEFAULT_SYNCSDE_LAMBDA
 """The paper's lambda for wide images: ``--inv_lambda`` defaults to 5.0 in the official ``src/wide_image.py``
@@ -62,7 +62,7 @@ COMPOSE_MODES = SYNCSDE_COMPOSE
 
 
 class SyncSDE:
-    """The synchroniser the denoising loop calls with ``fusion="own"`` (``backend/sampler.py``).
+    """The synchroniser the denoising loop calls with ``fusion="own"`` (``backend/engine/sampler.py``).
 
     views: the generation's views (crop windows first, then projected ones, as ``CanvasViews`` numbers them).
     strength: lambda >= 0 (``DEFAULT_STRENGTH``, the paper's wide-image value); 0 samples every view

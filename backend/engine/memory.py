@@ -32,7 +32,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .request import GenerateRequest
+from ..request import GenerateRequest
 
 HEADROOM = 0.8
 """``auto`` picks ``full`` when the estimate is at most this fraction of the free memory."""

@@ -20,13 +20,13 @@ from typing import Callable
 
 import torch
 
-from . import __version__
-from .canvas import Canvas
-from .decode import decode_canvas, decode_pole_caps
-from .denoiser import GuidedUNetDenoiser
-from .errors import BadRequest, JobCancelled, OutOfMemory
-from .memory import MemoryPlan, StagePlacement, low_plan, plan_memory, plan_request, weights_to_place
-from .models import (
+from .. import __version__
+from ..sphere.canvas import Canvas
+from ..engine.decode import decode_canvas, decode_pole_caps
+from ..engine.denoiser import GuidedUNetDenoiser
+from ..errors import BadRequest, JobCancelled, OutOfMemory
+from ..engine.memory import MemoryPlan, StagePlacement, low_plan, plan_memory, plan_request, weights_to_place
+from ..engine.models import (
     LoadedModel,
     fuse_lora,
     hub_offline,
@@ -40,14 +40,16 @@ from .models import (
     resolve_dtype,
     resolve_model_source,
 )
-from .outputs import srgb_to_linear, write_job_outputs
-from .perceptual import load_perceptual_loss
-from .request import DEFAULT_VIEW_SET, HDR_OUTPUT_NAMES, POLE_FACE_VIEW_SETS, SCHEDULERS, UP_DOWN_PITCH, GenerateRequest
-from .sampler import StepReport, sample_canvas
-from .sync.syncdiffusion import SyncDiffusionGuidance, ring_anchor_indices
-from .sync.mad import MergedAttention, block_divisors, check_mad
-from .sync.syncsde import SyncSDE
-from .view_sets import CanvasViews, band_rows, canvas_views
+from ..products.files import check_output_folder
+from ..products.images import srgb_to_linear
+from ..products.outputs import job_output_names, write_job_outputs
+from ..engine.perceptual import load_perceptual_loss
+from ..request import DEFAULT_VIEW_SET, POLE_FACE_VIEW_SETS, SCHEDULERS, UP_DOWN_PITCH, GenerateRequest
+from ..engine.sampler import StepReport, sample_canvas
+from ..engine.sync.syncdiffusion import SyncDiffusionGuidance, ring_anchor_indices
+from ..engine.sync.mad import MergedAttention, block_divisors, check_mad
+from ..engine.sync.syncsde import SyncSDE
+from ..sphere.view_sets import CanvasViews, band_rows, canvas_views
 
 
 @dataclass
@@ -67,6 +69,7 @@ def check_request(request: GenerateRequest) -> CheckedRequest:
     Reads only config files. Raises BadRequest or ModelNotFound with one sentence.
     """
     request.validate()
+    request.out = check_output_folder(request.out, job_output_names(request.layout), request.overwrite)
     source = resolve_model_source(request.model, request.allow_pickle)
     lora = resolve_lora_source(request.lora, request.allow_pickle) if request.lora else None
     unet_config = read_unet_config(source)
@@ -200,7 +203,7 @@ def run_job(checked: CheckedRequest, report: StepReport | None = None, models: M
     stage("writing")
     hdr = None
     if request.hdr:
-        from .hdr import make_hdr
+        from ..products.hdr import make_hdr
 
         hdr = make_hdr(srgb_to_linear(image), request.exposure, request.sun_ratio, request.sun_strength,
                        request.sun_direction, request.half)
@@ -221,10 +224,7 @@ def run_job(checked: CheckedRequest, report: StepReport | None = None, models: M
     }
     if hdr is not None:
         metadata["hdr"] = hdr.details
-    # An equirect --no-hdr job removes the lighting files of an earlier run in its folder (it had --overwrite).
-    stale = list(HDR_OUTPUT_NAMES[1:]) if request.cube_map and hdr is None else []
-    return write_job_outputs(request.out, image, metadata, cube_map=request.cube_map, hdr=hdr, half=request.half,
-                             remove=stale)
+    return write_job_outputs(request.out, image, metadata, cube_map=request.cube_map, hdr=hdr, half=request.half)
 
 
 def download_if_needed(checked: CheckedRequest, report: StepReport) -> None:
@@ -232,7 +232,7 @@ def download_if_needed(checked: CheckedRequest, report: StepReport) -> None:
     (``model_manager.download_model``), reporting stage "downloading" with bytes done and total as step and
     total; returning True from ``report`` cancels (JobCancelled). Offline, a model missing from the cache is
     left to the loader, whose error names the model and how to point at a local folder."""
-    from .model_manager import download_model, is_cached
+    from ..engine.model_manager import download_model, is_cached
 
     if checked.source.kind != "hub" or hub_offline() or is_cached(checked.source.location):
         return

@@ -12,10 +12,11 @@ import json
 import os
 import sys
 
-from . import __version__
-from .errors import SyncSphereError
-from .models_command import add_models_command, run_models_command
-from .request import (
+from .. import __version__
+from ..errors import SyncSphereError
+from .command_errors import one_sentence_errors
+from .models_cli import add_models_command, run_models_command
+from ..request import (
     DEFAULT_MODEL,
     DEFAULT_VIEW_SET,
     DTYPES,
@@ -282,32 +283,19 @@ def main(argv: list[str] | None = None) -> int:
     return _generate(args)
 
 
-def _one_sentence_errors(work, interrupted: str) -> int:
-    """Run ``work()`` and return its exit code; a SyncSphereError or Ctrl-C becomes one sentence on stderr
-    (``interrupted`` for Ctrl-C) and its exit code."""
-    try:
-        return work()
-    except SyncSphereError as error:
-        print(f"error: {error}", file=sys.stderr)
-        return error.exit_code
-    except KeyboardInterrupt:
-        print(f"error: {interrupted}", file=sys.stderr)
-        return 130
-
-
 def _cubemap(args: argparse.Namespace) -> int:
-    from .cubemap import write_cubemap
+    from ..products.cubemap import write_cubemap
 
     def work() -> int:
         paths = write_cubemap(args.panorama, args.out, face_size=args.face_size, overwrite=args.overwrite)
         print(f"wrote {', '.join(paths)} into {os.path.abspath(os.path.expanduser(args.out))}", file=sys.stderr)
         return 0
 
-    return _one_sentence_errors(work, "Interrupted; nothing was written.")
+    return one_sentence_errors(work, "Interrupted; nothing was written.")
 
 
 def _view(args: argparse.Namespace) -> int:
-    from .panorama_view import render_view
+    from ..products.perspective_view import render_view
 
     def work() -> int:
         path = render_view(args.panorama, args.out, yaw=args.yaw, pitch=args.pitch, roll=args.roll, fov=args.fov,
@@ -315,11 +303,11 @@ def _view(args: argparse.Namespace) -> int:
         print(f"wrote {path}", file=sys.stderr)
         return 0
 
-    return _one_sentence_errors(work, "Interrupted; nothing was written.")
+    return one_sentence_errors(work, "Interrupted; nothing was written.")
 
 
 def _hdr(args: argparse.Namespace) -> int:
-    from .hdr import write_hdr
+    from ..products.hdr import write_hdr
 
     def work() -> int:
         paths = write_hdr(args.panorama, args.out, exposure=args.exposure, sun_ratio=args.sun_ratio,
@@ -328,12 +316,12 @@ def _hdr(args: argparse.Namespace) -> int:
         print(f"wrote {', '.join(paths)} into {os.path.abspath(os.path.expanduser(args.out))}", file=sys.stderr)
         return 0
 
-    return _one_sentence_errors(work, "Interrupted; nothing was written.")
+    return one_sentence_errors(work, "Interrupted; nothing was written.")
 
 
 def _metrics(args: argparse.Namespace) -> int:
-    from .errors import BadRequest
-    from .metrics import measure, read_image
+    from ..errors import BadRequest
+    from ..analysis.metrics import measure, read_image
 
     def work() -> int:
         target = os.path.abspath(os.path.expanduser(args.json)) if args.json else None
@@ -351,11 +339,11 @@ def _metrics(args: argparse.Namespace) -> int:
         print(text)
         return 0
 
-    return _one_sentence_errors(work, "Interrupted.")
+    return one_sentence_errors(work, "Interrupted.")
 
 
 def _generate(args: argparse.Namespace) -> int:
-    from . import protocol
+    from .. import protocol
 
     json_progress = args.json_progress
     events = sys.stdout
@@ -400,7 +388,7 @@ class _ProgressPrinter:
 
     def __call__(self, stage, step, total, preview):
         if self.events is not None:
-            from .protocol import progress_event, write_event
+            from ..protocol import progress_event, write_event
 
             write_event(self.events, progress_event(None, stage, step, total))
         elif stage in ("downloading", "denoising"):
@@ -419,7 +407,7 @@ class _ProgressPrinter:
 
 def _info() -> int:
     from .job import package_versions
-    from .models import resolve_device, resolve_dtype
+    from ..engine.models import resolve_device, resolve_dtype
 
     device = resolve_device("auto")
     info = {

@@ -1,6 +1,6 @@
 """Perceptual losses between images: LPIPS (VGG or AlexNet trunk) and the Gram-matrix style loss.
 
-SyncDiffusion's guidance differentiates one of these, and the coherence metrics (``backend/metrics.py``)
+SyncDiffusion's guidance differentiates one of these, and the coherence metrics (``backend/analysis/metrics.py``)
 measure with them. Every loss takes two batches of RGB images in [-1, 1], shape (N, 3, H, W), and returns
 one value per image pair, shape (N,), in float32, differentiable with respect to both inputs.
 
@@ -21,9 +21,9 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from .errors import ModelNotFound
+from ..errors import ModelNotFound
 from .models import hub_offline
-from .request import SYNC_LOSSES
+from ..request import SYNC_LOSSES
 
 PERCEPTUAL_LOSSES = SYNC_LOSSES  # lpips-vgg, lpips-alex, style: the names --sync-loss accepts
 

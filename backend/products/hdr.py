@@ -3,7 +3,7 @@
 A diffusion model paints the sun as a white disc clipped at 1.0, no brighter than a white cloud. This
 module turns an equirect panorama into an HDR environment that lights a scene like the sky it shows:
 
-1. **Linearise**: inverse sRGB (``outputs.srgb_to_linear``) into scene-linear RGB, times 2^``exposure``.
+1. **Linearise**: inverse sRGB (``images.srgb_to_linear``) into scene-linear RGB, times 2^``exposure``.
    This is the *sky* image (``panorama_sky.exr``); the sky keeps these values everywhere.
 2. **Find the light sources** (``find_light_sources``): connected regions of near-saturated pixels on the
    sphere, measured in solid angle and connected across the ±180° seam and across the poles, that are
@@ -15,7 +15,7 @@ module turns an equirect panorama into an HDR environment that lights a scene li
    halo into the sky, L solved so that the sun's irradiance on a plane facing it is ``sun_ratio`` times
    the irradiance the rest of the sphere gives that plane (or ``sun_strength``, in EXR units).
 
-Conventions (``backend/geometry.py``, design section 3): equirect column j at longitude
+Conventions (``backend/sphere/geometry.py``, design section 3): equirect column j at longitude
 ``(j + 0.5) / W · 360° − 180°``, row i at latitude ``90° − (i + 0.5) / H · 180°``; yaw = longitude
 (positive turns right), pitch = latitude (positive up); directions (x right, y up, z forward).
 
@@ -38,9 +38,14 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from .errors import BadRequest, SyncSphereError
-from .geometry import direction_to_lonlat, lonlat_to_direction
-from .request import DEFAULT_SUN_RATIO, HDR_OUTPUT_NAMES, check_hdr_options
+from ..errors import BadRequest, SyncSphereError
+from ..request import DEFAULT_SUN_RATIO, check_hdr_options
+from ..sphere.geometry import direction_to_lonlat, lonlat_to_direction
+from . import images
+from .files import check_output_folder, write_files_atomically
+
+HDR_OUTPUT_NAMES = ("panorama.exr", "panorama_sky.exr", "lighting.json")
+"""The files of ``python -m backend hdr``, which an equirect job writes too (panorama.exr then holds the HDR image)."""
 
 LUMINANCE_WEIGHTS = np.array([0.2126, 0.7152, 0.0722])
 """Rec. 709 / sRGB luminance Y of linear RGB."""
@@ -512,7 +517,7 @@ def make_hdr(linear: np.ndarray, exposure: float = 0.0, sun_ratio: float = DEFAU
              warn: Callable[[str], None] | None = None) -> HdrResult:
     """The HDR lighting of an equirect panorama (module docstring, steps 1–3).
 
-    ``linear``: (H, 2H, 3) scene-linear RGB before exposure (``outputs.srgb_to_linear`` of the 8-bit image).
+    ``linear``: (H, 2H, 3) scene-linear RGB before exposure (``images.srgb_to_linear`` of the 8-bit image).
     ``exposure``: EV, the sky is ``linear · 2^exposure``. ``sun_ratio`` R > 0 / ``sun_strength`` S > 0 (EXR
     units, overrides R): ``expand_sources``. ``sun_direction``: (yaw, pitch) degrees, ``choose_sun``.
     ``half``: the images will be stored as half floats, so no pixel may exceed ``HALF_MAX``. ``warn``: called
@@ -574,16 +579,13 @@ def lighting_json(sources: list[LightSource], exposure: float, sun_ratio: float 
 
 
 def hdr_writers(result: HdrResult, half: bool = False) -> list[tuple[str, Callable[[str], None]]]:
-    """(file name, write(path)) pairs for ``outputs.write_files_atomically``: panorama.exr (the HDR image),
-    panorama_sky.exr (the sky) and lighting.json, in ``request.HDR_OUTPUT_NAMES``' order. ``half``: half-float
+    """(file name, write(path)) pairs for ``files.write_files_atomically``: panorama.exr (the HDR image),
+    panorama_sky.exr (the sky) and lighting.json, in ``HDR_OUTPUT_NAMES``' order. ``half``: half-float
     EXRs instead of float32."""
-    from . import outputs
-
-    # Looked up when called, so tests can replace the writers on the outputs module.
     return [
-        (HDR_OUTPUT_NAMES[0], lambda path: outputs.write_exr(path, result.hdr, half=half)),
-        (HDR_OUTPUT_NAMES[1], lambda path: outputs.write_exr(path, result.sky, half=half)),
-        (HDR_OUTPUT_NAMES[2], lambda path: outputs.write_json(path, result.lighting)),
+        (HDR_OUTPUT_NAMES[0], lambda path: images.write_exr(path, result.hdr, half=half)),
+        (HDR_OUTPUT_NAMES[1], lambda path: images.write_exr(path, result.sky, half=half)),
+        (HDR_OUTPUT_NAMES[2], lambda path: images.write_json(path, result.lighting)),
     ]
 
 
@@ -599,24 +601,13 @@ def write_hdr(panorama: str, out: str, exposure: float = 0.0, sun_ratio: float =
     """
     sun_direction = check_hdr_options(exposure, sun_ratio, sun_strength, sun_direction)
     panorama = os.path.abspath(os.path.expanduser(panorama))
-    out = os.path.abspath(os.path.expanduser(out))
-    if os.path.exists(out) and not os.path.isdir(out):
-        raise BadRequest(f"The output path {out} exists and is not a folder.")
-    from .cubemap import read_equirect
-    from .outputs import srgb_to_linear
-
-    image = read_equirect(panorama)
+    out = check_output_folder(out, HDR_OUTPUT_NAMES, overwrite)
+    image = images.read_equirect(panorama)
     if image.shape[0] < 2:
         raise BadRequest(f"The panorama {panorama} is too small to light anything.")
-    existing = [name for name in HDR_OUTPUT_NAMES if os.path.exists(os.path.join(out, name))]
-    if existing and not overwrite:
-        raise BadRequest(f"{os.path.join(out, existing[0])} already exists; pass --overwrite to replace it "
-                         "or choose another --out folder.")
-    linear = image if panorama.lower().endswith(".exr") else srgb_to_linear(image)
+    linear = image if panorama.lower().endswith(".exr") else images.srgb_to_linear(image)
     result = make_hdr(linear, exposure, sun_ratio, sun_strength, sun_direction, half)
-    from . import outputs
-
     try:
-        return outputs.write_files_atomically(out, hdr_writers(result, half))
+        return write_files_atomically(out, hdr_writers(result, half))
     except OSError as error:
         raise SyncSphereError(f"Could not write the HDR files into {out} ({error.strerror or error}).") from None

@@ -41,8 +41,8 @@ from typing import Callable, Sequence
 import torch
 import torch.nn.functional as F
 
-from ..request import MAD_BLOCKS
-from ..view_sets import CanvasViews
+from ...request import MAD_BLOCKS
+from ...sphere.view_sets import CanvasViews
 
 BLOCKS = MAD_BLOCKS
 """The UNet block groups MAD can act on, in the names ``--mad-blocks`` takes (``request.MAD_BLOCKS``)."""

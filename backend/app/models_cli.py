@@ -1,4 +1,4 @@
-"""``python -m backend models list | download ID | remove ID``: the command line of backend/model_manager.py.
+"""``python -m backend models list | download ID | remove ID``: the command line of backend/engine/model_manager.py.
 
 ``list`` prints a table (or ``--json``: a JSON array) on stdout; ``download`` draws a progress bar on stderr,
 or with ``--json-progress`` prints protocol ``progress`` events (stage ``downloading``; ``step`` and
@@ -14,7 +14,8 @@ import contextlib
 import json
 import sys
 
-from .errors import SyncSphereError
+from ..errors import SyncSphereError
+from .command_errors import one_sentence_errors
 
 
 def add_models_command(subparsers) -> argparse.ArgumentParser:
@@ -61,17 +62,15 @@ def add_models_command(subparsers) -> argparse.ArgumentParser:
 def run_models_command(args: argparse.Namespace) -> int:
     """Run a parsed ``models`` command; returns the exit code (0, 2 bad input or model not found, 130
     interrupted)."""
-    from .cli import _one_sentence_errors  # here, not at the top: backend/cli.py imports this module
-
     if args.models_command == "download":
-        return _download(args, _one_sentence_errors)
+        return _download(args, one_sentence_errors)
     if args.models_command == "remove":
-        return _one_sentence_errors(lambda: _remove(args), "Interrupted; the cache entry may be partly removed.")
-    return _one_sentence_errors(lambda: _list(args), "Interrupted.")
+        return one_sentence_errors(lambda: _remove(args), "Interrupted; the cache entry may be partly removed.")
+    return one_sentence_errors(lambda: _list(args), "Interrupted.")
 
 
 def _list(args: argparse.Namespace) -> int:
-    from .model_manager import list_models
+    from ..engine.model_manager import list_models
 
     models = list_models(model_folders=args.folder)
     if args.json:
@@ -83,7 +82,7 @@ def _list(args: argparse.Namespace) -> int:
 
 def format_table(models) -> str:
     """The ``list`` table: model, size, family, state (``partial: what is missing``)."""
-    from .model_manager import human_size
+    from ..engine.model_manager import human_size
 
     if not models:
         return "No models in the Hugging Face cache or the given folders."
@@ -100,7 +99,7 @@ def format_table(models) -> str:
 
 
 def _remove(args: argparse.Namespace) -> int:
-    from .model_manager import human_size, remove_model
+    from ..engine.model_manager import human_size, remove_model
 
     freed = remove_model(args.model_id)
     print(f"removed {args.model_id} from the Hugging Face cache, freeing {human_size(freed)}", file=sys.stderr)
@@ -108,8 +107,8 @@ def _remove(args: argparse.Namespace) -> int:
 
 
 def _download(args: argparse.Namespace, one_sentence_errors) -> int:
-    from . import protocol
-    from .model_manager import download_model, human_size
+    from .. import protocol
+    from ..engine.model_manager import download_model, human_size
 
     events = sys.stdout if args.json_progress else None
 
@@ -161,8 +160,8 @@ class DownloadPrinter:
         return False
 
     def _event(self, done: int, total: int, current: str | None) -> None:
-        from .model_manager import download_progress_event
-        from .protocol import write_event
+        from ..engine.model_manager import download_progress_event
+        from ..protocol import write_event
 
         if self.last is not None and current == self.last[1] and current is not None \
                 and done - self.last[0] < total / 100:

@@ -3,7 +3,7 @@
 Every step: take each view's latent (read from the canvas, or the view's own state when clean latents
 are fused), let SyncDiffusion guide them, predict with the denoiser (views in batches), synchronise,
 step each batch's own scheduler copy, and fuse. The synchronisation strategies are the small pieces it
-calls (``backend/sync/``). The loop reports each step through one callback, which can also stop the
+calls (``backend/engine/sync/``). The loop reports each step through one callback, which can also stop the
 job, so the loop never knows whether a terminal or Blender watches.
 """
 
@@ -14,10 +14,10 @@ from typing import Callable, Optional
 
 import torch
 
-from .errors import JobCancelled
+from ..errors import JobCancelled
 from .sync import multidiffusion
 from .sync.syncdiffusion import SyncDiffusionGuidance
-from .view_sets import CanvasViews
+from ..sphere.view_sets import CanvasViews
 
 # report(stage, step, total, preview_latent) -> True to stop the job before the next step.
 StepReport = Callable[[str, int, int, Optional[torch.Tensor]], Optional[bool]]
@@ -41,7 +41,7 @@ def sample_canvas(
     """Denoise a canvas latent over ``views`` with MultiDiffusion (and SyncDiffusion when ``guidance``).
 
     denoiser: (N, C, s, s) latents, timestep, the N views' indices -> (N, C, s, s) guided prediction
-        (``backend/denoiser.py``).
+        (``backend/engine/denoiser.py``).
     scheduler: any diffusers scheduler with ``set_timesteps``/``scale_model_input``/``step``; it is copied
         once per batch of views so multistep schedulers keep each batch's own history.
     initial_noise: (1, C, H, W) unit Gaussian noise on the canvas (scaled here by init_noise_sigma).

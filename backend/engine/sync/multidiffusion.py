@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import torch
 
-from ..view_sets import CanvasViews
+from ...sphere.view_sets import CanvasViews
 from .tweedie import predicted_clean_latent, prediction_for_clean_latent
 
 

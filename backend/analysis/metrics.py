@@ -26,8 +26,8 @@ import math
 import numpy as np
 import torch
 
-from .errors import BadRequest
-from .request import LAYOUTS
+from ..errors import BadRequest
+from ..request import LAYOUTS
 
 
 METRIC_LOSSES = ("lpips-vgg", "style")
@@ -173,7 +173,7 @@ def cube_edges(face_size: int) -> tuple:
     of B's matching texels, axis): ``axis`` is the face axis across the edge (1: the edge is a column,
     as between F and R; 0: a row, as between F and U).
     """
-    from .geometry import FACE_VIEWS, FACES, direction_to_cube_face, perspective_to_direction
+    from ..sphere.geometry import FACE_VIEWS, FACES, direction_to_cube_face, perspective_to_direction
 
     s = face_size
     along = np.arange(s)
@@ -216,7 +216,7 @@ def cube_edge_ratios(image: np.ndarray) -> dict[str, float]:
     or less without a seam, well above 1 with one; 0 / 0 is 0 and x / 0 is ``inf``. Returns
     {"F-R": ratio, …} for the 12 edges in ``cube_edges`` order.
     """
-    from .geometry import equirect_to_cube_faces
+    from ..sphere.geometry import equirect_to_cube_faces
 
     pixels = np.asarray(image, dtype=np.float32)
     face_size = max(1, pixels.shape[1] // 4)
@@ -243,7 +243,7 @@ def pole_profile(image: np.ndarray, diameters: int = POLE_DIAMETERS) -> dict[str
     from the pole, over both sides of every diameter and the channels (so the profile does not change when
     the image turns about the poles by a multiple of 180° / ``diameters``).
     """
-    from .geometry import FACE_VIEWS, equirect_to_cube_faces, perspective_to_direction, sample_cube_faces
+    from ..sphere.geometry import FACE_VIEWS, equirect_to_cube_faces, perspective_to_direction, sample_cube_faces
 
     pixels = np.asarray(image, dtype=np.float32)
     height, width = pixels.shape[:2]
@@ -295,7 +295,7 @@ def horizon_faces(image: np.ndarray, face_size: int) -> np.ndarray:
     [0, 1] float sRGB: 90° perspective views looking forward, right, back and left, which tile the
     horizon without overlap (``backend.geometry.equirect_to_cube_faces``, design section 3 orientation).
     Returns (4, face_size, face_size, 3) float32 in [0, 1], in the order F, R, B, L."""
-    from .geometry import equirect_to_cube_faces
+    from ..sphere.geometry import equirect_to_cube_faces
 
     faces = equirect_to_cube_faces(_to_unit_float(image), face_size)
     return np.stack([np.clip(faces[face], 0.0, 1.0) for face in HORIZON_FACES])
@@ -305,7 +305,7 @@ def load_losses(backbone: str = "auto", device: torch.device | str = "cpu") -> d
     """The two metric losses, {"lpips-vgg": ..., "style": ...} (``backend.perceptual.load_perceptual_loss``
     with ``backbone`` auto, pretrained or random), unscaled, on ``device``. Load them once to measure
     several images."""
-    from .perceptual import load_perceptual_loss
+    from ..engine.perceptual import load_perceptual_loss
 
     return {name: load_perceptual_loss(name, device=device, backbone=backbone) for name in METRIC_LOSSES}
 
@@ -408,8 +408,8 @@ def read_image(path: str) -> np.ndarray:
     missing, of another type or unreadable (``backend.cubemap.read_panorama``)."""
     import os
 
-    from .cubemap import read_panorama
-    from .outputs import linear_to_srgb
+    from ..products.images import read_panorama
+    from ..products.images import linear_to_srgb
 
     image = read_panorama(os.path.abspath(os.path.expanduser(path)))
     if os.path.splitext(path)[1].lower() == ".exr":

@@ -1,1 +1,0 @@
-"""Synchronisation strategies: small named pieces the denoising loop in ``backend/sampler.py`` calls."""
