@@ -12,6 +12,7 @@ import dataclasses
 import math
 import os
 from dataclasses import dataclass
+from types import SimpleNamespace
 from typing import Any
 
 from .errors import BadRequest
@@ -33,7 +34,7 @@ HALF_EXPOSURE = 15.0  # with --half an 8-bit sky of 1.0 times 2^15 stays below t
 
 # --scheduler names and the diffusers classes they stand for; a diffusers class name is accepted too.
 # "auto" (the default) is DDIM, MultiDiffusion's sampler, unless the model ships a few-step scheduler
-# (backend/app/job.py's make_scheduler).
+# (backend/engine/generation.py's make_scheduler).
 SCHEDULERS = {
     "auto": None,
     "ddim": "DDIMScheduler",
@@ -105,12 +106,31 @@ def parse_view_set(name: str) -> str:
 # --mad-blocks: the UNet block groups whose attention MAD merges (backend/engine/sync/mad.py uses these).
 MAD_BLOCKS = ("down", "mid", "up")
 
+
+def parse_mad_blocks(blocks) -> tuple[str, ...]:
+    """The block names of ``blocks`` (a sequence, or a comma-separated string such as "down,mid,up"),
+    de-duplicated in the order of ``MAD_BLOCKS``. Raises ValueError, with one sentence, for an unknown or
+    empty selection."""
+    names = [name.strip() for name in (blocks.split(",") if isinstance(blocks, str) else blocks)]
+    if not names or any(name not in MAD_BLOCKS for name in names):
+        shown = blocks if isinstance(blocks, str) else ",".join(names)
+        raise ValueError(f"--mad-blocks takes a comma-separated list of {', '.join(MAD_BLOCKS)}, not {shown!r}.")
+    return tuple(name for name in MAD_BLOCKS if name in names)
+
+
+def check_syncsde_lambda(value: Any) -> float:
+    """SyncSDE's strength lambda as a float: a finite number >= 0 (0: every view sampled on its own).
+    Raises ValueError with one sentence otherwise."""
+    if not _is_number(value) or value < 0:
+        raise ValueError(f"--syncsde-lambda must be a number >= 0, not {value!r}.")
+    return float(value)
+
 # --fusion: what is averaged where views overlap (docs/engine.md, "Fusion"). noisy: each view's x_{t-1}
 # (MultiDiffusion); clean: Tweedie's x0, each view keeping its own noise (SyncTweedies); auto: noisy for
 # crop windows only (exactly MultiDiffusion), clean as soon as the views include projected ones.
 FUSIONS = ("auto", "noisy", "clean")
 # --views when none is given and the canvas is tall enough for it (else band): the measured choice
-# (docs/engine.md, "View sets"); backend/app/job.py's request_views decides, once the window is known.
+# (docs/engine.md, "View sets"); backend/engine/resolve.py's choose_views decides, once the window is known.
 DEFAULT_VIEW_SET = "band+poles"
 # The view sets with the up and down faces, whose polar caps are decoded from those faces (backend/engine/decode.py).
 POLE_FACE_VIEW_SETS = ("cube", "ring", "band+poles")
@@ -122,7 +142,7 @@ UP_DOWN_PITCH = 45.0
 DEFAULT_SIZES = {"wide": (2048, 512), "equirect": (2048, 1024), "tile": (512, 512)}
 
 
-@dataclass
+@dataclass(frozen=True)
 class ModelGeometry:
     """What the engine needs to know about a model before loading it.
 
@@ -136,7 +156,7 @@ class ModelGeometry:
     sample_size: int
 
 
-@dataclass
+@dataclass(frozen=True)
 class GenerateRequest:
     """Every parameter of one generation. See ``backend/app/cli.py`` for the meaning of each flag."""
 
@@ -218,123 +238,41 @@ class GenerateRequest:
         lighting.json; backend/products/hdr.py): 360° equirect jobs do, unless ``no_hdr``."""
         return self.layout == "equirect" and not self.no_hdr
 
-    # ------------------------------------------------------------------ validation
-    def validate(self) -> None:
-        """Check everything that does not need the model; fill per-layout default sizes.
+    def validated(self) -> "GenerateRequest":
+        """This request checked in everything that needs no model, as a new request with the defaults that
+        need no model filled in: the layout's size, whole numbers for whole-number fields, the canonical view
+        set name, the sun direction as [yaw, pitch], SyncDiffusion's weight and anchor, an absolute ``out``.
+        The seed, window, stride and (without --views) the view set are decided later, once
+        (``engine.resolve``). Raises BadRequest with one sentence naming the first problem."""
+        request = SimpleNamespace(**self.to_dict())  # a mutable draft; the result is frozen again
+        for check in (_check_size, _check_sampling, _check_model_and_device, _check_views, _check_hdr, _check_sync,
+                      _check_syncdiffusion, _check_mad, _check_out):
+            check(request)
+        return dataclasses.replace(self, **vars(request))
 
-        Raises BadRequest with one sentence naming the problem.
-        """
-        if not isinstance(self.prompt, str) or not self.prompt.strip():
-            raise BadRequest("The prompt is empty; describe the scene with --prompt.")
-        if self.layout not in LAYOUTS:
-            raise BadRequest(f"Unknown layout '{self.layout}'; choose one of {', '.join(LAYOUTS)}.")
-        default_width, default_height = DEFAULT_SIZES[self.layout]
-        if self.width is None and self.height is None:
-            self.width, self.height = default_width, default_height
-        elif self.layout == "equirect" and self.height is None:
-            self.height = _int("width", self.width) // 2
-        elif self.layout == "equirect" and self.width is None:
-            self.width = _int("height", self.height) * 2
-        elif self.width is None:
-            self.width = default_width
-        elif self.height is None:
-            self.height = default_height
-        self.width, self.height = _int("width", self.width), _int("height", self.height)
+    def sized_for_model(self, geometry: ModelGeometry) -> "GenerateRequest":
+        """This (validated) request with the model's default window and stride filled in, after checking the
+        sizes against the model (VAE factor, window). Raises BadRequest with one sentence naming the problem."""
+        factor = geometry.vae_scale_factor
         for name, value in (("width", self.width), ("height", self.height)):
-            if value < 1 or value > MAX_CANVAS_PIXELS:
-                raise BadRequest(f"The {name} {value} px is outside 1..{MAX_CANVAS_PIXELS} px.")
-        if self.layout == "equirect" and self.width != 2 * self.height:
+            if value % factor:
+                raise BadRequest(
+                    f"The {name} {value} px is not a multiple of this model's VAE factor {factor}; "
+                    f"try {max(factor, value // factor * factor)}."
+                )
+        window = geometry.sample_size if self.window is None else self.window
+        # MultiDiffusion's stride of 8 latents for a 64-latent window, scaled to other windows.
+        stride = max(1, window // 8) if self.stride is None else self.stride
+        if stride > window:
+            raise BadRequest(f"--stride {stride} is larger than the window {window}; views would leave gaps.")
+        latent_width, latent_height = self.width // factor, self.height // factor
+        if latent_width < window or latent_height < window:
             raise BadRequest(
-                f"An equirect canvas must be 2:1, but {self.width}x{self.height} is not; "
-                f"use --width {2 * self.height} --height {self.height}."
+                f"The canvas {self.width}x{self.height} px is smaller than one window of "
+                f"{window * factor} px; make it at least {window * factor} px in each direction "
+                "or pass a smaller --window."
             )
-        self.steps = _int("steps", self.steps)
-        if self.steps < 1:
-            raise BadRequest(f"--steps must be at least 1, not {self.steps}.")
-        if not isinstance(self.guidance, (int, float)) or not math.isfinite(self.guidance) or self.guidance < 0:
-            raise BadRequest(f"--guidance must be a number >= 0, not {self.guidance}.")
-        self.view_batch = _int("view_batch", self.view_batch)
-        if self.view_batch < 1:
-            raise BadRequest(f"--view-batch must be at least 1, not {self.view_batch}.")
-        if self.seed is not None:
-            self.seed = _int("seed", self.seed)
-            if not 0 <= self.seed < 2**63:
-                raise BadRequest(f"--seed must be between 0 and 2^63-1, not {self.seed}.")
-        for name in ("window", "stride"):
-            value = getattr(self, name)
-            if value is not None and _int(name, value) < 1:
-                raise BadRequest(f"--{name} must be a positive number of latent pixels, not {value}.")
-        if self.scheduler not in SCHEDULERS and not (
-            isinstance(self.scheduler, str) and self.scheduler.endswith("Scheduler") and self.scheduler.isidentifier()
-        ):
-            raise BadRequest(
-                f"Unknown scheduler '{self.scheduler}'; choose one of {', '.join(SCHEDULERS)} or a diffusers scheduler class name."
-            )
-        if self.dtype not in DTYPES:
-            raise BadRequest(f"Unknown dtype '{self.dtype}'; choose one of {', '.join(DTYPES)}.")
-        if self.memory not in MEMORY_MODES:
-            raise BadRequest(f"Unknown memory mode '{self.memory}'; choose one of {', '.join(MEMORY_MODES)}.")
-        if not (self.device in ("auto", "cpu", "mps", "cuda") or _is_cuda_index(self.device)):
-            raise BadRequest(f"Unknown device '{self.device}'; use {DEVICES_HELP}.")
-        if self.lora is not None and (not isinstance(self.lora, str) or not self.lora.strip()):
-            raise BadRequest("--lora must be a .safetensors file, a folder or a hub id of LoRA weights.")
-        if not _is_number(self.lora_scale):
-            raise BadRequest(f"--lora-scale must be a number, not {self.lora_scale!r}.")
-        self._validate_views()
-        self._validate_hdr()
-        self._validate_sync()
-        self.mad_steps = _int("mad_steps", self.mad_steps)
-        if self.mad_steps < 0:
-            raise BadRequest(f"--mad-steps must be 0 (off) or more steps, not {self.mad_steps}.")
-        names = [name.strip() for name in str(self.mad_blocks).split(",")]
-        if not isinstance(self.mad_blocks, str) or not names or any(name not in MAD_BLOCKS for name in names):
-            raise BadRequest(f"--mad-blocks takes a comma-separated list of {', '.join(MAD_BLOCKS)}, not {self.mad_blocks!r}.")
-        if not self.out:
-            raise BadRequest("No output folder given; pass --out DIR.")
-        self.out = os.path.abspath(os.path.expanduser(self.out))
-
-    def _validate_views(self) -> None:
-        """Check --views, --fusion and the per-direction prompts; fill the default view set (equirect only)."""
-        if self.fusion not in FUSIONS:
-            raise BadRequest(f"Unknown --fusion '{self.fusion}'; choose one of {', '.join(FUSIONS)}.")
-        for name in ("prompt_up", "prompt_down"):
-            if not isinstance(getattr(self, name), str):
-                raise BadRequest(f"--{name.replace('_', '-')} must be text, not {getattr(self, name)!r}.")
-        if self.layout != "equirect":
-            for name in ("views", "prompt_up", "prompt_down"):
-                if getattr(self, name):
-                    raise BadRequest(f"--{name.replace('_', '-')} applies only to --layout equirect, "
-                                     "where views can look up and down.")
-            return
-        if self.views is None:
-            return
-        try:
-            self.views = parse_view_set(self.views)
-        except ValueError as error:
-            raise BadRequest(str(error)) from None
-
-    def _validate_hdr(self) -> None:
-        """Check --no-hdr, --exposure, --sun-ratio, --sun-strength, --sun-direction and --half (``check_hdr_options``);
-        store the sun direction as [yaw, pitch]. The lighting options apply only to equirect jobs, and only
-        --sun-direction (which also prompts the views that see it) goes with --no-hdr."""
-        for name in ("no_hdr", "half"):
-            if not isinstance(getattr(self, name), bool):
-                raise BadRequest(f"--{name.replace('_', '-')} is a switch (true or false), not {getattr(self, name)!r}.")
-        changed = [name for name, default in (("exposure", 0.0), ("sun_ratio", DEFAULT_SUN_RATIO),
-                                              ("sun_strength", None), ("sun_direction", None))
-                   if getattr(self, name) != default]
-        if changed and self.layout != "equirect":
-            raise BadRequest(f"--{changed[0].replace('_', '-')} applies only to --layout equirect, whose 360° image "
-                             "can light a scene.")
-        lighting = [name for name in changed if name != "sun_direction"]
-        if lighting and self.no_hdr:
-            raise BadRequest(f"--{lighting[0].replace('_', '-')} sets the HDR lighting that --no-hdr turns off; "
-                             "leave one of them out.")
-        direction = check_hdr_options(self.exposure, self.sun_ratio, self.sun_strength, self.sun_direction)
-        self.sun_direction = list(direction) if direction is not None else None
-        if self.half and self.hdr and self.exposure > HALF_EXPOSURE:
-            raise BadRequest(f"--exposure {self.exposure:g} takes a white sky above the largest half float; "
-                             f"use at most {HALF_EXPOSURE:g} with --half.")
+        return dataclasses.replace(self, window=window, stride=stride)
 
     @property
     def resolved_fusion(self) -> str:
@@ -346,90 +284,206 @@ class GenerateRequest:
             return self.fusion
         return "noisy" if self.views in (None, "band") else "clean"
 
-    def _validate_sync(self) -> None:
-        """Check --sync and SyncDiffusion's options; fill the loss's default weight."""
-        if self.sync not in SYNC_METHODS:
-            raise BadRequest(f"Unknown --sync '{self.sync}'; choose one of {', '.join(SYNC_METHODS)}.")
-        for prefix, method, name in (("sync_", "syncdiffusion", "SyncDiffusion"), ("syncsde_", "syncsde", "SyncSDE")):
-            changed = [field.name for field in dataclasses.fields(self)
-                       if field.name.startswith(prefix) and getattr(self, field.name) != field.default]
-            if changed and self.sync != method:
-                flag = "--" + changed[0].replace("_", "-")
-                raise BadRequest(f"{flag} only applies to {name}; add --sync {method} or leave it out.")
-        if self.sync == "syncsde":
-            if not _is_number(self.syncsde_lambda) or self.syncsde_lambda < 0:
-                raise BadRequest(f"--syncsde-lambda must be a number >= 0, not {self.syncsde_lambda!r}.")
-            if self.syncsde_compose not in SYNCSDE_COMPOSE:
-                raise BadRequest(f"Unknown --syncsde-compose '{self.syncsde_compose}'; choose one of {', '.join(SYNCSDE_COMPOSE)}.")
-            if not isinstance(self.syncsde_open_chain, bool):
-                raise BadRequest(f"--syncsde-open-chain is a switch (true or false), not {self.syncsde_open_chain!r}.")
-            if self.fusion != "auto":
-                raise BadRequest("--fusion does not apply to SyncSDE, whose views keep their own states; "
-                                 "use --syncsde-compose to choose how they are composed.")
-        if self.sync != "syncdiffusion":
-            return
-        if self.sync_loss not in SYNC_LOSSES:
-            raise BadRequest(f"Unknown --sync-loss '{self.sync_loss}'; choose one of {', '.join(SYNC_LOSSES)}.")
-        if self.sync_loss_backbone not in SYNC_LOSS_BACKBONES:
-            raise BadRequest(
-                f"Unknown --sync-loss-backbone '{self.sync_loss_backbone}'; choose one of {', '.join(SYNC_LOSS_BACKBONES)}."
-            )
-        if self.sync_weight is None:
-            self.sync_weight = DEFAULT_SYNC_WEIGHTS[self.sync_loss]
-        if not _is_number(self.sync_weight) or self.sync_weight < 0:
-            raise BadRequest(f"--sync-weight must be a number >= 0, not {self.sync_weight!r}.")
-        if not _is_number(self.sync_decay) or not 0 < self.sync_decay <= 1:
-            raise BadRequest(f"--sync-decay must be a number in (0, 1], not {self.sync_decay!r}.")
-        if self.sync_steps is not None:
-            self.sync_steps = _int("sync_steps", self.sync_steps)
-            if self.sync_steps < 0:
-                raise BadRequest(f"--sync-steps must be 0 or more guided steps, not {self.sync_steps}.")
-        self.sync_every = _int("sync_every", self.sync_every)
-        if self.sync_every < 1:
-            raise BadRequest(f"--sync-every must be at least 1, not {self.sync_every}.")
-        if self.sync_anchor != "center":
-            anchor = self.sync_anchor
-            if isinstance(anchor, str) and anchor.strip().isdigit():
-                anchor = int(anchor)
-            if isinstance(anchor, bool) or not isinstance(anchor, int) or anchor < 0:
-                raise BadRequest(f"--sync-anchor must be 'center' or a view index >= 0, not {self.sync_anchor!r}.")
-            self.sync_anchor = anchor
-        if self.sync_loss_size is not None:
-            self.sync_loss_size = _int("sync_loss_size", self.sync_loss_size)
-            if not 16 <= self.sync_loss_size <= 4096:
-                raise BadRequest(f"--sync-loss-size must be between 16 and 4096 px, not {self.sync_loss_size}.")
-        if not isinstance(self.sync_decoder, str) or not self.sync_decoder.strip():
-            raise BadRequest("--sync-decoder must be vae, taesd, or a hub id or folder of a tiny autoencoder.")
-        for name in ("sync_reuse_eps", "sync_checkpointing"):
-            if not isinstance(getattr(self, name), bool):
-                raise BadRequest(f"--{name.replace('_', '-')} is a switch (true or false), not {getattr(self, name)!r}.")
 
-    def validate_for_model(self, geometry: ModelGeometry) -> None:
-        """Check the sizes against the model (VAE factor, window); fill the default window and stride.
+# ---------------------------------------------------------------------------------------------- validation
+# Each check reads and fills a draft of the request (a SimpleNamespace with its fields); ``validated`` runs them in
+# order and freezes the result. Each raises BadRequest with one sentence.
 
-        Raises BadRequest with one sentence naming the problem.
-        """
-        factor = geometry.vae_scale_factor
-        for name, value in (("width", self.width), ("height", self.height)):
-            if value % factor:
-                raise BadRequest(
-                    f"The {name} {value} px is not a multiple of this model's VAE factor {factor}; "
-                    f"try {max(factor, value // factor * factor)}."
-                )
-        if self.window is None:
-            self.window = geometry.sample_size
-        if self.stride is None:
-            # MultiDiffusion's stride of 8 latents for a 64-latent window, scaled to other windows.
-            self.stride = max(1, self.window // 8)
-        if self.stride > self.window:
-            raise BadRequest(f"--stride {self.stride} is larger than the window {self.window}; views would leave gaps.")
-        latent_width, latent_height = self.width // factor, self.height // factor
-        if latent_width < self.window or latent_height < self.window:
-            raise BadRequest(
-                f"The canvas {self.width}x{self.height} px is smaller than one window of "
-                f"{self.window * factor} px; make it at least {self.window * factor} px in each direction "
-                "or pass a smaller --window."
-            )
+
+def _check_size(request: SimpleNamespace) -> None:
+    """The prompt, the layout and the canvas size (the layout's default where none is given)."""
+    if not isinstance(request.prompt, str) or not request.prompt.strip():
+        raise BadRequest("The prompt is empty; describe the scene with --prompt.")
+    if request.layout not in LAYOUTS:
+        raise BadRequest(f"Unknown layout '{request.layout}'; choose one of {', '.join(LAYOUTS)}.")
+    default_width, default_height = DEFAULT_SIZES[request.layout]
+    if request.width is None and request.height is None:
+        request.width, request.height = default_width, default_height
+    elif request.layout == "equirect" and request.height is None:
+        request.height = _int("width", request.width) // 2
+    elif request.layout == "equirect" and request.width is None:
+        request.width = _int("height", request.height) * 2
+    elif request.width is None:
+        request.width = default_width
+    elif request.height is None:
+        request.height = default_height
+    request.width, request.height = _int("width", request.width), _int("height", request.height)
+    for name, value in (("width", request.width), ("height", request.height)):
+        if value < 1 or value > MAX_CANVAS_PIXELS:
+            raise BadRequest(f"The {name} {value} px is outside 1..{MAX_CANVAS_PIXELS} px.")
+    if request.layout == "equirect" and request.width != 2 * request.height:
+        raise BadRequest(
+            f"An equirect canvas must be 2:1, but {request.width}x{request.height} is not; "
+            f"use --width {2 * request.height} --height {request.height}."
+        )
+
+
+def _check_sampling(request: SimpleNamespace) -> None:
+    """Steps, guidance, view batch, seed, window, stride."""
+    request.steps = _int("steps", request.steps)
+    if request.steps < 1:
+        raise BadRequest(f"--steps must be at least 1, not {request.steps}.")
+    if not isinstance(request.guidance, (int, float)) or not math.isfinite(request.guidance) or request.guidance < 0:
+        raise BadRequest(f"--guidance must be a number >= 0, not {request.guidance}.")
+    request.view_batch = _int("view_batch", request.view_batch)
+    if request.view_batch < 1:
+        raise BadRequest(f"--view-batch must be at least 1, not {request.view_batch}.")
+    if request.seed is not None:
+        request.seed = _int("seed", request.seed)
+        if not 0 <= request.seed < 2**63:
+            raise BadRequest(f"--seed must be between 0 and 2^63-1, not {request.seed}.")
+    for name in ("window", "stride"):
+        value = getattr(request, name)
+        if value is not None and _int(name, value) < 1:
+            raise BadRequest(f"--{name} must be a positive number of latent pixels, not {value}.")
+
+
+def _check_model_and_device(request: SimpleNamespace) -> None:
+    """The scheduler name, dtype, memory mode, device and LoRA options."""
+    if request.scheduler not in SCHEDULERS and not (
+        isinstance(request.scheduler, str) and request.scheduler.endswith("Scheduler") and request.scheduler.isidentifier()
+    ):
+        raise BadRequest(
+            f"Unknown scheduler '{request.scheduler}'; choose one of {', '.join(SCHEDULERS)} or a diffusers scheduler class name."
+        )
+    if request.dtype not in DTYPES:
+        raise BadRequest(f"Unknown dtype '{request.dtype}'; choose one of {', '.join(DTYPES)}.")
+    if request.memory not in MEMORY_MODES:
+        raise BadRequest(f"Unknown memory mode '{request.memory}'; choose one of {', '.join(MEMORY_MODES)}.")
+    if not (request.device in ("auto", "cpu", "mps", "cuda") or _is_cuda_index(request.device)):
+        raise BadRequest(f"Unknown device '{request.device}'; use {DEVICES_HELP}.")
+    if request.lora is not None and (not isinstance(request.lora, str) or not request.lora.strip()):
+        raise BadRequest("--lora must be a .safetensors file, a folder or a hub id of LoRA weights.")
+    if not _is_number(request.lora_scale):
+        raise BadRequest(f"--lora-scale must be a number, not {request.lora_scale!r}.")
+
+
+def _check_views(request: SimpleNamespace) -> None:
+    """Check --views (its canonical name; equirect only), --fusion and the per-direction prompts."""
+    if request.fusion not in FUSIONS:
+        raise BadRequest(f"Unknown --fusion '{request.fusion}'; choose one of {', '.join(FUSIONS)}.")
+    for name in ("prompt_up", "prompt_down"):
+        if not isinstance(getattr(request, name), str):
+            raise BadRequest(f"--{name.replace('_', '-')} must be text, not {getattr(request, name)!r}.")
+    if request.layout != "equirect":
+        for name in ("views", "prompt_up", "prompt_down"):
+            if getattr(request, name):
+                raise BadRequest(f"--{name.replace('_', '-')} applies only to --layout equirect, "
+                                 "where views can look up and down.")
+        return
+    if request.views is None:
+        return
+    try:
+        request.views = parse_view_set(request.views)
+    except ValueError as error:
+        raise BadRequest(str(error)) from None
+
+
+def _check_hdr(request: SimpleNamespace) -> None:
+    """Check --no-hdr, --exposure, --sun-ratio, --sun-strength, --sun-direction and --half (``check_hdr_options``);
+    store the sun direction as [yaw, pitch]. The lighting options apply only to equirect jobs, and only
+    --sun-direction (which also prompts the views that see it) goes with --no-hdr."""
+    for name in ("no_hdr", "half"):
+        if not isinstance(getattr(request, name), bool):
+            raise BadRequest(f"--{name.replace('_', '-')} is a switch (true or false), not {getattr(request, name)!r}.")
+    changed = [name for name, default in (("exposure", 0.0), ("sun_ratio", DEFAULT_SUN_RATIO),
+                                          ("sun_strength", None), ("sun_direction", None))
+               if getattr(request, name) != default]
+    if changed and request.layout != "equirect":
+        raise BadRequest(f"--{changed[0].replace('_', '-')} applies only to --layout equirect, whose 360° image "
+                         "can light a scene.")
+    lighting = [name for name in changed if name != "sun_direction"]
+    if lighting and request.no_hdr:
+        raise BadRequest(f"--{lighting[0].replace('_', '-')} sets the HDR lighting that --no-hdr turns off; "
+                         "leave one of them out.")
+    direction = check_hdr_options(request.exposure, request.sun_ratio, request.sun_strength, request.sun_direction)
+    request.sun_direction = list(direction) if direction is not None else None
+    if request.half and request.layout == "equirect" and not request.no_hdr and request.exposure > HALF_EXPOSURE:
+        raise BadRequest(f"--exposure {request.exposure:g} takes a white sky above the largest half float; "
+                         f"use at most {HALF_EXPOSURE:g} with --half.")
+
+
+def _check_sync(request: SimpleNamespace) -> None:
+    """Check --sync, that each method's options go with it only, and SyncSDE's options."""
+    if request.sync not in SYNC_METHODS:
+        raise BadRequest(f"Unknown --sync '{request.sync}'; choose one of {', '.join(SYNC_METHODS)}.")
+    for prefix, method, name in (("sync_", "syncdiffusion", "SyncDiffusion"), ("syncsde_", "syncsde", "SyncSDE")):
+        changed = [field.name for field in dataclasses.fields(GenerateRequest)
+                   if field.name.startswith(prefix) and getattr(request, field.name) != field.default]
+        if changed and request.sync != method:
+            flag = "--" + changed[0].replace("_", "-")
+            raise BadRequest(f"{flag} only applies to {name}; add --sync {method} or leave it out.")
+    if request.sync == "syncsde":
+        try:
+            check_syncsde_lambda(request.syncsde_lambda)
+        except ValueError as error:
+            raise BadRequest(str(error)) from None
+        if request.syncsde_compose not in SYNCSDE_COMPOSE:
+            raise BadRequest(f"Unknown --syncsde-compose '{request.syncsde_compose}'; choose one of {', '.join(SYNCSDE_COMPOSE)}.")
+        if not isinstance(request.syncsde_open_chain, bool):
+            raise BadRequest(f"--syncsde-open-chain is a switch (true or false), not {request.syncsde_open_chain!r}.")
+        if request.fusion != "auto":
+            raise BadRequest("--fusion does not apply to SyncSDE, whose views keep their own states; "
+                             "use --syncsde-compose to choose how they are composed.")
+
+
+def _check_syncdiffusion(request: SimpleNamespace) -> None:
+    """SyncDiffusion's options (with --sync syncdiffusion only); fill the loss's default weight."""
+    if request.sync != "syncdiffusion":
+        return
+    if request.sync_loss not in SYNC_LOSSES:
+        raise BadRequest(f"Unknown --sync-loss '{request.sync_loss}'; choose one of {', '.join(SYNC_LOSSES)}.")
+    if request.sync_loss_backbone not in SYNC_LOSS_BACKBONES:
+        raise BadRequest(
+            f"Unknown --sync-loss-backbone '{request.sync_loss_backbone}'; choose one of {', '.join(SYNC_LOSS_BACKBONES)}."
+        )
+    if request.sync_weight is None:
+        request.sync_weight = DEFAULT_SYNC_WEIGHTS[request.sync_loss]
+    if not _is_number(request.sync_weight) or request.sync_weight < 0:
+        raise BadRequest(f"--sync-weight must be a number >= 0, not {request.sync_weight!r}.")
+    if not _is_number(request.sync_decay) or not 0 < request.sync_decay <= 1:
+        raise BadRequest(f"--sync-decay must be a number in (0, 1], not {request.sync_decay!r}.")
+    if request.sync_steps is not None:
+        request.sync_steps = _int("sync_steps", request.sync_steps)
+        if request.sync_steps < 0:
+            raise BadRequest(f"--sync-steps must be 0 or more guided steps, not {request.sync_steps}.")
+    request.sync_every = _int("sync_every", request.sync_every)
+    if request.sync_every < 1:
+        raise BadRequest(f"--sync-every must be at least 1, not {request.sync_every}.")
+    if request.sync_anchor != "center":
+        anchor = request.sync_anchor
+        if isinstance(anchor, str) and anchor.strip().isdigit():
+            anchor = int(anchor)
+        if isinstance(anchor, bool) or not isinstance(anchor, int) or anchor < 0:
+            raise BadRequest(f"--sync-anchor must be 'center' or a view index >= 0, not {request.sync_anchor!r}.")
+        request.sync_anchor = anchor
+    if request.sync_loss_size is not None:
+        request.sync_loss_size = _int("sync_loss_size", request.sync_loss_size)
+        if not 16 <= request.sync_loss_size <= 4096:
+            raise BadRequest(f"--sync-loss-size must be between 16 and 4096 px, not {request.sync_loss_size}.")
+    if not isinstance(request.sync_decoder, str) or not request.sync_decoder.strip():
+        raise BadRequest("--sync-decoder must be vae, taesd, or a hub id or folder of a tiny autoencoder.")
+    for name in ("sync_reuse_eps", "sync_checkpointing"):
+        if not isinstance(getattr(request, name), bool):
+            raise BadRequest(f"--{name.replace('_', '-')} is a switch (true or false), not {getattr(request, name)!r}.")
+
+
+def _check_mad(request: SimpleNamespace) -> None:
+    """--mad-steps and --mad-blocks (``parse_mad_blocks``)."""
+    request.mad_steps = _int("mad_steps", request.mad_steps)
+    if request.mad_steps < 0:
+        raise BadRequest(f"--mad-steps must be 0 (off) or more steps, not {request.mad_steps}.")
+    try:
+        parse_mad_blocks(str(request.mad_blocks))  # the protocol sends the flag's text, never a list
+    except ValueError as error:
+        raise BadRequest(str(error)) from None
+
+
+def _check_out(request: SimpleNamespace) -> None:
+    """The output folder is given; made absolute. (Whether it may be written is ``products.files``' rule.)"""
+    if not request.out:
+        raise BadRequest("No output folder given; pass --out DIR.")
+    request.out = os.path.abspath(os.path.expanduser(request.out))
 
 
 def parse_sun_direction(value: Any) -> tuple[float, float]:

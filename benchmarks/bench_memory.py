@@ -86,7 +86,8 @@ def case_mode(args) -> dict:
 
     from backend.engine.decode import decode_canvas, decode_pole_caps
     from backend.engine.denoiser import GuidedUNetDenoiser
-    from backend.app.job import ModelCache, check_request, request_views
+    from backend.engine.models import ModelCache
+    from backend.app.job import check_request
     from backend.engine.memory import StagePlacement, plan_memory
     from backend.request import GenerateRequest
 
@@ -102,7 +103,8 @@ def case_mode(args) -> dict:
     began = clock()
     model = ModelCache().get(checked)
     pipeline = model.pipeline
-    views = request_views(request, model.geometry.vae_scale_factor, pipeline.unet)
+    resolved = checked.resolved_for(model)
+    request, views = resolved.params, resolved.views
     plan = plan_memory(request, device, dtype, pipeline.unet.config, pipeline.vae.config, len(views))
     placement = StagePlacement(pipeline, device, plan.offload)
     result = {"plan": plan.to_dict(), "views": len(views), "view_set": request.views, "load_s": clock() - began}

@@ -3,7 +3,7 @@
 
 On a model with the full Stable Diffusion 2 base architecture and random weights (built by
 ``bench_multidiffusion.py``'s machinery; nothing is downloaded), one ``wide`` canvas, one seed, each case
-runs the engine's denoising stage (``backend.app.job.denoise``, the product's code path, from the same request
+runs the engine's denoising stage (``backend.engine.generation.denoise``, the product's code path, from the same request
 fields as ``python -m backend generate``) in a fresh subprocess, so its peak memory is its own. Cases:
 
 | case | what |
@@ -89,7 +89,9 @@ def run_case(args) -> None:
 
 def case_denoise(args) -> dict:
     """One case: the engine's denoising stage with the case's settings; seconds per step and peak memory."""
-    from backend.app.job import ModelCache, check_request, denoise
+    from backend.engine.models import ModelCache
+    from backend.app.job import check_request
+    from backend.engine.generation import denoise
     from backend.request import GenerateRequest
 
     settings = {"steps": args.steps, "guidance": args.guidance, **case_settings(args, args.case)}
@@ -109,7 +111,7 @@ def case_denoise(args) -> dict:
         log(args.case, f"step {step}/{total} at {stamps[-1] - began:.1f} s")
 
     began = clock()
-    _, _, details = denoise(request, model, report)
+    _, _, details = denoise(checked.resolved_for(model), model, report)
     seconds = clock() - began
     return {"views": details["views"], "scheduler": details["scheduler"], "steps": request.steps, "settings": settings,
             "denoise_s": seconds, "step_s": [b - a for a, b in zip([began] + stamps, stamps)], "memory": memory.result()}

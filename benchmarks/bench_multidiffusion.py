@@ -538,7 +538,9 @@ def case_ours(args, layout: str) -> dict:
 
     from backend.engine.decode import decode_canvas
     from backend.engine.denoiser import GuidedUNetDenoiser
-    from backend.app.job import ModelCache, check_request, initial_noise, make_scheduler, request_views
+    from backend.engine.models import ModelCache
+    from backend.app.job import check_request
+    from backend.engine.generation import initial_noise, make_scheduler
     from backend.request import GenerateRequest
     from backend.engine.sampler import sample_canvas
 
@@ -560,9 +562,10 @@ def case_ours(args, layout: str) -> dict:
     memory.loaded()
     log(args.case, f"model loaded in {load_s:.1f} s")
 
-    # The stages of backend.app.job.denoise, called one at a time so each can be timed.
+    # The stages of backend.engine.generation.denoise, called one at a time so each can be timed.
     pipeline, geometry = model.pipeline, model.geometry
-    views = request_views(request, geometry.vae_scale_factor)
+    resolved = checked.resolved_for(model)
+    request, views = resolved.params, resolved.views
     canvas = views.canvas
     scheduler = make_scheduler(request.scheduler, pipeline.scheduler.config)
     unet = UNetCounter(pipeline.unet)
@@ -581,9 +584,10 @@ def case_ours(args, layout: str) -> dict:
     denoise_began = clock()
     denoiser = GuidedUNetDenoiser(pipeline.unet, prompt_embeds, negative_embeds, request.guidance)
     noise = initial_noise(request.seed, (1, geometry.latent_channels, canvas.height, canvas.width), model.device, model.dtype)
-    # As job.denoise does: a generator for schedulers that take one (DDIM with eta 0 does not use it).
+    # As generation.denoise does: a generator for schedulers that take one (DDIM with eta 0 does not use it).
     step_kwargs = {"generator": torch.Generator("cpu").manual_seed(request.seed + 1)}
-    latents = sample_canvas(denoiser, scheduler, views, noise, request.steps, request.view_batch, report, step_kwargs)
+    latents = sample_canvas(denoiser, scheduler, views, noise, steps=request.steps, view_batch=request.view_batch,
+                            step_kwargs=step_kwargs, report=report)
     denoise_s = clock() - denoise_began
 
     began = clock()
@@ -591,7 +595,7 @@ def case_ours(args, layout: str) -> dict:
     decode_s = clock() - began
     if layout == "wide":  # for the parent's ours-vs-diffusers check
         torch.save(latents.float().cpu(), os.path.join(os.path.dirname(args.result), f"{args.case}-latents.pt"))
-    return generation_result(width, args.height, factor, len(views), steps, unet, load_s, text_s,
+    return generation_result(width, args.height, geometry.vae_scale_factor, len(views), steps, unet, load_s, text_s,
                              denoise_began, stamps, denoise_s, decode_s, memory)
 
 

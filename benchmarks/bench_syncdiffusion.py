@@ -3,7 +3,7 @@
 
 On a model with the full Stable Diffusion 2 base architecture and random weights (built by
 ``bench_multidiffusion.py``'s machinery; nothing is downloaded), one ``wide`` canvas, one seed, DDIM, each
-case runs the engine's own denoising stage (``backend.app.job.denoise``: the product's code path, guidance
+case runs the engine's own denoising stage (``backend.engine.generation.denoise``: the product's code path, guidance
 built from the same request fields as ``python -m backend generate``), then the tiled decode, then
 measures the result's Intra-LPIPS (``backend.analysis.metrics``). Cases:
 
@@ -258,7 +258,9 @@ def case_generate(args) -> dict:
     import numpy as np
 
     from backend.engine.decode import decode_canvas
-    from backend.app.job import ModelCache, check_request, denoise
+    from backend.engine.models import ModelCache
+    from backend.app.job import check_request
+    from backend.engine.generation import denoise
     from backend.analysis.metrics import intra_lpips, non_overlapping_crops
     from backend.products.images import to_uint8
     from backend.engine.perceptual import load_perceptual_loss
@@ -285,7 +287,7 @@ def case_generate(args) -> dict:
 
     began = clock()
     counter.counting = True
-    latents, canvas, details = denoise(request, model, report)
+    latents, canvas, details = denoise(checked.resolved_for(model), model, report)
     counter.counting = False
     denoise_s = clock() - began
     began_decode = clock()

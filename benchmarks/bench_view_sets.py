@@ -58,7 +58,8 @@ def main(argv=None) -> int:
     import numpy as np
     from PIL import Image
 
-    from backend.app.job import ModelCache, check_request, run_job
+    from backend.engine.models import ModelCache
+    from backend.app.job import check_request, run_job
     from backend.analysis.metrics import cube_edge_ratios, pole_ratios, seam_ratio
     from backend.request import GenerateRequest
     from model_factory import TINY_UNET, save_random_sd_model

@@ -34,9 +34,7 @@ def params_of(**overrides):
 
 def backend_request(params, tmp_path):
     """The backend's reading of ``params``, validated as the worker validates a generate request."""
-    request = GenerateRequest.from_params({**params, "out": str(tmp_path / "job")})
-    request.validate()
-    return request
+    return GenerateRequest.from_params({**params, "out": str(tmp_path / "job")}).validated()
 
 
 def test_the_basic_params():

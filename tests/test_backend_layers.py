@@ -3,6 +3,8 @@ own, and the leaves use the standard library only. Read from the source (tests/i
 
 from __future__ import annotations
 
+import ast
+import os
 import sys
 import textwrap
 from pathlib import Path
@@ -89,3 +91,28 @@ def test_the_checks_catch_a_circle_an_upward_import_and_a_heavy_leaf(tmp_path):
     assert any("backend.sphere.canvas (sphere) imports backend.app.cli (app)" in problem for problem in problems)
     assert any("backend.engine.sampler (engine) imports backend.products.images (products)" in problem for problem in problems)
     assert len(problems) == 3
+
+
+LONGEST_FUNCTION_LINES = 60
+"""What a function of backend/ may span (docstring included), so each reads in one screen; the denoising loop
+(``sampler.sample_canvas``), read top to bottom as one piece like a diffusers pipeline's ``__call__``, may be longer."""
+
+
+def long_functions(root: Path, package: str, allowed: tuple[str, ...] = ("sample_canvas",)) -> list[str]:
+    """"path:line name (N lines)" of every function of ``package`` under ``root`` longer than
+    ``LONGEST_FUNCTION_LINES``, except those named in ``allowed``."""
+    found = []
+    for path in sorted((root / package).rglob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)) and node.name not in allowed:
+                lines = node.end_lineno - node.lineno + 1
+                if lines > LONGEST_FUNCTION_LINES:
+                    found.append(f"{path.relative_to(root)}:{node.lineno} {node.name} ({lines} lines)")
+    return found
+
+
+def test_backend_functions_fit_on_a_screen(tmp_path):
+    assert long_functions(REPO, "backend") == []
+    (tmp_path / "backend").mkdir()
+    (tmp_path / "backend" / "long.py").write_text("def long():\n" + "    x = 1\n" * LONGEST_FUNCTION_LINES)
+    assert long_functions(tmp_path, "backend") == [f"backend{os.sep}long.py:1 long (61 lines)"]

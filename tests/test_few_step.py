@@ -12,7 +12,9 @@ from model_factory import TINY_UNET, save_random_lora, save_random_sd_model
 from PIL import Image
 
 from backend.app.cli import main
-from backend.app.job import ModelCache, check_request, make_scheduler, run_job
+from backend.engine.models import ModelCache
+from backend.app.job import check_request, run_job
+from backend.engine.generation import make_scheduler
 from backend.request import GenerateRequest
 from backend.engine.sync.tweedie import predicted_clean_latent, prediction_for_clean_latent
 

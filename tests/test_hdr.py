@@ -315,7 +315,7 @@ def test_bad_hdr_values_of_a_generation_are_refused_before_the_model_loads(tmp_p
 
 def test_the_views_that_see_the_sun_direction_get_the_sun_in_their_prompt():
     from backend.sphere.canvas import Canvas
-    from backend.app.job import SUN_PROMPT, view_prompt_rows
+    from backend.engine.resolve import SUN_PROMPT, view_prompt_rows
     from backend.request import GenerateRequest
     from backend.sphere.view_sets import canvas_views
 

@@ -2,16 +2,21 @@
 block selection and restore, τ = 0 is MultiDiffusion bit for bit, merging really spans all views, projected
 views, and the merge/split operator at a feature resolution (constants, wrap equivariance)."""
 
+import dataclasses
+
 import pytest
 import torch
 
 from backend.sphere.canvas import Canvas, CropView
 from backend.engine.denoiser import GuidedUNetDenoiser
-from backend.app.job import ModelCache, check_request, initial_noise, make_scheduler
+from backend.engine.models import ModelCache
+from backend.app.job import check_request
+from backend.engine.generation import initial_noise, make_scheduler
 from backend.request import GenerateRequest
-from backend.engine.sampler import sample_canvas
+from backend.engine.sampler import Synchronisation, sample_canvas
 from backend.engine.sync import mad as mad_module
-from backend.engine.sync.mad import MergedAttention, MergedAttentionProcessor, check_mad, merge_views, parse_blocks, split_canvas
+from backend.engine.sync.mad import MergedAttention, MergedAttentionProcessor, check_mad, merge_views, split_canvas
+from backend.request import parse_mad_blocks
 from backend.sphere.view_sets import CanvasViews, canvas_views
 
 
@@ -65,7 +70,7 @@ def test_only_the_selected_blocks_get_merged_attention_and_remove_restores_them(
             key for key in before if key.startswith(("down_blocks.", "up_blocks."))}
     assert all(unet.attn_processors[key] is before[key] for key in before)
     with pytest.raises(ValueError, match="--mad-blocks"):
-        parse_blocks("down,middle")
+        parse_mad_blocks("down,middle")
 
 
 def _sample(model, views, steps, mad=None, view_batch=2, noise_seed=3):
@@ -74,7 +79,8 @@ def _sample(model, views, steps, mad=None, view_batch=2, noise_seed=3):
         denoiser = mad.wrap(denoiser)
     noise = initial_noise(noise_seed, (1, 4, views.canvas.height, views.canvas.width), model.device, model.dtype)
     scheduler = make_scheduler("ddim", model.pipeline.scheduler.config)
-    return sample_canvas(denoiser, scheduler, views, noise, steps, view_batch, merged_attention=mad)
+    return sample_canvas(denoiser, scheduler, views, noise, steps=steps, view_batch=view_batch,
+                         sync=Synchronisation(merged_attention=mad))
 
 
 def test_no_merged_steps_is_multidiffusion_bit_for_bit(model):
@@ -145,8 +151,8 @@ def test_projected_views_merge_through_the_sphere(model, view_set):
     own = initial_noise(5, (len(views.projected), 4, 16, 16), model.device, model.dtype)
     scheduler = make_scheduler("ddim", model.pipeline.scheduler.config)
     with MergedAttention(model.pipeline.unet, views, steps=2) as mad:
-        result = sample_canvas(mad.wrap(denoiser), scheduler, views, noise, 2, 4, fusion="clean",
-                               projected_noise=own, merged_attention=mad)
+        result = sample_canvas(mad.wrap(denoiser), scheduler, views, noise, steps=2, view_batch=4,
+                               sync=Synchronisation("clean", merged_attention=mad), projected_noise=own)
         assert all(processor.merged_calls == 2 for processor in mad.processors.values())
     assert result.shape == (1, 4, 32, 64) and torch.isfinite(result).all()
 
@@ -265,15 +271,16 @@ def test_mad_composes_with_every_method_through_the_job(tiny_model, tmp_path, se
 
 
 def test_band_and_poles_rows_are_aligned_for_mad(tiny_model):
-    from backend.app.job import request_views
+    from backend.engine.resolve import choose_views
 
     request = GenerateRequest(prompt="x", layout="equirect", width=512, height=256, window=16, stride=4,
                               model=tiny_model, device="cpu", out="/unused", mad_steps=2)
     checked = check_request(request)
     unet = JOB_MODELS.get(checked).pipeline.unet
-    views = request_views(request, 8, unet)
+    views = checked.resolved.views
     assert all(crop.top % 2 == 0 for crop in views.crops)  # the tiny UNet's features are at most 2x smaller
-    plain = request_views(GenerateRequest(**{**request.to_dict(), "mad_steps": 0}), 8, unet)
+    assert [crop.top for crop in choose_views(checked.params, 8, unet)[1].crops] == [crop.top for crop in views.crops]
+    _, plain = choose_views(dataclasses.replace(checked.resolved.params, mad_steps=0), 8, unet)
     assert {crop.top for crop in plain.crops} != {crop.top for crop in views.crops}  # 5 -> 4: rounded outward
 
 

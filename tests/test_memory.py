@@ -1,6 +1,7 @@
 """Memory modes (issue 9, item 4): ``--memory low`` gives the image of ``full`` with less held at once;
 ``auto`` picks from the free memory and says so in metadata.json."""
 
+import dataclasses
 import json
 
 import numpy as np
@@ -13,7 +14,8 @@ from backend.engine import memory
 from backend.sphere.canvas import Canvas
 from backend.engine.decode import can_decode_in_strips, decode_canvas, decode_in_strips, largest_decode_tile
 from backend.errors import BadRequest
-from backend.app.job import ModelCache, check_request, run_job
+from backend.app.job import check_request, run_job
+from backend.engine.models import ModelCache
 from backend.engine.memory import StagePlacement, estimate_full_bytes, free_memory_bytes, plan_memory
 from backend.request import GenerateRequest
 from model_factory import TINY_TAESD, TINY_VAE
@@ -95,8 +97,7 @@ def test_auto_says_what_it_picked_and_why(tiny_model, tmp_path, models):
 
 
 def test_auto_picks_low_when_the_estimate_does_not_fit():
-    request = _equirect("unused", "unused", width=2048, height=1024, window=64, stride=8)
-    request.validate()
+    request = _equirect("unused", "unused", width=2048, height=1024, window=64, stride=8).validated()
     unet = {"sample_size": 64, "block_out_channels": [320, 640, 1280, 1280]}
     vae = {"block_out_channels": [128, 256, 512, 512]}
     gib = 2**30
@@ -111,10 +112,9 @@ def test_auto_picks_low_when_the_estimate_does_not_fit():
     assert (tight.mode, tight.view_batch, tight.offload, tight.strip_decode) == ("low", 1, True, True)
     assert tight.to_dict()["free_mib"] == round(estimate / 2**20)
     # Merged attention runs all 130 views in one batch: that no longer fits in 8 GiB.
-    request.mad_steps = 15
-    assert plan_memory(request, cuda, torch.float16, unet, vae, 130, free_bytes=8 * gib).mode == "low"
+    merged = dataclasses.replace(request, mad_steps=15)
+    assert plan_memory(merged, cuda, torch.float16, unet, vae, 130, free_bytes=8 * gib).mode == "low"
     # On the CPU the weights count too (they are memory-mapped, so they look free).
-    request.mad_steps = 0
     cpu = torch.device("cpu")
     assert plan_memory(request, cpu, torch.float32, unet, vae, 130, free_bytes=12 * gib).mode == "full"
     assert plan_memory(request, cpu, torch.float32, unet, vae, 130, weights_bytes=5 * gib, free_bytes=12 * gib).mode == "low"

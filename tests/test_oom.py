@@ -1,15 +1,19 @@
 """Out-of-memory recovery (issue 9, item 5): retry with half the view batch, then in low-memory mode, then
-an ``out_of_memory`` error; the worker survives. The UNet's OOM comes from job.py's test hook
-(``SYNCSPHERE_TEST_OOM``)."""
+an ``out_of_memory`` error; the worker survives. The UNet's out-of-memory errors come from the tests: a
+forward pre-hook on the cached UNet in this process, a patched ``UNet2DConditionModel.forward`` in the
+worker's."""
 
 import json
 import os
 
 import pytest
+import torch
 
-from backend.app import job
+from backend.engine import generation
+from backend.engine.memory import is_out_of_memory
 from backend.errors import OutOfMemory
-from backend.app.job import ModelCache, check_request, run_job
+from backend.engine.models import ModelCache
+from backend.app.job import check_request, run_job
 from backend.request import GenerateRequest
 from test_server import TIMEOUT, Worker, params
 
@@ -26,13 +30,32 @@ def wide_request(tiny_model, out, **overrides) -> GenerateRequest:
                               "model": tiny_model, "out": str(out), **overrides})
 
 
-def simulate_oom(monkeypatch, mode: str) -> None:
-    monkeypatch.setenv(job.TEST_OOM_VARIABLE, mode)
-    monkeypatch.setattr(job, "_test_oom_calls", 0)  # "first" counts UNet calls per process
+@pytest.fixture
+def simulate_oom(models, tiny_model):
+    """simulate_oom(mode) makes the cached model's UNet run out of memory as a device would: "first": only on
+    its first call, "always": on every call. Returns the list the calls are counted in; ``stop()`` (and the
+    end of the test) removes the hook."""
+    handles = []
+
+    def start(mode: str) -> list:
+        calls = []
+
+        def raise_out_of_memory(module, args):
+            calls.append(len(args))
+            if mode == "always" or len(calls) == 1:
+                raise torch.OutOfMemoryError(f"simulated out of memory ({mode})")
+
+        unet = models.get(check_request(wide_request(tiny_model, "/unused"))).pipeline.unet
+        handles.append(unet.register_forward_pre_hook(raise_out_of_memory))
+        return calls
+
+    start.stop = lambda: [handles.pop().remove() for _ in list(handles)]
+    yield start
+    start.stop()
 
 
-def test_first_unet_call_out_of_memory_retries_with_half_the_view_batch(tiny_model, tmp_path, monkeypatch, models):
-    simulate_oom(monkeypatch, "first")
+def test_first_unet_call_out_of_memory_retries_with_half_the_view_batch(tiny_model, tmp_path, simulate_oom, models):
+    simulate_oom("first")
     steps = []
     outputs = run_job(check_request(wide_request(tiny_model, tmp_path / "oom")),
                       lambda stage, step, total, preview: steps.append((stage, step)), models)
@@ -46,25 +69,25 @@ def test_first_unet_call_out_of_memory_retries_with_half_the_view_batch(tiny_mod
     assert steps.count(("denoising", 1)) == 1  # the first UNet call failed before step 1 finished
 
     # The retry starts from the same seed's noise: the same image as asking for view batch 2 outright.
-    monkeypatch.delenv(job.TEST_OOM_VARIABLE)
+    simulate_oom.stop()
     plain = run_job(check_request(wide_request(tiny_model, tmp_path / "plain", view_batch=2)), models=models)
     assert open(outputs["png"], "rb").read() == open(plain["png"], "rb").read()
     memory = json.loads(open(plain["metadata"]).read())["memory"]
     assert (memory["mode"], memory["attempt"], memory["retries"], memory["view_batch_used"]) == ("full", "full", [], 2)
 
 
-def test_persistent_out_of_memory_fails_with_advice_and_writes_nothing(tiny_model, tmp_path, monkeypatch, models):
-    simulate_oom(monkeypatch, "always")
+def test_persistent_out_of_memory_fails_with_advice_and_writes_nothing(tiny_model, tmp_path, simulate_oom, models):
+    calls = simulate_oom("always")
     with pytest.raises(OutOfMemory) as raised:
         run_job(check_request(wide_request(tiny_model, tmp_path / "out", mad_steps=1)), models=models)
     message = str(raised.value)
     assert "--view-batch 1" in message and "canvas size" in message
     assert message.endswith(".") and message.count(". ") == 0  # one sentence
-    assert job._test_oom_calls == 3  # full, half view batch, low: one failed UNet call each
+    assert len(calls) == 3  # full, half view batch, low: one failed UNet call each
     assert not (tmp_path / "out").exists() or not os.listdir(tmp_path / "out")
 
-    # The hook is gone once the job ends: the cached UNet works for the next job.
-    monkeypatch.delenv(job.TEST_OOM_VARIABLE)
+    # The failed attempts leave the cached model as it was: it works for the next job.
+    simulate_oom.stop()
     outputs = run_job(check_request(wide_request(tiny_model, tmp_path / "next")), models=models)
     assert os.path.exists(outputs["png"])
 
@@ -75,27 +98,39 @@ def test_other_errors_are_not_taken_for_out_of_memory(tiny_model, tmp_path, monk
     def broken(*args, **kwargs):
         raise RuntimeError("shape mismatch")
 
-    monkeypatch.setattr(job, "decode_canvas", broken)
+    monkeypatch.setattr(generation, "decode_canvas", broken)
     with pytest.raises(RuntimeError, match="shape mismatch"):
         run_job(check_request(wide_request(tiny_model, tmp_path / "out")), models=models)
-    assert job.is_out_of_memory(RuntimeError("MPS backend out of memory"), torch.device("mps"))
-    assert not job.is_out_of_memory(RuntimeError("MPS backend out of memory"), torch.device("cpu"))
+    assert is_out_of_memory(RuntimeError("MPS backend out of memory"), torch.device("mps"))
+    assert not is_out_of_memory(RuntimeError("MPS backend out of memory"), torch.device("cpu"))
 
 
-class OomWorker(Worker):
-    """The stdio worker with the test hook's variable set in its environment."""
+# The stdio worker, started after wrapping the UNet's forward so that it runs out of memory: MODE "first" on
+# the first call in the process only, "always" on every call.
+OUT_OF_MEMORY_WORKER = """
+import runpy, sys, torch
+from diffusers import UNet2DConditionModel
 
-    def __init__(self, mode: str, monkeypatch):
-        monkeypatch.setenv(job.TEST_OOM_VARIABLE, mode)  # Worker passes os.environ on
-        super().__init__()
+calls, forward = [], UNet2DConditionModel.forward
+
+def out_of_memory(self, *args, **kwargs):
+    calls.append(1)
+    if MODE == "always" or len(calls) == 1:
+        raise torch.OutOfMemoryError("simulated out of memory (" + MODE + ")")
+    return forward(self, *args, **kwargs)
+
+UNet2DConditionModel.forward = out_of_memory
+sys.argv = ["backend", "serve", "--stdio"]
+runpy.run_module("backend", run_name="__main__")
+"""
 
 
 @pytest.fixture
-def start_worker(monkeypatch):
+def start_worker():
     started = []
 
-    def start(mode):
-        started.append(OomWorker(mode, monkeypatch))
+    def start(mode: str):
+        started.append(Worker(["-c", f"MODE = {mode!r}" + OUT_OF_MEMORY_WORKER]))
         return started[-1]
 
     yield start

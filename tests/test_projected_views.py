@@ -16,10 +16,13 @@ from backend.engine.decode import decode_canvas, decode_pole_caps
 from backend.engine.denoiser import GuidedUNetDenoiser
 from backend.errors import BadRequest
 from backend.sphere.geometry import equirect_to_direction
-from backend.app.job import ModelCache, check_request, initial_noise, make_scheduler, request_views, run_job, view_prompt_rows
+from backend.engine.models import ModelCache
+from backend.app.job import check_request, run_job
+from backend.engine.generation import initial_noise, make_scheduler
+from backend.engine.resolve import view_prompt_rows
 from backend.analysis.metrics import cube_edge_ratios, pole_ratios, seam_ratio
 from backend.request import GenerateRequest
-from backend.engine.sampler import sample_canvas
+from backend.engine.sampler import Synchronisation, sample_canvas
 from backend.engine.sync.syncdiffusion import ring_anchor_indices
 from backend.engine.sync.tweedie import predicted_clean_latent, prediction_for_clean_latent
 from backend.sphere.view_sets import CanvasViews, canvas_views, pole_faces
@@ -110,8 +113,8 @@ def test_clean_fusion_of_crop_windows_is_noisy_fusion(model):
     canvas = Canvas("equirect", 16, 32)
     views = CanvasViews(canvas, canvas.crop_views(16, 8))
     noise = initial_noise(4, (1, 4, 16, 32), model.device, model.dtype)
-    results = [sample_canvas(_denoiser(model), make_scheduler("ddim", model.pipeline.scheduler.config), views, noise, 4, 3,
-                             fusion=fusion) for fusion in ("noisy", "clean")]
+    results = [sample_canvas(_denoiser(model), make_scheduler("ddim", model.pipeline.scheduler.config), views, noise,
+                             steps=4, view_batch=3, sync=Synchronisation(fusion)) for fusion in ("noisy", "clean")]
     torch.testing.assert_close(results[1], results[0], atol=1e-4, rtol=1e-4)
 
 
@@ -126,11 +129,12 @@ def test_clean_fusion_keeps_each_projected_views_own_noise(model):
         return _denoiser(model)(latents, timestep, indices)
 
     scheduler = make_scheduler("ddim", model.pipeline.scheduler.config)
-    latents = sample_canvas(denoiser, scheduler, views, noise, 2, 6, fusion="clean", projected_noise=own)
+    latents = sample_canvas(denoiser, scheduler, views, noise, steps=2, view_batch=6, sync=Synchronisation("clean"),
+                            projected_noise=own)
     assert torch.equal(seen[0], own)  # DDIM's init_noise_sigma is 1: the first input is the views' own noise
     assert latents.shape == (1, 4, 32, 64) and torch.isfinite(latents).all()
     with pytest.raises(ValueError, match="one noise latent per projected view"):
-        sample_canvas(denoiser, scheduler, views, noise, 2, 6, fusion="clean")
+        sample_canvas(denoiser, scheduler, views, noise, steps=2, view_batch=6, sync=Synchronisation("clean"))
 
 
 def test_each_ring_anchors_its_view_facing_yaw_zero_and_the_poles_are_left_to_fusion():
@@ -154,19 +158,19 @@ def _request(tiny_model, tmp_path, **settings):
 
 def test_the_default_view_set_is_band_and_poles_where_it_fits(tiny_model, tmp_path):
     # 32 latent rows: rows 5..27 lie between ±60°, 22 rows, enough for a 16-latent window but not a 32 one.
-    request = _request(tiny_model, tmp_path)
-    assert check_request(request).request.views == "band+poles" and request.resolved_fusion == "clean"
-    request = _request(tiny_model, tmp_path, window=32)
-    assert check_request(request).request.views == "band" and request.resolved_fusion == "noisy"
+    resolved = check_request(_request(tiny_model, tmp_path)).resolved
+    assert resolved.params.views == "band+poles" and resolved.fusion == "clean"
+    resolved = check_request(_request(tiny_model, tmp_path, window=32)).resolved
+    assert resolved.params.views == "band" and resolved.fusion == "noisy"
     with pytest.raises(BadRequest, match="band\\+poles needs a canvas"):
         check_request(_request(tiny_model, tmp_path, window=32, views="band+poles"))
 
 
 def test_per_direction_prompts_go_to_the_views_looking_up_and_down(tiny_model, tmp_path, model):
     request = _request(tiny_model, tmp_path, views="ring", prompt_up="blue sky", prompt_down="red sand")
-    checked = check_request(request)
-    views = request_views(checked.request, 8)
-    prompts, rows = view_prompt_rows(request, views)
+    resolved = check_request(request).resolved
+    views, prompts, rows = resolved.views, list(resolved.prompts), list(resolved.prompt_rows)
+    assert view_prompt_rows(resolved.params, views) == (prompts, rows)  # decided once, at check time
     assert prompts == ["a canyon", "a canyon, blue sky", "a canyon, red sand"]
     assert {views.labels[index]: prompts[row] for index, row in enumerate(rows) if row} == {
         "U": "a canyon, blue sky", "D": "a canyon, red sand"}
@@ -225,7 +229,7 @@ def test_the_default_view_set_has_no_seam_edge_or_pole_discontinuity(tiny_model,
     # below). benchmarks/bench_view_sets.py measures 8 seeds.
     request = _request(tiny_model, tmp_path, width=1024, height=512, window=None, stride=None, steps=10)
     outputs = run_job(check_request(request), models=models)
-    assert request.views == "band+poles"
+    assert json.loads(open(outputs["metadata"]).read())["view_set"] == "band+poles"
     image = np.asarray(Image.open(outputs["png"]))
     assert seam_ratio(image, 1) <= 1.2
     assert max(cube_edge_ratios(image).values()) <= 1.2

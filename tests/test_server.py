@@ -18,9 +18,10 @@ TIMEOUT = 120
 class Worker:
     """A real ``python -m backend serve --stdio`` subprocess with a line reader on a thread."""
 
-    def __init__(self):
+    def __init__(self, command: list[str] | None = None):
+        """command: the Python arguments that start the worker (default ``-m backend serve --stdio``)."""
         self.process = subprocess.Popen(
-            [sys.executable, "-m", "backend", "serve", "--stdio"], cwd=REPO, text=True, bufsize=1,
+            [sys.executable, *(command or ["-m", "backend", "serve", "--stdio"])], cwd=REPO, text=True, bufsize=1,
             stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
             env={**os.environ, "PYTHONPATH": REPO, "HF_HUB_OFFLINE": "1"},
         )

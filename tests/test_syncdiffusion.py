@@ -13,11 +13,13 @@ from backend.sphere.canvas import Canvas
 from backend.app.cli import main
 from backend.engine.decode import decode_canvas
 from backend.engine.denoiser import GuidedUNetDenoiser
-from backend.app.job import ModelCache, check_request, gradient_checkpointing, initial_noise, make_scheduler, run_job
+from backend.engine.models import ModelCache
+from backend.app.job import check_request, run_job
+from backend.engine.generation import gradient_checkpointing, initial_noise, make_scheduler
 from backend.analysis.metrics import intra_lpips, non_overlapping_crops
 from backend.engine.perceptual import load_perceptual_loss
 from backend.request import GenerateRequest
-from backend.engine.sampler import sample_canvas
+from backend.engine.sampler import Synchronisation, sample_canvas
 from backend.engine.sync.syncdiffusion import SyncDiffusionGuidance, anchor_view_index, ring_anchor_indices
 from backend.engine.sync.tweedie import predicted_clean_latent
 from backend.sphere.view_sets import CanvasViews
@@ -89,7 +91,8 @@ def test_weight_zero_is_multidiffusion_bit_for_bit(parts):
     results = []
     for guide in (None, guidance(parts, weight=0.0, anchors=[anchor_view_index(canvas, views.crops)] * len(views))):
         scheduler = make_scheduler("ddim", model.pipeline.scheduler.config)
-        results.append(sample_canvas(denoiser, scheduler, views, noise, 3, 2, guidance=guide))
+        results.append(sample_canvas(denoiser, scheduler, views, noise, steps=3, view_batch=2,
+                                     sync=Synchronisation(guidance=guide)))
     assert torch.equal(results[0], results[1])
 
 

@@ -10,9 +10,11 @@ from diffusers import DDIMScheduler, EulerDiscreteScheduler, LCMScheduler
 
 from backend.sphere.canvas import Canvas
 from backend.engine.denoiser import GuidedUNetDenoiser
-from backend.app.job import ModelCache, check_request, initial_noise, make_scheduler
+from backend.engine.models import ModelCache
+from backend.app.job import check_request
+from backend.engine.generation import initial_noise, make_scheduler
 from backend.request import GenerateRequest
-from backend.engine.sampler import sample_canvas
+from backend.engine.sampler import Synchronisation, sample_canvas
 from backend.engine.sync.syncsde import DEFAULT_STRENGTH, SyncSDE, score_step_gain
 from backend.sphere.view_sets import CanvasViews, canvas_views
 
@@ -50,7 +52,8 @@ def run(model, denoiser, views, strength, closed_loop=True, compose="paper", ste
     noise = initial_noise(seed, (1, 4, views.canvas.height, views.canvas.width), model.device, model.dtype)
     if isinstance(scheduler, str):
         scheduler = make_scheduler(scheduler, model.pipeline.scheduler.config)
-    latents = sample_canvas(denoiser, scheduler, views, noise, steps, view_batch, fusion="own", synchroniser=sde)
+    latents = sample_canvas(denoiser, scheduler, views, noise, steps=steps, view_batch=view_batch,
+                            sync=Synchronisation("own", synchroniser=sde))
     return latents, sde
 
 
@@ -115,7 +118,7 @@ def test_the_chain_runs_row_by_row_and_closes_around_the_wraps():
 
 def test_bad_settings_are_one_sentence():
     views = crop_views("wide", 16, 32)
-    with pytest.raises(ValueError, match="strength lambda must be a number >= 0"):
+    with pytest.raises(ValueError, match="--syncsde-lambda must be a number >= 0"):
         SyncSDE(views, -1.0)
     with pytest.raises(ValueError, match="Unknown SyncSDE composition 'median'"):
         SyncSDE(views, 1.0, compose="median")
@@ -131,7 +134,7 @@ def test_lambda_zero_is_independent_sampling(model, denoiser):
         alone = Canvas("wide", WINDOW, WINDOW)
         single = CanvasViews(alone, alone.crop_views(WINDOW, WINDOW))
         scheduler = make_scheduler("ddim", model.pipeline.scheduler.config)
-        expected = sample_canvas(denoiser, scheduler, single, views.canvas.read(noise, [crop]), STEPS, 1)
+        expected = sample_canvas(denoiser, scheduler, single, views.canvas.read(noise, [crop]), steps=STEPS, view_batch=1)
         assert torch.equal(sde.final_views[index : index + 1], expected)
 
 
@@ -197,8 +200,8 @@ def test_projected_view_sets_run(model, denoiser, name):
 
     def sample(strength):
         scheduler = make_scheduler("ddim", model.pipeline.scheduler.config)
-        return sample_canvas(denoiser, scheduler, views, noise, 3, 8, fusion="own", projected_noise=own,
-                             synchroniser=Recording(views, strength))
+        return sample_canvas(denoiser, scheduler, views, noise, steps=3, view_batch=8, projected_noise=own,
+                             sync=Synchronisation("own", synchroniser=Recording(views, strength)))
 
     latents = sample(DEFAULT_STRENGTH)
     assert latents.shape == (1, 4, 32, 64) and torch.isfinite(latents).all()

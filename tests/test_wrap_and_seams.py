@@ -14,7 +14,9 @@ from PIL import Image
 from backend.sphere.canvas import Canvas
 from backend.engine.decode import decode_canvas
 from backend.engine.denoiser import GuidedUNetDenoiser
-from backend.app.job import ModelCache, check_request, initial_noise, make_scheduler, run_job
+from backend.engine.models import ModelCache
+from backend.app.job import check_request, run_job
+from backend.engine.generation import initial_noise, make_scheduler
 from backend.analysis.metrics import seam_ratio
 from backend.request import GenerateRequest
 from backend.engine.sampler import sample_canvas
@@ -35,7 +37,6 @@ def test_wrapped_edges_differ_no_more_than_neighbouring_lines(tiny_model, tmp_pa
 @pytest.fixture(scope="module")
 def denoiser_and_model(tiny_model):
     request = GenerateRequest(prompt="a pine forest", model=tiny_model, device="cpu", out="/nonexistent-unused")
-    request.validate()
     model = ModelCache().get(check_request(request))
     prompt_embeds, negative_embeds = model.pipeline.encode_prompt("a pine forest", model.device, 1, True, None)
     return GuidedUNetDenoiser(model.pipeline.unet, prompt_embeds, negative_embeds, 7.5), model
@@ -48,7 +49,7 @@ def _sample_shifted(denoiser, model, kind, height, width, shift):
     results = []
     for initial in (noise, torch.roll(noise, shift, dims=(2, 3))):
         scheduler = make_scheduler("ddim", model.pipeline.scheduler.config)
-        results.append(sample_canvas(denoiser, scheduler, views, initial, STEPS, 4))
+        results.append(sample_canvas(denoiser, scheduler, views, initial, steps=STEPS, view_batch=4))
     return canvas, results
 
 

@@ -9,12 +9,11 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
-import os
 import sys
 
 from .. import __version__
 from ..errors import SyncSphereError
-from .command_errors import one_sentence_errors
+from .file_commands import FILE_COMMANDS, add_file_commands, add_lighting_arguments, run_file_command
 from .models_cli import add_models_command, run_models_command
 from ..request import (
     DEFAULT_MODEL,
@@ -29,7 +28,6 @@ from ..request import (
     SYNC_METHODS,
     SYNCSDE_COMPOSE,
     DEFAULT_SYNCSDE_LAMBDA,
-    DEFAULT_SUN_RATIO,
     VIEW_SETS,
     GenerateRequest,
 )
@@ -45,7 +43,17 @@ def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="python -m backend", description="SyncSphere's generation engine.")
     parser.add_argument("--version", action="version", version=f"SyncSphere backend {__version__}")
     commands = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+    _add_generate_command(commands)
+    _add_serve_command(commands)
+    add_file_commands(commands)
+    commands.add_parser("info", help="print the device, dtype and package versions",
+                        description="Print the device and dtype --device auto would pick, and package versions, as JSON.")
+    add_models_command(commands)
+    return parser
 
+
+def _add_generate_command(commands) -> None:
+    """``generate``: every flag of a ``GenerateRequest`` (``request_from_args``)."""
     generate = commands.add_parser(
         "generate",
         help="generate a panorama, 360° equirect or tileable image",
@@ -73,19 +81,7 @@ def build_parser() -> argparse.ArgumentParser:
         help=f"sampler: {', '.join(SCHEDULERS)} or any diffusers scheduler class name (default auto: the model's own "
              "scheduler for few-step models (LCM, trailing-spaced Turbo), DDIM otherwise)",
     )
-    generate.add_argument("--model", default=DEFAULT_MODEL, help=f"hub id, local diffusers folder or .safetensors file (default {DEFAULT_MODEL})")
-    generate.add_argument("--model-config", help="for a single-file checkpoint: a diffusers folder or hub id whose configs describe it "
-                          "(default: inferred by diffusers and fetched from the hub cache)")
-    generate.add_argument("--lora", help="LoRA weights to fuse into the model: a .safetensors file, a folder or a hub id "
-                          "(e.g. latent-consistency/lcm-lora-sdv1-5 with --scheduler lcm --steps 4 --guidance 1)")
-    generate.add_argument("--lora-scale", type=float, default=1.0, help="strength of the --lora weights (default 1)")
-    generate.add_argument("--device", default="auto", help="auto (cuda, then mps, then cpu), cpu, cuda, cuda:N or mps")
-    generate.add_argument("--dtype", default="auto", metavar="{" + ",".join(DTYPES) + "}",
-                          help="auto: float16 on GPUs, float32 on the CPU")
-    generate.add_argument("--memory", default="auto", choices=MEMORY_MODES,
-                          help="full: everything on the device at once; low: models kept in CPU memory and moved to the "
-                          "GPU stage by stage, view batch 1 (MAD off) and a strip-wise VAE decode (the same image with "
-                          "less memory); auto (default): full when the device's free memory holds the job, else low")
+    _add_model_arguments(generate)
     generate.add_argument("--out", required=True, help="output folder for panorama.png, panorama.exr and metadata.json (equirect: "
                           "also the cube map face_F.png … face_D.png, cubemap_dice.png, cubemap_horizon.png, and unless "
                           "--no-hdr panorama_sky.exr and lighting.json)")
@@ -101,78 +97,34 @@ def build_parser() -> argparse.ArgumentParser:
         "and lighting.json beside it (docs/engine.md, \"HDR lighting\").")
     lighting.add_argument("--no-hdr", action="store_true",
                           help="write panorama.exr as the plain linearised image, without panorama_sky.exr and lighting.json")
-    _add_lighting_arguments(lighting, generation=True)
+    add_lighting_arguments(lighting, generation=True)
 
+
+def _add_model_arguments(generate: argparse.ArgumentParser) -> None:
+    """The model, its LoRA, and where and how it runs: --model … --memory."""
+    generate.add_argument("--model", default=DEFAULT_MODEL, help=f"hub id, local diffusers folder or .safetensors file (default {DEFAULT_MODEL})")
+    generate.add_argument("--model-config", help="for a single-file checkpoint: a diffusers folder or hub id whose configs describe it "
+                          "(default: inferred by diffusers and fetched from the hub cache)")
+    generate.add_argument("--lora", help="LoRA weights to fuse into the model: a .safetensors file, a folder or a hub id "
+                          "(e.g. latent-consistency/lcm-lora-sdv1-5 with --scheduler lcm --steps 4 --guidance 1)")
+    generate.add_argument("--lora-scale", type=float, default=1.0, help="strength of the --lora weights (default 1)")
+    generate.add_argument("--device", default="auto", help="auto (cuda, then mps, then cpu), cpu, cuda, cuda:N or mps")
+    generate.add_argument("--dtype", default="auto", metavar="{" + ",".join(DTYPES) + "}",
+                          help="auto: float16 on GPUs, float32 on the CPU")
+    generate.add_argument("--memory", default="auto", choices=MEMORY_MODES,
+                          help="full: everything on the device at once; low: models kept in CPU memory and moved to the "
+                          "GPU stage by stage, view batch 1 (MAD off) and a strip-wise VAE decode (the same image with "
+                          "less memory); auto (default): full when the device's free memory holds the job, else low")
+
+
+def _add_serve_command(commands) -> None:
+    """``serve --stdio``: the worker Blender talks to (``server.serve_stdio``)."""
     serve = commands.add_parser(
         "serve", help="run the worker Blender talks to (JSON lines on stdin/stdout)",
         description="Run the long-lived worker: protocol requests on stdin, events on stdout (docs/protocol.md). "
         "It never opens a network port.",
     )
     serve.add_argument("--stdio", action="store_true", required=True, help="talk over stdin/stdout (the only transport)")
-
-    cubemap = commands.add_parser(
-        "cubemap", help="cut a 360° equirect image into six cube faces and a cross",
-        description="Cut a 2:1 equirectangular panorama into the six cube faces face_F, face_R, face_B, face_L, "
-        "face_U, face_D and the cross cubemap_dice (py360convert's orientation and layout), written into --out: "
-        "float EXRs for an .exr panorama, 8-bit PNGs for a .png one.",
-    )
-    cubemap.add_argument("panorama", help="the equirectangular image, .exr (linear) or .png")
-    cubemap.add_argument("--out", required=True, help="output folder for the face and cross images")
-    cubemap.add_argument("--face-size", type=int, help="width and height of each face in px (default: the panorama's width / 4)")
-    cubemap.add_argument("--overwrite", action="store_true", help="replace existing cube map files in --out")
-
-    view = commands.add_parser(
-        "view", help="render a perspective view of a 360° equirect image",
-        description="Render a square perspective view of a 2:1 equirectangular panorama into the file --out "
-        "(docs/engine.md, \"Sphere geometry\"): a float EXR for an .exr panorama, an 8-bit PNG for a .png one. "
-        "Angles in degrees: yaw positive turns right, pitch positive looks up, roll positive banks right "
-        "(the scene turns counter-clockwise in the picture); yaw 0, pitch 0 looks at the image centre.",
-    )
-    view.add_argument("panorama", help="the equirectangular image, .exr (linear) or .png")
-    view.add_argument("--yaw", type=float, required=True, help="degrees to the right of the image centre")
-    view.add_argument("--pitch", type=float, required=True, help="degrees above the horizon")
-    view.add_argument("--roll", type=float, default=0.0, help="degrees the camera banks right, clockwise about its view axis (default 0)")
-    view.add_argument("--fov", type=float, required=True, help="field of view in degrees, horizontal and vertical, between 0 and 180")
-    view.add_argument("--size", type=int, required=True, help="width and height of the view in px")
-    view.add_argument("--out", required=True, help="the image file to write, with the panorama's extension")
-    view.add_argument("--overwrite", action="store_true", help="replace an existing --out file")
-
-    hdr = commands.add_parser(
-        "hdr", help="turn a 360° equirect image into HDR lighting: panorama.exr, panorama_sky.exr, lighting.json",
-        description="Linearise a 2:1 equirectangular panorama, find its light sources (compact near-saturated regions "
-        "on the sphere) and expand them into HDR emitters: the sun's irradiance on a plane facing it becomes --sun-ratio "
-        "times the rest of the sky's. Writes panorama.exr (HDR), panorama_sky.exr (the sky without the emitters) and "
-        "lighting.json (the sources: direction, size, colour, radiance, irradiance) into --out (docs/engine.md, "
-        "\"HDR lighting\").",
-    )
-    hdr.add_argument("panorama", help="the equirectangular image: .png (8-bit sRGB) or .exr (linear)")
-    hdr.add_argument("--out", required=True, help="output folder for panorama.exr, panorama_sky.exr and lighting.json")
-    hdr.add_argument("--overwrite", action="store_true", help="replace existing files of those names in --out")
-    _add_lighting_arguments(hdr, generation=False)
-
-    metrics = commands.add_parser(
-        "metrics", help="measure an image's coherence (Intra-LPIPS, Intra-Style-L) and wrap seams",
-        description="Measure SyncDiffusion's coherence metrics of a finished image: Intra-LPIPS and Intra-Style-L "
-        "(mean LPIPS-VGG and Gram-matrix style loss over all pairs of non-overlapping square crops; lower is more "
-        "coherent), the wrap seam ratios, and for equirect the same metrics on the four horizon cube faces plus the "
-        "seam ratios of the 12 cube-face edges and of the two poles. "
-        "Prints JSON on stdout (docs/metrics.md).",
-    )
-    metrics.add_argument("image", help="the image, .png or .exr (linear; sRGB-encoded before measuring)")
-    metrics.add_argument("--layout", required=True, choices=LAYOUTS,
-                         help="wide: planar panorama; equirect: 2:1 360° image (seam in x, horizon faces, cube edges, poles); "
-                         "tile: wraps in x and y")
-    metrics.add_argument("--window-px", type=int, help="crop size in px (default: the height for wide, half the height "
-                         "for equirect and tile)")
-    metrics.add_argument("--backbone", default="auto", choices=SYNC_LOSS_BACKBONES,
-                         help="the loss networks' trunks: auto (ImageNet weights when cached or downloadable, default), "
-                         "pretrained (fail without them) or random (numbers comparable only to each other)")
-    metrics.add_argument("--json", metavar="FILE", help="also write the results as JSON to FILE")
-
-    commands.add_parser("info", help="print the device, dtype and package versions",
-                        description="Print the device and dtype --device auto would pick, and package versions, as JSON.")
-    add_models_command(commands)
-    return parser
 
 
 def _add_view_arguments(generate: argparse.ArgumentParser) -> None:
@@ -188,23 +140,6 @@ def _add_view_arguments(generate: argparse.ArgumentParser) -> None:
                             "clean when projected views take part")
     views.add_argument("--prompt-up", default="", help="equirect only: added to the prompt of views looking up (the sky)")
     views.add_argument("--prompt-down", default="", help="equirect only: added to the prompt of views looking down (the ground)")
-
-
-def _add_lighting_arguments(parser, generation: bool) -> None:
-    """--exposure, --sun-ratio, --sun-strength, --sun-direction and --half, for ``generate`` and ``hdr``."""
-    parser.add_argument("--exposure", type=float, default=0.0, metavar="EV",
-                        help="scale the linear image by 2^EV (default 0)")
-    parser.add_argument("--sun-ratio", type=float, default=DEFAULT_SUN_RATIO, metavar="R",
-                        help=f"the sun's irradiance on a plane facing it over the rest of the sky's, > 0 (default "
-                             f"{DEFAULT_SUN_RATIO:g}; clear days are about 3-10)")
-    parser.add_argument("--sun-strength", type=float, metavar="S",
-                        help="the sun's irradiance in the EXR's units instead (a uniform sky of 1 gives pi); overrides --sun-ratio")
-    where = "; the views that see it also get \"the sun\" in their prompt" if generation else ""
-    parser.add_argument("--sun-direction", metavar="YAW,PITCH",
-                        help="degrees (yaw right of the image centre, pitch above the horizon) where the sun is: the "
-                             f"light source found near it, or one placed there with a warning{where}; write "
-                             "--sun-direction=-30,20 for a negative yaw")
-    parser.add_argument("--half", action="store_true", help="write half-float EXRs instead of float32")
 
 
 def _add_mad_arguments(generate: argparse.ArgumentParser) -> None:
@@ -270,76 +205,11 @@ def main(argv: list[str] | None = None) -> int:
         from .server import serve_stdio
 
         return serve_stdio()
-    if args.command == "cubemap":
-        return _cubemap(args)
-    if args.command == "view":
-        return _view(args)
-    if args.command == "hdr":
-        return _hdr(args)
-    if args.command == "metrics":
-        return _metrics(args)
+    if args.command in FILE_COMMANDS:
+        return run_file_command(args)
     if args.command == "models":
         return run_models_command(args)
     return _generate(args)
-
-
-def _cubemap(args: argparse.Namespace) -> int:
-    from ..products.cubemap import write_cubemap
-
-    def work() -> int:
-        paths = write_cubemap(args.panorama, args.out, face_size=args.face_size, overwrite=args.overwrite)
-        print(f"wrote {', '.join(paths)} into {os.path.abspath(os.path.expanduser(args.out))}", file=sys.stderr)
-        return 0
-
-    return one_sentence_errors(work, "Interrupted; nothing was written.")
-
-
-def _view(args: argparse.Namespace) -> int:
-    from ..products.perspective_view import render_view
-
-    def work() -> int:
-        path = render_view(args.panorama, args.out, yaw=args.yaw, pitch=args.pitch, roll=args.roll, fov=args.fov,
-                           size=args.size, overwrite=args.overwrite)
-        print(f"wrote {path}", file=sys.stderr)
-        return 0
-
-    return one_sentence_errors(work, "Interrupted; nothing was written.")
-
-
-def _hdr(args: argparse.Namespace) -> int:
-    from ..products.hdr import write_hdr
-
-    def work() -> int:
-        paths = write_hdr(args.panorama, args.out, exposure=args.exposure, sun_ratio=args.sun_ratio,
-                          sun_strength=args.sun_strength, sun_direction=args.sun_direction, half=args.half,
-                          overwrite=args.overwrite)
-        print(f"wrote {', '.join(paths)} into {os.path.abspath(os.path.expanduser(args.out))}", file=sys.stderr)
-        return 0
-
-    return one_sentence_errors(work, "Interrupted; nothing was written.")
-
-
-def _metrics(args: argparse.Namespace) -> int:
-    from ..errors import BadRequest
-    from ..analysis.metrics import measure, read_image
-
-    def work() -> int:
-        target = os.path.abspath(os.path.expanduser(args.json)) if args.json else None
-        if target and not os.path.isdir(os.path.dirname(target)):
-            raise BadRequest(f"The folder of --json {target} does not exist.")
-        image = read_image(args.image)
-        results = measure(image, args.layout, window_px=args.window_px, backbone=args.backbone)  # checks, then loads
-        text = json.dumps(results, indent=2)
-        if target:
-            try:
-                with open(target, "w", encoding="utf-8") as f:
-                    f.write(text + "\n")
-            except OSError as error:
-                raise BadRequest(f"Could not write --json {target} ({error.strerror or error}).") from None
-        print(text)
-        return 0
-
-    return one_sentence_errors(work, "Interrupted.")
 
 
 def _generate(args: argparse.Namespace) -> int:

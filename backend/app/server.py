@@ -28,7 +28,7 @@ class StdioServer:
         self.jobs: queue.Queue = queue.Queue()
         self.cancelled: set[str] = set()
         self.stopping = threading.Event()
-        self.models = None  # a job.ModelCache, created by the worker (it imports torch)
+        self.models = None  # an engine.models.ModelCache, created by the worker (it imports torch)
 
     def send(self, event: dict) -> None:
         """Write one event line and flush it, whole, even when two threads send at once."""
@@ -96,7 +96,8 @@ class StdioServer:
                 self.cancelled.discard(job)
 
     def _generate(self, job: str, request: dict) -> dict:
-        from .job import ModelCache, check_request, run_job
+        from ..engine.models import ModelCache
+        from .job import check_request, run_job
         from ..request import GenerateRequest
 
         if "out" in request["params"]:

@@ -28,6 +28,7 @@ records the plan under "memory" (``MemoryPlan.to_dict``).
 from __future__ import annotations
 
 import dataclasses
+import gc
 from dataclasses import dataclass
 
 import torch
@@ -165,10 +166,50 @@ def free_memory_bytes(device: torch.device) -> int | None:
     return psutil.virtual_memory().available
 
 
-def plan_request(request: GenerateRequest, plan: MemoryPlan) -> GenerateRequest:
-    """A copy of ``request`` with the plan's view batch (the request keeps the batch asked for); a ``low``
-    plan also turns MAD off, since merged attention runs every view in one UNet batch."""
-    return dataclasses.replace(request, view_batch=plan.view_batch, mad_steps=0 if plan.mode == "low" else request.mad_steps)
+def memory_attempts(request: GenerateRequest, plan: MemoryPlan, device: torch.device) -> list[tuple[str, MemoryPlan]]:
+    """The attempts a job makes when the device runs out of memory, in order, as (name, memory plan): "full"
+    or "low", the ``plan`` as given; after a full plan with a view batch above 1, "half view batch"; after a
+    full plan, "low" (``low_plan``: view batch 1, MAD off, as merged attention runs every view in one UNet
+    batch). Each attempt runs ``request`` from the same seed (``resolve.for_memory_plan``)."""
+    attempts = [(plan.mode, plan)]
+    if plan.mode == "full" and plan.view_batch > 1:
+        attempts.append(("half view batch", dataclasses.replace(plan, view_batch=max(1, plan.view_batch // 2),
+                                                                reason="out of memory")))
+    if plan.mode == "full":
+        low = low_plan(request, device, "out of memory")
+        attempts.append(("low", dataclasses.replace(low, free_bytes=plan.free_bytes,
+                                                    estimated_full_bytes=plan.estimated_full_bytes)))
+    return attempts
+
+
+def is_out_of_memory(error: BaseException, device: torch.device) -> bool:
+    """Whether ``error`` is ``device`` running out of memory: torch.OutOfMemoryError (CUDA and the CPU
+    allocator), or on Apple's MPS the plain RuntimeError whose message says "out of memory"."""
+    if isinstance(error, torch.OutOfMemoryError):
+        return True
+    return device.type == "mps" and type(error) is RuntimeError and "out of memory" in str(error).lower()
+
+
+def release_memory(device: torch.device) -> None:
+    """Free what a failed attempt held: collect its reference cycles, then return the device's cached
+    blocks to the driver so the next attempt can allocate them."""
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+    elif device.type == "mps":
+        torch.mps.empty_cache()
+
+
+def out_of_memory_message(request: GenerateRequest, device: torch.device, dtype: torch.dtype) -> str:
+    """The one sentence of the OutOfMemory a job raises after its last attempt (``request``, the parameters
+    it ran with on ``device`` in ``dtype``) failed too."""
+    advice = "lower the canvas size (--width, --height) or --window"
+    if device.type != "cpu" and dtype != torch.float16:
+        advice += ", or use --dtype float16"
+    if request.sync == "syncdiffusion":
+        advice += ", or add --sync-checkpointing or --sync-decoder taesd for SyncDiffusion's gradient pass"
+    return (f"The {device} device ran out of memory even with --view-batch {request.view_batch} "
+            f"and MAD off; {advice}.")
 
 
 class StagePlacement:

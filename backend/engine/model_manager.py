@@ -24,7 +24,7 @@ the missing files of a partial entry; a completed download deletes such leftover
 - ``LCM``: the scheduler config's ``_class_name`` is ``LCMScheduler``, or the UNet config has a
   ``time_cond_proj_dim`` (a guidance-distilled Latent Consistency Model);
 - ``Turbo``: the scheduler's ``timestep_spacing`` is ``trailing`` (how SD-Turbo and SDXL-Turbo ship, and
-  what ``job.make_scheduler`` treats as a few-step model);
+  what ``generation.make_scheduler`` treats as a few-step model);
 - ``SDXL``: ``model_index.json``'s ``_class_name`` contains ``XL``, it names a ``text_encoder_2``, or the
   UNet's ``addition_embed_type`` is ``text_time`` or its ``cross_attention_dim`` is 2048;
 - ``SD2``: the UNet's ``cross_attention_dim`` is 1024 (OpenCLIP ViT-H);
@@ -639,23 +639,9 @@ def download_model(
     cache_dir, endpoint = _cache_dir(cache_dir), _endpoint(endpoint)
     if _offline():
         return _from_cache_or_raise(model_id, cache_dir, revision, offline=True)
-    from huggingface_hub import HfApi, hf_hub_download, try_to_load_from_cache
-
     fetch = dict(cache_dir=cache_dir, endpoint=endpoint, token=token)
     try:
-        info = HfApi(endpoint=endpoint, token=token).model_info(model_id, revision=revision, files_metadata=True)
-        sizes = {sibling.rfilename: sibling.size or 0 for sibling in info.siblings or []}
-        if "model_index.json" not in sizes:
-            raise BadRequest(
-                f"The hub repo {model_id} is not a diffusers model (it has no model_index.json); download its "
-                ".safetensors checkpoint and pass it with --model PATH."
-            )
-        # model_index.json by branch name, so the cache records which commit the branch points to (refs/main),
-        # which is how the engine finds the model offline; every other file by that commit, so all of them
-        # come from one snapshot.
-        index_was_cached = isinstance(try_to_load_from_cache(model_id, "model_index.json", cache_dir=cache_dir,
-                                                             revision=info.sha), str)
-        index_path = hf_hub_download(model_id, "model_index.json", revision=revision, **fetch)
+        sizes, index_path, index_was_cached = _hub_listing(model_id, revision, fetch)
     except Exception as error:
         _raise_unless_unreachable(model_id, error)
         try:
@@ -663,7 +649,6 @@ def download_model(
         except ModelNotFound as not_cached:
             raise not_cached from error
     snapshot = os.path.dirname(index_path)
-    commit = os.path.basename(snapshot)
     model_index = _read_json(index_path) or {}
     files = select_engine_files(sizes, model_index, fp16, model_id)
     cached = {name for name in files if os.path.exists(os.path.join(snapshot, *name.split("/")))}
@@ -676,13 +661,36 @@ def download_model(
         tally.current = name
         tally.report()
         before = tally.done
-        _fetch_file(model_id, name, commit, bar_class, fetch)
+        _fetch_file(model_id, name, os.path.basename(snapshot), bar_class, fetch)
         if sizes[name]:
             tally.done = before + sizes[name]  # exact even if a retry re-sent bytes
     tally.current = None
     tally.report()
     _remove_stale_partial_files(cache_dir, model_id)
     return DownloadResult(model_id, snapshot, files, tally.total, tally.fetched, check_model_folder(snapshot).variant)
+
+
+def _hub_listing(model_id: str, revision: str | None, fetch: dict) -> tuple[dict[str, int], str, bool]:
+    """Ask the hub what ``model_id`` holds at ``revision`` and fetch its model_index.json: returns ({file
+    name: size in bytes}, the cached model_index.json's path, whether it was cached already). ``fetch``: the
+    cache_dir, endpoint and token. Raises BadRequest for a repo that is not a diffusers model, and the hub's
+    or the network's own errors (``download_model`` words them)."""
+    from huggingface_hub import HfApi, hf_hub_download, try_to_load_from_cache
+
+    info = HfApi(endpoint=fetch["endpoint"], token=fetch["token"]).model_info(model_id, revision=revision,
+                                                                             files_metadata=True)
+    sizes = {sibling.rfilename: sibling.size or 0 for sibling in info.siblings or []}
+    if "model_index.json" not in sizes:
+        raise BadRequest(
+            f"The hub repo {model_id} is not a diffusers model (it has no model_index.json); download its "
+            ".safetensors checkpoint and pass it with --model PATH."
+        )
+    # model_index.json by branch name, so the cache records which commit the branch points to (refs/main),
+    # which is how the engine finds the model offline; every other file by that commit, so all of them come
+    # from one snapshot.
+    index_was_cached = isinstance(try_to_load_from_cache(model_id, "model_index.json", cache_dir=fetch["cache_dir"],
+                                                         revision=info.sha), str)
+    return sizes, hf_hub_download(model_id, "model_index.json", revision=revision, **fetch), index_was_cached
 
 
 def _remove_stale_partial_files(cache_dir: str, model_id: str) -> None:

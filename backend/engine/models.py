@@ -328,3 +328,29 @@ def load_tiny_autoencoder(spec: str, device: torch.device, dtype: torch.dtype, l
 def _first_line(error: Exception) -> str:
     text = str(error).strip().splitlines()
     return (text[0] if text else type(error).__name__).rstrip(".") + "."
+
+
+class ModelCache:
+    """Keeps the last loaded model so consecutive jobs with the same model skip loading (the server)."""
+
+    def __init__(self):
+        self._key = None
+        self._model: LoadedModel | None = None
+
+    def get(self, request) -> LoadedModel:
+        """The model of ``request`` (a ``resolve.CheckedRequest`` or ``ResolvedRequest``: its source, lora,
+        device, dtype and params): the cached one when source, device, dtype and config match, else loaded
+        (with the LoRA fused in). Raises ModelNotFound with one sentence."""
+        params = request.params
+        key = (request.source, request.device, request.dtype, params.allow_pickle, params.model_config,
+               request.lora, params.lora_scale)
+        if key != self._key:
+            self._model = None  # release the old model before loading the next one
+            # A low-memory job on a GPU loads the models into CPU memory; each stage moves in what it runs.
+            on_device = params.memory != "low" or request.device.type == "cpu"
+            self._model = load_model(request.source, request.device, request.dtype, params.allow_pickle,
+                                     params.model_config, place_on_device=on_device)
+            if request.lora is not None:
+                fuse_lora(self._model, request.lora, params.lora_scale)
+            self._key = key
+        return self._model

@@ -10,6 +10,7 @@ job, so the loop never knows whether a terminal or Blender watches.
 from __future__ import annotations
 
 import copy
+from dataclasses import dataclass
 from typing import Callable, Optional
 
 import torch
@@ -22,45 +23,76 @@ from ..sphere.view_sets import CanvasViews
 # report(stage, step, total, preview_latent) -> True to stop the job before the next step.
 StepReport = Callable[[str, int, int, Optional[torch.Tensor]], Optional[bool]]
 
+FUSIONS = ("noisy", "clean", "own")
+"""What ``Synchronisation.fusion`` may be (``request.GenerateRequest.resolved_fusion`` decides it)."""
+
+
+@dataclass(frozen=True)
+class Synchronisation:
+    """How the loop makes its views one image: what is fused on the canvas, and the strategies that act.
+
+    fusion: "noisy" averages the views' x_{t-1} on the canvas every step (MultiDiffusion); "clean" averages
+        their x0 and lets each view keep its own x_t (``sync/multidiffusion.py``, SyncTweedies); "own": each
+        view keeps its own x_t and nothing is averaged: ``synchroniser`` ties them (it is required then, and
+        only then).
+    guidance: SyncDiffusion (``sync/syncdiffusion.py``): the pull towards the anchor views before the steps it
+        guides; works with every fusion.
+    synchroniser: SyncSDE (``sync/syncsde.py``): after every step ``synchronise(previous, stepped, predictions,
+        timestep, step_index, scheduler)`` returns the views' new x_{t-1} and ``compose(view_latents)`` the canvas.
+    merged_attention: MAD (``sync/mad.py``): ``begin_step(step_index)`` first thing every step; while
+        ``active`` the denoiser sees every view in one batch, so merged attention merges them all.
+
+    Raises ValueError for a combination that cannot run (an unknown fusion, "own" without a synchroniser, a
+    synchroniser with another fusion).
+    """
+
+    fusion: str = "noisy"
+    guidance: SyncDiffusionGuidance | None = None
+    synchroniser: object | None = None
+    merged_attention: object | None = None
+
+    def __post_init__(self):
+        if self.fusion not in FUSIONS:
+            raise ValueError(f"Unknown fusion {self.fusion!r}; choose one of {', '.join(FUSIONS)}.")
+        if (self.fusion == "own") != (self.synchroniser is not None):
+            raise ValueError('Fusion "own" (views keep their own states) needs a synchroniser, and a synchroniser '
+                             'needs fusion "own".')
+
 
 def sample_canvas(
     denoiser: Callable,
     scheduler,
     views: CanvasViews,
     initial_noise: torch.Tensor,
-    num_steps: int,
+    *,
+    steps: int,
     view_batch: int,
-    report: StepReport | None = None,
-    step_kwargs: dict | None = None,
-    guidance: SyncDiffusionGuidance | None = None,
-    fusion: str = "noisy",
+    sync: Synchronisation = Synchronisation(),
     projected_noise: torch.Tensor | None = None,
-    synchroniser=None,
-    merged_attention=None,
+    step_kwargs: dict | None = None,
+    report: StepReport | None = None,
 ) -> torch.Tensor:
-    """Denoise a canvas latent over ``views`` with MultiDiffusion (and SyncDiffusion when ``guidance``).
+    """Denoise a canvas latent over ``views`` in ``steps`` steps, synchronised as ``sync`` says.
 
     denoiser: (N, C, s, s) latents, timestep, the N views' indices -> (N, C, s, s) guided prediction
         (``backend/engine/denoiser.py``).
     scheduler: any diffusers scheduler with ``set_timesteps``/``scale_model_input``/``step``; it is copied
         once per batch of views so multistep schedulers keep each batch's own history.
-    initial_noise: (1, C, H, W) unit Gaussian noise on the canvas (scaled here by init_noise_sigma).
-    fusion: "noisy" averages the views' x_{t-1} on the canvas every step; "clean" averages their x0 and
-        lets each view keep its own x_t (``sync/multidiffusion.py``); "own": each view keeps its own x_t and
-        nothing is averaged: ``synchroniser`` ties them. With "clean" and "own", crop windows start from
-        their window of ``initial_noise`` and projected views from ``projected_noise``
-        (len(views.projected), C, s, s) unit Gaussian noise of their own.
-    synchroniser: SyncSDE (``sync/syncsde.py``): after every step ``synchroniser.synchronise(previous,
-        stepped, predictions, timestep, step_index, scheduler)`` returns the views' new x_{t-1} and
-        ``synchroniser.compose(view_latents)`` the canvas (the preview, and the result).
-    merged_attention: MAD (``sync/mad.py``): ``begin_step(step_index)`` is called first thing every step;
-        while ``active`` the denoiser sees every view in one batch, so merged attention merges them all.
+    views: the canvas and its views; initial_noise: (1, C, H, W) unit Gaussian noise on the canvas (scaled
+        here by init_noise_sigma). With fusion "clean" and "own", crop windows start from their window of
+        ``initial_noise`` and projected views from ``projected_noise`` (len(views.projected), C, s, s), unit
+        Gaussian noise of their own.
+    view_batch: views per denoiser call (every view while MAD is active).
     step_kwargs: extra arguments of ``scheduler.step`` (a generator for stochastic samplers).
-    guidance: SyncDiffusion's pull towards the anchor views before the steps it guides (None: none).
-    Returns the denoised canvas latent (1, C, H, W). Raises JobCancelled when ``report`` returns True.
+    report: called after every step with ("denoising", step, steps, canvas latent); True stops the job.
+    Returns the denoised canvas latent (1, C, H, W). Raises JobCancelled when ``report`` returns True, and
+    ValueError for fewer than one step or view per batch.
     """
+    if steps < 1 or view_batch < 1:
+        raise ValueError(f"The loop needs at least one step and one view per batch, not {steps} and {view_batch}.")
+    fusion, guidance, synchroniser, merged_attention = sync.fusion, sync.guidance, sync.synchroniser, sync.merged_attention
     step_kwargs = step_kwargs or {}
-    scheduler.set_timesteps(num_steps, device=initial_noise.device)
+    scheduler.set_timesteps(steps, device=initial_noise.device)
     starts = range(0, len(views), view_batch)
     batch_schedulers = [copy.deepcopy(scheduler) for _ in starts]
     batches = [(slice(start, start + view_batch), batch_scheduler) for start, batch_scheduler in zip(starts, batch_schedulers)]
@@ -97,8 +129,8 @@ def sample_canvas(
         elif fusion == "noisy":
             latents = multidiffusion.fuse_noisy(views, view_latents)
 
-        if report is not None and report("denoising", step_index + 1, num_steps, latents):
-            raise JobCancelled(f"The job was cancelled after step {step_index + 1} of {num_steps}.")
+        if report is not None and report("denoising", step_index + 1, steps, latents):
+            raise JobCancelled(f"The job was cancelled after step {step_index + 1} of {steps}.")
     if fusion == "clean":
         latents = multidiffusion.fuse_noisy(views, view_latents)  # each view's final latent, averaged once
     return latents

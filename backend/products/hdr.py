@@ -40,7 +40,8 @@ import numpy as np
 
 from ..errors import BadRequest, SyncSphereError
 from ..request import DEFAULT_SUN_RATIO, check_hdr_options
-from ..sphere.geometry import direction_to_lonlat, lonlat_to_direction
+from ..sphere.geometry import (direction_to_lonlat, equirect_latitude, equirect_longitude, equirect_to_direction,
+                               lonlat_to_direction)
 from . import images
 from .files import check_output_folder, write_files_atomically
 
@@ -144,16 +145,6 @@ class HdrResult:
 # ------------------------------------------------------------------ sphere measures
 
 
-def row_latitudes(height: int) -> np.ndarray:
-    """Latitude in radians of each row's centre, (H,) float64: π/2 − (i + 0.5)/H·π."""
-    return np.pi / 2.0 - (np.arange(height) + 0.5) / height * np.pi
-
-
-def column_longitudes(width: int) -> np.ndarray:
-    """Longitude in radians of each column's centre, (W,) float64: (j + 0.5)/W·2π − π."""
-    return (np.arange(width) + 0.5) / width * (2.0 * np.pi) - np.pi
-
-
 def pixel_solid_angles(height: int, width: int) -> np.ndarray:
     """Solid angle in steradians of one pixel of each row of an H x W equirect, (H,) float64.
 
@@ -161,7 +152,7 @@ def pixel_solid_angles(height: int, width: int) -> np.ndarray:
     exactly Δlon·(sin(lat + Δlat/2) − sin(lat − Δlat/2)) = 2·Δlon·cos(lat)·sin(Δlat/2), which is
     cos(lat)·Δlon·Δlat to second order; the rows sum to exactly 4π.
     """
-    lat = row_latitudes(height)
+    lat = equirect_latitude(np.arange(height), height)
     return 2.0 * (2.0 * np.pi / width) * np.cos(lat) * np.sin(np.pi / height / 2.0)
 
 
@@ -170,8 +161,13 @@ def luminance(rgb: np.ndarray) -> np.ndarray:
     return np.asarray(rgb, np.float32) @ LUMINANCE_WEIGHTS.astype(np.float32)
 
 
+def cap_solid_angle(radius: float) -> float:
+    """Solid angle in steradians of the spherical cap of angular radius ``radius`` (radians): 2π(1 − cos r)."""
+    return 2.0 * math.pi * (1.0 - math.cos(radius))
+
+
 def cap_radius(solid_angle: float) -> float:
-    """Angular radius in radians of the spherical cap of ``solid_angle`` sr: Ω = 2π(1 − cos r)."""
+    """Angular radius in radians of the spherical cap of ``solid_angle`` sr (``cap_solid_angle``'s inverse)."""
     return math.acos(min(1.0, max(-1.0, 1.0 - solid_angle / (2.0 * math.pi))))
 
 
@@ -180,7 +176,7 @@ def cosine_map(height: int, width: int, normal: np.ndarray) -> np.ndarray:
 
     Separable (d = (cos lat sin lon, sin lat, cos lat cos lon)), so no (H, W, 3) array is made.
     """
-    lat, lon = row_latitudes(height), column_longitudes(width)
+    lat, lon = equirect_latitude(np.arange(height), height), equirect_longitude(np.arange(width), width)
     horizontal = np.sin(lon) * normal[0] + np.cos(lon) * normal[2]  # (W,)
     return (np.cos(lat)[:, None] * horizontal[None, :] + (np.sin(lat) * normal[1])[:, None]).astype(np.float32)
 
@@ -289,7 +285,7 @@ def is_compact(solid_angle: float, extent: float, pixel_angle: float, pixels: in
     (``extent``, radians)."""
     if pixels < MIN_SOURCE_PIXELS:
         return False
-    if solid_angle > 2.0 * math.pi * (1.0 - math.cos(math.radians(MAX_SOURCE_RADIUS_DEG))):
+    if solid_angle > cap_solid_angle(math.radians(MAX_SOURCE_RADIUS_DEG)):
         return False
     return extent <= COMPACTNESS * cap_radius(solid_angle) + pixel_angle
 
@@ -316,14 +312,14 @@ def find_light_sources(linear: np.ndarray) -> list[LightSource]:
     pixel_counts = np.bincount(ids, minlength=count + 1)
     # Only regions that may pass is_compact's size limits get directions computed: an overcast sky's huge
     # bright region is dropped here, before any per-pixel direction is made for it.
-    limit = 2.0 * math.pi * (1.0 - math.cos(math.radians(MAX_SOURCE_RADIUS_DEG)))
+    limit = cap_solid_angle(math.radians(MAX_SOURCE_RADIUS_DEG))
     candidate = (solid_angles <= limit) & (pixel_counts >= MIN_SOURCE_PIXELS)
     candidate[0] = False
     keep = candidate[ids]
     rows, cols, ids, weights = rows[keep], cols[keep], ids[keep], weights[keep]
     if len(ids) == 0:
         return []
-    directions = lonlat_to_direction(column_longitudes(width)[cols], row_latitudes(height)[rows])
+    directions = equirect_to_direction(cols, rows, width, height)
     sums = np.stack([np.bincount(ids, weights * directions[:, axis], count + 1) for axis in range(3)], axis=1)
     norms = np.linalg.norm(sums, axis=1)
     means = sums / np.where(norms > 0, norms, 1.0)[:, None]
@@ -385,7 +381,7 @@ def choose_sun(sources: list[LightSource], daylight: bool, sun_direction: tuple[
         else:
             radius = math.radians(SUN_ANGULAR_RADIUS_DEG)
             sun = LightSource(yaw_deg=float(yaw), pitch_deg=float(pitch), angular_radius_deg=SUN_ANGULAR_RADIUS_DEG,
-                              color=PLACED_SUN_COLOR, solid_angle=2.0 * math.pi * (1.0 - math.cos(radius)), placed=True)
+                              color=PLACED_SUN_COLOR, solid_angle=cap_solid_angle(radius), placed=True)
             sources = sources + [sun]
             warning = (f"no light source within {SUN_MATCH_DEG:g}° of --sun-direction {yaw:g},{pitch:g} in the image; "
                        f"placed a sun of {SUN_ANGULAR_RADIUS_DEG:g}° radius there")
@@ -436,7 +432,7 @@ def emitter_window(height: int, width: int, direction: np.ndarray, outer: float)
         half = int(math.ceil(span / (2 * np.pi / width))) + 1
         centre = int(math.floor((lon + np.pi) / (2 * np.pi) * width))
         cols = np.arange(centre - half, centre + half + 1) % width if 2 * half + 1 < width else np.arange(width)
-    directions = lonlat_to_direction(column_longitudes(width)[cols][None, :], row_latitudes(height)[rows][:, None])
+    directions = equirect_to_direction(cols[None, :], rows[:, None], width, height)
     return _Window(rows, cols, directions @ direction, pixel_solid_angles(height, width)[rows][:, None])
 
 

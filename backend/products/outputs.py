@@ -8,7 +8,6 @@ starts); ``write_job_outputs`` writes them all in one ``files.write_files_atomic
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 
 import numpy as np
 

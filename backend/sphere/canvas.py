@@ -116,3 +116,20 @@ def _wrapped_index(start: int, length: int, size: int, device: torch.device) -> 
     denoising loop (and MAD's attention layers) read and fuse the same windows every step, and building the
     tensor and copying it to a GPU each time would make the CPU wait for the GPU."""
     return ((start + torch.arange(length)) % size).to(device)
+
+
+class DeviceCache:
+    """Tensors moved to the device (and dtype) they are used with once, then kept: the denoising loop asks
+    for the same precomputed grids, masks and indices every step (``CanvasViews``, ``SyncSDE``)."""
+
+    def __init__(self):
+        self._copies: dict = {}
+
+    def on(self, key, tensor: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+        """``tensor`` (remembered under ``key``) on ``like``'s device, in ``like``'s dtype when ``tensor`` is
+        floating point (index and boolean tensors keep theirs)."""
+        cache_key = (key, like.device, like.dtype)
+        if cache_key not in self._copies:
+            dtype = like.dtype if tensor.is_floating_point() else tensor.dtype
+            self._copies[cache_key] = tensor.to(like.device, dtype)
+        return self._copies[cache_key]

@@ -90,6 +90,22 @@ def direction_to_lonlat(directions) -> tuple[np.ndarray, np.ndarray]:
     return np.arctan2(x, z), np.arctan2(y, np.hypot(x, z))
 
 
+def equirect_longitude(col, width: int, *, degrees: bool = False) -> np.ndarray:
+    """Longitude of continuous equirect column coordinates ``col`` (array or number; integer values at pixel
+    centres, as in the module docstring) on a canvas ``width`` px wide: (col + 0.5) / width · 2π − π, in
+    [−π, π] for col in [−0.5, width − 0.5]; radians, or degrees (·360° − 180°) with ``degrees``. Float64."""
+    turn = 360.0 if degrees else 2.0 * np.pi
+    return (np.asarray(col, np.float64) + 0.5) / width * turn - turn / 2.0
+
+
+def equirect_latitude(row, height: int, *, degrees: bool = False) -> np.ndarray:
+    """Latitude of continuous equirect row coordinates ``row`` (integer values at pixel centres) on a canvas
+    ``height`` px high: π/2 − (row + 0.5) / height · π, so row −0.5 is the north pole and height − 0.5 the
+    south pole; radians, or degrees (90° − … · 180°) with ``degrees``. Float64."""
+    half_turn = 180.0 if degrees else np.pi
+    return half_turn / 2.0 - (np.asarray(row, np.float64) + 0.5) / height * half_turn
+
+
 def equirect_to_direction(col, row, width: int, height: int) -> np.ndarray:
     """Unit directions (..., 3) (x right, y up, z forward) through continuous equirect pixel coordinates.
 
@@ -97,9 +113,7 @@ def equirect_to_direction(col, row, width: int, height: int) -> np.ndarray:
     docstring; ``width`` x ``height``: the image size in px. Column ``width / 2 − 0.5`` (between the two
     middle columns) and row ``height / 2 − 0.5`` look straight ahead (+z). Returns float64.
     """
-    lon = (np.asarray(col, np.float64) + 0.5) / width * (2.0 * np.pi) - np.pi
-    lat = np.pi / 2.0 - (np.asarray(row, np.float64) + 0.5) / height * np.pi
-    return lonlat_to_direction(lon, lat)
+    return lonlat_to_direction(equirect_longitude(col, width), equirect_latitude(row, height))
 
 
 def direction_to_equirect(directions, width: int, height: int) -> tuple[np.ndarray, np.ndarray]:

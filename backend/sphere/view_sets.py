@@ -49,10 +49,12 @@ import torch
 
 import torch.nn.functional as F
 
-from .canvas import Canvas, CropView, window_starts
+from .canvas import Canvas, CropView, DeviceCache, window_starts
 from .geometry import (
     FACE_VIEWS,
     PerspectiveView,
+    equirect_latitude,
+    equirect_longitude,
     equirect_padding_indices,
     equirect_to_direction,
     lonlat_to_direction,
@@ -270,7 +272,7 @@ class CanvasViews:
             self._coverage_mask = self._coverage_mask + self._fuse_masks.sum(0, keepdim=True)
         # What fuse divides by: the coverage, at least 1 (only a subset of views leaves pixels unseen).
         self._coverage_divisor = self._coverage_mask.clamp(min=1)
-        self._cache: dict = {}
+        self._device = DeviceCache()
         self._at_resolution: dict[int, CanvasViews] = {}
 
     def __len__(self) -> int:
@@ -279,11 +281,7 @@ class CanvasViews:
     def _on(self, name: str, like: torch.Tensor) -> torch.Tensor:
         """The precomputed tensor ``name`` on ``like``'s device, in its dtype when ``name`` is floating point
         (index tensors stay integer); converted once, then kept: the loop calls this every step."""
-        key = (name, like.dtype, like.device)
-        if key not in self._cache:
-            tensor = getattr(self, name)
-            self._cache[key] = tensor.to(like.device, like.dtype if tensor.is_floating_point() else tensor.dtype)
-        return self._cache[key]
+        return self._device.on(name, getattr(self, name), like)
 
     def coverage(self, like: torch.Tensor) -> torch.Tensor:
         """How many views see each canvas pixel: (1, 1, H, W) in ``like``'s dtype and device (every value >= 1
@@ -353,9 +351,10 @@ class CanvasViews:
         canvas = self.canvas
         seen = []
         for index, view in enumerate(self.crops):
-            west = view.left / canvas.width * 360.0 - 180.0  # the window's left edge; it spans width / W of 360°
-            north = 90.0 - view.top / canvas.height * 180.0
-            south = 90.0 - (view.top + view.height) / canvas.height * 180.0
+            # The window's edges lie half a pixel outside its first and last pixel centres.
+            west = float(equirect_longitude(view.left - 0.5, canvas.width, degrees=True))  # spans width / W of 360°
+            north = float(equirect_latitude(view.top - 0.5, canvas.height, degrees=True))
+            south = float(equirect_latitude(view.top + view.height - 0.5, canvas.height, degrees=True))
             at_pole = (pitch >= 90.0 and north >= 90.0) or (pitch <= -90.0 and south <= -90.0)
             if south <= pitch <= north and (at_pole or (yaw - west) % 360.0 <= view.width / canvas.width * 360.0):
                 seen.append(index)
@@ -374,9 +373,10 @@ class CanvasViews:
             raise ValueError("View directions exist only on an equirect canvas.")
         centres = []
         for view in self.crops:
-            yaw = ((view.left + view.width / 2) / self.canvas.width * 360.0) % 360.0 - 180.0
-            pitch = 90.0 - (view.top + view.height / 2) / self.canvas.height * 180.0
-            centres.append((yaw, pitch))
+            # The window spans columns left - 0.5 .. left + width - 0.5 in pixel-centre coordinates.
+            yaw = float(equirect_longitude(view.left + view.width / 2 - 0.5, self.canvas.width, degrees=True))
+            pitch = float(equirect_latitude(view.top + view.height / 2 - 0.5, self.canvas.height, degrees=True))
+            centres.append((yaw - 360.0 if yaw >= 180.0 else yaw, pitch))  # a window across the seam
         return centres + [(view.yaw, view.pitch) for _, view in self.projected]
 
 

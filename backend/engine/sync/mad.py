@@ -41,7 +41,7 @@ from typing import Callable, Sequence
 import torch
 import torch.nn.functional as F
 
-from ...request import MAD_BLOCKS
+from ...request import MAD_BLOCKS, parse_mad_blocks
 from ...sphere.view_sets import CanvasViews
 
 BLOCKS = MAD_BLOCKS
@@ -50,20 +50,10 @@ BLOCKS = MAD_BLOCKS
 _BLOCK_PREFIX = {"down": "down_blocks.", "mid": "mid_block.", "up": "up_blocks."}
 
 
-def parse_blocks(blocks) -> tuple[str, ...]:
-    """The block names of ``blocks`` (a sequence, or a comma-separated string such as "down,mid,up"),
-    de-duplicated in the order of ``BLOCKS``. Raises ValueError for an unknown or empty selection."""
-    names = [name.strip() for name in (blocks.split(",") if isinstance(blocks, str) else blocks)]
-    unknown = [name for name in names if name not in BLOCKS]
-    if unknown or not names:
-        raise ValueError(f"--mad-blocks takes a comma-separated list of {', '.join(BLOCKS)}, not {','.join(names)!r}.")
-    return tuple(name for name in BLOCKS if name in names)
-
-
 def attention_layers(unet, blocks=BLOCKS) -> dict[str, torch.nn.Module]:
     """The attention modules of the selected blocks of ``unet``: {module name (as in ``unet.named_modules``):
     module}, every module that holds a processor (diffusers ``Attention``: attn1, attn2, and any other)."""
-    prefixes = tuple(_BLOCK_PREFIX[name] for name in parse_blocks(blocks))
+    prefixes = tuple(_BLOCK_PREFIX[name] for name in parse_mad_blocks(blocks))
     return {name: module for name, module in unet.named_modules()
             if name.startswith(prefixes) and hasattr(module, "set_processor") and hasattr(module, "processor")}
 
@@ -77,7 +67,7 @@ def block_divisors(unet, blocks=BLOCKS) -> dict[str, int]:
     last halves the resolution (it has a downsampler), the mid block works at the smallest resolution,
     and every up block except the last doubles it again.
     """
-    selected = parse_blocks(blocks)
+    selected = parse_mad_blocks(blocks)
     if hasattr(unet, "down_blocks"):
         down, mid, up = list(unet.down_blocks), unet.mid_block, list(unet.up_blocks)
     else:
@@ -255,7 +245,7 @@ class MergedAttention:
         self.unet = unet
         self.views = views
         self.steps = steps
-        self.blocks = parse_blocks(blocks)
+        self.blocks = parse_mad_blocks(blocks)
         self.active = False
         self.batch_views: tuple[int, ...] | None = None
         self.processors: dict[str, MergedAttentionProcessor] = {}

@@ -51,7 +51,8 @@ from collections.abc import Sequence
 
 import torch
 
-from ...request import DEFAULT_SYNCSDE_LAMBDA, SYNCSDE_COMPOSE
+from ...request import DEFAULT_SYNCSDE_LAMBDA, SYNCSDE_COMPOSE, check_syncsde_lambda
+from ...sphere.canvas import DeviceCache
 from ...sphere.view_sets import CanvasViews
 
 DEFAULT_STRENGTH = DEFAULT_SYNCSDE_LAMBDA
@@ -76,12 +77,10 @@ class SyncSDE:
 
     def __init__(self, views: CanvasViews, strength: float = DEFAULT_STRENGTH, closed_loop: bool = True,
                  compose: str = "paper"):
-        if not isinstance(strength, (int, float)) or not math.isfinite(strength) or strength < 0:
-            raise ValueError(f"The SyncSDE strength lambda must be a number >= 0, not {strength!r}.")
         if compose not in COMPOSE_MODES:
             raise ValueError(f"Unknown SyncSDE composition {compose!r}; choose one of {', '.join(COMPOSE_MODES)}.")
         self.views = views
-        self.strength = float(strength)
+        self.strength = check_syncsde_lambda(strength)  # request.py's rule, a ValueError here
         self.closed_loop = bool(closed_loop)
         self.compose_mode = compose
         self._single = [views.subset([index]) for index in range(len(views))]
@@ -98,7 +97,7 @@ class SyncSDE:
         for index, group in self._neighbour_views.items():
             seen = (group.coverage(footprint) > 0).float()  # (1, 1, H, W)
             self._weights[index] = self._single[index].read(seen)  # (1, 1, s, s): 0/1 for crops, bilinear at projected edges
-        self._device_cache: dict = {}
+        self._device = DeviceCache()  # the indices, weights and footprints on the latents' device
 
     def synchronise(self, previous: torch.Tensor, stepped: torch.Tensor, predictions: torch.Tensor, timestep,
                     step_index: int, scheduler) -> torch.Tensor:
@@ -116,9 +115,9 @@ class SyncSDE:
         coefficient = self.strength * _time_weight(scheduler, timestep) * score_step_gain(scheduler, step_index, timestep)
         pulled = stepped.clone()
         for index, group in self._neighbour_views.items():
-            neighbours = self._on(("neighbours", index), self._neighbour_indices[index], previous)
+            neighbours = self._device.on(("neighbours", index), self._neighbour_indices[index], previous)
             target = self._single[index].read(group.fuse(previous[neighbours]))  # 0 where no neighbour sees
-            weight = self._on(("weight", index), self._weights[index][0], previous)  # (1, s, s)
+            weight = self._device.on(("weight", index), self._weights[index][0], previous)  # (1, s, s)
             pulled[index] -= coefficient * (weight * previous[index] - target[0])
         return pulled
 
@@ -134,21 +133,13 @@ class SyncSDE:
         canvas = view_latents.new_zeros(1, view_latents.shape[1], self.views.canvas.height, self.views.canvas.width)
         for index in self.chain:
             placed = self._single[index].fuse(view_latents[index : index + 1])
-            canvas = torch.where(self._on(("footprint", index), self._footprints[index], view_latents), placed, canvas)
+            canvas = torch.where(self._device.on(("footprint", index), self._footprints[index], view_latents), placed, canvas)
         return canvas
 
     def details(self) -> dict:
         """What a job records about the run: lambda, closed_loop, compose and how many views are conditioned."""
         return {"lambda": self.strength, "closed_loop": self.closed_loop, "compose": self.compose_mode,
                 "conditioned_views": len(self._neighbour_views)}
-
-    def _on(self, key, tensor: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
-        """``tensor`` on ``like``'s device (and dtype unless bool or integer), converted once and kept."""
-        cache_key = (key, like.device, like.dtype)
-        if cache_key not in self._device_cache:
-            dtype = tensor.dtype if tensor.dtype == torch.bool or not tensor.is_floating_point() else like.dtype
-            self._device_cache[cache_key] = tensor.to(like.device, dtype)
-        return self._device_cache[cache_key]
 
 
 def score_step_gain(scheduler, step_index: int, timestep) -> float:

@@ -1,0 +1,254 @@
+"""One image from a resolved request: encode the prompts, draw the noise, build the synchronisation, run the
+denoising loop (``sampler.sample_canvas``), decode; and the retries when the device runs out of memory.
+
+The job runner (``app/job.py``) calls ``generate_image``; the benchmarks call ``denoise`` to time the
+product's own denoising stage. Everything here reads a ``resolve.ResolvedRequest`` and writes nothing into it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import inspect
+import sys
+import time
+from typing import Callable
+
+import torch
+
+from ..errors import OutOfMemory
+from ..request import POLE_FACE_VIEW_SETS, SCHEDULERS
+from .decode import decode_canvas, decode_pole_caps
+from .denoiser import GuidedUNetDenoiser
+from .memory import (MemoryPlan, StagePlacement, is_out_of_memory, memory_attempts, out_of_memory_message,
+                     plan_memory, release_memory, weights_to_place)
+from .models import LoadedModel, load_tiny_autoencoder
+from .perceptual import load_perceptual_loss
+from .resolve import ResolvedRequest, for_memory_plan
+from .sampler import StepReport, Synchronisation, sample_canvas
+from .sync.mad import MergedAttention
+from .sync.syncdiffusion import SyncDiffusionGuidance
+from .sync.syncsde import SyncSDE
+
+
+def generate_image(resolved: ResolvedRequest, model: LoadedModel, report: StepReport,
+                   stage: Callable[[str], None]) -> tuple:
+    """The job's image with the memory plan ``--memory`` asks for (``memory.plan_memory``), retried when the
+    device runs out of memory anyway: from the same seed with half the view batch, then in low mode with MAD
+    off (``memory.memory_attempts``), releasing the failed attempt's memory in between; the denoising steps
+    are reported again from step 1. Returns (image as an (H, W, 3) float array in [0, 1], canvas, details,
+    {"denoising_s", "decoding_s"}, what metadata.json records under "memory"). Raises OutOfMemory when the
+    last attempt fails too, JobCancelled when ``report`` or ``stage`` says so."""
+    pipeline = model.pipeline
+    plan = plan_memory(resolved.params, model.device, model.dtype, pipeline.unet.config, pipeline.vae.config,
+                       len(resolved.views), weights_bytes=weights_to_place(pipeline, model.device),
+                       vae_dtype=pipeline.vae.dtype)
+    attempts = memory_attempts(resolved.params, plan, model.device)
+    retries = []
+    for number, (attempt_name, attempt_plan) in enumerate(attempts):
+        attempt = for_memory_plan(resolved, attempt_plan.view_batch, merged_attention=attempt_plan.mode != "low")
+        try:
+            image, canvas, details, timings = denoise_and_decode(attempt, model, attempt_plan, report, stage)
+            break
+        except RuntimeError as error:  # torch.OutOfMemoryError is a RuntimeError; others are re-raised
+            if not is_out_of_memory(error, model.device):
+                raise
+            if number + 1 == len(attempts):
+                raise OutOfMemory(out_of_memory_message(attempt.params, model.device, model.dtype)) from error
+            retries.append({"view_batch": attempt.params.view_batch, "mad_steps": attempt.params.mad_steps,
+                            "reason": "out of memory", "next": attempts[number + 1][0]})
+            print(f"warning: the {model.device} device ran out of memory with --view-batch "
+                  f"{attempt.params.view_batch}; retrying ({attempts[number + 1][0]})", file=sys.stderr)
+        # Outside the except block, so the failed attempt's traceback (and the tensors its frames held) is
+        # already dropped when the memory is released.
+        release_memory(model.device)
+    memory = {**attempt_plan.to_dict(), "attempt": attempt_name, "retries": retries,
+              "view_batch_used": attempt.params.view_batch}
+    if attempt.params.mad_steps != resolved.params.mad_steps:
+        memory["mad_off"] = True  # low mode runs one view at a time; MAD would batch them all
+        print("warning: merged attention (--mad-steps) was off: low-memory mode runs one view at a time", file=sys.stderr)
+    return image, canvas, details, timings, memory
+
+
+def denoise_and_decode(resolved: ResolvedRequest, model: LoadedModel, plan: MemoryPlan, report: StepReport,
+                       stage: Callable[[str], None]):
+    """One attempt at a job's image with the memory ``plan``: ``denoise`` from the seed's noise, then decode.
+    Returns (image as an (H, W, 3) float array, canvas, details, {"denoising_s", "decoding_s"});
+    ``stage(name)`` reports the decoding stage (and raises JobCancelled). Keeps nothing between calls, so a
+    retry starts from scratch."""
+    params, pipeline = resolved.params, model.pipeline
+    placement = StagePlacement(pipeline, model.device, plan.offload,
+                               vae_while_denoising=params.sync == "syncdiffusion" and params.sync_decoder == "vae")
+    latents, canvas, details = denoise(resolved, model, report, placement)
+    timings = {"denoising_s": details.pop("seconds")}
+    stage("decoding")
+    began = time.perf_counter()
+    placement.enter("decode")
+    image = decode_canvas(pipeline.vae, latents, canvas, in_strips=plan.strip_decode)
+    if params.views in POLE_FACE_VIEW_SETS:
+        image = decode_pole_caps(pipeline.vae, latents, image, in_strips=plan.strip_decode)
+    image = image[0].permute(1, 2, 0).numpy()
+    timings["decoding_s"] = time.perf_counter() - began
+    return image, canvas, details, timings
+
+
+def denoise(resolved: ResolvedRequest, model: LoadedModel, report: StepReport, placement: StagePlacement | None = None):
+    """Sample the canvas latent of ``resolved`` with its views, fusion and synchronisation; returns (latents,
+    canvas, details): details has "views" (how many), "view_set", "fusion", "scheduler", "seconds", with
+    per-direction prompts "view_prompts", and "syncdiffusion", "syncsde" or "mad" for those methods.
+    ``placement`` moves the models for the text and denoising stages (None: they stay where they are)."""
+    params, views = resolved.params, resolved.views
+    placement = placement or StagePlacement(model.pipeline, model.device, offload=False)
+    scheduler = make_scheduler(params.scheduler, model.pipeline.scheduler.config)
+    began = time.perf_counter()
+    placement.enter("text")
+    denoiser = prompt_denoiser(resolved, model)
+    noise, projected_noise = starting_noise(resolved, model)
+    sync, predict, sync_details, checkpointed = synchronisation(resolved, model, denoiser)
+    placement.enter("denoise")
+    # The with-blocks put the cached UNet back as it was, even when the job fails or is cancelled.
+    with sync.merged_attention or contextlib.nullcontext(), gradient_checkpointing(checkpointed):
+        latents = sample_canvas(predict, scheduler, views, noise, steps=params.steps, view_batch=params.view_batch,
+                                sync=sync, projected_noise=projected_noise,
+                                step_kwargs=stepping_arguments(scheduler, params.seed), report=report)
+    details = {"views": len(views), "view_set": params.views, "fusion": resolved.fusion,
+               "scheduler": type(scheduler).__name__, "seconds": time.perf_counter() - began}
+    if len(resolved.prompts) > 1:
+        details["view_prompts"] = {label: resolved.prompts[row]
+                                   for label, row in zip(views.labels, resolved.prompt_rows) if row}
+    if sync.guidance is not None:
+        details["syncdiffusion"] = {**sync_details, "guided_steps": sync.guidance.guided_steps}
+    if sync.synchroniser is not None:
+        details["syncsde"] = sync.synchroniser.details()
+    if sync.merged_attention is not None:
+        details["mad"] = {"steps": params.mad_steps, "blocks": list(sync.merged_attention.blocks)}
+    return latents, views.canvas, details
+
+
+def prompt_denoiser(resolved: ResolvedRequest, model: LoadedModel) -> GuidedUNetDenoiser:
+    """The UNet with classifier-free guidance and each view's prompt (``resolved.prompts``/``prompt_rows``)
+    encoded once."""
+    params = resolved.params
+    uses_guidance = params.guidance > 1.0
+    prompts = list(resolved.prompts)
+    negative = [params.negative_prompt] * len(prompts) if params.negative_prompt else None
+    prompt_embeds, negative_embeds = model.pipeline.encode_prompt(prompts, model.device, 1, uses_guidance, negative)
+    negative_embeds = negative_embeds[:1] if negative_embeds is not None else None
+    return GuidedUNetDenoiser(model.pipeline.unet, prompt_embeds, negative_embeds, params.guidance,
+                              list(resolved.prompt_rows) if len(prompts) > 1 else None)
+
+
+def starting_noise(resolved: ResolvedRequest, model: LoadedModel) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(the canvas's noise (1, C, H, W), the projected views' own noise (P, C, s, s) or None), from the seed.
+    Projected views get their own noise when views keep their own states (fusion "clean" and "own")."""
+    params, views, channels = resolved.params, resolved.views, resolved.geometry.latent_channels
+    canvas = views.canvas
+    noise = initial_noise(params.seed, (1, channels, canvas.height, canvas.width), model.device, model.dtype)
+    if resolved.fusion not in ("clean", "own") or not views.projected:
+        return noise, None
+    # seed + 1 belongs to stochastic samplers (stepping_arguments).
+    shape = (len(views.projected), channels, views.size, views.size)
+    return noise, initial_noise(params.seed + 2, shape, model.device, model.dtype)
+
+
+def synchronisation(resolved: ResolvedRequest, model: LoadedModel, denoiser: GuidedUNetDenoiser):
+    """The strategies ``resolved`` asks for, as (``Synchronisation``, the prediction the loop calls, what
+    metadata.json records of SyncDiffusion, the modules its gradient pass checkpoints under
+    --sync-checkpointing)."""
+    params, views = resolved.params, resolved.views
+    guidance, sync_details, differentiated, synchroniser, merged_attention = None, {}, [], None, None
+    if params.sync == "syncdiffusion":
+        guidance, sync_details, differentiated = syncdiffusion_guidance(resolved, model, denoiser)
+    if params.sync == "syncsde":
+        synchroniser = SyncSDE(views, params.syncsde_lambda, closed_loop=not params.syncsde_open_chain,
+                               compose=params.syncsde_compose)
+    predict = denoiser
+    if params.mad_steps:
+        merged_attention = MergedAttention(model.pipeline.unet, views, params.mad_steps, params.mad_blocks)
+        # The processors must know which views each batch holds; the gradient pass's chunks too.
+        predict = merged_attention.wrap(denoiser)
+        if guidance is not None:
+            guidance.predict = merged_attention.wrap(guidance.predict)
+    sync = Synchronisation(resolved.fusion, guidance, synchroniser, merged_attention)
+    return sync, predict, sync_details, differentiated if params.sync_checkpointing else []
+
+
+def syncdiffusion_guidance(resolved: ResolvedRequest, model: LoadedModel, denoiser: GuidedUNetDenoiser):
+    """SyncDiffusion's guidance for a request with ``--sync syncdiffusion`` (its anchors: ``resolved.anchors``).
+
+    Returns (the guidance, what metadata.json records of it, the modules its gradient pass runs through).
+    Raises BadRequest (a bad decoder) or ModelNotFound (decoder, loss trunk).
+    """
+    params = resolved.params
+    if params.sync_decoder == "vae":
+        decoder = model.pipeline.vae
+    else:
+        decoder = load_tiny_autoencoder(
+            params.sync_decoder, model.device, model.dtype, model.geometry.latent_channels, params.allow_pickle
+        )
+
+    def decode(latents: torch.Tensor) -> torch.Tensor:
+        return decoder.decode((latents / decoder.config.scaling_factor).to(decoder.dtype)).sample
+
+    # The loss network runs in float32: LPIPS divides by feature norms that underflow in float16.
+    loss = load_perceptual_loss(
+        params.sync_loss, model.device, params.sync_loss_backbone, params.sync_loss_size,
+        scale=1e6 if params.sync_loss == "style" else 1.0,  # the supplementary's S.4 scaling of the style loss
+    )
+    if not loss.backbone.pretrained and params.sync_loss_backbone == "auto":
+        print(f"warning: SyncDiffusion's loss uses a {loss.backbone.describe()} trunk; the guidance follows "
+              "random features instead of perceptual ones", file=sys.stderr)
+    anchors = list(resolved.anchors)
+    guidance = SyncDiffusionGuidance(
+        predict=denoiser.predict, decode=decode, loss=loss, weight=params.sync_weight, decay=params.sync_decay,
+        steps=params.sync_steps, every=params.sync_every, anchors=anchors, chunk=params.view_batch,
+        reuse_prediction=params.sync_reuse_eps,
+    )
+    details = {
+        "anchors": sorted(set(anchors)),
+        "loss": params.sync_loss,
+        "loss_backbone": loss.backbone.describe(),
+        "loss_pretrained": loss.backbone.pretrained,
+        "decoder": type(decoder).__name__ if params.sync_decoder == "vae" else params.sync_decoder,
+    }
+    return guidance, details, [model.pipeline.unet, decoder]
+
+
+def make_scheduler(name: str, config):
+    """A diffusers scheduler of the class named by ``name`` (a SCHEDULERS key or class name) from ``config``
+    (the model's scheduler config). ``auto``: the model's own class when it is a few-step sampler (an
+    ``LCMScheduler``, or ``trailing`` timestep spacing as SD-Turbo ships), else DDIM."""
+    import diffusers
+
+    if name == "auto":
+        own = config.get("_class_name", "")
+        name = own if own == "LCMScheduler" or config.get("timestep_spacing") == "trailing" else "ddim"
+    return getattr(diffusers, SCHEDULERS.get(name) or name).from_config(config)
+
+
+def stepping_arguments(scheduler, seed: int) -> dict:
+    """Extra arguments of ``scheduler.step``: stochastic samplers (ancestral, SDE) draw their per-step noise
+    from a generator seeded with ``seed + 1``; deterministic ones take none."""
+    if "generator" in inspect.signature(scheduler.step).parameters:
+        return {"generator": torch.Generator("cpu").manual_seed(seed + 1)}
+    return {}
+
+
+def initial_noise(seed: int, shape: tuple, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+    """Unit Gaussian canvas noise drawn as diffusers draws it: a CPU generator seeded with ``seed``,
+    sampled in ``dtype`` on the CPU and moved to ``device``, so a seed gives the same noise on any device."""
+    from diffusers.utils.torch_utils import randn_tensor
+
+    return randn_tensor(shape, generator=torch.Generator("cpu").manual_seed(seed), device=device, dtype=dtype)
+
+
+@contextlib.contextmanager
+def gradient_checkpointing(modules: list):
+    """Turn on diffusers' gradient checkpointing in ``modules`` for the block, and off again after: the
+    models are cached between jobs. It acts only where autograd is on (SyncDiffusion's gradient pass)."""
+    for module in modules:
+        module.enable_gradient_checkpointing()
+    try:
+        yield
+    finally:
+        for module in modules:
+            module.disable_gradient_checkpointing()

@@ -1,0 +1,192 @@
+"""One resolved request: every decision a job makes before its first denoising step, made once.
+
+``resolve_request`` turns a validated request (``GenerateRequest.validated``) and the model's geometry into a
+frozen ``ResolvedRequest``: the window and stride, the view set and its views (built once), the fusion, each
+view's prompt and SyncDiffusion's anchors. Every later stage (memory plan, denoising, decoding, metadata)
+reads it and none writes it. The job runner (``app/job.py``) resolves before any weights load when the
+model's configs give its geometry, and right after loading for single-file checkpoints, whose geometry only
+diffusers' loader knows.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+
+import torch
+
+from ..errors import BadRequest
+from ..request import DEFAULT_VIEW_SET, UP_DOWN_PITCH, GenerateRequest, ModelGeometry
+from ..sphere.canvas import Canvas
+from ..sphere.view_sets import CanvasViews, band_rows, canvas_views
+from .models import LoadedModel, ModelSource
+from .sync.mad import block_divisors, check_mad
+from .sync.syncdiffusion import ring_anchor_indices
+
+
+@dataclass(frozen=True)
+class CheckedRequest:
+    """A request checked before any weights load (``app.job.check_request``).
+
+    params: validated (``GenerateRequest.validated``) with the seed decided and the output folder checked.
+    source, lora, device, dtype: the model, its LoRA (or None), where and in which precision it runs.
+    resolved: the ``ResolvedRequest`` when the model's config files give its geometry (hub ids and folders),
+        None for single-file checkpoints until they load (``resolved_for``).
+    """
+
+    params: GenerateRequest
+    source: ModelSource
+    lora: ModelSource | None
+    device: torch.device
+    dtype: torch.dtype
+    resolved: "ResolvedRequest | None" = None
+
+    def resolved_for(self, model: LoadedModel) -> "ResolvedRequest":
+        """The resolved request for the loaded ``model``: ``resolved`` when the configs gave it, else resolved
+        now against the model's geometry and UNet. Raises BadRequest with one sentence."""
+        if self.resolved is not None:
+            return self.resolved
+        return resolve_request(self.params, self.source, self.lora, self.device, self.dtype, model.geometry,
+                               model.pipeline.unet)
+
+
+@dataclass(frozen=True)
+class ResolvedRequest:
+    """A request with everything decided that the job needs before denoising.
+
+    params: the parameters as metadata.json records them: validated, the seed, window, stride and the view
+        set's name (equirect) filled in.
+    source, lora, device, dtype: the model, its LoRA (or None), where and in which precision it runs.
+    geometry: the model's VAE factor, latent channels and window.
+    views: the canvas and its views (``CanvasViews``), built once.
+    fusion: "noisy", "clean" or "own" (``GenerateRequest.resolved_fusion``).
+    prompts, prompt_rows: the distinct prompts and each view's row among them (``view_prompt_rows``).
+    anchors: SyncDiffusion's anchor view of every view (``sync_anchors``), None without SyncDiffusion.
+    unet_config: the UNet's config the views were checked against (MAD's feature resolutions).
+    asked: the validated parameters before the model's choices, from which ``for_memory_plan`` resolves again.
+    """
+
+    params: GenerateRequest
+    source: ModelSource
+    lora: ModelSource | None
+    device: torch.device
+    dtype: torch.dtype
+    geometry: ModelGeometry
+    views: CanvasViews
+    fusion: str
+    prompts: tuple[str, ...]
+    prompt_rows: tuple[int, ...]
+    anchors: tuple[int, ...] | None
+    unet_config: object
+    asked: GenerateRequest
+
+
+def resolve_request(asked: GenerateRequest, source: ModelSource, lora: ModelSource | None, device: torch.device,
+                    dtype: torch.dtype, geometry: ModelGeometry, unet_config) -> ResolvedRequest:
+    """The ``ResolvedRequest`` of the validated request ``asked`` (its seed decided) for a model of ``geometry``
+    whose UNet has ``unet_config`` (a dict or diffusers config; the UNet itself works too). Raises BadRequest
+    with one sentence (sizes against the model, a view set that does not fit, MAD that cannot merge, a
+    per-direction prompt with no view to act on, an anchor that is not a view)."""
+    params = asked.sized_for_model(geometry)
+    view_set, views = choose_views(params, geometry.vae_scale_factor, unet_config)
+    params = dataclasses.replace(params, views=view_set)
+    prompts, rows = view_prompt_rows(params, views)
+    anchors = tuple(sync_anchors(params, views)) if params.sync == "syncdiffusion" else None
+    return ResolvedRequest(params, source, lora, device, dtype, geometry, views, params.resolved_fusion,
+                           tuple(prompts), tuple(rows), anchors, unet_config, asked)
+
+
+def for_memory_plan(resolved: ResolvedRequest, view_batch: int, merged_attention: bool) -> ResolvedRequest:
+    """``resolved`` as an attempt with a memory plan runs it: ``view_batch`` views per UNet call, and without
+    ``merged_attention`` MAD off. Turning MAD off resolves the request again from what was asked (MAD had
+    aligned band+poles' rows to its feature maps, which without it need not be) with the view set chosen for
+    it; otherwise the views are the same objects."""
+    mad_steps = resolved.params.mad_steps if merged_attention else 0
+    if mad_steps != resolved.params.mad_steps:
+        asked = dataclasses.replace(resolved.asked, mad_steps=mad_steps, views=resolved.params.views)
+        resolved = resolve_request(asked, resolved.source, resolved.lora, resolved.device, resolved.dtype,
+                                   resolved.geometry, resolved.unet_config)
+    return dataclasses.replace(resolved, params=dataclasses.replace(resolved.params, view_batch=view_batch))
+
+
+def choose_views(request: GenerateRequest, vae_scale_factor: int, unet_config=None) -> tuple[str | None, CanvasViews]:
+    """(the view set's name, the canvas and views) of ``request`` (validated, sized for the model):
+    ``view_sets.canvas_views``; the name is None off equirect canvases, which have crop windows only.
+
+    Without ``--views`` an equirect job uses ``band+poles`` when its canvas is tall enough for a row of
+    windows between ±60°, else ``band`` (docs/engine.md, "View sets"); ``views.name`` says which. With
+    ``--mad-steps``, ``unet_config`` (the UNet's config, or the UNet) decides the feature resolutions MAD
+    merges at: band+poles' rows are aligned to them and the views are checked to divide
+    (``sync.mad.check_mad``). Raises BadRequest with one sentence when the view set does not fit the canvas
+    or MAD cannot merge it.
+    """
+    canvas = Canvas(request.layout, request.height // vae_scale_factor, request.width // vae_scale_factor)
+    divisors = block_divisors(unet_config, request.mad_blocks) if request.mad_steps and unet_config is not None else {}
+    row_multiple = max(divisors.values(), default=1)
+    view_set = request.views
+    if request.layout == "equirect" and view_set is None:
+        first, stop = band_rows(canvas.height, row_multiple=row_multiple)
+        view_set = DEFAULT_VIEW_SET if stop - first >= request.window else "band"
+    try:
+        views = canvas_views(canvas, view_set, request.window, request.stride, row_multiple)
+        if divisors:
+            check_mad(unet_config, views, request.mad_blocks)
+        return view_set, views
+    except ValueError as error:
+        raise BadRequest(str(error)) from None
+
+
+SUN_PROMPT = "the sun"
+"""Added to the prompt (", " between) of every view that sees ``--sun-direction``."""
+
+
+def view_prompt_rows(request: GenerateRequest, views: CanvasViews) -> tuple[list[str], list[int]]:
+    """The distinct prompts of a job and each view's row among them: ([prompt, prompt + up, prompt + down],
+    one row per view). A view whose centre is at least ``UP_DOWN_PITCH`` above the horizon gets
+    ``--prompt-up`` added to the prompt (", " between), one as far below gets ``--prompt-down``, as
+    MVDiffusion conditions each view on its own text. Then every view that sees ``--sun-direction``
+    (``CanvasViews.seeing``) gets ``SUN_PROMPT`` added to its prompt, each such prompt a row after those. Without
+    any of these: ([prompt], all 0); row 0 is always the prompt itself.
+    Raises BadRequest when a per-direction prompt is given but no view looks that way."""
+    prompts, rows = direction_prompt_rows(request, views)
+    if request.sun_direction is not None:
+        for index in views.seeing(*request.sun_direction):
+            text = f"{prompts[rows[index]]}, {SUN_PROMPT}"
+            if text not in prompts:
+                prompts.append(text)
+            rows[index] = prompts.index(text)
+    return prompts, rows
+
+
+def direction_prompt_rows(request: GenerateRequest, views: CanvasViews) -> tuple[list[str], list[int]]:
+    """``view_prompt_rows`` for --prompt-up and --prompt-down alone: ([prompt, prompt + up, prompt + down], rows)."""
+    prompts, rows = [request.prompt], [0] * len(views)
+    if not (request.prompt_up or request.prompt_down):
+        return prompts, rows
+    pitches = [pitch for _, pitch in views.centres()]
+    for flag, extra, looks in (("--prompt-up", request.prompt_up, lambda pitch: pitch >= UP_DOWN_PITCH),
+                               ("--prompt-down", request.prompt_down, lambda pitch: pitch <= -UP_DOWN_PITCH)):
+        if not extra:
+            continue
+        chosen = [index for index, pitch in enumerate(pitches) if looks(pitch)]
+        if not chosen:
+            raise BadRequest(f"{flag} has no view to act on: no view of the {request.views} view set looks "
+                             f"{UP_DOWN_PITCH:g}° or more {'up' if flag == '--prompt-up' else 'down'} on this canvas; "
+                             "use --views band+poles, ring or cube.")
+        prompts.append(f"{request.prompt}, {extra}")
+        for index in chosen:
+            rows[index] = len(prompts) - 1
+    return prompts, rows
+
+
+def sync_anchors(request: GenerateRequest, views: CanvasViews) -> list[int]:
+    """SyncDiffusion's anchor of every view of ``views``, one index per view: for ``--sync-anchor center``
+    ``ring_anchor_indices`` (the view nearest the centre; on equirect, each ring's view facing longitude 0),
+    else the given index for all. Raises BadRequest for an index past the views."""
+    if request.sync_anchor == "center":
+        return ring_anchor_indices(views)
+    if request.sync_anchor >= len(views):
+        raise BadRequest(
+            f"--sync-anchor {request.sync_anchor} is not a view: this canvas has {len(views)} views (0 to {len(views) - 1})."
+        )
+    return [request.sync_anchor] * len(views)
