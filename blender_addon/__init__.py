@@ -1,33 +1,13 @@
-"""Blender-side logic of SyncSphere: preferences, scene settings, the backend worker client, and the
-World / material appliers. Operators and panels stay thin and call into this package.
+"""SyncSphere's Blender-side logic, in two parts (docs/architecture.md, docs/blender.md "Layout"):
 
-Plain-Python modules (no bpy): ``backend_command`` (how the backend is started), ``worker_client`` (the
-protocol's client side), ``session`` (the shared worker and current job), ``generation`` (settings ->
-request). They are tested without Blender.
+- ``core/``: plain Python, no bpy: how the backend is started and set up (``backend_command``,
+  ``backend_setup``), the protocol's client side and the shared worker (``worker_client``, ``session``),
+  scene settings -> generate params (``generation``), the lighting of a HDR World (``lighting``), and the
+  models list (``model_list``). It imports only the standard library, itself and the backend's
+  standard-library leaves (``backend/protocol.py``, ``backend/request.py``), so it is tested without Blender.
+- ``scene/``: what touches Blender data: preferences, per-scene properties, the World and material
+  appliers, images, the results history, and the registration of its classes. It may import ``core``.
+
+Operators and panels stay thin and call into both. This module imports nothing, so ``core`` is importable
+without bpy; ``tests/test_addon_layers.py`` enforces the rule.
 """
-
-import bpy
-
-from . import backend_command, generation, preferences, properties, session
-from .preferences import ADDON_PACKAGE, get_preferences, interpreter_path, output_folder
-
-__all__ = ["ADDON_PACKAGE", "backend_command", "generation", "get_preferences", "interpreter_path",
-           "output_folder", "register", "session", "unregister"]
-
-_register_preferences, _unregister_preferences = bpy.utils.register_classes_factory(preferences.classes)
-
-
-def register():
-    """Register the preferences and the per-scene settings."""
-    _register_preferences()
-    properties.register()
-
-
-def unregister():
-    """Stop the backend worker, free thumbnails, and unregister in reverse order."""
-    from . import results
-
-    session.shutdown()
-    results.free_thumbnails()
-    properties.unregister()
-    _unregister_preferences()

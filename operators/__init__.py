@@ -1,4 +1,4 @@
-"""SyncSphere operators. Thin: they read the preferences and call into ``blender_addon``.
+"""SyncSphere operators. Thin: they read the preferences and call into ``blender_addon`` (``core``, ``scene``).
 
 Here: check that the configured backend interpreter can run the backend, and open the output folder.
 ``generate.py``: generate, cancel, history and world operators; ``setup.py``: set up the backend environment; ``bake.py``: bake to a UV image; ``export.py``: export the World as a cube map; ``lighting.py``: update a World's lighting; ``models.py``: the preferences' Models list (refresh, download, cancel, remove, set as default).
@@ -9,7 +9,8 @@ import os
 import bpy
 from bpy.types import Operator
 
-from ..blender_addon import backend_command, get_preferences, interpreter_path, output_folder
+from ..blender_addon.core import backend_command
+from ..blender_addon.scene.preferences import get_preferences, interpreter_path, output_folder
 from . import bake, export, generate, lighting, models, setup
 
 

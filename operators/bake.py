@@ -4,7 +4,7 @@ import bpy
 from bpy.props import IntProperty
 from bpy.types import Operator
 
-from ..blender_addon import material
+from ..blender_addon.scene import material
 
 
 class SYNCSPHERE_OT_bake_to_uv(Operator):

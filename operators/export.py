@@ -1,6 +1,6 @@
 """The "Export Cubemap" operator: the scene's SyncSphere World image as six cube faces and a cross.
 
-The work is the backend's ``python -m backend cubemap`` (backend/cubemap.py), run with the configured
+The work is the backend's ``python -m backend cubemap`` (backend/app/file_commands.py, backend/products/cubemap.py), run with the configured
 backend interpreter on the EXR the World shows. It writes face_F, face_R, face_B, face_L, face_U, face_D
 and cubemap_dice as float EXRs, in py360convert's orientation and layout (docs/engine.md): F is the
 image's centre, whatever the World's Mapping rotation.
@@ -14,8 +14,9 @@ import bpy
 from bpy.props import IntProperty, StringProperty
 from bpy.types import Operator
 
-from ..blender_addon import backend_command, get_preferences, interpreter_path
-from ..blender_addon.world import SOURCE_PROP, is_syncsphere_world
+from ..blender_addon.core import backend_command
+from ..blender_addon.scene.preferences import get_preferences, interpreter_path
+from ..blender_addon.scene.world import SOURCE_PROP, is_syncsphere_world
 
 # Where the files go when no folder is chosen: this sub-folder next to the World's EXR.
 DEFAULT_SUBFOLDER = "cubemap"

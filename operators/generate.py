@@ -6,9 +6,10 @@ import bpy
 from bpy.props import IntProperty
 from bpy.types import Operator
 
-from ..blender_addon import backend_command, generation, get_preferences, interpreter_path, output_folder, session
-from ..blender_addon.preferences import user_folder
-from ..blender_addon.results import add_history, apply_result, reuse_settings
+from ..blender_addon.core import backend_command, generation, session
+from ..blender_addon.scene.preferences import get_preferences, interpreter_path, output_folder, user_folder
+from ..blender_addon.scene import world
+from ..blender_addon.scene.results import add_history, apply_result, reuse_settings
 
 
 def redraw_areas(context, area_types):
@@ -182,8 +183,6 @@ class SYNCSPHERE_OT_restore_world(Operator):
 
     def execute(self, context):
         """Restore the remembered World if it still exists."""
-        from ..blender_addon import world
-
         if not world.restore_previous_world(context):
             self.report({"WARNING"}, "There is no previous World to restore")
             return {"CANCELLED"}

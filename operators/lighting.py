@@ -1,9 +1,9 @@
 """Update Lighting: apply the scene's SyncSphere World again with the current Lighting settings. Thin: the
-work is in ``blender_addon.world.apply_lit_world``."""
+work is in ``blender_addon.scene.world.apply_lit_world``."""
 
 from bpy.types import Operator
 
-from ..blender_addon import world
+from ..blender_addon.scene import world
 
 
 class SYNCSPHERE_OT_update_lighting(Operator):

@@ -1,6 +1,6 @@
 """The Models list's operators: refresh, download (with Cancel), remove, set as default.
 
-Thin: the work is ``blender_addon.model_list``, run with the configured backend Python. A download runs in
+Thin: the work is ``blender_addon.core.model_list``, run with the configured backend Python. A download runs in
 its own process; in the UI a timer (``follow_download``) takes in its progress and redraws the preferences,
 in background mode (scripts, tests: Blender's timers never fire) the operator waits for it and prints its
 progress. Downloads need Blender's online access, like the backend setup (design section 7).
@@ -10,8 +10,8 @@ import bpy
 from bpy.props import StringProperty
 from bpy.types import Operator
 
-from ..blender_addon import backend_command, model_list
-from ..blender_addon.preferences import get_preferences, interpreter_path, model_folders
+from ..blender_addon.core import backend_command, model_list
+from ..blender_addon.scene.preferences import get_preferences, interpreter_path, model_folders
 from . import setup
 from .generate import redraw_areas
 

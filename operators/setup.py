@@ -2,7 +2,7 @@
 
 It creates a virtual environment in SyncSphere's user folder (which survives extension upgrades) with
 Blender's bundled Python, installs the extension's requirements.txt into it, and points the "Backend
-Python" preference at it. The work is ``blender_addon.backend_setup.BackendSetup``; this module only
+Python" preference at it. The work is ``blender_addon.core.backend_setup.BackendSetup``; this module only
 starts it and follows it. It downloads several gigabytes, so it runs only when Blender's online access
 allows (design section 7); otherwise it explains how to allow it or how to use an existing Python.
 
@@ -15,8 +15,8 @@ import sys
 import bpy
 from bpy.types import Operator
 
-from ..blender_addon import backend_setup
-from ..blender_addon.preferences import get_preferences, user_folder
+from ..blender_addon.core import backend_setup
+from ..blender_addon.scene.preferences import get_preferences, user_folder
 from .generate import redraw_areas
 
 # Sub-folders of SyncSphere's user folder: the environment, and the log (outside the environment,

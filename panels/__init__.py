@@ -1,14 +1,16 @@
 """SyncSphere panels, drawn the same in the World properties tab and in the 3D viewport sidebar.
 
-Thin: they draw ``scene.syncsphere`` (blender_addon/properties.py), the preferences, and the state of the
-current job (blender_addon/session.py), and call the operators.
+Thin: they draw ``scene.syncsphere`` (blender_addon/scene/properties.py), the preferences, and the state of the
+current job (blender_addon/core/session.py), and call the operators.
 """
 
 import bpy
 from bpy.types import Panel
 
-from ..blender_addon import generation, get_preferences, material, session, world
-from ..blender_addon.results import thumbnail_icon
+from ..blender_addon.core import generation, session
+from ..blender_addon.scene import material, world
+from ..blender_addon.scene.preferences import get_preferences
+from ..blender_addon.scene.results import thumbnail_icon
 
 
 def draw_main(layout, context):

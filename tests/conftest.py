@@ -1,11 +1,41 @@
-"""Shared fixtures: a tiny random Stable Diffusion model saved as a diffusers folder, no network."""
+"""Shared fixtures: a tiny random Stable Diffusion model saved as a diffusers folder, no network.
 
+Also makes the repository importable as the package ``syncsphere`` (see ``register_extension_package``), so the
+add-on's plain-Python modules are imported as what they are, ``syncsphere.blender_addon.core.*``, without Blender.
+"""
+
+import importlib.util
 import os
+import sys
+from pathlib import Path
 
 os.environ["HF_HUB_OFFLINE"] = "1"  # tests never touch the network
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+
+EXTENSION_PACKAGE = "syncsphere"
+"""The name the repository folder is imported under in tests; Blender imports it as
+``bl_ext.<repository>.syncsphere``. The folder's own name differs between checkouts, so it is not used."""
+
+
+def register_extension_package():
+    """Put the repository folder into ``sys.modules`` as the package ``syncsphere`` without running its
+    ``__init__.py`` (which imports the operators and panels, and with them bpy). Its sub-packages then import
+    normally, relative imports included: ``importlib.import_module("syncsphere.blender_addon.core.generation")``
+    loads that module and what it imports (``syncsphere.backend.request``), and nothing of Blender's.
+    Returns the package; a second call returns the one already registered."""
+    if EXTENSION_PACKAGE not in sys.modules:
+        spec = importlib.util.spec_from_file_location(EXTENSION_PACKAGE, REPO / "__init__.py",
+                                                      submodule_search_locations=[str(REPO)])
+        sys.modules[EXTENSION_PACKAGE] = importlib.util.module_from_spec(spec)
+    return sys.modules[EXTENSION_PACKAGE]
+
+
+# Before any test module is collected, so they import ``syncsphere.blender_addon.core`` at their top.
+register_extension_package()
 
 
 @pytest.fixture(scope="session")

@@ -1,6 +1,6 @@
 """The import graph of a package, read from its source with ``ast`` (nothing is imported or run).
 
-Used by the layer tests (tests/test_backend_layers.py): every ``import`` and ``from … import`` counts,
+Used by the layer tests (tests/test_backend_layers.py, tests/test_addon_layers.py): every ``import`` and ``from … import`` counts,
 at module level or inside a function, because an import inside a function is still a dependency.
 """
 
@@ -12,21 +12,25 @@ from pathlib import Path
 
 def module_name(root: Path, path: Path) -> str:
     """The dotted name of the module at ``path`` under ``root`` (the folder that holds the top package):
-    ``root/backend/app/cli.py`` -> ``backend.app.cli``; a package's ``__init__.py`` is the package itself."""
+    ``root/backend/app/cli.py`` -> ``backend.app.cli``; a package's ``__init__.py`` is the package itself, so
+    ``root/__init__.py`` (the Blender extension's root package) is ``""``."""
     parts = list(path.relative_to(root).with_suffix("").parts)
     if parts[-1] == "__init__":
         parts.pop()
     return ".".join(parts)
 
 
-def import_graph(root: Path, package: str) -> dict[str, set[str]]:
-    """{module: the modules it imports} for every module of ``package`` (a folder under ``root``).
+def import_graph(root: Path, *packages: str) -> dict[str, set[str]]:
+    """{module: the modules it imports} for every module of ``packages``: folders under ``root`` (each read
+    whole) or single files (such as ``__init__.py``, the extension's root package, named ``""``).
 
     Imported names are absolute: relative imports are resolved against the importing module, and
     ``from pkg import name`` counts as importing ``pkg.name`` when that is a module of the tree, else ``pkg``.
     Imports from outside the tree keep their full dotted name (``torch.nn``, ``os``).
     """
-    files = {module_name(root, path): path for path in sorted((root / package).rglob("*.py"))}
+    paths = [path for package in packages
+             for path in ([root / package] if (root / package).is_file() else sorted((root / package).rglob("*.py")))]
+    files = {module_name(root, path): path for path in paths}
     graph = {}
     for name, path in files.items():
         is_package = path.name == "__init__.py"
@@ -38,10 +42,11 @@ def import_graph(root: Path, package: str) -> dict[str, set[str]]:
             elif isinstance(node, ast.ImportFrom):
                 base = node.module or ""
                 if node.level:
-                    anchor = current_package.split(".")[: len(current_package.split(".")) - (node.level - 1)]
+                    parts = current_package.split(".") if current_package else []  # [] in the root package
+                    anchor = parts[: len(parts) - (node.level - 1)]
                     base = ".".join(anchor + ([node.module] if node.module else []))
                 for alias in node.names:
-                    candidate = f"{base}.{alias.name}"
+                    candidate = f"{base}.{alias.name}" if base else alias.name  # from . import x, in the root
                     imported.add(candidate if candidate in files else base)
         imported.discard(name)
         graph[name] = imported

@@ -1,4 +1,4 @@
-"""What a Generate press sends (blender_addon/generation.py), without Blender: the scene settings become
+"""What a Generate press sends (blender_addon/core/generation.py), without Blender: the scene settings become
 the protocol's generate params, and the backend's own request validation (backend/request.py, standard
 library only) accepts them and reads them as meant.
 """
@@ -10,15 +10,13 @@ import pytest
 
 from backend.errors import BadRequest
 from backend.request import GenerateRequest
-from test_worker_client import load_addon_module
-
-generation = load_addon_module("generation")
+from syncsphere.blender_addon.core import generation
 
 SYNC_OPTIONS = ("sync_weight", "sync_steps", "sync_fast")
 
 
 def settings(**overrides):
-    """A stand-in for scene.syncsphere with the defaults of blender_addon/properties.py."""
+    """A stand-in for scene.syncsphere with the defaults of blender_addon/scene/properties.py."""
     values = dict(prompt="a harbour at dusk", negative_prompt="fog", mode="WORLD", resolution="DRAFT", seed=3,
                   randomize_seed=False, steps=30, guidance=6.5, sync_method="MULTIDIFFUSION", window=0, stride=0,
                   device="PREFERENCES", sync_weight=20.0, sync_steps=10, sync_fast=False, syncsde_lambda=5.0,

@@ -1,7 +1,7 @@
-"""The lighting of a HDR World without Blender: blender_addon/lighting.py (lighting.json, directions, the Sun
+"""The lighting of a HDR World without Blender: blender_addon/core/lighting.py (lighting.json, directions, the Sun
 lamp's rotation) and the HDR params generation.generate_params sends (issue #8).
 
-The directions restate blender_addon/world.py's convention, which tests/test_blender_world.py established
+The directions restate blender_addon/scene/world.py's convention, which tests/test_blender_world.py established
 by rendering; tests/test_blender_lighting.py renders the lamp and the shadows that follow from them.
 """
 
@@ -13,9 +13,7 @@ import numpy as np
 import pytest
 
 from test_addon_generation import backend_request, generation, settings
-from test_worker_client import load_addon_module
-
-lighting = load_addon_module("lighting")
+from syncsphere.blender_addon.core import lighting
 
 
 def source(**overrides):

@@ -1,4 +1,4 @@
-"""The preferences' Models list without Blender (blender_addon/model_list.py): parsing ``models list --json``,
+"""The preferences' Models list without Blender (blender_addon/core/model_list.py): parsing ``models list --json``,
 sizes, the panel's model menu, and downloads, removals and listings run as the add-on runs them, through
 ``python -m backend models`` in a subprocess.
 
@@ -16,16 +16,13 @@ import pytest
 
 import hub_server
 from hub_server import HubServer
-from test_worker_client import load_addon_module
+from syncsphere.blender_addon.core import backend_command as commands
+from syncsphere.blender_addon.core import model_list
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 MODEL_ID = "syncsphere-test/tiny-sd2"
 UNET_WEIGHTS = "unet/diffusion_pytorch_model.safetensors"
 VAE_WEIGHTS = "vae/diffusion_pytorch_model.safetensors"
-
-
-model_list = load_addon_module("model_list")
-commands = load_addon_module("backend_command")
 
 
 @pytest.fixture(scope="session")

@@ -14,10 +14,9 @@ import time
 import zipfile
 
 import pytest
-from test_extension import _PRELUDE, _bpy_dir, _run_python
-from test_worker_client import load_addon_module
 
-backend_setup = load_addon_module("backend_setup")
+from syncsphere.blender_addon.core import backend_setup
+from test_extension import _PRELUDE, _bpy_dir, _run_python
 
 # Seconds a whole run (venv with pip, one local package) may take on a slow machine.
 RUN_TIMEOUT_S = 300
@@ -294,7 +293,7 @@ _OPERATOR_PRELUDE = _PRELUDE + """
 import os
 import bpy
 load_addon()
-from syncsphere.blender_addon.preferences import SyncSpherePreferences
+from syncsphere.blender_addon.scene.preferences import SyncSpherePreferences
 from syncsphere.operators import setup as setup_operator
 
 bpy.utils.register_class(SyncSpherePreferences)

@@ -16,7 +16,7 @@ from test_blender_generate import extension_zip, run_blender  # noqa: E402,F401 
 
 SCRIPT = """
 import importlib, traceback
-W = importlib.import_module(ADDON + ".blender_addon.world")
+W = importlib.import_module(ADDON + ".blender_addon.scene.world")
 export = importlib.import_module(ADDON + ".operators.export")
 # Until operators/__init__.py lists export.classes, the test registers the operator itself.
 registered_here = not export.SYNCSPHERE_OT_export_cubemap.is_registered

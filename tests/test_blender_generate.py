@@ -128,7 +128,7 @@ def test_tileable_texture_lands_on_the_active_object(extension_zip, tiny_model, 
 # While the operator waits for the job (background mode), a thread breaks it at its first denoising step.
 INTERRUPT_AT_DENOISING = """
     import signal, threading, time
-    session = sys.modules[ADDON + ".blender_addon.session"]
+    session = sys.modules[ADDON + ".blender_addon.core.session"]
 
     def interrupt(action):
         def run():
@@ -213,14 +213,14 @@ def test_syncdiffusion_world_end_to_end(extension_zip, tiny_model, tmp_path):
     offline) for every view, so the test shrinks the Draft world preset to 256x128 (4 views of 16 latents)
     to stay a few seconds on a CPU."""
     report = run_blender("""
-        generation = sys.modules[ADDON + ".blender_addon.generation"]
+        generation = sys.modules[ADDON + ".blender_addon.core.generation"]
         generation.RESOLUTIONS["WORLD"]["DRAFT"] = (256, 128)
         settings.mode = "WORLD"
         settings.randomize_seed, settings.seed = False, 9
         settings.sync_method = "SYNCDIFFUSION"
         settings.sync_weight, settings.sync_steps = 15.0, 1
         assert bpy.ops.syncsphere.generate() == {"FINISHED"}
-        session = sys.modules[ADDON + ".blender_addon.session"]
+        session = sys.modules[ADDON + ".blender_addon.core.session"]
         item = settings.history[0]
         environment = next(node for node in bpy.context.scene.world.node_tree.nodes if node.type == "TEX_ENVIRONMENT")
         metadata = session.current_job().outputs["metadata"]

@@ -26,7 +26,7 @@ SCRIPT = """
 import importlib, math, traceback
 import numpy as np
 
-W = importlib.import_module(ADDON + ".blender_addon.world")
+W = importlib.import_module(ADDON + ".blender_addon.scene.world")
 scene = bpy.context.scene
 user_world = scene.world
 assert user_world is not None and not W.is_syncsphere_world(user_world)
@@ -178,7 +178,7 @@ def test_face_camera_turns_the_world_to_the_camera(report):
     step = _step(report, "two_worlds")
     x, y, z = step["second_rotation"]
     assert (x, y) == (0.0, 0.0)
-    # face_camera_rotation returns minus the camera's azimuth (blender_addon/world.py).
+    # face_camera_rotation returns minus the camera's azimuth (blender_addon/scene/world.py).
     assert z == pytest.approx(step["face_camera_rotation"], abs=1e-6)
     assert z == pytest.approx(-math.radians(CAMERA_AZIMUTH_DEGREES), abs=1e-5)
 

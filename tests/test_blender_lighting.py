@@ -38,7 +38,8 @@ import bpy
 from mathutils import Vector
 from bpy_extras.object_utils import world_to_camera_view
 
-""" + _ENABLE_ADDON + r"""from syncsphere.blender_addon import lighting as L, results, world as W
+""" + _ENABLE_ADDON + r"""from syncsphere.blender_addon.core import lighting as L
+from syncsphere.blender_addon.scene import results, world as W
 
 context = bpy.context
 scene = context.scene
@@ -670,7 +671,7 @@ def test_the_lighting_panel_the_real_settings_and_the_history(tmp_path):
     from test_blender_panels import _blender as panel_blender, _operators, _props
 
     report = panel_blender("""
-from syncsphere.blender_addon import generation
+from syncsphere.blender_addon.core import generation
 settings.mode = "WORLD"
 report = {"user world": draw("SYNCSPHERE_PT_world_lighting")}
 W.apply_world(context, write_exr(os.path.join(TMP, "grey.exr"), np.full((4, 8, 3), 0.5, np.float32)))

@@ -22,7 +22,7 @@ pytestmark = pytest.mark.skipif(importlib.util.find_spec("bpy") is None, reason=
 # Prepended to each test's Blender code. The repository folder's name differs between checkouts, so the
 # root package is created from its __init__.py under the fixed name "syncsphere" (as test_extension.py
 # does, and as Blender loads it under "bl_ext.<repository>.syncsphere"). Its __init__ is not run: these
-# tests only need blender_addon/, not the operators and panels that the root package imports.
+# tests only need blender_addon/scene/, not the operators and panels that the root package imports.
 _PRELUDE = f"""
 import importlib, importlib.util, os, sys, warnings
 import bpy
@@ -33,7 +33,7 @@ REPO = {str(REPO)!r}
 spec = importlib.util.spec_from_file_location("syncsphere", REPO + "/__init__.py",
                                               submodule_search_locations=[REPO])
 sys.modules["syncsphere"] = importlib.util.module_from_spec(spec)
-material = importlib.import_module("syncsphere.blender_addon.material")
+material = importlib.import_module("syncsphere.blender_addon.scene.material")
 assert "torch" not in sys.modules
 
 context = bpy.context

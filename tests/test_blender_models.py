@@ -30,7 +30,8 @@ pytestmark = pytest.mark.skipif(BLENDER_PYTHON == os.path.abspath(sys.executable
 # Runs after the panels' helpers (the add-on enabled, RecordingLayout, draw(), result(), finish()).
 _MODELS_HELPERS = r"""
 import time
-from syncsphere.blender_addon import generation, model_list, preferences
+from syncsphere.blender_addon.core import generation, model_list
+from syncsphere.blender_addon.scene import preferences
 
 models_operators = sys.modules["syncsphere.operators.models"]
 setup_operators = sys.modules["syncsphere.operators.setup"]

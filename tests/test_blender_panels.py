@@ -46,7 +46,9 @@ import bpy
 
 """ + _ENABLE_ADDON + r"""
 from syncsphere import panels
-from syncsphere.blender_addon import get_preferences, material, results, session, world as W
+from syncsphere.blender_addon.core import session
+from syncsphere.blender_addon.scene import material, results, world as W
+from syncsphere.blender_addon.scene.preferences import get_preferences
 
 context = bpy.context
 scene = context.scene
@@ -481,7 +483,7 @@ def test_the_real_settings_send_syncsde_and_merged_attention_and_the_history_kee
     """generation.generate_params on the registered settings (their real defaults), and the history keeping
     and giving back (Reuse) SyncSDE's pull strength and merged attention."""
     report = _blender("""
-from syncsphere.blender_addon import generation
+from syncsphere.blender_addon.core import generation
 report = {"default": generation.generate_params(settings, 7, model="m", device="cpu")}
 settings.sync_method = "SYNCSDE"
 report["syncsde"] = generation.generate_params(settings, 7, model="m", device="cpu")
@@ -516,7 +518,7 @@ def test_the_real_settings_send_syncdiffusion_only_when_chosen(tmp_path):
     """generation.generate_params on the registered settings (their real defaults), and the history keeping
     and giving back the synchronisation settings (Reuse)."""
     report = _blender("""
-from syncsphere.blender_addon import generation
+from syncsphere.blender_addon.core import generation
 report = {"default": generation.generate_params(settings, 7, model="m", device="cpu")}
 settings.sync_method = "SYNCDIFFUSION"
 report["syncdiffusion"] = generation.generate_params(settings, 7, model="m", device="cpu")
@@ -584,7 +586,7 @@ def test_the_real_settings_send_the_view_set_only_for_a_world_and_the_history_ke
     """generation.generate_params on the registered settings, and the history keeping and giving back
     (Reuse) the view set and the sky / ground prompts."""
     report = _blender("""
-from syncsphere.blender_addon import generation
+from syncsphere.blender_addon.core import generation
 settings.mode = "WORLD"
 report = {"default": generation.generate_params(settings, 7, model="m", device="cpu")}
 settings.view_set, settings.prompt_up, settings.prompt_down = "BAND_POLES", "clear blue sky", " "

@@ -1,4 +1,4 @@
-"""The World applier (blender_addon/world.py) in headless Blender: direction, EXR values, nodes, restore.
+"""The World applier (blender_addon/scene/world.py) in headless Blender: direction, EXR values, nodes, restore.
 
 Like tests/test_extension.py, everything that imports bpy runs in a fresh interpreter (this one's
 executable, which has the ``bpy`` module), loading the add-on the way that file does; the subprocess
@@ -28,7 +28,7 @@ import bpy
 from mathutils import Quaternion, Vector
 
 load_addon()
-from syncsphere.blender_addon import world as W
+from syncsphere.blender_addon.scene import world as W
 
 bpy.ops.wm.read_factory_settings(use_empty=True)
 

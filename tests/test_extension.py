@@ -16,6 +16,8 @@ from pathlib import Path
 
 import pytest
 
+from syncsphere.blender_addon.core import backend_command
+
 REPO = Path(__file__).resolve().parents[1]
 
 # The folders whose modules Blender imports; none of them may import torch (design section 1).
@@ -204,8 +206,10 @@ def test_build_zip_contains_backend_and_no_development_files(tmp_path):
     files = [n for n in names if not n.endswith("/")]
 
     for required in ("blender_manifest.toml", "__init__.py", "backend/__init__.py",
-                     "blender_addon/__init__.py", "blender_addon/backend_command.py",
-                     "operators/__init__.py", "panels/__init__.py"):
+                     "blender_addon/__init__.py", "blender_addon/core/backend_command.py",
+                     "blender_addon/scene/__init__.py", "operators/__init__.py", "panels/__init__.py",
+                     # the backend's leaves, which blender_addon/core imports
+                     "backend/errors.py", "backend/protocol.py", "backend/request.py"):
         assert required in files, f"{required} missing from {sorted(files)}"
 
     excluded_tops = ("tests", "benchmarks", "docs", ".ci", ".venv", ".git", ".pytest_cache",
@@ -235,8 +239,8 @@ def test_addon_imports_without_torch():
 sys.meta_path.insert(0, Blocker("torch", "diffusers", "transformers"))
 import bpy
 load_addon()
-import syncsphere.blender_addon, syncsphere.blender_addon.preferences
-import syncsphere.blender_addon.backend_command
+import syncsphere.blender_addon.scene, syncsphere.blender_addon.scene.preferences
+import syncsphere.blender_addon.core.backend_command, syncsphere.blender_addon.core.worker_client
 import syncsphere.operators, syncsphere.panels
 assert "torch" not in sys.modules
 """)
@@ -249,18 +253,6 @@ sys.meta_path.insert(0, Blocker("bpy"))
 sys.path.insert(0, REPO)
 import backend
 assert "bpy" not in sys.modules
-""")
-
-
-def test_backend_command_module_needs_no_bpy():
-    """backend_command.py is plain Python: it loads with bpy unimportable."""
-    _run_python(_PRELUDE + """
-sys.meta_path.insert(0, Blocker("bpy", "torch"))
-spec = importlib.util.spec_from_file_location(
-    "backend_command", REPO + "/blender_addon/backend_command.py")
-module = importlib.util.module_from_spec(spec)
-spec.loader.exec_module(module)
-assert module.backend_command("python")[:3] == ["python", "-m", "backend"]
 """)
 
 
@@ -306,7 +298,7 @@ import bpy
 addon = load_addon()
 PANELS = {PANEL_CLASSES!r}
 OPERATORS = {OPERATOR_CLASSES!r}
-from syncsphere.blender_addon.preferences import SyncSpherePreferences
+from syncsphere.blender_addon.scene.preferences import SyncSpherePreferences
 
 for attempt in range(2):
     addon.register()
@@ -342,49 +334,37 @@ print("ok")
 # --- backend command line ------------------------------------------------------------------------
 
 
-def _load_backend_command():
-    """Load blender_addon/backend_command.py on its own (it needs no bpy and no package)."""
-    spec = importlib.util.spec_from_file_location(
-        "syncsphere_backend_command", REPO / "blender_addon" / "backend_command.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 def test_backend_command_line_and_environment():
     """The worker command and its environment are what design section 1 specifies."""
-    bc = _load_backend_command()
-    assert bc.backend_command("/opt/py/bin/python") == [
+    assert backend_command.backend_command("/opt/py/bin/python") == [
         "/opt/py/bin/python", "-m", "backend", "serve", "--stdio"]
-    assert bc.backend_command("py", "info") == ["py", "-m", "backend", "info"]
+    assert backend_command.backend_command("py", "info") == ["py", "-m", "backend", "info"]
     # The extension folder is the repository root: the folder that holds backend/.
-    assert Path(bc.EXTENSION_DIR) == REPO
+    assert Path(backend_command.EXTENSION_DIR) == REPO
 
     base = {"PATH": "/usr/bin", "PYTHONPATH": "/blender/scripts/modules", "PYTHONHOME": "/blender"}
-    env = bc.backend_environment("/ext/syncsphere", base_env=base)
+    env = backend_command.backend_environment("/ext/syncsphere", base_env=base)
     assert env["PYTHONPATH"] == "/ext/syncsphere"
     assert "PYTHONHOME" not in env
     assert env["PATH"] == "/usr/bin"
     assert env["PYTHONIOENCODING"] == "utf-8"
     assert "HF_HUB_OFFLINE" not in env
     assert base["PYTHONPATH"] == "/blender/scripts/modules", "the base environment is not modified"
-    assert bc.backend_environment(base_env={})["PYTHONPATH"] == bc.EXTENSION_DIR
-    assert bc.backend_environment(base_env={}, allow_network=False)["HF_HUB_OFFLINE"] == "1"
+    assert backend_command.backend_environment(base_env={})["PYTHONPATH"] == backend_command.EXTENSION_DIR
+    assert backend_command.backend_environment(base_env={}, allow_network=False)["HF_HUB_OFFLINE"] == "1"
 
 
 def test_interpreter_errors_are_readable(tmp_path):
     """Unset or missing interpreters give one readable sentence; a real one gives None."""
-    bc = _load_backend_command()
-    assert "No backend Python interpreter is set" in bc.interpreter_error("")
-    assert "does not exist" in bc.interpreter_error(str(tmp_path / "nope" / "python"))
-    assert bc.interpreter_error(sys.executable) is None
-    ok, text = bc.run_backend("", "info")
+    assert "No backend Python interpreter is set" in backend_command.interpreter_error("")
+    assert "does not exist" in backend_command.interpreter_error(str(tmp_path / "nope" / "python"))
+    assert backend_command.interpreter_error(sys.executable) is None
+    ok, text = backend_command.run_backend("", "info")
     assert not ok and "No backend Python interpreter is set" in text
 
 
 def test_run_backend_runs_the_module_from_the_extension_folder(tmp_path):
     """run_backend runs ``python -m backend ...`` with the extension folder on PYTHONPATH."""
-    bc = _load_backend_command()
     extension = tmp_path / "extension"
     (extension / "backend").mkdir(parents=True)
     (extension / "backend" / "__init__.py").write_text("", encoding="utf-8")
@@ -398,12 +378,12 @@ def test_run_backend_runs_the_module_from_the_extension_folder(tmp_path):
         print("offline", os.environ.get("HF_HUB_OFFLINE"))
     """), encoding="utf-8")
 
-    ok, text = bc.run_backend(sys.executable, "info", extension_dir=extension, allow_network=False)
+    ok, text = backend_command.run_backend(sys.executable, "info", extension_dir=extension, allow_network=False)
     assert ok, text
     assert "args ['info']" in text
     assert f"path {extension}" in text
     assert "offline 1" in text
 
-    ok, text = bc.run_backend(sys.executable, "fail", extension_dir=extension)
+    ok, text = backend_command.run_backend(sys.executable, "fail", extension_dir=extension)
     assert not ok
     assert "exit status 3" in text and "model not found" in text

@@ -1,25 +1,15 @@
 """The add-on's worker client against a real backend process: jobs, cancel, a killed, hung or garbling worker."""
 
-import importlib.util
 import os
 import signal
 import sys
 
 import pytest
 
+from syncsphere.blender_addon.core import backend_command as commands
+from syncsphere.blender_addon.core import worker_client as client
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-
-def load_addon_module(name):
-    """Load a bpy-free module of blender_addon/ by path (the package itself imports bpy)."""
-    spec = importlib.util.spec_from_file_location(f"addon_{name}", os.path.join(REPO, "blender_addon", f"{name}.py"))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-client = load_addon_module("worker_client")
-commands = load_addon_module("backend_command")
 
 
 @pytest.fixture

@@ -6,7 +6,7 @@ image with the sun's disc lowered to sky level). This module reads and checks ``
 files for a job's outputs, and turns a source's direction in the image into a direction in the Blender
 World and into the rotation of a Sun lamp that shines from it. ``world.py`` builds the nodes and the lamp.
 
-Directions (blender_addon/world.py's module docstring, established by the renders of
+Directions (blender_addon/scene/world.py's module docstring, established by the renders of
 tests/test_blender_world.py and checked for the lamp by tests/test_blender_lighting.py): an image direction
 (yaw, pitch) of design section 3 (yaw positive turns right from the image centre, pitch positive looks up)
 lies, with the World's Mapping Z rotation ``r``, at world azimuth ``atan2(y, x) = -yaw - r`` and elevation

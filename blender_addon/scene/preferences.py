@@ -8,12 +8,12 @@ import bpy
 from bpy.props import BoolProperty, EnumProperty, IntProperty, StringProperty
 from bpy.types import AddonPreferences
 
-from . import model_list
-from .model_list import DEFAULT_MODEL
+from ..core import model_list
+from ..core.model_list import DEFAULT_MODEL
 
-# Preferences belong to the add-on, whose package is the parent of this one
-# (``bl_ext.<repository>.syncsphere.blender_addon`` -> ``bl_ext.<repository>.syncsphere``).
-ADDON_PACKAGE = __package__.rpartition(".")[0]
+# Preferences belong to the add-on, whose package holds this one
+# (``bl_ext.<repository>.syncsphere.blender_addon.scene`` -> ``bl_ext.<repository>.syncsphere``).
+ADDON_PACKAGE = __package__.removesuffix(".blender_addon.scene")
 
 # Sub-folder of the extension's user folder that holds generated images when no folder is chosen.
 OUTPUTS_SUBFOLDER = "outputs"

@@ -4,7 +4,7 @@ import bpy
 from bpy.props import BoolProperty, CollectionProperty, EnumProperty, FloatProperty, IntProperty, PointerProperty, StringProperty
 from bpy.types import PropertyGroup
 
-from .generation import MAX_SEED
+from ..core.generation import MAX_SEED
 
 MODE_ITEMS = (
     ("WORLD", "360° World", "An equirectangular 360° image that becomes the scene's World", "WORLD", 0),
@@ -48,7 +48,7 @@ MEMORY_ITEMS = (
     ("low", "Low", "Slower, but fits smaller GPUs: the models moved to the CPU between stages, "
      "one view at a time and the image decoded in strips"),
 )
-# How the sun of a HDR World lights the scene (blender_addon/world.py, apply_lit_world). The identifiers are
+# How the sun of a HDR World lights the scene (blender_addon/scene/world.py, apply_lit_world). The identifiers are
 # lighting.SUN_LAMP and lighting.IN_TEXTURE.
 SUN_MODE_ITEMS = (
     ("SUN_LAMP", "Sun Lamp", "A Sun light shines from the sun's direction with its size and strength, and the "

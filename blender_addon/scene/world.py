@@ -30,7 +30,7 @@ ray, through a ``SKY_MIX_NODE`` colour mix driven by the Light Path's "Is Camera
 Background (so the World's strength stays one socket). The sun is then SyncSphere's own Sun light
 (``SUN_NAME``, marked ``obj[SUN_PROP]`` and remembered by the scene in ``scene[SCENE_SUN_PROP]``),
 turned with the World's Mapping rotation and scaled with its strength by drivers
-(blender_addon/lighting.py has the directions; tests/test_blender_lighting.py renders them).
+(blender_addon/core/lighting.py has the directions; tests/test_blender_lighting.py renders them).
 """
 
 import math
@@ -39,7 +39,7 @@ import os
 import bpy
 from mathutils import Vector
 
-from . import lighting
+from ..core import lighting
 from .images import load_image
 
 # Custom properties on Worlds that SyncSphere creates.

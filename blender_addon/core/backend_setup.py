@@ -33,11 +33,9 @@ import sys
 import threading
 import time
 
-# The folder that holds blender_manifest.toml and requirements.txt: the parent of this package.
-# (Computed here rather than imported from backend_command so this file also loads on its own.)
-EXTENSION_DIR = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from .backend_command import EXTENSION_DIR
 
-# The backend's requirements, shipped inside the extension.
+# The backend's requirements, shipped inside the extension (the folder that holds blender_manifest.toml).
 REQUIREMENTS_FILE = os.path.join(EXTENSION_DIR, "requirements.txt")
 
 # Written into the environment's folder after a successful install, and only then.

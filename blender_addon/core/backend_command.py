@@ -12,8 +12,8 @@ with the extension folder (the folder that contains ``backend/``) as the only ``
 import os
 import subprocess
 
-# The folder that holds blender_manifest.toml, __init__.py and backend/: the parent of this package.
-EXTENSION_DIR = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+# The folder that holds blender_manifest.toml, __init__.py and backend/: blender_addon/core/ is two levels below.
+EXTENSION_DIR = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 # Seconds a one-shot backend command may take. `info` imports torch and may initialise CUDA, which
 # takes several seconds on a cold start, but it must not hang Blender's UI forever.
