@@ -16,7 +16,7 @@ REQUEST_OPS = ("hello", "generate", "cancel", "shutdown")
 
 
 class ProtocolError(ValueError):
-    """A line that is not a valid protocol request; ``str()`` is one sentence for the error event."""
+    """A line that is not a valid protocol request or event; ``str()`` is one sentence for the user."""
 
 
 def encode(message: dict) -> str:
@@ -49,6 +49,42 @@ def error_event(job: str | None, kind: str, message: str) -> dict:
 def ready_event(version: str, device: str, dtype: str) -> dict:
     """The answer to hello: protocol version, backend version, default device and dtype."""
     return {"event": "ready", "protocol": PROTOCOL_VERSION, "version": version, "device": device, "dtype": dtype}
+
+
+def hello_request() -> dict:
+    """The request the client sends first; the backend answers with a ready event."""
+    return {"op": "hello"}
+
+
+def generate_request(job: str, params: dict, out_dir: str) -> dict:
+    """A generate request: ``params`` uses the CLI's flag names in snake_case, ``out_dir`` is absolute."""
+    return {"op": "generate", "job": job, "params": params, "out_dir": out_dir}
+
+
+def cancel_request(job: str) -> dict:
+    """A cancel request: the job stops before its next denoising step, with an error event of kind cancelled."""
+    return {"op": "cancel", "job": job}
+
+
+def shutdown_request() -> dict:
+    """The request that makes the backend exit (cancelling a job in progress)."""
+    return {"op": "shutdown"}
+
+
+def parse_event(line: str) -> dict:
+    """Parse one event line from the backend. Returns the event dict; raises ProtocolError when the line is not
+    a JSON object with a string ``event``.
+
+    The event name is not checked against the known ones, so a client reads a newer backend's extra events and
+    ignores what it does not know.
+    """
+    try:
+        message = json.loads(line)
+    except ValueError:
+        raise ProtocolError("The line is not valid JSON.")
+    if not isinstance(message, dict) or not isinstance(message.get("event"), str):
+        raise ProtocolError("An event must be a JSON object with an event name.")
+    return message
 
 
 def parse_request(line: str) -> dict:

@@ -6,6 +6,7 @@ import sys
 
 import pytest
 
+from syncsphere.backend import protocol
 from syncsphere.blender_addon.core import backend_command as commands
 from syncsphere.blender_addon.core import worker_client as client
 
@@ -90,6 +91,22 @@ def test_a_malformed_line_fails_the_job_with_one_sentence(tmp_path):
     assert job.wait(30) and job.state == "error"
     assert "not protocol JSON" in job.error and "Traceback" in job.error
     assert not worker.is_alive()
+
+
+def test_the_client_reads_and_writes_lines_with_the_protocol_module():
+    """The requests the client sends are ones the backend's parse_request accepts; events the backend writes
+    parse back unchanged, and a line that is not an event is one sentence (the client then stops the worker)."""
+    for request in (protocol.hello_request(), protocol.generate_request("job-1", {"prompt": "é"}, os.path.abspath("out")),
+                    protocol.cancel_request("job-1"), protocol.shutdown_request()):
+        assert protocol.parse_request(client._request_line(request).decode("utf-8")) == request
+    event = protocol.progress_event("job-1", "denoising", 3, 50)
+    assert protocol.parse_event(protocol.encode(event)) == event
+    assert protocol.parse_event('{"event": "from a newer backend"}') == {"event": "from a newer backend"}
+    for line, sentence in (("Traceback (most recent call last):", "The line is not valid JSON."),
+                           ('["event"]', "An event must be a JSON object with an event name."),
+                           ('{"op": "hello"}', "An event must be a JSON object with an event name.")):
+        with pytest.raises(protocol.ProtocolError, match=sentence.replace(".", r"\.")):
+            protocol.parse_event(line)
 
 
 def test_an_interpreter_that_cannot_start_is_one_sentence(tmp_path):

@@ -1,6 +1,6 @@
 """The preferences' Models list and the panel's model menu, as plain Python (no bpy), tested without Blender.
 
-Everything goes through the backend's model manager (``python -m backend models``, backend/models_command.py),
+Everything goes through the backend's model manager (``python -m backend models``, backend/app/models_cli.py),
 run with the configured backend Python:
 
     models list --json [--folder DIR]...      the installed models, as a JSON array (``list_installed``)
@@ -29,6 +29,8 @@ import subprocess
 import threading
 import time
 
+from ...backend import protocol
+
 # The model Generate uses until the user picks another (the backend's own default, backend/request.py).
 DEFAULT_MODEL = "stabilityai/stable-diffusion-2-base"
 
@@ -49,7 +51,7 @@ class ModelCommandError(Exception):
 
 @dataclasses.dataclass
 class InstalledModel:
-    """One entry of ``models list --json`` (backend/model_manager.py, ``InstalledModel``).
+    """One entry of ``models list --json`` (backend/engine/model_manager.py, ``InstalledModel``).
 
     id: the hub id, or the absolute path of a local folder or ``.safetensors`` file; kind: ``hub``,
     ``folder`` or ``single_file``; path: where it is on disk; size: bytes on disk; family: SD1, SD2, SDXL,
@@ -364,13 +366,10 @@ class ModelDownload:
         for raw in self.process.stdout:
             line = raw.decode("utf-8", errors="replace").strip()
             try:
-                event = json.loads(line)
-            except ValueError:
-                event = None
-            if isinstance(event, dict) and "event" in event:
-                self._events.put(event)
-            elif line:  # stdout carries protocol lines only; anything else helps explain a failure
-                self._stderr_tail.append(line)
+                self._events.put(protocol.parse_event(line))
+            except protocol.ProtocolError:
+                if line:  # stdout carries protocol lines only; anything else helps explain a failure
+                    self._stderr_tail.append(line)
         self._events.put({"event": _EXITED, "code": self.process.wait()})
 
     def _read_stderr(self):

@@ -1,7 +1,8 @@
 """The Blender side of the protocol: the backend worker process and the jobs sent to it.
 
 Plain Python (no bpy, no torch), so it is tested against a real backend without Blender. The worker is
-``python -m backend serve --stdio`` (docs/protocol.md); a thread reads its stdout into a queue, and its
+``python -m backend serve --stdio`` (docs/protocol.md); requests and events are written and read with the
+backend's own protocol module (``backend/protocol.py``, standard library only, shipped in the extension). A thread reads its stdout into a queue, and its
 stderr goes to a log file that error messages point to. A job is followed either step by step
 (``GenerationJob.poll``, from a modal operator's timer) or to its end (``GenerationJob.wait``, in
 background mode, where Blender's timers never fire).
@@ -12,12 +13,13 @@ fresh one.
 """
 
 import itertools
-import json
 import os
 import queue
 import subprocess
 import threading
 import time
+
+from ...backend import protocol
 
 # Internal events the reader thread adds to the queue: the worker's stdout ended, or a line was not JSON.
 _EXITED = "_exited"
@@ -71,7 +73,7 @@ class BackendWorker:
             log.close()  # the child holds its own handle
         self.events = queue.Queue()
         threading.Thread(target=self._read_events, args=(self.process, self.events), daemon=True).start()
-        self.send({"op": "hello"})
+        self.send(protocol.hello_request())
         event = self.next_event(timeout_s)
         if event is None or event.get("event") != "ready":
             self.stop()
@@ -86,10 +88,8 @@ class BackendWorker:
             if not line:
                 continue
             try:
-                event = json.loads(line)
-                if not isinstance(event, dict) or "event" not in event:
-                    raise ValueError
-            except ValueError:
+                event = protocol.parse_event(line)
+            except protocol.ProtocolError:
                 event = {"event": _MALFORMED, "line": line[:200]}
             events.put(event)
         events.put({"event": _EXITED, "code": process.wait()})
@@ -97,7 +97,7 @@ class BackendWorker:
     def send(self, request):
         """Write one request line; raises WorkerError when the worker is gone."""
         try:
-            self.process.stdin.write((json.dumps(request) + "\n").encode("utf-8"))
+            self.process.stdin.write(_request_line(request))
             self.process.stdin.flush()
         except (OSError, AttributeError, ValueError):
             raise WorkerError(f"The backend is not running; see its log at {self.log_path}.")
@@ -115,7 +115,7 @@ class BackendWorker:
         if process is None or process.poll() is not None:
             return
         try:
-            process.stdin.write(b'{"op":"shutdown"}\n')
+            process.stdin.write(_request_line(protocol.shutdown_request()))
             process.stdin.close()
             process.wait(timeout=grace_s)
         except (OSError, ValueError, subprocess.TimeoutExpired):
@@ -153,7 +153,7 @@ class GenerationJob:
         """Start the worker if needed and send the request. Failures end the job with an error."""
         try:
             self.worker.start()
-            self.worker.send({"op": "generate", "job": self.id, "params": self.params, "out_dir": self.out_dir})
+            self.worker.send(protocol.generate_request(self.id, self.params, self.out_dir))
         except WorkerError as error:
             self._fail(str(error))
             return
@@ -164,7 +164,7 @@ class GenerationJob:
         """Ask the worker to stop this job before its next step (the job then ends as 'cancelled')."""
         if self.state == "running":
             try:
-                self.worker.send({"op": "cancel", "job": self.id})
+                self.worker.send(protocol.cancel_request(self.id))
             except WorkerError as error:
                 self._fail(str(error))
 
@@ -216,6 +216,11 @@ class GenerationJob:
         self.error, self.state = message, "error"
 
 
+def _request_line(request):
+    """One protocol line for ``request``, as the bytes the worker's stdin takes."""
+    return (protocol.encode(request) + "\n").encode("utf-8")
+
+
 def _describe(event, timeout_s):
     if event is None:
         return f"no answer within {timeout_s:g} s"
@@ -223,4 +228,4 @@ def _describe(event, timeout_s):
         return f"it exited with code {event['code']}"
     if event.get("event") == "error":
         return event.get("message", "an error")
-    return f"it answered {json.dumps(event)[:80]}"
+    return f"it answered {protocol.encode(event)[:80]}"
