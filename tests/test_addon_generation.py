@@ -43,6 +43,22 @@ def test_the_basic_params():
     assert (tile["layout"], tile["width"], tile["height"], tile["window"], tile["stride"]) == ("tile", 2048, 2048, 48, 12)
 
 
+def test_the_addons_defaults_are_what_the_backend_does_when_nothing_is_sent(tmp_path):
+    """The defaults the settings start from (blender_addon/scene/properties.py takes them from generation) are
+    the backend's own: a request without those params reads them back."""
+    from syncsphere.blender_addon.core import model_list
+
+    unsent = backend_request({"prompt": "x", "sync": "syncdiffusion"}, tmp_path)
+    assert generation.DEFAULT_SYNC_WEIGHT == unsent.sync_weight  # decided by the backend from its default loss
+    request = backend_request({"prompt": "x"}, tmp_path)
+    assert (generation.DEFAULT_SYNCSDE_LAMBDA, generation.DEFAULT_EXPOSURE, generation.DEFAULT_SUN_RATIO) == \
+        (request.syncsde_lambda, request.exposure, request.sun_ratio)
+    assert {name: generation.BACKEND_DEFAULTS[name] for name in ("steps", "guidance", "memory", "sync", "model")} == \
+        {"steps": request.steps, "guidance": request.guidance, "memory": request.memory, "sync": request.sync,
+         "model": request.model}
+    assert model_list.DEFAULT_MODEL == request.model
+
+
 @pytest.mark.parametrize("memory", ["auto", "full", "low"])
 def test_the_memory_mode_is_sent_and_the_backend_reads_it(memory, tmp_path):
     """Every Memory item of the settings is one of the backend's --memory modes, sent as is."""

@@ -106,6 +106,7 @@ def test_every_part_exists_and_the_checks_see_real_imports():
     assert "blender_addon.core.lighting" in graph["blender_addon.scene.world"]
     assert "bpy" in graph["blender_addon.scene.world"]
     assert "backend.protocol" in graph["blender_addon.core.worker_client"]  # from ...backend import protocol
+    assert "backend.request" in graph["blender_addon.core.generation"]
 
 
 def test_the_checks_catch_bpy_in_core_an_upward_import_and_a_circle(tmp_path):

@@ -1,6 +1,7 @@
 """The add-on's worker client against a real backend process: jobs, cancel, a killed, hung or garbling worker."""
 
 import os
+import re
 import signal
 import sys
 
@@ -105,7 +106,7 @@ def test_the_client_reads_and_writes_lines_with_the_protocol_module():
     for line, sentence in (("Traceback (most recent call last):", "The line is not valid JSON."),
                            ('["event"]', "An event must be a JSON object with an event name."),
                            ('{"op": "hello"}', "An event must be a JSON object with an event name.")):
-        with pytest.raises(protocol.ProtocolError, match=sentence.replace(".", r"\.")):
+        with pytest.raises(protocol.ProtocolError, match=re.escape(sentence)):
             protocol.parse_event(line)
 
 

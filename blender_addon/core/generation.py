@@ -1,14 +1,23 @@
 """What a Generate press sends to the backend, as plain Python (no bpy), so it is tested without Blender.
 
 The scene settings (``properties.SyncSphereSettings``, or any object with the same attributes) become the
-protocol's ``generate`` params (docs/protocol.md): the CLI's flag names in snake_case.
+protocol's ``generate`` params (docs/protocol.md): the CLI's flag names in snake_case. The backend's defaults
+come from the backend's own request module (``backend/request.py``, standard library only, shipped in the
+extension), so the add-on never keeps a copy that could drift.
 """
 
+import dataclasses
 import json
 import os
 import random
 import re
 import time
+
+from ...backend import request
+
+# Every generate param's value when it is not sent: the defaults of the backend's GenerateRequest.
+BACKEND_DEFAULTS = {field.name: field.default for field in dataclasses.fields(request.GenerateRequest)
+                    if field.default is not dataclasses.MISSING}
 
 # Mode -> the backend's --layout.
 LAYOUT_OF_MODE = {"WORLD": "equirect", "TILE": "tile", "WIDE": "wide"}
@@ -22,7 +31,7 @@ RESOLUTIONS = {
 
 MAX_SEED = 2**31 - 1  # Blender's IntProperty is 32-bit signed
 
-# Synchronisation method -> the backend's --sync. MultiDiffusion is the backend's default and is never sent.
+# Synchronisation method -> the backend's --sync. The backend's default (MultiDiffusion) is never sent.
 # Each method's own params go only with it: the backend refuses sync_* (SyncDiffusion's) without
 # --sync syncdiffusion and syncsde_* without --sync syncsde.
 SYNC_OF_METHOD = {"MULTIDIFFUSION": "multidiffusion", "SYNCDIFFUSION": "syncdiffusion", "SYNCSDE": "syncsde"}
@@ -40,9 +49,14 @@ FAST_SYNC_PARAMS = {"sync_decoder": "taesd", "sync_reuse_eps": True, "sync_loss_
 # the model's window.
 VIEWS_OF_SET = {"BAND": "band", "BAND_POLES": "band+poles", "RING": "ring", "CUBE": "cube"}
 
+# SyncDiffusion's coherence weight: the backend's for its default perceptual loss, which the add-on never changes.
+DEFAULT_SYNC_WEIGHT = request.DEFAULT_SYNC_WEIGHTS[BACKEND_DEFAULTS["sync_loss"]]
+# SyncSDE's pull strength lambda.
+DEFAULT_SYNCSDE_LAMBDA = BACKEND_DEFAULTS["syncsde_lambda"]
+
 # The backend's defaults for a 360° World's HDR (--exposure, --sun-ratio): equal values are not sent.
-DEFAULT_EXPOSURE = 0.0
-DEFAULT_SUN_RATIO = 6.0
+DEFAULT_EXPOSURE = BACKEND_DEFAULTS["exposure"]
+DEFAULT_SUN_RATIO = BACKEND_DEFAULTS["sun_ratio"]
 # Blender keeps float settings in single precision (0.3 reads back 0.30000001192092896): the lighting
 # values are sent rounded to this many decimals, more than the panel shows.
 LIGHTING_DECIMALS = 4
@@ -105,7 +119,7 @@ def generate_params(settings, seed, *, model, device):
                 params[name] = text
         params.update(lighting_params(settings))
     sync = SYNC_OF_METHOD[settings.sync_method]
-    if sync != "multidiffusion":
+    if sync != BACKEND_DEFAULTS["sync"]:
         params["sync"] = sync
     if sync == "syncdiffusion":
         params["sync_weight"] = float(settings.sync_weight)

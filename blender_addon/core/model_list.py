@@ -30,9 +30,7 @@ import threading
 import time
 
 from ...backend import protocol
-
-# The model Generate uses until the user picks another (the backend's own default, backend/request.py).
-DEFAULT_MODEL = "stabilityai/stable-diffusion-2-base"
+from ...backend.request import DEFAULT_MODEL  # the model Generate uses until the user picks another
 
 # Seconds a listing or a removal may take. Listing imports huggingface_hub and scans the cache (well under
 # a second usually); removing deletes gigabytes of files. Bounded, so a stuck interpreter never hangs Blender.

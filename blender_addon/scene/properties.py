@@ -4,7 +4,8 @@ import bpy
 from bpy.props import BoolProperty, CollectionProperty, EnumProperty, FloatProperty, IntProperty, PointerProperty, StringProperty
 from bpy.types import PropertyGroup
 
-from ..core.generation import MAX_SEED
+from ..core.generation import (BACKEND_DEFAULTS, DEFAULT_EXPOSURE, DEFAULT_SUN_RATIO, DEFAULT_SYNC_WEIGHT,
+                               DEFAULT_SYNCSDE_LAMBDA, MAX_SEED)
 
 MODE_ITEMS = (
     ("WORLD", "360° World", "An equirectangular 360° image that becomes the scene's World", "WORLD", 0),
@@ -72,18 +73,18 @@ class SyncSphereHistoryItem(PropertyGroup):
     # The settings' defaults, so items recorded before these existed reuse as MultiDiffusion with the defaults
     # (and, for the view set and per-direction prompts, as Automatic without them; without merged attention).
     sync_method: EnumProperty(name="Synchronisation", items=SYNC_ITEMS, default="MULTIDIFFUSION")
-    sync_weight: FloatProperty(name="Coherence Strength", default=20.0)
+    sync_weight: FloatProperty(name="Coherence Strength", default=DEFAULT_SYNC_WEIGHT)
     sync_steps: IntProperty(name="Guided Steps", default=10)
     sync_fast: BoolProperty(name="Fast Guidance", default=False)
-    syncsde_lambda: FloatProperty(name="Pull Strength", default=5.0)
+    syncsde_lambda: FloatProperty(name="Pull Strength", default=DEFAULT_SYNCSDE_LAMBDA)
     mad: BoolProperty(name="Merged Attention", default=False)
     view_set: EnumProperty(name="View Set", items=VIEW_SET_ITEMS, default="AUTO")
     prompt_up: StringProperty(name="Sky Prompt")
     prompt_down: StringProperty(name="Ground Prompt")
     # The lighting's generation settings (items recorded before they existed: the defaults, HDR on).
     hdr: BoolProperty(name="HDR", default=True)
-    exposure: FloatProperty(name="Exposure", default=0.0)
-    sun_ratio: FloatProperty(name="Sun Ratio", default=6.0)
+    exposure: FloatProperty(name="Exposure", default=DEFAULT_EXPOSURE)
+    sun_ratio: FloatProperty(name="Sun Ratio", default=DEFAULT_SUN_RATIO)
     use_sun_direction: BoolProperty(name="Sun Direction", default=False)
     sun_yaw: FloatProperty(name="Sun Yaw", default=0.0)
     sun_pitch: FloatProperty(name="Sun Pitch", default=45.0)
@@ -101,12 +102,13 @@ class SyncSphereSettings(PropertyGroup):
     seed: IntProperty(name="Seed", description="Random seed; the same seed and settings give the same image",
                       default=0, min=0, max=MAX_SEED)
     randomize_seed: BoolProperty(name="Randomize", description="Pick a new seed for every generation", default=True)
-    steps: IntProperty(name="Steps", description="Denoising steps", default=50, min=1, max=500)
-    guidance: FloatProperty(name="Guidance", description="Classifier-free guidance scale", default=7.5, min=0.0, max=30.0)
+    steps: IntProperty(name="Steps", description="Denoising steps", default=BACKEND_DEFAULTS["steps"], min=1, max=500)
+    guidance: FloatProperty(name="Guidance", description="Classifier-free guidance scale",
+                            default=BACKEND_DEFAULTS["guidance"], min=0.0, max=30.0)
     sync_method: EnumProperty(name="Synchronisation", items=SYNC_ITEMS, default="MULTIDIFFUSION",
                               description="How the overlapping views are kept coherent")
     # SyncDiffusion's settings: drawn and sent (generation.generate_params) only with SyncDiffusion.
-    sync_weight: FloatProperty(name="Coherence Strength", default=20.0, min=0.0, soft_max=40.0,
+    sync_weight: FloatProperty(name="Coherence Strength", default=DEFAULT_SYNC_WEIGHT, min=0.0, soft_max=40.0,
                                description="How strongly every view is pulled towards the anchor view's look. "
                                            "0 gives MultiDiffusion's result; too high can wash out detail")
     sync_steps: IntProperty(name="Guided Steps", default=10, min=0, max=500,
@@ -118,9 +120,9 @@ class SyncSphereSettings(PropertyGroup):
                                         "tiny autoencoder madebyollin/taesd (downloaded once, or already in the model "
                                         "cache), reuse the gradient pass's noise prediction instead of predicting again, "
                                         "and compare views at 256 px")
-    # SyncSDE's setting: drawn and sent (generation.generate_params) only with SyncSDE. 5 is the paper's value
-    # for wide images (the backend's default).
-    syncsde_lambda: FloatProperty(name="Pull Strength", default=5.0, min=0.0, soft_max=20.0,
+    # SyncSDE's setting: drawn and sent (generation.generate_params) only with SyncSDE. The backend's default is
+    # the paper's value for wide images.
+    syncsde_lambda: FloatProperty(name="Pull Strength", default=DEFAULT_SYNCSDE_LAMBDA, min=0.0, soft_max=20.0,
                                   description="How strongly every view is pulled towards its neighbours where "
                                               "they overlap after each step. 0: the views are denoised "
                                               "independently; higher ties them together more firmly")
@@ -146,7 +148,7 @@ class SyncSphereSettings(PropertyGroup):
     stride: IntProperty(name="Stride", description="Distance between views in latent pixels; 0: window / 8",
                         default=0, min=0, max=256)
     device: EnumProperty(name="Device", items=DEVICE_ITEMS, default="PREFERENCES")
-    memory: EnumProperty(name="Memory", items=MEMORY_ITEMS, default="auto",
+    memory: EnumProperty(name="Memory", items=MEMORY_ITEMS, default=BACKEND_DEFAULTS["memory"],
                          description="How the backend uses GPU memory; choose Low if a job runs out of memory")
 
     # The world's rotation and strength, and a texture's tiling, are not copied here: the panel draws the
@@ -163,9 +165,9 @@ class SyncSphereSettings(PropertyGroup):
                       description="Make the World a HDR image: linear values, with the sun (or other lights) "
                                   "expanded into bright discs that cast real shadows, and a Sun lamp or the "
                                   "texture lighting the scene. Off: the plain image, lit like an overcast day")
-    exposure: FloatProperty(name="Exposure", default=0.0, soft_min=-5.0, soft_max=5.0,
+    exposure: FloatProperty(name="Exposure", default=DEFAULT_EXPOSURE, soft_min=-5.0, soft_max=5.0,
                             description="Scale the HDR image by 2^EV (0: as generated)")
-    sun_ratio: FloatProperty(name="Sun Ratio", default=6.0, min=0.1, soft_max=20.0,
+    sun_ratio: FloatProperty(name="Sun Ratio", default=DEFAULT_SUN_RATIO, min=0.1, soft_max=20.0,
                              description="How much brighter the sun's direct light is than the sky's, on a "
                                          "surface facing the sun. Clear days are about 3-10; higher gives "
                                          "darker shadows")
