@@ -65,6 +65,15 @@ def draw_main(layout, context):
         layout.label(text="Set the backend Python in the add-on preferences", icon="INFO")
 
 
+def draw_socket(layout, socket, text, index=-1):
+    """Draw a node socket's value (component ``index`` of a vector; -1: all), or, when the node is gone
+    (``socket`` None), a note saying that ``text`` cannot be shown."""
+    if socket is not None:
+        layout.prop(socket, "default_value", index=index, text=text)
+    else:
+        layout.label(text=f"{text}: its SyncSphere node was deleted", icon="INFO")
+
+
 def draw_result(layout, context):
     """How the result sits in the scene: the SyncSphere World's rotation and strength (its nodes' own
     sockets, so edits are live) and camera options, or the active material's tiling."""
@@ -74,19 +83,19 @@ def draw_result(layout, context):
     column.use_property_decorate = False
     if settings.mode == "WORLD":
         scene_world = context.scene.world
-        if scene_world is not None and world.is_syncsphere_world(scene_world):
-            nodes = scene_world.node_tree.nodes
-            column.prop(nodes[world.MAPPING_NODE].inputs["Rotation"], "default_value", index=2, text="Rotation")
-            column.prop(nodes[world.BACKGROUND_NODE].inputs["Strength"], "default_value", text="Strength")
+        if world.is_syncsphere_world(scene_world):
+            # The nodes' own sockets, found by the World's accessors: a node the user deleted leaves a note.
+            draw_socket(column, world.rotation_socket(scene_world), "Rotation", index=2)
+            draw_socket(column, world.strength_socket(scene_world), "Strength")
             column.operator("syncsphere.export_cubemap", icon="EXPORT")
         column.prop(settings, "hide_from_camera")
         column.prop(settings, "face_camera")
         column.operator("syncsphere.restore_world", icon="LOOP_BACK")
     elif settings.mode == "TILE":
         obj = context.active_object
-        tree = obj.active_material.node_tree if obj is not None and obj.active_material is not None else None
-        if tree is not None and material.MAPPING_NODE in tree.nodes:
-            column.prop(tree.nodes[material.MAPPING_NODE].inputs["Scale"], "default_value", text="Tiling")
+        socket = material.tile_scale_socket(obj.active_material if obj is not None else None)
+        if socket is not None:
+            column.prop(socket, "default_value", text="Tiling")
         else:
             column.label(text="The texture goes on the active object's material")
         column.operator("syncsphere.bake_to_uv", icon="RENDER_RESULT")

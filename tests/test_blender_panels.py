@@ -639,10 +639,48 @@ result(report)
         sockets = [call["args"] for call in calls if call["method"] == "prop" and call["args"]["data"] != "settings"]
         assert sockets == [
             {"data": "rotation", "property": "default_value", "index": 2, "text": "Rotation"},
-            {"data": "strength", "property": "default_value", "text": "Strength"},
+            {"data": "strength", "property": "default_value", "index": -1, "text": "Strength"},
         ]
         assert _props(calls, "settings") == ["hide_from_camera", "face_camera"]
         assert _operators(calls) == ["syncsphere.export_cubemap", "syncsphere.restore_world"]
+
+
+def test_a_syncsphere_world_whose_nodes_the_user_deleted_still_draws(tmp_path):
+    """The panels find the World's sockets through world.py's accessors: with the Mapping node deleted every
+    panel draws (no KeyError), the Result panel says the rotation is gone and still draws the strength; with the
+    Background deleted too, it says so for both. The getters and setters report the missing nodes."""
+    report = _blender("""
+settings.mode = "WORLD"
+exr = write_exr(os.path.join(TMP, "grey.exr"), np.full((4, 8, 3), 0.5, np.float32))
+new_world = W.apply_world(context, exr, rotation=0.25, strength=2.0)
+nodes = new_world.node_tree.nodes
+nodes.remove(nodes[W.MAPPING_NODE])
+TARGETS["strength"] = nodes[W.BACKGROUND_NODE].inputs["Strength"]
+report = {"no mapping": draw_all()["SYNCSPHERE_PT_world_result"],
+          "rotation": W.world_rotation(new_world), "rotation set": W.set_world_rotation(new_world, 1.0)}
+TARGETS.clear()  # before the node goes: the recording compares what is drawn with these sockets
+nodes.remove(nodes[W.BACKGROUND_NODE])
+report["no background"] = draw_all()["SYNCSPHERE_PT_view3d_result"]
+report["strength"] = W.world_strength(new_world)
+report["strength set"] = W.set_world_strength(new_world, 3.0)
+result(report)
+""", tmp_path)
+    def sockets(calls):
+        return [call["args"] for call in calls if call["method"] == "prop" and call["args"]["data"] != "settings"]
+
+    def notes(calls):
+        return [call["args"]["text"] for call in calls if call["method"] == "label"]
+
+    assert sockets(report["no mapping"]) == [{"data": "strength", "property": "default_value", "index": -1,
+                                              "text": "Strength"}]
+    assert notes(report["no mapping"]) == ["Rotation: its SyncSphere node was deleted"]
+    assert sockets(report["no background"]) == []
+    assert notes(report["no background"]) == ["Rotation: its SyncSphere node was deleted",
+                                              "Strength: its SyncSphere node was deleted"]
+    for calls in (report["no mapping"], report["no background"]):
+        assert _props(calls, "settings") == ["hide_from_camera", "face_camera"]
+        assert _operators(calls) == ["syncsphere.export_cubemap", "syncsphere.restore_world"]
+    assert (report["rotation"], report["rotation set"], report["strength"], report["strength set"]) == (0.0, False, 1.0, False)
 
 
 def test_result_panel_draws_the_tiling_of_the_active_material(tmp_path):

@@ -91,6 +91,21 @@ def apply_tile_texture(obj, image_path, *, scale=1.0):
     return material
 
 
+def _tile_mapping(material):
+    """The SyncSphere texture's Mapping node on ``material``, or None when ``material`` is None or has no such
+    node (no texture applied, or the user deleted or replaced it)."""
+    tree = material.node_tree if material is not None else None
+    mapping = tree.nodes.get(MAPPING_NODE) if tree is not None else None
+    return mapping if mapping is not None and mapping.bl_idname == "ShaderNodeMapping" else None
+
+
+def tile_scale_socket(material):
+    """The Scale input of the SyncSphere texture's Mapping node on ``material`` (how often it repeats per UV
+    unit), or None when it has none (``_tile_mapping``). The panel draws it, so edits are live and undoable."""
+    mapping = _tile_mapping(material)
+    return mapping.inputs["Scale"] if mapping is not None else None
+
+
 def set_tile_scale(material, scale):
     """Set how many times the SyncSphere texture repeats across one UV unit (on both axes).
 
@@ -98,9 +113,8 @@ def set_tile_scale(material, scale):
     ValueError when the material has no SyncSphere mapping node or the scale is not positive.
     """
     _check_scale(scale)
-    tree = material.node_tree if material is not None else None
-    mapping = tree.nodes.get(MAPPING_NODE) if tree is not None else None
-    if mapping is None or mapping.bl_idname != "ShaderNodeMapping":
+    mapping = _tile_mapping(material)
+    if mapping is None:
         raise ValueError("This material has no SyncSphere texture; apply a texture first")
     _set_mapping_scale(mapping, scale)
 

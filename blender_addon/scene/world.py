@@ -219,16 +219,36 @@ def apply_world(context, exr_path, *, rotation=0.0, strength=1.0, hide_from_came
     return world
 
 
+def _named_node(world, name):
+    """The node called ``name`` in ``world``'s node tree, or None (no tree, or no such node: the user may have
+    deleted or renamed any node SyncSphere made)."""
+    return world.node_tree.nodes.get(name) if world.node_tree else None
+
+
+def rotation_socket(world):
+    """The Rotation input of a SyncSphere world's Mapping node (its Z component turns the image), or None when
+    ``world`` has no node named ``MAPPING_NODE``. The panel draws it, so edits are live and undoable."""
+    node = _named_node(world, MAPPING_NODE)
+    return node.inputs["Rotation"] if node is not None else None
+
+
+def strength_socket(world):
+    """The Strength input of a SyncSphere world's image Background, or None when ``world`` has no node named
+    ``BACKGROUND_NODE``. The panel draws it, so edits are live and undoable."""
+    node = _named_node(world, BACKGROUND_NODE)
+    return node.inputs["Strength"] if node is not None else None
+
+
 def set_world_rotation(world, radians):
     """Set the Z rotation (radians) of a SyncSphere world's Mapping node.
 
     Returns True when the node was found and set, False when ``world`` has no node named
     ``MAPPING_NODE`` (not a SyncSphere world, or the user deleted it). X and Y rotations are kept.
     """
-    node = world.node_tree.nodes.get(MAPPING_NODE) if world.node_tree else None
-    if node is None:
+    socket = rotation_socket(world)
+    if socket is None:
         return False
-    node.inputs["Rotation"].default_value[2] = radians
+    socket.default_value[2] = radians
     # SyncSphere's lamps that follow this World turn with it. Their drivers do the same on the next
     # depsgraph update (and for edits of the socket itself, as the panel makes); this sets the value now.
     for obj in bpy.data.objects:
@@ -240,14 +260,14 @@ def set_world_rotation(world, radians):
 
 def world_rotation(world):
     """The Z rotation (radians) of a SyncSphere world's Mapping node; 0 when it has none."""
-    node = world.node_tree.nodes.get(MAPPING_NODE) if world.node_tree else None
-    return node.inputs["Rotation"].default_value[2] if node is not None else 0.0
+    socket = rotation_socket(world)
+    return socket.default_value[2] if socket is not None else 0.0
 
 
 def world_strength(world):
     """The strength of a SyncSphere world's image Background; 1 when it has none."""
-    node = world.node_tree.nodes.get(BACKGROUND_NODE) if world.node_tree else None
-    return node.inputs["Strength"].default_value if node is not None else 1.0
+    socket = strength_socket(world)
+    return socket.default_value if socket is not None else 1.0
 
 
 def set_world_strength(world, value):
@@ -256,10 +276,10 @@ def set_world_strength(world, value):
     Returns True when the node was found and set, False when ``world`` has no node named
     ``BACKGROUND_NODE``.
     """
-    node = world.node_tree.nodes.get(BACKGROUND_NODE) if world.node_tree else None
-    if node is None:
+    socket = strength_socket(world)
+    if socket is None:
         return False
-    node.inputs["Strength"].default_value = value
+    socket.default_value = value
     return True
 
 
