@@ -13,7 +13,7 @@ model; torch only in ``sampling_grid``, which builds ``grid_sample`` grids. Conv
 - 3D directions use py360convert's axes, so that our cube faces are oriented as its faces are:
   **x right, y up, z forward** (forward = yaw 0, pitch 0). Hence
   ``x = cos(lat) sin(lon)``, ``y = sin(lat)``, ``z = cos(lat) cos(lon)``; yaw +90° is +x.
-  (These are image axes, not Blender's world axes: blender_addon/world.py says where the image centre
+  (These are image axes, not Blender's world axes: blender_addon/scene/world.py says where the image centre
   lies in a Blender World.)
 - Cube faces are named F R B L U D (front, right, back, left, up, down). F looks along +z, R along +x,
   B along −z, L along −x, U along +y, D along −y. Seen from the cube's centre, each side face (F R B L)
