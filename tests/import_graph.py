@@ -76,3 +76,11 @@ def find_cycle(graph: dict[str, set[str]]) -> list[str] | None:
         if module not in state and (cycle := visit(module)):
             return cycle
     return None
+
+
+def write_tree(root: Path, files: dict[str, str]) -> None:
+    """Write ``files`` ({path relative to ``root``: source text}) under ``root``, folders included: the planted
+    trees the layer tests check their checks on."""
+    for name, text in files.items():
+        (root / name).parent.mkdir(parents=True, exist_ok=True)
+        (root / name).write_text(text)

@@ -14,7 +14,7 @@ import sys
 import textwrap
 from pathlib import Path
 
-from import_graph import find_cycle, import_graph
+from import_graph import find_cycle, import_graph, write_tree
 from test_backend_layers import LEAVES
 
 REPO = Path(__file__).resolve().parent.parent
@@ -127,9 +127,7 @@ def test_the_checks_catch_bpy_in_core_an_upward_import_and_a_circle(tmp_path):
         "operators/__init__.py": "from ..blender_addon.core import session\n",
         "panels/__init__.py": "from ..blender_addon.scene import world\n",
     }
-    for name, text in files.items():
-        (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
-        (tmp_path / name).write_text(textwrap.dedent(text))
+    write_tree(tmp_path, files)
     graph = addon_graph(tmp_path)
     assert find_cycle(graph) == ["blender_addon.scene.world", "panels", "blender_addon.scene.world"]
     assert sorted(layer_violations(graph)) == sorted([

@@ -6,10 +6,9 @@ from __future__ import annotations
 import ast
 import os
 import sys
-import textwrap
 from pathlib import Path
 
-from import_graph import find_cycle, import_graph
+from import_graph import find_cycle, import_graph, write_tree
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -81,9 +80,7 @@ def test_the_checks_catch_a_circle_an_upward_import_and_a_heavy_leaf(tmp_path):
         "backend/app/__init__.py": "",
         "backend/app/cli.py": "def main():\n    from ..sphere.canvas import Canvas\n",
     }
-    for name, text in files.items():
-        (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
-        (tmp_path / name).write_text(textwrap.dedent(text))
+    write_tree(tmp_path, files)
     graph = import_graph(tmp_path, "backend")
     assert find_cycle(graph) == ["backend.app.cli", "backend.sphere.canvas", "backend.app.cli"]
     problems = layer_violations(graph)
