@@ -78,10 +78,7 @@ def parse_event(line: str) -> dict:
     The event name is not checked against the known ones, so a client reads a newer backend's extra events and
     ignores what it does not know.
     """
-    try:
-        message = json.loads(line)
-    except ValueError:
-        raise ProtocolError("The line is not valid JSON.")
+    message = _decode(line)
     if not isinstance(message, dict) or not isinstance(message.get("event"), str):
         raise ProtocolError("An event must be a JSON object with an event name.")
     return message
@@ -92,10 +89,7 @@ def parse_request(line: str) -> dict:
 
     generate needs a string ``job``, an object ``params`` and an absolute ``out_dir``; cancel needs ``job``.
     """
-    try:
-        message = json.loads(line)
-    except ValueError:
-        raise ProtocolError("The line is not valid JSON.")
+    message = _decode(line)
     if not isinstance(message, dict):
         raise ProtocolError("A request must be a JSON object.")
     op = message.get("op")
@@ -110,3 +104,11 @@ def parse_request(line: str) -> dict:
         if not isinstance(out_dir, str) or not os.path.isabs(out_dir):
             raise ProtocolError("A generate request needs an absolute out_dir.")
     return message
+
+
+def _decode(line: str):
+    """The JSON value of one protocol line; raises ProtocolError when it is not JSON."""
+    try:
+        return json.loads(line)
+    except ValueError:
+        raise ProtocolError("The line is not valid JSON.") from None

@@ -59,7 +59,6 @@ class ResolvedRequest:
     source, lora, device, dtype: the model, its LoRA (or None), where and in which precision it runs.
     geometry: the model's VAE factor, latent channels and window.
     views: the canvas and its views (``CanvasViews``), built once.
-    fusion: "noisy", "clean" or "own" (``GenerateRequest.resolved_fusion``).
     prompts, prompt_rows: the distinct prompts and each view's row among them (``view_prompt_rows``).
     anchors: SyncDiffusion's anchor view of every view (``sync_anchors``), None without SyncDiffusion.
     unet_config: the UNet's config the views were checked against (MAD's feature resolutions).
@@ -73,12 +72,16 @@ class ResolvedRequest:
     dtype: torch.dtype
     geometry: ModelGeometry
     views: CanvasViews
-    fusion: str
     prompts: tuple[str, ...]
     prompt_rows: tuple[int, ...]
     anchors: tuple[int, ...] | None
     unet_config: object
     asked: GenerateRequest
+
+    @property
+    def fusion(self) -> str:
+        """What the loop fuses: "noisy", "clean" or "own" (``params.resolved_fusion``)."""
+        return self.params.resolved_fusion
 
 
 def resolve_request(asked: GenerateRequest, source: ModelSource, lora: ModelSource | None, device: torch.device,
@@ -92,8 +95,8 @@ def resolve_request(asked: GenerateRequest, source: ModelSource, lora: ModelSour
     params = dataclasses.replace(params, views=view_set)
     prompts, rows = view_prompt_rows(params, views)
     anchors = tuple(sync_anchors(params, views)) if params.sync == "syncdiffusion" else None
-    return ResolvedRequest(params, source, lora, device, dtype, geometry, views, params.resolved_fusion,
-                           tuple(prompts), tuple(rows), anchors, unet_config, asked)
+    return ResolvedRequest(params, source, lora, device, dtype, geometry, views, tuple(prompts), tuple(rows), anchors,
+                           unet_config, asked)
 
 
 def for_memory_plan(resolved: ResolvedRequest, view_batch: int, merged_attention: bool) -> ResolvedRequest:
@@ -114,7 +117,7 @@ def choose_views(request: GenerateRequest, vae_scale_factor: int, unet_config=No
     ``view_sets.canvas_views``; the name is None off equirect canvases, which have crop windows only.
 
     Without ``--views`` an equirect job uses ``band+poles`` when its canvas is tall enough for a row of
-    windows between ±60°, else ``band`` (docs/engine.md, "View sets"); ``views.name`` says which. With
+    windows between ±60°, else ``band`` (docs/engine.md, "View sets"); the returned name says which. With
     ``--mad-steps``, ``unet_config`` (the UNet's config, or the UNet) decides the feature resolutions MAD
     merges at: band+poles' rows are aligned to them and the views are checked to divide
     (``sync.mad.check_mad``). Raises BadRequest with one sentence when the view set does not fit the canvas
