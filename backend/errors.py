@@ -38,3 +38,17 @@ class JobCancelled(SyncSphereError):
 
     kind = "cancelled"
     exit_code = 130
+
+
+ECHO_LIMIT = 100
+"""The most characters of a user's value an error message repeats: a 10 MB field must not make a 10 MB message."""
+
+
+def shorten(value, limit: int = ECHO_LIMIT) -> str:
+    """``repr(value)`` for an error message, cut to at most ``limit`` characters (ending in "…" when cut).
+    Works for any value, including strings with lone surrogates and objects whose repr is huge."""
+    try:
+        text = repr(value) if not isinstance(value, str) or len(value) <= limit else repr(value[:limit])
+    except RecursionError:  # a deeply nested list or dict
+        text = f"<a deeply nested {type(value).__name__}>"
+    return text if len(text) <= limit else text[:limit - 1] + "…"

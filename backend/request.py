@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from types import SimpleNamespace
 from typing import Any
 
-from .errors import BadRequest
+from .errors import BadRequest, shorten
 
 DEFAULT_MODEL = "stabilityai/stable-diffusion-2-base"
 LAYOUTS = ("wide", "equirect", "tile")
@@ -26,6 +26,8 @@ DTYPES = ("auto", "float32", "float16", "bfloat16")
 # memory and the canvas (backend/engine/memory.py).
 MEMORY_MODES = ("auto", "full", "low")
 MAX_CANVAS_PIXELS = 16384
+MAX_STEPS = 1000  # the noise levels Stable Diffusion is trained on; diffusers refuses more steps
+MAX_TEXT_CHARACTERS = 10_000  # a prompt far beyond what CLIP reads (77 tokens); bounds a client's mistake
 
 # HDR lighting (backend/products/hdr.py, issue #8): the defaults of its options.
 DEFAULT_SUN_RATIO = 6.0  # the sun's irradiance over the rest of the sky's; clear days are about 3-10
@@ -93,13 +95,13 @@ def parse_view_set(name: str) -> str:
     parts = [part.strip().lower() for part in str(name).split("+")]
     for part in parts:
         if part not in VIEW_SET_PARTS:
-            shown = f"{part!r} in {name!r}" if len(parts) > 1 else repr(name)
+            shown = f"{shorten(part)} in {shorten(name)}" if len(parts) > 1 else shorten(name)
             raise ValueError(f"Unknown view set {shown}; use {choices}.")
     key = frozenset(parts)
     if len(key) == len(parts) and key in _CANONICAL:
         return _CANONICAL[key]
     reason = _NOT_A_SET.get(key, "a part is repeated") if len(key) == len(parts) else "a part is repeated"
-    raise ValueError(f"{name!r} is not a view set ({reason}); use {choices}.")
+    raise ValueError(f"{shorten(name)} is not a view set ({reason}); use {choices}.")
 
 
 
@@ -114,7 +116,7 @@ def parse_mad_blocks(blocks) -> tuple[str, ...]:
     names = [name.strip() for name in (blocks.split(",") if isinstance(blocks, str) else blocks)]
     if not names or any(name not in MAD_BLOCKS for name in names):
         shown = blocks if isinstance(blocks, str) else ",".join(names)
-        raise ValueError(f"--mad-blocks takes a comma-separated list of {', '.join(MAD_BLOCKS)}, not {shown!r}.")
+        raise ValueError(f"--mad-blocks takes a comma-separated list of {', '.join(MAD_BLOCKS)}, not {shorten(shown)}.")
     return tuple(name for name in MAD_BLOCKS if name in names)
 
 
@@ -122,7 +124,7 @@ def check_syncsde_lambda(value: Any) -> float:
     """SyncSDE's strength lambda as a float: a finite number >= 0 (0: every view sampled on its own).
     Raises ValueError with one sentence otherwise."""
     if not _is_number(value) or value < 0:
-        raise ValueError(f"--syncsde-lambda must be a number >= 0, not {value!r}.")
+        raise ValueError(f"--syncsde-lambda must be a number >= 0, not {shorten(value)}.")
     return float(value)
 
 # --fusion: what is averaged where views overlap (docs/engine.md, "Fusion"). noisy: each view's x_{t-1}
@@ -245,7 +247,7 @@ class GenerateRequest:
         The seed, window, stride and (without --views) the view set are decided later, once
         (``engine.resolve``). Raises BadRequest with one sentence naming the first problem."""
         request = SimpleNamespace(**self.to_dict())  # a mutable draft; the result is frozen again
-        for check in (_check_size, _check_sampling, _check_model_and_device, _check_views, _check_hdr, _check_sync,
+        for check in (_check_types, _check_size, _check_sampling, _check_model_and_device, _check_views, _check_hdr, _check_sync,
                       _check_syncdiffusion, _check_mad, _check_out):
             check(request)
         return dataclasses.replace(self, **vars(request))
@@ -290,12 +292,53 @@ class GenerateRequest:
 # order and freezes the result. Each raises BadRequest with one sentence.
 
 
+TEXT_FIELDS = ("prompt", "negative_prompt", "prompt_up", "prompt_down")
+"""The fields that are words for the model (the rest of the string fields are names and paths)."""
+
+
+def _check_types(request: SimpleNamespace) -> None:
+    """Every field holds a value of the type its annotation declares: protocol params arrive as any JSON value,
+    so the rules that follow may rely on types. Booleans must be true or false (a string "false" is truthy);
+    whole-number fields take whole, finite numbers (512.0 becomes 512); number fields finite ones; text fields
+    valid Unicode of at most ``MAX_TEXT_CHARACTERS``."""
+    for field in dataclasses.fields(GenerateRequest):
+        value, kinds = getattr(request, field.name), field.type.split(" | ")
+        flag = "--" + field.name.replace("_", "-")
+        if value is None and "None" in kinds:
+            continue
+        if kinds[0] == "bool" and not isinstance(value, bool):
+            raise BadRequest(f"{flag} is a switch (true or false), not {shorten(value)}.")
+        if kinds[0] == "int":
+            setattr(request, field.name, _int(field.name, value))
+        if kinds[0] == "float" and not _is_number(value):
+            raise BadRequest(f"{flag} must be a finite number, not {shorten(value)}.")
+        if kinds[0] == "str" and not (isinstance(value, str) or _is_whole(value) and "int" in kinds
+                                      or isinstance(value, list) and "list" in kinds):
+            allowed = " or ".join({"str": "text", "int": "a whole number", "list": "a list"}[kind]
+                                  for kind in kinds if kind != "None")
+            raise BadRequest(f"{flag} must be {allowed}, not {shorten(value)}.")
+        if field.name in TEXT_FIELDS:
+            _check_text(flag, value)
+
+
+def _check_text(flag: str, text: str) -> None:
+    what = "The prompt" if flag == "--prompt" else flag
+    if len(text) > MAX_TEXT_CHARACTERS:
+        raise BadRequest(f"{what} has {len(text)} characters; at most {MAX_TEXT_CHARACTERS} are accepted "
+                         "(the model reads about 75 words).")
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as error:
+        raise BadRequest(f"{what} is not valid text: character {error.start + 1} is a byte that is not UTF-8 "
+                         "(save or type the text as UTF-8).") from None
+
+
 def _check_size(request: SimpleNamespace) -> None:
     """The prompt, the layout and the canvas size (the layout's default where none is given)."""
     if not isinstance(request.prompt, str) or not request.prompt.strip():
         raise BadRequest("The prompt is empty; describe the scene with --prompt.")
     if request.layout not in LAYOUTS:
-        raise BadRequest(f"Unknown layout '{request.layout}'; choose one of {', '.join(LAYOUTS)}.")
+        raise BadRequest(f"Unknown layout {shorten(request.layout)}; choose one of {', '.join(LAYOUTS)}.")
     default_width, default_height = DEFAULT_SIZES[request.layout]
     if request.width is None and request.height is None:
         request.width, request.height = default_width, default_height
@@ -310,7 +353,7 @@ def _check_size(request: SimpleNamespace) -> None:
     request.width, request.height = _int("width", request.width), _int("height", request.height)
     for name, value in (("width", request.width), ("height", request.height)):
         if value < 1 or value > MAX_CANVAS_PIXELS:
-            raise BadRequest(f"The {name} {value} px is outside 1..{MAX_CANVAS_PIXELS} px.")
+            raise BadRequest(f"The {name} {shorten(value)} px is outside 1..{MAX_CANVAS_PIXELS} px.")
     if request.layout == "equirect" and request.width != 2 * request.height:
         raise BadRequest(
             f"An equirect canvas must be 2:1, but {request.width}x{request.height} is not; "
@@ -323,6 +366,9 @@ def _check_sampling(request: SimpleNamespace) -> None:
     request.steps = _int("steps", request.steps)
     if request.steps < 1:
         raise BadRequest(f"--steps must be at least 1, not {request.steps}.")
+    if request.steps > MAX_STEPS:
+        raise BadRequest(f"--steps {shorten(request.steps)} is more than the {MAX_STEPS} noise levels a Stable Diffusion "
+                         "model is trained on; 20-50 steps are typical.")
     if not isinstance(request.guidance, (int, float)) or not math.isfinite(request.guidance) or request.guidance < 0:
         raise BadRequest(f"--guidance must be a number >= 0, not {request.guidance}.")
     request.view_batch = _int("view_batch", request.view_batch)
@@ -331,11 +377,11 @@ def _check_sampling(request: SimpleNamespace) -> None:
     if request.seed is not None:
         request.seed = _int("seed", request.seed)
         if not 0 <= request.seed < 2**63:
-            raise BadRequest(f"--seed must be between 0 and 2^63-1, not {request.seed}.")
+            raise BadRequest(f"--seed must be between 0 and 2^63-1, not {shorten(request.seed)}.")
     for name in ("window", "stride"):
         value = getattr(request, name)
-        if value is not None and _int(name, value) < 1:
-            raise BadRequest(f"--{name} must be a positive number of latent pixels, not {value}.")
+        if value is not None and not 1 <= _int(name, value) <= MAX_CANVAS_PIXELS:
+            raise BadRequest(f"--{name} must be a positive number of latent pixels, not {shorten(value)}.")
 
 
 def _check_model_and_device(request: SimpleNamespace) -> None:
@@ -344,24 +390,24 @@ def _check_model_and_device(request: SimpleNamespace) -> None:
         isinstance(request.scheduler, str) and request.scheduler.endswith("Scheduler") and request.scheduler.isidentifier()
     ):
         raise BadRequest(
-            f"Unknown scheduler '{request.scheduler}'; choose one of {', '.join(SCHEDULERS)} or a diffusers scheduler class name."
+            f"Unknown scheduler {shorten(request.scheduler)}; choose one of {', '.join(SCHEDULERS)} or a diffusers scheduler class name."
         )
     if request.dtype not in DTYPES:
-        raise BadRequest(f"Unknown dtype '{request.dtype}'; choose one of {', '.join(DTYPES)}.")
+        raise BadRequest(f"Unknown dtype {shorten(request.dtype)}; choose one of {', '.join(DTYPES)}.")
     if request.memory not in MEMORY_MODES:
-        raise BadRequest(f"Unknown memory mode '{request.memory}'; choose one of {', '.join(MEMORY_MODES)}.")
+        raise BadRequest(f"Unknown memory mode {shorten(request.memory)}; choose one of {', '.join(MEMORY_MODES)}.")
     if not (request.device in ("auto", "cpu", "mps", "cuda") or _is_cuda_index(request.device)):
-        raise BadRequest(f"Unknown device '{request.device}'; use {DEVICES_HELP}.")
+        raise BadRequest(f"Unknown device {shorten(request.device)}; use {DEVICES_HELP}.")
     if request.lora is not None and (not isinstance(request.lora, str) or not request.lora.strip()):
         raise BadRequest("--lora must be a .safetensors file, a folder or a hub id of LoRA weights.")
     if not _is_number(request.lora_scale):
-        raise BadRequest(f"--lora-scale must be a number, not {request.lora_scale!r}.")
+        raise BadRequest(f"--lora-scale must be a number, not {shorten(request.lora_scale)}.")
 
 
 def _check_views(request: SimpleNamespace) -> None:
     """Check --views (its canonical name; equirect only), --fusion and the per-direction prompts."""
     if request.fusion not in FUSIONS:
-        raise BadRequest(f"Unknown --fusion '{request.fusion}'; choose one of {', '.join(FUSIONS)}.")
+        raise BadRequest(f"Unknown --fusion {shorten(request.fusion)}; choose one of {', '.join(FUSIONS)}.")
     for name in ("prompt_up", "prompt_down"):
         if not isinstance(getattr(request, name), str):
             raise BadRequest(f"--{name.replace('_', '-')} must be text, not {getattr(request, name)!r}.")
@@ -406,7 +452,7 @@ def _check_hdr(request: SimpleNamespace) -> None:
 def _check_sync(request: SimpleNamespace) -> None:
     """Check --sync, that each method's options go with it only, and SyncSDE's options."""
     if request.sync not in SYNC_METHODS:
-        raise BadRequest(f"Unknown --sync '{request.sync}'; choose one of {', '.join(SYNC_METHODS)}.")
+        raise BadRequest(f"Unknown --sync {shorten(request.sync)}; choose one of {', '.join(SYNC_METHODS)}.")
     for prefix, method, name in (("sync_", "syncdiffusion", "SyncDiffusion"), ("syncsde_", "syncsde", "SyncSDE")):
         changed = [field.name for field in dataclasses.fields(GenerateRequest)
                    if field.name.startswith(prefix) and getattr(request, field.name) != field.default]
@@ -419,9 +465,9 @@ def _check_sync(request: SimpleNamespace) -> None:
         except ValueError as error:
             raise BadRequest(str(error)) from None
         if request.syncsde_compose not in SYNCSDE_COMPOSE:
-            raise BadRequest(f"Unknown --syncsde-compose '{request.syncsde_compose}'; choose one of {', '.join(SYNCSDE_COMPOSE)}.")
+            raise BadRequest(f"Unknown --syncsde-compose {shorten(request.syncsde_compose)}; choose one of {', '.join(SYNCSDE_COMPOSE)}.")
         if not isinstance(request.syncsde_open_chain, bool):
-            raise BadRequest(f"--syncsde-open-chain is a switch (true or false), not {request.syncsde_open_chain!r}.")
+            raise BadRequest(f"--syncsde-open-chain is a switch (true or false), not {shorten(request.syncsde_open_chain)}.")
         if request.fusion != "auto":
             raise BadRequest("--fusion does not apply to SyncSDE, whose views keep their own states; "
                              "use --syncsde-compose to choose how they are composed.")
@@ -432,17 +478,17 @@ def _check_syncdiffusion(request: SimpleNamespace) -> None:
     if request.sync != "syncdiffusion":
         return
     if request.sync_loss not in SYNC_LOSSES:
-        raise BadRequest(f"Unknown --sync-loss '{request.sync_loss}'; choose one of {', '.join(SYNC_LOSSES)}.")
+        raise BadRequest(f"Unknown --sync-loss {shorten(request.sync_loss)}; choose one of {', '.join(SYNC_LOSSES)}.")
     if request.sync_loss_backbone not in SYNC_LOSS_BACKBONES:
         raise BadRequest(
-            f"Unknown --sync-loss-backbone '{request.sync_loss_backbone}'; choose one of {', '.join(SYNC_LOSS_BACKBONES)}."
+            f"Unknown --sync-loss-backbone {shorten(request.sync_loss_backbone)}; choose one of {', '.join(SYNC_LOSS_BACKBONES)}."
         )
     if request.sync_weight is None:
         request.sync_weight = DEFAULT_SYNC_WEIGHTS[request.sync_loss]
     if not _is_number(request.sync_weight) or request.sync_weight < 0:
-        raise BadRequest(f"--sync-weight must be a number >= 0, not {request.sync_weight!r}.")
+        raise BadRequest(f"--sync-weight must be a number >= 0, not {shorten(request.sync_weight)}.")
     if not _is_number(request.sync_decay) or not 0 < request.sync_decay <= 1:
-        raise BadRequest(f"--sync-decay must be a number in (0, 1], not {request.sync_decay!r}.")
+        raise BadRequest(f"--sync-decay must be a number in (0, 1], not {shorten(request.sync_decay)}.")
     if request.sync_steps is not None:
         request.sync_steps = _int("sync_steps", request.sync_steps)
         if request.sync_steps < 0:
@@ -455,7 +501,7 @@ def _check_syncdiffusion(request: SimpleNamespace) -> None:
         if isinstance(anchor, str) and anchor.strip().isdigit():
             anchor = int(anchor)
         if isinstance(anchor, bool) or not isinstance(anchor, int) or anchor < 0:
-            raise BadRequest(f"--sync-anchor must be 'center' or a view index >= 0, not {request.sync_anchor!r}.")
+            raise BadRequest(f"--sync-anchor must be 'center' or a view index >= 0, not {shorten(request.sync_anchor)}.")
         request.sync_anchor = anchor
     if request.sync_loss_size is not None:
         request.sync_loss_size = _int("sync_loss_size", request.sync_loss_size)
@@ -497,7 +543,7 @@ def parse_sun_direction(value: Any) -> tuple[float, float]:
         if any(isinstance(part, bool) for part in parts):
             raise ValueError
     except (TypeError, ValueError):
-        raise BadRequest(f"--sun-direction must be YAW,PITCH in degrees (e.g. 30,45), not {value!r}.") from None
+        raise BadRequest(f"--sun-direction must be YAW,PITCH in degrees (e.g. 30,45), not {shorten(value)}.") from None
     if not (math.isfinite(yaw) and math.isfinite(pitch)):
         raise BadRequest(f"--sun-direction {yaw:g},{pitch:g} is not a direction: both angles must be finite.")
     if not -90.0 <= pitch <= 90.0:
@@ -510,19 +556,24 @@ def check_hdr_options(exposure: Any, sun_ratio: Any, sun_strength: Any, sun_dire
     ±MAX_EXPOSURE, ``sun_ratio`` > 0, ``sun_strength`` None or > 0, ``sun_direction`` None or as
     ``parse_sun_direction``. Returns the sun direction (yaw, pitch) or None. Raises BadRequest with one sentence."""
     if not _is_number(exposure) or abs(exposure) > MAX_EXPOSURE:
-        raise BadRequest(f"--exposure must be a number of EV between -{MAX_EXPOSURE:g} and {MAX_EXPOSURE:g}, not {exposure!r}.")
+        raise BadRequest(f"--exposure must be a number of EV between -{MAX_EXPOSURE:g} and {MAX_EXPOSURE:g}, not {shorten(exposure)}.")
     if not _is_number(sun_ratio) or sun_ratio <= 0:
         raise BadRequest(f"--sun-ratio must be a number > 0 (the sun's irradiance over the sky's; clear days "
-                         f"are about 3-10), not {sun_ratio!r}.")
+                         f"are about 3-10), not {shorten(sun_ratio)}.")
     if sun_strength is not None and (not _is_number(sun_strength) or sun_strength <= 0):
-        raise BadRequest(f"--sun-strength must be an irradiance > 0 in the EXR's units, not {sun_strength!r}.")
+        raise BadRequest(f"--sun-strength must be an irradiance > 0 in the EXR's units, not {shorten(sun_strength)}.")
     return None if sun_direction is None else parse_sun_direction(sun_direction)
 
 
 def _int(name: str, value: Any) -> int:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or value != int(value):
-        raise BadRequest(f"--{name.replace('_', '-')} must be a whole number, not {value!r}.")
+    if (isinstance(value, bool) or not isinstance(value, (int, float))
+            or isinstance(value, float) and not (math.isfinite(value) and value.is_integer())):
+        raise BadRequest(f"--{name.replace('_', '-')} must be a whole number, not {shorten(value)}.")
     return int(value)
+
+
+def _is_whole(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
 
 
 def _is_number(value: Any) -> bool:

@@ -15,7 +15,7 @@ import time
 import torch
 
 from .. import __version__
-from ..engine.generation import generate_image
+from ..engine.generation import check_scheduler_name, generate_image
 from ..engine.models import (
     LoadedModel,
     ModelCache,
@@ -33,7 +33,7 @@ from ..errors import BadRequest, JobCancelled
 from ..products.files import check_output_folder
 from ..products.images import srgb_to_linear
 from ..products.outputs import job_output_names, write_job_outputs
-from ..request import SCHEDULERS, GenerateRequest
+from ..request import GenerateRequest
 
 
 def check_request(request: GenerateRequest) -> CheckedRequest:
@@ -53,10 +53,7 @@ def check_request(request: GenerateRequest) -> CheckedRequest:
     lora = resolve_lora_source(params.lora, params.allow_pickle) if params.lora else None
     unet_config = read_unet_config(source)
     geometry = read_model_geometry(source, unet_config)
-    import diffusers
-
-    if params.scheduler != "auto" and not hasattr(diffusers, SCHEDULERS.get(params.scheduler) or params.scheduler):
-        raise BadRequest(f"diffusers {diffusers.__version__} has no scheduler named {params.scheduler}.")
+    check_scheduler_name(params.scheduler)
     device = resolve_device(params.device)
     dtype = resolve_dtype(params.dtype, device)
     if dtype == torch.float16 and device.type == "cpu":

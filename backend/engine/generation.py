@@ -8,6 +8,7 @@ product's own denoising stage. Everything here reads a ``resolve.ResolvedRequest
 from __future__ import annotations
 
 import contextlib
+import importlib.util
 import inspect
 import sys
 import time
@@ -15,7 +16,7 @@ from typing import Callable
 
 import torch
 
-from ..errors import OutOfMemory
+from ..errors import BadRequest, OutOfMemory, shorten
 from ..request import POLE_FACE_VIEW_SETS, SCHEDULERS
 from .decode import decode_canvas, decode_pole_caps
 from .denoiser import GuidedUNetDenoiser
@@ -211,6 +212,30 @@ def syncdiffusion_guidance(resolved: ResolvedRequest, model: LoadedModel, denois
         "decoder": type(decoder).__name__ if params.sync_decoder == "vae" else params.sync_decoder,
     }
     return guidance, details, [model.pipeline.unet, decoder]
+
+
+def check_scheduler_name(name: str) -> None:
+    """Check that ``name`` (a SCHEDULERS key or a diffusers class name) is a sampler this engine can run: a
+    scheduler of Stable Diffusion's family (``DDIMScheduler._compatibles``, plus LCM) whose packages are
+    installed. Raises BadRequest with one sentence; "auto" always passes."""
+    import diffusers
+
+    class_name = SCHEDULERS.get(name) or name
+    if name == "auto":
+        return
+    if not hasattr(diffusers, class_name):
+        raise BadRequest(f"diffusers {diffusers.__version__} has no scheduler named {shorten(name)}.")
+    usable = set(diffusers.DDIMScheduler._compatibles) | {"LCMScheduler"}
+    if class_name not in usable:
+        raise BadRequest(f"{class_name} is not a sampler for Stable Diffusion's noise schedule (it belongs to another "
+                         f"model family); use one of {', '.join(key for key in SCHEDULERS if key != 'auto')} "
+                         "or another diffusers scheduler compatible with DDIMScheduler.")
+    module = getattr(diffusers, class_name).__module__.rsplit(".", 1)[-1]
+    if module.startswith("dummy_"):  # diffusers' stand-in for a class whose packages are missing
+        packages = [package for package in module.removeprefix("dummy_").removesuffix("_objects").split("_and_")
+                    if importlib.util.find_spec(package) is None]
+        raise BadRequest(f"The scheduler {class_name} needs {' and '.join(packages)}, which this Python does not "
+                         f"have (pip install {' '.join(packages)}), or choose another --scheduler.")
 
 
 def make_scheduler(name: str, config):
