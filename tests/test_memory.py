@@ -172,3 +172,60 @@ def test_weights_still_to_place_are_all_of_them_on_the_cpu_and_the_offloaded_one
     assert memory.weights_to_place(models, torch.device("cpu")) == 3 * each
     models.unet.to("meta")  # the meta device plays the GPU: the UNet is there, the others were left in CPU memory
     assert memory.weights_to_place(models, torch.device("meta")) == 2 * each
+
+
+# ------------------------------------------------------------------------------------- jobs too large to run
+SD2_UNET = {"sample_size": 64, "block_out_channels": [320, 640, 1280, 1280]}
+SD2_VAE = {"block_out_channels": [128, 256, 512, 512]}
+GIB = 2**30
+
+
+def sized(**fields) -> GenerateRequest:
+    return GenerateRequest(prompt="x", device="cpu", out="/tmp/unused", **fields).validated()
+
+
+def test_a_canvas_too_large_for_the_machine_is_refused_with_the_largest_size_that_fits():
+    request = sized(layout="equirect", width=16384, height=8192)
+    with pytest.raises(BadRequest) as refused:
+        memory.check_job_fits(request, torch.device("cpu"), torch.float32, SD2_UNET, SD2_VAE,
+                              weights_bytes=5 * GIB, free_host_bytes=16 * GIB)
+    message = str(refused.value)
+    assert message.startswith("A 16384x8192 px equirect job needs about") and "16.0 GiB free" in message
+    width, height = (int(side) for side in message.split("fits is about ")[1].split(" px")[0].split("x"))
+    assert width == 2 * height and width % 64 == 0 and 1024 <= width < 16384
+    # The size it names fits; one step of 64 px larger would not.
+    memory.check_job_fits(sized(layout="equirect", width=width, height=height), torch.device("cpu"), torch.float32,
+                          SD2_UNET, SD2_VAE, weights_bytes=5 * GIB, free_host_bytes=16 * GIB)
+    with pytest.raises(BadRequest):
+        memory.check_job_fits(sized(layout="equirect", width=width + 128, height=height + 64), torch.device("cpu"),
+                              torch.float32, SD2_UNET, SD2_VAE, weights_bytes=5 * GIB, free_host_bytes=16 * GIB)
+
+
+def test_full_memory_on_the_cpu_is_told_to_use_low_when_only_low_fits():
+    request = sized(layout="wide", width=2048, height=512, view_batch=64, memory="full")
+    free = memory.HOST_BYTES_PER_IMAGE_PIXEL * 2048 * 512 + 3 * GIB
+    with pytest.raises(BadRequest, match="pass --memory low"):
+        memory.check_job_fits(request, torch.device("cpu"), torch.float32, SD2_UNET, SD2_VAE, 0, free_host_bytes=free)
+    memory.check_job_fits(dataclasses.replace(request, memory="low"), torch.device("cpu"), torch.float32, SD2_UNET,
+                          SD2_VAE, 0, free_host_bytes=free)
+
+
+def test_a_gpu_job_whose_low_mode_activations_exceed_the_device_is_refused():
+    request = sized(layout="equirect", width=4096, height=2048)
+    arguments = (torch.device("cuda"), torch.float16, SD2_UNET, SD2_VAE, 5 * GIB)
+    with pytest.raises(BadRequest, match="on the cuda device even with --memory low"):
+        memory.check_job_fits(request, *arguments, free_host_bytes=64 * GIB, free_device_bytes=2**20)
+    memory.check_job_fits(request, *arguments, free_host_bytes=64 * GIB, free_device_bytes=8 * GIB)
+
+
+def test_the_cli_refuses_a_job_too_large_for_the_machine_before_loading(tiny_model, tmp_path, capsys, monkeypatch):
+    # An 8 GiB machine: this one may have more, and a 16384x8192 job would then be allowed to run.
+    monkeypatch.setattr(memory, "free_memory_bytes", lambda device: 8 * GIB)
+    monkeypatch.setattr(ModelCache, "get", lambda *args: pytest.fail("the model was loaded"))
+    from backend.app.cli import main
+
+    code = main(["generate", "--prompt", "x", "--model", tiny_model, "--layout", "equirect", "--width", "16384",
+                 "--height", "8192", "--device", "cpu", "--out", str(tmp_path / "out")])
+    error = capsys.readouterr().err.strip()
+    assert code == 2 and len(error.splitlines()) == 1 and "the largest equirect size that fits is about" in error
+    assert not (tmp_path / "out").exists()

@@ -16,16 +16,19 @@ import torch
 
 from .. import __version__
 from ..engine.generation import check_scheduler_name, generate_image
+from ..engine.memory import check_job_fits
 from ..engine.models import (
     LoadedModel,
     ModelCache,
     hub_offline,
     read_model_geometry,
     read_unet_config,
+    read_vae_config,
     resolve_device,
     resolve_dtype,
     resolve_lora_source,
     resolve_model_source,
+    weights_file_bytes,
 )
 from ..engine.resolve import CheckedRequest, ResolvedRequest, resolve_request
 from ..engine.sampler import StepReport
@@ -60,6 +63,8 @@ def check_request(request: GenerateRequest) -> CheckedRequest:
         raise BadRequest("float16 is not supported on the CPU; use --dtype float32 or --dtype auto.")
     resolved = None
     if geometry is not None:
+        # Before the views are built: a canvas too large for this machine is refused before it allocates.
+        check_job_fits(params, device, dtype, unet_config, read_vae_config(source), weights_file_bytes(source))
         resolved = resolve_request(params, source, lora, device, dtype, geometry, unet_config)
     return CheckedRequest(params, source, lora, device, dtype, resolved)
 
@@ -90,6 +95,9 @@ def run_job(checked: CheckedRequest, report: StepReport | None = None, models: M
     stage("loading")
     model = (models or ModelCache()).get(checked)
     # 2. A single-file checkpoint's geometry is known only now; others were resolved before loading.
+    if checked.resolved is None:
+        pipeline = model.pipeline  # its weights are loaded: the free memory already counts them
+        check_job_fits(checked.params, model.device, model.dtype, pipeline.unet.config, pipeline.vae.config, 0)
     resolved = checked.resolved_for(model)
     timings = {"loading_s": time.perf_counter() - started}
     # 3. Denoise and decode, within the memory plan.

@@ -33,6 +33,7 @@ from dataclasses import dataclass
 
 import torch
 
+from ..errors import BadRequest
 from ..request import GenerateRequest
 
 HEADROOM = 0.8
@@ -44,6 +45,12 @@ HEADROOM = 0.8
 # pixel and channel (803 MiB).
 UNET_ELEMENTS_PER_PIXEL_CHANNEL = 64
 DECODE_ELEMENTS_PER_PIXEL_CHANNEL = 10
+
+HOST_BYTES_PER_IMAGE_PIXEL = 128
+"""CPU memory a job holds per pixel of its image, whatever the model: the decoded canvas, its 8-bit and linear
+copies, the HDR lighting's arrays and the cube map. Measured as the growth of the peak resident memory of
+equirect jobs with HDR and cube map (the tiny test model, 1 step): 108 bytes per pixel from 2048x1024 to
+4096x2048 px, 106 from 2048x1024 to 8192x4096 (4.0 GiB at its peak); rounded up."""
 
 
 @dataclass
@@ -132,6 +139,53 @@ def estimate_full_bytes(request: GenerateRequest, dtype: torch.dtype, unet_confi
     vae_element = torch.finfo(vae_dtype or dtype).bits // 8
     decode = (tile_height * factor) * (tile_width * factor) * vae_config["block_out_channels"][0] * DECODE_ELEMENTS_PER_PIXEL_CHANNEL * vae_element
     return int(max(unet, decode))
+
+
+def check_job_fits(request: GenerateRequest, device: torch.device, dtype: torch.dtype, unet_config, vae_config,
+                   weights_bytes: int, free_host_bytes: int | None = None, free_device_bytes: int | None = None) -> None:
+    """Refuse, before anything loads, a job that cannot fit in memory in any mode, rather than let it run into
+    the out-of-memory killer hours later. ``request``: validated and sized for the model; ``weights_bytes``: the
+    model's weight files (``models.weights_file_bytes``); the free bytes default to ``free_memory_bytes`` now.
+
+    The CPU memory a job needs is its image (``HOST_BYTES_PER_IMAGE_PIXEL`` per pixel), the weights, and on a CPU
+    device the activations of ``--memory low`` (one view per UNet call); on a GPU those activations must fit
+    in the device's free memory. A ``--memory full`` job on the CPU is checked with its own view batch and told
+    to pass ``--memory low`` when that would fit. Raises BadRequest with one sentence naming the largest size
+    that fits; returns None when the job fits or a free size is unknown."""
+    host_free = free_memory_bytes(torch.device("cpu")) if free_host_bytes is None else free_host_bytes
+    low = dataclasses.replace(request, view_batch=1, mad_steps=0)
+    low_activations = estimate_full_bytes(low, dtype, unet_config, vae_config, view_count=1)
+    fixed = weights_bytes + (low_activations if device.type == "cpu" else 0)
+    host_need = fixed + request.width * request.height * HOST_BYTES_PER_IMAGE_PIXEL
+    if host_free is not None and host_need > host_free:
+        raise BadRequest(_too_large_message(request, host_need, host_free, fixed))
+    if device.type == "cpu" and request.memory == "full" and host_free is not None:
+        full = estimate_full_bytes(request, dtype, unet_config, vae_config, view_count=request.view_batch)
+        if host_need - low_activations + full > host_free:
+            raise BadRequest(f"A {request.width}x{request.height} px job with --memory full needs about "
+                             f"{_gib(host_need - low_activations + full)} of memory, but this machine has "
+                             f"{_gib(host_free)} free; pass --memory low (or auto), which fits.")
+    device_free = free_memory_bytes(device) if free_device_bytes is None and device.type != "cpu" else free_device_bytes
+    if device.type != "cpu" and device_free is not None and low_activations > device_free:
+        raise BadRequest(f"A {request.width}x{request.height} px job needs about {_gib(low_activations)} on the "
+                         f"{device} device even with --memory low, but it has {_gib(device_free)} free; lower "
+                         "--width and --height or --window, or free the device.")
+
+
+def _too_large_message(request: GenerateRequest, need: int, free: int, fixed: int) -> str:
+    # The largest canvas of the same aspect whose pixels fit in what the fixed part leaves, in steps of 64 px.
+    pixels = max(0, free - fixed) / HOST_BYTES_PER_IMAGE_PIXEL
+    aspect = request.width / request.height
+    width = int((pixels * aspect) ** 0.5) // 64 * 64
+    height = int(width / aspect) // 8 * 8
+    largest = (f"the largest {request.layout} size that fits is about {width}x{height} px" if height >= 64
+               else "no canvas of this shape fits; close other programs or use a machine with more memory")
+    return (f"A {request.width}x{request.height} px {request.layout} job needs about {_gib(need)} of memory, but "
+            f"this machine has {_gib(free)} free; {largest}.")
+
+
+def _gib(size: int) -> str:
+    return f"{size / 2**30:.1f} GiB"
 
 
 def weights_to_place(pipeline, device: torch.device) -> int:

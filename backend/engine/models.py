@@ -83,7 +83,7 @@ def read_model_geometry(source: ModelSource, unet_config: dict | None = None) ->
     """
     if source.kind == "single_file":
         return None
-    return geometry_from_configs(_read_config(source, "vae/config.json"), unet_config or read_unet_config(source))
+    return geometry_from_configs(read_vae_config(source), unet_config or read_unet_config(source))
 
 
 def local_weights_variant(source: ModelSource) -> str | None:
@@ -107,6 +107,39 @@ def read_unet_config(source: ModelSource) -> dict | None:
     if source.kind == "single_file":
         return None
     return _read_config(source, "unet/config.json")
+
+
+def read_vae_config(source: ModelSource) -> dict | None:
+    """The VAE's config (a dict) of a diffusers folder or hub model, None for a single-file checkpoint
+    (``read_model_geometry``'s rule). Raises ModelNotFound as it does."""
+    if source.kind == "single_file":
+        return None
+    return _read_config(source, "vae/config.json")
+
+
+def weights_file_bytes(source: ModelSource) -> int:
+    """Bytes of the weight files a job loads from ``source`` (the text encoder, UNet and VAE of a local folder or
+    of a hub model's cached snapshot; a single-file checkpoint's size): what loading adds to memory, read from
+    the files' sizes without opening them. 0 for a hub model that is not cached yet."""
+    if source.kind == "single_file":
+        return os.path.getsize(source.location)
+    folder = source.location
+    if source.kind == "hub":
+        from huggingface_hub import try_to_load_from_cache
+
+        cached = try_to_load_from_cache(source.location, "model_index.json")
+        folder = os.path.dirname(cached) if isinstance(cached, str) else None
+    if folder is None:
+        return 0
+    variant = local_weights_variant(source)
+    total = 0
+    for component in ("text_encoder", "unet", "vae"):
+        names = sorted(os.listdir(os.path.join(folder, component))) if os.path.isdir(os.path.join(folder, component)) else []
+        weights = [name for name in names if name.endswith(".safetensors")]
+        # The variant's files when the folder holds them (model.fp16.safetensors), else the plain ones.
+        chosen = [name for name in weights if variant and f".{variant}." in name] or weights
+        total += sum(os.path.getsize(os.path.join(folder, component, name)) for name in chosen)
+    return total
 
 
 def geometry_from_configs(vae_config: dict, unet_config: dict) -> ModelGeometry:
