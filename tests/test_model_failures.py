@@ -80,8 +80,9 @@ def _job(worker, out_dir, model, **overrides) -> dict:
 def test_a_failed_load_leaves_the_cached_model_working(worker, models, tmp_path):
     first = _job(worker, tmp_path / "first", models["A"])
     assert first["event"] == "done"
+    # Refused by its header before it loads (the messages: test_a_corrupt_checkpoint_is_called_corrupt_not_pickled).
     corrupt = _job(worker, tmp_path / "corrupt", _random_bytes(tmp_path / "corrupt.safetensors"))
-    assert corrupt["event"] == "error" and corrupt["kind"] == "bad_request" and UNREADABLE in corrupt["message"]
+    assert corrupt["event"] == "error" and corrupt["kind"] == "bad_request"
     broken = _job(worker, tmp_path / "broken", _not_a_model(tmp_path / "not-a-model.safetensors"))
     assert broken["event"] == "error" and broken["kind"] == "bad_request" and "could not be loaded" in broken["message"]
     again = _job(worker, tmp_path / "again", models["A"])
@@ -272,7 +273,6 @@ def test_a_cached_hub_lora_loads_offline(models, tmp_path, monkeypatch):
         hf_hub_download("syncsphere-test/tiny-lora", "pytorch_lora_weights.safetensors", endpoint=hub.url,
                         cache_dir=cache)
     monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
-    assert resolve_lora_source("syncsphere-test/tiny-lora").kind == "folder"
     for name, lora in (("hub", "syncsphere-test/tiny-lora"), ("local", models["lora"])):
         assert main(["generate", "--model", models["A"], "--lora", lora, "--out", str(tmp_path / name), *CLI_JOB]) == 0
     assert (tmp_path / "hub" / "panorama.png").read_bytes() == (tmp_path / "local" / "panorama.png").read_bytes()
