@@ -130,42 +130,39 @@ def test_the_model_cache_keeps_its_model_when_a_load_or_a_fuse_fails(models, tmp
     assert fused is not model_a and not _same_weights(_state(fused), weights)
 
 
-def _bytes_of(model) -> int:
-    return sum(tensor.numel() * tensor.element_size() for name in ("unet", "vae", "text_encoder")
-               for tensor in getattr(model.pipeline, name).state_dict().values())
-
-
 def _devices(model) -> dict:
     return {name: next(getattr(model.pipeline, name).parameters()).device.type for name in ("unet", "vae", "text_encoder")}
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
-def test_on_a_gpu_the_previous_model_waits_in_cpu_memory_and_comes_back(models, tmp_path):
+def test_on_a_gpu_the_previous_model_waits_in_cpu_memory(models, tmp_path):
     from backend.engine.memory import StagePlacement
 
+    on_gpu = dict(device="cuda", dtype="float32")
     cache = ModelCache()
-    model_a = cache.get(_checked(models["A"], tmp_path / "a", device="cuda", dtype="float32"))
-    assert set(_devices(model_a).values()) == {"cuda"}
     torch.cuda.synchronize()
-    before, size = torch.cuda.memory_allocated(), _bytes_of(model_a)
+    empty = torch.cuda.memory_allocated()
+    model_a = cache.get(_checked(models["A"], tmp_path / "a", **on_gpu))
+    assert set(_devices(model_a).values()) == {"cuda"}
+    size = torch.cuda.memory_allocated() - empty  # B, of the same architecture, takes as much
     torch.cuda.reset_peak_memory_stats()
     with pytest.raises(BadRequest, match="do not fit"):
-        cache.get(_checked(models["B"], tmp_path / "b", device="cuda", dtype="float32", lora=models["misfit_lora"]))
-    # B loaded onto the GPU while A waited in CPU memory: never both at once.
-    assert torch.cuda.max_memory_allocated() - (before - size) < 1.5 * size
-    assert cache.get(_checked(models["A"], tmp_path / "a", device="cuda", dtype="float32")) is model_a
+        cache.get(_checked(models["B"], tmp_path / "b", lora=models["misfit_lora"], **on_gpu))
+    assert torch.cuda.max_memory_allocated() - empty < 1.5 * size  # B loaded while A was in CPU memory
+    assert set(_devices(model_a).values()) == {"cpu"}
+    assert cache.get(_checked(models["A"], tmp_path / "a", **on_gpu)) is model_a
     assert set(_devices(model_a).values()) == {"cuda"}
 
     # A low-memory job leaves its models in CPU memory but the last stage's: each goes back where it was.
     low = ModelCache()
-    model_low = low.get(_checked(models["A"], tmp_path / "a", device="cuda", dtype="float32", memory="low"))
+    model_low = low.get(_checked(models["A"], tmp_path / "a", memory="low", **on_gpu))
     StagePlacement(model_low.pipeline, torch.device("cuda"), offload=True).enter("decode")
     placed = _devices(model_low)
     assert placed == {"unet": "cpu", "vae": "cuda", "text_encoder": "cpu"}
     with pytest.raises(BadRequest, match="do not fit"):
-        low.get(_checked(models["B"], tmp_path / "b", device="cuda", dtype="float32", memory="low",
-                         lora=models["misfit_lora"]))
-    assert low.get(_checked(models["A"], tmp_path / "a", device="cuda", dtype="float32", memory="low")) is model_low
+        low.get(_checked(models["B"], tmp_path / "b", memory="low", lora=models["misfit_lora"], **on_gpu))
+    assert set(_devices(model_low).values()) == {"cpu"}
+    assert low.get(_checked(models["A"], tmp_path / "a", memory="low", **on_gpu)) is model_low
     assert _devices(model_low) == placed
 
 

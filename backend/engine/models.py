@@ -371,14 +371,17 @@ def _first_line(error: Exception) -> str:
 class ModelCache:
     """Keeps the last loaded model so consecutive jobs with the same model skip loading (the server).
 
-    Its entry is only ever replaced by a model that loaded completely, LoRA fused. While the next model
-    loads, the previous one waits in CPU memory, so the device never holds both; a load that fails puts it
-    back where it was and drops the new model, half-fused or not, and one that succeeds drops the previous.
+    Its entry is only ever replaced by a model that loaded completely, LoRA fused: a failed load or fuse
+    leaves the entry as it was, and the new model, half-fused or not, goes with its exception. While the
+    next model loads, the previous one waits in CPU memory, so the device never holds both; it is dropped
+    when the new one is complete, and after a failure it goes back to its devices when it is next asked for
+    (not at once: until its exception is gone, the failed model still holds its device memory).
     """
 
     def __init__(self):
         self._key = None
         self._model: LoadedModel | None = None
+        self._parked: list = []  # [(module, the device it came from)] of the cached model
 
     def get(self, request) -> LoadedModel:
         """The model of ``request`` (a ``resolve.CheckedRequest`` or ``ResolvedRequest``: its source, lora,
@@ -389,37 +392,24 @@ class ModelCache:
         key = (request.source, request.device, request.dtype, params.allow_pickle, params.model_config,
                request.lora, params.lora_scale)
         if key == self._key:
+            for module, device in self._parked:
+                module.to(device)
+            self._parked = []
             return self._model
-        parked = _park_in_cpu_memory(self._model)
-        try:
-            model = _load_with_lora(request)
-        except BaseException:
-            self._put_back(parked)
-            raise
-        self._key, self._model = key, model
+        _park_in_cpu_memory(self._model, self._parked)
+        model = _load_with_lora(request)
+        self._key, self._model, self._parked = key, model, []
         return model
 
-    def _put_back(self, parked: list) -> None:
-        """Move the parked models (``_park_in_cpu_memory``) back to their devices."""
-        try:
-            for module, device in parked:
-                module.to(device)
-        except Exception:  # e.g. the failed load's memory is not free yet: an empty cache is still a correct one
-            self._key, self._model = None, None
 
-
-def _park_in_cpu_memory(model: LoadedModel | None) -> list:
+def _park_in_cpu_memory(model: LoadedModel | None, parked: list) -> None:
     """Move the torch modules of ``model``'s pipeline that are on a GPU (all of them after a full job, some
-    after a low-memory one) into CPU memory; returns [(module, the device it was on)] to put them back."""
-    if model is None:
-        return []
-    parked = []
-    for module in model.pipeline.components.values():
+    after a low-memory one) into CPU memory, first adding each as (module, its device) to ``parked``."""
+    for module in model.pipeline.components.values() if model is not None else ():
         first = next(module.parameters(), None) if isinstance(module, torch.nn.Module) else None
         if first is not None and first.device.type != "cpu":
             parked.append((module, first.device))
             module.to("cpu")
-    return parked
 
 
 def _load_with_lora(request) -> LoadedModel:
