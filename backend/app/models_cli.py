@@ -5,6 +5,11 @@ or with ``--json-progress`` prints protocol ``progress`` events (stage ``downloa
 ``total`` count bytes) then a ``done`` or ``error`` event on stdout; ``remove`` says what it freed on stderr.
 Errors are one sentence on stderr prefixed ``error:`` with exit code 2 (130 for Ctrl-C), as elsewhere in
 the CLI.
+
+A hub id never starts with '-', so ``download``/``remove`` read a word that does as an option: ``--help``
+shows the help, an unknown one is named as such (not "ID is required"). A program that passes an id it was
+given should put it after ``--`` (``models download --json-progress -- ID``): then an id such as ``--help``
+is refused in one sentence instead of being obeyed.
 """
 
 from __future__ import annotations
