@@ -6,6 +6,7 @@ worker as a subprocess, a Hugging Face cache filled by huggingface_hub from test
 """
 
 import os
+import random
 import shutil
 
 import pytest
@@ -23,8 +24,8 @@ from model_factory import TINY_UNET, save_random_lora, save_random_sd_model
 from test_server import Worker, params
 
 UNREADABLE = "is not a readable safetensors file (it is truncated or not safetensors: "
-CLI_JOB = ["--prompt", "x", "--seed", "1", "--layout", "wide", "--width", "256", "--height", "128", "--window", "16", "--steps", "1",
-           "--device", "cpu"]
+CLI_JOB = ["--prompt", "x", "--seed", "1", "--layout", "wide", "--width", "256", "--height", "128", "--window", "16",
+           "--steps", "1", "--device", "cpu"]
 
 
 @pytest.fixture(scope="module")
@@ -42,7 +43,7 @@ def models(tiny_model, tmp_path_factory):
 
 
 def _random_bytes(path) -> str:
-    path.write_bytes(os.urandom(4096))
+    path.write_bytes(random.Random(0).randbytes(4096))  # its first 8 bytes read as a header length past the end
     return str(path)
 
 
@@ -131,7 +132,8 @@ def test_the_model_cache_keeps_its_model_when_a_load_or_a_fuse_fails(models, tmp
 
 
 def _devices(model) -> dict:
-    return {name: next(getattr(model.pipeline, name).parameters()).device.type for name in ("unet", "vae", "text_encoder")}
+    return {name: next(getattr(model.pipeline, name).parameters()).device.type
+            for name in ("unet", "vae", "text_encoder")}
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
@@ -212,7 +214,8 @@ def test_a_folder_is_told_what_its_weights_lack(tiny_model, checkpoint, tmp_path
     weightless = _copy_without(tiny_model, tmp_path / "weightless", "unet", pickled=False)
     with pytest.raises(BadRequest) as refused:
         resolve_model_source(weightless)
-    assert str(refused.value) == f"The model folder {weightless} has no weights for its unet (no .safetensors or pickled files)."
+    assert str(refused.value) == (f"The model folder {weightless} has no weights for its unet "
+                                  "(no .safetensors or pickled files).")
 
     pickled = _copy_without(tiny_model, tmp_path / "pickled", "unet", pickled=True)
     with pytest.raises(BadRequest, match="no .safetensors weights for its unet; its pickled weights can run code"):
@@ -234,15 +237,16 @@ def test_a_folder_is_told_what_its_weights_lack(tiny_model, checkpoint, tmp_path
 # --- LoRA weights ---------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("make", ["random", "truncated", "in_a_folder"])
+@pytest.mark.parametrize("make", ["random bytes", "truncated", "truncated in a folder"])
 def test_a_corrupt_lora_is_one_sentence_exit_2_before_loading(models, tmp_path, capsys, make):
     lora = os.path.join(models["lora"], "pytorch_lora_weights.safetensors")
-    path = {"random": lambda: _random_bytes(tmp_path / "x.safetensors"),
-            "truncated": lambda: _truncated(lora, tmp_path / "cut.safetensors"),
-            "in_a_folder": lambda: (tmp_path / "folder").mkdir() or _truncated(lora, tmp_path / "folder" / "w.safetensors"),
-            }[make]()
-    code = main(["generate", "--model", models["A"], "--lora", os.path.dirname(path) if make == "in_a_folder" else path,
-                 "--out", str(tmp_path / "out"), *CLI_JOB])
+    if make == "random bytes":
+        path = given = _random_bytes(tmp_path / "x.safetensors")
+    else:
+        (tmp_path / "folder").mkdir()
+        path = _truncated(lora, tmp_path / "folder" / "w.safetensors")
+        given = path if make == "truncated" else str(tmp_path / "folder")
+    code = main(["generate", "--model", models["A"], "--lora", given, "--out", str(tmp_path / "out"), *CLI_JOB])
     error = capsys.readouterr().err.strip().splitlines()
     assert code == 2 and len(error) == 1  # one sentence, and no "loading…" before it
     assert error[0].startswith(f"error: The LoRA file {path} {UNREADABLE}")

@@ -78,14 +78,18 @@ def _models_parser_class(base: type) -> type:
             self.given: list[str] = []
 
         def parse_known_args(self, args=None, namespace=None):
+            """argparse's, remembering the words ``args`` for ``error``."""
             self.given = list(sys.argv[1:] if args is None else args)
             return super().parse_known_args(args, namespace)
 
         def error(self, message):
+            """Exit 2 with ``message`` (one sentence), or, when only unknown options stand where the hub id
+            belongs, with one that names the first."""
             stray = [word for word in self.given if word.startswith("-") and word != "-" and not self._is_option(word)]
             if self.takes_hub_id and stray and "--" not in self.given \
                     and all(word.startswith("-") for word in self.given):
-                message = f"{stray[0]} is not an option of {self.prog}, and a hub id never starts with '-' (--help lists the options)"
+                message = (f"{stray[0]} is not an option of {self.prog}, and a hub id never starts with '-' "
+                           "(--help lists the options)")
             super().error(message)
 
         def _is_option(self, word: str) -> bool:
