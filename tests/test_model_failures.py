@@ -99,7 +99,7 @@ def test_a_lora_that_does_not_fit_leaves_the_cached_model_intact(worker, models,
     assert _job(worker, tmp_path / "b", models["B"])["event"] == "done"
     image = {name: (tmp_path / name / "panorama.png").read_bytes() for name in ("a", "a-again", "b")}
     assert image["a-again"] == image["a"]  # A's weights, not B's
-    assert image["b"] != image["a"]  # which would show: B draws another image
+    assert image["b"] != image["a"]  # B draws another image, so the check above tells the two apart
 
 
 def _checked(model: str, out, **overrides):
