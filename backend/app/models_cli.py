@@ -5,6 +5,11 @@ or with ``--json-progress`` prints protocol ``progress`` events (stage ``downloa
 ``total`` count bytes) then a ``done`` or ``error`` event on stdout; ``remove`` says what it freed on stderr.
 Errors are one sentence on stderr prefixed ``error:`` with exit code 2 (130 for Ctrl-C), as elsewhere in
 the CLI.
+
+A hub id never starts with '-', so ``download``/``remove`` read a word that does as an option: ``--help``
+shows the help, an unknown one is named as such (not "ID is required"). A program that passes an id it was
+given should put it after ``--`` (``models download --json-progress -- ID``): then an id such as ``--help``
+is refused in one sentence instead of being obeyed.
 """
 
 from __future__ import annotations
@@ -26,7 +31,7 @@ def add_models_command(subparsers) -> argparse.ArgumentParser:
         description="Manage models: those in the Hugging Face cache and in local model folders.",
     )
     actions = models.add_subparsers(dest="models_command", required=True, metavar="{list,download,remove}",
-                                    parser_class=type(models))
+                                    parser_class=_models_parser_class(type(models)))
     listing = actions.add_parser(
         "list", help="list installed models with size, family and state",
         description="List the models in the Hugging Face cache and in --folder: id or path, size on disk, family "
@@ -37,7 +42,7 @@ def add_models_command(subparsers) -> argparse.ArgumentParser:
     listing.add_argument("--json", action="store_true", help="print a JSON array instead of a table")
 
     download = actions.add_parser(
-        "download", help="download a hub model: only the files the engine loads",
+        "download", takes_hub_id=True, help="download a hub model: only the files the engine loads",
         description="Download a hub model into the Hugging Face cache: model_index.json, configs, tokenizer files "
         "and one safetensors variant per component (never .bin/.ckpt). Running it again after an "
         "interruption resumes: finished files are kept.",
@@ -51,12 +56,47 @@ def add_models_command(subparsers) -> argparse.ArgumentParser:
                           "event on stdout instead of a progress bar")
 
     remove = actions.add_parser(
-        "remove", help="delete a model from the Hugging Face cache",
+        "remove", takes_hub_id=True, help="delete a model from the Hugging Face cache",
         description="Delete a hub model's Hugging Face cache entry and say how much space it freed. Folders and "
         "files you pointed at are never deleted.",
     )
     remove.add_argument("model_id", metavar="ID", help="the hub id of a cached model")
     return models
+
+
+def _models_parser_class(base: type) -> type:
+    """The parser class of the ``models`` sub-commands: ``base`` (the CLI's parser, which words argparse's
+    errors), whose ``takes_hub_id`` commands name an unknown option given where the hub id belongs rather
+    than say that the id is missing. A hub id never starts with '-', so such a word was never meant as one;
+    ``-h``/``--help`` still show the help, and ``--`` passes anything after it as the id (which the command
+    then refuses in one sentence: ``model_manager._check_hub_id``)."""
+
+    class ModelsParser(base):
+        def __init__(self, *args, takes_hub_id: bool = False, **kwargs):
+            super().__init__(*args, **kwargs)
+            self.takes_hub_id = takes_hub_id
+            self.given: list[str] = []
+
+        def parse_known_args(self, args=None, namespace=None):
+            """argparse's, remembering the words ``args`` for ``error``."""
+            self.given = list(sys.argv[1:] if args is None else args)
+            return super().parse_known_args(args, namespace)
+
+        def error(self, message):
+            """Exit 2 with ``message`` (one sentence), or, when only unknown options stand where the hub id
+            belongs, with one that names the first."""
+            stray = [word for word in self.given if word.startswith("-") and word != "-" and not self._is_option(word)]
+            if self.takes_hub_id and stray and "--" not in self.given \
+                    and all(word.startswith("-") for word in self.given):
+                message = (f"{stray[0]} is not an option of {self.prog}, and a hub id never starts with '-' "
+                           "(--help lists the options)")
+            super().error(message)
+
+        def _is_option(self, word: str) -> bool:
+            name = word.split("=", 1)[0]
+            return any(option.startswith(name) for option in self._option_string_actions)  # argparse's abbreviations
+
+    return ModelsParser
 
 
 def run_models_command(args: argparse.Namespace) -> int:

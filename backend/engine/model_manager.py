@@ -73,6 +73,8 @@ DownloadProgress = Callable[[int, int, "str | None"], "bool | None"]
 ENGINE_SKIPPED_COMPONENTS = ("safety_checker",)  # load_model passes safety_checker=None
 CONFIG_SUFFIXES = (".json", ".txt", ".model")  # configs, tokenizer vocabularies and merges, sentencepiece
 WEIGHTS_SUFFIX = ".safetensors"
+PICKLE_SUFFIXES = (".ckpt", ".bin", ".pt", ".pth")  # pickled weights: loading them can run code
+SAFETENSORS_HEADER_LIMIT = 100_000_000  # safetensors refuses longer headers ("header too large")
 SHARD = re.compile(r"-\d{5}-of-\d{5}")
 TOKEN_HELP = "log in with `huggingface-cli login` (or `hf auth login`) or set the HF_TOKEN environment variable"
 
@@ -289,17 +291,82 @@ def model_family(folder: str) -> tuple[str | None, str | None]:
     return architecture, architecture
 
 
+def read_safetensors_header(path: str) -> dict:
+    """The JSON header of the ``.safetensors`` file at ``path`` (tensor name -> ``dtype``, ``shape``,
+    ``data_offsets``; plus ``__metadata__``), read without its tensors: 8 bytes of little-endian header
+    length, then the header. Checks what safetensors checks before it loads anything: a header inside the
+    file that is a JSON object, and tensor data that fills the rest of the file exactly (a truncated file
+    ends short). Raises ValueError saying what is wrong, OSError when the file cannot be read."""
+    size = os.path.getsize(path)
+    with open(path, "rb") as f:
+        if size < 8:
+            raise ValueError(f"it is only {size} bytes long")
+        (length,) = struct.unpack("<Q", f.read(8))
+        if length > min(size - 8, SAFETENSORS_HEADER_LIMIT):
+            raise ValueError(f"its header would be {length} bytes long, but the file has {size}")
+        try:
+            header = json.loads(f.read(length))
+        except ValueError:
+            raise ValueError("its header is not JSON") from None
+    if not isinstance(header, dict):
+        raise ValueError("its header is not a JSON object")
+    end = 0
+    for name, entry in header.items():
+        if name == "__metadata__":
+            continue
+        offsets = entry.get("data_offsets") if isinstance(entry, dict) else None
+        if not (isinstance(offsets, list) and len(offsets) == 2 and all(isinstance(offset, int) for offset in offsets)):
+            raise ValueError(f"its header has no data offsets for {name}")
+        end = max(end, offsets[1])
+    if end != size - 8 - length:
+        raise ValueError(f"its tensors take {end} bytes, but the file holds {size - 8 - length} after the header")
+    return header
+
+
+def check_safetensors_file(path: str, what: str = "checkpoint") -> None:
+    """Refuse, before anything loads, a ``.safetensors`` file whose header says it is truncated or not
+    safetensors at all (``read_safetensors_header``; reads the header only). what: how the sentence names
+    the file (``checkpoint``, ``LoRA file``, ``weights file``). Raises BadRequest with one sentence."""
+    try:
+        read_safetensors_header(path)
+    except (OSError, ValueError) as error:
+        raise BadRequest(f"The {what} {path} is not a readable safetensors file (it is truncated or not "
+                         f"safetensors: {error}).") from error
+
+
+def check_folder_weights(folder: str, allow_pickle: bool = False) -> None:
+    """Refuse, before anything loads, a diffusers folder whose weights the engine cannot load: a component
+    with no weights at all, one with only pickled weights (``.bin``, ``.ckpt``...) without ``allow_pickle``,
+    or an unreadable ``.safetensors`` file (``check_safetensors_file``). Reads listings, configs and the
+    weights' headers. A missing component folder is left to diffusers, which names it. Raises BadRequest."""
+    model_index = _read_json(os.path.join(folder, "model_index.json"))
+    if model_index is None:
+        raise BadRequest(f"The folder {folder} is not a diffusers model (its model_index.json is not a JSON object).")
+    for item in check_model_folder(folder).missing:
+        component = item[: -len(" weights")] if item.endswith(" weights") else None
+        if component is None:
+            continue
+        if not any(name.endswith(PICKLE_SUFFIXES) for name in os.listdir(os.path.join(folder, component))):
+            raise BadRequest(f"The model folder {folder} has no weights for its {component} "
+                             "(no .safetensors or pickled files).")
+        if not allow_pickle:
+            raise BadRequest(f"The model folder {folder} has no .safetensors weights for its {component}; its pickled "
+                             "weights can run code when loaded, so pass --allow-pickle if you trust its source.")
+    for component in engine_components(model_index):
+        path = os.path.join(folder, component)
+        if os.path.isfile(os.path.join(path, "config.json")):
+            for name in sorted(os.listdir(path)):
+                if _is_weights(name):
+                    check_safetensors_file(os.path.join(path, name), "weights file")
+
+
 def single_file_architecture(path: str) -> str | None:
     """SD1/SD2/SDXL of a single-file ``.safetensors`` checkpoint from its header (tensor names and shapes,
     no weights read): SDXL has ``conditioner.embedders.1``; otherwise the UNet's cross-attention key width
     (768 SD1, 1024 SD2). None when the header does not tell."""
     try:
-        with open(path, "rb") as f:
-            (length,) = struct.unpack("<Q", f.read(8))
-            if length > 100_000_000:
-                return None
-            header = json.loads(f.read(length))
-    except (OSError, ValueError, struct.error):
+        header = read_safetensors_header(path)
+    except (OSError, ValueError):
         return None
     if any(key.startswith("conditioner.embedders.1.") for key in header):
         return "SDXL"
@@ -458,7 +525,8 @@ def _check_hub_id(model_id: str, action: str) -> None:
             "files you point at."
         )
     if not HUB_ID.match(model_id):
-        raise BadRequest(f"{model_id} is not a Hugging Face hub id (like stabilityai/stable-diffusion-2-base).")
+        never = ": hub ids never start with '-'" if model_id.startswith("-") else ""
+        raise BadRequest(f"{model_id} is not a Hugging Face hub id (like stabilityai/stable-diffusion-2-base){never}.")
 
 
 def _cached_snapshot(cache_dir: str, model_id: str, revision: str | None) -> str | None:
@@ -474,10 +542,16 @@ def _cached_snapshot(cache_dir: str, model_id: str, revision: str | None) -> str
     return snapshot if os.path.isdir(snapshot) else None
 
 
+def cached_snapshot(repo_id: str, cache_dir: str | None = None) -> str | None:
+    """The folder of the hub repo ``repo_id``'s main revision in the Hugging Face cache (default: the
+    user's), however much of it was fetched; None when the cache has none."""
+    return _cached_snapshot(_cache_dir(cache_dir), repo_id, None)
+
+
 def is_cached(model_id: str, cache_dir: str | None = None) -> bool:
     """Whether the Hugging Face cache holds a complete copy of hub model ``model_id`` (main revision): every
     file the engine loads (``check_model_folder``), so loading it needs no download."""
-    snapshot = _cached_snapshot(_cache_dir(cache_dir), model_id, None)
+    snapshot = cached_snapshot(model_id, cache_dir)
     return bool(snapshot) and check_model_folder(snapshot).complete
 
 

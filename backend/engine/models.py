@@ -17,10 +17,16 @@ from dataclasses import dataclass
 import torch
 
 from ..errors import BadRequest, ModelNotFound
-from .model_manager import HOW_TO_POINT_LOCALLY, HUB_ID, hub_offline
+from .model_manager import (
+    HOW_TO_POINT_LOCALLY,
+    HUB_ID,
+    PICKLE_SUFFIXES,
+    cached_snapshot,
+    check_folder_weights,
+    check_safetensors_file,
+    hub_offline,
+)
 from ..request import ModelGeometry
-
-PICKLE_SUFFIXES = (".ckpt", ".bin", ".pt", ".pth")
 
 
 @dataclass(frozen=True)
@@ -45,8 +51,11 @@ class LoadedModel:
 def resolve_model_source(spec: str, allow_pickle: bool = False) -> ModelSource:
     """Decide whether ``spec`` is a local folder, a single-file checkpoint or a hub id.
 
-    Raises BadRequest for an unreadable path, a pickled checkpoint without ``allow_pickle``, or a string
-    that is neither an existing path nor a valid hub id.
+    Local models are checked before anything loads, reading only listings, configs and safetensors headers:
+    a folder must be a diffusers model with loadable weights (``check_folder_weights``), a ``.safetensors``
+    file must have a sound header (``check_safetensors_file``). Raises BadRequest for an unreadable,
+    truncated or weightless model, pickled weights without ``allow_pickle``, or a string that is neither an
+    existing path nor a valid hub id.
     """
     path = os.path.abspath(os.path.expanduser(spec))
     looks_like_path = spec.startswith(("/", ".", "~")) or spec.lower().endswith(PICKLE_SUFFIXES + (".safetensors",))
@@ -55,11 +64,13 @@ def resolve_model_source(spec: str, allow_pickle: bool = False) -> ModelSource:
             raise BadRequest(f"The folder {path} is not a diffusers model (it has no model_index.json).")
         if not os.access(os.path.join(path, "model_index.json"), os.R_OK):
             raise BadRequest(f"The model folder {path} cannot be read.")
+        check_folder_weights(path, allow_pickle)
         return ModelSource("folder", path)
     if os.path.exists(path):
         if not os.access(path, os.R_OK):
             raise BadRequest(f"The model file {path} cannot be read.")
         if path.lower().endswith(".safetensors"):
+            check_safetensors_file(path, "checkpoint")
             return ModelSource("single_file", path)
         if path.lower().endswith(PICKLE_SUFFIXES):
             if not allow_pickle:
@@ -246,16 +257,11 @@ def load_model(
                 local_files_only=offline or source.kind == "folder",
                 **common,
             )
-    except (OSError, ValueError, EnvironmentError) as error:
-        if source.kind == "hub":
+    except Exception as error:  # weights, configs and their loaders fail in many ways; each is the model's fault
+        if source.kind == "hub" and isinstance(error, (OSError, ValueError)):
             raise ModelNotFound(
                 f"The model {source.location} could not be loaded from the Hugging Face cache or hub; "
                 + HOW_TO_POINT_LOCALLY + "."
-            ) from error
-        if not allow_pickle and "safetensors" in str(error).lower():
-            raise BadRequest(
-                f"The model at {source.location} has no .safetensors weights; its pickled weights can run "
-                "code when loaded, so pass --allow-pickle if you trust its source."
             ) from error
         raise BadRequest(f"The model at {source.location} could not be loaded: {_first_line(error)}") from error
     pipeline.set_progress_bar_config(disable=True)
@@ -273,31 +279,63 @@ def load_model(
 
 def resolve_lora_source(spec: str, allow_pickle: bool = False) -> ModelSource:
     """Where ``--lora`` weights come from: a local weights file (kind ``single_file``), a local folder
-    holding one (``folder``), or a hub id (``hub``). Raises BadRequest, with one sentence, for a missing
-    path, a pickled file (.bin, .pt, .ckpt) without ``allow_pickle``, or a folder without weights."""
+    holding one, or a hub repo whose snapshot is in the Hugging Face cache (``folder``: location is the
+    file), or a hub id to fetch (``hub``). A ``.safetensors`` file's header is checked before anything loads.
+    Raises BadRequest, with one sentence, for a missing path, a pickled file (.bin, .pt, .ckpt) without
+    ``allow_pickle``, a folder without weights or an unreadable safetensors file; ModelNotFound for a hub
+    id that is not cached while downloads are off."""
     path = os.path.abspath(os.path.expanduser(spec))
     if os.path.isdir(path):
-        names = sorted(name for name in os.listdir(path) if name.endswith((".safetensors",) + (PICKLE_SUFFIXES if allow_pickle else ())))
-        if not names:
-            raise BadRequest(f"The LoRA folder {path} has no .safetensors weights file.")
-        return ModelSource("folder", os.path.join(path, names[0]))
+        return _lora_in_folder(path, allow_pickle)
     if os.path.isfile(path):
-        if path.lower().endswith(PICKLE_SUFFIXES) and not allow_pickle:
-            raise BadRequest(f"{os.path.basename(path)} is pickled LoRA weights, which can run code when loaded; "
-                             "use a .safetensors file or pass --allow-pickle if you trust its source.")
-        if not path.lower().endswith((".safetensors",) + PICKLE_SUFFIXES):
-            raise BadRequest(f"The LoRA file {path} is neither .safetensors nor a known weights format.")
-        return ModelSource("single_file", path)
+        return _lora_file(path, allow_pickle, "single_file")
     if spec.startswith(("/", ".", "~")) or not HUB_ID.match(spec):
         raise BadRequest(f"The LoRA path {path} does not exist.")
+    # A cached hub LoRA loads from its snapshot: diffusers can only guess a hub repo's weights file online.
+    snapshot = cached_snapshot(spec)
+    if snapshot is not None and _lora_weights(snapshot, allow_pickle):
+        return _lora_in_folder(snapshot, allow_pickle)
+    if hub_offline():
+        raise ModelNotFound(f"The LoRA {spec} is not in the local Hugging Face cache and the hub cannot be reached; "
+                            "download it once with network access or point --lora at a local .safetensors file.")
     return ModelSource("hub", spec)
+
+
+def _lora_weights(folder: str, allow_pickle: bool) -> list[str]:
+    """The LoRA weights files directly in ``folder``, by name: ``.safetensors`` (and pickles with ``allow_pickle``)."""
+    suffixes = (".safetensors",) + (PICKLE_SUFFIXES if allow_pickle else ())
+    return sorted(name for name in os.listdir(folder) if name.lower().endswith(suffixes))
+
+
+def _lora_in_folder(folder: str, allow_pickle: bool) -> ModelSource:
+    """The first weights file of a LoRA folder (``_lora_weights``), as ``_lora_file`` checks it."""
+    names = _lora_weights(folder, allow_pickle)
+    if not names:
+        raise BadRequest(f"The LoRA folder {folder} has no .safetensors weights file.")
+    return _lora_file(os.path.join(folder, names[0]), allow_pickle, "folder")
+
+
+def _lora_file(path: str, allow_pickle: bool, kind: str) -> ModelSource:
+    """A LoRA weights file as a ModelSource of ``kind``: refused when pickled without ``allow_pickle``, of
+    another format, or (``.safetensors``) with an unsound header."""
+    if path.lower().endswith(PICKLE_SUFFIXES) and not allow_pickle:
+        raise BadRequest(f"{os.path.basename(path)} is pickled LoRA weights, which can run code when loaded; "
+                         "use a .safetensors file or pass --allow-pickle if you trust its source.")
+    if not path.lower().endswith((".safetensors",) + PICKLE_SUFFIXES):
+        raise BadRequest(f"The LoRA file {path} is neither .safetensors nor a known weights format.")
+    if path.lower().endswith(".safetensors"):
+        check_safetensors_file(path, "LoRA file")
+    return ModelSource(kind, path)
 
 
 def fuse_lora(model: LoadedModel, source: ModelSource, scale: float) -> None:
     """Load LoRA weights from ``source`` (``resolve_lora_source``) into ``model``'s UNet and text encoder and
     fuse them into the weights at ``scale`` (diffusers' ``load_lora_weights`` / ``fuse_lora``, PEFT), then
-    drop the adapter layers, so sampling runs at the plain model's speed. Modifies the model in place.
+    drop the adapter layers, so sampling runs at the plain model's speed. Modifies the model in place, so a
+    model whose fuse failed is half-changed and must be dropped (``ModelCache`` does).
     Raises ModelNotFound (hub weights not available) or BadRequest (weights that do not fit the model)."""
+    from safetensors import SafetensorError
+
     pipeline = model.pipeline
     try:
         if source.kind == "hub":
@@ -308,7 +346,7 @@ def fuse_lora(model: LoadedModel, source: ModelSource, scale: float) -> None:
                                        use_safetensors=name.lower().endswith(".safetensors"))
         pipeline.fuse_lora(lora_scale=scale, adapter_names=["syncsphere"])
         pipeline.unload_lora_weights()
-    except (OSError, EnvironmentError) as error:
+    except (OSError, EnvironmentError, SafetensorError) as error:
         if source.kind == "hub":
             raise ModelNotFound(f"The LoRA {source.location} could not be loaded from the Hugging Face cache or hub; "
                                 "point --lora at a local .safetensors file.") from error
@@ -364,26 +402,57 @@ def _first_line(error: Exception) -> str:
 
 
 class ModelCache:
-    """Keeps the last loaded model so consecutive jobs with the same model skip loading (the server)."""
+    """Keeps the last loaded model so consecutive jobs with the same model skip loading (the server).
+
+    Its entry is only ever replaced by a model that loaded completely, LoRA fused: a failed load or fuse
+    leaves the entry as it was, and the new model, half-fused or not, goes with its exception. While the
+    next model loads, the previous one waits in CPU memory, so the device never holds both; it is dropped
+    when the new one is complete, and after a failure it goes back to its devices when it is next asked for
+    (not at once: until its exception is gone, the failed model still holds its device memory).
+    """
 
     def __init__(self):
         self._key = None
         self._model: LoadedModel | None = None
+        self._parked: list = []  # [(module, the device it came from)] of the cached model
 
     def get(self, request) -> LoadedModel:
         """The model of ``request`` (a ``resolve.CheckedRequest`` or ``ResolvedRequest``: its source, lora,
         device, dtype and params): the cached one when source, device, dtype and config match, else loaded
-        (with the LoRA fused in). Raises ModelNotFound with one sentence."""
+        (with the LoRA fused in). Raises ModelNotFound or BadRequest with one sentence, and then still holds
+        the model it held before."""
         params = request.params
         key = (request.source, request.device, request.dtype, params.allow_pickle, params.model_config,
                request.lora, params.lora_scale)
-        if key != self._key:
-            self._model = None  # release the old model before loading the next one
-            # A low-memory job on a GPU loads the models into CPU memory; each stage moves in what it runs.
-            on_device = params.memory != "low" or request.device.type == "cpu"
-            self._model = load_model(request.source, request.device, request.dtype, params.allow_pickle,
-                                     params.model_config, place_on_device=on_device)
-            if request.lora is not None:
-                fuse_lora(self._model, request.lora, params.lora_scale)
-            self._key = key
-        return self._model
+        if key == self._key:
+            for module, device in self._parked:
+                module.to(device)
+            self._parked = []
+            return self._model
+        _park_in_cpu_memory(self._model, self._parked)
+        model = _load_with_lora(request)
+        self._key, self._model, self._parked = key, model, []
+        return model
+
+
+def _park_in_cpu_memory(model: LoadedModel | None, parked: list) -> None:
+    """Move the torch modules of ``model``'s pipeline that are on a GPU (all of them after a full job, some
+    after a low-memory one) into CPU memory, first adding each as (module, its device) to ``parked``."""
+    for module in model.pipeline.components.values() if model is not None else ():
+        first = next(module.parameters(), None) if isinstance(module, torch.nn.Module) else None
+        if first is not None and first.device.type != "cpu":
+            parked.append((module, first.device))
+            module.to("cpu")
+
+
+def _load_with_lora(request) -> LoadedModel:
+    """Load ``request``'s model (``ModelCache.get``) and fuse its LoRA in; a model whose fuse failed is lost
+    with the exception, as it must be."""
+    params = request.params
+    # A low-memory job on a GPU loads the models into CPU memory; each stage moves in what it runs.
+    on_device = params.memory != "low" or request.device.type == "cpu"
+    model = load_model(request.source, request.device, request.dtype, params.allow_pickle, params.model_config,
+                       place_on_device=on_device)
+    if request.lora is not None:
+        fuse_lora(model, request.lora, params.lora_scale)
+    return model
