@@ -258,6 +258,9 @@ def test_download_errors_are_the_backends_one_sentence(backend_env, hub, tmp_pat
         assert job.wait(timeout_s=120) and job.state == "error" and job.path is None
         assert "\n" not in job.error and job.status_text() == job.error
     assert "syncsphere-test/no-such-model" in unknown.error and "not found" in unknown.error
+    # An id typed as an option is refused as not a hub id, not read as --help (which would print help and exit 0).
+    option_like = download(backend_env, "--help")
+    assert option_like.wait(timeout_s=120) and option_like.state == "error" and "never start with '-'" in option_like.error
     for words in (MODEL_ID, "gated", "HF_TOKEN"):
         assert words in gated.error
     assert "local path" in local.error

@@ -103,13 +103,16 @@ def local_weights_variant(source: ModelSource) -> str | None:
     ``variant="fp16"`` (taking the plain weights of the others); else None."""
     from .model_manager import check_model_folder
 
-    folder = source.location if source.kind == "folder" else None
-    if source.kind == "hub":
-        from huggingface_hub import try_to_load_from_cache
-
-        cached = try_to_load_from_cache(source.location, "model_index.json")
-        folder = os.path.dirname(cached) if isinstance(cached, str) else None
+    folder = local_folder(source)
     return check_model_folder(folder).variant if folder else None
+
+
+def local_folder(source: ModelSource) -> str | None:
+    """The folder on this machine that holds ``source``'s diffusers files: a local folder itself, a hub model's
+    snapshot in the Hugging Face cache (however much was fetched); None for a single file or an uncached model."""
+    if source.kind == "folder":
+        return source.location
+    return cached_snapshot(source.location) if source.kind == "hub" else None
 
 
 def read_unet_config(source: ModelSource) -> dict | None:
@@ -134,12 +137,7 @@ def weights_file_bytes(source: ModelSource) -> int:
     the files' sizes without opening them. 0 for a hub model that is not cached yet."""
     if source.kind == "single_file":
         return os.path.getsize(source.location)
-    folder = source.location
-    if source.kind == "hub":
-        from huggingface_hub import try_to_load_from_cache
-
-        cached = try_to_load_from_cache(source.location, "model_index.json")
-        folder = os.path.dirname(cached) if isinstance(cached, str) else None
+    folder = local_folder(source)
     if folder is None:
         return 0
     variant = local_weights_variant(source)

@@ -119,13 +119,14 @@ def list_arguments(folders=()):
 
 def download_arguments(model_id, fp16=False):
     """The arguments of ``python -m backend`` that download the hub model ``model_id`` (its fp16 weights
-    with ``fp16``) with JSON progress events. Returns a tuple of strings."""
-    return ("models", "download", model_id, "--json-progress") + (("--fp16",) if fp16 else ())
+    with ``fp16``) with JSON progress events. Returns a tuple of strings; the id comes after ``--``, so an id
+    typed as "--help" is refused by the backend as not a hub id instead of read as an option."""
+    return ("models", "download", "--json-progress") + (("--fp16",) if fp16 else ()) + ("--", model_id)
 
 
 def remove_arguments(model_id):
     """The arguments of ``python -m backend`` that delete the hub model ``model_id`` from the cache."""
-    return ("models", "remove", model_id)
+    return ("models", "remove", "--", model_id)  # "--": the id is never read as an option
 
 
 # --- formatting ---------------------------------------------------------------------------------------
