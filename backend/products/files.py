@@ -253,7 +253,7 @@ def _write_error(out: str, error: OSError, written: bool) -> SyncSphereError:
         return SyncSphereError(f"{out} holds the complete new set, but tidying up the old one failed "
                                f"({error.strerror or error}); the next run into it finishes that.")
     if error.errno in (errno.ENOSPC, getattr(errno, "EDQUOT", errno.ENOSPC)):
-        return SyncSphereError(f"The disk is full: the outputs did not fit beside {out}; nothing was written.")
+        return SyncSphereError(f"The disk is full ({error.strerror or error}): nothing was written into {out}.")
     return SyncSphereError(f"Could not write the outputs into {out} ({error.strerror or error}); "
                            "nothing was written.")
 
