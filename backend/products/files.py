@@ -198,7 +198,7 @@ def recover_output_folder(out_dir: str, set_names: Iterable[str] | None = None) 
     are not ``set_names`` move back into ``out_dir``, the rest is deleted). A leftover ``-new-`` file or folder
     is deleted, or, when it holds the old folder after an exchange, retired the same way (a folder still
     being written holds only set files, which are deleted). Unknown ``set_names``: entries missing from
-    ``out_dir`` are moved back, never deleted.
+    ``out_dir`` are moved back and the rest stays hidden, never deleted.
     """
     parent, prefix = os.path.dirname(out_dir), _sibling(out_dir, "")
     pattern = re.compile(re.escape(os.path.basename(prefix)) + r"(new|old)-\d+")
@@ -216,14 +216,13 @@ def recover_output_folder(out_dir: str, set_names: Iterable[str] | None = None) 
 
 
 def _retire(old: str, target: str, set_names: Iterable[str] | None) -> None:
-    """Move the entries of the hidden folder ``old`` that are not of the set back into ``target``, delete
-    the set's, and remove ``old`` once empty. Never replaces or deletes anything else."""
+    """Delete the set's files in the hidden folder ``old`` (none when ``set_names`` is None: unknown), move
+    its other entries back into ``target`` unless a name there has them, and remove ``old`` once empty.
+    Never replaces or deletes anything else."""
     set_names = None if set_names is None else set(set_names)
     for entry in os.listdir(old):
         source, destination = os.path.join(old, entry), os.path.join(target, entry)
-        if set_names is None and not os.path.lexists(destination):
-            os.rename(source, destination)
-        elif set_names is None or entry in set_names:
+        if set_names is not None and entry in set_names:
             _remove_entry(source)
         elif not os.path.lexists(destination):
             os.rename(source, destination)
@@ -388,9 +387,11 @@ class output_lock:
             self._remove_created()
             raise BadRequest(self._busy(busy.pid)) from None
         try:
-            _write_lock_file(self._fd, {"pid": os.getpid()})
+            # The killed holder's set stays recorded until its leftovers are repaired: a kill meanwhile loses nothing.
+            _write_lock_file(self._fd, {"pid": os.getpid(), "set": previous.get("set")})
             with _signals_held():
                 recover_output_folder(self.target, previous.get("set"))
+            _write_lock_file(self._fd, {"pid": os.getpid()})
         except BaseException as error:
             self._release()
             if isinstance(error, OSError):
