@@ -132,10 +132,11 @@ def write_files_atomically(out_dir: str, writers: Sequence[tuple[str, Callable[[
             with _signals_held():
                 _swap_in(new, target, lock)
         except BaseException as error:
+            full = not lock.written and _disk_full(new)  # before removing what the writers left
             if not lock.written:
                 _remove_entry(new)
-            if isinstance(error, OSError):
-                raise _write_error(out_dir, error, lock.written) from error
+            if isinstance(error, OSError) or (full and isinstance(error, Exception)):
+                raise _write_error(out_dir, error, lock.written, full) from error
             raise
     return {name: os.path.join(out_dir, name) for name in names}
 
@@ -155,9 +156,10 @@ def write_file_atomically(path: str, write: Callable[[str], None]) -> str:
                 os.replace(partial, lock.target)
                 lock.written = True
         except BaseException as error:
+            full = not lock.written and _disk_full(partial)
             _remove_entry(partial)
-            if isinstance(error, OSError):
-                raise _write_error(path, error, lock.written) from error
+            if isinstance(error, OSError) or (full and isinstance(error, Exception)):
+                raise _write_error(path, error, lock.written, full) from error
             raise
     return path
 
@@ -246,15 +248,30 @@ def _sibling(target: str, role: str) -> str:
     return os.path.join(parent, f".{name}{SIBLING_MARK}{role}")
 
 
-def _write_error(out: str, error: OSError, written: bool) -> SyncSphereError:
-    """One sentence for an OSError while writing ``out``, saying what is on disk."""
+def _write_error(out: str, error: Exception, written: bool, full: bool) -> SyncSphereError:
+    """One sentence for an error while writing ``out`` (an OSError, or any error with the disk ``full``),
+    saying what is on disk."""
+    reason = getattr(error, "strerror", None) or error
     if written:  # only retiring the old folder can fail after the swap
         return SyncSphereError(f"{out} holds the complete new set, but tidying up the old one failed "
-                               f"({error.strerror or error}); the next run into it finishes that.")
-    if error.errno in (errno.ENOSPC, getattr(errno, "EDQUOT", errno.ENOSPC)):
-        return SyncSphereError(f"The disk is full ({error.strerror or error}): nothing was written into {out}.")
-    return SyncSphereError(f"Could not write the outputs into {out} ({error.strerror or error}); "
-                           "nothing was written.")
+                               f"({reason}); the next run into it finishes that.")
+    if getattr(error, "errno", None) in (errno.ENOSPC, getattr(errno, "EDQUOT", errno.ENOSPC)) or full:
+        reason = reason if isinstance(error, OSError) else os.strerror(errno.ENOSPC)
+        return SyncSphereError(f"The disk is full ({reason}): nothing was written into {out}.")
+    return SyncSphereError(f"Could not write the outputs into {out} ({reason}); nothing was written.")
+
+
+_NEARLY_FULL = 1 << 20
+"""Bytes: a writer that fails with less than this left beside the outputs failed for want of space."""
+
+
+def _disk_full(path: str) -> bool:
+    """Whether the file system holding ``path`` has (almost) no space left. Some writers report a full disk
+    as another error than OSError(ENOSPC) (OpenEXR: a RuntimeError), so the disk itself is asked."""
+    try:
+        return shutil.disk_usage(path if os.path.exists(path) else os.path.dirname(path)).free < _NEARLY_FULL
+    except OSError:
+        return False
 
 
 RENAME_EXCHANGE = 2  # linux/fs.h
