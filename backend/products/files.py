@@ -82,6 +82,11 @@ def check_output_folder(out_dir: str, names: Iterable[str], overwrite: bool) -> 
             raise BadRequest(f"The output folder {out_dir} is a mount point; choose a folder inside it.")
         if os.path.isdir(out_dir) and not os.access(out_dir, os.W_OK | os.X_OK):
             raise BadRequest(f"The output folder {out_dir} cannot be written: permission denied.")
+        for entry in os.scandir(out_dir) if os.path.isdir(out_dir) else ():
+            # The old folder's entries move into the new one, and moving a folder rewrites its "..".
+            if entry.is_dir(follow_symlinks=False) and not os.access(entry.path, os.W_OK):
+                raise BadRequest(f"The output folder {out_dir} cannot be replaced as a unit: its folder "
+                                 f"{entry.name} cannot be written (permission denied).")
         for name in names:
             path = os.path.join(out_dir, name)
             if os.path.isdir(path):
@@ -170,6 +175,8 @@ def _swap_in(new: str, target: str, lock: "output_lock") -> None:
         os.rename(new, target)
         lock.written = True
         return
+    if not os.path.isdir(target):
+        raise NotADirectoryError(errno.ENOTDIR, os.strerror(errno.ENOTDIR), target)
     try:  # the new folder keeps the old one's permissions
         os.chmod(new, stat.S_IMODE(os.stat(target).st_mode))
     except OSError:
@@ -199,7 +206,8 @@ def recover_output_folder(out_dir: str, set_names: Iterable[str] | None = None) 
     not happened, so the old set wins) and retired when ``out_dir`` is there (the swap happened: entries that
     are not ``set_names`` move back into ``out_dir``, the rest is deleted). A leftover ``-new-`` file or folder
     is deleted, or, when it holds the old folder after an exchange, retired the same way (a folder still
-    being written holds only set files, which are deleted). Unknown ``set_names``: entries missing from
+    being written holds only set files, which are deleted; with ``out_dir`` missing, one holding other
+    entries stays). Unknown ``set_names``: entries missing from
     ``out_dir`` are moved back and the rest stays hidden, never deleted.
     """
     parent, prefix = os.path.dirname(out_dir), _sibling(out_dir, "")
@@ -209,12 +217,13 @@ def recover_output_folder(out_dir: str, set_names: Iterable[str] | None = None) 
     for is_new, path in leftovers:  # old folders first: one may have to become out_dir again
         if not os.path.isdir(path) or os.path.islink(path):
             _remove_entry(path)
-        elif not os.path.lexists(out_dir) and not is_new:
-            os.rename(path, out_dir)
         elif os.path.lexists(out_dir):
             _retire(path, out_dir, set_names)
-        else:
+        elif not is_new:
+            os.rename(path, out_dir)
+        elif set_names is not None and set(os.listdir(path)) <= set(set_names):
             _remove_entry(path)
+        # else: an exchanged old folder whose out_dir was deleted since: not ours to delete, left as it is
 
 
 def _retire(old: str, target: str, set_names: Iterable[str] | None) -> None:
@@ -345,14 +354,18 @@ class output_lock:
     def __init__(self, out: str | None, kind: str = "folder"):
         self.out = os.path.abspath(os.path.expanduser(out)) if out else None
         self.kind = kind
-        self.target = os.path.realpath(self.out) if self.out else None
+        self.target = None  # set on entering
         self.written = False
         self.set_names = None
         self._depth, self._fd, self._created, self._owner, self._thread = 0, None, [], self, None
 
     def __enter__(self) -> "output_lock":
-        if self.target is None:
+        if self.out is None:
             return self
+        try:
+            self.target = os.path.realpath(self.out)
+        except ValueError:  # a NUL byte
+            raise BadRequest(f"The output path {self.out!r} is not a valid path.") from None
         with _HELD_GUARD:
             holder = _HELD.get(self.target)
             if holder is None:
