@@ -415,10 +415,10 @@ def test_a_generate_job_killed_at_its_first_rename_is_old_or_new_never_mixed(tin
 def test_a_second_run_into_a_busy_folder_is_refused_at_once(tiny_model, tmp_path):
     space = tmp_path / "space"
     out = space / "out"
-    log = open(tmp_path / "first.err", "w")  # a file, not a pipe: a frozen reader never blocks the run
-    first = subprocess.Popen([sys.executable, "-c", CLI, *generate_args(tiny_model, out, "--json-progress", "--seed", "1")],
-                             stdout=subprocess.PIPE, stderr=log, text=True, env={**os.environ, "PYTHONPATH": REPO},
-                             cwd=REPO)
+    log = open(tmp_path / "first.err", "w")  # a file, not a pipe nobody reads, which could fill and block the run
+    args = generate_args(tiny_model, out, "--json-progress", "--seed", "1")
+    first = subprocess.Popen([sys.executable, "-c", CLI, *args], stdout=subprocess.PIPE, stderr=log, text=True,
+                             env={**os.environ, "PYTHONPATH": REPO}, cwd=REPO)
     try:
         for line in first.stdout:  # the first run is denoising: it holds the folder; freeze it there
             if json.loads(line).get("stage") == "denoising":

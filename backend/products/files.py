@@ -346,13 +346,14 @@ class output_lock:
     probe that ``out`` can be written), refuses at once when another run holds it, and repairs what a killed
     run left (``recover_output_folder``). Entering again in the same thread nests and gives the outer lock;
     another thread is refused like another process. Leaving the outermost deletes the lock file and the
-    parent folders it created when they are empty. An empty ``out`` locks nothing (the request's validation
-    refuses it). Raises BadRequest with one sentence. ``written``: True once a writer has put the new files
-    in place (the truth an interrupted run reports); ``target``: the real path of ``out``.
+    parent folders it created when they are empty. An empty ``out``, or anything but a path, locks nothing
+    (the request's validation refuses it). Raises BadRequest with one sentence. ``written``: True once a
+    writer has put the new files in place (the truth an interrupted run reports); ``target``: the real path
+    of ``out``, once entered.
     """
 
     def __init__(self, out: str | None, kind: str = "folder"):
-        self.out = os.path.abspath(os.path.expanduser(out)) if out else None
+        self.out = os.path.abspath(os.path.expanduser(out)) if isinstance(out, (str, os.PathLike)) and out else None
         self.kind = kind
         self.target = None  # set on entering
         self.written = False
