@@ -379,32 +379,33 @@ sys.exit(main(sys.argv[3:]))
 """
 
 
-@pytest.mark.parametrize("signal_name", ["SIGKILL", "SIGTERM", "SIGINT"])
-def test_a_generate_job_killed_at_its_first_rename_is_old_or_new_never_mixed(tiny_model, tmp_path, signal_name):
+def test_generate_jobs_killed_at_their_first_rename_are_old_or_new_never_mixed(tiny_model, tmp_path):
+    """The real path, one job per signal, each into the folder the one before left: a run also repairs what
+    the run before it left (the SIGKILL's hidden folder) before it writes."""
     space = tmp_path / "space"
     out = space / "out"
     assert run_python(CLI, *generate_args(tiny_model, out, "--seed", "1")).returncode == 0
     (out / "notes.txt").write_text("the user's own file")
-    old = digests(out)
-
-    result = run_python(KILL_AT_FIRST_RENAME, space, signal_name, *generate_args(tiny_model, out, "--seed", "2",
-                                                                                 "--overwrite"))
-    after_kill = digests(out) or {}
-    kept = {name for name in after_kill if after_kill[name] == old.get(name)} - {"notes.txt"}
-    replaced = set(after_kill) - kept - {"notes.txt"}
-    seen = "old" if replaced == set() else "new" if kept == set() else "mixed"
-    assert seen in ("old", "new") and set(after_kill) - {"notes.txt"} == set(old) - {"notes.txt"}, (seen, result.stderr)
-    if signal_name == "SIGKILL":
-        assert result.returncode == -signal.SIGKILL
-    else:
+    for seed, signal_name in ((2, "SIGKILL"), (3, "SIGTERM"), (4, "SIGINT")):
+        old = {name: key for name, key in digests(out).items() if name != "notes.txt"}
+        args = generate_args(tiny_model, out, "--seed", str(seed), "--overwrite")
+        result = run_python(KILL_AT_FIRST_RENAME, space, signal_name, *args)
+        after_kill = {name: key for name, key in (digests(out) or {}).items() if name != "notes.txt"}
+        kept = {name for name in after_kill if after_kill[name] == old.get(name)}
+        seen = "old" if kept == set(old) else "new" if not kept else "mixed"
+        assert seen in ("old", "new") and set(after_kill) == set(old), (signal_name, seen, result.stderr)
+        if seen == "new":
+            assert json.loads((out / "metadata.json").read_text())["seed"] == seed
+        if signal_name == "SIGKILL":
+            assert result.returncode == -signal.SIGKILL
+            continue
         said = ("Interrupted; nothing was written." if seen == "old" else
                 f"Interrupted after the new files were in place; {out} holds the complete new set.")
         assert result.returncode == 130 and last_error_line(result.stderr) == f"error: {said}", result.stderr
-    if seen == "new":
-        assert json.loads((out / "metadata.json").read_text())["seed"] == 2
+        assert os.listdir(space) == ["out"] and (out / "notes.txt").exists()  # the SIGKILL's leftovers too
 
     # Any later run into the folder repairs what a SIGKILL left, even one that is refused.
-    again = run_python(CLI, *generate_args(tiny_model, out, "--seed", "2"))
+    again = run_python(CLI, *generate_args(tiny_model, out, "--seed", "5"))
     assert again.returncode == 2 and "already exists" in again.stderr
     assert os.listdir(space) == ["out"] and (out / "notes.txt").read_text() == "the user's own file"
 
