@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 
 from backend.app.cli import main
+from backend.errors import SyncSphereError
 from backend.products.images import read_exr, srgb_to_linear
 from PIL import Image
 
@@ -138,9 +139,10 @@ def test_failure_while_writing_leaves_nothing(tiny_model, tmp_path, monkeypatch,
 
     monkeypatch.setattr(backend.products.images, "write_json", failing_json)
     out = tmp_path / "out"
-    with pytest.raises(OSError):
-        main(["generate", "--prompt", "x", "--model", tiny_model, "--out", str(out), "--layout", "tile", "--width", "128", "--height", "128", *FAST])
-    assert not out.exists()
+    code = main(["generate", "--prompt", "x", "--model", tiny_model, "--out", str(out), "--layout", "tile", "--width", "128", "--height", "128", *FAST])
+    error = capsys.readouterr().err.strip().splitlines()[-1]
+    assert code == 1 and error == f"error: Could not write the outputs into {out} (disk full); nothing was written."
+    assert os.listdir(tmp_path) == []  # no folder, no hidden folder beside it, no lock file
 
 
 def test_run_killed_while_writing_leaves_no_png_and_next_run_cleans_up(tiny_model, tmp_path):
@@ -160,11 +162,12 @@ def test_run_killed_while_writing_leaves_no_png_and_next_run_cleans_up(tiny_mode
     args = ["generate", "--prompt", "x", "--model", tiny_model, "--out", str(out), "--layout", "tile", "--width", "128", "--height", "128", *FAST]
     result = subprocess.run([sys.executable, "-c", script, *args], env={**os.environ, "PYTHONPATH": REPO}, capture_output=True)
     assert result.returncode == -signal.SIGKILL
-    assert not (out / "panorama.png").exists() and not (out / "panorama.exr").exists()
-    assert any(".partial-" in name for name in os.listdir(out))  # the kill really happened mid-write
+    assert not out.exists()
+    assert any(".out.syncsphere-new-" in name for name in os.listdir(tmp_path))  # the kill really happened mid-write
 
     assert main(args) == 0
     assert sorted(os.listdir(out)) == ["metadata.json", "panorama.exr", "panorama.png"]
+    assert os.listdir(tmp_path) == ["out"]  # the hidden folder and the stale lock file are gone
 
 
 def test_json_progress_prints_only_protocol_events_on_stdout(tiny_model, tmp_path):
@@ -273,9 +276,9 @@ def test_failure_while_writing_a_cube_face_leaves_nothing(tiny_model, tmp_path, 
 
     monkeypatch.setattr(backend.products.images, "write_png", fail_on_face_u)
     out = tmp_path / "out"
-    with pytest.raises(OSError):
+    with pytest.raises(SyncSphereError, match="disk full"):
         _job(tiny_model, out, "equirect", 256, 128)
-    assert not out.exists()  # not even panorama.png, written before the faces
+    assert os.listdir(tmp_path) == []  # not even panorama.png, written before the faces
 
 
 def test_existing_cube_map_files_need_overwrite_for_equirect_jobs_only(tiny_model, tmp_path, capsys):

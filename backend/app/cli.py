@@ -12,7 +12,7 @@ import json
 import sys
 
 from .. import __version__
-from ..errors import SyncSphereError
+from .command_errors import report_failure, sigterm_as_interrupt
 from .file_commands import FILE_COMMANDS, add_file_commands, add_lighting_arguments, run_file_command
 from .models_cli import add_models_command, run_models_command
 from ..request import (
@@ -196,8 +196,8 @@ def request_from_args(args: argparse.Namespace) -> GenerateRequest:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Run the CLI; returns the exit code (0 ok, 2 bad input or model not found, 3 out of memory,
-    130 interrupted, 1 anything else)."""
+    """Run the CLI; returns the exit code (0 ok, 2 bad input, model not found or --out in use, 3 out of
+    memory, 130 interrupted (Ctrl-C or SIGTERM), 1 anything else)."""
     args = build_parser().parse_args(argv)
     if args.command == "info":
         return _info()
@@ -205,34 +205,34 @@ def main(argv: list[str] | None = None) -> int:
         from .server import serve_stdio
 
         return serve_stdio()
-    if args.command in FILE_COMMANDS:
-        return run_file_command(args)
     if args.command == "models":
         return run_models_command(args)
-    return _generate(args)
+    with sigterm_as_interrupt():  # a killed job or file command cleans up as Ctrl-C does
+        return run_file_command(args) if args.command in FILE_COMMANDS else _generate(args)
 
 
 def _generate(args: argparse.Namespace) -> int:
+    """Run one job; every run with --json-progress ends with a done or an error event."""
     from .. import protocol
+    from ..products.files import output_lock
 
     json_progress = args.json_progress
     events = sys.stdout
+    # Held from the check to the end: a second run into --out is refused before anything loads.
+    lock = output_lock(args.out)
     try:
         # With --json-progress stdout carries protocol lines only: whatever a library prints goes to stderr.
-        with contextlib.redirect_stdout(sys.stderr if json_progress else sys.stdout):
+        with contextlib.redirect_stdout(sys.stderr if json_progress else sys.stdout), lock:
             from .job import check_request, run_job
 
             checked = check_request(request_from_args(args))
             with _ProgressPrinter(events if json_progress else None) as report:
                 outputs = run_job(checked, report)
-    except SyncSphereError as error:
+    except (Exception, KeyboardInterrupt) as error:
+        kind, sentence, code = report_failure(error, lock=lock)
         if json_progress:
-            protocol.write_event(events, protocol.error_event(None, error.kind, str(error)))
-        print(f"error: {error}", file=sys.stderr)
-        return error.exit_code
-    except KeyboardInterrupt:
-        print("error: Interrupted; nothing was written.", file=sys.stderr)
-        return 130
+            protocol.write_event(events, protocol.error_event(None, kind, sentence))
+        return code
     if json_progress:
         protocol.write_event(events, protocol.done_event(None, outputs))
     else:

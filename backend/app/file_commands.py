@@ -1,7 +1,9 @@
 """The small commands that work on image files: ``cubemap``, ``view``, ``hdr`` and ``metrics``.
 
 Each has its parser here (``add_file_commands``) and runs through ``run_file_command``: one sentence on stderr
-and exit code 2 for bad input (``command_errors.one_sentence_errors``), nothing half-written.
+and exit code 2 for bad input (``command_errors.one_sentence_errors``), nothing half-written. ``cubemap`` and
+``hdr`` replace their set of files in --out as a unit and ``view`` its one file (``products.files``), holding
+--out's lock from the check to the end, so a second run into it is refused at once.
 """
 
 from __future__ import annotations
@@ -116,38 +118,50 @@ def add_lighting_arguments(parser, generation: bool) -> None:
 
 def _cubemap(args: argparse.Namespace) -> int:
     from ..products.cubemap import write_cubemap
+    from ..products.files import output_lock
+
+    lock = output_lock(args.out)  # held from the check to the end: a second run into --out is refused
 
     def work() -> int:
-        paths = write_cubemap(args.panorama, args.out, face_size=args.face_size, overwrite=args.overwrite)
-        print(f"wrote {', '.join(paths)} into {os.path.abspath(os.path.expanduser(args.out))}", file=sys.stderr)
+        with lock:
+            paths = write_cubemap(args.panorama, args.out, face_size=args.face_size, overwrite=args.overwrite)
+        print(f"wrote {', '.join(paths)} into {lock.out}", file=sys.stderr)
         return 0
 
-    return one_sentence_errors(work, "Interrupted; nothing was written.")
+    return one_sentence_errors(work, lock=lock)
 
 
 def _view(args: argparse.Namespace) -> int:
+    from ..products.files import output_lock
     from ..products.perspective_view import render_view
 
+    lock = output_lock(args.out, "file")
+
     def work() -> int:
-        path = render_view(args.panorama, args.out, yaw=args.yaw, pitch=args.pitch, roll=args.roll, fov=args.fov,
-                           size=args.size, overwrite=args.overwrite)
+        with lock:
+            path = render_view(args.panorama, args.out, yaw=args.yaw, pitch=args.pitch, roll=args.roll,
+                               fov=args.fov, size=args.size, overwrite=args.overwrite)
         print(f"wrote {path}", file=sys.stderr)
         return 0
 
-    return one_sentence_errors(work, "Interrupted; nothing was written.")
+    return one_sentence_errors(work, lock=lock)
 
 
 def _hdr(args: argparse.Namespace) -> int:
+    from ..products.files import output_lock
     from ..products.hdr import write_hdr
 
+    lock = output_lock(args.out)
+
     def work() -> int:
-        paths = write_hdr(args.panorama, args.out, exposure=args.exposure, sun_ratio=args.sun_ratio,
-                          sun_strength=args.sun_strength, sun_direction=args.sun_direction, half=args.half,
-                          overwrite=args.overwrite)
-        print(f"wrote {', '.join(paths)} into {os.path.abspath(os.path.expanduser(args.out))}", file=sys.stderr)
+        with lock:
+            paths = write_hdr(args.panorama, args.out, exposure=args.exposure, sun_ratio=args.sun_ratio,
+                              sun_strength=args.sun_strength, sun_direction=args.sun_direction, half=args.half,
+                              overwrite=args.overwrite)
+        print(f"wrote {', '.join(paths)} into {lock.out}", file=sys.stderr)
         return 0
 
-    return one_sentence_errors(work, "Interrupted; nothing was written.")
+    return one_sentence_errors(work, lock=lock)
 
 
 def _metrics(args: argparse.Namespace) -> int:

@@ -2,7 +2,9 @@
 
 ``check_request`` runs every check that needs no weights (the CLI calls it before anything loads) and
 returns the frozen request every later stage reads (``engine.resolve``); ``run_job`` runs the stages and
-reports them through the same callback the denoising loop uses.
+reports them through the same callback the denoising loop uses. Callers hold ``products.files.output_lock`` on
+the output folder from before ``check_request`` until ``run_job`` ends, so a second run into it is refused
+before anything loads.
 """
 
 from __future__ import annotations
@@ -46,7 +48,8 @@ def check_request(request: GenerateRequest) -> CheckedRequest:
     none is given) and the output folder checked, the model source, LoRA, device and dtype, and, when the
     model's config files give its geometry, the ``ResolvedRequest`` (window, stride, views, prompts,
     anchors). Reads only config files; ``request`` itself is not changed. Raises BadRequest or
-    ModelNotFound with one sentence.
+    ModelNotFound with one sentence (BadRequest too when the output folder cannot be written or another
+    run holds it: ``files.check_output_folder``).
     """
     params = request.validated()
     if params.seed is None:
@@ -76,7 +79,8 @@ def run_job(checked: CheckedRequest, report: StepReport | None = None, models: M
 
     ``report(stage, step, total, preview)`` is called for stages downloading, loading, denoising (every
     step), decoding and writing; returning True stops the job with JobCancelled. Nothing is written unless
-    the job completes. Raises BadRequest, ModelNotFound, OutOfMemory or JobCancelled.
+    the job completes, and then its files replace the folder's old set as a unit. Raises BadRequest,
+    ModelNotFound, OutOfMemory or JobCancelled, and SyncSphereError when writing fails (a full disk).
 
     The image comes from ``generation.generate_image``: the ``--memory`` plan, and the retries when the
     device runs out of memory. metadata.json records the plan that succeeded under "memory"

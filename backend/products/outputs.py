@@ -3,11 +3,11 @@
 (``hdr.py``): panorama.exr is then the HDR image, with panorama_sky.exr and lighting.json beside it.
 
 ``job_output_names`` says which files a job may write (the request's --overwrite check reads it before any work
-starts); ``write_job_outputs`` writes them all in one ``files.write_files_atomically``.
+starts); ``write_job_outputs`` writes them all in one ``files.write_files_atomically``, which replaces the folder's
+old set as a unit: a reader sees the old set or the complete new one, never a mix.
 """
 
 from __future__ import annotations
-
 
 import numpy as np
 
@@ -45,11 +45,12 @@ def write_job_outputs(out_dir: str, image: np.ndarray, metadata: dict, cube_map:
 
     The faces are cut with ``geometry.equirect_to_cube_faces`` from the PNG's own 8-bit pixels, so they are
     byte for byte what ``python -m backend cubemap panorama.png`` writes. Creates ``out_dir`` if needed;
-    replaces existing files (the request checked ``--overwrite``). Returns {"png": path, "exr": path,
-    "metadata": path}, plus with ``cube_map`` {"faces": {"F": path, … "D": path}, "dice": path,
-    "horizon": path}, plus with ``hdr`` {"exr_sky": path, "lighting": path}: the ``outputs`` of the
-    protocol's done event. All files are written in one ``write_files_atomically``: on any failure nothing
-    new is left behind.
+    replaces the job files of an earlier run (the request checked ``--overwrite``) and keeps other entries.
+    Returns {"png": path, "exr": path, "metadata": path}, plus with ``cube_map`` {"faces": {"F": path, …
+    "D": path}, "dice": path, "horizon": path}, plus with ``hdr`` {"exr_sky": path, "lighting": path}: the
+    ``outputs`` of the protocol's done event. All files are written in one ``write_files_atomically``: on
+    any failure nothing is changed (SyncSphereError with one sentence for an OSError such as a full disk;
+    BadRequest when another run holds the folder's lock).
     """
     if hdr is not None:
         writers = hdr_writers(hdr, half)  # panorama.exr (HDR), panorama_sky.exr, lighting.json

@@ -5,7 +5,7 @@ The view (yaw, pitch, roll, field of view in degrees; square, ``size`` px) follo
 up, roll positive banks right (the scene turns counter-clockwise in the picture). An EXR panorama gives
 a float32 linear EXR, its values untouched (HDR stays HDR); a PNG gives an 8-bit PNG, interpolated in
 the file's own (sRGB-encoded) values as ``cubemap`` does. The file is written atomically
-(``files.write_files_atomically``). No torch: numpy, Pillow and OpenEXR only.
+(``files.write_file_atomically``). No torch: numpy, Pillow and OpenEXR only.
 """
 
 from __future__ import annotations
@@ -13,10 +13,10 @@ from __future__ import annotations
 import math
 import os
 
-from ..errors import BadRequest, SyncSphereError
+from ..errors import BadRequest
 from ..sphere.geometry import equirect_to_perspective
 from . import images
-from .files import check_output_file, write_files_atomically
+from .files import check_output_file, write_file_atomically
 
 # The largest view we render (8192² px is 0.8 GB of float32 RGB); this only stops typos.
 MAX_VIEW_SIZE = 8192
@@ -48,8 +48,4 @@ def render_view(panorama: str, out: str, yaw: float, pitch: float, fov: float, s
 
     view = equirect_to_perspective(image, yaw, pitch, roll, fov, size)
     write = images.write_exr if extension == ".exr" else images.write_png
-    name = os.path.basename(out)
-    try:
-        return write_files_atomically(os.path.dirname(out), [(name, lambda path: write(path, view))])[name]
-    except OSError as error:
-        raise SyncSphereError(f"Could not write the view {out} ({error.strerror or error}).") from None
+    return write_file_atomically(out, lambda path: write(path, view))
