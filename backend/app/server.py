@@ -51,7 +51,12 @@ class StdioServer:
     def send(self, event: dict) -> None:
         """Write one event line and flush it, whole, even when two threads send at once. Never raises: an
         event always encodes (``protocol.encode``), and a closed stdout means the client is gone."""
-        line = (protocol.encode(event) + "\n").encode("utf-8")
+        try:
+            line = (protocol.encode(event) + "\n").encode("utf-8")
+        except (TypeError, ValueError) as error:  # a value JSON cannot hold: the job still gets its one answer
+            traceback.print_exc(file=sys.stderr)
+            failed = protocol.error_event(event.get("job"), "internal", f"The backend could not write its answer ({type(error).__name__}); see the backend log.")
+            line = (protocol.encode(failed) + "\n").encode("utf-8")
         with self.write_lock:
             try:
                 self.events.write(line)
