@@ -248,9 +248,12 @@ def random_params(rng: random.Random, missing_model: str, model: str, index: int
     """A tiny job whose model is missing (or, for LATE_FIELDS, sometimes real) with one field, in turn, given a
     random value of a random type."""
     name = FIELDS[index % len(FIELDS)]
-    value = rng.choice([random_json(rng), [0, 0], {}, [], "caf\udce9", "true", 1.5, -1, True, None, [1e400, 0]])
     context = rng.choice([{}, {"layout": "equirect", "width": 256, "height": 128}, {"sync": "syncdiffusion"}])
     real = name in LATE_FIELDS and rng.random() < 0.5
+    if real:  # values of a wrong type only: a valid one (lora None, allow_pickle false) would run a real job
+        value = rng.choice([[0, 0], {}, [], {"a": 1}, 1.5, -1] + (["true"] if name == "allow_pickle" else []))
+    else:
+        value = rng.choice([random_json(rng), [0, 0], {}, [], "caf\udce9", "true", 1.5, -1, True, None, [1e400, 0]])
     return f"params {name}={str(value)[:40]}", {**tiny_params(model if real else missing_model), **context, name: value}
 
 
