@@ -1,27 +1,63 @@
-"""The JSON-lines protocol between Blender and the backend, version 1 (docs/protocol.md).
+"""The JSON-lines protocol between Blender and the backend, version 2 (docs/protocol.md).
 
 Standard library only: the Blender side imports this module too. One JSON object per line, UTF-8;
-the backend's stdout carries protocol lines only.
+the backend's stdout carries protocol lines only. A request line goes through ``read_line`` (bytes, its
+length bounded), ``decode_line`` (UTF-8) and ``parse_request`` (JSON and the request's shape); each refuses
+what it cannot take with a ProtocolError, never another exception.
 """
 
 from __future__ import annotations
 
 import json
+import math
 import os
+import re
 
 PROTOCOL_VERSION = 2  # 2: the stage "downloading" (step and total count bytes)
 STAGES = ("downloading", "loading", "denoising", "decoding", "writing")
 ERROR_KINDS = ("bad_request", "model_not_found", "out_of_memory", "cancelled", "internal")
 REQUEST_OPS = ("hello", "generate", "cancel", "shutdown")
 
+MAX_LINE_BYTES = 1 << 20
+"""The longest request line the backend reads (1 MiB, without its newline); a longer one is refused whole."""
+MAX_DEPTH = 64
+"""The deepest nesting of arrays and objects in a request line; a request needs 3."""
+MAX_MESSAGE_CHARS = 1000
+"""An error event's message is cut to this many characters, whatever it quotes."""
+SHORTEN_CHARS = 100
+"""How much of a client's value a message quotes (``shorten``)."""
+
+_DISCARD_CHUNK = 1 << 16
+_LONE_SURROGATE = re.compile("[\ud800-\udfff]")  # a str from valid UTF-8 has none; only a JSON \u escape makes one
+
 
 class ProtocolError(ValueError):
-    """A line that is not a valid protocol request or event; ``str()`` is one sentence for the user."""
+    """A line that is not a valid protocol request or event; ``str()`` is one sentence for the user.
+
+    ``job`` is the request's job id when the line could be read far enough to find one (a JSON object with a
+    string ``job``), else None: the bad_request event names it, so the client that sent it hears of it."""
+
+    def __init__(self, message: str, job: str | None = None):
+        super().__init__(message)
+        self.job = job
+
+
+def shorten(value, limit: int = SHORTEN_CHARS) -> str:
+    """``repr(value)`` cut to at most ``limit`` characters, the cut marked with "…": how a message quotes a
+    value a client sent, so a 10 MB field makes a short sentence. A long string is cut before its repr is
+    made; the repr escapes control characters and lone surrogates."""
+    text = repr(value[: limit + 1]) if isinstance(value, str) else repr(value)
+    return text if len(text) <= limit else text[: limit - 1] + "…"
 
 
 def encode(message: dict) -> str:
-    """One protocol line (no newline) for an event or request dict."""
-    return json.dumps(message, ensure_ascii=False, separators=(",", ":"))
+    """One protocol line (no newline) for an event or request dict. The result always encodes as UTF-8: a
+    string that does not (a lone surrogate, e.g. from a file name's undecodable bytes) is written as its JSON
+    ``\\u`` escape, so writing a line never fails on its content."""
+    line = json.dumps(message, ensure_ascii=False, separators=(",", ":"))
+    if _LONE_SURROGATE.search(line):
+        line = json.dumps(message, ensure_ascii=True, separators=(",", ":"))
+    return line
 
 
 def write_event(stream, event: dict) -> None:
@@ -43,6 +79,8 @@ def done_event(job: str | None, outputs: dict) -> dict:
 
 def error_event(job: str | None, kind: str, message: str) -> dict:
     """An error event; ``kind`` one of ERROR_KINDS, ``message`` one readable sentence."""
+    if len(message) > MAX_MESSAGE_CHARS:  # the last guard against a message that quotes a huge value
+        message = message[: MAX_MESSAGE_CHARS - 1] + "…"
     return {"event": "error", "job": job, "kind": kind if kind in ERROR_KINDS else "internal", "message": message}
 
 
@@ -71,6 +109,36 @@ def shutdown_request() -> dict:
     return {"op": "shutdown"}
 
 
+def read_line(stream, limit: int = MAX_LINE_BYTES) -> bytes | None:
+    """The next line of the binary ``stream`` without its newline, or None at the end of input.
+
+    A line longer than ``limit`` bytes is read to its end in chunks and dropped, keeping only its first
+    ``limit + 1`` bytes, so memory stays bounded and ``decode_line`` refuses it as too long.
+    """
+    raw = stream.readline(limit + 1)
+    if not raw:
+        return None
+    if raw.endswith(b"\n"):
+        return raw[:-1]
+    rest = raw if len(raw) > limit else b""
+    while rest and not rest.endswith(b"\n"):
+        rest = stream.readline(_DISCARD_CHUNK)
+    return raw
+
+
+def decode_line(raw: bytes) -> str:
+    """The text of one request line (bytes, without its newline); raises ProtocolError when it is longer than
+    MAX_LINE_BYTES or not UTF-8. A leading UTF-8 byte order mark is dropped."""
+    if len(raw) > MAX_LINE_BYTES:
+        raise ProtocolError(f"The line is longer than {MAX_LINE_BYTES} bytes; it was skipped.")
+    try:
+        return raw.decode("utf-8-sig")
+    except UnicodeDecodeError as error:
+        hint = " (it looks like UTF-16)" if raw[:2] in (b"\xff\xfe", b"\xfe\xff") else ""
+        raise ProtocolError(f"The line is not valid UTF-8{hint}: byte 0x{raw[error.start]:02x} at offset "
+                            f"{error.start}; send UTF-8 JSON.") from None
+
+
 def parse_event(line: str) -> dict:
     """Parse one event line from the backend. Returns the event dict; raises ProtocolError when the line is not
     a JSON object with a string ``event``.
@@ -87,14 +155,28 @@ def parse_event(line: str) -> dict:
 def parse_request(line: str) -> dict:
     """Parse and check one request line. Returns the request dict; raises ProtocolError.
 
+    The line must be one JSON object, nested at most MAX_DEPTH deep, with finite numbers and no lone
+    surrogates (``\\ud800`` escapes: no UTF-8 text has them, and no file name or output could carry them).
     generate needs a string ``job``, an object ``params`` and an absolute ``out_dir``; cancel needs ``job``.
+    The ProtocolError names the line's job id when it has one.
     """
     message = _decode(line)
+    job = message.get("job") if isinstance(message, dict) and isinstance(message.get("job"), str) else None
+    try:
+        _check_values(message, 1)
+        _check_request(message)
+    except ProtocolError as error:
+        raise ProtocolError(str(error), job) from None
+    return message
+
+
+def _check_request(message) -> None:
+    """The request's shape: an object with a known op and what that op needs."""
     if not isinstance(message, dict):
         raise ProtocolError("A request must be a JSON object.")
     op = message.get("op")
     if op not in REQUEST_OPS:
-        raise ProtocolError(f"Unknown op {op!r}; expected one of {', '.join(REQUEST_OPS)}.")
+        raise ProtocolError(f"Unknown op {shorten(op)}; expected one of {', '.join(REQUEST_OPS)}.")
     if op in ("generate", "cancel") and not isinstance(message.get("job"), str):
         raise ProtocolError(f"A {op} request needs a string job id.")
     if op == "generate":
@@ -103,12 +185,34 @@ def parse_request(line: str) -> dict:
         out_dir = message.get("out_dir")
         if not isinstance(out_dir, str) or not os.path.isabs(out_dir):
             raise ProtocolError("A generate request needs an absolute out_dir.")
-    return message
+
+
+def _check_values(value, depth: int) -> None:
+    """Refuse nesting deeper than MAX_DEPTH, numbers that are not finite and strings with lone surrogates
+    anywhere in ``value`` (at ``depth``: 1 for the line's own value). Recursion stops at MAX_DEPTH + 1."""
+    if isinstance(value, str):
+        if _LONE_SURROGATE.search(value):
+            raise ProtocolError("The line has text that is not valid Unicode (a lone surrogate).")
+    elif isinstance(value, float):
+        if not math.isfinite(value):
+            raise ProtocolError(f"The line has a number that is not finite ({value!r}); send finite numbers only.")
+    elif isinstance(value, (list, dict)):
+        if depth > MAX_DEPTH:
+            raise ProtocolError(f"The line is nested deeper than {MAX_DEPTH} levels.")
+        for key in value if isinstance(value, dict) else ():
+            _check_values(key, depth)
+        for item in value.values() if isinstance(value, dict) else value:
+            if isinstance(item, (str, float, list, dict)):
+                _check_values(item, depth + 1)
 
 
 def _decode(line: str):
     """The JSON value of one protocol line; raises ProtocolError when it is not JSON."""
     try:
         return json.loads(line)
-    except ValueError:
+    except RecursionError:  # the C parser's guard, far below the stack's end: the worker lives on
+        raise ProtocolError(f"The line is nested deeper than {MAX_DEPTH} levels.") from None
+    except json.JSONDecodeError:
         raise ProtocolError("The line is not valid JSON.") from None
+    except ValueError:  # Python's limit on the digits of an int (sys.set_int_max_str_digits)
+        raise ProtocolError("The line has a number with too many digits.") from None

@@ -4,6 +4,10 @@ The main thread reads request lines from stdin; one worker thread runs generate 
 a queue, keeping the model loaded between jobs. Events go to stdout, one JSON line each, and nothing
 else does: whatever libraries print is sent to stderr. Cancel is honoured before the next denoising step.
 No network socket is ever opened.
+
+Nothing a client sends may stop the worker: stdin is read as bytes with a bounded line length, every line
+that is not a valid request gets exactly one bad_request event, an event is always writable, and both
+threads outlive any exception a line or a job raises.
 """
 
 from __future__ import annotations
@@ -17,51 +21,91 @@ import traceback
 from .. import __version__, protocol
 from ..errors import BadRequest, SyncSphereError
 
+_BLANK = b" \t\r"  # JSON's whitespace besides the newline: a line of only these is skipped unanswered
+
+
+class _Job:
+    """One generate request while it is queued or running; ``cancelled`` is set by a cancel that arrives then."""
+
+    def __init__(self, request: dict):
+        self.id: str = request["job"]
+        self.request = request
+        self.cancelled = threading.Event()
+
 
 class StdioServer:
-    """Reads requests from ``requests`` (lines) and writes events to ``events`` (a text stream)."""
+    """Reads requests from ``requests`` (a binary stream of lines) and writes events to ``events`` (a binary
+    stream)."""
 
     def __init__(self, requests, events):
         self.requests = requests
         self.events = events
         self.write_lock = threading.Lock()
         self.jobs: queue.Queue = queue.Queue()
-        self.cancelled: set[str] = set()
+        # The jobs queued or running: a cancel marks those with its id, so it never outlives them.
+        self.active: list[_Job] = []
+        self.active_lock = threading.Lock()
         self.stopping = threading.Event()
         self.models = None  # an engine.models.ModelCache, created by the worker (it imports torch)
 
     def send(self, event: dict) -> None:
-        """Write one event line and flush it, whole, even when two threads send at once."""
+        """Write one event line and flush it, whole, even when two threads send at once. Never raises: an
+        event always encodes (``protocol.encode``), and a closed stdout means the client is gone."""
+        try:
+            line = (protocol.encode(event) + "\n").encode("utf-8")
+        except (TypeError, ValueError) as error:  # a value JSON cannot hold: the job still gets its one answer
+            traceback.print_exc(file=sys.stderr)
+            failed = protocol.error_event(event.get("job"), "internal", f"The backend could not write its answer ({type(error).__name__}); see the backend log.")
+            line = (protocol.encode(failed) + "\n").encode("utf-8")
         with self.write_lock:
-            self.events.write(protocol.encode(event) + "\n")
-            self.events.flush()
+            try:
+                self.events.write(line)
+                self.events.flush()
+            except (OSError, ValueError) as error:
+                print(f"An event could not be written ({error}); the client has gone.", file=sys.stderr)
 
     def serve(self) -> int:
         """Handle requests until shutdown or end of input; returns the exit code (0)."""
         worker = threading.Thread(target=self._run_jobs, name="syncsphere-jobs", daemon=True)
         worker.start()
-        for line in self.requests:
-            if not line.strip():
+        while (raw := protocol.read_line(self.requests)) is not None:
+            if not raw.strip(_BLANK):
                 continue
             try:
-                request = protocol.parse_request(line)
-            except protocol.ProtocolError as error:
-                self.send(protocol.error_event(None, "bad_request", str(error)))
-                continue
-            op = request["op"]
-            if op == "hello":
-                self.send(self._ready_event())
-            elif op == "generate":
-                self.jobs.put(request)
-            elif op == "cancel":
-                self.cancelled.add(request["job"])
-            elif op == "shutdown":
-                break
+                if not self._handle(raw):
+                    break
+            except Exception as error:  # a bug in handling one line must not end the worker
+                traceback.print_exc(file=sys.stderr)
+                self.send(protocol.error_event(None, "internal", f"Internal error ({type(error).__name__}); see the backend log."))
         self.jobs.put(None)
         # A job in progress stops at its next step; one that is writing finishes its files first.
         self.stopping.set()
         worker.join()
         return 0
+
+    def _handle(self, raw: bytes) -> bool:
+        """Answer one request line (bytes without the newline); returns False for shutdown."""
+        try:
+            request = protocol.parse_request(protocol.decode_line(raw))
+        except protocol.ProtocolError as error:
+            self.send(protocol.error_event(error.job, "bad_request", str(error)))
+            return True
+        op = request["op"]
+        if op == "hello":
+            self.send(self._ready_event())
+        elif op == "generate":
+            job = _Job(request)
+            with self.active_lock:
+                self.active.append(job)
+            self.jobs.put(job)
+        elif op == "cancel":
+            # Only the jobs queued or running now; a cancel for no such job (one that has just finished, or
+            # one not sent yet) does nothing and is not answered.
+            with self.active_lock:
+                for job in self.active:
+                    if job.id == request["job"]:
+                        job.cancelled.set()
+        return op != "shutdown"
 
     def _ready_event(self) -> dict:
         # Import the engine (torch, diffusers) now: "ready" means a job can start without a long silent
@@ -74,46 +118,54 @@ class StdioServer:
         device = resolve_device("auto")
         return protocol.ready_event(__version__, str(device), str(resolve_dtype("auto", device)).replace("torch.", ""))
 
-    def _is_cancelled(self, job: str) -> bool:
-        return job in self.cancelled or self.stopping.is_set()
+    def _is_cancelled(self, job: _Job) -> bool:
+        return job.cancelled.is_set() or self.stopping.is_set()
 
     def _run_jobs(self) -> None:
-        while (request := self.jobs.get()) is not None:
-            job = request["job"]
-            if self._is_cancelled(job):
-                self.send(protocol.error_event(job, "cancelled", "The job was cancelled before it started."))
-                continue
+        while (job := self.jobs.get()) is not None:
             try:
-                outputs = self._generate(job, request)
-            except SyncSphereError as error:
-                self.send(protocol.error_event(job, error.kind, str(error)))
-            except Exception as error:  # the worker must survive anything a job throws
+                self._run_job(job)
+            except Exception:  # the job thread must outlive anything, or no job would be answered again
                 traceback.print_exc(file=sys.stderr)
-                self.send(protocol.error_event(job, "internal", f"Internal error ({type(error).__name__}: {error}); see the backend log."))
-            else:
-                self.send(protocol.done_event(job, outputs))
             finally:
-                self.cancelled.discard(job)
+                with self.active_lock:
+                    self.active.remove(job)
 
-    def _generate(self, job: str, request: dict) -> dict:
+    def _run_job(self, job: _Job) -> None:
+        if self._is_cancelled(job):
+            self.send(protocol.error_event(job.id, "cancelled", "The job was cancelled before it started."))
+            return
+        try:
+            outputs = self._generate(job)
+        except SyncSphereError as error:
+            self.send(protocol.error_event(job.id, error.kind, str(error)))
+        except Exception as error:  # the worker must survive anything a job throws
+            traceback.print_exc(file=sys.stderr)
+            self.send(protocol.error_event(job.id, "internal", f"Internal error ({type(error).__name__}: {error}); see the backend log."))
+        else:
+            self.send(protocol.done_event(job.id, outputs))
+
+    def _generate(self, job: _Job) -> dict:
         from ..engine.models import ModelCache
         from .job import check_request, run_job
         from ..request import GenerateRequest
 
+        request = job.request
         if "out" in request["params"]:
             raise BadRequest("Pass the output folder as the request's out_dir, not as params.out.")
         checked = check_request(GenerateRequest.from_params({**request["params"], "out": request["out_dir"]}))
         self.models = self.models or ModelCache()
 
         def report(stage, step, total, preview):
-            self.send(protocol.progress_event(job, stage, step, total))
+            self.send(protocol.progress_event(job.id, stage, step, total))
             return self._is_cancelled(job)
 
         return run_job(checked, report, self.models)
 
 
 def serve_stdio() -> int:
-    """Run the stdio server on this process's stdin/stdout; returns the exit code."""
-    events = sys.stdout
+    """Run the stdio server on this process's stdin/stdout (as bytes: the protocol is UTF-8 whatever the
+    locale); returns the exit code."""
+    requests, events = sys.stdin.buffer, sys.stdout.buffer
     with contextlib.redirect_stdout(sys.stderr):
-        return StdioServer(sys.stdin, events).serve()
+        return StdioServer(requests, events).serve()
