@@ -13,6 +13,8 @@ import math
 import os
 import re
 
+from .errors import shorten
+
 PROTOCOL_VERSION = 2  # 2: the stage "downloading" (step and total count bytes)
 STAGES = ("downloading", "loading", "denoising", "decoding", "writing")
 ERROR_KINDS = ("bad_request", "model_not_found", "out_of_memory", "cancelled", "internal")
@@ -24,8 +26,6 @@ MAX_DEPTH = 64
 """The deepest nesting of arrays and objects in a request line; a request needs 3."""
 MAX_MESSAGE_CHARS = 1000
 """An error event's message is cut to this many characters, whatever it quotes."""
-SHORTEN_CHARS = 100
-"""How much of a client's value a message quotes (``shorten``)."""
 
 _DISCARD_CHUNK = 1 << 16
 _LONE_SURROGATE = re.compile("[\ud800-\udfff]")  # a str from valid UTF-8 has none; only a JSON \u escape makes one
@@ -40,14 +40,6 @@ class ProtocolError(ValueError):
     def __init__(self, message: str, job: str | None = None):
         super().__init__(message)
         self.job = job
-
-
-def shorten(value, limit: int = SHORTEN_CHARS) -> str:
-    """``repr(value)`` cut to at most ``limit`` characters, the cut marked with "…": how a message quotes a
-    value a client sent, so a 10 MB field makes a short sentence. A long string is cut before its repr is
-    made; the repr escapes control characters and lone surrogates."""
-    text = repr(value[: limit + 1]) if isinstance(value, str) else repr(value)
-    return text if len(text) <= limit else text[: limit - 1] + "…"
 
 
 def encode(message: dict) -> str:

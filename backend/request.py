@@ -220,7 +220,7 @@ class GenerateRequest:
         names = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(params) - names)
         if unknown:
-            raise BadRequest(f"Unknown parameter(s): {', '.join(unknown)}.")
+            raise BadRequest(f"Unknown parameter(s): {shorten(', '.join(unknown))[1:-1]}.")
         if "prompt" not in params:
             raise BadRequest("The request needs a prompt.")
         return cls(**params)

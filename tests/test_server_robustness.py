@@ -259,13 +259,16 @@ def test_error_messages_quote_a_shortened_value(worker, tiny_model, tmp_path):
 
 
 def test_shorten_quotes_a_value_in_at_most_limit_characters():
-    """Reliability #12: ``protocol.shorten`` is the repr of a value, cut with "…"; error_event caps messages."""
-    assert protocol.shorten("fly") == "'fly'"
-    assert protocol.shorten([1, 2]) == "[1, 2]"
-    long = protocol.shorten("y" * 10_000_000)
+    """Reliability #12: ``errors.shorten`` is the repr of a value, cut with "…"; error_event caps messages."""
+    from backend.errors import shorten
+
+    assert shorten("fly") == "'fly'"
+    assert shorten([1, 2]) == "[1, 2]"
+    long = shorten("y" * 10_000_000)
     assert len(long) == 100 and long.startswith("'yyy") and long.endswith("…")
-    assert len(protocol.shorten(list(range(10_000)), limit=20)) == 20
-    assert protocol.shorten("\ud800") == "'\\ud800'"
+    assert len(shorten(list(range(10_000)), limit=20)) == 20
+    assert shorten("\ud800") == "'\\ud800'"
+    assert shorten([[[]]] * 3) == "[[[]], [[]], [[]]]"
     assert len(protocol.error_event(None, "bad_request", "z" * 5000)["message"]) == 1000
     assert (protocol.MAX_LINE_BYTES, protocol.MAX_DEPTH) == (LINE_LIMIT, DEPTH_LIMIT)  # as docs/protocol.md says
 

@@ -148,19 +148,22 @@ class StdioServer:
     def _generate(self, job: _Job) -> dict:
         from ..engine.models import ModelCache
         from .job import check_request, run_job
+        from ..products.files import output_lock
         from ..request import GenerateRequest
 
         request = job.request
         if "out" in request["params"]:
             raise BadRequest("Pass the output folder as the request's out_dir, not as params.out.")
-        checked = check_request(GenerateRequest.from_params({**request["params"], "out": request["out_dir"]}))
-        self.models = self.models or ModelCache()
 
         def report(stage, step, total, preview):
             self.send(protocol.progress_event(job.id, stage, step, total))
             return self._is_cancelled(job)
 
-        return run_job(checked, report, self.models)
+        # Held from the check to the last file, so a CLI run or another worker cannot use the folder meanwhile.
+        with output_lock(request["out_dir"]):
+            checked = check_request(GenerateRequest.from_params({**request["params"], "out": request["out_dir"]}))
+            self.models = self.models or ModelCache()
+            return run_job(checked, report, self.models)
 
 
 def serve_stdio() -> int:

@@ -8,6 +8,7 @@ product's own denoising stage. Everything here reads a ``resolve.ResolvedRequest
 from __future__ import annotations
 
 import contextlib
+import copy
 import importlib.util
 import inspect
 import sys
@@ -100,6 +101,7 @@ def denoise(resolved: ResolvedRequest, model: LoadedModel, report: StepReport, p
     params, views = resolved.params, resolved.views
     placement = placement or StagePlacement(model.pipeline, model.device, offload=False)
     scheduler = make_scheduler(params.scheduler, model.pipeline.scheduler.config)
+    check_steps(scheduler, params.steps)
     began = time.perf_counter()
     placement.enter("text")
     denoiser = prompt_denoiser(resolved, model)
@@ -248,6 +250,23 @@ def make_scheduler(name: str, config):
         own = config.get("_class_name", "")
         name = own if own == "LCMScheduler" or config.get("timestep_spacing") == "trailing" else "ddim"
     return getattr(diffusers, SCHEDULERS.get(name) or name).from_config(config)
+
+
+def check_steps(scheduler, steps: int) -> None:
+    """Check that ``scheduler`` (a diffusers scheduler of the model's config) can sample in ``steps`` steps: its
+    own rules (LCM takes at most its ``original_inference_steps``) and every timestep one of the model's
+    training noise levels (DDIM's ``steps_offset`` would make 1000 steps reach level 1000 of 0..999). Raises
+    BadRequest with one sentence. Sets the timesteps of a copy; ``scheduler`` is not changed."""
+    trial = copy.deepcopy(scheduler)
+    try:
+        trial.set_timesteps(steps)
+    except ValueError as error:
+        raise BadRequest(f"--steps {steps} does not suit the {type(scheduler).__name__} sampler: "
+                         f"{shorten(str(error).strip().split('. ')[0].rstrip('.'), 300)[1:-1]}.") from None
+    levels = trial.config.num_train_timesteps
+    if float(trial.timesteps.max()) >= levels:
+        raise BadRequest(f"--steps {steps} is too many for the {type(scheduler).__name__} sampler, whose timesteps "
+                         f"would pass the model's {levels} noise levels; use fewer steps (20-50 are typical).")
 
 
 def stepping_arguments(scheduler, seed: int) -> dict:
