@@ -21,7 +21,7 @@ from backend.request import GenerateRequest
 from hub_server import HubServer
 from ldm_checkpoint import write_ldm_single_file
 from model_factory import TINY_UNET, save_random_lora, save_random_sd_model
-from test_server import Worker, params
+from test_server import params, worker  # noqa: F401  (worker: the real stdio worker fixture)
 
 UNREADABLE = "is not a readable safetensors file (it is truncated or not safetensors: "
 CLI_JOB = ["--prompt", "x", "--seed", "1", "--layout", "wide", "--width", "256", "--height", "128", "--window", "16",
@@ -61,15 +61,6 @@ def _not_a_model(path) -> str:
 
 
 # --- the worker's cached model ---------------------------------------------------------------------------
-
-
-@pytest.fixture
-def worker():
-    started = Worker()
-    yield started
-    if started.process.poll() is None:
-        started.process.kill()
-    started.process.wait()
 
 
 def _job(worker, out_dir, model, **overrides) -> dict:

@@ -23,6 +23,7 @@ from .model_manager import (
     PICKLE_SUFFIXES,
     cached_snapshot,
     check_folder_weights,
+    check_model_folder,
     check_safetensors_file,
     hub_offline,
 )
@@ -101,8 +102,6 @@ def local_weights_variant(source: ModelSource) -> str | None:
     """``fp16`` when the local folder, or the cached snapshot of a hub model, holds some component's weights
     only as the fp16 variant (``python -m backend models download --fp16``), so diffusers must load it with
     ``variant="fp16"`` (taking the plain weights of the others); else None."""
-    from .model_manager import check_model_folder
-
     folder = local_folder(source)
     return check_model_folder(folder).variant if folder else None
 
@@ -140,7 +139,7 @@ def weights_file_bytes(source: ModelSource) -> int:
     folder = local_folder(source)
     if folder is None:
         return 0
-    variant = local_weights_variant(source)
+    variant = check_model_folder(folder).variant
     total = 0
     for component in ("text_encoder", "unet", "vae"):
         names = sorted(os.listdir(os.path.join(folder, component))) if os.path.isdir(os.path.join(folder, component)) else []
