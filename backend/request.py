@@ -131,6 +131,12 @@ def check_syncsde_lambda(value: Any) -> float:
 # (MultiDiffusion); clean: Tweedie's x0, each view keeping its own noise (SyncTweedies); auto: noisy for
 # crop windows only (exactly MultiDiffusion), clean as soon as the views include projected ones.
 FUSIONS = ("auto", "noisy", "clean")
+# --schedule: which views each denoising step runs (backend/sphere/schedules.py). dense: every overlapping window,
+# every step (MultiDiffusion); shifted: windows that cover the canvas once, moved by a seeded offset every step
+# (SpotDiffusion); auto: the measured default of the layout (DEFAULT_SCHEDULES; docs/engine.md, "View schedules"),
+# dense wherever an option asks for overlapping windows (--stride, --fusion, --sync syncsde, --views ring or cube).
+SCHEDULES = ("auto", "dense", "shifted")
+DEFAULT_SCHEDULES = {"wide": "dense", "equirect": "dense", "tile": "dense"}
 # --views when none is given and the canvas is tall enough for it (else band): the measured choice
 # (docs/engine.md, "View sets"); backend/engine/resolve.py's choose_views decides, once the window is known.
 DEFAULT_VIEW_SET = "band+poles"
@@ -185,6 +191,7 @@ class GenerateRequest:
     overwrite: bool = False
     allow_pickle: bool = False
     views: str | None = None
+    schedule: str = "auto"
     fusion: str = "auto"
     prompt_up: str = ""
     prompt_down: str = ""
@@ -247,8 +254,8 @@ class GenerateRequest:
         The seed, window, stride and (without --views) the view set are decided later, once
         (``engine.resolve``). Raises BadRequest with one sentence naming the first problem."""
         request = SimpleNamespace(**self.to_dict())  # a mutable draft; the result is frozen again
-        for check in (_check_types, _check_size, _check_sampling, _check_model_and_device, _check_views, _check_hdr, _check_sync,
-                      _check_syncdiffusion, _check_mad, _check_out):
+        for check in (_check_types, _check_size, _check_sampling, _check_model_and_device, _check_views, _check_schedule,
+                      _check_hdr, _check_sync, _check_syncdiffusion, _check_mad, _check_out):
             check(request)
         return dataclasses.replace(self, **vars(request))
 
@@ -277,11 +284,25 @@ class GenerateRequest:
         return dataclasses.replace(self, window=window, stride=stride)
 
     @property
+    def resolved_schedule(self) -> str:
+        """``schedule`` with ``auto`` decided, for a validated request as asked (before ``sized_for_model`` fills
+        in the stride): the layout's ``DEFAULT_SCHEDULES`` entry, or "dense" when an option asks for overlapping
+        windows (``--stride``, ``--fusion``, ``--sync syncsde``, ``--views ring`` or ``cube``)."""
+        if self.schedule != "auto":
+            return self.schedule
+        overlapping = (self.stride is not None or self.fusion != "auto" or self.sync == "syncsde"
+                       or self.views in ("ring", "cube"))
+        return "dense" if overlapping else DEFAULT_SCHEDULES[self.layout]
+
+    @property
     def resolved_fusion(self) -> str:
         """``fusion`` with ``auto`` decided: noisy for crop windows only, clean when projected views take part;
-        "own" for SyncSDE, whose views keep their own states (``sampler.sample_canvas``)."""
+        "own" for SyncSDE, whose views keep their own states; "canvas" for the shifted schedule, whose windows
+        own nothing (``sampler.sample_canvas``)."""
         if self.sync == "syncsde":
             return "own"
+        if self.schedule == "shifted":
+            return "canvas"
         if self.fusion != "auto":
             return self.fusion
         return "noisy" if self.views in (None, "band") else "clean"
@@ -414,6 +435,26 @@ def _check_views(request: SimpleNamespace) -> None:
         request.views = parse_view_set(request.views)
     except ValueError as error:
         raise BadRequest(str(error)) from None
+
+
+def _check_schedule(request: SimpleNamespace) -> None:
+    """--schedule, and that an explicit ``shifted`` meets no option that needs overlapping windows."""
+    if request.schedule not in SCHEDULES:
+        raise BadRequest(f"Unknown --schedule {shorten(request.schedule)}; choose one of {', '.join(SCHEDULES)}.")
+    if request.schedule != "shifted":
+        return
+    if request.sync == "syncsde":
+        raise BadRequest("SyncSDE ties views where they overlap, and the shifted schedule's windows do not overlap; "
+                         "use --schedule dense with --sync syncsde.")
+    if request.fusion != "auto":
+        raise BadRequest("The shifted schedule always fuses on the canvas (its windows move, so none keeps a state of "
+                         "its own); leave --fusion out or use --schedule dense.")
+    if request.stride is not None:
+        raise BadRequest("--stride spaces the dense schedule's overlapping windows, and the shifted schedule's windows "
+                         "do not overlap; leave --stride out or use --schedule dense.")
+    if request.views in ("ring", "cube"):
+        raise BadRequest(f"The {request.views} view set has no crop windows for the shifted schedule to move; "
+                         "use --views band or band+poles, or --schedule dense.")
 
 
 def _check_hdr(request: SimpleNamespace) -> None:

@@ -280,7 +280,7 @@ def test_band_and_poles_rows_are_aligned_for_mad(tiny_model):
     views = checked.resolved.views
     assert all(crop.top % 2 == 0 for crop in views.crops)  # the tiny UNet's features are at most 2x smaller
     assert [crop.top for crop in choose_views(checked.params, 8, unet)[1].crops] == [crop.top for crop in views.crops]
-    _, plain = choose_views(dataclasses.replace(checked.resolved.params, mad_steps=0), 8, unet)
+    _, plain, _ = choose_views(dataclasses.replace(checked.resolved.params, mad_steps=0), 8, unet)
     assert {crop.top for crop in plain.crops} != {crop.top for crop in views.crops}  # 5 -> 4: rounded outward
 
 

@@ -21,6 +21,7 @@ from ..request import (
     DTYPES,
     MEMORY_MODES,
     FUSIONS,
+    SCHEDULES,
     LAYOUTS,
     SCHEDULERS,
     SYNC_LOSS_BACKBONES,
@@ -134,6 +135,11 @@ def _add_view_arguments(generate: argparse.ArgumentParser) -> None:
                        help=f"equirect only: band: crop windows of the canvas; cube: the six faces; ring: 8 views 45° apart "
                             f"plus the up and down faces (MVDiffusion); band+poles: crop windows within ±60° plus the up and "
                             f"down faces (default {DEFAULT_VIEW_SET})")
+    views.add_argument("--schedule", default="auto", metavar="{" + ",".join(SCHEDULES) + "}",
+                       help="which views each step runs: dense: every overlapping window every step (MultiDiffusion); "
+                            "shifted: windows that cover the canvas once, moved by an offset from the seed every step "
+                            "(SpotDiffusion), several times faster; auto (default): the measured default of the layout, "
+                            "dense with --stride, --fusion, --sync syncsde or --views ring/cube")
     views.add_argument("--fusion", default="auto", metavar="{" + ",".join(FUSIONS) + "}",
                        help="what is averaged where views overlap: noisy: each view's x_t-1 (MultiDiffusion); clean: "
                             "Tweedie's x0, each view keeping its own noise; auto (default): noisy for crop windows only, "

@@ -39,6 +39,7 @@ class GuidedUNetDenoiser:
         self.negative_embeds = negative_embeds
         self.view_prompts = view_prompts
         self._batch_embeds = {}  # prompt rows of a batch -> its encoder states; the loop's batches repeat every step
+        self.unet_rows = 0  # rows the UNet has run (a view counts twice with classifier-free guidance): the work done
 
     @torch.no_grad()
     def __call__(self, latents: torch.Tensor, timestep: torch.Tensor, views: Sequence[int] | None = None) -> torch.Tensor:
@@ -64,6 +65,7 @@ class GuidedUNetDenoiser:
         model_input = latents.repeat_interleave(2, dim=0) if self.uses_guidance else latents
         condition = None if self.guidance_embedding is None else self.guidance_embedding.expand(model_input.shape[0], -1)
         prediction = self.unet(model_input, timestep, encoder_hidden_states=embeds, timestep_cond=condition).sample
+        self.unet_rows += model_input.shape[0]
         if not self.uses_guidance:
             return prediction
         uncond, cond = prediction[::2], prediction[1::2]

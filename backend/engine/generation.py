@@ -42,7 +42,7 @@ def generate_image(resolved: ResolvedRequest, model: LoadedModel, report: StepRe
     last attempt fails too, JobCancelled when ``report`` or ``stage`` says so."""
     pipeline = model.pipeline
     plan = plan_memory(resolved.params, model.device, model.dtype, pipeline.unet.config, pipeline.vae.config,
-                       len(resolved.views), weights_bytes=weights_to_place(pipeline, model.device),
+                       max(resolved.views_per_step()), weights_bytes=weights_to_place(pipeline, model.device),
                        vae_dtype=pipeline.vae.dtype)
     attempts = memory_attempts(resolved.params, plan, model.device)
     retries = []
@@ -110,12 +110,15 @@ def denoise(resolved: ResolvedRequest, model: LoadedModel, report: StepReport, p
     placement.enter("denoise")
     # The with-blocks put the cached UNet back as it was, even when the job fails or is cancelled.
     with sync.merged_attention or contextlib.nullcontext(), gradient_checkpointing(checkpointed):
-        latents = sample_canvas(predict, scheduler, views, noise, steps=params.steps, view_batch=params.view_batch,
-                                sync=sync, projected_noise=projected_noise,
+        latents = sample_canvas(predict, scheduler, resolved.schedule or views, noise, steps=params.steps,
+                                view_batch=params.view_batch, sync=sync, projected_noise=projected_noise,
                                 step_kwargs=stepping_arguments(scheduler, params.seed), report=report)
-    details = {"views": len(views), "view_set": params.views, "fusion": resolved.fusion,
-               "scheduler": type(scheduler).__name__, "seconds": time.perf_counter() - began}
-    if len(resolved.prompts) > 1:
+    per_step = resolved.views_per_step()
+    details = {"views": len(views), "view_set": params.views, "schedule": params.schedule, "fusion": resolved.fusion,
+               "views_per_step": {"mean": sum(per_step) / len(per_step), "min": min(per_step), "max": max(per_step)},
+               "unet_rows": denoiser.unet_rows, "scheduler": type(scheduler).__name__,
+               "seconds": time.perf_counter() - began}
+    if len(resolved.prompts) > 1:  # the first step's views (the shifted schedule's move)
         details["view_prompts"] = {label: resolved.prompts[row]
                                    for label, row in zip(views.labels, resolved.prompt_rows) if row}
     if sync.guidance is not None:
@@ -142,11 +145,11 @@ def prompt_denoiser(resolved: ResolvedRequest, model: LoadedModel) -> GuidedUNet
 
 def starting_noise(resolved: ResolvedRequest, model: LoadedModel) -> tuple[torch.Tensor, torch.Tensor | None]:
     """(the canvas's noise (1, C, H, W), the projected views' own noise (P, C, s, s) or None), from the seed.
-    Projected views get their own noise when views keep their own states (fusion "clean" and "own")."""
+    Projected views get their own noise when they keep their own states (every fusion but "noisy")."""
     params, views, channels = resolved.params, resolved.views, resolved.geometry.latent_channels
     canvas = views.canvas
     noise = initial_noise(params.seed, (1, channels, canvas.height, canvas.width), model.device, model.dtype)
-    if resolved.fusion not in ("clean", "own") or not views.projected:
+    if resolved.fusion == "noisy" or not views.projected:
         return noise, None
     # seed + 1 belongs to stochastic samplers (stepping_arguments).
     shape = (len(views.projected), channels, views.size, views.size)
@@ -171,8 +174,25 @@ def synchronisation(resolved: ResolvedRequest, model: LoadedModel, denoiser: Gui
         predict = merged_attention.wrap(denoiser)
         if guidance is not None:
             guidance.predict = merged_attention.wrap(guidance.predict)
-    sync = Synchronisation(resolved.fusion, guidance, synchroniser, merged_attention)
+    follow = follow_views(resolved, denoiser, guidance, merged_attention) if resolved.schedule is not None else None
+    sync = Synchronisation(resolved.fusion, guidance, synchroniser, merged_attention, follow)
     return sync, predict, sync_details, differentiated if params.sync_checkpointing else []
+
+
+def follow_views(resolved: ResolvedRequest, denoiser: GuidedUNetDenoiser, guidance: SyncDiffusionGuidance | None,
+                 merged_attention: MergedAttention | None) -> Callable:
+    """The loop's ``Synchronisation.follow_views`` for the shifted schedule: at each step the denoiser takes the
+    step's prompt rows, SyncDiffusion its anchors (one per ring of the step's windows) and MAD its views."""
+
+    def follow(step_index: int, views) -> None:
+        if denoiser.view_prompts is not None:
+            denoiser.view_prompts = list(resolved.step_prompt_rows[step_index])
+        if guidance is not None:
+            guidance.anchors = list(resolved.step_anchors[step_index])
+        if merged_attention is not None:
+            merged_attention.use_views(views)
+
+    return follow
 
 
 def syncdiffusion_guidance(resolved: ResolvedRequest, model: LoadedModel, denoiser: GuidedUNetDenoiser):

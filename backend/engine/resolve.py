@@ -18,6 +18,7 @@ import torch
 from ..errors import BadRequest
 from ..request import DEFAULT_VIEW_SET, UP_DOWN_PITCH, GenerateRequest, ModelGeometry
 from ..sphere.canvas import Canvas
+from ..sphere.schedules import ViewSchedule, shifted_offsets
 from ..sphere.view_sets import CanvasViews, band_rows, canvas_views
 from .models import LoadedModel, ModelSource
 from .sync.mad import block_divisors, check_mad
@@ -63,6 +64,9 @@ class ResolvedRequest:
     anchors: SyncDiffusion's anchor view of every view (``sync_anchors``), None without SyncDiffusion.
     unet_config: the UNet's config the views were checked against (MAD's feature resolutions).
     asked: the validated parameters before the model's choices, from which ``for_memory_plan`` resolves again.
+    schedule: the shifted schedule's views of every step (``sphere.schedules.ViewSchedule``), None for dense.
+        With it, ``views``, ``prompt_rows`` and ``anchors`` are those of the first step, ``prompts`` those of
+        every step, and ``step_prompt_rows`` / ``step_anchors`` give each step's.
     """
 
     params: GenerateRequest
@@ -77,6 +81,13 @@ class ResolvedRequest:
     anchors: tuple[int, ...] | None
     unet_config: object
     asked: GenerateRequest
+    schedule: ViewSchedule | None = None
+    step_prompt_rows: tuple[tuple[int, ...], ...] | None = None
+    step_anchors: tuple[tuple[int, ...], ...] | None = None
+
+    def views_per_step(self) -> list[int]:
+        """How many views each denoising step runs (the same every step for the dense schedule)."""
+        return self.schedule.views_per_step() if self.schedule is not None else [len(self.views)] * self.params.steps
 
     @property
     def fusion(self) -> str:
@@ -90,13 +101,35 @@ def resolve_request(asked: GenerateRequest, source: ModelSource, lora: ModelSour
     whose UNet has ``unet_config`` (a dict or diffusers config; the UNet itself works too). Raises BadRequest
     with one sentence (sizes against the model, a view set that does not fit, MAD that cannot merge, a
     per-direction prompt with no view to act on, an anchor that is not a view)."""
-    params = asked.sized_for_model(geometry)
-    view_set, views = choose_views(params, geometry.vae_scale_factor, unet_config)
+    schedule_name = asked.resolved_schedule
+    params = dataclasses.replace(asked.sized_for_model(geometry), schedule=schedule_name)
+    if schedule_name == "shifted":  # windows that do not overlap: the dense views are built only for their rows
+        params = dataclasses.replace(params, stride=params.window)
+    view_set, views, row_multiple = choose_views(params, geometry.vae_scale_factor, unet_config)
     params = dataclasses.replace(params, views=view_set)
-    prompts, rows = view_prompt_rows(params, views)
-    anchors = tuple(sync_anchors(params, views)) if params.sync == "syncdiffusion" else None
-    return ResolvedRequest(params, source, lora, device, dtype, geometry, views, tuple(prompts), tuple(rows), anchors,
-                           unet_config, asked)
+    if schedule_name == "dense":
+        prompts, rows = view_prompt_rows(params, views)
+        anchors = tuple(sync_anchors(params, views)) if params.sync == "syncdiffusion" else None
+        return ResolvedRequest(params, source, lora, device, dtype, geometry, views, tuple(prompts), tuple(rows), anchors,
+                               unet_config, asked)
+    schedule = ViewSchedule(views, shifted_offsets(params.seed, params.steps, params.window, row_multiple))
+    steps = [schedule.views_at(step) for step in range(params.steps)]
+    prompts, step_rows = schedule_prompt_rows(params, steps)
+    step_anchors = tuple(tuple(sync_anchors(params, step)) for step in steps) if params.sync == "syncdiffusion" else None
+    return ResolvedRequest(params, source, lora, device, dtype, geometry, steps[0], prompts, step_rows[0],
+                           step_anchors[0] if step_anchors else None, unet_config, asked, schedule, step_rows, step_anchors)
+
+
+def schedule_prompt_rows(params: GenerateRequest, step_views: list[CanvasViews]) -> tuple[tuple[str, ...], tuple[tuple[int, ...], ...]]:
+    """(the distinct prompts of every step, row 0 the prompt itself; each step's prompt row of each of its
+    views): ``view_prompt_rows`` of every step's views, their prompts gathered in one list so that the denoiser
+    encodes them once. Raises BadRequest as ``view_prompt_rows`` does, for any step."""
+    prompts, step_rows = [params.prompt], []
+    for views in step_views:
+        step_prompts, rows = view_prompt_rows(params, views)
+        prompts += [text for text in step_prompts if text not in prompts]
+        step_rows.append(tuple(prompts.index(step_prompts[row]) for row in rows))
+    return tuple(prompts), tuple(step_rows)
 
 
 def for_memory_plan(resolved: ResolvedRequest, view_batch: int, merged_attention: bool) -> ResolvedRequest:
@@ -112,9 +145,10 @@ def for_memory_plan(resolved: ResolvedRequest, view_batch: int, merged_attention
     return dataclasses.replace(resolved, params=dataclasses.replace(resolved.params, view_batch=view_batch))
 
 
-def choose_views(request: GenerateRequest, vae_scale_factor: int, unet_config=None) -> tuple[str | None, CanvasViews]:
-    """(the view set's name, the canvas and views) of ``request`` (validated, sized for the model):
-    ``view_sets.canvas_views``; the name is None off equirect canvases, which have crop windows only.
+def choose_views(request: GenerateRequest, vae_scale_factor: int, unet_config=None) -> tuple[str | None, CanvasViews, int]:
+    """(the view set's name, the canvas and views, the multiple MAD needs window positions to be) of ``request``
+    (validated, sized for the model): ``view_sets.canvas_views``; the name is None off equirect canvases, which
+    have crop windows only; the multiple is 1 without MAD.
 
     Without ``--views`` an equirect job uses ``band+poles`` when its canvas is tall enough for a row of
     windows between ±60°, else ``band`` (docs/engine.md, "View sets"); the returned name says which. With
@@ -134,7 +168,7 @@ def choose_views(request: GenerateRequest, vae_scale_factor: int, unet_config=No
         views = canvas_views(canvas, view_set, request.window, request.stride, row_multiple)
         if divisors:
             check_mad(unet_config, views, request.mad_blocks)
-        return view_set, views
+        return view_set, views, row_multiple
     except ValueError as error:
         raise BadRequest(str(error)) from None
 

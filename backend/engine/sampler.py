@@ -18,12 +18,13 @@ import torch
 from ..errors import JobCancelled
 from .sync import multidiffusion
 from .sync.syncdiffusion import SyncDiffusionGuidance
+from ..sphere.schedules import ViewSchedule
 from ..sphere.view_sets import CanvasViews
 
 # report(stage, step, total, preview_latent) -> True to stop the job before the next step.
 StepReport = Callable[[str, int, int, Optional[torch.Tensor]], Optional[bool]]
 
-FUSIONS = ("noisy", "clean", "own")
+FUSIONS = ("noisy", "clean", "own", "canvas")
 """What ``Synchronisation.fusion`` may be (``request.GenerateRequest.resolved_fusion`` decides it)."""
 
 
@@ -34,7 +35,8 @@ class Synchronisation:
     fusion: "noisy" averages the views' x_{t-1} on the canvas every step (MultiDiffusion); "clean" averages
         their x0 and lets each view keep its own x_t (``sync/multidiffusion.py``, SyncTweedies); "own": each
         view keeps its own x_t and nothing is averaged: ``synchroniser`` ties them (it is required then, and
-        only then).
+        only then); "canvas": the canvas is the state, stepped once with the views' averaged x0, and crop
+        windows own nothing (``multidiffusion.step_canvas``): what a schedule that moves its windows needs.
     guidance: SyncDiffusion (``sync/syncdiffusion.py``): the pull towards the anchor views before the steps it
         guides; works with every fusion.
     synchroniser: SyncSDE (``sync/syncsde.py``): after every step ``synchronise(previous, stepped, predictions,
@@ -50,6 +52,9 @@ class Synchronisation:
     guidance: SyncDiffusionGuidance | None = None
     synchroniser: object | None = None
     merged_attention: object | None = None
+    follow_views: Callable[[int, CanvasViews], None] | None = None
+    """With a ``ViewSchedule``: called with (step index, the step's views) before the step, so that whatever
+    numbers views (each view's prompt, SyncDiffusion's anchors, MAD's merge) follows the windows."""
 
     def __post_init__(self):
         if self.fusion not in FUSIONS:
@@ -62,7 +67,7 @@ class Synchronisation:
 def sample_canvas(
     denoiser: Callable,
     scheduler,
-    views: CanvasViews,
+    views: CanvasViews | ViewSchedule,
     initial_noise: torch.Tensor,
     *,
     steps: int,
@@ -78,62 +83,95 @@ def sample_canvas(
         (``backend/engine/denoiser.py``).
     scheduler: any diffusers scheduler with ``set_timesteps``/``scale_model_input``/``step``; it is copied
         once per batch of views so multistep schedulers keep each batch's own history.
-    views: the canvas and its views; initial_noise: (1, C, H, W) unit Gaussian noise on the canvas (scaled
-        here by init_noise_sigma). With fusion "clean" and "own", crop windows start from their window of
-        ``initial_noise`` and projected views from ``projected_noise`` (len(views.projected), C, s, s), unit
+    views: the canvas and its views, the same every step; or a ``ViewSchedule`` (the shifted schedule), whose
+        views of each step the loop takes (fusion "canvas" only).
+    initial_noise: (1, C, H, W) unit Gaussian noise on the canvas (scaled here by init_noise_sigma). With
+        fusion "clean" and "own", crop windows start from their window of ``initial_noise``; with those and
+        "canvas", projected views start from ``projected_noise`` (len(views.projected), C, s, s), unit
         Gaussian noise of their own.
     view_batch: views per denoiser call (every view while MAD is active).
     step_kwargs: extra arguments of ``scheduler.step`` (a generator for stochastic samplers).
     report: called after every step with ("denoising", step, steps, canvas latent); True stops the job.
     Returns the denoised canvas latent (1, C, H, W). Raises JobCancelled when ``report`` returns True, and
-    ValueError for fewer than one step or view per batch.
+    ValueError for fewer than one step or view per batch, or a schedule without fusion "canvas".
     """
     if steps < 1 or view_batch < 1:
         raise ValueError(f"The loop needs at least one step and one view per batch, not {steps} and {view_batch}.")
     fusion, guidance, synchroniser, merged_attention = sync.fusion, sync.guidance, sync.synchroniser, sync.merged_attention
+    schedule = views if isinstance(views, ViewSchedule) else None
+    if schedule is not None and (fusion != "canvas" or len(schedule) != steps):
+        raise ValueError("A view schedule needs fusion \"canvas\" and one offset per step.")
     step_kwargs = step_kwargs or {}
     scheduler.set_timesteps(steps, device=initial_noise.device)
-    starts = range(0, len(views), view_batch)
-    batch_schedulers = [copy.deepcopy(scheduler) for _ in starts]
-    batches = [(slice(start, start + view_batch), batch_scheduler) for start, batch_scheduler in zip(starts, batch_schedulers)]
-    view_indices = range(len(views))
+    views = schedule.views_at(0) if schedule is not None else views
     latents = initial_noise * scheduler.init_noise_sigma
-    if fusion != "noisy":
+    if fusion == "canvas":
+        # One history for the canvas and one for the projected views, which keep their own x_t (as with "clean").
+        canvas_scheduler, projected_scheduler = copy.deepcopy(scheduler), copy.deepcopy(scheduler)
+        batches, batch_schedulers = _canvas_batches(views, canvas_scheduler, projected_scheduler), [canvas_scheduler]
+        own_noise = _own_view_noise(views, initial_noise, projected_noise) * scheduler.init_noise_sigma
+        projected_latents = own_noise[len(views.crops):] if views.projected else None
+    else:
+        starts = range(0, len(views), view_batch)
+        batch_schedulers = [copy.deepcopy(scheduler) for _ in starts]
+        batches = [(slice(start, start + view_batch), batch_scheduler) for start, batch_scheduler in zip(starts, batch_schedulers)]
+    if fusion in ("clean", "own"):
         view_latents = _own_view_noise(views, initial_noise, projected_noise) * scheduler.init_noise_sigma
 
     for step_index, timestep in enumerate(scheduler.timesteps):
+        if schedule is not None:  # the windows move: this step's views, and whatever numbers views follows them
+            views = schedule.views_at(step_index)
+            batches = _canvas_batches(views, canvas_scheduler, projected_scheduler)
+            if sync.follow_views is not None:
+                sync.follow_views(step_index, views)
         if merged_attention is not None:
             merged_attention.begin_step(step_index)
         if fusion == "noisy":
             view_latents = views.read(latents)
+        if fusion == "canvas":  # crop windows read the canvas; projected views bring their own x_t
+            view_latents = torch.cat([views.canvas.read(latents, views.crops)] + ([projected_latents] if views.projected else []))
         predictions = None  # SyncDiffusion's fast path hands back the predictions of its gradient pass
         if guidance is not None:
             view_latents, predictions = guidance.guide(view_latents, timestep, batch_schedulers[0], step_index)
+            if fusion == "canvas":  # the guided windows move the canvas itself (projected views are their own anchors)
+                latents = views.put_crops(latents, view_latents[: len(views.crops)])
         if predictions is None:
             model_inputs = torch.cat([batch_scheduler.scale_model_input(view_latents[part], timestep) for part, batch_scheduler in batches])
             chunk = len(views) if merged_attention is not None and merged_attention.active else view_batch
             predictions = torch.cat([
-                denoiser(model_inputs[start : start + chunk], timestep, view_indices[start : start + chunk])
+                denoiser(model_inputs[start : start + chunk], timestep, range(start, min(start + chunk, len(views))))
                 for start in range(0, len(views), chunk)
             ])
-        if fusion == "clean":
-            predictions, latents = multidiffusion.fuse_clean(views, batch_schedulers[0], view_latents, predictions, timestep)
-        previous = view_latents
-        view_latents = torch.cat([
-            batch_scheduler.step(predictions[part], timestep, view_latents[part], **step_kwargs).prev_sample
-            for part, batch_scheduler in batches
-        ])
-        if synchroniser is not None:
-            view_latents = synchroniser.synchronise(previous, view_latents, predictions, timestep, step_index, batch_schedulers[0])
-            latents = synchroniser.compose(view_latents)
-        elif fusion == "noisy":
-            latents = multidiffusion.fuse_noisy(views, view_latents)
+        if fusion == "canvas":
+            latents, projected_latents, _ = multidiffusion.step_canvas(views, canvas_scheduler, projected_scheduler, latents,
+                                                                       projected_latents, view_latents, predictions,
+                                                                       timestep, step_kwargs)
+        else:
+            if fusion == "clean":
+                predictions, latents = multidiffusion.fuse_clean(views, batch_schedulers[0], view_latents, predictions, timestep)
+            previous = view_latents
+            view_latents = torch.cat([
+                batch_scheduler.step(predictions[part], timestep, view_latents[part], **step_kwargs).prev_sample
+                for part, batch_scheduler in batches
+            ])
+            if synchroniser is not None:
+                view_latents = synchroniser.synchronise(previous, view_latents, predictions, timestep, step_index, batch_schedulers[0])
+                latents = synchroniser.compose(view_latents)
+            elif fusion == "noisy":
+                latents = multidiffusion.fuse_noisy(views, view_latents)
 
         if report is not None and report("denoising", step_index + 1, steps, latents):
             raise JobCancelled(f"The job was cancelled after step {step_index + 1} of {steps}.")
     if fusion == "clean":
         latents = multidiffusion.fuse_noisy(views, view_latents)  # each view's final latent, averaged once
     return latents
+
+
+def _canvas_batches(views: CanvasViews, canvas_scheduler, projected_scheduler) -> list:
+    """Canvas fusion's (views, scheduler copy) pairs: the crop windows scale their inputs with the canvas's
+    sampler, the projected views with their own (a sigma-based sampler tracks its step in each copy)."""
+    crops = len(views.crops)
+    return [(slice(0, crops), canvas_scheduler)] + ([(slice(crops, None), projected_scheduler)] if views.projected else [])
 
 
 def _own_view_noise(views: CanvasViews, canvas_noise: torch.Tensor, projected_noise: torch.Tensor | None) -> torch.Tensor:

@@ -41,6 +41,7 @@ canvas pixel, and ``CanvasViews`` moves latents between the canvas and the views
 
 from __future__ import annotations
 
+import copy
 import math
 from dataclasses import dataclass
 
@@ -253,9 +254,7 @@ class CanvasViews:
             raise ValueError("Projected views need an equirect canvas.")
         if self.projected and self.size is None:
             raise ValueError("Projected views need a size.")
-        self.labels = [f"crop{index}" for index in range(len(self.crops))] + [label for label, _ in self.projected]
         height, width = canvas.height, canvas.width
-        self._coverage_mask = canvas.coverage(self.crops, torch.zeros((), dtype=torch.float32))
         if self.projected:
             rows, cols = equirect_padding_indices(height, width, GRID_PAD)
             self._pad_rows, self._pad_cols = torch.as_tensor(rows), torch.as_tensor(cols)
@@ -269,11 +268,27 @@ class CanvasViews:
                 masks.append(torch.from_numpy(seen.astype(np.float32)))
             self._fuse_grids = torch.stack(fuse_grids)  # (P, H, W, 2) into each view's image
             self._fuse_masks = torch.stack(masks)[:, None]  # (P, 1, H, W): 1 where the view sees the pixel
+        self._count_views()
+
+    def _count_views(self) -> None:
+        """The labels and coverage of the views (what changes with the crop windows), and fresh caches."""
+        self.labels = [f"crop{index}" for index in range(len(self.crops))] + [label for label, _ in self.projected]
+        self._crop_coverage = self.canvas.coverage(self.crops, torch.zeros((), dtype=torch.float32))
+        self._coverage_mask = self._crop_coverage
+        if self.projected:
             self._coverage_mask = self._coverage_mask + self._fuse_masks.sum(0, keepdim=True)
         # What fuse divides by: the coverage, at least 1 (only a subset of views leaves pixels unseen).
         self._coverage_divisor = self._coverage_mask.clamp(min=1)
         self._device = DeviceCache()
         self._at_resolution: dict[int, CanvasViews] = {}
+
+    def with_crops(self, crops) -> "CanvasViews":
+        """The same canvas and projected views with the crop windows ``crops`` instead (the shifted schedule's
+        windows of one step); the projected views' grids are shared, not built again."""
+        other = copy.copy(self)
+        other.crops = list(crops)
+        other._count_views()
+        return other
 
     def __len__(self) -> int:
         return len(self.crops) + len(self.projected)
@@ -292,10 +307,24 @@ class CanvasViews:
         """Every view's latent from ``canvas_tensor`` (1, C, H, W): (len(self), C, size, size), crops first."""
         parts = [self.canvas.read(canvas_tensor, self.crops)] if self.crops else []
         if self.projected:
-            padded = canvas_tensor[:, :, self._on("_pad_rows", canvas_tensor), self._on("_pad_cols", canvas_tensor)]
-            grids = self._on("_read_grids", canvas_tensor)
-            parts.append(F.grid_sample(padded.expand(len(self.projected), -1, -1, -1), grids, mode="bilinear", align_corners=False))
+            parts.append(self.read_projected(canvas_tensor))
         return torch.cat(parts)
+
+    def read_projected(self, canvas_tensor: torch.Tensor) -> torch.Tensor:
+        """The projected views' latents (len(projected), C, size, size), bilinear samples of ``canvas_tensor``
+        (1, C, H, W) padded with its sphere neighbours."""
+        padded = canvas_tensor[:, :, self._on("_pad_rows", canvas_tensor), self._on("_pad_cols", canvas_tensor)]
+        grids = self._on("_read_grids", canvas_tensor)
+        return F.grid_sample(padded.expand(len(self.projected), -1, -1, -1), grids, mode="bilinear", align_corners=False)
+
+    def put_crops(self, canvas_tensor: torch.Tensor, crop_tensors: torch.Tensor) -> torch.Tensor:
+        """``canvas_tensor`` (1, C, H, W) with the positions the crop windows cover replaced by the average of
+        ``crop_tensors`` (len(crops), C, size, size) there; the rest unchanged. A new tensor."""
+        total = torch.zeros_like(canvas_tensor)
+        for index, view in enumerate(self.crops):
+            self.canvas.add(total, view, crop_tensors[index : index + 1])
+        count = self._on("_crop_coverage", canvas_tensor)
+        return torch.where(count > 0, total / count.clamp(min=1), canvas_tensor)
 
     def fuse(self, view_tensors: torch.Tensor) -> torch.Tensor:
         """The canvas (1, C, H, W) that averages ``view_tensors`` (len(self), C, size, size) where views overlap."""

@@ -278,6 +278,13 @@ class MergedAttention:
     def __exit__(self, *exc) -> None:
         self.remove()
 
+    def use_views(self, views: CanvasViews) -> None:
+        """Merge ``views`` from now on (the shifted schedule's windows of a step); the merge plans of the old views
+        are dropped. Raises ValueError (``check_mad``) when they do not divide at a selected block's resolution."""
+        if views is not self.views:
+            check_mad(self.unet, views, self.blocks)
+            self.views, self._plans = views, {}
+
     def begin_step(self, step_index: int) -> None:
         """Called by the loop first thing in step ``step_index`` (from 0): merge while step_index < τ."""
         self.active = step_index < self.steps

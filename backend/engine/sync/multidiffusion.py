@@ -37,3 +37,28 @@ def fuse_clean(views: CanvasViews, scheduler, view_latents: torch.Tensor, predic
     fused_clean = views.fuse(predicted_clean_latent(scheduler, view_latents, predictions, timestep))
     synced = views.read(fused_clean)
     return prediction_for_clean_latent(scheduler, view_latents, synced, timestep), fused_clean
+
+
+def step_canvas(views: CanvasViews, canvas_scheduler, projected_scheduler, latents: torch.Tensor,
+                projected_latents: torch.Tensor | None, view_latents: torch.Tensor, predictions: torch.Tensor, timestep,
+                step_kwargs: dict) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
+    """One step of canvas fusion: the canvas is the state, stepped once with the views' fused clean latent.
+
+    The views' x0 (Tweedie) are averaged on the canvas; the canvas steps from its own x_t with the model output
+    that predicts that average, and the projected views (which keep their own x_t, as in ``fuse_clean``) step
+    from theirs with the output that predicts their reading of it. Crop windows own no state, so they may move
+    from step to step (the shifted schedule); where they meet only each other this equals ``fuse_noisy``'s
+    average for any first-order sampler, and a multistep sampler keeps one history, the canvas's.
+
+    canvas_scheduler, projected_scheduler: two copies of the sampler at this step (one history each).
+    latents: the canvas x_t (1, C, H, W); projected_latents: the projected views' x_t (P, C, s, s) or None;
+    view_latents, predictions: (len(views), C, s, s), crops first, the x_t each view was predicted at.
+    Returns (the canvas x_{t-1}, the projected views' x_{t-1} or None, the fused x0 on the canvas).
+    """
+    fused_clean = views.fuse(predicted_clean_latent(canvas_scheduler, view_latents, predictions, timestep))
+    canvas_prediction = prediction_for_clean_latent(canvas_scheduler, latents, fused_clean, timestep)
+    if projected_latents is not None:
+        own = prediction_for_clean_latent(projected_scheduler, projected_latents, views.read_projected(fused_clean), timestep)
+        projected_latents = projected_scheduler.step(own, timestep, projected_latents, **step_kwargs).prev_sample
+    latents = canvas_scheduler.step(canvas_prediction, timestep, latents, **step_kwargs).prev_sample
+    return latents, projected_latents, fused_clean
