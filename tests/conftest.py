@@ -44,3 +44,18 @@ def tiny_model(tmp_path_factory) -> str:
     from model_factory import save_random_sd_model  # imported here: the Blender-only run has no torch
 
     return save_random_sd_model(str(tmp_path_factory.mktemp("models") / "tiny-sd"))
+
+
+TOY_MODEL_PLACES = (os.environ.get("SYNCSPHERE_TOY_MODEL", ""), str(REPO.parent / "shared" / "models" / "toy-landscape"),
+                    "/work/shared/models/toy-landscape")
+
+
+@pytest.fixture(scope="session")
+def toy_model() -> str:
+    """Path of the shared development model ``toy-landscape`` (4 px per latent, 8-latent window; it paints smooth
+    skies and grounds, so seams are measurable on it): $SYNCSPHERE_TOY_MODEL, or ``shared/models`` beside the
+    checkout. Skips the test where neither exists."""
+    for place in TOY_MODEL_PLACES:
+        if place and os.path.isfile(os.path.join(place, "model_index.json")):
+            return place
+    pytest.skip("the development model toy-landscape is not on this machine (set SYNCSPHERE_TOY_MODEL)")
