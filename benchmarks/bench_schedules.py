@@ -57,6 +57,8 @@ LAYOUT_METRICS = {
                  "seam_ratio_x", "cube_edge_ratio_max", "pole_ratio_up", "pole_ratio_down"),
     "tile": ("intra_lpips", "intra_style_l", "seam_ratio_x", "seam_ratio_y"),
 }
+# The cases that a --schedule value selects without other options (a default can only be one of these).
+PLAIN_SCHEDULES = ("dense", "shifted")
 COST_KEYS = ("unet_rows", "views_per_step", "denoising_s")
 SHORT_NAMES = {
     "intra_lpips": "Intra-LPIPS", "intra_style_l": "Intra-Style-L", "horizon_faces_intra_lpips": "faces LPIPS",
@@ -160,27 +162,33 @@ def no_worse(difference: tuple[float, float], tolerance: float) -> bool:
 
 def decide(summary: dict, metrics: tuple[str, ...], tolerance: float) -> dict:
     """The decision rule: among the cases of ``summary`` (from ``summarise``), by fewest mean UNet rows first,
-    the first whose every metric passes ``no_worse``. Returns {"schedule": case, "why": sentence,
-    "worse": {case: [metrics that failed]}} for every case that has fewer rows than the chosen one."""
+    the first whose every metric passes ``no_worse`` (dense always does). Returns {"case": that case,
+    "schedule": the ``--schedule`` value its rule supports as the layout's default (the cheapest passing case
+    that ``--schedule`` alone selects: dense or shifted), "why": sentences, "worse": {case: [metrics that
+    failed]} for every case cheaper than the chosen one}."""
     by_cost = sorted(summary, key=lambda case: summary[case]["mean"]["unet_rows"][0])
-    worse = {}
-    for case in by_cost:
-        failed = [metric for metric in metrics if not no_worse(summary[case]["difference"][metric], tolerance)]
-        if not failed:
-            break
-        worse[case] = failed
-    rows = summary[case]["rows_vs_dense"]
-    rejected = "; ".join(f"{name} was worse in {', '.join(SHORT_NAMES[m] for m in failed)}" for name, failed in worse.items())
-    why = (f"{case}: {rows:.3f}x dense's UNet rows, no coherence metric worse than dense's by more than "
-           f"{tolerance:g} SE of the paired difference" + (f" ({rejected})" if rejected else "") + ".")
-    return {"schedule": case, "why": why, "worse": worse}
+    failures = {case: [metric for metric in metrics if not no_worse(summary[case]["difference"][metric], tolerance)]
+                for case in by_cost}
+    case = next(name for name in by_cost if not failures[name])
+    schedule = next(name for name in by_cost if name in PLAIN_SCHEDULES and not failures[name])
+    worse = {name: failures[name] for name in by_cost[:by_cost.index(case)]}
+    rejected = "; ".join(f"{name} is worse in {', '.join(SHORT_NAMES[m] for m in failed)}" for name, failed in worse.items())
+    if case == "dense":
+        why = f"dense: every cheaper case is worse than dense beyond {tolerance:g} SE ({rejected})."
+    else:
+        why = (f"{case}: {summary[case]['rows_vs_dense']:.3f}x dense's UNet rows, and no coherence metric worse than "
+               f"dense's by more than {tolerance:g} SE of the paired difference" + (f" ({rejected})" if rejected else "") + ".")
+    if schedule != case:
+        why += f" As a --schedule default: {schedule} ({case} is not a --schedule value alone)."
+    return {"case": case, "schedule": schedule, "why": why, "worse": worse}
 
 
-def number(value: float) -> str:
-    """A short printed form of a metric value (4 significant digits; scientific notation when tiny)."""
+def number(value: float, digits: int = 4) -> str:
+    """A short printed form of ``value`` with ``digits`` significant digits (scientific notation when tiny);
+    "–" for NaN (no error from one seed)."""
     if not math.isfinite(value):
         return "–" if math.isnan(value) else "inf"
-    return f"{value:.3e}" if value != 0 and abs(value) < 1e-3 else f"{value:.4g}"
+    return f"{value:.{digits - 1}e}" if value != 0 and abs(value) < 1e-3 else f"{value:.{digits}g}"
 
 
 def markdown_tables(layout: str, summary: dict, metrics: tuple[str, ...], decision: dict, tolerance: float) -> str:
@@ -191,8 +199,8 @@ def markdown_tables(layout: str, summary: dict, metrics: tuple[str, ...], decisi
     for case, numbers in summary.items():
         mean = numbers["mean"]
         cells = [case, f"{mean['views_per_step'][0]:.1f}", f"{mean['unet_rows'][0]:.0f}", f"{numbers['rows_vs_dense']:.3f}",
-                 f"{mean['denoising_s'][0]:.1f} ± {number(mean['denoising_s'][1])}"]
-        cells += [f"{number(mean[m][0])} ± {number(mean[m][1])}" for m in metrics]
+                 f"{mean['denoising_s'][0]:.1f} ± {number(mean['denoising_s'][1], 2)}"]
+        cells += [f"{number(mean[m][0])} ± {number(mean[m][1], 2)}" for m in metrics]
         lines.append("| " + " | ".join(cells) + " |")
     lines += ["", f"paired difference vs dense (mean ± SE; ✓: at most {tolerance:g} SE worse)", "",
               "| schedule | " + " | ".join(SHORT_NAMES[m] for m in metrics) + " |", "|" + "---|" * (len(metrics) + 1)]
@@ -203,14 +211,80 @@ def markdown_tables(layout: str, summary: dict, metrics: tuple[str, ...], decisi
         for metric in metrics:
             mean, error = numbers["difference"][metric]
             mark = "✓" if no_worse((mean, error), tolerance) else "✗"
-            cells.append(f"{'+' if mean >= 0 else ''}{number(mean)} ± {number(error)} {mark}")
+            cells.append(f"{'+' if mean >= 0 else ''}{number(mean, 3)} ± {number(error, 2)} {mark}")
         lines.append(f"| {case} | " + " | ".join(cells) + " |")
     lines += ["", f"decision ({layout}): {decision['why']}", ""]
     return "\n".join(lines)
 
 
+def measure_layouts(args, cases: list[str], layouts: list[str]) -> dict:
+    """Generate and measure every (layout, seed, case) of the parsed command line ``args``; progress lines go to
+    stderr. Returns the report ``--json`` writes: {"settings": {...}, "layouts": {layout: {"size": [w, h],
+    "runs": {case: [``run_case`` rows in seed order]}}}, "wall_s": seconds}."""
+    import torch
+
+    from backend.analysis.metrics import load_losses
+    from backend.engine.models import ModelCache
+
+    torch.set_num_threads(args.threads)
+    window = model_window(args.model)
+    sync_steps = args.sync_steps if args.sync_steps is not None else max(1, args.steps // 5)
+    sizes = {"wide": args.wide_size, "equirect": (args.equirect_width, args.equirect_width // 2), "tile": args.tile_size}
+    losses = load_losses("random")
+    cache = ModelCache()
+    began = time.perf_counter()
+    settings = {key: value for key, value in vars(args).items() if key not in ("json", "report")}
+    report = {"settings": {**settings, "window": window, "sync_steps": sync_steps, "cases": cases, "device": "cpu",
+                           "dtype": "float32", "torch_threads": torch.get_num_threads()}, "layouts": {}}
+    print(f"{args.model}: window {window} latents; {args.steps} DDIM steps, guidance 7.5, prompt {args.prompt!r}, seeds "
+          f"1..{args.seeds}; shifted+sync: SyncDiffusion w {args.sync_weight:g}, decay 0.95, first {sync_steps} steps, "
+          f"LPIPS-VGG random trunk; {args.threads} torch thread(s)", file=sys.stderr, flush=True)
+    with tempfile.TemporaryDirectory() as folder:
+        for layout in layouts:
+            width, height = sizes[layout]
+            runs = {case: [] for case in cases}
+            for seed in range(1, args.seeds + 1):
+                for case in cases:
+                    fields = dict(prompt=args.prompt, layout=layout, width=width, height=height, steps=args.steps,
+                                  guidance=7.5, seed=seed, scheduler="ddim", view_batch=args.view_batch, model=args.model,
+                                  device="cpu", no_hdr=True, out=os.path.join(folder, f"{layout}-{case}-{seed}"),
+                                  **case_fields(case, window, sync_steps, args.sync_weight))
+                    row = run_case(fields, losses, cache)
+                    runs[case].append(row)
+                    print(f"[{time.perf_counter() - began:7.0f} s] {layout} {width}x{height} seed {seed} {case}: "
+                          f"{row['unet_rows']} rows, {row['denoising_s']:.1f} s, "
+                          + ", ".join(f"{SHORT_NAMES[m]} {number(row[m])}" for m in LAYOUT_METRICS[layout]),
+                          file=sys.stderr, flush=True)
+            report["layouts"][layout] = {"size": [width, height], "runs": runs}
+    report["wall_s"] = time.perf_counter() - began
+    return report
+
+
+def print_report(report: dict, tolerance: float) -> None:
+    """Add each layout's ``summary`` and ``decision`` (``summarise``, ``decide`` at ``tolerance``) to ``report``
+    (from ``measure_layouts`` or a ``--json`` file) and print the markdown tables, the rule and the decisions."""
+    settings = report["settings"]
+    print(f"{settings['model']}: {settings['steps']} DDIM steps, guidance 7.5, prompt {settings['prompt']!r}, seeds "
+          f"1..{settings['seeds']}, view batch {settings['view_batch']}; shifted+sync: SyncDiffusion w "
+          f"{settings['sync_weight']:g}, decay 0.95, first {settings['sync_steps']} steps, LPIPS-VGG random trunk; CPU, "
+          f"float32, {settings['torch_threads']} torch thread(s); mean ± standard error over seeds\n")
+    for layout, result in report["layouts"].items():
+        metrics = LAYOUT_METRICS[layout]
+        result["summary"] = summarise(result["runs"], metrics)
+        result["decision"] = decide(result["summary"], metrics, tolerance)
+        width, height = result["size"]
+        print(markdown_tables(f"{layout} {width}x{height}", result["summary"], metrics, result["decision"], tolerance))
+    print("Decision rule: per layout, the case with the fewest UNet rows whose every coherence metric "
+          "(Intra-LPIPS, Intra-Style-L; equirect also on the horizon faces, the ±180° seam, the largest cube-edge "
+          f"ratio and both pole ratios; tile both wrap seams) is no worse than dense's by more than {tolerance:g} "
+          "standard error(s) of the paired per-seed difference (higher is worse for every one).")
+    for layout, result in report["layouts"].items():
+        print(f"- {layout}: {result['decision']['why']}")
+    print(f"wall time {report['wall_s']:.0f} s")
+
+
 def main(argv=None) -> int:
-    """Run the benchmark (see the module docstring); returns the exit status."""
+    """Run the benchmark (see the module docstring), or re-print a saved one (``--report``); returns the exit status."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seeds", type=int, default=16, help="seeds 1..N per layout and case (default 16)")
     parser.add_argument("--steps", type=int, default=30, help="DDIM steps (default 30: 16 seeds of dense at 50 steps take "
@@ -230,61 +304,21 @@ def main(argv=None) -> int:
                         "case may be worse than dense by (default 1)")
     parser.add_argument("--threads", type=int, default=1, help="torch threads (default 1; see the docstring)")
     parser.add_argument("--json", help="also write every number to this file")
+    parser.add_argument("--report", metavar="FILE", help="generate nothing: print the tables and decisions of a "
+                        "--json file written earlier (with this --tolerance)")
     args = parser.parse_args(argv)
-    layouts = args.layouts.split(",")
-    cases = ["dense"] + [case for case in args.cases.split(",") if case != "dense"]
-    for name, allowed in (("layout", LAYOUTS), ("case", CASES)):
-        unknown = [value for value in (layouts if name == "layout" else cases) if value not in allowed]
-        if unknown:
-            parser.error(f"unknown {name} {unknown[0]!r}; choose from {', '.join(allowed)}")
-    sync_steps = args.sync_steps if args.sync_steps is not None else max(1, args.steps // 5)
-
-    import torch
-
-    from backend.analysis.metrics import load_losses
-    from backend.engine.models import ModelCache
-
-    torch.set_num_threads(args.threads)
-    window = model_window(args.model)
-    sizes = {"wide": args.wide_size, "equirect": (args.equirect_width, args.equirect_width // 2), "tile": args.tile_size}
-    losses = load_losses("random")
-    cache = ModelCache()
-    began = time.perf_counter()
-    report = {"settings": {**{key: value for key, value in vars(args).items() if key != "json"}, "window": window,
-                           "sync_steps": sync_steps, "sizes": sizes, "cases": cases, "device": "cpu", "dtype": "float32"},
-              "layouts": {}}
-    print(f"{args.model}: window {window} latents; {args.steps} DDIM steps, guidance 7.5, prompt {args.prompt!r}, seeds "
-          f"1..{args.seeds}; shifted+sync: SyncDiffusion w {args.sync_weight:g}, decay 0.95, first {sync_steps} steps, "
-          f"LPIPS-VGG random trunk; {args.threads} torch thread(s)", flush=True)
-    with tempfile.TemporaryDirectory() as folder:
-        for layout in layouts:
-            metrics = LAYOUT_METRICS[layout]
-            width, height = sizes[layout]
-            runs = {case: [] for case in cases}
-            for seed in range(1, args.seeds + 1):
-                for case in cases:
-                    fields = dict(prompt=args.prompt, layout=layout, width=width, height=height, steps=args.steps,
-                                  guidance=7.5, seed=seed, scheduler="ddim", view_batch=args.view_batch, model=args.model,
-                                  device="cpu", no_hdr=True, out=os.path.join(folder, f"{layout}-{case}-{seed}"),
-                                  **case_fields(case, window, sync_steps, args.sync_weight))
-                    runs[case].append(run_case(fields, losses, cache))
-                    row = runs[case][-1]
-                    print(f"[{time.perf_counter() - began:7.0f} s] {layout} {width}x{height} seed {seed} {case}: "
-                          f"{row['unet_rows']} rows, {row['denoising_s']:.1f} s, "
-                          + ", ".join(f"{SHORT_NAMES[m]} {number(row[m])}" for m in metrics), file=sys.stderr, flush=True)
-            summary = summarise(runs, metrics)
-            decision = decide(summary, metrics, args.tolerance)
-            report["layouts"][layout] = {"size": [width, height], "runs": runs, "summary": summary, "decision": decision}
-            print(markdown_tables(f"{layout} {width}x{height}", summary, metrics, decision, args.tolerance), flush=True)
-    wall = time.perf_counter() - began
-    report["wall_s"] = wall
-    print("Decision rule: per layout, the schedule with the fewest UNet rows whose every coherence metric "
-          "(Intra-LPIPS, Intra-Style-L; equirect also on the horizon faces, the ±180° seam, the largest cube-edge "
-          f"ratio and both pole ratios; tile both wrap seams) is no worse than dense's by more than {args.tolerance:g} "
-          "standard error(s) of the paired per-seed difference.")
-    for layout, result in report["layouts"].items():
-        print(f"- {layout}: {result['decision']['why']}")
-    print(f"wall time {wall:.0f} s")
+    if args.report:
+        with open(args.report) as f:
+            report = json.load(f)
+    else:
+        layouts = args.layouts.split(",")
+        cases = ["dense"] + [case for case in args.cases.split(",") if case != "dense"]
+        for name, values, allowed in (("layout", layouts, LAYOUTS), ("case", cases, CASES)):
+            unknown = [value for value in values if value not in allowed]
+            if unknown:
+                parser.error(f"unknown {name} {unknown[0]!r}; choose from {', '.join(allowed)}")
+        report = measure_layouts(args, cases, layouts)
+    print_report(report, args.tolerance)
     if args.json:
         with open(args.json, "w") as f:
             json.dump(report, f, indent=2)
