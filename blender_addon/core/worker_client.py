@@ -240,10 +240,11 @@ class GenerationJob:
 
 
 def format_seconds(seconds):
-    """A duration in seconds as short text with about two significant digits: "0.83", "1.5", "12"."""
-    if seconds < 1:
-        return f"{seconds:.2f}"
-    return f"{seconds:.1f}" if seconds < 10 else f"{seconds:.0f}"
+    """A duration in seconds as short text with two significant digits: "0.8", "0.83", "1.5", "12"; "<0.01"
+    below a hundredth (a test model's steps)."""
+    if seconds >= 10:
+        return f"{seconds:.0f}"
+    return f"{seconds:.2g}" if seconds >= 0.01 else "<0.01"
 
 
 def _request_line(request):
