@@ -12,6 +12,7 @@ import json
 import math
 import os
 import re
+import time
 
 from .errors import shorten
 
@@ -58,9 +59,37 @@ def write_event(stream, event: dict) -> None:
     stream.flush()
 
 
-def progress_event(job: str | None, stage: str, step: int, total: int, preview: str | None = None) -> dict:
-    """A progress event: ``stage`` one of STAGES, ``step`` of ``total`` done, optional preview PNG path."""
-    return {"event": "progress", "job": job, "stage": stage, "step": step, "total": total, "preview": preview}
+def progress_event(job: str | None, stage: str, step: int, total: int, preview: str | None = None,
+                   seconds_per_step: float | None = None) -> dict:
+    """A progress event: ``stage`` one of STAGES, ``step`` of ``total`` done, optional preview PNG path, and for
+    the denoising stage the wall seconds of the step just done (``StepTimer``); the field is left out when None."""
+    event = {"event": "progress", "job": job, "stage": stage, "step": step, "total": total, "preview": preview}
+    if seconds_per_step is not None:
+        event["seconds_per_step"] = seconds_per_step
+    return event
+
+
+class StepTimer:
+    """The ``seconds_per_step`` of one job's progress events: the wall seconds of the denoising step just
+    reported, measured from the previous step's report to this one's (so it is the last step's time, not a
+    mean: a SyncDiffusion-guided step shows as slower than a plain one).
+
+    Feed it every progress report of the job, in order (``seconds_per_step``). None on the first step (no step
+    before it to time from: the time since loading is not a step's), on every other stage, and when the
+    steps restart from 1 (an out-of-memory retry). ``clock`` returns seconds (default ``time.monotonic``).
+    """
+
+    def __init__(self, clock=time.monotonic):
+        self.clock = clock
+        self.previous: tuple[int, float] | None = None  # (step, time) of the last denoising report
+
+    def seconds_per_step(self, stage: str, step: int) -> float | None:
+        """The seconds of denoising step ``step`` (rounded to milliseconds), or None (see the class)."""
+        now = self.clock()
+        previous, self.previous = self.previous, (step, now) if stage == "denoising" else None
+        if previous is None or stage != "denoising" or step != previous[0] + 1:
+            return None
+        return round(now - previous[1], 3)
 
 
 def done_event(job: str | None, outputs: dict) -> dict:

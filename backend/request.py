@@ -284,15 +284,21 @@ class GenerateRequest:
         return dataclasses.replace(self, window=window, stride=stride)
 
     @property
+    def needs_overlapping_windows(self) -> bool:
+        """Whether an option of this request as asked (before ``sized_for_model`` fills in the stride) needs the
+        dense schedule's overlapping windows: ``--stride``, ``--fusion`` other than auto, ``--sync syncsde``,
+        ``--views ring`` or ``cube``. ``auto`` then resolves to dense, and an explicit ``shifted`` is refused
+        (``_check_schedule``, which names the option)."""
+        return (self.stride is not None or self.fusion != "auto" or self.sync == "syncsde"
+                or self.views in ("ring", "cube"))
+
+    @property
     def resolved_schedule(self) -> str:
-        """``schedule`` with ``auto`` decided, for a validated request as asked (before ``sized_for_model`` fills
-        in the stride): the layout's ``DEFAULT_SCHEDULES`` entry, or "dense" when an option asks for overlapping
-        windows (``--stride``, ``--fusion``, ``--sync syncsde``, ``--views ring`` or ``cube``)."""
+        """``schedule`` with ``auto`` decided, for a validated request as asked: the layout's ``DEFAULT_SCHEDULES``
+        entry, or "dense" when an option needs overlapping windows (``needs_overlapping_windows``)."""
         if self.schedule != "auto":
             return self.schedule
-        overlapping = (self.stride is not None or self.fusion != "auto" or self.sync == "syncsde"
-                       or self.views in ("ring", "cube"))
-        return "dense" if overlapping else DEFAULT_SCHEDULES[self.layout]
+        return "dense" if self.needs_overlapping_windows else DEFAULT_SCHEDULES[self.layout]
 
     @property
     def resolved_fusion(self) -> str:

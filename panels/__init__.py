@@ -14,10 +14,9 @@ from ..blender_addon.scene.results import thumbnail_icon
 
 
 def draw_main(layout, context):
-    """Prompt, mode, model (the preferences' Default Model as a menu of the installed models), resolution
-    (with the view set and sky / ground prompts for a 360° World), seed, sampling, synchronisation (each
-    method's options only when it is chosen; merged attention always), and Generate / Cancel with the job's
-    progress."""
+    """Prompt, mode, model (the preferences' Default Model as a menu of the installed models), resolution,
+    quality (with a note when the Advanced settings make its schedule dense), the view set and sky / ground
+    prompts for a 360° World, seed, sampling, and Generate / Cancel with the job's progress."""
     settings = context.scene.syncsphere
     prefs = get_preferences(context)
     layout.prop(settings, "prompt")
@@ -30,6 +29,10 @@ def draw_main(layout, context):
         column.prop(prefs, "default_model_menu", text="Model")
     width, height = generation.resolution(settings.mode, settings.resolution)
     column.prop(settings, "resolution", text=f"Size ({width}x{height})")
+    column.prop(settings, "quality")
+    note = generation.schedule_note(settings)
+    if note:
+        column.label(text=note, icon="INFO")
     if settings.mode == "WORLD":  # only a 360° World has views that look up and down
         column.prop(settings, "view_set")
         column.prop(settings, "prompt_up")
@@ -39,19 +42,10 @@ def draw_main(layout, context):
     row.prop(settings, "randomize_seed", text="", icon="FILE_REFRESH", toggle=True)
     column.prop(settings, "steps")
     column.prop(settings, "guidance")
-    column.prop(settings, "sync_method")
-    if settings.sync_method == "SYNCDIFFUSION":  # its options mean nothing to MultiDiffusion
-        column.prop(settings, "sync_weight")
-        column.prop(settings, "sync_steps")
-        column.prop(settings, "sync_fast")
-    elif settings.sync_method == "SYNCSDE":
-        column.prop(settings, "syncsde_lambda")
-    column.prop(settings, "mad")  # composes with every method
 
     job = session.current_job()
     if session.is_busy():
-        layout.progress(factor=job.step / max(job.total, 1) if job.stage == "denoising" else 0.0,
-                        text=f"{job.stage.capitalize()} {job.step}/{job.total}" if job.stage == "denoising" else job.stage.capitalize())
+        layout.progress(factor=job.progress_fraction, text=job.status_text)
         layout.operator("syncsphere.cancel", icon="CANCEL")
     else:
         layout.operator("syncsphere.generate", icon="RENDER_STILL")
@@ -132,23 +126,33 @@ def draw_lighting(layout, context):
 
 
 def draw_advanced(layout, context):
-    """Window, stride, device and memory."""
+    """The research controls: synchronisation (From Quality, or a method with its options, drawn only when it
+    is chosen; merged attention always), window, stride, device and memory."""
     settings = context.scene.syncsphere
     column = layout.column()
     column.use_property_split = True
     column.use_property_decorate = False
+    column.prop(settings, "sync_method")
+    if settings.sync_method == "SYNCDIFFUSION":  # its options mean nothing to the other methods
+        column.prop(settings, "sync_weight")
+        column.prop(settings, "sync_steps")
+        column.prop(settings, "sync_fast")
+    elif settings.sync_method == "SYNCSDE":
+        column.prop(settings, "syncsde_lambda")
+    column.prop(settings, "mad")  # composes with every method
     column.prop(settings, "window")
     column.prop(settings, "stride")
     column.prop(settings, "device")
     column.prop(settings, "memory")
 
 
-# What a history item says after its seed about a method other than the default MultiDiffusion.
-HISTORY_METHOD_LABELS = {"SYNCDIFFUSION": ", SyncDiffusion", "SYNCSDE": ", SyncSDE"}
+# What a history item says after its quality about a method chosen in Advanced (none: From Quality).
+HISTORY_METHOD_LABELS = {"MULTIDIFFUSION": ", MultiDiffusion", "SYNCDIFFUSION": ", SyncDiffusion", "SYNCSDE": ", SyncSDE"}
 
 
 def draw_history(layout, context):
-    """Past generations with a thumbnail, prompt and seed; apply one again or reuse its settings."""
+    """Past generations with a thumbnail, prompt, seed, mode and quality, and how each ran (its schedule and
+    views per step, when its metadata said); apply one again or reuse its settings."""
     settings = context.scene.syncsphere
     if not settings.history:
         layout.label(text="Nothing generated yet")
@@ -161,7 +165,9 @@ def draw_history(layout, context):
         column = row.column()
         column.label(text=item.prompt or "(no prompt)")
         method = HISTORY_METHOD_LABELS.get(item.sync_method, "")
-        column.label(text=f"Seed {item.seed}, {item.mode.lower()}{method}")
+        column.label(text=f"Seed {item.seed}, {item.mode.lower()}, {generation.QUALITY_NAMES[item.quality]}{method}")
+        if item.run_summary:
+            column.label(text=item.run_summary)
         buttons = column.row(align=True)
         buttons.operator("syncsphere.history_apply", text="Apply").index = index
         buttons.operator("syncsphere.history_reuse", text="Reuse").index = index

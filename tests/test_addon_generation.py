@@ -3,6 +3,8 @@ the protocol's generate params, and the backend's own request validation (backen
 library only) accepts them and reads them as meant.
 """
 
+import dataclasses
+import itertools
 import json
 import types
 
@@ -18,7 +20,7 @@ SYNC_OPTIONS = ("sync_weight", "sync_steps", "sync_fast")
 def settings(**overrides):
     """A stand-in for scene.syncsphere with the defaults of blender_addon/scene/properties.py."""
     values = dict(prompt="a harbour at dusk", negative_prompt="fog", mode="WORLD", resolution="DRAFT", seed=3,
-                  randomize_seed=False, steps=30, guidance=6.5, sync_method="MULTIDIFFUSION", window=0, stride=0,
+                  randomize_seed=False, steps=30, guidance=6.5, quality="BALANCED", sync_method="AUTO", window=0, stride=0,
                   device="PREFERENCES", sync_weight=20.0, sync_steps=10, sync_fast=False, syncsde_lambda=5.0,
                   mad=False, view_set="AUTO", prompt_up="", prompt_down="", hdr=True, exposure=0.0, sun_ratio=6.0,
                   use_sun_direction=False, sun_yaw=0.0, sun_pitch=45.0, memory="auto")
@@ -36,9 +38,10 @@ def backend_request(params, tmp_path):
 
 
 def test_the_basic_params():
-    assert params_of() == {"prompt": "a harbour at dusk", "negative_prompt": "fog", "layout": "equirect",
-                           "width": 1024, "height": 512, "steps": 30, "guidance": 6.5, "seed": 42,
-                           "model": "some/model", "device": "cpu", "memory": "auto"}
+    assert params_of(quality="BEST", sync_method="MULTIDIFFUSION") == {
+        "prompt": "a harbour at dusk", "negative_prompt": "fog", "layout": "equirect", "width": 1024, "height": 512,
+        "steps": 30, "guidance": 6.5, "seed": 42, "model": "some/model", "device": "cpu", "memory": "auto",
+        "schedule": "dense"}
     tile = params_of(mode="TILE", resolution="HIGH", window=48, stride=12)
     assert (tile["layout"], tile["width"], tile["height"], tile["window"], tile["stride"]) == ("tile", 2048, 2048, 48, 12)
 
@@ -192,7 +195,7 @@ def test_merged_attention_composes_with_the_other_methods(method, tmp_path):
 def test_the_backend_would_refuse_sync_options_with_multidiffusion(tmp_path):
     """Why MultiDiffusion sends nothing: the backend refuses any SyncDiffusion option without it."""
     with pytest.raises(BadRequest, match="only applies to SyncDiffusion"):
-        backend_request({**params_of(), "sync_weight": 20.0}, tmp_path)
+        backend_request({**params_of(sync_method="MULTIDIFFUSION"), "sync_weight": 20.0}, tmp_path)
 
 
 VIEW_OPTIONS = ("views", "prompt_up", "prompt_down")
@@ -264,3 +267,127 @@ def test_a_random_loss_network_is_reported_to_the_artist(tmp_path, syncdiffusion
     if expected:
         assert "random network" in warnings[0] and "online access" in warnings[0]
     assert generation.result_warnings(str(tmp_path / "missing.json")) == []
+
+
+# --- Quality -------------------------------------------------------------------------------------------
+
+QUALITIES = ("FAST", "BALANCED", "BEST")
+SYNC_METHODS = ("AUTO", "MULTIDIFFUSION", "SYNCDIFFUSION", "SYNCSDE")
+VIEW_SETS = ("AUTO", "BAND", "BAND_POLES", "RING", "CUBE")
+
+
+def test_the_quality_table_is_the_measured_mapping_with_balanced_the_default():
+    """The one table (the mapping may change with the measurements; then this test with it)."""
+    assert [identifier for identifier, _, _, _ in generation.QUALITIES] == list(QUALITIES)
+    assert generation.QUALITY_PARAMS == {
+        "FAST": {"schedule": "shifted"},
+        "BALANCED": {"schedule": "shifted", "sync": "syncdiffusion", "sync_steps": 10},
+        "BEST": {"schedule": "dense"},
+    }
+    assert generation.DEFAULT_QUALITY == "BALANCED"
+    assert generation.QUALITY_NAMES == {"FAST": "Fast", "BALANCED": "Balanced", "BEST": "Best"}
+    fields = {field.name for field in dataclasses.fields(GenerateRequest)}
+    for identifier, name, description, params in generation.QUALITIES:
+        assert set(params) <= fields and description.strip()
+    # The descriptions say what each costs.
+    descriptions = {identifier: description for identifier, _, description, _ in generation.QUALITIES}
+    assert "faster" in descriptions["FAST"] and "SyncDiffusion" in descriptions["BALANCED"]
+    assert "slowest" in descriptions["BEST"]
+
+
+@pytest.mark.parametrize("quality", QUALITIES)
+@pytest.mark.parametrize("mode", ["WORLD", "TILE", "WIDE"])
+def test_with_the_default_advanced_settings_each_quality_sends_all_its_fields(quality, mode, tmp_path):
+    params = params_of(quality=quality, mode=mode)
+    assert {name: params[name] for name in generation.QUALITY_PARAMS[quality]} == generation.QUALITY_PARAMS[quality]
+    request = backend_request(params, tmp_path)
+    table = generation.QUALITY_PARAMS[quality]
+    assert request.resolved_schedule == table["schedule"]
+    assert request.sync == table.get("sync", "multidiffusion")
+    if request.sync == "syncdiffusion":  # only the guided steps are Quality's; the weight is the backend's default
+        assert (request.sync_steps, request.sync_weight) == (table["sync_steps"], generation.DEFAULT_SYNC_WEIGHT)
+
+
+def expected_schedule(quality, sync_method, mode, view_set, stride):
+    """What the add-on promises (docs/blender.md, "Quality"): Quality's schedule, dense where an Advanced setting
+    needs overlapping windows."""
+    overlapping = stride or sync_method == "SYNCSDE" or (mode == "WORLD" and view_set in ("RING", "CUBE"))
+    schedule = generation.QUALITY_PARAMS[quality]["schedule"]
+    return "dense" if schedule == "shifted" and overlapping else schedule
+
+
+@pytest.mark.parametrize("quality", QUALITIES)
+@pytest.mark.parametrize("sync_method", SYNC_METHODS)
+def test_no_combination_the_panel_offers_is_refused(quality, sync_method, tmp_path):
+    """Every Quality with every Advanced choice that meets the schedule (method, view set, stride, merged
+    attention) and every mode gives a request the backend's validation accepts, running the schedule and the
+    method promised: Quality's schedule unless the others need overlapping windows, the Advanced method when
+    one is chosen, else Quality's."""
+    for mode, view_set, stride, mad, fast in itertools.product(("WORLD", "TILE", "WIDE"), VIEW_SETS, (0, 8),
+                                                               (False, True), (False, True)):
+        case = dict(quality=quality, sync_method=sync_method, mode=mode, view_set=view_set, stride=stride, mad=mad,
+                    sync_fast=fast, resolution="STANDARD")
+        params = params_of(**case)
+        request = backend_request(params, tmp_path)  # raises BadRequest for a refused combination
+        schedule = expected_schedule(quality, sync_method, mode, view_set, stride)
+        assert (params["schedule"], request.resolved_schedule) == (schedule, schedule), case
+        table_sync = generation.QUALITY_PARAMS[quality].get("sync", "multidiffusion")
+        assert request.sync == (table_sync if sync_method == "AUTO" else generation.SYNC_OF_METHOD[sync_method]), case
+        if sync_method == "AUTO" and request.sync == "syncdiffusion":
+            # Quality's SyncDiffusion, never mixed with the Advanced SyncDiffusion options.
+            assert (request.sync_steps, request.sync_decoder) == (generation.QUALITY_PARAMS[quality]["sync_steps"], "vae")
+        assert "fusion" not in params  # the add-on never sends one, so it never meets the shifted schedule
+
+
+@pytest.mark.parametrize("change,refusal", [
+    ({"stride": 8}, "--stride"),
+    ({"sync_method": "SYNCSDE"}, "SyncSDE"),
+    ({"view_set": "RING"}, "ring view set"),
+    ({"view_set": "CUBE"}, "cube view set"),
+])
+def test_why_those_settings_make_the_schedule_dense(change, refusal, tmp_path):
+    """Each setting that turns Fast's schedule dense is one the backend refuses with an explicit shifted."""
+    params = params_of(quality="FAST", **change)
+    assert params["schedule"] == "dense"
+    with pytest.raises(BadRequest, match=refusal):
+        backend_request({**params, "schedule": "shifted"}, tmp_path)
+
+
+def test_a_method_chosen_in_advanced_replaces_qualitys_and_keeps_its_schedule(tmp_path):
+    """Balanced's SyncDiffusion goes only with Synchronisation "From Quality"; a chosen method sends its own
+    options, never a mix, and the shifted schedule stays where the method allows it."""
+    plain = params_of(quality="BALANCED", sync_method="MULTIDIFFUSION")
+    assert plain["schedule"] == "shifted" and not [name for name in plain if name.startswith("sync")]
+    own = params_of(quality="FAST", sync_method="SYNCDIFFUSION", sync_weight=12.5, sync_steps=0)
+    assert own["schedule"] == "shifted"
+    assert {name: value for name, value in own.items() if name.startswith("sync")} == \
+        {"sync": "syncdiffusion", "sync_weight": 12.5}
+    assert backend_request(own, tmp_path).sync_steps is None  # every step, as the Advanced option says
+
+
+def test_the_panel_notes_when_advanced_settings_make_the_schedule_dense():
+    for quality in QUALITIES:
+        assert generation.schedule_note(settings(quality=quality)) is None
+        assert generation.schedule_note(settings(quality=quality, sync_method="SYNCDIFFUSION")) is None
+    for change in ({"stride": 8}, {"sync_method": "SYNCSDE"}, {"view_set": "CUBE"}):
+        assert "Dense" in generation.schedule_note(settings(quality="FAST", **change))
+        assert generation.schedule_note(settings(quality="BEST", **change)) is None  # dense anyway
+    # A tile has no view set: a Ring left set from a World does not make it dense.
+    assert generation.schedule_note(settings(quality="FAST", mode="TILE", view_set="RING")) is None
+
+
+@pytest.mark.parametrize("metadata,summary", [
+    ({"schedule": "shifted", "views_per_step": {"mean": 2.5, "min": 2, "max": 3}},
+     "Shifted schedule, 2.5 views per step (2-3)"),
+    ({"schedule": "dense", "views_per_step": {"mean": 16.0, "min": 16, "max": 16}}, "Dense schedule, 16 views per step"),
+    ({"schedule": "shifted", "views_per_step": {"mean": 4.3333333, "min": 4, "max": 6}},
+     "Shifted schedule, 4.3 views per step (4-6)"),
+    ({"schedule": "dense", "views_per_step": {"mean": "?"}}, "Dense schedule"),
+    ({"sync": "multidiffusion"}, ""),  # a job from before the schedules
+    ([], ""),
+])
+def test_the_history_says_how_a_job_ran_from_its_metadata(metadata, summary, tmp_path):
+    path = tmp_path / "metadata.json"
+    path.write_text(json.dumps(metadata))
+    assert generation.run_summary(str(path)) == summary
+    assert generation.run_summary(str(tmp_path / "missing.json")) == generation.run_summary(None) == ""

@@ -48,6 +48,7 @@ def run_blender(script, extension_zip, tiny_model, tmp_path, timeout=600):
         settings.steps = 2
         settings.window = 16
         settings.stride = 8
+        settings.quality = "BEST"  # dense MultiDiffusion, the cheapest on a CPU; test_quality_* runs the others
 
         def generate():  # the Generate operator: (sorted result set, None), or (None, the error sentence)
             try:
@@ -248,3 +249,37 @@ def test_syncdiffusion_world_end_to_end(extension_zip, tiny_model, tmp_path):
     assert os.path.samefile(report["environment"], report["exr"]) and report["size"] == [256, 128]
     assert report["fast_error"] and "madebyollin/taesd" in report["fast_error"], report["fast_error"]
     assert report["fast_history"] == 1 and report["fast_same_worlds"]
+
+
+def test_quality_fast_and_balanced_run_the_shifted_schedule_end_to_end(extension_zip, tiny_model, tmp_path):
+    """The default Quality (Balanced: the shifted schedule and SyncDiffusion on the first steps) and Fast reach
+    the backend as such from the panel's settings, and the history says how each ran (metadata.json's schedule
+    and views per step). The Stride is left to the backend (0), as it must be for the shifted schedule; a
+    256x128 world (4 windows of 16 latents per step) keeps Balanced's guidance a few seconds on a CPU."""
+    report = run_blender("""
+        generation = sys.modules[ADDON + ".blender_addon.core.generation"]
+        session = sys.modules[ADDON + ".blender_addon.core.session"]
+        generation.RESOLUTIONS["WORLD"]["DRAFT"] = (256, 128)
+        settings.stride = 0
+        settings.randomize_seed, settings.seed = False, 5
+        runs = {}
+        for quality, mode in (("BALANCED", "WORLD"), ("FAST", "TILE")):
+            settings.quality, settings.mode = quality, mode
+            if mode == "TILE":
+                bpy.ops.mesh.primitive_cube_add()
+            assert bpy.ops.syncsphere.generate() == {"FINISHED"}
+            item = settings.history[0]
+            runs[quality] = {"metadata": session.current_job().outputs["metadata"], "summary": item.run_summary,
+                             "history": [item.quality, item.sync_method]}
+        print(json.dumps(runs))
+    """, extension_zip, tiny_model, tmp_path)
+    for quality, sync in (("BALANCED", "syncdiffusion"), ("FAST", "multidiffusion")):
+        run = report[quality]
+        with open(run["metadata"], encoding="utf-8") as file:
+            metadata = json.load(file)
+        assert (metadata["schedule"], metadata["sync"]) == ("shifted", sync)
+        assert run["history"] == [quality, "AUTO"]
+        per_step = metadata["views_per_step"]
+        assert run["summary"].startswith("Shifted schedule, ") and f"{round(per_step['mean'], 1):g} views per step" in run["summary"]
+        if quality == "BALANCED":  # Quality's guided steps; the shifted schedule's windows a window apart
+            assert (metadata["params"]["sync_steps"], metadata["params"]["stride"]) == (10, 16)

@@ -24,18 +24,20 @@ pytestmark = pytest.mark.skipif(_bpy_dir() is None, reason="bpy is not installed
 
 # Every setting of SyncSphereSettings that the user edits (history and history_index are drawn as the
 # History panel, not as properties).
-SETTINGS = {"prompt", "negative_prompt", "mode", "resolution", "seed", "randomize_seed", "steps", "guidance",
+SETTINGS = {"prompt", "negative_prompt", "mode", "resolution", "quality", "seed", "randomize_seed", "steps", "guidance",
             "sync_method", "sync_weight", "sync_steps", "sync_fast", "syncsde_lambda", "mad", "view_set",
             "prompt_up", "prompt_down", "window", "stride", "device", "memory", "hide_from_camera", "face_camera"}
 # The Lighting sub-panel's (360° World; tests/test_blender_lighting.py draws it in detail).
 SETTINGS |= {"hdr", "exposure", "sun_ratio", "use_sun_direction", "sun_yaw", "sun_pitch", "sun_mode"}
+# The Advanced sub-panel's synchronisation controls (the research controls; the main panel has Quality).
+SYNC_SETTINGS = {"sync_method", "sync_weight", "sync_steps", "sync_fast", "syncsde_lambda", "mad"}
 # SyncDiffusion's options, drawn (right under the Synchronisation menu) only when it is chosen.
 SYNCDIFFUSION_SETTINGS = ["sync_weight", "sync_steps", "sync_fast"]
 # SyncSDE's option, drawn (right under the Synchronisation menu) only when it is chosen.
 SYNCSDE_SETTINGS = ["syncsde_lambda"]
 # Each method's own options, by method (MultiDiffusion has none).
-METHOD_SETTINGS = {"MULTIDIFFUSION": [], "SYNCDIFFUSION": SYNCDIFFUSION_SETTINGS, "SYNCSDE": SYNCSDE_SETTINGS}
-# A 360° World's view set and sky / ground prompts, drawn (right under the size) only in WORLD mode.
+METHOD_SETTINGS = {"AUTO": [], "MULTIDIFFUSION": [], "SYNCDIFFUSION": SYNCDIFFUSION_SETTINGS, "SYNCSDE": SYNCSDE_SETTINGS}
+# A 360° World's view set and sky / ground prompts, drawn (right under the size and quality) only in WORLD mode.
 WORLD_VIEW_SETTINGS = ["view_set", "prompt_up", "prompt_down"]
 
 # Runs after _PRELUDE: registers and enables the add-on and defines the recording layout.
@@ -317,9 +319,9 @@ def test_every_setting_is_drawn_and_generate_is_shown_when_idle(tmp_path):
 settings.mode = "WORLD"
 registered = sorted(name for name in settings.bl_rna.properties.keys()
                     if name not in ("rna_type", "name", "history", "history_index"))
-assert settings.sync_method == "MULTIDIFFUSION"  # the default
+assert (settings.sync_method, settings.quality) == ("AUTO", "BALANCED")  # the defaults
 by_method = {}
-for method in ("MULTIDIFFUSION", "SYNCSDE", "SYNCDIFFUSION"):
+for method in ("AUTO", "MULTIDIFFUSION", "SYNCSDE", "SYNCDIFFUSION"):
     settings.sync_method = method
     by_method[method] = draw_all()
 result({"registered": registered, "by method": by_method,
@@ -354,12 +356,16 @@ result({"registered": registered, "by method": by_method,
             == [{"data": "settings", "property": "mode", "expand": True}]
         size = next(call for call in calls if call["args"].get("property") == "resolution")
         assert size["args"]["text"] == "Size (1024x512)"
+        main_settings = _props(calls, "settings")
+        assert main_settings[main_settings.index("resolution") + 1] == "quality"  # Quality right under the Size
+        assert not set(main_settings) & SYNC_SETTINGS  # the research controls are in Advanced
         # The backend is configured: no hint to set it.
         assert not [call for call in calls if call["method"] == "label"]
 
         assert set(_props(drawn[f"{main}_result"], "settings")) == {"hide_from_camera", "face_camera"}
         assert "syncsphere.restore_world" in _operators(drawn[f"{main}_result"])
-        assert _props(drawn[f"{main}_advanced"], "settings") == ["window", "stride", "device", "memory"]
+        assert _props(drawn[f"{main}_advanced"], "settings") == \
+            ["sync_method"] + SYNCDIFFUSION_SETTINGS + ["mad", "window", "stride", "device", "memory"]
         assert _props(drawn[f"{main}_backend"], "prefs") == ["python_path", "default_model"]
         assert set(_operators(drawn[f"{main}_backend"])) == {"syncsphere.check_backend",
                                                              "syncsphere.open_output_folder"}
@@ -379,13 +385,20 @@ def summary(calls):
 states = {}
 settings.mode = "TILE"
 states["tile size"] = [call["args"]["text"] for call in main_calls() if call["args"].get("property") == "resolution"]
-# The panels only read these attributes of session.current_job().
-session._job = types.SimpleNamespace(finished=False, state="running", stage="denoising", step=3, total=10, error="")
+def job(**state):
+    # A real GenerationJob in the given state, as its events would leave it (no worker behind it).
+    made = session.GenerationJob(None, {}, os.path.abspath("out"))
+    for name, value in state.items():
+        setattr(made, name, value)
+    return made
+
+session._job = job(state="running", stage="denoising", step=3, total=10)
 states["denoising"] = summary(main_calls())
-session._job = types.SimpleNamespace(finished=False, state="running", stage="loading", step=0, total=0, error="")
+session._job = job(state="running", stage="denoising", step=4, total=10, seconds_per_step=0.83)
+states["timed"] = summary(main_calls())
+session._job = job(state="running", stage="loading", step=0, total=1)
 states["loading"] = summary(main_calls())
-session._job = types.SimpleNamespace(finished=True, state="error", stage="denoising", step=1, total=10,
-                                     error="The model could not be loaded")
+session._job = job(state="error", stage="denoising", step=1, total=10, error="The model could not be loaded")
 states["error"] = summary(main_calls())
 session._job = None
 prefs.python_path = "  "
@@ -395,6 +408,7 @@ result(states)
     assert states["tile size"] == ["Size (512x512)"]
     assert states["denoising"]["operators"] == ["syncsphere.cancel"]
     assert states["denoising"]["progress"] == [{"factor": 0.3, "text": "Denoising 3/10"}]
+    assert states["timed"]["progress"] == [{"factor": 0.4, "text": "Denoising 4/10 · 0.83 s/step"}]
     assert states["loading"]["operators"] == ["syncsphere.cancel"]
     assert states["loading"]["progress"] == [{"factor": 0.0, "text": "Loading"}]
     assert states["error"]["operators"] == ["syncsphere.generate"] and not states["error"]["progress"]
@@ -409,7 +423,7 @@ def test_syncdiffusion_options_appear_under_the_synchronisation_menu_only_when_c
 report = {}
 for method in ("MULTIDIFFUSION", "SYNCDIFFUSION", "MULTIDIFFUSION"):
     settings.sync_method = method
-    report.setdefault(method, []).append(draw("SYNCSPHERE_PT_world"))
+    report.setdefault(method, []).append(draw("SYNCSPHERE_PT_world_advanced"))
 report["labels"] = {name: [settings.bl_rna.properties[name].name, settings.bl_rna.properties[name].description]
                     for name in ("sync_method", "sync_weight", "sync_steps", "sync_fast")}
 report["items"] = [[item.identifier, item.name, item.description]
@@ -433,20 +447,21 @@ result(report)
     labels = report["labels"]
     assert [labels[name][0] for name in SYNCDIFFUSION_SETTINGS] == ["Coherence Strength", "Guided Steps", "Fast Guidance"]
     assert "taesd" in labels["sync_fast"][1] and "0" in labels["sync_steps"][1]
-    assert [item[:2] for item in report["items"]] == [["MULTIDIFFUSION", "MultiDiffusion"],
+    assert [item[:2] for item in report["items"]] == [["AUTO", "From Quality"], ["MULTIDIFFUSION", "MultiDiffusion"],
                                                       ["SYNCDIFFUSION", "SyncDiffusion"], ["SYNCSDE", "SyncSDE"]]
-    assert "coherent" in report["items"][1][2] and "slower" in report["items"][1][2]
-    assert "neighbours" in report["items"][2][2] and "fast" in report["items"][2][2]
+    assert "Quality" in report["items"][0][2]
+    assert "coherent" in report["items"][2][2] and "slower" in report["items"][2][2]
+    assert "neighbours" in report["items"][3][2] and "fast" in report["items"][3][2] and "dense" in report["items"][3][2]
 
 
 def test_syncsde_pull_strength_appears_only_when_chosen_and_merged_attention_always(tmp_path):
     report = _blender("""
 report = {}
-for method in ("MULTIDIFFUSION", "SYNCSDE", "SYNCDIFFUSION", "SYNCSDE", "SYNCDIFFUSION", "MULTIDIFFUSION"):
+for method in ("MULTIDIFFUSION", "SYNCSDE", "SYNCDIFFUSION", "AUTO", "SYNCSDE", "SYNCDIFFUSION", "MULTIDIFFUSION", "AUTO"):
     settings.sync_method = method
-    report.setdefault(method, []).append(draw("SYNCSPHERE_PT_view3d"))
+    report.setdefault(method, []).append(draw("SYNCSPHERE_PT_view3d_advanced"))
 settings.mad = True
-report["mad on"] = draw("SYNCSPHERE_PT_view3d")
+report["mad on"] = draw("SYNCSPHERE_PT_view3d_advanced")
 properties = settings.bl_rna.properties
 report["labels"] = {name: [properties[name].name, properties[name].description] for name in ("syncsde_lambda", "mad")}
 report["range"] = [properties["syncsde_lambda"].hard_min, properties["syncsde_lambda"].soft_max]
@@ -492,9 +507,9 @@ report["syncsde, mad"] = generation.generate_params(settings, 7, model="m", devi
 results.add_history(settings, 7, {"png": "", "exr": ""})
 settings.sync_method, settings.syncsde_lambda, settings.mad = "MULTIDIFFUSION", 1.0, False
 results.add_history(settings, 8, {"png": "", "exr": ""})
-# An item recorded before these settings existed: the properties' defaults.
+# An item recorded before these settings existed: the properties' defaults (it ran dense MultiDiffusion).
 old = settings.history.add()
-report["old item"] = [old.syncsde_lambda, old.mad]
+report["old item"] = [old.syncsde_lambda, old.mad, old.quality, old.sync_method, old.run_summary]
 settings.history.remove(len(settings.history) - 1)
 report["history"] = [[item.sync_method, item.syncsde_lambda, item.mad] for item in settings.history]
 report["history labels"] = [call["args"]["text"] for call in draw("SYNCSPHERE_PT_world_history") if call["method"] == "label"]
@@ -502,15 +517,17 @@ results.reuse_settings(settings, settings.history[1])
 report["reused"] = [settings.sync_method, settings.syncsde_lambda, settings.mad, settings.seed]
 result(report)
 """, tmp_path)
-    assert not [name for name in report["default"] if name.startswith(("sync", "mad"))]
-    picked = {name: value for name, value in report["syncsde"].items() if name.startswith(("sync", "mad"))}
-    assert picked == {"sync": "syncsde", "syncsde_lambda": 5.0}  # the property's default
+    # The defaults: Balanced, Synchronisation From Quality.
+    picked = {name: value for name, value in report["default"].items() if name.startswith(("sync", "mad", "schedule"))}
+    assert picked == {"schedule": "shifted", "sync": "syncdiffusion", "sync_steps": 10}
+    picked = {name: value for name, value in report["syncsde"].items() if name.startswith(("sync", "mad", "schedule"))}
+    assert picked == {"sync": "syncsde", "syncsde_lambda": 5.0, "schedule": "dense"}  # the property's default
     picked = {name: value for name, value in report["syncsde, mad"].items() if name.startswith(("sync", "mad"))}
     assert picked == {"sync": "syncsde", "syncsde_lambda": 12.5, "mad_steps": 15}
-    assert report["old item"] == [5.0, False]
+    assert report["old item"] == [5.0, False, "BEST", "MULTIDIFFUSION", ""]
     assert report["history"] == [["MULTIDIFFUSION", 1.0, False], ["SYNCSDE", 12.5, True]]
     labels = report["history labels"]
-    assert labels[1] == "Seed 8, world" and labels[3] == "Seed 7, world, SyncSDE"
+    assert labels[1] == "Seed 8, world, Balanced, MultiDiffusion" and labels[3] == "Seed 7, world, Balanced, SyncSDE"
     assert report["reused"] == ["SYNCSDE", 12.5, True, 7]
 
 
@@ -535,7 +552,9 @@ results.reuse_settings(settings, settings.history[1])
 report["reused"] = [settings.sync_method, settings.sync_weight, settings.sync_steps, settings.sync_fast, settings.seed]
 result(report)
 """, tmp_path)
-    assert not [name for name in report["default"] if name.startswith("sync")]
+    # Balanced's SyncDiffusion (From Quality): its guided steps only, the backend's weight.
+    assert {name: value for name, value in report["default"].items() if name.startswith("sync")} == \
+        {"sync": "syncdiffusion", "sync_steps": 10}
     sync = {name: value for name, value in report["syncdiffusion"].items() if name.startswith("sync")}
     assert sync == {"sync": "syncdiffusion", "sync_weight": 20.0, "sync_steps": 10}  # the properties' defaults
     sync = {name: value for name, value in report["every step, fast"].items() if name.startswith("sync")}
@@ -544,7 +563,7 @@ result(report)
     assert report["ranges"]["sync_weight"] == [0.0, 40.0] and report["ranges"]["sync_steps"][0] == 0
     assert report["history"] == [["MULTIDIFFUSION", 1.0, 3, False], ["SYNCDIFFUSION", 31.5, 0, True]]
     labels = report["history labels"][0]
-    assert labels[1] == "Seed 8, world" and labels[3] == "Seed 7, world, SyncDiffusion"
+    assert labels[1] == "Seed 8, world, Balanced, MultiDiffusion" and labels[3] == "Seed 7, world, Balanced, SyncDiffusion"
     assert report["reused"] == ["SYNCDIFFUSION", 31.5, 0, True, 7]
 
 
@@ -567,7 +586,7 @@ result(report)
     for calls in report["WORLD"]:  # before and after another mode
         drawn = _props(calls, "settings")
         at = drawn.index("resolution")
-        assert drawn[at + 1:at + 4] == WORLD_VIEW_SETTINGS, drawn
+        assert drawn[at + 1:at + 5] == ["quality"] + WORLD_VIEW_SETTINGS, drawn
         # In the size's property-split column, with their own names as labels.
         props = {call["args"]["property"]: call for call in calls if call["method"] == "prop"}
         assert {props[name]["path"] for name in ["resolution"] + WORLD_VIEW_SETTINGS} == {props["resolution"]["path"]}
@@ -608,6 +627,52 @@ result(report)
     assert not set(report["tile"]) & set(views)
     assert report["history"] == [["TILE", "AUTO", "", "grass"], ["WORLD", "BAND_POLES", "clear blue sky", " "]]
     assert report["reused"] == ["WORLD", "BAND_POLES", "clear blue sky", " ", 7]
+
+
+def test_quality_is_drawn_under_the_size_sends_its_table_and_notes_a_dense_schedule(tmp_path):
+    """Quality's items are the core table's (generation.QUALITIES), Balanced by default; each sends its table
+    entry from the registered settings; an Advanced Stride or SyncSDE makes Fast's schedule dense with a note
+    under Quality; the history keeps the quality and Reuse gives it back."""
+    report = _blender("""
+from syncsphere.blender_addon.core import generation
+properties = settings.bl_rna.properties
+report = {"default": settings.quality, "label": properties["quality"].name,
+          "items": [[item.identifier, item.name, item.description] for item in properties["quality"].enum_items],
+          "table": [[identifier, name, description] for identifier, name, description, _ in generation.QUALITIES],
+          "sent": {}}
+for quality in ("FAST", "BALANCED", "BEST"):
+    settings.quality = quality
+    report["sent"][quality] = generation.generate_params(settings, 7, model="m", device="cpu")
+settings.quality = "FAST"
+report["plain"] = draw("SYNCSPHERE_PT_view3d")
+settings.stride = 8
+report["stride"] = draw("SYNCSPHERE_PT_view3d")
+report["stride sent"] = generation.generate_params(settings, 7, model="m", device="cpu")
+settings.stride, settings.sync_method = 0, "SYNCSDE"
+report["syncsde"] = draw("SYNCSPHERE_PT_world")
+results.add_history(settings, 7, {"png": "", "exr": ""})
+settings.quality, settings.sync_method = "BEST", "AUTO"
+results.reuse_settings(settings, settings.history[0])
+report["reused"] = [settings.quality, settings.sync_method]
+result(report)
+""", tmp_path)
+    assert report["default"] == "BALANCED" and report["label"] == "Quality"
+    assert report["items"] == report["table"]
+    assert [item[:2] for item in report["items"]] == [["FAST", "Fast"], ["BALANCED", "Balanced"], ["BEST", "Best"]]
+    for quality, params in report["sent"].items():
+        table = {"FAST": {"schedule": "shifted"},
+                 "BALANCED": {"schedule": "shifted", "sync": "syncdiffusion", "sync_steps": 10},
+                 "BEST": {"schedule": "dense"}}[quality]
+        assert {name: params.get(name) for name in table} == table, (quality, params)
+    assert not [call for call in report["plain"] if call["method"] == "label"]
+    assert report["stride sent"]["schedule"] == "dense" and report["stride sent"]["stride"] == 8
+    for case in ("stride", "syncsde"):
+        calls = report[case]
+        labels = [call for call in calls if call["method"] == "label"]
+        assert len(labels) == 1 and labels[0]["args"]["icon"] == "INFO" and "Dense" in labels[0]["args"]["text"]
+        quality = next(call for call in calls if call["args"].get("property") == "quality")
+        assert labels[0]["path"] == quality["path"] and labels[0]["index"] == quality["index"] + 1  # right under it
+    assert report["reused"] == ["FAST", "SYNCSDE"]
 
 
 # --- the Result sub-panel -------------------------------------------------------------------------------
@@ -733,6 +798,13 @@ for number in range(3, 10):
     settings.prompt = f"prompt {number}"
     results.add_history(settings, 100 + number, {"png": "", "exr": ""})
 report["ten"] = draw("SYNCSPHERE_PT_view3d_history")
+# A job whose metadata.json says how it ran: its item says so under the seed.
+metadata = os.path.join(TMP, "metadata.json")
+with open(metadata, "w") as file:
+    json.dump({"schedule": "shifted", "views_per_step": {"mean": 2.5, "min": 2, "max": 3}}, file)
+settings.prompt, settings.quality, settings.sync_method = "prompt 10", "FAST", "SYNCSDE"
+results.add_history(settings, 110, {"png": "", "exr": "", "metadata": metadata})
+report["summary"] = draw("SYNCSPHERE_PT_world_history")
 result(report)
 """, tmp_path)
     assert [call["method"] for call in report["empty"]] == ["label"]
@@ -748,7 +820,7 @@ result(report)
     for index, (box, (prompt, seed, mode, icon)) in enumerate(zip(boxes, expected)):  # newest first
         inside = _under(calls, box)
         labels = [call["args"]["text"] for call in inside if call["method"] == "label"]
-        assert labels == [prompt, f"Seed {seed}, {mode}"]
+        assert labels == [prompt, f"Seed {seed}, {mode}, Balanced"]
         icons = [call["args"] for call in inside if call["method"] == "template_icon"]
         assert icons == ([{"icon_value": icon, "scale": 3.0}] if icon else [])
         operators = [(call["args"]["operator"], call["args"]["text"], call["properties"])
@@ -763,3 +835,6 @@ result(report)
     first_labels = [next(call["args"]["text"] for call in _under(ten, box) if call["method"] == "label")
                     for box in boxes]
     assert first_labels == [f"prompt {number}" for number in range(9, 1, -1)]
+    newest = next(call for call in report["summary"] if call["method"] == "box")
+    assert [call["args"]["text"] for call in _under(report["summary"], newest) if call["method"] == "label"] == \
+        ["prompt 10", "Seed 110, wide, Fast, SyncSDE", "Shifted schedule, 2.5 views per step (2-3)"]

@@ -178,6 +178,8 @@ def test_json_progress_prints_only_protocol_events_on_stdout(tiny_model, tmp_pat
     events = [json.loads(line) for line in result.stdout.splitlines()]
     stages = [event["stage"] for event in events if event["event"] == "progress"]
     assert stages == ["loading", "denoising", "denoising", "decoding", "writing"]
+    # As the stdio worker: the second step's event has its seconds (protocol.StepTimer), the first none.
+    assert [(event["step"], event["seconds_per_step"] >= 0) for event in events if "seconds_per_step" in event] == [(2, True)]
     assert events[-1]["event"] == "done" and os.path.isfile(events[-1]["outputs"]["png"])
 
 

@@ -139,3 +139,27 @@ def test_more_steps_than_the_sampler_takes_is_one_sentence_before_the_first_step
     error = capsys.readouterr().err.strip().splitlines()[-1]
     assert code == 2 and error.startswith("error: ") and expected in error and error.endswith(".")
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("option,refused", [
+    ({}, None),
+    ({"views": "band+poles"}, None),
+    ({"sync": "syncdiffusion", "mad_steps": 3}, None),
+    ({"stride": 8}, "--stride"),
+    ({"fusion": "clean"}, "--fusion"),
+    ({"sync": "syncsde"}, "SyncSDE"),
+    ({"views": "ring"}, "ring view set"),
+    ({"views": "cube"}, "cube view set"),
+])
+def test_the_options_that_need_overlapping_windows_are_those_shifted_refuses(tmp_path, option, refused):
+    """GenerateRequest.needs_overlapping_windows (which the add-on asks before it sends the shifted schedule)
+    names exactly the options _check_schedule refuses with an explicit shifted, and auto then resolves to dense."""
+    params = {"prompt": "x", **EQUIRECT, "out": str(tmp_path / "out"), **option}
+    asked = GenerateRequest.from_params(params)
+    assert asked.needs_overlapping_windows == (refused is not None)
+    if refused is None:
+        assert GenerateRequest.from_params({**params, "schedule": "shifted"}).validated().resolved_schedule == "shifted"
+    else:
+        with pytest.raises(BadRequest, match=refused):
+            GenerateRequest.from_params({**params, "schedule": "shifted"}).validated()
+        assert asked.validated().resolved_schedule == "dense"

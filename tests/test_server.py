@@ -72,8 +72,12 @@ def test_hello_generate_queue_and_shutdown(worker, tiny_model, tmp_path):
     events = worker.until(lambda event: event["event"] == "done" and event["job"] == "b")
     done = [event for event in events if event["event"] == "done"]
     assert [event["job"] for event in done] == ["a", "b"]
-    stages = [event["stage"] for event in events if event["event"] == "progress" and event["job"] == "a"]
-    assert stages == ["loading", "denoising", "denoising", "decoding", "writing"]
+    progress = [event for event in events if event["event"] == "progress" and event["job"] == "a"]
+    assert [event["stage"] for event in progress] == ["loading", "denoising", "denoising", "decoding", "writing"]
+    # Step 2's event says how long step 2 took; step 1 has nothing before it to time from, the other stages no steps.
+    timed = [event for event in progress if "seconds_per_step" in event]
+    assert [(event["stage"], event["step"]) for event in timed] == [("denoising", 2)]
+    assert isinstance(timed[0]["seconds_per_step"], float) and 0 <= timed[0]["seconds_per_step"] < TIMEOUT
     assert (tmp_path / "a" / "panorama.png").read_bytes() == (tmp_path / "b" / "panorama.png").read_bytes()
 
     worker.send({"op": "shutdown"})
@@ -108,3 +112,23 @@ def test_bad_requests_get_error_events_and_the_worker_keeps_running(worker, tiny
     assert not any((tmp_path / name).exists() for name in "xyz")
     worker.send({"op": "hello"})
     assert worker.next_event()["event"] == "ready"
+
+
+def test_the_step_timer_times_each_denoising_step_from_the_one_before():
+    """protocol.StepTimer, which the worker and ``generate --json-progress`` use for seconds_per_step: the
+    wall time between one step's report and the next; nothing for the first step, other stages, or steps that
+    start again from 1 (an out-of-memory retry)."""
+    from backend import protocol
+
+    now = [100.0]
+    timer = protocol.StepTimer(clock=lambda: now[0])
+    reports = [("loading", 0, 0.0), ("denoising", 1, 7.0), ("denoising", 2, 0.8), ("denoising", 3, 1.25),
+               ("denoising", 1, 0.5), ("denoising", 2, 0.5), ("decoding", 0, 2.0), ("writing", 0, 1.0)]
+    seen = []
+    for stage, step, elapsed in reports:
+        now[0] += elapsed
+        seen.append(timer.seconds_per_step(stage, step))
+    assert seen == [None, None, 0.8, 1.25, None, 0.5, None, None]
+    # The event carries the field only when there is a value.
+    assert protocol.progress_event("j", "denoising", 2, 50, seconds_per_step=0.8)["seconds_per_step"] == 0.8
+    assert "seconds_per_step" not in protocol.progress_event("j", "denoising", 1, 50)

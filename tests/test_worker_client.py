@@ -113,6 +113,28 @@ def test_the_client_reads_and_writes_lines_with_the_protocol_module():
             protocol.parse_event(line)
 
 
+def test_the_status_text_shows_the_denoising_step_and_its_seconds():
+    """What the panel's progress bar says (GenerationJob.status_text / progress_fraction) as the events the
+    backend writes arrive: the seconds of the last step once the backend has timed one; nothing from an older
+    backend that sends no seconds_per_step."""
+    job = client.GenerationJob(worker=None, params={}, out_dir=os.path.abspath("out"))
+    job.state = "running"
+    seen = []
+    for stage, step, total, seconds in (("loading", 0, 1, None), ("denoising", 1, 50, None), ("denoising", 2, 50, 0.8),
+                                        ("denoising", 12, 50, 1.25), ("denoising", 13, 50, 12.4),
+                                        ("denoising", 14, 50, 0.04), ("denoising", 15, 50, 0.001), ("decoding", 0, 1, None)):
+        job._handle(protocol.parse_event(protocol.encode(
+            protocol.progress_event(job.id, stage, step, total, seconds_per_step=seconds))))
+        seen.append((job.status_text, job.progress_fraction))
+    assert seen == [("Loading", 0.0), ("Denoising 1/50", 0.02), ("Denoising 2/50 · 0.8 s/step", 0.04),
+                    ("Denoising 12/50 · 1.2 s/step", 0.24), ("Denoising 13/50 · 12 s/step", 0.26),
+                    ("Denoising 14/50 · 0.04 s/step", 0.28), ("Denoising 15/50 · <0.01 s/step", 0.3),
+                    ("Decoding", 0.0)]
+    job._handle({"event": "progress", "job": job.id, "stage": "denoising", "step": 3, "total": 50, "preview": None,
+                 "seconds_per_step": "fast"})  # not a number: ignored, not drawn
+    assert job.status_text == "Denoising 3/50"
+
+
 def test_an_interpreter_that_cannot_start_is_one_sentence(tmp_path):
     worker = client.BackendWorker(["/no/such/python", "-m", "backend"], dict(os.environ), str(tmp_path), str(tmp_path / "log.txt"))
     job = client.GenerationJob(worker, {"prompt": "x"}, str(tmp_path / "out"))

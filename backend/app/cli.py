@@ -252,8 +252,11 @@ class _ProgressPrinter:
     """The CLI's step report: a tqdm bar on stderr, or protocol progress events on ``events``."""
 
     def __init__(self, events):
+        from ..protocol import StepTimer
+
         self.events = events
         self.bar = None
+        self.timer = StepTimer()  # the events' seconds_per_step, as the stdio worker sends them
 
     def __enter__(self):
         return self
@@ -266,7 +269,8 @@ class _ProgressPrinter:
         if self.events is not None:
             from ..protocol import progress_event, write_event
 
-            write_event(self.events, progress_event(None, stage, step, total))
+            write_event(self.events, progress_event(None, stage, step, total,
+                                                    seconds_per_step=self.timer.seconds_per_step(stage, step)))
         elif stage in ("downloading", "denoising"):
             if self.bar is None or self.bar.desc != stage:
                 from tqdm import tqdm

@@ -155,8 +155,11 @@ class StdioServer:
         if "out" in request["params"]:
             raise BadRequest("Pass the output folder as the request's out_dir, not as params.out.")
 
+        timer = protocol.StepTimer()
+
         def report(stage, step, total, preview):
-            self.send(protocol.progress_event(job.id, stage, step, total))
+            self.send(protocol.progress_event(job.id, stage, step, total,
+                                              seconds_per_step=timer.seconds_per_step(stage, step)))
             return self._is_cancelled(job)
 
         # Held from the check to the last file, so a CLI run or another worker cannot use the folder meanwhile.

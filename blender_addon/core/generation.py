@@ -31,6 +31,34 @@ RESOLUTIONS = {
 
 MAX_SEED = 2**31 - 1  # Blender's IntProperty is 32-bit signed
 
+# Quality (the main panel's speed / quality choice): (identifier, name, description, the request fields it
+# sends). The one table of what each choice means: the backend's schedules are still being measured, so the
+# mapping may change, here only. The fields are defaults under the Advanced settings (generate_params):
+# - its synchronisation fields (those named sync*) go only while Advanced Synchronisation is "From Quality"
+#   (SYNC_FROM_QUALITY); a method chosen there sends its own fields instead, never a mix of the two;
+# - its "schedule" becomes "dense" when another setting needs overlapping windows that the shifted schedule
+#   does not have (an explicit Stride, SyncSDE, the Ring or Cube view set: the backend's
+#   GenerateRequest.needs_overlapping_windows), since the backend refuses "shifted" with them.
+QUALITIES = (
+    ("FAST", "Fast",
+     "Windows that cover the image once and move every step (the shifted schedule): several times faster than "
+     "Best; distant parts of the image may drift apart",
+     {"schedule": "shifted"}),
+    ("BALANCED", "Balanced",
+     "As Fast, plus SyncDiffusion guidance on the first 10 steps, which ties the whole image into one scene: "
+     "each guided step costs several plain ones",
+     {"schedule": "shifted", "sync": "syncdiffusion", "sync_steps": 10}),
+    ("BEST", "Best",
+     "Every overlapping window every step (the dense schedule, MultiDiffusion): the slowest, several times "
+     "Fast's time, with the most overlap between views",
+     {"schedule": "dense"}),
+)
+QUALITY_PARAMS = {identifier: fields for identifier, _, _, fields in QUALITIES}
+QUALITY_NAMES = {identifier: name for identifier, name, _, _ in QUALITIES}
+DEFAULT_QUALITY = "BALANCED"
+
+# Advanced Synchronisation's default: the method and its options come from Quality (QUALITY_PARAMS).
+SYNC_FROM_QUALITY = "AUTO"
 # Synchronisation method -> the backend's --sync. The backend's default (MultiDiffusion) is never sent.
 # Each method's own params go only with it: the backend refuses sync_* (SyncDiffusion's) without
 # --sync syncdiffusion and syncsde_* without --sync syncsde.
@@ -79,9 +107,9 @@ def generate_params(settings, seed, *, model, device):
     model: hub id or local path (the preferences' default model); device: auto, cuda, mps or cpu.
     ``memory`` is always sent, from ``settings.memory`` (auto, full or low: the backend's --memory).
     ``settings.window`` / ``settings.stride`` of 0 leave the backend's defaults (from the model).
-    With SyncDiffusion: ``sync``, ``sync_weight`` and ``sync_steps`` (left out when ``settings.sync_steps`` is 0,
-    which means every step), plus FAST_SYNC_PARAMS when ``settings.sync_fast``; with SyncSDE: ``sync`` and
-    ``syncsde_lambda`` only; with MultiDiffusion nothing sync-related.
+    The synchronisation (``synchronisation_params``): Quality's while ``settings.sync_method`` is
+    SYNC_FROM_QUALITY, else the method's own. ``schedule``: Quality's, made dense where the other params need
+    overlapping windows (``quality_schedule``).
     With ``settings.mad`` (any method): ``mad_steps``, MAD_FRACTION of the steps rounded, at least 1; nothing
     mad-related when it is off (the backend's default, 0 = off).
     In WORLD mode only (the backend refuses them for the other layouts): ``views`` from ``settings.view_set``
@@ -118,6 +146,28 @@ def generate_params(settings, seed, *, model, device):
             if text:
                 params[name] = text
         params.update(lighting_params(settings))
+    params.update(synchronisation_params(settings))
+    if settings.mad:
+        # At least one step, so a very short run still gets what was asked for.
+        params["mad_steps"] = max(1, round(MAD_FRACTION * int(settings.steps)))
+    schedule = quality_schedule(settings.quality, params)
+    if schedule is not None:
+        params["schedule"] = schedule
+    return params
+
+
+def synchronisation_params(settings):
+    """The synchronisation params of ``settings``.
+
+    ``settings.sync_method`` SYNC_FROM_QUALITY: the sync* fields of Quality's QUALITY_PARAMS entry, as they are.
+    A method chosen in Advanced sends its own fields and none of Quality's: with SyncDiffusion ``sync``,
+    ``sync_weight`` and ``sync_steps`` (left out when ``settings.sync_steps`` is 0, which means every step), plus
+    FAST_SYNC_PARAMS when ``settings.sync_fast``; with SyncSDE ``sync`` and ``syncsde_lambda`` only; with
+    MultiDiffusion nothing (the backend's default).
+    """
+    if settings.sync_method == SYNC_FROM_QUALITY:
+        return {name: value for name, value in QUALITY_PARAMS[settings.quality].items() if name.startswith("sync")}
+    params = {}
     sync = SYNC_OF_METHOD[settings.sync_method]
     if sync != BACKEND_DEFAULTS["sync"]:
         params["sync"] = sync
@@ -129,10 +179,28 @@ def generate_params(settings, seed, *, model, device):
             params.update(FAST_SYNC_PARAMS)
     elif sync == "syncsde":
         params["syncsde_lambda"] = float(settings.syncsde_lambda)
-    if settings.mad:
-        # At least one step, so a very short run still gets what was asked for.
-        params["mad_steps"] = max(1, round(MAD_FRACTION * int(settings.steps)))
     return params
+
+
+def quality_schedule(quality, params):
+    """The ``schedule`` to send for ``quality`` with the other generate ``params``: QUALITY_PARAMS' schedule,
+    except "dense" in place of "shifted" when ``params`` need overlapping windows (the backend's own rule,
+    ``GenerateRequest.needs_overlapping_windows``: an explicit stride, SyncSDE, the ring or cube view set), which
+    the backend would refuse with "shifted". None when the quality sets no schedule (the backend's auto)."""
+    schedule = QUALITY_PARAMS[quality].get("schedule")
+    if schedule == "shifted" and request.GenerateRequest(**params).needs_overlapping_windows:
+        return "dense"
+    return schedule
+
+
+def schedule_note(settings):
+    """A short sentence for the panel when Advanced settings turn Quality's shifted schedule into the dense one
+    (``quality_schedule``), so the slower run is not a surprise; None otherwise."""
+    if QUALITY_PARAMS[settings.quality].get("schedule") != "shifted":
+        return None
+    if generate_params(settings, 0, model=BACKEND_DEFAULTS["model"], device="auto").get("schedule") == "shifted":
+        return None
+    return "Dense schedule (slower): Stride, SyncSDE, Ring or Cube need it"
 
 
 def format_direction(yaw, pitch):
@@ -166,16 +234,23 @@ def lighting_params(settings):
     return params
 
 
+def read_metadata(metadata_path):
+    """A finished job's metadata.json (a path) as a dict; an empty dict when there is none or it cannot be read
+    (e.g. a path of None, a file from an interrupted write)."""
+    try:
+        with open(metadata_path, encoding="utf-8") as file:
+            metadata = json.load(file)
+    except (OSError, ValueError, TypeError):
+        return {}
+    return metadata if isinstance(metadata, dict) else {}
+
+
 def result_warnings(metadata_path):
     """Sentences an artist should read about a finished job, from its metadata.json (a path): today, that
     SyncDiffusion's perceptual loss ran with a random network because the ImageNet one was not available
     (Blender's online access off and nothing cached), so its guidance followed random features.
     Returns a list of sentences (empty when there is nothing to say or the file cannot be read)."""
-    try:
-        with open(metadata_path, encoding="utf-8") as file:
-            metadata = json.load(file)
-    except (OSError, ValueError, TypeError):
-        return []
+    metadata = read_metadata(metadata_path)
     sync = metadata.get("syncdiffusion") or {}
     if sync.get("loss_pretrained") is False:
         return [f"SyncDiffusion's perceptual loss ran with a random network ({sync.get('loss_backbone', 'no ImageNet weights')}), "
@@ -183,6 +258,24 @@ def result_warnings(metadata_path):
                 "Allow Online Access) "
                 "so the backend can download it"]
     return []
+
+
+def run_summary(metadata_path):
+    """How a finished job ran, in a few words for its history item, from its metadata.json (a path): the view
+    schedule and the views each denoising step ran, e.g. "Shifted schedule, 2.5 views per step (2-3)" or
+    "Dense schedule, 16 views per step". "" when the file cannot be read or predates the schedules."""
+    metadata = read_metadata(metadata_path)
+    schedule, per_step = metadata.get("schedule"), metadata.get("views_per_step")
+    if not isinstance(schedule, str) or not isinstance(per_step, dict):
+        return ""
+    try:
+        mean, low, high = (float(per_step[name]) for name in ("mean", "min", "max"))
+    except (KeyError, TypeError, ValueError):
+        return f"{schedule.capitalize()} schedule"
+    views = f"{round(mean, 1):g} views per step"
+    if low != high:  # the shifted schedule's windows vary from step to step
+        views += f" ({low:g}-{high:g})"
+    return f"{schedule.capitalize()} schedule, {views}"
 
 
 def job_folder(output_root, prompt, seed, now=None):

@@ -129,7 +129,9 @@ class GenerationJob:
     params: the protocol's generate params (CLI flag names in snake_case); out_dir: absolute folder.
     hang_timeout_s: a running job that produces no event for this long is declared hung; the worker is
     killed. After the job ends, ``state`` is 'done' (``outputs`` holds the paths), 'cancelled' or 'error'
-    (``error`` holds the sentence); while it runs, ``stage``, ``step`` and ``total`` tell the progress.
+    (``error`` holds the sentence); while it runs, ``stage``, ``step`` and ``total`` tell the progress, and
+    ``seconds_per_step`` the wall seconds of the last denoising step (None until the backend has timed one;
+    ``status_text`` and ``progress_fraction`` put them into words and a bar).
     """
 
     def __init__(self, worker, params, out_dir, hang_timeout_s=600.0):
@@ -140,6 +142,7 @@ class GenerationJob:
         self.id = f"job-{os.getpid()}-{next(_job_numbers)}"
         self.state = "new"
         self.stage, self.step, self.total = "starting", 0, 1
+        self.seconds_per_step = None
         self.outputs = None
         self.error = None
         self._last_event_time = None
@@ -148,6 +151,23 @@ class GenerationJob:
     def finished(self):
         """True once the job is done, cancelled or failed."""
         return self.state in ("done", "cancelled", "error")
+
+    @property
+    def progress_fraction(self):
+        """How far the job is, 0..1, for a progress bar: the denoising steps done; 0 in the other stages
+        (loading and decoding take one event each, and downloading counts bytes, not steps)."""
+        return self.step / max(self.total, 1) if self.stage == "denoising" else 0.0
+
+    @property
+    def status_text(self):
+        """The job's stage in words, e.g. "Loading"; while denoising its step and, once the backend has timed a
+        step, the seconds it took: "Denoising 12/50 · 0.8 s/step"."""
+        if self.stage != "denoising":
+            return self.stage.capitalize()
+        text = f"Denoising {self.step}/{self.total}"
+        if self.seconds_per_step is not None:
+            text += f" · {format_seconds(self.seconds_per_step)} s/step"
+        return text
 
     def start(self):
         """Start the worker if needed and send the request. Failures end the job with an error."""
@@ -205,6 +225,9 @@ class GenerationJob:
             return  # an event of an earlier, abandoned job
         elif kind == "progress":
             self.stage, self.step, self.total = event["stage"], event["step"], event["total"]
+            # Optional (older backends send none; the first step's event has none): the last step's seconds.
+            seconds = event.get("seconds_per_step")
+            self.seconds_per_step = seconds if isinstance(seconds, (int, float)) and not isinstance(seconds, bool) else None
         elif kind == "done":
             self.outputs, self.state = event["outputs"], "done"
         elif kind == "error" and event.get("kind") == "cancelled":
@@ -214,6 +237,14 @@ class GenerationJob:
 
     def _fail(self, message):
         self.error, self.state = message, "error"
+
+
+def format_seconds(seconds):
+    """A duration in seconds as short text with two significant digits: "0.8", "0.83", "1.5", "12"; "<0.01"
+    below a hundredth (a test model's steps)."""
+    if seconds >= 10:
+        return f"{seconds:.0f}"
+    return f"{seconds:.2g}" if seconds >= 0.01 else "<0.01"
 
 
 def _request_line(request):

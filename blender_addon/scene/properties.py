@@ -4,8 +4,8 @@ import bpy
 from bpy.props import BoolProperty, CollectionProperty, EnumProperty, FloatProperty, IntProperty, PointerProperty, StringProperty
 from bpy.types import PropertyGroup
 
-from ..core.generation import (BACKEND_DEFAULTS, DEFAULT_EXPOSURE, DEFAULT_SUN_RATIO, DEFAULT_SYNC_WEIGHT,
-                               DEFAULT_SYNCSDE_LAMBDA, MAX_SEED)
+from ..core.generation import (BACKEND_DEFAULTS, DEFAULT_EXPOSURE, DEFAULT_QUALITY, DEFAULT_SUN_RATIO,
+                               DEFAULT_SYNC_WEIGHT, DEFAULT_SYNCSDE_LAMBDA, MAX_SEED, QUALITIES, SYNC_FROM_QUALITY)
 
 MODE_ITEMS = (
     ("WORLD", "360° World", "An equirectangular 360° image that becomes the scene's World", "WORLD", 0),
@@ -17,14 +17,20 @@ RESOLUTION_ITEMS = (
     ("STANDARD", "Standard", "2048x1024 world, 1024 px tile, 3072x768 wide"),
     ("HIGH", "High", "4096x2048 world, 2048 px tile, 4096x1024 wide"),
 )
-# Only the methods the backend implements are offered.
+# Quality: names, descriptions and what each sends all come from the one table, generation.QUALITIES.
+QUALITY_ITEMS = tuple((identifier, name, description, number)
+                      for number, (identifier, name, description, _) in enumerate(QUALITIES))
+# Only the methods the backend implements are offered, after "From Quality" (generation.SYNC_FROM_QUALITY).
+# The numbers are fixed: a saved file stores the number, and "From Quality" came after the three methods.
 SYNC_ITEMS = (
+    (SYNC_FROM_QUALITY, "From Quality", "Let the Quality choice decide the method and its options", 3),
     ("MULTIDIFFUSION", "MultiDiffusion", "Average overlapping views every step (Bar-Tal et al., 2023). Fast; "
-     "neighbouring views agree, distant parts may drift apart in style"),
+     "neighbouring views agree, distant parts may drift apart in style", 0),
     ("SYNCDIFFUSION", "SyncDiffusion", "Also steer every view towards one anchor view so the whole image is one "
-     "coherent scene (Lee et al., 2023). Several times slower per guided step"),
+     "coherent scene (Lee et al., 2023). Several times slower per guided step", 1),
     ("SYNCSDE", "SyncSDE", "Every view keeps its own trajectory and is pulled towards its neighbours where they "
-     "overlap after each step (Lee et al., 2025). About as fast as MultiDiffusion"),
+     "overlap after each step (Lee et al., 2025). About as fast as MultiDiffusion per view; it needs overlapping "
+     "windows, so it always runs every one of them (the dense schedule, as Best)", 2),
 )
 # Which views a 360° World denoises (generation.VIEWS_OF_SET maps them to the backend's --views). Automatic
 # sends nothing and leaves the choice to the backend, which knows the canvas.
@@ -32,8 +38,10 @@ VIEW_SET_ITEMS = (
     ("AUTO", "Automatic", "Band and pole faces where the resolution allows, else the band"),
     ("BAND", "Band", "Crop windows of the panorama; the poles are stretched"),
     ("BAND_POLES", "Band + Poles", "Crop windows within ±60° plus the up and down cube faces"),
-    ("RING", "Ring", "8 views 45° apart plus up and down faces, as MVDiffusion"),
-    ("CUBE", "Cube", "The six cube faces"),
+    ("RING", "Ring", "8 views 45° apart plus up and down faces, as MVDiffusion; fixed views, so every step "
+     "runs all of them (the dense schedule, whatever the Quality)"),
+    ("CUBE", "Cube", "The six cube faces; fixed views, so every step runs all of them (the dense schedule, "
+     "whatever the Quality)"),
 )
 DEVICE_ITEMS = (
     ("PREFERENCES", "From Preferences", "The device chosen in the add-on preferences"),
@@ -70,6 +78,8 @@ class SyncSphereHistoryItem(PropertyGroup):
     seed: IntProperty(name="Seed", min=0)
     steps: IntProperty(name="Steps")
     guidance: FloatProperty(name="Guidance")
+    # Items recorded before Quality existed ran every overlapping window: they reuse as Best.
+    quality: EnumProperty(name="Quality", items=QUALITY_ITEMS, default="BEST")
     # The settings' defaults, so items recorded before these existed reuse as MultiDiffusion with the defaults
     # (and, for the view set and per-direction prompts, as Automatic without them; without merged attention).
     sync_method: EnumProperty(name="Synchronisation", items=SYNC_ITEMS, default="MULTIDIFFUSION")
@@ -90,6 +100,8 @@ class SyncSphereHistoryItem(PropertyGroup):
     sun_pitch: FloatProperty(name="Sun Pitch", default=45.0)
     png_path: StringProperty(name="PNG", subtype="FILE_PATH")
     exr_path: StringProperty(name="EXR", subtype="FILE_PATH")
+    # How it ran, from its metadata.json (generation.run_summary): the schedule and views per step.
+    run_summary: StringProperty(name="Run")
 
 
 class SyncSphereSettings(PropertyGroup):
@@ -105,7 +117,11 @@ class SyncSphereSettings(PropertyGroup):
     steps: IntProperty(name="Steps", description="Denoising steps", default=BACKEND_DEFAULTS["steps"], min=1, max=500)
     guidance: FloatProperty(name="Guidance", description="Classifier-free guidance scale",
                             default=BACKEND_DEFAULTS["guidance"], min=0.0, max=30.0)
-    sync_method: EnumProperty(name="Synchronisation", items=SYNC_ITEMS, default="MULTIDIFFUSION",
+    quality: EnumProperty(name="Quality", items=QUALITY_ITEMS, default=DEFAULT_QUALITY,
+                          description="Speed against quality: which views each denoising step runs and how they "
+                                      "are kept coherent (the Advanced settings can override it)")
+    # The Advanced sub-panel's research controls: what Quality decides unless a method is chosen here.
+    sync_method: EnumProperty(name="Synchronisation", items=SYNC_ITEMS, default=SYNC_FROM_QUALITY,
                               description="How the overlapping views are kept coherent")
     # SyncDiffusion's settings: drawn and sent (generation.generate_params) only with SyncDiffusion.
     sync_weight: FloatProperty(name="Coherence Strength", default=DEFAULT_SYNC_WEIGHT, min=0.0, soft_max=40.0,
@@ -145,7 +161,10 @@ class SyncSphereSettings(PropertyGroup):
                                             "when no view looks down, as with Band on a short image")
     window: IntProperty(name="Window", description="View size in latent pixels; 0: the model's own size",
                         default=0, min=0, max=256)
-    stride: IntProperty(name="Stride", description="Distance between views in latent pixels; 0: window / 8",
+    stride: IntProperty(name="Stride", description="Distance between overlapping views in latent pixels; "
+                                                   "0: the backend's choice (window / 8 where views overlap). "
+                                                   "Set, every step runs every overlapping view (the dense "
+                                                   "schedule, whatever the Quality)",
                         default=0, min=0, max=256)
     device: EnumProperty(name="Device", items=DEVICE_ITEMS, default="PREFERENCES")
     memory: EnumProperty(name="Memory", items=MEMORY_ITEMS, default=BACKEND_DEFAULTS["memory"],

@@ -2,6 +2,7 @@
 
 import bpy
 
+from ..core.generation import run_summary
 from . import material, world
 
 
@@ -31,7 +32,7 @@ def apply_result(context, settings, mode, outputs):
 
 
 # The settings a history item records and Reuse copies back, besides the seed (recorded as the one used).
-HISTORY_SETTINGS = ("prompt", "negative_prompt", "mode", "resolution", "steps", "guidance",
+HISTORY_SETTINGS = ("prompt", "negative_prompt", "mode", "resolution", "steps", "guidance", "quality",
                     "sync_method", "sync_weight", "sync_steps", "sync_fast", "syncsde_lambda", "mad",
                     "view_set", "prompt_up", "prompt_down")
 # The lighting's generation settings (not sun_mode: how a result is applied, not how it was made).
@@ -39,21 +40,24 @@ HISTORY_SETTINGS += ("hdr", "exposure", "sun_ratio", "use_sun_direction", "sun_y
 
 
 def add_history(settings, seed, outputs):
-    """Record a finished generation at the top of ``settings.history``; returns the new item."""
+    """Record a finished generation at the top of ``settings.history``: its settings, ``seed``, the files of
+    ``outputs`` and, from its metadata.json (``outputs["metadata"]``, if any), how it ran (``run_summary``).
+    Returns the new item."""
     item = settings.history.add()
     for name in HISTORY_SETTINGS:
         setattr(item, name, getattr(settings, name))
     item.seed = seed
     item.png_path = outputs["png"]
     item.exr_path = outputs["exr"]
+    item.run_summary = run_summary(outputs.get("metadata"))
     settings.history.move(len(settings.history) - 1, 0)
     settings.history_index = 0
     return item
 
 
 def reuse_settings(settings, item):
-    """Copy a history ``item``'s prompts, mode, seed, sampling, synchronisation (merged attention included) and
-    view set back into ``settings``."""
+    """Copy a history ``item``'s prompts, mode, seed, sampling, quality, synchronisation (merged attention
+    included), view set and lighting back into ``settings``."""
     for name in HISTORY_SETTINGS + ("seed",):
         setattr(settings, name, getattr(item, name))
     settings.randomize_seed = False
