@@ -59,3 +59,18 @@ def toy_model() -> str:
         if place and os.path.isfile(os.path.join(place, "model_index.json")):
             return place
     pytest.skip("the development model toy-landscape is not on this machine (set SYNCSPHERE_TOY_MODEL)")
+
+
+@pytest.fixture(scope="module")
+def denoiser_and_model(tiny_model):
+    """(the tiny model's UNet as a ``GuidedUNetDenoiser`` for "a pine forest" at guidance 7.5, the loaded model),
+    for tests that call the denoising loop directly."""
+    from backend.app.job import check_request
+    from backend.engine.denoiser import GuidedUNetDenoiser
+    from backend.engine.models import ModelCache
+    from backend.request import GenerateRequest
+
+    request = GenerateRequest(prompt="a pine forest", model=tiny_model, device="cpu", out="/nonexistent-unused")
+    model = ModelCache().get(check_request(request))
+    prompt_embeds, negative_embeds = model.pipeline.encode_prompt("a pine forest", model.device, 1, True, None)
+    return GuidedUNetDenoiser(model.pipeline.unet, prompt_embeds, negative_embeds, 7.5), model

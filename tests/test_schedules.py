@@ -16,9 +16,7 @@ from PIL import Image
 from backend.analysis.metrics import seam_ratio
 from backend.app.cli import main
 from backend.app.job import check_request, run_job
-from backend.engine.denoiser import GuidedUNetDenoiser
 from backend.engine.generation import initial_noise, make_scheduler
-from backend.engine.models import ModelCache
 from backend.engine.sampler import Synchronisation, sample_canvas
 from backend.errors import BadRequest
 from backend.request import GenerateRequest
@@ -120,18 +118,6 @@ def test_offsets_come_from_the_seed():
     assert all(dy % 8 == 0 and dx % 8 == 0 and 0 <= dy < 64 for dy, dx in shifted_offsets(5, 50, 64, multiple=8))
 
 
-@pytest.fixture(scope="module")
-def denoiser_and_model(tiny_model):
-    request = GenerateRequest(prompt="a pine forest", model=tiny_model, device="cpu", out="/nonexistent-unused")
-    model = ModelCache().get(check_request(request))
-    prompt_embeds, negative_embeds = model.pipeline.encode_prompt("a pine forest", model.device, 1, True, None)
-    return GuidedUNetDenoiser(model.pipeline.unet, prompt_embeds, negative_embeds, 7.5), model
-
-
-def _fixed_schedule(views: CanvasViews, offsets) -> ViewSchedule:
-    return ViewSchedule(views, offsets)
-
-
 @pytest.mark.parametrize("scheduler_name", ["ddim", "euler", "dpm++"])
 def test_canvas_fusion_of_windows_that_never_move_equals_multidiffusion(denoiser_and_model, scheduler_name):
     """With offset 0 every step the windows are the dense schedule's at stride = window, which do not overlap:
@@ -144,7 +130,7 @@ def test_canvas_fusion_of_windows_that_never_move_equals_multidiffusion(denoiser
     results = []
     for moving in (False, True):
         scheduler = make_scheduler(scheduler_name, model.pipeline.scheduler.config)
-        plan = _fixed_schedule(views, [(0, 0)] * 4) if moving else views
+        plan = ViewSchedule(views, [(0, 0)] * 4) if moving else views
         sync = Synchronisation("canvas" if moving else "noisy")
         results.append(sample_canvas(denoiser, scheduler, plan, noise, steps=4, view_batch=4, sync=sync))
     torch.testing.assert_close(results[1], results[0], atol=1e-4, rtol=1e-4)
@@ -216,7 +202,9 @@ def test_methods_compose_with_the_shifted_schedule(tiny_model, tmp_path, fields)
     if "mad_steps" in fields:
         assert metadata["mad"]["steps"] == 2
     if "prompt_up" in fields:
-        assert any(text.endswith("the sun") for text in metadata["view_prompts"].values()) or metadata["view_prompts"]
+        prompts = metadata["view_prompts"]
+        assert "clouds" in prompts["U"] and "grass" in prompts["D"]
+        assert any(text.endswith("the sun") for text in prompts.values())
 
 
 def test_the_shifted_schedule_can_be_cancelled_between_steps(tiny_model, tmp_path):

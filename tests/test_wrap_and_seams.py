@@ -13,8 +13,6 @@ from PIL import Image
 
 from backend.sphere.canvas import Canvas
 from backend.engine.decode import decode_canvas
-from backend.engine.denoiser import GuidedUNetDenoiser
-from backend.engine.models import ModelCache
 from backend.app.job import check_request, run_job
 from backend.engine.generation import initial_noise, make_scheduler
 from backend.analysis.metrics import seam_ratio
@@ -32,14 +30,6 @@ def test_wrapped_edges_differ_no_more_than_neighbouring_lines(tiny_model, tmp_pa
     image = np.asarray(Image.open(run_job(check_request(request))["png"]))
     for axis in axes:
         assert seam_ratio(image, axis) <= 1.2
-
-
-@pytest.fixture(scope="module")
-def denoiser_and_model(tiny_model):
-    request = GenerateRequest(prompt="a pine forest", model=tiny_model, device="cpu", out="/nonexistent-unused")
-    model = ModelCache().get(check_request(request))
-    prompt_embeds, negative_embeds = model.pipeline.encode_prompt("a pine forest", model.device, 1, True, None)
-    return GuidedUNetDenoiser(model.pipeline.unet, prompt_embeds, negative_embeds, 7.5), model
 
 
 def _sample_shifted(denoiser, model, kind, height, width, shift):

@@ -143,9 +143,9 @@ def sample_canvas(
                 for start in range(0, len(views), chunk)
             ])
         if fusion == "canvas":
-            latents, projected_latents, _ = multidiffusion.step_canvas(views, canvas_scheduler, projected_scheduler, latents,
-                                                                       projected_latents, view_latents, predictions,
-                                                                       timestep, step_kwargs)
+            latents, projected_latents = multidiffusion.step_canvas(views, canvas_scheduler, projected_scheduler, latents,
+                                                                    projected_latents, view_latents, predictions,
+                                                                    timestep, step_kwargs)
         else:
             if fusion == "clean":
                 predictions, latents = multidiffusion.fuse_clean(views, batch_schedulers[0], view_latents, predictions, timestep)
