@@ -236,7 +236,7 @@ result(report)
     assert "free memory" in descriptions["auto"]
     assert "Slower" in descriptions["low"] and "smaller GPUs" in descriptions["low"]
     assert (report["default"], report["sent"], report["low"]) == ("auto", "auto", "low")
-    assert report["advanced"] == ["window", "stride", "device", "memory"]
+    assert report["advanced"] == ["sync_method", "mad", "window", "stride", "device", "memory"]
     assert report["drawn"] == ["python_path", "default_model", "device", "output_dir", "keep_warm", "timeout_s",
                                "syncsphere.setup_backend", "syncsphere.check_backend", "syncsphere.refresh_models",
                                "model_folder", "download_id", "download_fp16", "syncsphere.download_model"]
