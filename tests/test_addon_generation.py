@@ -11,7 +11,7 @@ import types
 import pytest
 
 from backend.errors import BadRequest
-from backend.request import GenerateRequest
+from backend.request import DEFAULT_SCHEDULES, GenerateRequest
 from syncsphere.blender_addon.core import generation
 
 SYNC_OPTIONS = ("sync_weight", "sync_steps", "sync_fast")
@@ -281,7 +281,7 @@ def test_the_quality_table_is_the_measured_mapping_with_balanced_the_default():
     assert [identifier for identifier, _, _, _ in generation.QUALITIES] == list(QUALITIES)
     assert generation.QUALITY_PARAMS == {
         "FAST": {"schedule": "shifted"},
-        "BALANCED": {"schedule": "shifted", "sync": "syncdiffusion", "sync_steps": 10},
+        "BALANCED": {},  # the backend's --schedule auto: its measured default per layout
         "BEST": {"schedule": "dense"},
     }
     assert generation.DEFAULT_QUALITY == "BALANCED"
@@ -291,7 +291,7 @@ def test_the_quality_table_is_the_measured_mapping_with_balanced_the_default():
         assert set(params) <= fields and description.strip()
     # The descriptions say what each costs.
     descriptions = {identifier: description for identifier, _, description, _ in generation.QUALITIES}
-    assert "faster" in descriptions["FAST"] and "SyncDiffusion" in descriptions["BALANCED"]
+    assert "fastest" in descriptions["FAST"] and "measured" in descriptions["BALANCED"]
     assert "slowest" in descriptions["BEST"]
 
 
@@ -302,17 +302,20 @@ def test_with_the_default_advanced_settings_each_quality_sends_all_its_fields(qu
     assert {name: params[name] for name in generation.QUALITY_PARAMS[quality]} == generation.QUALITY_PARAMS[quality]
     request = backend_request(params, tmp_path)
     table = generation.QUALITY_PARAMS[quality]
-    assert request.resolved_schedule == table["schedule"]
+    assert params.get("schedule") == table.get("schedule")
+    assert request.resolved_schedule == expected_schedule(quality, "AUTO", mode, "AUTO", 0)
     assert request.sync == table.get("sync", "multidiffusion")
     if request.sync == "syncdiffusion":  # only the guided steps are Quality's; the weight is the backend's default
         assert (request.sync_steps, request.sync_weight) == (table["sync_steps"], generation.DEFAULT_SYNC_WEIGHT)
 
 
 def expected_schedule(quality, sync_method, mode, view_set, stride):
-    """What the add-on promises (docs/blender.md, "Quality"): Quality's schedule, dense where an Advanced setting
-    needs overlapping windows."""
+    """The schedule the add-on promises to run (docs/blender.md, "Quality"): Quality's, dense where an Advanced
+    setting needs overlapping windows; Balanced's is the backend's measured default for the layout."""
     overlapping = stride or sync_method == "SYNCSDE" or (mode == "WORLD" and view_set in ("RING", "CUBE"))
-    schedule = generation.QUALITY_PARAMS[quality]["schedule"]
+    schedule = generation.QUALITY_PARAMS[quality].get("schedule", "auto")
+    if schedule == "auto":
+        schedule = DEFAULT_SCHEDULES[generation.LAYOUT_OF_MODE[mode]]
     return "dense" if schedule == "shifted" and overlapping else schedule
 
 
@@ -330,7 +333,8 @@ def test_no_combination_the_panel_offers_is_refused(quality, sync_method, tmp_pa
         params = params_of(**case)
         request = backend_request(params, tmp_path)  # raises BadRequest for a refused combination
         schedule = expected_schedule(quality, sync_method, mode, view_set, stride)
-        assert (params["schedule"], request.resolved_schedule) == (schedule, schedule), case
+        assert request.resolved_schedule == schedule, case
+        assert params.get("schedule") == (None if quality == "BALANCED" else schedule), case
         table_sync = generation.QUALITY_PARAMS[quality].get("sync", "multidiffusion")
         assert request.sync == (table_sync if sync_method == "AUTO" else generation.SYNC_OF_METHOD[sync_method]), case
         if sync_method == "AUTO" and request.sync == "syncdiffusion":
@@ -354,9 +358,9 @@ def test_why_those_settings_make_the_schedule_dense(change, refusal, tmp_path):
 
 
 def test_a_method_chosen_in_advanced_replaces_qualitys_and_keeps_its_schedule(tmp_path):
-    """Balanced's SyncDiffusion goes only with Synchronisation "From Quality"; a chosen method sends its own
-    options, never a mix, and the shifted schedule stays where the method allows it."""
-    plain = params_of(quality="BALANCED", sync_method="MULTIDIFFUSION")
+    """A method chosen in Advanced sends its own options, never a mix with Quality's, and the shifted schedule
+    stays where the method allows it."""
+    plain = params_of(quality="FAST", sync_method="MULTIDIFFUSION")
     assert plain["schedule"] == "shifted" and not [name for name in plain if name.startswith("sync")]
     own = params_of(quality="FAST", sync_method="SYNCDIFFUSION", sync_weight=12.5, sync_steps=0)
     assert own["schedule"] == "shifted"

@@ -75,7 +75,7 @@ def _add_generate_command(commands) -> None:
     generate.add_argument("--guidance", type=float, default=7.5, help="classifier-free guidance scale (default 7.5; <= 1 disables it)")
     generate.add_argument("--seed", type=int, help="random seed; omitted, one is picked and recorded in metadata.json")
     generate.add_argument("--window", type=int, help="view size in latent pixels (default: the UNet's sample size, 64 for SD 2 base)")
-    generate.add_argument("--stride", type=int, help="distance between views in latent pixels (default: window/8)")
+    generate.add_argument("--stride", type=int, help="distance between views in latent pixels (default: window/8; window/2 for a wide panorama under --schedule auto, measured as coherent)")
     generate.add_argument("--view-batch", type=int, default=4, help="views per UNet batch; lower it to save memory (default 4)")
     generate.add_argument(
         "--scheduler", default="auto",

@@ -32,8 +32,8 @@ RESOLUTIONS = {
 MAX_SEED = 2**31 - 1  # Blender's IntProperty is 32-bit signed
 
 # Quality (the main panel's speed / quality choice): (identifier, name, description, the request fields it
-# sends). The one table of what each choice means: the backend's schedules are still being measured, so the
-# mapping may change, here only. The fields are defaults under the Advanced settings (generate_params):
+# sends). The one table of what each choice means, from the backend's measurement (docs/engine.md, "View
+# schedules"): Balanced is what it measured as the cheapest coherent schedule per layout. The fields are defaults under the Advanced settings (generate_params):
 # - its synchronisation fields (those named sync*) go only while Advanced Synchronisation is "From Quality"
 #   (SYNC_FROM_QUALITY); a method chosen there sends its own fields instead, never a mix of the two;
 # - its "schedule" becomes "dense" when another setting needs overlapping windows that the shifted schedule
@@ -41,16 +41,17 @@ MAX_SEED = 2**31 - 1  # Blender's IntProperty is 32-bit signed
 #   GenerateRequest.needs_overlapping_windows), since the backend refuses "shifted" with them.
 QUALITIES = (
     ("FAST", "Fast",
-     "Windows that cover the image once and move every step (the shifted schedule): several times faster than "
-     "Best; distant parts of the image may drift apart",
+     "Windows that cover the image once and move every step (the shifted schedule): the fastest, 4-16x fewer "
+     "views than Balanced on panoramas and worlds; distant parts of a panorama may drift apart",
      {"schedule": "shifted"}),
     ("BALANCED", "Balanced",
-     "As Fast, plus SyncDiffusion guidance on the first 10 steps, which ties the whole image into one scene: "
-     "each guided step costs several plain ones",
-     {"schedule": "shifted", "sync": "syncdiffusion", "sync_steps": 10}),
+     "The backend's measured default for each mode: shifted windows for a texture, overlapping windows half a "
+     "view apart for a wide panorama, every overlapping window for a 360 world (the cheapest that kept the "
+     "image as coherent as Best's)",
+     {}),  # the backend's --schedule auto, which is never sent
     ("BEST", "Best",
-     "Every overlapping window every step (the dense schedule, MultiDiffusion): the slowest, several times "
-     "Fast's time, with the most overlap between views",
+     "Every overlapping window every step, 1/8 of a view apart (the dense schedule, MultiDiffusion): the "
+     "slowest, the most overlap between views",
      {"schedule": "dense"}),
 )
 QUALITY_PARAMS = {identifier: fields for identifier, _, _, fields in QUALITIES}
