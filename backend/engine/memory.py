@@ -1,7 +1,7 @@
 """Memory modes (``--memory auto|full|low``): what a job keeps on the device, and how it picks.
 
-``full`` keeps the text encoder, the UNet and the VAE on the device for the whole job, runs
-``--view-batch`` views per UNet call and decodes each tile in one ``vae.decode`` call.
+``full`` keeps the text encoder, the UNet and the VAE on the device for the whole job, runs the view batch
+(below) per UNet call and decodes each tile in one ``vae.decode`` call.
 
 ``low`` trades time for memory and gives the same image (within float rounding):
 
