@@ -236,3 +236,12 @@ def test_attention_runs_through_scaled_dot_product_attention_and_mad_puts_it_bac
     after = model.pipeline.unet.attn_processors  # MAD replaced them for its steps and put the same objects back
     assert after.keys() == unet_processors.keys()
     assert all(after[name] is processor for name, processor in unet_processors.items())
+
+
+def test_the_gpu_defaults_are_half_precision_and_channels_last_and_compile_stays_opt_in():
+    cuda, cpu = torch.device("cuda"), torch.device("cpu")
+    assert models_module.resolve_dtype("auto", cuda) is torch.float16
+    assert models_module.resolve_dtype("auto", cpu) is torch.float32
+    assert models_module.CHANNELS_LAST_DEVICES == ("cuda",)
+    defaults = GenerateRequest(prompt="x")
+    assert defaults.compile is False and defaults.view_batch is None
