@@ -165,8 +165,9 @@ def choose_view_batch(request: GenerateRequest, device_type: str, free_bytes: in
     if free_bytes is None:
         return FIXED_VIEW_BATCH, "the fixed batch: the free memory of the device is unknown"
     for batch in range(max(1, min(MAX_VIEW_BATCH, view_count)), 0, -1):
-        sized = dataclasses.replace(request, view_batch=batch)
-        if estimate_full_bytes(sized, dtype, unet_config, vae_config, view_count, vae_dtype) + weights_bytes <= HEADROOM * free_bytes:
+        need = estimate_full_bytes(dataclasses.replace(request, view_batch=batch), dtype, unet_config, vae_config,
+                                   view_count, vae_dtype) + weights_bytes
+        if need <= HEADROOM * free_bytes:
             return batch, f"the largest batch (at most {MAX_VIEW_BATCH}) whose estimate fits in the free memory"
     return 1, "not even one view's estimate fits in the free memory"
 
