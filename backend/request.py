@@ -186,7 +186,7 @@ class GenerateRequest:
     seed: int | None = None
     window: int | None = None
     stride: int | None = None
-    view_batch: int = 4
+    view_batch: int | None = None  # None: chosen by the memory plan (engine/memory.py's choose_view_batch)
     scheduler: str = "auto"
     model: str = DEFAULT_MODEL
     model_config: str | None = None
@@ -195,6 +195,7 @@ class GenerateRequest:
     device: str = "auto"
     dtype: str = "auto"
     memory: str = "auto"
+    compile: bool = False
     out: str | None = None
     overwrite: bool = False
     allow_pickle: bool = False
@@ -263,7 +264,7 @@ class GenerateRequest:
         (``engine.resolve``). Raises BadRequest with one sentence naming the first problem."""
         request = SimpleNamespace(**self.to_dict())  # a mutable draft; the result is frozen again
         for check in (_check_types, _check_size, _check_sampling, _check_model_and_device, _check_views, _check_schedule,
-                      _check_hdr, _check_sync, _check_syncdiffusion, _check_mad, _check_out):
+                      _check_hdr, _check_sync, _check_syncdiffusion, _check_mad, _check_compile, _check_out):
             check(request)
         return dataclasses.replace(self, **vars(request))
 
@@ -405,7 +406,7 @@ def _check_sampling(request: SimpleNamespace) -> None:
                          "model is trained on; 20-50 steps are typical.")
     if request.guidance < 0:
         raise BadRequest(f"--guidance must be a number >= 0, not {request.guidance}.")
-    if request.view_batch < 1:
+    if request.view_batch is not None and request.view_batch < 1:
         raise BadRequest(f"--view-batch must be at least 1, not {request.view_batch}.")
     if request.seed is not None:
         if not 0 <= request.seed < 2**63:
@@ -558,6 +559,19 @@ def _check_mad(request: SimpleNamespace) -> None:
         parse_mad_blocks(str(request.mad_blocks))  # the protocol sends the flag's text, never a list
     except ValueError as error:
         raise BadRequest(str(error)) from None
+
+
+def _check_compile(request: SimpleNamespace) -> None:
+    """--compile meets no option that changes the UNet under torch.compile: MAD swaps its attention processors,
+    SyncDiffusion backpropagates through it."""
+    if not request.compile:
+        return
+    if request.mad_steps:
+        raise BadRequest("--compile cannot go with --mad-steps: merged attention swaps the UNet's attention processors "
+                         "during the job, which the compiled UNet does not see; leave one of them out.")
+    if request.sync == "syncdiffusion":
+        raise BadRequest("--compile cannot go with --sync syncdiffusion, whose guidance backpropagates through the UNet "
+                         "and the compiled UNet is built for inference only; leave one of them out.")
 
 
 def _check_out(request: SimpleNamespace) -> None:

@@ -84,12 +84,14 @@ def save_random_sd_model(
     text_config: dict = TINY_TEXT,
     seed: int = 0,
     scheduler=None,
+    dtype: torch.dtype = torch.float32,
 ) -> str:
     """Build a Stable Diffusion pipeline with random weights (repeatable for ``seed``) and save it.
 
-    Returns ``folder``, a diffusers folder with safetensors weights and ``scheduler`` (default: DDIM with
-    Stable Diffusion's betas). A UNet config with ``time_cond_proj_dim`` and an ``LCMScheduler`` make a
-    guidance-distilled Latent Consistency Model's architecture.
+    Returns ``folder``, a diffusers folder with safetensors weights in ``dtype`` (float16 halves a full-size
+    model's files) and ``scheduler`` (default: DDIM with Stable Diffusion's betas). A UNet config with
+    ``time_cond_proj_dim`` and an ``LCMScheduler`` make a guidance-distilled Latent Consistency Model's
+    architecture.
     """
     torch.manual_seed(seed)
     unet = UNet2DConditionModel(**unet_config)
@@ -111,7 +113,7 @@ def save_random_sd_model(
         feature_extractor=None,
         requires_safety_checker=False,
     )
-    pipeline.save_pretrained(folder, safe_serialization=True)
+    pipeline.to(dtype).save_pretrained(folder, safe_serialization=True)
     return folder
 
 

@@ -76,7 +76,10 @@ def _add_generate_command(commands) -> None:
     generate.add_argument("--seed", type=int, help="random seed; omitted, one is picked and recorded in metadata.json")
     generate.add_argument("--window", type=int, help="view size in latent pixels (default: the UNet's sample size, 64 for SD 2 base)")
     generate.add_argument("--stride", type=int, help="distance between views in latent pixels (default: window/8; window/2 for a wide panorama under --schedule auto, measured as coherent)")
-    generate.add_argument("--view-batch", type=int, default=4, help="views per UNet batch; lower it to save memory (default 4)")
+    generate.add_argument("--view-batch", type=int, default=None,
+                          help="views per UNet call; lower it to save memory (default: chosen by --memory: on a CUDA GPU "
+                          "the largest batch up to 16 whose estimate fits in the free memory, 4 on the CPU and MPS, "
+                          "1 with --memory low)")
     generate.add_argument(
         "--scheduler", default="auto",
         help=f"sampler: {', '.join(SCHEDULERS)} or any diffusers scheduler class name (default auto: the model's own "
@@ -116,6 +119,10 @@ def _add_model_arguments(generate: argparse.ArgumentParser) -> None:
                           help="full: everything on the device at once; low: models kept in CPU memory and moved to the "
                           "GPU stage by stage, view batch 1 (MAD off) and a strip-wise VAE decode (the same image with "
                           "less memory); auto (default): full when the device's free memory holds the job, else low")
+    generate.add_argument("--compile", action="store_true",
+                          help="opt-in: run the UNet through torch.compile (mode default); the first job with a model is "
+                          "slower while it compiles, later jobs in the same worker reuse the compiled UNet; not with "
+                          "--mad-steps or --sync syncdiffusion")
 
 
 def _add_serve_command(commands) -> None:

@@ -23,7 +23,7 @@ from .decode import decode_canvas, decode_pole_caps
 from .denoiser import GuidedUNetDenoiser
 from .memory import (MemoryPlan, StagePlacement, is_out_of_memory, memory_attempts, out_of_memory_message,
                      plan_memory, release_memory, weights_to_place)
-from .models import LoadedModel, load_tiny_autoencoder
+from .models import LoadedModel, compiled_unet, load_tiny_autoencoder
 from .perceptual import load_perceptual_loss
 from .resolve import ResolvedRequest, for_memory_plan
 from .sampler import StepReport, Synchronisation, sample_canvas
@@ -96,7 +96,9 @@ def denoise_and_decode(resolved: ResolvedRequest, model: LoadedModel, plan: Memo
 def denoise(resolved: ResolvedRequest, model: LoadedModel, report: StepReport, placement: StagePlacement | None = None):
     """Sample the canvas latent of ``resolved`` with its views, fusion and synchronisation; returns (latents,
     canvas, details): details has "views" (how many), "view_set", "fusion", "scheduler", "seconds", with
-    per-direction prompts "view_prompts", and "syncdiffusion", "syncsde" or "mad" for those methods.
+    per-direction prompts "view_prompts", "syncdiffusion", "syncsde" or "mad" for those methods, and with
+    ``--compile`` "compile": {"mode", "reused": whether the compiled UNet was made before this run, by an
+    earlier job with the cached model (or an earlier attempt of this job)}.
     ``placement`` moves the models for the text and denoising stages (None: they stay where they are)."""
     params, views = resolved.params, resolved.views
     placement = placement or StagePlacement(model.pipeline, model.device, offload=False)
@@ -104,6 +106,7 @@ def denoise(resolved: ResolvedRequest, model: LoadedModel, report: StepReport, p
     check_steps(scheduler, params.steps)
     began = time.perf_counter()
     placement.enter("text")
+    compiled_before = model.compiled_unet is not None
     denoiser = prompt_denoiser(resolved, model)
     noise, projected_noise = starting_noise(resolved, model)
     sync, predict, sync_details, checkpointed = synchronisation(resolved, model, denoiser)
@@ -127,19 +130,22 @@ def denoise(resolved: ResolvedRequest, model: LoadedModel, report: StepReport, p
         details["syncsde"] = sync.synchroniser.details()
     if sync.merged_attention is not None:
         details["mad"] = {"steps": params.mad_steps, "blocks": list(sync.merged_attention.blocks)}
+    if params.compile:
+        details["compile"] = {"mode": "default", "reused": compiled_before}
     return latents, views.canvas, details
 
 
 def prompt_denoiser(resolved: ResolvedRequest, model: LoadedModel) -> GuidedUNetDenoiser:
-    """The UNet with classifier-free guidance and each view's prompt (``resolved.prompts``/``prompt_rows``)
-    encoded once."""
+    """The UNet (compiled with ``--compile``: ``models.compiled_unet``) with classifier-free guidance and each
+    view's prompt (``resolved.prompts``/``prompt_rows``) encoded once."""
     params = resolved.params
     uses_guidance = params.guidance > 1.0
     prompts = list(resolved.prompts)
     negative = [params.negative_prompt] * len(prompts) if params.negative_prompt else None
     prompt_embeds, negative_embeds = model.pipeline.encode_prompt(prompts, model.device, 1, uses_guidance, negative)
     negative_embeds = negative_embeds[:1] if negative_embeds is not None else None
-    return GuidedUNetDenoiser(model.pipeline.unet, prompt_embeds, negative_embeds, params.guidance,
+    unet = compiled_unet(model) if params.compile else model.pipeline.unet
+    return GuidedUNetDenoiser(unet, prompt_embeds, negative_embeds, params.guidance,
                               list(resolved.prompt_rows) if len(prompts) > 1 else None)
 
 

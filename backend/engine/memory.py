@@ -1,7 +1,7 @@
 """Memory modes (``--memory auto|full|low``): what a job keeps on the device, and how it picks.
 
-``full`` keeps the text encoder, the UNet and the VAE on the device for the whole job, runs
-``--view-batch`` views per UNet call and decodes each tile in one ``vae.decode`` call.
+``full`` keeps the text encoder, the UNet and the VAE on the device for the whole job, runs the view batch
+(below) per UNet call and decodes each tile in one ``vae.decode`` call.
 
 ``low`` trades time for memory and gives the same image (within float rounding):
 
@@ -23,6 +23,11 @@
 canvas, the views and the model's channels) and compares it with the device's free memory
 (``free_memory_bytes``): ``full`` when it fits with ``HEADROOM`` to spare, else ``low``. metadata.json
 records the plan under "memory" (``MemoryPlan.to_dict``).
+
+**The view batch** (views per UNet call) is ``--view-batch`` when given, else chosen (``choose_view_batch``):
+on a CUDA GPU the largest batch up to ``MAX_VIEW_BATCH`` whose ``full`` estimate fits in the free memory
+(batching fills a GPU); on the CPU and MPS, or when the free memory is unknown, ``FIXED_VIEW_BATCH``;
+1 with ``--memory low``.
 """
 
 from __future__ import annotations
@@ -46,6 +51,15 @@ HEADROOM = 0.8
 UNET_ELEMENTS_PER_PIXEL_CHANNEL = 64
 DECODE_ELEMENTS_PER_PIXEL_CHANNEL = 10
 
+FIXED_VIEW_BATCH = 4
+"""The view batch where free memory does not choose one: the CPU and MPS (a batch there only lines the views up;
+it was the fixed default before the choice existed, so CPU results are unchanged) and a GPU whose free memory is
+unknown."""
+
+MAX_VIEW_BATCH = 16
+"""The largest view batch chosen on CUDA: 16 views are 32 UNet rows with classifier-free guidance, enough to keep
+a large GPU busy; a larger batch adds memory for little speed, and leaves a longer last batch per step."""
+
 HOST_BYTES_PER_IMAGE_PIXEL = 128
 """CPU memory a job holds per pixel of its image, whatever the model: the decoded canvas, its 8-bit and linear
 copies, the HDR lighting's arrays and the cube map. Measured as the growth of the peak resident memory of
@@ -58,7 +72,8 @@ class MemoryPlan:
     """How a job uses memory. requested: auto, full or low (--memory); mode: full or low, what runs;
     reason: why (one phrase); view_batch: views per UNet call; offload: models move between the CPU and
     the device stage by stage; strip_decode: decode tiles in strips of rows; free_bytes and
-    estimated_full_bytes: what ``auto`` compared (None when not measured)."""
+    estimated_full_bytes: what ``auto`` compared (None when not measured); view_batch_reason: why that view
+    batch (one phrase, ``choose_view_batch``)."""
 
     requested: str
     mode: str
@@ -68,26 +83,33 @@ class MemoryPlan:
     strip_decode: bool
     free_bytes: int | None = None
     estimated_full_bytes: int | None = None
+    view_batch_reason: str = "asked for"
 
     def to_dict(self) -> dict:
         """The plan as metadata.json records it, sizes in MiB."""
         mib = 2**-20
         return {
             "requested": self.requested, "mode": self.mode, "reason": self.reason, "view_batch": self.view_batch,
-            "offload": self.offload, "strip_decode": self.strip_decode,
+            "view_batch_reason": self.view_batch_reason, "offload": self.offload, "strip_decode": self.strip_decode,
             "free_mib": None if self.free_bytes is None else round(self.free_bytes * mib),
             "estimated_full_mib": None if self.estimated_full_bytes is None else round(self.estimated_full_bytes * mib),
         }
 
 
-def full_plan(request: GenerateRequest, reason: str) -> MemoryPlan:
-    """The ``full`` plan for ``request``: its own view batch, no offload, one-call decodes."""
-    return MemoryPlan(request.memory, "full", reason, request.view_batch, offload=False, strip_decode=False)
+LOW_VIEW_BATCH_REASON = "low memory runs one view per UNet call"
+
+
+def full_plan(request: GenerateRequest, reason: str, view_batch_reason: str = "asked for") -> MemoryPlan:
+    """The ``full`` plan for ``request`` (its view batch decided: ``choose_view_batch``): that view batch, no
+    offload, one-call decodes."""
+    return MemoryPlan(request.memory, "full", reason, request.view_batch, offload=False, strip_decode=False,
+                      view_batch_reason=view_batch_reason)
 
 
 def low_plan(request: GenerateRequest, device: torch.device, reason: str) -> MemoryPlan:
     """The ``low`` plan: view batch 1, offload when the device is not the CPU, strip decodes."""
-    return MemoryPlan(request.memory, "low", reason, 1, offload=device.type != "cpu", strip_decode=True)
+    return MemoryPlan(request.memory, "low", reason, 1, offload=device.type != "cpu", strip_decode=True,
+                      view_batch_reason=LOW_VIEW_BATCH_REASON)
 
 
 def plan_memory(request: GenerateRequest, device: torch.device, dtype: torch.dtype, unet_config, vae_config,
@@ -96,26 +118,58 @@ def plan_memory(request: GenerateRequest, device: torch.device, dtype: torch.dty
     """The memory plan of ``request`` (validated, with its view set chosen) on ``device`` in ``dtype``
     (the VAE in ``vae_dtype``, default ``dtype``).
 
-    For ``auto``: ``estimate_full_bytes`` of the job (``view_count`` views, the model's UNet and VAE configs)
-    plus ``weights_bytes`` against ``free_bytes`` (default: ``free_memory_bytes(device)`` now).
-    ``weights_bytes`` are the weights a full job must still bring in (``weights_to_place``): on the CPU all of
-    them (memory-mapped safetensors count as free page cache until first used), on a GPU those a low job left
-    in CPU memory.
+    The view batch is ``choose_view_batch``'s. For ``auto``: ``estimate_full_bytes`` of the job with that batch
+    (``view_count`` views, the model's UNet and VAE configs) plus ``weights_bytes`` against ``free_bytes``
+    (default: ``free_memory_bytes(device)`` now). ``weights_bytes`` are the weights a full job must still bring
+    in (``weights_to_place``): on the CPU all of them (memory-mapped safetensors count as free page cache until
+    first used), on a GPU those a low job left in CPU memory.
     """
-    if request.memory == "full":
-        return full_plan(request, "asked for")
     if request.memory == "low":
         return low_plan(request, device, "asked for")
-    estimate = estimate_full_bytes(request, dtype, unet_config, vae_config, view_count, vae_dtype) + weights_bytes
     free = free_memory_bytes(device) if free_bytes is None else free_bytes
-    if free is None:
-        plan = full_plan(request, f"the free memory of the {device.type} device is unknown")
+    view_batch, view_batch_reason = choose_view_batch(request, device.type, free, dtype, unet_config, vae_config,
+                                                      view_count, weights_bytes, vae_dtype)
+    request = dataclasses.replace(request, view_batch=view_batch)
+    estimate = estimate_full_bytes(request, dtype, unet_config, vae_config, view_count, vae_dtype) + weights_bytes
+    if request.memory == "full":
+        plan = full_plan(request, "asked for", view_batch_reason)
+    elif free is None:
+        plan = full_plan(request, f"the free memory of the {device.type} device is unknown", view_batch_reason)
     elif estimate <= HEADROOM * free:
-        plan = full_plan(request, "the job fits in the free memory")
+        plan = full_plan(request, "the job fits in the free memory", view_batch_reason)
     else:
         plan = low_plan(request, device, "the job would not fit in the free memory")
     plan.free_bytes, plan.estimated_full_bytes = free, estimate
     return plan
+
+
+def choose_view_batch(request: GenerateRequest, device_type: str, free_bytes: int | None, dtype: torch.dtype,
+                      unet_config, vae_config, view_count: int, weights_bytes: int = 0,
+                      vae_dtype: torch.dtype | None = None) -> tuple[int, str]:
+    """(views per UNet call, why: one phrase) for ``request`` (validated) on a device of type ``device_type``
+    ("cuda", "mps", "cpu") with ``free_bytes`` free (None: unknown), in ``dtype`` (the VAE in ``vae_dtype``).
+
+    ``--memory low``: 1. An explicit ``--view-batch``: that. Otherwise, on CUDA with the free memory known: the
+    largest batch up to ``MAX_VIEW_BATCH`` and ``view_count`` (the most views a step runs) whose
+    ``estimate_full_bytes`` plus ``weights_bytes`` is at most ``HEADROOM`` of ``free_bytes``, or 1 when none fits
+    (``auto`` then plans ``low``); on the CPU, MPS or with the free memory unknown: ``FIXED_VIEW_BATCH``. A pure
+    function of its arguments: the caller measures the free memory."""
+    if request.memory == "low":
+        return 1, LOW_VIEW_BATCH_REASON
+    if request.view_batch is not None:
+        return request.view_batch, "asked for"
+    if device_type != "cuda":
+        # On the CPU a batch only lines views up for the same arithmetic, so CPU images stay as they were with the
+        # fixed batch; MPS (untested here) keeps it too rather than trust an untested choice.
+        return FIXED_VIEW_BATCH, f"the fixed batch on the {device_type} device"
+    if free_bytes is None:
+        return FIXED_VIEW_BATCH, "the fixed batch: the free memory of the device is unknown"
+    for batch in range(max(1, min(MAX_VIEW_BATCH, view_count)), 0, -1):
+        need = estimate_full_bytes(dataclasses.replace(request, view_batch=batch), dtype, unet_config, vae_config,
+                                   view_count, vae_dtype) + weights_bytes
+        if need <= HEADROOM * free_bytes:
+            return batch, f"the largest batch (at most {MAX_VIEW_BATCH}) whose estimate fits in the free memory"
+    return 1, "not even one view's estimate fits in the free memory"
 
 
 def estimate_full_bytes(request: GenerateRequest, dtype: torch.dtype, unet_config, vae_config, view_count: int,
@@ -124,8 +178,11 @@ def estimate_full_bytes(request: GenerateRequest, dtype: torch.dtype, unet_confi
     of a UNet call (``view_batch`` views, twice with guidance; every view while MAD merges them; three times
     that for SyncDiffusion's gradient pass) and the largest decode tile (``decode.decode_canvas``'s default
     tiling, in ``vae_dtype``, default ``dtype``). unet_config / vae_config: the model's configs (dicts or
-    diffusers configs)."""
+    diffusers configs). ``request.view_batch`` must be decided (``choose_view_batch``); None raises ValueError."""
     from .decode import largest_decode_tile
+
+    if request.view_batch is None:
+        raise ValueError("estimate_full_bytes needs a decided view batch; choose_view_batch decides it.")
 
     element = torch.finfo(dtype).bits // 8
     factor = 2 ** (len(vae_config["block_out_channels"]) - 1)
@@ -160,7 +217,10 @@ def check_job_fits(request: GenerateRequest, device: torch.device, dtype: torch.
     if host_free is not None and host_need > host_free:
         raise BadRequest(_too_large_message(request, host_need, host_free, fixed))
     if device.type == "cpu" and request.memory == "full" and host_free is not None:
-        full = estimate_full_bytes(request, dtype, unet_config, vae_config, view_count=request.view_batch)
+        # The views are not built yet: count as many as the batch, which then runs whole.
+        view_batch, _ = choose_view_batch(request, device.type, host_free, dtype, unet_config, vae_config, MAX_VIEW_BATCH)
+        full = estimate_full_bytes(dataclasses.replace(request, view_batch=view_batch), dtype, unet_config, vae_config,
+                                   view_count=view_batch)
         if host_need - low_activations + full > host_free:
             raise BadRequest(f"A {request.width}x{request.height} px job with --memory full needs about "
                              f"{_gib(host_need - low_activations + full)} of memory, but this machine has "
@@ -228,7 +288,8 @@ def memory_attempts(request: GenerateRequest, plan: MemoryPlan, device: torch.de
     attempts = [(plan.mode, plan)]
     if plan.mode == "full" and plan.view_batch > 1:
         attempts.append(("half view batch", dataclasses.replace(plan, view_batch=max(1, plan.view_batch // 2),
-                                                                reason="out of memory")))
+                                                                reason="out of memory",
+                                                                view_batch_reason="half the batch that ran out of memory")))
     if plan.mode == "full":
         low = low_plan(request, device, "out of memory")
         attempts.append(("low", dataclasses.replace(low, free_bytes=plan.free_bytes,
