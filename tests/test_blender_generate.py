@@ -143,7 +143,7 @@ INTERRUPT_AT_DENOISING = """
             if job.finished:
                 return
             if action == "cancel":
-                job.cancel()  # what the Cancel operator does
+                session.cancel()  # what the Cancel operator does
             elif action == "kill":
                 os.kill(job.worker.process.pid, signal.SIGKILL)
             elif action == "hang":

@@ -437,7 +437,8 @@ class ModelDownload:
             self.path = (event.get("outputs") or {}).get("model")
             self.state = "done"
         elif kind == "error":
-            self._fail(in_panel_words(event.get("message")) or f"The download of {self.model_id} failed without a message.")
+            self._fail(in_panel_words(event.get("message"))
+                       or f"The download of {self.model_id} failed without a message.")
         elif kind == _EXITED:
             if self._cancelling:
                 self.state = "cancelled"

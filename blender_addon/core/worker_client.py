@@ -130,7 +130,8 @@ class GenerationJob:
     params: the protocol's generate params (CLI flag names in snake_case); out_dir: absolute folder.
     hang_timeout_s: a running job that produces no event for this long is declared hung; the worker is
     killed. After the job ends, ``state`` is 'done' (``outputs`` holds the paths), 'cancelled' or 'error'
-    (``error`` holds the sentence, a backend's in the panel's words: ``panel_words.in_panel_words``); while it runs, ``stage``, ``step`` and ``total`` tell the progress, and
+    (``error`` holds the sentence, a backend's in the panel's words: ``panel_words.in_panel_words``); while it
+    runs, ``stage``, ``step`` and ``total`` tell the progress, and
     ``seconds_per_step`` the wall seconds of the last denoising step (None until the backend has timed one;
     ``status_text`` and ``progress_fraction`` put them into words and a bar).
     """
