@@ -1,7 +1,7 @@
 """SyncSphere operators. Thin: they read the preferences and call into ``blender_addon`` (``core``, ``scene``).
 
 Here: check that the configured backend interpreter can run the backend, and open the output folder.
-``generate.py``: generate, cancel, history and world operators; ``setup.py``: set up the backend environment; ``bake.py``: bake to a UV image; ``export.py``: export the World as a cube map; ``lighting.py``: update a World's lighting; ``models.py``: the preferences' Models list (refresh, download, cancel, remove, set as default).
+``generate.py``: generate (with its variations and the checks before a job), cancel, the style menu, history and world operators; ``setup.py``: set up the backend environment; ``bake.py``: bake to a UV image; ``export.py``: export the World as a cube map; ``lighting.py``: update a World's lighting; ``models.py``: the preferences' Models list (refresh, download, cancel, remove, set as default).
 """
 
 import os

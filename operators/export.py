@@ -15,6 +15,7 @@ from bpy.props import IntProperty, StringProperty
 from bpy.types import Operator
 
 from ..blender_addon.core import backend_command
+from ..blender_addon.core.panel_words import in_panel_words
 from ..blender_addon.scene.preferences import get_preferences, interpreter_path
 from ..blender_addon.scene.world import SOURCE_PROP, is_syncsphere_world
 
@@ -43,9 +44,10 @@ def default_folder(exr_path):
 
 
 def backend_sentence(text):
-    """The backend's own one-sentence error (after its "error: ") in ``run_backend``'s failure text, else the text."""
+    """The backend's own one-sentence error (after its "error: ") in ``run_backend``'s failure text, in the panel's
+    words (``in_panel_words``), else the text."""
     marker = "error: "
-    return text.rsplit(marker, 1)[1].strip() if marker in text else text
+    return in_panel_words(text.rsplit(marker, 1)[1].strip()) if marker in text else text
 
 
 class SYNCSPHERE_OT_export_cubemap(Operator):

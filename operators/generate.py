@@ -1,15 +1,19 @@
-"""Generate, cancel, and the history and world operators. Thin: the work is in ``blender_addon``."""
+"""Generate (a batch of variations, after the checks before a job), cancel, the Style menu, and the history and world
+operators. Thin: the work is in ``blender_addon``."""
 
 import os
 
 import bpy
-from bpy.props import IntProperty
+from bpy.props import EnumProperty, IntProperty
 from bpy.types import Operator
 
-from ..blender_addon.core import backend_command, generation, session
+from ..blender_addon.core import backend_command, generation, model_list, preflight, session
+from ..blender_addon.core.names import prompt_title
 from ..blender_addon.scene.preferences import get_preferences, interpreter_path, output_folder, user_folder
 from ..blender_addon.scene import world
-from ..blender_addon.scene.results import add_history, apply_result, reuse_settings
+from ..blender_addon.scene.properties import STYLE_ITEMS
+from ..blender_addon.scene.results import (add_history, apply_result, history_values, result_problem,
+                                           reuse_settings)
 
 
 def redraw_areas(context, area_types):
@@ -21,7 +25,8 @@ def redraw_areas(context, area_types):
 
 
 class SYNCSPHERE_OT_generate(Operator):
-    """Generate with the backend and put the result into the scene"""
+    """Generate with the backend and put the result into the scene; with Variations above 1, that many images,
+    one after another, each into the History"""
 
     bl_idname = "syncsphere.generate"
     bl_label = "Generate"
@@ -32,83 +37,124 @@ class SYNCSPHERE_OT_generate(Operator):
         return not session.is_busy()
 
     def execute(self, context):
-        """Start the job; in background mode wait for it, else follow it from a modal timer."""
+        """Check everything that can be checked before a job starts, then start the batch of variations; in
+        background mode wait for it, else follow it from a modal timer."""
         settings = context.scene.syncsphere
         prefs = get_preferences(context)
-        if not settings.prompt.strip():
-            self.report({"ERROR"}, "Type a prompt first: it describes what to generate")
-            return {"CANCELLED"}
         python = interpreter_path(prefs)
-        problem = backend_command.interpreter_error(python)
+        worker, runs, problem = self.prepare(context, settings, prefs, python)
         if problem:
             self.report({"ERROR"}, problem)
             return {"CANCELLED"}
+        settings.seed = runs[0][0]  # the seed used is shown, random or not
+        # What each job records in the history and how its result is applied, as pressed (the panel may
+        # change while a batch runs).
+        self.values, self.mode, self.made = history_values(settings), settings.mode, []
+        batch = session.start_batch(worker, runs, hang_timeout_s=prefs.timeout_s)
+        if bpy.app.background or context.window is None:
+            while True:  # no event loop: scripts and tests get the results synchronously
+                batch.job.wait()
+                self.finish_job(context, batch.job)
+                if batch.start_next() is None:
+                    return self.finish_batch(context, batch)
+        self._timer = context.window_manager.event_timer_add(0.25, window=context.window)
+        context.window_manager.modal_handler_add(self)
+        return {"RUNNING_MODAL"}
+
+    @staticmethod
+    def prepare(context, settings, prefs, python):
+        """(worker, runs, None) for a batch that can start: runs are (seed, params, out_dir), one per variation;
+        else (None, None, the first problem in one sentence). Nothing is started and no process spawned before
+        every check has passed: the prompt, the backend Python, a mesh for a tileable texture, a writable output
+        folder, the model (when the last models listing can tell), and the backend's own checks of the params."""
+        if not settings.prompt.strip():
+            return None, None, "Type a prompt first: it describes what to generate"
+        problem = backend_command.interpreter_error(python) or result_problem(context, settings.mode)
+        if problem:
+            return None, None, problem
         try:
             out_root, log_path = output_folder(prefs), os.path.join(user_folder("logs"), "backend.log")
         except ValueError as error:
-            self.report({"ERROR"}, str(error))
-            return {"CANCELLED"}
-
-        self.seed = generation.pick_seed(settings)
-        settings.seed = self.seed
-        self.mode = settings.mode
+            return None, None, str(error)
+        listed = model_list.has_listed() and not model_list.listing_error()
+        problem = (preflight.output_folder_problem(out_root)
+                   or preflight.model_problem(prefs.default_model, model_list.cached_models(), listed,
+                                              bpy.app.online_access))
+        if problem:
+            return None, None, problem
         device = prefs.device if settings.device == "PREFERENCES" else settings.device
-        params = generation.generate_params(settings, self.seed, model=prefs.default_model, device=device)
+        runs = []
+        for seed in generation.variation_seeds(settings, settings.variations):
+            params = generation.generate_params(settings, seed, model=prefs.default_model, device=device)
+            runs.append((seed, params, generation.job_folder(out_root, settings.prompt, seed)))
+        problem = preflight.request_problem(runs[0][1], runs[0][2])  # the seeds alone differ
+        if problem:
+            return None, None, problem
         worker = session.get_worker(
             backend_command.backend_command(python),
             backend_command.backend_environment(allow_network=bpy.app.online_access),
             backend_command.EXTENSION_DIR,
             log_path,
         )
-        out_dir = generation.job_folder(out_root, settings.prompt, self.seed)
-        job = session.start_job(worker, params, out_dir, hang_timeout_s=prefs.timeout_s)
-        if bpy.app.background or context.window is None:
-            job.wait()  # no event loop: scripts and tests get the result synchronously
-            return self.finish(context, job)
-        self._timer = context.window_manager.event_timer_add(0.25, window=context.window)
-        context.window_manager.modal_handler_add(self)
-        return {"RUNNING_MODAL"}
+        return worker, runs, None
 
     def modal(self, context, event):
-        """Follow the job on each timer tick; finish when it ends."""
+        """Follow the batch on each timer tick: handle each job as it ends and start the next; finish at the end."""
         if event.type != "TIMER":
             return {"PASS_THROUGH"}
-        job = session.current_job()
-        job.poll()
+        batch = session.current_batch()
+        batch.job.poll()
         redraw_areas(context, {"PROPERTIES", "VIEW_3D"})
-        if not job.finished:
+        if not batch.job.finished:
+            return {"PASS_THROUGH"}
+        self.finish_job(context, batch.job)
+        if batch.start_next() is not None:
             return {"PASS_THROUGH"}
         context.window_manager.event_timer_remove(self._timer)
-        return self.finish(context, job)
+        return self.finish_batch(context, batch)
 
-    def finish(self, context, job):
-        """Report how the job ended; on success record it in the history and apply it."""
-        prefs = get_preferences(context)
-        if not prefs.keep_warm:
-            job.worker.stop()
-        if job.state == "cancelled":
-            self.report({"INFO"}, "Generation cancelled; the scene is unchanged")
-            return {"CANCELLED"}
-        if job.state == "error":
-            self.report({"ERROR"}, job.error)
-            return {"CANCELLED"}
+    def finish_job(self, context, job):
+        """A job of the batch ended: when it is done, record it in the history (named after the prompt) and
+        apply it; a cancelled or failed job is reported by ``finish_batch``."""
+        if job.state != "done":
+            return
         settings = context.scene.syncsphere
-        add_history(settings, self.seed, job.outputs)
+        item = add_history(settings, job.params["seed"], job.outputs, values=self.values)
+        self.made.append(item.seed)
         try:
-            message = apply_result(context, settings, self.mode, job.outputs)
+            message = apply_result(context, settings, self.mode, job.outputs, item.title)
         except ValueError as error:
             self.report({"WARNING"}, str(error))
-            return {"FINISHED"}
+            return
         # A modal operator gets no automatic undo step: push one, so Ctrl+Z takes the result back out.
         bpy.ops.ed.undo_push(message="SyncSphere: apply generation")
         self.report({"INFO"}, message)
         for warning in generation.result_warnings(job.outputs.get("metadata")):
             self.report({"WARNING"}, warning)
+
+    def finish_batch(self, context, batch):
+        """Report how the batch ended (all made, cancelled or failed, and how many were made before) and stop
+        the worker unless it is kept warm."""
+        if not get_preferences(context).keep_warm:
+            batch.worker.stop()
+        made = len(self.made)
+        kept = f"; the {made} made before are in the History" if made else ""
+        job = batch.job
+        if job.state == "cancelled" or batch.cancelled and made < batch.count:
+            self.report({"INFO"}, f"Generation cancelled{kept}" if made else "Generation cancelled; the scene is unchanged")
+            return {"CANCELLED"}
+        if job.state == "error":
+            where = f"Variation {batch.started} of {batch.count} failed: " if batch.count > 1 else ""
+            self.report({"ERROR"}, where + job.error + kept)
+            return {"CANCELLED"}
+        if batch.count > 1:
+            self.report({"INFO"}, f"Made {made} variations (seeds {', '.join(map(str, self.made))}); "
+                                  "each is in the History")
         return {"FINISHED"}
 
 
 class SYNCSPHERE_OT_cancel(Operator):
-    """Stop the running generation before its next step"""
+    """Stop the running generation before its next step, and the variations not started yet"""
 
     bl_idname = "syncsphere.cancel"
     bl_label = "Cancel"
@@ -119,8 +165,26 @@ class SYNCSPHERE_OT_cancel(Operator):
         return session.is_busy()
 
     def execute(self, context):
-        """Ask the backend to stop the current job."""
-        session.current_job().cancel()
+        """Ask the backend to stop the current job; the rest of the batch never starts."""
+        session.cancel()
+        return {"FINISHED"}
+
+
+class SYNCSPHERE_OT_apply_style(Operator):
+    """Fill Style Prompt and Avoid with a style preset's words; edit them afterwards as you like"""
+
+    bl_idname = "syncsphere.apply_style"
+    bl_label = "Style"
+    bl_options = {"REGISTER", "UNDO"}
+    bl_property = "style"
+
+    style: EnumProperty(name="Style", items=STYLE_ITEMS)
+
+    def execute(self, context):
+        """Set the scene's style and its two texts (generation.STYLES)."""
+        settings = context.scene.syncsphere
+        settings.style = self.style
+        settings.style_prompt, settings.negative_prompt = generation.STYLE_TEXTS[self.style]
         return {"FINISHED"}
 
 
@@ -148,7 +212,9 @@ class SYNCSPHERE_OT_history_apply(Operator):
             self.report({"ERROR"}, f"The files of this generation are gone ({item.exr_path})")
             return {"CANCELLED"}
         try:
-            message = apply_result(context, context.scene.syncsphere, item.mode, {"png": item.png_path, "exr": item.exr_path})
+            # Items from before titles existed are named after their prompt.
+            message = apply_result(context, context.scene.syncsphere, item.mode, {"png": item.png_path, "exr": item.exr_path},
+                                   item.title or prompt_title(item.prompt))
         except ValueError as error:
             self.report({"ERROR"}, str(error))
             return {"CANCELLED"}
@@ -189,5 +255,5 @@ class SYNCSPHERE_OT_restore_world(Operator):
         return {"FINISHED"}
 
 
-classes = (SYNCSPHERE_OT_generate, SYNCSPHERE_OT_cancel, SYNCSPHERE_OT_history_apply, SYNCSPHERE_OT_history_reuse,
-           SYNCSPHERE_OT_restore_world)
+classes = (SYNCSPHERE_OT_generate, SYNCSPHERE_OT_cancel, SYNCSPHERE_OT_apply_style, SYNCSPHERE_OT_history_apply,
+           SYNCSPHERE_OT_history_reuse, SYNCSPHERE_OT_restore_world)

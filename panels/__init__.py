@@ -9,48 +9,51 @@ from bpy.types import Panel
 
 from ..blender_addon.core import generation, session
 from ..blender_addon.scene import material, world
-from ..blender_addon.scene.preferences import get_preferences
+from ..blender_addon.scene.preferences import draw_sentence, get_preferences
 from ..blender_addon.scene.results import thumbnail_icon
 
 
 def draw_main(layout, context):
-    """Prompt, mode, model (the preferences' Default Model as a menu of the installed models), resolution,
-    quality (with a note when the Advanced settings make its schedule dense), the view set and sky / ground
-    prompts for a 360° World, seed, sampling, and Generate / Cancel with the job's progress."""
+    """The artist's controls, in the order they are decided: Prompt; Style (its menu, then the Style Prompt and
+    Avoid it filled, both editable); Mode; Size; Quality (with a note when the Advanced settings make its schedule
+    dense); Seed; Generate with its Variations count, or Cancel with the batch's progress; the last error and the
+    latest result. Research controls are in the Advanced sub-panel, the model in Backend."""
     settings = context.scene.syncsphere
     prefs = get_preferences(context)
-    layout.prop(settings, "prompt")
-    layout.prop(settings, "negative_prompt", text="Avoid")
-    layout.prop(settings, "mode", expand=True)
     column = layout.column()
     column.use_property_split = True
     column.use_property_decorate = False
-    if prefs is not None:
-        column.prop(prefs, "default_model_menu", text="Model")
+    column.prop(settings, "prompt")
+    # The Style menu is an operator's (it fills the two fields below): drawn in the split column's two parts.
+    split = column.split(factor=0.4)
+    split.alignment = "RIGHT"
+    split.label(text="Style")
+    split.operator_menu_enum("syncsphere.apply_style", "style", text=generation.STYLE_NAMES[settings.style])
+    column.prop(settings, "style_prompt")
+    column.prop(settings, "negative_prompt", text="Avoid")
+    column.row().prop(settings, "mode", expand=True)
     width, height = generation.resolution(settings.mode, settings.resolution)
     column.prop(settings, "resolution", text=f"Size ({width}x{height})")
     column.prop(settings, "quality")
     note = generation.schedule_note(settings)
     if note:
         column.label(text=note, icon="INFO")
-    if settings.mode == "WORLD":  # only a 360° World has views that look up and down
-        column.prop(settings, "view_set")
-        column.prop(settings, "prompt_up")
-        column.prop(settings, "prompt_down")
     row = column.row(align=True)
     row.prop(settings, "seed")
     row.prop(settings, "randomize_seed", text="", icon="FILE_REFRESH", toggle=True)
-    column.prop(settings, "steps")
-    column.prop(settings, "guidance")
 
-    job = session.current_job()
+    batch = session.current_batch()
     if session.is_busy():
-        layout.progress(factor=job.progress_fraction, text=job.status_text)
+        layout.progress(factor=batch.job.progress_fraction, text=batch.status_text)
         layout.operator("syncsphere.cancel", icon="CANCEL")
     else:
-        layout.operator("syncsphere.generate", icon="RENDER_STILL")
+        row = layout.row(align=True)
+        count = settings.variations
+        row.operator("syncsphere.generate", text=f"Generate {count}" if count > 1 else "Generate", icon="RENDER_STILL")
+        row.prop(settings, "variations")
+        job = session.current_job()
         if job is not None and job.state == "error":
-            layout.label(text=job.error, icon="ERROR")
+            draw_sentence(layout, job.error, "ERROR")
     if settings.history:  # a preview of the latest result
         icon = thumbnail_icon(settings.history[0].png_path)
         if icon:
@@ -126,12 +129,20 @@ def draw_lighting(layout, context):
 
 
 def draw_advanced(layout, context):
-    """The research controls: synchronisation (From Quality, or a method with its options, drawn only when it
-    is chosen; merged attention always), window, stride, device and memory."""
+    """The research controls, as they were in the main panel: steps and guidance; for a 360° World the view set
+    and the sky and ground prompts (they act on the views that look up and down); synchronisation (From Quality,
+    or a method with its options, drawn only when it is chosen; merged attention always), window, stride, device
+    and memory."""
     settings = context.scene.syncsphere
     column = layout.column()
     column.use_property_split = True
     column.use_property_decorate = False
+    column.prop(settings, "steps")
+    column.prop(settings, "guidance")
+    if settings.mode == "WORLD":  # only a 360° World has views that look up and down
+        column.prop(settings, "view_set")
+        column.prop(settings, "prompt_up")
+        column.prop(settings, "prompt_down")
     column.prop(settings, "sync_method")
     if settings.sync_method == "SYNCDIFFUSION":  # its options mean nothing to the other methods
         column.prop(settings, "sync_weight")
@@ -151,8 +162,8 @@ HISTORY_METHOD_LABELS = {"MULTIDIFFUSION": ", MultiDiffusion", "SYNCDIFFUSION": 
 
 
 def draw_history(layout, context):
-    """Past generations with a thumbnail, prompt, seed, mode and quality, and how each ran (its schedule and
-    views per step, when its metadata said); apply one again or reuse its settings."""
+    """Past generations with a thumbnail, title (named after the prompt), seed, mode and quality, and how each ran
+    (its schedule and views per step, when its metadata said); apply one again or reuse its settings."""
     settings = context.scene.syncsphere
     if not settings.history:
         layout.label(text="Nothing generated yet")
@@ -163,7 +174,8 @@ def draw_history(layout, context):
         if icon:
             row.template_icon(icon_value=icon, scale=3.0)
         column = row.column()
-        column.label(text=item.prompt or "(no prompt)")
+        # Named after the prompt (results.generation_title); items from before titles existed show their prompt.
+        column.label(text=item.title or item.prompt or "(no prompt)")
         method = HISTORY_METHOD_LABELS.get(item.sync_method, "")
         column.label(text=f"Seed {item.seed}, {item.mode.lower()}, {generation.QUALITY_NAMES[item.quality]}{method}")
         if item.run_summary:
@@ -174,14 +186,16 @@ def draw_history(layout, context):
 
 
 def draw_backend(layout, context):
-    """The backend interpreter and model from the preferences, and the backend check."""
+    """The model (the preferences' Default Model as a menu of the installed models, and as text for an id or path
+    of one's own), the backend interpreter, and the backend check."""
     prefs = get_preferences(context)
     column = layout.column()
     if prefs is not None:
         column.use_property_split = True
         column.use_property_decorate = False
+        column.prop(prefs, "default_model_menu", text="Model")
+        column.prop(prefs, "default_model", text="Model ID or Path")
         column.prop(prefs, "python_path", text="Python")
-        column.prop(prefs, "default_model", text="Model")
     row = layout.row(align=True)
     row.operator("syncsphere.check_backend", icon="CONSOLE")
     row.operator("syncsphere.open_output_folder", text="", icon="FILE_FOLDER")

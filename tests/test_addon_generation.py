@@ -19,7 +19,7 @@ SYNC_OPTIONS = ("sync_weight", "sync_steps", "sync_fast")
 
 def settings(**overrides):
     """A stand-in for scene.syncsphere with the defaults of blender_addon/scene/properties.py."""
-    values = dict(prompt="a harbour at dusk", negative_prompt="fog", mode="WORLD", resolution="DRAFT", seed=3,
+    values = dict(prompt="a harbour at dusk", style_prompt="", negative_prompt="fog", mode="WORLD", resolution="DRAFT", seed=3,
                   randomize_seed=False, steps=30, guidance=6.5, quality="BALANCED", sync_method="AUTO", window=0, stride=0,
                   device="PREFERENCES", sync_weight=20.0, sync_steps=10, sync_fast=False, syncsde_lambda=5.0,
                   mad=False, view_set="AUTO", prompt_up="", prompt_down="", hdr=True, exposure=0.0, sun_ratio=6.0,

@@ -108,7 +108,8 @@ def test_backend_error_is_reported_and_the_scene_is_unchanged(extension_zip, tin
         print(json.dumps({"message": message, "same_worlds": sorted(bpy.data.worlds.keys()) == worlds_before,
                           "history": len(settings.history)}))
     """, extension_zip, tiny_model, tmp_path)
-    assert report["message"] and "--stride 40 is larger than the window" in report["message"]
+    # The backend's sentence, in the panel's words (blender_addon/core/panel_words.py).
+    assert report["message"] and "Advanced › Stride 40 is larger than the window" in report["message"]
     assert report["same_worlds"] and report["history"] == 0
 
 
@@ -142,7 +143,7 @@ INTERRUPT_AT_DENOISING = """
             if job.finished:
                 return
             if action == "cancel":
-                job.cancel()  # what the Cancel operator does
+                session.cancel()  # what the Cancel operator does
             elif action == "kill":
                 os.kill(job.worker.process.pid, signal.SIGKILL)
             elif action == "hang":

@@ -127,6 +127,8 @@ report["default"] = [prefs.default_model, prefs.default_model_menu]
 report["menu"] = [list(item) for item in preferences.default_model_menu_items(prefs)]
 report["main panel"] = [[call["args"]["property"], call["args"].get("text")] for call in draw("SYNCSPHERE_PT_view3d")
                         if call["method"] == "prop" and call["args"]["data"] == "prefs"]
+report["backend panel"] = [[call["args"]["property"], call["args"].get("text")] for call in draw("SYNCSPHERE_PT_view3d_backend")
+                        if call["method"] == "prop" and call["args"]["data"] == "prefs"]
 report["sent"] = [generation.generate_params(settings, 7, model=prefs.default_model, device="cpu")["model"]]
 prefs.default_model_menu = FOLDER  # picking the folder in the panel's menu sets Default Model
 report["sent"].append(generation.generate_params(settings, 7, model=prefs.default_model, device="cpu")["model"])
@@ -191,7 +193,10 @@ result(report)
     assert [item[0] for item in report["menu"]] == ["stabilityai/stable-diffusion-2-base", MODEL_ID, served_model]
     assert report["menu"][0][1] == "stabilityai/stable-diffusion-2-base (not installed)"
     assert [item[3] for item in report["menu"]] == [0, 1, 2]
-    assert report["main panel"] == [["default_model_menu", "Model"]]
+    # The model menu is in the Backend sub-panel (the main panel is Prompt ... Generate), above the typed id or path.
+    assert report["main panel"] == []
+    assert report["backend panel"] == [["default_model_menu", "Model"], ["default_model", "Model ID or Path"],
+                                       ["python_path", "Python"]]
     assert report["sent"] == [MODEL_ID, served_model]
     assert report["not an item"]
     assert report["typed"] == ["someone/typed-model", ["stabilityai/stable-diffusion-2-base", MODEL_ID, served_model,
@@ -236,7 +241,8 @@ result(report)
     assert "free memory" in descriptions["auto"]
     assert "Slower" in descriptions["low"] and "smaller GPUs" in descriptions["low"]
     assert (report["default"], report["sent"], report["low"]) == ("auto", "auto", "low")
-    assert report["advanced"] == ["sync_method", "mad", "window", "stride", "device", "memory"]
+    assert report["advanced"] == ["steps", "guidance", "view_set", "prompt_up", "prompt_down", "sync_method", "mad",
+                                  "window", "stride", "device", "memory"]
     assert report["drawn"] == ["python_path", "default_model", "device", "output_dir", "keep_warm", "timeout_s",
                                "syncsphere.setup_backend", "syncsphere.check_backend", "syncsphere.refresh_models",
                                "model_folder", "download_id", "download_fp16", "syncsphere.download_model"]

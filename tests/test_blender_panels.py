@@ -24,7 +24,8 @@ pytestmark = pytest.mark.skipif(_bpy_dir() is None, reason="bpy is not installed
 
 # Every setting of SyncSphereSettings that the user edits (history and history_index are drawn as the
 # History panel, not as properties).
-SETTINGS = {"prompt", "negative_prompt", "mode", "resolution", "quality", "seed", "randomize_seed", "steps", "guidance",
+SETTINGS = {"prompt", "style", "style_prompt", "negative_prompt", "mode", "resolution", "quality", "seed", "randomize_seed",
+            "variations", "steps", "guidance",
             "sync_method", "sync_weight", "sync_steps", "sync_fast", "syncsde_lambda", "mad", "view_set",
             "prompt_up", "prompt_down", "window", "stride", "device", "memory", "hide_from_camera", "face_camera"}
 # The Lighting sub-panel's (360° World; tests/test_blender_lighting.py draws it in detail).
@@ -37,8 +38,16 @@ SYNCDIFFUSION_SETTINGS = ["sync_weight", "sync_steps", "sync_fast"]
 SYNCSDE_SETTINGS = ["syncsde_lambda"]
 # Each method's own options, by method (MultiDiffusion has none).
 METHOD_SETTINGS = {"AUTO": [], "MULTIDIFFUSION": [], "SYNCDIFFUSION": SYNCDIFFUSION_SETTINGS, "SYNCSDE": SYNCSDE_SETTINGS}
-# A 360° World's view set and sky / ground prompts, drawn (right under the size and quality) only in WORLD mode.
+# A 360° World's view set and sky / ground prompts, drawn (in Advanced, right under the guidance) only in WORLD mode.
 WORLD_VIEW_SETTINGS = ["view_set", "prompt_up", "prompt_down"]
+# The main panel, top to bottom (issue 21): Prompt, Style (its menu, then the Style Prompt and Avoid it fills), Mode,
+# Size, Quality, Seed (and Randomize), Generate (and its Variations count). "style" is the Style menu (an operator's
+# menu, see _main_rows) and "generate" the Generate button.
+MAIN_ROWS = ["prompt", "style", "style_prompt", "negative_prompt", "mode", "resolution", "quality", "seed",
+             "randomize_seed", "generate", "variations"]
+# The research controls, all in the Advanced sub-panel (for a 360° World; WORLD_VIEW_SETTINGS only there).
+ADVANCED_SETTINGS = ["steps", "guidance"] + WORLD_VIEW_SETTINGS + ["sync_method", "mad", "window", "stride", "device",
+                                                                  "memory"]
 
 # Runs after _PRELUDE: registers and enables the add-on and defines the recording layout.
 _HELPERS = r"""
@@ -257,8 +266,26 @@ def _blender(code, tmp_path):
 
 
 def _props(calls, data):
-    """The property names drawn with prop() on ``data`` (a describe() name)."""
-    return [call["args"]["property"] for call in calls if call["method"] == "prop" and call["args"]["data"] == data]
+    """The property names drawn with prop() on ``data`` (a describe() name); for "settings" also "style" where the
+    Style menu is drawn (the apply_style operator's menu, which sets ``settings.style``)."""
+    return [call["args"].get("property", "style") for call in calls
+            if call["method"] == "prop" and call["args"]["data"] == data
+            or data == "settings" and call["method"] == "operator_menu_enum"
+            and call["args"]["operator"] == "syncsphere.apply_style"]
+
+
+def _main_rows(calls):
+    """The main panel's controls in drawing order: its settings (``_props``, the Style menu as "style") and
+    "generate" for the Generate button."""
+    return [call["args"].get("property", "style") if call["method"] != "operator" else call["args"]["operator"].split(".")[1]
+            for call in calls
+            if call["method"] == "prop" and call["args"]["data"] == "settings"
+            or call["method"] == "operator_menu_enum" or call["method"] == "operator"]
+
+
+def _notes(calls):
+    """The labels drawn, except the Style menu's own ("Style", to the left of the menu)."""
+    return [call for call in calls if call["method"] == "label" and call["args"]["text"] != "Style"]
 
 
 def _operators(calls):
@@ -356,66 +383,170 @@ result({"registered": registered, "by method": by_method,
             == [{"data": "settings", "property": "mode", "expand": True}]
         size = next(call for call in calls if call["args"].get("property") == "resolution")
         assert size["args"]["text"] == "Size (1024x512)"
-        main_settings = _props(calls, "settings")
-        assert main_settings[main_settings.index("resolution") + 1] == "quality"  # Quality right under the Size
-        assert not set(main_settings) & SYNC_SETTINGS  # the research controls are in Advanced
+        assert _main_rows(calls) == MAIN_ROWS
         # The backend is configured: no hint to set it.
-        assert not [call for call in calls if call["method"] == "label"]
+        assert not _notes(calls)
 
         assert set(_props(drawn[f"{main}_result"], "settings")) == {"hide_from_camera", "face_camera"}
         assert "syncsphere.restore_world" in _operators(drawn[f"{main}_result"])
         assert _props(drawn[f"{main}_advanced"], "settings") == \
-            ["sync_method"] + SYNCDIFFUSION_SETTINGS + ["mad", "window", "stride", "device", "memory"]
-        assert _props(drawn[f"{main}_backend"], "prefs") == ["python_path", "default_model"]
+            ADVANCED_SETTINGS[:6] + SYNCDIFFUSION_SETTINGS + ADVANCED_SETTINGS[6:]
+        assert _props(drawn[f"{main}_backend"], "prefs") == ["default_model_menu", "default_model", "python_path"]
         assert set(_operators(drawn[f"{main}_backend"])) == {"syncsphere.check_backend",
                                                              "syncsphere.open_output_folder"}
 
 
-def test_main_panel_follows_the_job_and_the_preferences(tmp_path):
-    """Busy: progress and Cancel instead of Generate. Failed: Generate and the error. No backend: a hint."""
+def test_the_style_menu_fills_the_style_prompt_and_avoid_which_stay_editable(tmp_path):
+    """The Style menu (the apply_style operator's, run for real) fills Style Prompt and Avoid with the preset's
+    words, which the main panel shows under it and Generate sends after the prompt; edited, the edit is sent; the
+    history keeps the style and Reuse gives it back; None clears both."""
+    report = _blender("""
+from syncsphere.blender_addon.core import generation
+settings.prompt = "a harbour at dusk"
+properties = settings.bl_rna.properties
+report = {"default": [settings.style, settings.style_prompt, settings.negative_prompt],
+          "items": [[item.identifier, item.name, item.description] for item in properties["style"].enum_items],
+          "labels": [properties[name].name for name in ("style", "style_prompt")]}
+assert bpy.ops.syncsphere.apply_style(style="PAINTERLY") == {"FINISHED"}
+report["painterly"] = [settings.style, settings.style_prompt, settings.negative_prompt]
+report["drawn"] = draw("SYNCSPHERE_PT_world")
+report["sent"] = generation.generate_params(settings, 7, model="m", device="cpu")
+settings.style_prompt = "watercolour wash"  # the artist edits what the style added
+report["edited"] = generation.generate_params(settings, 7, model="m", device="cpu")["prompt"]
+results.add_history(settings, 7, {"png": "", "exr": ""})
+assert bpy.ops.syncsphere.apply_style(style="NONE") == {"FINISHED"}
+report["none"] = [settings.style, settings.style_prompt, settings.negative_prompt]
+report["none sent"] = generation.generate_params(settings, 7, model="m", device="cpu")["prompt"]
+results.reuse_settings(settings, settings.history[0])
+report["reused"] = [settings.style, settings.style_prompt, settings.negative_prompt]
+result(report)
+""", tmp_path)
+    from syncsphere.blender_addon.core import generation
+
+    assert report["default"] == ["NONE", "", ""]
+    assert [item[:2] for item in report["items"]] == [[identifier, name] for identifier, name, *_ in generation.STYLES]
+    assert report["labels"] == ["Style", "Style Prompt"]
+    painterly, avoid = generation.STYLE_TEXTS["PAINTERLY"]
+    assert report["painterly"] == ["PAINTERLY", painterly, avoid]
+    calls = report["drawn"]
+    menu = next(call for call in calls if call["method"] == "operator_menu_enum")
+    assert menu["args"] == {"operator": "syncsphere.apply_style", "property": "style", "text": "Painterly"}
+    label = calls[menu["index"] - 1]  # the menu's own label, to its left
+    assert label["method"] == "label" and label["args"]["text"] == "Style"
+    drawn = _main_rows(calls)
+    assert drawn[drawn.index("style") + 1:drawn.index("style") + 3] == ["style_prompt", "negative_prompt"]
+    avoid_call = next(call for call in calls if call["args"].get("property") == "negative_prompt")
+    assert avoid_call["args"]["text"] == "Avoid"
+    assert report["sent"]["prompt"] == f"a harbour at dusk, {painterly}" and report["sent"]["negative_prompt"] == avoid
+    assert report["edited"] == "a harbour at dusk, watercolour wash"
+    assert report["none"] == ["NONE", "", ""] and report["none sent"] == "a harbour at dusk"
+    assert report["reused"] == ["PAINTERLY", "watercolour wash", avoid]
+
+
+def test_every_control_the_backends_messages_are_translated_to_is_drawn_under_that_label(tmp_path):
+    """panel_words.CONTROLS, checked against the panels as drawn: each label path ("Advanced › Window") names the
+    sub-panel that draws the flag's setting and the label it is drawn with, and each value's name is the name of
+    one of the setting's items."""
+    report = _blender("""
+from syncsphere.blender_addon.scene import preferences
+settings.mode, settings.hdr, settings.use_sun_direction = "WORLD", True, True
+drawn = {}
+for method in ("SYNCDIFFUSION", "SYNCSDE"):  # each method's own options are drawn only with it
+    settings.sync_method = method
+    for place, idname in (("", "SYNCSPHERE_PT_world"), ("Advanced", "SYNCSPHERE_PT_world_advanced"),
+                          ("Lighting", "SYNCSPHERE_PT_world_lighting"), ("Backend", "SYNCSPHERE_PT_world_backend")):
+        for call in draw(idname):
+            if call["method"] == "prop":
+                data, name = call["args"]["data"], call["args"]["property"]
+                owner = settings if data == "settings" else prefs
+                label = call["args"].get("text") or owner.bl_rna.properties[name].name
+                drawn.setdefault(place, {})[data + ":" + name] = label
+calls = []
+preferences.draw_preferences(RecordingLayout(calls), prefs)
+drawn["SyncSphere Preferences"] = {"prefs:" + call["args"]["property"]: prefs.bl_rna.properties[call["args"]["property"]].name
+                                   for call in calls if call["method"] == "prop"}
+items = {}
+for data, owner in (("settings", settings), ("prefs", prefs)):
+    for name, prop in owner.bl_rna.properties.items():
+        if prop.type == "ENUM" and not prop.is_enum_flag:
+            items[data + ":" + name] = [item.name for item in prop.enum_items]
+result({"drawn": drawn, "items": items})
+""", tmp_path)
+    from syncsphere.blender_addon.core.panel_words import CONTROLS
+
+    for flag, control in CONTROLS.items():
+        place, _, label = control.label.rpartition(" › ")
+        key = f"{control.data}:{control.setting}"
+        assert key in report["drawn"][place], (flag, place)
+        drawn_label = report["drawn"][place][key]
+        # Size is drawn with the size in pixels after it: "Size (1024x512)".
+        assert drawn_label == label or drawn_label.startswith(label + " ("), (flag, drawn_label, label)
+        for value, name in control.values.items():
+            if name is not None:
+                assert name in report["items"][key], (flag, value, name)
+
+
+def test_main_panel_follows_the_batch_and_the_preferences(tmp_path):
+    """Busy: progress (which variation, when several) and Cancel instead of Generate, also between two variations.
+    Failed: Generate and the error. No backend: a hint. Variations 4: "Generate 4"."""
     states = _blender("""
 def main_calls():
     return draw("SYNCSPHERE_PT_view3d")
 
 def summary(calls):
-    return {"operators": [call["args"]["operator"] for call in calls if call["method"] == "operator"],
+    return {"operators": [[call["args"]["operator"], call["args"].get("text")] for call in calls
+                          if call["method"] == "operator"],
             "progress": [call["args"] for call in calls if call["method"] == "progress"],
             "labels": [call["args"] for call in calls if call["method"] == "label"]}
 
 states = {}
 settings.mode = "TILE"
 states["tile size"] = [call["args"]["text"] for call in main_calls() if call["args"].get("property") == "resolution"]
-def job(**state):
-    # A real GenerationJob in the given state, as its events would leave it (no worker behind it).
-    made = session.GenerationJob(None, {}, os.path.abspath("out"))
+def batch(count=1, started=1, **state):
+    # A real Batch of ``count`` variations, ``started`` of them started, the last one's GenerationJob in the
+    # given state, as its events would leave it (no worker behind it).
+    made = session.Batch(None, [(seed, {}, os.path.abspath("out")) for seed in range(count)])
+    made.job, made.started = session.GenerationJob(None, {}, os.path.abspath("out")), started
     for name, value in state.items():
-        setattr(made, name, value)
+        setattr(made.job, name, value)
     return made
 
-session._job = job(state="running", stage="denoising", step=3, total=10)
+session._batch = batch(state="running", stage="denoising", step=3, total=10)
 states["denoising"] = summary(main_calls())
-session._job = job(state="running", stage="denoising", step=4, total=10, seconds_per_step=0.83)
+session._batch = batch(state="running", stage="denoising", step=4, total=10, seconds_per_step=0.83)
 states["timed"] = summary(main_calls())
-session._job = job(state="running", stage="loading", step=0, total=1)
+session._batch = batch(state="running", stage="loading", step=0, total=1)
 states["loading"] = summary(main_calls())
-session._job = job(state="error", stage="denoising", step=1, total=10, error="The model could not be loaded")
+session._batch = batch(count=4, started=2, state="running", stage="denoising", step=3, total=10)
+states["variation"] = summary(main_calls())
+session._batch = batch(count=4, started=2, state="done", stage="writing", step=1, total=1)
+states["between variations"] = summary(main_calls())
+session._batch = batch(state="error", stage="denoising", step=1, total=10, error="The model could not be loaded")
 states["error"] = summary(main_calls())
-session._job = None
+session._batch = None
+settings.variations = 4
+states["four"] = summary(main_calls())
 prefs.python_path = "  "
 states["no backend"] = summary(main_calls())
 result(states)
 """, tmp_path)
+    def notes(state):  # the labels but the Style menu's own
+        return [label for label in state["labels"] if label["text"] != "Style"]
+
     assert states["tile size"] == ["Size (512x512)"]
-    assert states["denoising"]["operators"] == ["syncsphere.cancel"]
+    assert states["denoising"]["operators"] == [["syncsphere.cancel", None]]
     assert states["denoising"]["progress"] == [{"factor": 0.3, "text": "Denoising 3/10"}]
     assert states["timed"]["progress"] == [{"factor": 0.4, "text": "Denoising 4/10 · 0.83 s/step"}]
-    assert states["loading"]["operators"] == ["syncsphere.cancel"]
+    assert states["loading"]["operators"] == [["syncsphere.cancel", None]]
     assert states["loading"]["progress"] == [{"factor": 0.0, "text": "Loading"}]
-    assert states["error"]["operators"] == ["syncsphere.generate"] and not states["error"]["progress"]
-    assert states["error"]["labels"] == [{"text": "The model could not be loaded", "icon": "ERROR"}]
-    assert states["no backend"]["operators"] == ["syncsphere.generate"]
-    assert [label["icon"] for label in states["no backend"]["labels"]] == ["INFO"]
-    assert "preferences" in states["no backend"]["labels"][0]["text"]
+    assert states["variation"]["progress"] == [{"factor": 0.3, "text": "Variation 2/4 · Denoising 3/10"}]
+    assert states["between variations"]["operators"] == [["syncsphere.cancel", None]]  # two more to start
+    assert states["error"]["operators"] == [["syncsphere.generate", "Generate"]] and not states["error"]["progress"]
+    assert notes(states["error"]) == [{"text": "The model could not be loaded", "icon": "ERROR"}]
+    assert states["four"]["operators"] == [["syncsphere.generate", "Generate 4"]] and not notes(states["four"])
+    assert states["no backend"]["operators"] == [["syncsphere.generate", "Generate 4"]]
+    assert [label["icon"] for label in notes(states["no backend"])] == ["INFO"]
+    assert "preferences" in notes(states["no backend"])[0]["text"]
 
 
 def test_syncdiffusion_options_appear_under_the_synchronisation_menu_only_when_chosen(tmp_path):
@@ -517,11 +648,12 @@ results.reuse_settings(settings, settings.history[1])
 report["reused"] = [settings.sync_method, settings.syncsde_lambda, settings.mad, settings.seed]
 result(report)
 """, tmp_path)
-    # The defaults: Balanced, Synchronisation From Quality.
+    # The defaults: Balanced (the backend's measured default: nothing sent), Synchronisation From Quality.
     picked = {name: value for name, value in report["default"].items() if name.startswith(("sync", "mad", "schedule"))}
-    assert picked == {"schedule": "shifted", "sync": "syncdiffusion", "sync_steps": 10}
+    assert picked == {}
     picked = {name: value for name, value in report["syncsde"].items() if name.startswith(("sync", "mad", "schedule"))}
-    assert picked == {"sync": "syncsde", "syncsde_lambda": 5.0, "schedule": "dense"}  # the property's default
+    # The property's default; no schedule under Balanced (the backend's auto, which runs SyncSDE dense).
+    assert picked == {"sync": "syncsde", "syncsde_lambda": 5.0}
     picked = {name: value for name, value in report["syncsde, mad"].items() if name.startswith(("sync", "mad"))}
     assert picked == {"sync": "syncsde", "syncsde_lambda": 12.5, "mad_steps": 15}
     assert report["old item"] == [5.0, False, "BEST", "MULTIDIFFUSION", ""]
@@ -552,9 +684,8 @@ results.reuse_settings(settings, settings.history[1])
 report["reused"] = [settings.sync_method, settings.sync_weight, settings.sync_steps, settings.sync_fast, settings.seed]
 result(report)
 """, tmp_path)
-    # Balanced's SyncDiffusion (From Quality): its guided steps only, the backend's weight.
-    assert {name: value for name, value in report["default"].items() if name.startswith("sync")} == \
-        {"sync": "syncdiffusion", "sync_steps": 10}
+    # Balanced (From Quality) sends no synchronisation: the backend's measured default.
+    assert {name: value for name, value in report["default"].items() if name.startswith("sync")} == {}
     sync = {name: value for name, value in report["syncdiffusion"].items() if name.startswith("sync")}
     assert sync == {"sync": "syncdiffusion", "sync_weight": 20.0, "sync_steps": 10}  # the properties' defaults
     sync = {name: value for name, value in report["every step, fast"].items() if name.startswith("sync")}
@@ -567,12 +698,12 @@ result(report)
     assert report["reused"] == ["SYNCDIFFUSION", 31.5, 0, True, 7]
 
 
-def test_the_view_set_and_sky_and_ground_prompts_appear_under_the_size_only_for_a_world(tmp_path):
+def test_the_view_set_and_sky_and_ground_prompts_appear_in_advanced_only_for_a_world(tmp_path):
     report = _blender("""
 report = {}
 for mode in ("WORLD", "TILE", "WIDE", "WORLD"):
     settings.mode = mode
-    report.setdefault(mode, []).append(draw("SYNCSPHERE_PT_view3d"))
+    report.setdefault(mode, []).append(draw("SYNCSPHERE_PT_view3d_advanced"))
 report["labels"] = {name: [settings.bl_rna.properties[name].name, settings.bl_rna.properties[name].description]
                     for name in ("view_set", "prompt_up", "prompt_down")}
 report["items"] = [[item.identifier, item.name, item.description]
@@ -582,14 +713,14 @@ result(report)
 """, tmp_path)
     for mode in ("TILE", "WIDE"):
         drawn = _props(report[mode][0], "settings")
-        assert "resolution" in drawn and not set(drawn) & set(WORLD_VIEW_SETTINGS), drawn
+        assert "guidance" in drawn and not set(drawn) & set(WORLD_VIEW_SETTINGS), drawn
     for calls in report["WORLD"]:  # before and after another mode
         drawn = _props(calls, "settings")
-        at = drawn.index("resolution")
-        assert drawn[at + 1:at + 5] == ["quality"] + WORLD_VIEW_SETTINGS, drawn
-        # In the size's property-split column, with their own names as labels.
+        at = drawn.index("guidance")
+        assert drawn[at + 1:at + 4] == WORLD_VIEW_SETTINGS, drawn
+        # In Advanced's property-split column, with their own names as labels.
         props = {call["args"]["property"]: call for call in calls if call["method"] == "prop"}
-        assert {props[name]["path"] for name in ["resolution"] + WORLD_VIEW_SETTINGS} == {props["resolution"]["path"]}
+        assert {props[name]["path"] for name in ["steps"] + WORLD_VIEW_SETTINGS} == {props["steps"]["path"]}
         assert all(set(props[name]["args"]) == {"data", "property"} for name in WORLD_VIEW_SETTINGS)
     assert report["WORLD"][0] == report["WORLD"][1]
     assert report["defaults"] == ["AUTO", "", ""]
@@ -661,14 +792,14 @@ result(report)
     assert [item[:2] for item in report["items"]] == [["FAST", "Fast"], ["BALANCED", "Balanced"], ["BEST", "Best"]]
     for quality, params in report["sent"].items():
         table = {"FAST": {"schedule": "shifted"},
-                 "BALANCED": {"schedule": "shifted", "sync": "syncdiffusion", "sync_steps": 10},
+                 "BALANCED": {"schedule": None, "sync": None, "sync_steps": None},  # nothing: the backend's default
                  "BEST": {"schedule": "dense"}}[quality]
         assert {name: params.get(name) for name in table} == table, (quality, params)
-    assert not [call for call in report["plain"] if call["method"] == "label"]
+    assert not _notes(report["plain"])
     assert report["stride sent"]["schedule"] == "dense" and report["stride sent"]["stride"] == 8
     for case in ("stride", "syncsde"):
         calls = report[case]
-        labels = [call for call in calls if call["method"] == "label"]
+        labels = _notes(calls)
         assert len(labels) == 1 and labels[0]["args"]["icon"] == "INFO" and "Dense" in labels[0]["args"]["text"]
         quality = next(call for call in calls if call["args"].get("property") == "quality")
         assert labels[0]["path"] == quality["path"] and labels[0]["index"] == quality["index"] + 1  # right under it
@@ -816,7 +947,8 @@ result(report)
     boxes = [call for call in calls if call["method"] == "box"]
     assert len(boxes) == 3 and all(box["path"] == "layout" for box in boxes)
     assert not [call for call in calls if call["method"] == "label" and call["path"] == "layout"]
-    expected = [("prompt 2", 102, "wide", 1002), ("prompt 1", 101, "tile", None), ("prompt 0", 100, "world", 1000)]
+    # Each item is called after its prompt (its title: results.generation_title).
+    expected = [("Prompt 2", 102, "wide", 1002), ("Prompt 1", 101, "tile", None), ("Prompt 0", 100, "world", 1000)]
     for index, (box, (prompt, seed, mode, icon)) in enumerate(zip(boxes, expected)):  # newest first
         inside = _under(calls, box)
         labels = [call["args"]["text"] for call in inside if call["method"] == "label"]
@@ -834,7 +966,7 @@ result(report)
     assert len(boxes) == 8
     first_labels = [next(call["args"]["text"] for call in _under(ten, box) if call["method"] == "label")
                     for box in boxes]
-    assert first_labels == [f"prompt {number}" for number in range(9, 1, -1)]
+    assert first_labels == [f"Prompt {number}" for number in range(9, 1, -1)]
     newest = next(call for call in report["summary"] if call["method"] == "box")
     assert [call["args"]["text"] for call in _under(report["summary"], newest) if call["method"] == "label"] == \
-        ["prompt 10", "Seed 110, wide, Fast, SyncSDE", "Shifted schedule, 2.5 views per step (2-3)"]
+        ["Prompt 10", "Seed 110, wide, Fast, SyncSDE", "Shifted schedule, 2.5 views per step (2-3)"]

@@ -38,10 +38,12 @@ def test_a_job_runs_to_done_and_reports_progress(worker, tiny_model, tmp_path):
     assert os.path.isfile(worker.log_path)  # the worker's stderr went to the log
 
 
-def test_backend_errors_become_the_jobs_sentence(worker, tiny_model, tmp_path):
+def test_backend_errors_become_the_jobs_sentence_in_the_panels_words(worker, tiny_model, tmp_path):
     job = client.GenerationJob(worker, params(tiny_model, steps=0), str(tmp_path / "out"))
     job.start()
-    assert job.wait(60) and job.state == "error" and "--steps" in job.error
+    assert job.wait(60) and job.state == "error"
+    # The backend says "--steps must be at least 1, not 0."; the artist reads the panel's control.
+    assert job.error == "Advanced › Steps must be at least 1, not 0."
 
 
 def test_cancel_then_the_next_job_succeeds(worker, tiny_model, tmp_path):

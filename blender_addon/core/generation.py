@@ -10,10 +10,10 @@ import dataclasses
 import json
 import os
 import random
-import re
 import time
 
 from ...backend import request
+from .names import prompt_slug
 
 # Every generate param's value when it is not sent: the defaults of the backend's GenerateRequest.
 BACKEND_DEFAULTS = {field.name: field.default for field in dataclasses.fields(request.GenerateRequest)
@@ -30,6 +30,36 @@ RESOLUTIONS = {
 }
 
 MAX_SEED = 2**31 - 1  # Blender's IntProperty is 32-bit signed
+
+# Variations: how many images one Generate press makes at most (one job each, one after another).
+MAX_VARIATIONS = 8
+
+# Style presets (the main panel's Style menu): (identifier, name, description, style prompt, negative prompt).
+# Picking one fills the panel's Style Prompt and Avoid fields with its two texts, which the artist then sees and
+# may edit (operators/generate.py, SYNCSPHERE_OT_apply_style); Generate sends the prompt followed by the Style
+# Prompt (``styled_prompt``) and Avoid as the negative prompt. Short, model-neutral words: they add a look, the
+# prompt still says what is there.
+STYLES = (
+    ("NONE", "None", "Only your prompt", "", ""),
+    ("PHOTOGRAPHIC", "Photographic", "A photograph: natural light, realistic detail",
+     "photograph, natural light, realistic, highly detailed",
+     "painting, drawing, illustration, cartoon, 3d render, blurry, low quality"),
+    ("PAINTERLY", "Painterly", "An oil painting with visible brush strokes",
+     "oil painting, visible brush strokes, rich colours, painterly",
+     "photograph, photo, 3d render, smooth, blurry, low quality"),
+    ("STYLISED", "Stylised / Game", "A stylised game environment: hand-painted, clean shapes, vivid colours",
+     "stylised game environment, hand-painted textures, clean shapes, vibrant colours",
+     "photograph, photorealistic, noisy, cluttered, blurry, low quality"),
+    ("SCIFI", "Sci-fi", "Science fiction concept art: futuristic, cinematic light",
+     "science fiction, futuristic, concept art, cinematic lighting, highly detailed",
+     "medieval, rustic, blurry, low quality"),
+    ("FANTASY", "Fantasy", "Fantasy matte painting: magical, epic atmosphere",
+     "fantasy, matte painting, magical atmosphere, epic, highly detailed",
+     "modern, photograph, blurry, low quality"),
+)
+STYLE_TEXTS = {identifier: (style_prompt, negative) for identifier, _, _, style_prompt, negative in STYLES}
+STYLE_NAMES = {identifier: name for identifier, name, _, _, _ in STYLES}
+DEFAULT_STYLE = "NONE"
 
 # Quality (the main panel's speed / quality choice): (identifier, name, description, the request fields it
 # sends). The one table of what each choice means, from the backend's measurement (docs/engine.md, "View
@@ -96,15 +126,25 @@ def resolution(mode, preset):
     return RESOLUTIONS[mode][preset]
 
 
-def pick_seed(settings, rng=random):
-    """The seed of the next generation: a new random one when ``settings.randomize_seed``, else
-    ``settings.seed``. Returns an int in 0..MAX_SEED."""
-    return rng.randint(0, MAX_SEED) if settings.randomize_seed else int(settings.seed)
+def styled_prompt(prompt, style_prompt):
+    """The prompt Generate sends: ``prompt`` followed by the Style Prompt (", " between; either may be blank)."""
+    return ", ".join(text for text in (prompt.strip(), style_prompt.strip()) if text)
+
+
+def variation_seeds(settings, count, rng=random):
+    """The seeds of ``count`` variations: with ``settings.randomize_seed`` ``count`` different random seeds, else
+    ``settings.seed``, seed + 1, ... (wrapping past MAX_SEED to 0). Returns a list of ints in 0..MAX_SEED."""
+    count = max(1, min(int(count), MAX_VARIATIONS))
+    if settings.randomize_seed:
+        return rng.sample(range(MAX_SEED + 1), count)
+    return [(int(settings.seed) + number) % (MAX_SEED + 1) for number in range(count)]
 
 
 def generate_params(settings, seed, *, model, device):
     """The protocol's generate params for ``settings`` with ``seed``.
 
+    ``prompt``: the prompt and the Style Prompt (``styled_prompt``); ``negative_prompt``: Avoid (which a style
+    fills too).
     model: hub id or local path (the preferences' default model); device: auto, cuda, mps or cpu.
     ``memory`` is always sent, from ``settings.memory`` (auto, full or low: the backend's --memory).
     ``settings.window`` / ``settings.stride`` of 0 leave the backend's defaults (from the model).
@@ -122,7 +162,7 @@ def generate_params(settings, seed, *, model, device):
     """
     width, height = resolution(settings.mode, settings.resolution)
     params = {
-        "prompt": settings.prompt,
+        "prompt": styled_prompt(settings.prompt, settings.style_prompt),
         "negative_prompt": settings.negative_prompt,
         "layout": LAYOUT_OF_MODE[settings.mode],
         "width": width,
@@ -280,12 +320,13 @@ def run_summary(metadata_path):
 
 
 def job_folder(output_root, prompt, seed, now=None):
-    """A new folder path under ``output_root`` for one job: ``YYYYmmdd-HHMMSS-<prompt words>-<seed>``.
+    """A new folder path under ``output_root`` for one job: ``YYYYmmdd-HHMMSS-<prompt slug>-<seed>`` (the slug:
+    ``names.prompt_slug``, e.g. "sunlit-alpine-valley-lake").
 
     The folder is not created (the backend creates it, atomically, when it writes the result).
     """
     stamp = time.strftime("%Y%m%d-%H%M%S", time.localtime(now))
-    words = "-".join(re.findall(r"[a-z0-9]+", prompt.lower())[:4]) or "untitled"
+    words = prompt_slug(prompt)
     folder = os.path.join(output_root, f"{stamp}-{words}-{seed}")
     suffix = 1
     while os.path.exists(folder):  # two jobs within a second with the same prompt and seed

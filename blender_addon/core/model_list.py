@@ -31,6 +31,7 @@ import time
 
 from ...backend import protocol
 from ...backend.request import DEFAULT_MODEL  # the model Generate uses until the user picks another
+from .panel_words import in_panel_words
 
 # Seconds a listing or a removal may take. Listing imports huggingface_hub and scans the cache (well under
 # a second usually); removing deletes gigabytes of files. Bounded, so a stuck interpreter never hangs Blender.
@@ -173,11 +174,12 @@ def parse_model_list(text):
 
 def backend_sentence(stderr, fallback):
     """The backend's one-sentence error from a CLI command's ``stderr`` (its last line that starts with
-    "error: ", without that prefix), else ``fallback`` followed by stderr's last line when there is one."""
+    "error: ", without that prefix, in the panel's words: ``panel_words.in_panel_words``), else ``fallback``
+    followed by stderr's last line when there is one."""
     lines = [line.strip() for line in (stderr or "").splitlines() if line.strip()]
     for line in reversed(lines):
         if line.startswith("error: "):
-            return line[len("error: "):]
+            return in_panel_words(line[len("error: "):])
     return f"{fallback}: {lines[-1]}" if lines else fallback + "."
 
 
@@ -435,7 +437,8 @@ class ModelDownload:
             self.path = (event.get("outputs") or {}).get("model")
             self.state = "done"
         elif kind == "error":
-            self._fail(event.get("message") or f"The download of {self.model_id} failed without a message.")
+            self._fail(in_panel_words(event.get("message"))
+                       or f"The download of {self.model_id} failed without a message.")
         elif kind == _EXITED:
             if self._cancelling:
                 self.state = "cancelled"

@@ -20,6 +20,7 @@ import threading
 import time
 
 from ...backend import protocol
+from .panel_words import in_panel_words
 
 # Internal events the reader thread adds to the queue: the worker's stdout ended, or a line was not JSON.
 _EXITED = "_exited"
@@ -129,7 +130,8 @@ class GenerationJob:
     params: the protocol's generate params (CLI flag names in snake_case); out_dir: absolute folder.
     hang_timeout_s: a running job that produces no event for this long is declared hung; the worker is
     killed. After the job ends, ``state`` is 'done' (``outputs`` holds the paths), 'cancelled' or 'error'
-    (``error`` holds the sentence); while it runs, ``stage``, ``step`` and ``total`` tell the progress, and
+    (``error`` holds the sentence, a backend's in the panel's words: ``panel_words.in_panel_words``); while it
+    runs, ``stage``, ``step`` and ``total`` tell the progress, and
     ``seconds_per_step`` the wall seconds of the last denoising step (None until the backend has timed one;
     ``status_text`` and ``progress_fraction`` put them into words and a bar).
     """
@@ -233,7 +235,8 @@ class GenerationJob:
         elif kind == "error" and event.get("kind") == "cancelled":
             self.state = "cancelled"
         elif kind == "error":
-            self._fail(event.get("message") or "The backend reported an error without a message.")
+            # The backend's sentence names CLI flags; the artist reads the panel's controls instead.
+            self._fail(in_panel_words(event.get("message")) or "The backend reported an error without a message.")
 
     def _fail(self, message):
         self.error, self.state = message, "error"

@@ -4,8 +4,9 @@ import bpy
 from bpy.props import BoolProperty, CollectionProperty, EnumProperty, FloatProperty, IntProperty, PointerProperty, StringProperty
 from bpy.types import PropertyGroup
 
-from ..core.generation import (BACKEND_DEFAULTS, DEFAULT_EXPOSURE, DEFAULT_QUALITY, DEFAULT_SUN_RATIO,
-                               DEFAULT_SYNC_WEIGHT, DEFAULT_SYNCSDE_LAMBDA, MAX_SEED, QUALITIES, SYNC_FROM_QUALITY)
+from ..core.generation import (BACKEND_DEFAULTS, DEFAULT_EXPOSURE, DEFAULT_QUALITY, DEFAULT_STYLE, DEFAULT_SUN_RATIO,
+                               DEFAULT_SYNC_WEIGHT, DEFAULT_SYNCSDE_LAMBDA, MAX_SEED, MAX_VARIATIONS, QUALITIES, STYLES,
+                               SYNC_FROM_QUALITY)
 
 MODE_ITEMS = (
     ("WORLD", "360° World", "An equirectangular 360° image that becomes the scene's World", "WORLD", 0),
@@ -17,6 +18,10 @@ RESOLUTION_ITEMS = (
     ("STANDARD", "Standard", "2048x1024 world, 1024 px tile, 3072x768 wide"),
     ("HIGH", "High", "4096x2048 world, 2048 px tile, 4096x1024 wide"),
 )
+# Style presets: names, descriptions and their texts come from the one table, generation.STYLES. The numbers are
+# fixed, so a saved file keeps its style when presets are added.
+STYLE_ITEMS = tuple((identifier, name, description, number)
+                    for number, (identifier, name, description, _, _) in enumerate(STYLES))
 # Quality: names, descriptions and what each sends all come from the one table, generation.QUALITIES.
 QUALITY_ITEMS = tuple((identifier, name, description, number)
                       for number, (identifier, name, description, _) in enumerate(QUALITIES))
@@ -72,7 +77,12 @@ class SyncSphereHistoryItem(PropertyGroup):
     """One past generation: what was asked and where its files are."""
 
     prompt: StringProperty(name="Prompt")
+    # What the item is called in the History panel, named after the prompt (names.prompt_title), unique among the
+    # history's items; the World or material it made has the same name when that was free.
+    title: StringProperty(name="Title")
     negative_prompt: StringProperty(name="Negative Prompt")
+    style: EnumProperty(name="Style", items=STYLE_ITEMS, default=DEFAULT_STYLE)
+    style_prompt: StringProperty(name="Style Prompt")
     mode: EnumProperty(name="Mode", items=MODE_ITEMS)
     resolution: EnumProperty(name="Resolution", items=RESOLUTION_ITEMS)
     seed: IntProperty(name="Seed", min=0)
@@ -108,12 +118,24 @@ class SyncSphereSettings(PropertyGroup):
     """What the next generation makes, and how results are shown in the scene."""
 
     prompt: StringProperty(name="Prompt", description="What the image shows", default="")
-    negative_prompt: StringProperty(name="Negative Prompt", description="What it should not show", default="")
+    # The Style menu (SYNCSPHERE_OT_apply_style, not an update callback: those crash the bpy 4.2 module at exit)
+    # sets style and fills style_prompt and negative_prompt with the preset's texts; both stay editable.
+    style: EnumProperty(name="Style", items=STYLE_ITEMS, default=DEFAULT_STYLE,
+                        description="The style preset last picked; it filled Style Prompt and Avoid")
+    style_prompt: StringProperty(name="Style Prompt", default="",
+                                 description="Added after the prompt (\", \" between): the look. A style fills it; "
+                                             "edit it freely")
+    negative_prompt: StringProperty(name="Negative Prompt", default="",
+                                    description="What the image should not show. A style fills it; edit it freely")
     mode: EnumProperty(name="Mode", items=MODE_ITEMS, default="WORLD")
     resolution: EnumProperty(name="Resolution", items=RESOLUTION_ITEMS, default="DRAFT")
     seed: IntProperty(name="Seed", description="Random seed; the same seed and settings give the same image",
                       default=0, min=0, max=MAX_SEED)
     randomize_seed: BoolProperty(name="Randomize", description="Pick a new seed for every generation", default=True)
+    variations: IntProperty(name="Variations", default=1, min=1, max=MAX_VARIATIONS,
+                            description="How many images one Generate press makes, one after another: random seeds, "
+                                        "or with Randomize off the Seed, Seed + 1, ... Each lands in the History; "
+                                        "Cancel stops the rest")
     steps: IntProperty(name="Steps", description="Denoising steps", default=BACKEND_DEFAULTS["steps"], min=1, max=500)
     guidance: FloatProperty(name="Guidance", description="Classifier-free guidance scale",
                             default=BACKEND_DEFAULTS["guidance"], min=0.0, max=30.0)
