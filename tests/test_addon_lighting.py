@@ -166,6 +166,29 @@ def test_the_sun_lamps_size_and_strength():
     assert lighting.sun_lamp_strength(9.5, 0.5) == 4.75
 
 
+def test_the_sun_lamp_is_sun_ratio_times_the_world_it_leaves(tmp_path):
+    """The backend's lighting.json read by the add-on: a Sun lamp of ``sun_lamp_strength`` (World strength 1)
+    gives a plane facing the sun ``sun_ratio`` times the irradiance of the World the lamp mode leaves, the sky
+    image panorama_sky.exr (the other lamps' emitters are not in it and do not count)."""
+    from backend.app.cli import main
+    from backend.products.images import read_exr
+    from backend.sphere.geometry import lonlat_to_direction
+    from test_hdr import add_disc, daylight_sky, plane_irradiance, write_png
+
+    image = add_disc(daylight_sky(), 60.0, 40.0, 3.0)
+    for yaw in (-120.0, 0.0, 120.0):
+        add_disc(image, yaw, 5.0, 2.0)  # three lamps near the horizon, on the sun's side of the sky too
+    out = tmp_path / "out"
+    assert main(["hdr", write_png(tmp_path / "sunny.png", image), "--out", str(out), "--sun-ratio", "5"]) == 0
+    result = lighting.read_lighting(str(out / lighting.LIGHTING_FILE))
+    assert len(result.sources) == 4
+    sun = result.sun
+    facing_sun = lonlat_to_direction(math.radians(sun.yaw_deg), math.radians(sun.pitch_deg))
+    world_left = plane_irradiance(read_exr(str(out / lighting.SKY_EXR_FILE)), facing_sun)
+    assert lighting.sun_lamp_strength(sun.irradiance) / world_left == pytest.approx(5.0, rel=2e-3)
+    assert sun.irradiance_ratio == pytest.approx(5.0)
+
+
 # --- what a Generate press sends -------------------------------------------------------------------------
 
 

@@ -18,6 +18,7 @@ from backend.sphere.geometry import equirect_to_direction, lonlat_to_direction
 from backend.products.hdr import (
     HALO_WIDTH,
     LUMINANCE_WEIGHTS,
+    MAX_SOURCES,
     angular_distance_deg,
     find_light_sources,
     label_on_sphere,
@@ -154,6 +155,77 @@ def test_small_sparkle_is_not_a_source():
     image = daylight_sky()
     image[200, 100] = image[60, 300] = image[61, 301] = 1.0  # single clipped pixels and a pair
     assert find_light_sources(srgb_to_linear(image)) == []
+
+
+def city_lights(image, count, rng, radius=(1.0, 1.6)):
+    """Paint ``count`` small clipped warm-white lights (discs of a random radius in degrees) scattered round the
+    horizon, mostly below it, as a city's windows and street lamps; returns image."""
+    for _ in range(count):
+        add_disc(image, rng.uniform(-180, 180), rng.uniform(-25, 12), rng.uniform(*radius), value=(1.0, 0.97, 0.9))
+    return image
+
+
+def compact_clipped_regions(linear, monkeypatch):
+    """How many regions would be sources without the limits on their number and share."""
+    import backend.products.hdr as hdr
+
+    with monkeypatch.context() as patch:
+        patch.setattr(hdr, "MIN_SOURCE_SHARE", 0.0)
+        patch.setattr(hdr, "MAX_SOURCES", 10**6)
+        return len(hdr.find_light_sources(linear))
+
+
+def test_a_city_at_night_has_no_light_source_among_its_many_lights(monkeypatch):
+    """150 lights alike: each is a highlight, not a lamp of its own; none is expanded and there is no sun."""
+    image = city_lights(np.full((HEIGHT, WIDTH, 3), 0.06), 150, np.random.default_rng(1))
+    linear = srgb_to_linear(image)
+    assert compact_clipped_regions(linear, monkeypatch) > 100  # each light alone would pass as compact
+    result = make_hdr(linear)
+    assert result.sources == [] and result.lighting["sources"] == []
+    np.testing.assert_array_equal(result.hdr, result.sky)
+
+
+def test_a_noisy_daylight_texture_has_no_sun(monkeypatch):
+    """The issue's case: a busy, bright, noisy image (a random model's kind of output) under a daylight median.
+    It used to give 64 sources and a sun lamp about 145 times the sky left in the World; now it has none."""
+    from scipy import ndimage
+
+    noise = np.random.default_rng(0).uniform(0.2, 1.15, (HEIGHT, WIDTH, 3))
+    image = np.clip((ndimage.uniform_filter(np.clip(noise, 0, 1), size=(3, 3, 1)) - 0.5) * 2.2 + 0.6, 0, 1)
+    linear = srgb_to_linear(image)
+    assert compact_clipped_regions(linear, monkeypatch) > 64
+    result = make_hdr(linear)
+    assert result.sources == [] and result.lighting["sources"] == []
+    assert result.details["sun"] is None
+
+
+def test_a_clear_sun_over_many_small_highlights_is_the_one_source_and_its_ratio_counts_the_sky_only():
+    """A sun among 60 glints (a sunny town): the sun alone is a source, and its irradiance is sun_ratio times
+    what the sky, the World a Sun lamp leaves (panorama_sky.exr), gives a plane facing it."""
+    image = city_lights(add_disc(daylight_sky(), -40.0, 35.0, 3.0), 60, np.random.default_rng(2), radius=(0.7, 1.0))
+    result = make_hdr(srgb_to_linear(image))
+    (sun,) = result.sources
+    assert sun.is_sun and (sun.yaw_deg, sun.pitch_deg) == pytest.approx((-40.0, 35.0), abs=1.0)
+    sky_irradiance = plane_irradiance(result.sky, sun.direction)
+    assert result.lighting["diffuse_irradiance"] == pytest.approx(sky_irradiance, rel=1e-3)
+    assert sun.irradiance / sky_irradiance == pytest.approx(6.0, rel=1e-3)
+
+
+def test_at_most_a_handful_of_sources_the_largest_and_the_sun_against_the_sky_alone():
+    """A sun and six lamps (each a fair share of the bright area): the sun and the three largest lamps are
+    kept; the lamps' emitters do not count in the sun's diffuse irradiance, so its lamp is sun_ratio times the
+    sky's light on it."""
+    image = add_disc(daylight_sky(), 60.0, 40.0, 3.0)
+    for index, yaw in enumerate((-150.0, -100.0, -50.0, 0.0, 110.0, 160.0)):
+        add_disc(image, yaw, -10.0, 1.6 + 0.15 * index)  # growing: the last three are the largest
+    result = make_hdr(srgb_to_linear(image), sun_ratio=4.0)
+    assert len(result.sources) == MAX_SOURCES == 4
+    assert result.sources[0].is_sun and result.sources[0].yaw_deg == pytest.approx(60.0, abs=1.0)
+    assert sorted(round(source.yaw_deg) for source in result.sources[1:]) == [0, 110, 160]
+    sun = result.sources[0]
+    assert sun.irradiance == pytest.approx(4.0 * plane_irradiance(result.sky, sun.direction), rel=1e-3)
+    # The lamps were drawn: the HDR image facing the sun has more than the sky besides the sun.
+    assert plane_irradiance(result.hdr, sun.direction) > plane_irradiance(result.sky, sun.direction) + sun.irradiance
 
 
 # ------------------------------------------------------------------ the irradiance ratio, measured

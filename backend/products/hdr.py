@@ -8,12 +8,14 @@ module turns an equirect panorama into an HDR environment that lights a scene li
 2. **Find the light sources** (``find_light_sources``): connected regions of near-saturated pixels on the
    sphere, measured in solid angle and connected across the ±180° seam and across the poles, that are
    *compact* (``is_compact``): small (at most a cap of ``MAX_SOURCE_RADIUS_DEG``) and round enough. Each
-   has a direction, an angular radius (of the cap with the same solid angle) and a colour. The sun
+   has a direction, an angular radius (of the cap with the same solid angle) and a colour. Only a few can
+   be lights: at most ``MAX_SOURCES``, each with ``MIN_SOURCE_SHARE`` of all such regions' solid angle, so
+   an image busy with small highlights (city lights, glitter, noise) has none. The sun
    (``choose_sun``) is the largest source above the horizon, in a daylight sky only; ``--sun-direction``
    names it, or places one where none was found.
 3. **Expand** each source into an emitter (``expand_sources``): a disc of radiance L·colour with a smooth
    halo into the sky, L solved so that the sun's irradiance on a plane facing it is ``sun_ratio`` times
-   the irradiance the rest of the sphere gives that plane (or ``sun_strength``, in EXR units).
+   the irradiance the sky left without the emitters gives that plane (or ``sun_strength``, in EXR units).
 
 Conventions (``backend/sphere/geometry.py``, design section 3): equirect column j at longitude
 ``(j + 0.5) / W · 360° − 180°``, row i at latitude ``90° − (i + 0.5) / H · 180°``; yaw = longitude
@@ -90,8 +92,14 @@ PLACED_SUN_COLOR = (1.0, 0.97, 0.92)
 HALO_WIDTH = 1.0
 """Width of an emitter's soft halo, in disc radii: the profile falls from 1 to 0 over [r, r + HALO_WIDTH·r]."""
 
-MAX_SOURCES = 64
-"""At most this many sources are expanded, the largest ones: more are glitter, not lighting."""
+MAX_SOURCES = 4
+"""At most this many sources are kept, the largest ones: a scene is lit by a sun and a few lamps; more
+bright spots (city lights, glitter on water, a noisy texture) are highlights, not lighting."""
+
+MIN_SOURCE_SHARE = 0.1
+"""A source has at least this share of the solid angle of all compact clipped regions of the image. A sun
+among glints keeps nearly all of it; one of 200 city lights, or of a noisy texture's hundreds of clipped
+specks, has under 1 % and is not a light of its own (``find_light_sources``)."""
 
 HALF_MAX = 65504.0
 """The largest finite half-float value: with ``half`` a disc is widened until its radiance fits below it."""
@@ -299,7 +307,8 @@ def find_light_sources(linear: np.ndarray) -> list[LightSource]:
     kept when their brightest pixel clips (``CLIPPED_CHANNEL``) and they are ``is_compact``. For each: solid angle Ω = Σ pixel solid angles; direction = the normalised
     solid-angle-weighted mean of its pixels' directions; angular radius = that of the cap of solid angle Ω
     (acos(1 − Ω/2π)); colour = its solid-angle-weighted mean linear RGB scaled to max component 1.
-    Returns at most ``MAX_SOURCES``, largest solid angle first; none are the sun yet (``choose_sun``).
+    Only what can be a light is returned (``lights_among``), largest solid angle first; none are the sun yet
+    (``choose_sun``).
     """
     height, width = linear.shape[:2]
     labels, count = label_on_sphere(luminance(linear) >= SATURATION_LUMINANCE)
@@ -346,8 +355,17 @@ def find_light_sources(linear: np.ndarray) -> list[LightSource]:
             color=tuple(float(c) for c in colour), solid_angle=float(solid_angles[label]),
             pixels=int(pixel_counts[label]),
         ))
-    sources.sort(key=lambda source: -source.solid_angle)
-    return sources[:MAX_SOURCES]
+    return lights_among(sources)
+
+
+def lights_among(regions: list[LightSource]) -> list[LightSource]:
+    """The ``regions`` (every compact clipped region of an image) that can be lights: those with at least
+    ``MIN_SOURCE_SHARE`` of their summed solid angle, at most ``MAX_SOURCES`` of them, largest first. An image
+    busy with small highlights of similar size (lights of a city at night, a noisy texture) has none."""
+    total = sum(region.solid_angle for region in regions)
+    lights = sorted((region for region in regions if region.solid_angle >= MIN_SOURCE_SHARE * total),
+                    key=lambda region: -region.solid_angle)
+    return lights[:MAX_SOURCES]
 
 
 def angular_distance_deg(a: np.ndarray, b: np.ndarray) -> float:
@@ -480,8 +498,11 @@ def expand_sources(sky: np.ndarray, sources: list[LightSource], sun_ratio: float
     (``add_emitter``). Returns (hdr, the diffuse irradiance the reference source was solved against).
 
     The *reference* is the sun (``sources[0]`` when ``is_sun``), else the largest source. Its irradiance on
-    a plane facing it is ``sun_ratio`` · D, D the luminance irradiance the rest of the HDR image (the sky and
-    the other emitters, without its own) gives that plane; or ``sun_strength`` when given. Every other
+    a plane facing it is ``sun_ratio`` · D, D the luminance irradiance the *sky* gives that plane: the world
+    that is left when the sources are lamps (``panorama_sky.exr``, which Blender's Sun-lamp mode shows to
+    every ray but the camera's), so a lamp of that irradiance is ``sun_ratio`` times the World's light on
+    it. The other emitters are not counted in D: each is a light of its own, not sky. Or the irradiance is
+    ``sun_strength`` when given. Every other
     source k gets the same rule scaled by its size relative to the reference, capped at 1:
     ``sun_ratio · D_sky(k) · min(1, Ω_k / Ω_ref)`` (D_sky(k): the sky alone on a plane facing k, so that
     sun glints below the horizon cannot feed back into the sun), or ``sun_strength · min(1, Ω_k / Ω_ref)``.
@@ -500,7 +521,7 @@ def expand_sources(sky: np.ndarray, sources: list[LightSource], sun_ratio: float
         else:
             target = sun_ratio * float(plane_irradiance(coarse_sky, source.direction) @ LUMINANCE_WEIGHTS) * share
         add_emitter(hdr, source, target, max_radiance)
-    diffuse = float(plane_irradiance(hdr, reference.direction) @ LUMINANCE_WEIGHTS)
+    diffuse = float(plane_irradiance(sky, reference.direction) @ LUMINANCE_WEIGHTS)
     add_emitter(hdr, reference, sun_strength if sun_strength is not None else sun_ratio * diffuse, max_radiance)
     return hdr, diffuse
 
@@ -550,8 +571,8 @@ def make_hdr(linear: np.ndarray, exposure: float = 0.0, sun_ratio: float = DEFAU
 def lighting_json(sources: list[LightSource], exposure: float, sun_ratio: float | None, diffuse: float) -> dict:
     """The lighting.json dict (version 1) of expanded ``sources`` (the sun first).
 
-    ``diffuse``: the luminance irradiance of the HDR image without the sun's emitter on a plane facing the
-    sun, or of the whole HDR image facing straight up when there is no sun. Each source's
+    ``diffuse``: the luminance irradiance of the sky (``panorama_sky.exr``: no emitter drawn) on a plane
+    facing the sun, or, without a sun, of the whole HDR image on a plane facing straight up. Each source's
     ``irradiance_ratio`` is its ``irradiance`` / ``diffuse`` (the sun's is ``sun_ratio``, unless its disc could
     not be made that faint). ``sun_ratio``: None when ``--sun-strength`` set the sun's irradiance.
     """
