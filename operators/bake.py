@@ -27,7 +27,9 @@ class SYNCSPHERE_OT_bake_to_uv(Operator):
         except (ValueError, RuntimeError) as error:
             self.report({"ERROR"}, str(error))
             return {"CANCELLED"}
-        self.report({"INFO"}, f"Baked into the image '{image.name}' (packed into the .blend file)")
+        shown_by = material.materials_showing(context.active_object, image)
+        where = f"; the material {', '.join(repr(name) for name in shown_by)} now shows it" if shown_by else ""
+        self.report({"INFO"}, f"Baked into the image '{image.name}' (packed into the .blend file{where})")
         return {"FINISHED"}
 
 

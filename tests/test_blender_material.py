@@ -293,8 +293,19 @@ _BAKE_SETUP = """
         assert (near_a | near_b).mean() > 0.8, (near_a.mean(), near_b.mean())
         assert near_a.mean() > 0.3 and near_b.mean() > 0.3
         assert scene_state() == before, (scene_state(), before)
-        assert {n.name for n in mat.node_tree.nodes} == nodes_before  # temporary nodes removed
-        assert links_of(mat) == links_before
+        # The temporary nodes are gone; the baked image's UV Map and Image Texture were added, and feed the
+        # Base Color in place of the generated texture, whose nodes stay.
+        assert {n.name for n in mat.node_tree.nodes} == nodes_before | {material.BAKED_UV_NODE, material.BAKED_TEXTURE_NODE}
+        uv_map = mat.node_tree.nodes[material.BAKED_UV_NODE].uv_map
+        assert uv_map == cube.data.uv_layers.active.name
+        assert mat.node_tree.nodes[material.BAKED_TEXTURE_NODE].image == image and image.users >= 1
+        base_colour = [link for link in links_before if link[3] == "Base Color"]
+        assert len(base_colour) == 1 and base_colour[0][0] == material.TEXTURE_NODE
+        principled = base_colour[0][2]
+        assert links_of(mat) == sorted([link for link in links_before if link != base_colour[0]] + [
+            (material.BAKED_UV_NODE, "UV", material.BAKED_TEXTURE_NODE, "Vector"),
+            (material.BAKED_TEXTURE_NODE, "Color", principled, "Base Color")])
+        assert material.materials_showing(cube, image) == [mat.name]
 """
 
 
@@ -357,6 +368,50 @@ def test_bake_takes_the_base_colour_even_of_a_metallic_material(tmp_path):
         assert principled.inputs["Metallic"].default_value == 1.0
         assert [n.bl_idname for n in mat.node_tree.nodes].count("ShaderNodeEmission") == 0
     """, tmp_path)
+
+
+def test_a_baked_image_survives_save_and_reopen_and_a_shared_material_is_copied(tmp_path):
+    """The baked image has a user (the material shows it), so it is written packed into the .blend and comes
+    back with its pixels; a material another object uses too is copied for the baked object, and the other
+    object keeps the original, unchanged. Baking again swaps the image in the same two nodes."""
+    _run_blender(textwrap.dedent(_BAKE_SETUP) + textwrap.dedent("""
+        cube = new_cube()
+        mat = material.apply_tile_texture(cube, path)
+        other = new_cube("Other Cube")
+        other.data.materials.append(mat)  # the user's second object with the same material
+        links_before = links_of(mat)
+
+        image = material.bake_to_uv_image(context, cube, size=64, name="Cube Bake")
+        copy = cube.active_material
+        assert copy != mat and copy.name == f"{mat.name} Baked" and other.active_material == mat
+        assert links_of(mat) == links_before and material.BAKED_TEXTURE_NODE not in mat.node_tree.nodes
+        assert copy.node_tree.nodes[material.BAKED_TEXTURE_NODE].image == image
+        assert material.materials_showing(cube, image) == [copy.name] and material.materials_showing(other, image) == []
+        pixels = np.empty(64 * 64 * 4, dtype=np.float32)
+        image.pixels.foreach_get(pixels)
+        assert pixels.reshape(-1, 4)[:, :3].max() > 0.5
+
+        # Baking again (the copy is this object's own now): the same nodes, the new image; no second copy.
+        again = material.bake_to_uv_image(context, cube, size=64, name="Cube Bake 2")
+        assert cube.active_material == copy and len([m for m in bpy.data.materials if m.name.startswith(mat.name)]) == 2
+        assert copy.node_tree.nodes[material.BAKED_TEXTURE_NODE].image == again
+        assert [n.name for n in copy.node_tree.nodes].count(material.BAKED_TEXTURE_NODE) == 1
+        baked_again = np.empty(64 * 64 * 4, dtype=np.float32)
+        again.pixels.foreach_get(baked_again)
+
+        blend = os.path.join(os.getcwd(), "baked.blend")
+        bpy.ops.wm.save_as_mainfile(filepath=blend)
+        bpy.ops.wm.open_mainfile(filepath=blend)
+        reopened = bpy.data.images.get("Cube Bake 2")
+        assert reopened is not None and reopened.packed_file is not None and tuple(reopened.size) == (64, 64)
+        reread = np.empty(64 * 64 * 4, dtype=np.float32)
+        reopened.pixels.foreach_get(reread)
+        np.testing.assert_allclose(reread, baked_again, atol=1 / 255)  # the packed 8-bit PNG's pixels
+        assert "Cube Bake" not in bpy.data.images  # the first bake, replaced, had no user left
+        cube = bpy.data.objects["Test Cube"]
+        assert cube.active_material.node_tree.nodes[material.BAKED_TEXTURE_NODE].image == reopened
+        assert bpy.data.objects["Other Cube"].active_material.name == "SyncSphere Material"
+    """), tmp_path)
 
 
 def test_bake_refuses_what_it_cannot_bake(tmp_path):

@@ -18,10 +18,15 @@ MATERIAL_NAME = "SyncSphere Material"
 TEXCOORD_NODE = "SyncSphere Texture Coordinate"
 MAPPING_NODE = "SyncSphere Mapping"
 TEXTURE_NODE = "SyncSphere Texture"
+BAKED_UV_NODE = "SyncSphere Baked UV"  # a UV Map node: the UV map the bake laid the image out on
+BAKED_TEXTURE_NODE = "SyncSphere Baked Texture"  # the baked image, feeding the colour the bake read
 
 # Blender 5.0 deprecates Material.use_nodes (materials always use nodes there), while in 4.x a new
 # material has no node tree until use_nodes is switched on.
 _NEEDS_USE_NODES = bpy.app.version < (5, 0, 0)
+
+# On a material copied for a baked object (``use_baked_image``): the full name of the material it copies.
+_BAKED_FROM_PROP = "syncsphere_baked_from"
 
 # Horizontal gap between the nodes this module places, in node-editor units.
 _NODE_SPACING = 300
@@ -228,6 +233,12 @@ def bake_to_uv_image(context, obj, *, size=1024, name=None):
     image (8-bit sRGB, no alpha) is packed into the .blend file and saved nowhere on disk; texels
     outside the UV islands (beyond the bake margin) are black.
 
+    The image is then what the object's materials show (``use_baked_image``): each gets a UV Map node
+    (the bake's UV map) and an Image Texture of the image feeding the colour the bake read, so the image has
+    a real user and stays in the file after saving and reopening (a packed image nobody uses is dropped on
+    save). The nodes that fed that colour before stay in the tree, unlinked; a material other objects use
+    too is copied for this object first, so theirs keep their look.
+
     Returns the image. Raises ValueError for a non-mesh object, an object outside the view layer, or
     one without a (node-based) material whose colour can be found, and RuntimeError when Blender's
     bake fails (e.g. the object is hidden).
@@ -257,18 +268,74 @@ def bake_to_uv_image(context, obj, *, size=1024, name=None):
 
     image = bpy.data.images.new(name or f"{obj.name} Baked", size, size, alpha=False)
     try:
-        _bake_emission(context, scene, view_layer, obj, materials, image)
+        uv_map = _bake_emission(context, scene, view_layer, obj, materials, image)
     except BaseException:
         bpy.data.images.remove(image)  # no half-baked image left behind
         raise
     # Packed so that the baked pixels survive saving and reopening the .blend file: a generated image
-    # that was never packed or saved comes back blank.
+    # that was never packed or saved comes back blank. Packing alone is not enough: an image without
+    # users is not written at all, so the materials use it.
     image.pack()
+    use_baked_image(obj, image, uv_map)
     return image
 
 
+def use_baked_image(obj, image, uv_map):
+    """Make ``obj``'s materials show ``image``, baked on its UV map named ``uv_map``; returns the materials.
+
+    In each material (node-based, with a colour the bake can read: ``_colour_source``) a UV Map node
+    (``BAKED_UV_NODE``, ``uv_map``) feeds an Image Texture of ``image`` (``BAKED_TEXTURE_NODE``), whose
+    Color takes the place of what fed that colour before: the generated texture's nodes, or the user's,
+    stay in the tree, only the one link into the colour is replaced (a colour that was a plain value keeps
+    its value, unused). Baking again reuses the two nodes and swaps the image. A material that another
+    object (or another mesh) uses too is first copied and the copy put in this object's slots, so the other
+    objects keep their look; the bake is laid out on this object's UVs only.
+    """
+    users = bpy.data.user_map(subset=set(_unique_materials(obj)))
+    wired = []
+    for slot in obj.material_slots:
+        material = slot.material
+        if material is None or (_NEEDS_USE_NODES and not material.use_nodes) or material.node_tree is None:
+            continue
+        if material not in wired and users.get(material, set()) - {obj, obj.data}:
+            copy = next((done for done in wired if done.get(_BAKED_FROM_PROP) == material.name_full), None)
+            if copy is None:
+                copy = material.copy()
+                copy.name = f"{material.name} Baked"
+                copy[_BAKED_FROM_PROP] = material.name_full
+            slot.material = material = copy
+        if material in wired:
+            continue
+        tree = material.node_tree
+        colour = _colour_source(tree, _output_node(tree, "CYCLES"))
+        if colour is None:
+            continue
+        base = colour.node.location
+        uv = _named_node(tree, BAKED_UV_NODE, "ShaderNodeUVMap", (base.x - 2 * _NODE_SPACING, base.y - _NODE_SPACING))
+        uv.uv_map = uv_map
+        texture = _named_node(tree, BAKED_TEXTURE_NODE, "ShaderNodeTexImage", (base.x - _NODE_SPACING, base.y - _NODE_SPACING))
+        texture.image = image
+        tree.links.new(uv.outputs["UV"], texture.inputs["Vector"])
+        tree.links.new(texture.outputs["Color"], colour)
+        tree.nodes.active = texture  # what Solid shading's "Texture" colour shows
+        wired.append(material)
+    return wired
+
+
+def materials_showing(obj, image):
+    """The names (sorted) of ``obj``'s materials whose ``BAKED_TEXTURE_NODE`` shows ``image``."""
+    names = set()
+    for slot in obj.material_slots:
+        tree = slot.material.node_tree if slot.material is not None else None
+        node = tree.nodes.get(BAKED_TEXTURE_NODE) if tree is not None else None
+        if node is not None and node.bl_idname == "ShaderNodeTexImage" and node.image == image:
+            names.add(slot.material.name)
+    return sorted(names)
+
+
 def _bake_emission(context, scene, view_layer, obj, materials, image):
-    """Run the emission bake of ``obj`` into ``image``; scene and materials are restored afterwards."""
+    """Run the emission bake of ``obj`` into ``image``; scene and materials are restored afterwards.
+    Returns the name of the UV map the image is laid out on."""
     saved = _save_scene_state(scene, view_layer, obj)
     temporary = []
     try:
@@ -283,15 +350,16 @@ def _bake_emission(context, scene, view_layer, obj, materials, image):
         scene.cycles.samples = _BAKE_SAMPLES
         # Operator arguments override the scene's bake settings for this call without writing them
         # back. The margin grows the islands' edge texels outwards so filtering does not pull in black.
+        uv_map = obj.data.uv_layers.active.name
         with context.temp_override(active_object=obj, object=obj, selected_objects=[obj],
                                    selected_editable_objects=[obj]):
             result = bpy.ops.object.bake(
                 type="EMIT", target="IMAGE_TEXTURES", save_mode="INTERNAL", use_clear=True,
-                use_selected_to_active=False, margin=max(2, image.size[0] // 64),
-                uv_layer=obj.data.uv_layers.active.name,
+                use_selected_to_active=False, margin=max(2, image.size[0] // 64), uv_layer=uv_map,
             )
         if "FINISHED" not in result:
             raise RuntimeError(f"Baking {obj.name!r} did not finish ({', '.join(result)})")
+        return uv_map
     finally:
         for undo in reversed(temporary):
             undo()
