@@ -54,6 +54,9 @@ SYNC_METHODS = ("multidiffusion", "syncdiffusion", "syncsde")
 # Here, standard library only, so requests validate without torch; backend/engine/sync/syncsde.py uses these.
 SYNCSDE_COMPOSE = ("paper", "average")
 DEFAULT_SYNCSDE_LAMBDA = 5.0  # the paper's wide-image lambda
+DEFAULT_PREVIEW_EVERY = 5
+"""--preview-every: a preview PNG of the canvas every 5th denoising step and the last (docs/engine.md, "Preview while
+it paints", has its measured cost per step)."""
 SYNC_LOSSES = ("lpips-vgg", "lpips-alex", "style")  # the names of backend/engine/perceptual.py
 SYNC_LOSS_BACKBONES = ("auto", "pretrained", "random")
 # SyncDiffusion's guidance weight w per loss: 20 for LPIPS (the paper's choice); for the style loss the
@@ -227,6 +230,7 @@ class GenerateRequest:
     sun_strength: float | None = None
     sun_direction: str | list | None = None
     half: bool = False
+    preview_every: int = DEFAULT_PREVIEW_EVERY
 
     @classmethod
     def from_params(cls, params: dict[str, Any]) -> "GenerateRequest":
@@ -264,7 +268,8 @@ class GenerateRequest:
         (``engine.resolve``). Raises BadRequest with one sentence naming the first problem."""
         request = SimpleNamespace(**self.to_dict())  # a mutable draft; the result is frozen again
         for check in (_check_types, _check_size, _check_sampling, _check_model_and_device, _check_views, _check_schedule,
-                      _check_hdr, _check_sync, _check_syncdiffusion, _check_mad, _check_compile, _check_out):
+                      _check_hdr, _check_sync, _check_syncdiffusion, _check_mad, _check_compile, _check_out,
+                      _check_preview):
             check(request)
         return dataclasses.replace(self, **vars(request))
 
@@ -579,6 +584,12 @@ def _check_out(request: SimpleNamespace) -> None:
     if not request.out:
         raise BadRequest("No output folder given; pass --out DIR.")
     request.out = os.path.abspath(os.path.expanduser(request.out))
+
+
+def _check_preview(request: SimpleNamespace) -> None:
+    """--preview-every is 0 (no previews) or a number of steps."""
+    if request.preview_every < 0:
+        raise BadRequest(f"--preview-every must be 0 (no previews) or a number of steps, not {request.preview_every}.")
 
 
 def parse_sun_direction(value: Any) -> tuple[float, float]:

@@ -271,10 +271,10 @@ def test_failure_while_writing_a_cube_face_leaves_nothing(tiny_model, tmp_path, 
 
     real_write_png = backend.products.images.write_png
 
-    def fail_on_face_u(path, image):
+    def fail_on_face_u(path, image, **options):
         if "face_U" in os.path.basename(path):
             raise OSError("disk full")
-        real_write_png(path, image)
+        real_write_png(path, image, **options)
 
     monkeypatch.setattr(backend.products.images, "write_png", fail_on_face_u)
     out = tmp_path / "out"

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import json
 import sys
 
@@ -29,6 +30,7 @@ from ..request import (
     SYNC_METHODS,
     SYNCSDE_COMPOSE,
     DEFAULT_SYNCSDE_LAMBDA,
+    DEFAULT_PREVIEW_EVERY,
     VIEW_SETS,
     GenerateRequest,
 )
@@ -93,6 +95,10 @@ def _add_generate_command(commands) -> None:
     generate.add_argument("--allow-pickle", action="store_true", help="allow pickled checkpoints (.ckpt/.bin/.pt), which can run code when loaded")
     generate.add_argument("--json-progress", action="store_true",
                           help="print the protocol's JSON progress/done/error events on stdout instead of a progress bar")
+    generate.add_argument("--preview-every", type=int, default=DEFAULT_PREVIEW_EVERY, metavar="N",
+                          help="with --json-progress: a preview PNG of the canvas every N denoising steps and the last, "
+                          "named in the progress events (the tiny autoencoder when cached, else a linear latent "
+                          f"projection; default {DEFAULT_PREVIEW_EVERY}, 0: none)")
     _add_view_arguments(generate)
     _add_sync_arguments(generate)
     _add_mad_arguments(generate)
@@ -238,7 +244,10 @@ def _generate(args: argparse.Namespace) -> int:
         with contextlib.redirect_stdout(sys.stderr if json_progress else sys.stdout), lock:
             from .job import check_request, run_job
 
-            checked = check_request(request_from_args(args))
+            request = request_from_args(args)
+            if not json_progress and request.preview_every > 0:  # a bar shows no pictures: no PNGs to write
+                request = dataclasses.replace(request, preview_every=0)
+            checked = check_request(request)
             with _ProgressPrinter(events if json_progress else None) as report:
                 outputs = run_job(checked, report)
     except (Exception, KeyboardInterrupt) as error:
@@ -276,7 +285,7 @@ class _ProgressPrinter:
         if self.events is not None:
             from ..protocol import progress_event, write_event
 
-            write_event(self.events, progress_event(None, stage, step, total,
+            write_event(self.events, progress_event(None, stage, step, total, preview,
                                                     seconds_per_step=self.timer.seconds_per_step(stage, step)))
         elif stage in ("downloading", "denoising"):
             if self.bar is None or self.bar.desc != stage:

@@ -12,6 +12,7 @@ from __future__ import annotations
 import dataclasses
 import platform
 import secrets
+import sys
 import time
 
 import torch
@@ -34,10 +35,10 @@ from ..engine.models import (
 )
 from ..engine.resolve import CheckedRequest, ResolvedRequest, resolve_request
 from ..engine.sampler import StepReport
-from ..errors import BadRequest, JobCancelled
+from ..errors import BadRequest, JobCancelled, SyncSphereError
 from ..products.files import check_output_folder
 from ..products.images import srgb_to_linear
-from ..products.outputs import job_output_names, write_job_outputs
+from ..products.outputs import PreviewFile, job_output_names, write_job_outputs
 from ..request import GenerateRequest
 
 
@@ -78,7 +79,9 @@ def run_job(checked: CheckedRequest, report: StepReport | None = None, models: M
     lighting's {"exr_sky", "lighting"}: ``outputs.write_job_outputs``).
 
     ``report(stage, step, total, preview)`` is called for stages downloading, loading, denoising (every
-    step), decoding and writing; returning True stops the job with JobCancelled. Nothing is written unless
+    step), decoding and writing; returning True stops the job with JobCancelled. ``preview`` is None, or on the
+    denoising steps ``--preview-every`` picks the absolute path of the job's preview PNG, just rewritten
+    (``JobPreviews``); it is deleted before the job's files are written. Nothing else is written unless
     the job completes, and then its files replace the folder's old set as a unit. Raises BadRequest,
     ModelNotFound, OutOfMemory or JobCancelled, and SyncSphereError when writing fails (a full disk).
 
@@ -104,16 +107,71 @@ def run_job(checked: CheckedRequest, report: StepReport | None = None, models: M
         check_job_fits(checked.params, model.device, model.dtype, pipeline.unet.config, pipeline.vae.config, 0)
     resolved = checked.resolved_for(model)
     timings = {"loading_s": time.perf_counter() - started}
-    # 3. Denoise and decode, within the memory plan.
-    image, canvas, details, attempt_timings, memory = generate_image(resolved, model, report, stage)
+    # 3. Denoise (with a preview picture every --preview-every steps) and decode, within the memory plan.
+    with JobPreviews(resolved.params, model, report) as previews:
+        image, canvas, details, attempt_timings, memory = generate_image(resolved, model, previews, stage)
     timings.update(attempt_timings)
     # 4. HDR lighting, metadata, and every file written at once.
     stage("writing")
     hdr = make_lighting(resolved.params, image, timings)
     timings["total_s"] = time.perf_counter() - started
-    metadata = job_metadata(resolved, model, canvas, details, memory, timings, hdr)
+    metadata = job_metadata(resolved, model, canvas, details, memory, timings, hdr, previews.details())
     params = resolved.params
     return write_job_outputs(params.out, image, metadata, cube_map=params.cube_map, hdr=hdr, half=params.half)
+
+
+class JobPreviews:
+    """The job's step report for the engine: the loop's preview latents become the job's preview PNG.
+
+    Called as the denoising loop's ``report(stage, step, total, latent)``: when ``latent`` (the canvas's
+    predicted clean latent, on the steps ``--preview-every`` picks) is given, it is turned into an image
+    (``engine.preview.canvas_preview``: TAESD when cached, else the linear projection) and written to the
+    output folder (``outputs.PreviewFile``); then the job's own ``report`` gets the PNG's path in its place
+    (None on the other steps and stages) and its answer is returned. A preview that cannot be made or written
+    is a warning on stderr and no more previews, never a failed job. As a context manager it deletes the
+    preview on exit. ``details()``: what metadata.json records under "preview" ({"every", "decoder",
+    "count", "seconds"}, the seconds spent on previews, which "denoising_s" includes), None without previews.
+    """
+
+    def __init__(self, params: GenerateRequest, model: LoadedModel, report: StepReport):
+        from ..engine.preview import canvas_preview
+
+        self.report = report
+        self.every = params.preview_every
+        self.file = PreviewFile(params.out) if self.every else None
+        pipeline = model.pipeline
+        self.project = canvas_preview(pipeline.vae.config, model.geometry.vae_scale_factor, model.device,
+                                      model.dtype) if self.file else None
+        self.decoder = self.project.name if self.project is not None else None
+        self.count, self.seconds = 0, 0.0
+
+    def __call__(self, stage: str, step: int, total: int, latent) -> bool | None:
+        path = None
+        if latent is not None and self.project is not None:
+            began = time.perf_counter()
+            try:
+                path = self.file.write(self.project(latent))
+            except (SyncSphereError, OSError, RuntimeError, ValueError) as error:
+                print(f"warning: no more previews: the preview could not be made ({error})", file=sys.stderr)
+                self.project = None
+            else:
+                self.count += 1
+                self.seconds += time.perf_counter() - began
+        return self.report(stage, step, total, path)
+
+    def details(self) -> dict | None:
+        """metadata.json's "preview" (see the class), or None when no preview was made."""
+        if not self.count:
+            return None
+        return {"every": self.every, "decoder": self.decoder, "count": self.count, "seconds": self.seconds}
+
+    def __enter__(self) -> "JobPreviews":
+        return self
+
+    def __exit__(self, *exc) -> bool:
+        if self.file is not None:
+            self.file.remove()
+        return False
 
 
 def make_lighting(params: GenerateRequest, image, timings: dict):
@@ -130,10 +188,10 @@ def make_lighting(params: GenerateRequest, image, timings: dict):
 
 
 def job_metadata(resolved: ResolvedRequest, model: LoadedModel, canvas, details: dict, memory: dict,
-                 timings: dict, hdr) -> dict:
+                 timings: dict, hdr, preview: dict | None = None) -> dict:
     """What metadata.json records of a job: its parameters as resolved, the seed, the model, device and dtype,
-    the canvas, the sampling ``details``, the ``memory`` plan, ``timings``, package versions and the HDR
-    lighting's details."""
+    the canvas, the sampling ``details``, the ``memory`` plan, ``timings``, package versions, the HDR
+    lighting's details and the ``preview``s made (``JobPreviews.details``)."""
     params = resolved.params
     metadata = {
         "params": params.to_dict(),
@@ -150,6 +208,8 @@ def job_metadata(resolved: ResolvedRequest, model: LoadedModel, canvas, details:
     }
     if hdr is not None:
         metadata["hdr"] = hdr.details
+    if preview is not None:
+        metadata["preview"] = preview
     return metadata
 
 

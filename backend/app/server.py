@@ -158,7 +158,7 @@ class StdioServer:
         timer = protocol.StepTimer()
 
         def report(stage, step, total, preview):
-            self.send(protocol.progress_event(job.id, stage, step, total,
+            self.send(protocol.progress_event(job.id, stage, step, total, preview,
                                               seconds_per_step=timer.seconds_per_step(stage, step)))
             return self._is_cancelled(job)
 

@@ -115,7 +115,8 @@ def denoise(resolved: ResolvedRequest, model: LoadedModel, report: StepReport, p
     with sync.merged_attention or contextlib.nullcontext(), gradient_checkpointing(checkpointed):
         latents = sample_canvas(predict, scheduler, resolved.schedule or views, noise, steps=params.steps,
                                 view_batch=params.view_batch, sync=sync, projected_noise=projected_noise,
-                                step_kwargs=stepping_arguments(scheduler, params.seed), report=report)
+                                step_kwargs=stepping_arguments(scheduler, params.seed), report=report,
+                                preview_every=params.preview_every)
     per_step = resolved.views_per_step()
     details = {"views": len(views), "view_set": params.views, "schedule": params.schedule, "fusion": resolved.fusion,
                "views_per_step": {"mean": sum(per_step) / len(per_step), "min": min(per_step), "max": max(per_step)},

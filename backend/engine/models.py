@@ -387,11 +387,13 @@ def fuse_lora(model: LoadedModel, source: ModelSource, scale: float) -> None:
 TINY_AUTOENCODERS = {"taesd": "madebyollin/taesd"}  # --sync-decoder short names for SD 1.x / 2.x latents
 
 
-def load_tiny_autoencoder(spec: str, device: torch.device, dtype: torch.dtype, latent_channels: int, allow_pickle: bool = False):
-    """A diffusers ``AutoencoderTiny`` (TAESD) for SyncDiffusion's guidance decode.
+def load_tiny_autoencoder(spec: str, device: torch.device, dtype: torch.dtype, latent_channels: int, allow_pickle: bool = False,
+                          local_only: bool = False):
+    """A diffusers ``AutoencoderTiny`` (TAESD) for SyncDiffusion's guidance decode and the denoising preview.
 
     spec: ``taesd`` (``madebyollin/taesd``), another hub id, or a local folder saved with
-    ``save_pretrained``. Only safetensors weights unless ``allow_pickle``. Its decoder takes the model's
+    ``save_pretrained``. Only safetensors weights unless ``allow_pickle``. ``local_only``: a hub id only from
+    the local cache, never downloaded (the preview's rule: ModelNotFound when it is not there). Its decoder takes the model's
     scaled latents (divided by its own ``scaling_factor``, 1.0) and returns images in [-1, 1].
     Raises ModelNotFound (hub id not available) or BadRequest (unloadable folder, wrong latent channels).
     """
@@ -406,7 +408,7 @@ def load_tiny_autoencoder(spec: str, device: torch.device, dtype: torch.dtype, l
     try:
         decoder = AutoencoderTiny.from_pretrained(
             location, torch_dtype=dtype, use_safetensors=None if allow_pickle else True,
-            local_files_only=hub_offline() or is_folder,
+            local_files_only=hub_offline() or is_folder or local_only,
         )
     except (OSError, ValueError, EnvironmentError) as error:
         if not is_folder:

@@ -17,11 +17,14 @@ import torch
 
 from ..errors import JobCancelled
 from .sync import multidiffusion
+from .sync.tweedie import predicted_clean_latent
 from .sync.syncdiffusion import SyncDiffusionGuidance
 from ..sphere.schedules import ViewSchedule
 from ..sphere.view_sets import CanvasViews
 
-# report(stage, step, total, preview_latent) -> True to stop the job before the next step.
+# report(stage, step, total, preview) -> True to stop the job before the next step. From the loop, ``preview`` is
+# the canvas's predicted clean latent on the steps ``preview_steps`` picks, else None; the job runner turns it
+# into a PNG and hands its callers the file's path instead (``app/job.py``).
 StepReport = Callable[[str, int, int, Optional[torch.Tensor]], Optional[bool]]
 
 FUSIONS = ("noisy", "clean", "own", "canvas")
@@ -76,6 +79,7 @@ def sample_canvas(
     projected_noise: torch.Tensor | None = None,
     step_kwargs: dict | None = None,
     report: StepReport | None = None,
+    preview_every: int = 0,
 ) -> torch.Tensor:
     """Denoise a canvas latent over ``views`` in ``steps`` steps, synchronised as ``sync`` says.
 
@@ -91,7 +95,11 @@ def sample_canvas(
         Gaussian noise of their own.
     view_batch: views per denoiser call (every view while MAD is active).
     step_kwargs: extra arguments of ``scheduler.step`` (a generator for stochastic samplers).
-    report: called after every step with ("denoising", step, steps, canvas latent); True stops the job.
+    report: called after every step with ("denoising", step, steps, preview); True stops the job. ``preview``
+        is the canvas's predicted clean latent x0 (1, C, H, W), the views' Tweedie estimates fused as the
+        fusion fuses them (composed by SyncSDE's rule with fusion "own"), on the steps ``preview_steps``
+        picks with ``preview_every`` (the last step's is the final latent for DDIM), else None. It costs one
+        fusion of the views' x0 on those steps only (fusions "clean" and "canvas" make it anyway).
     Returns the denoised canvas latent (1, C, H, W). Raises JobCancelled when ``report`` returns True, and
     ValueError for fewer than one step or view per batch, or a schedule without fusion "canvas".
     """
@@ -118,6 +126,7 @@ def sample_canvas(
     if fusion in ("clean", "own"):
         view_latents = _own_view_noise(views, initial_noise, projected_noise) * scheduler.init_noise_sigma
 
+    previewed = set(preview_steps(steps, preview_every))
     for step_index, timestep in enumerate(scheduler.timesteps):
         if schedule is not None:  # the windows move: this step's views, and whatever numbers views follows them
             views = schedule.views_at(step_index)
@@ -130,6 +139,8 @@ def sample_canvas(
             view_latents = views.read(latents)
         if fusion == "canvas":  # crop windows read the canvas; projected views bring their own x_t
             view_latents = torch.cat([views.canvas.read(latents, views.crops)] + ([projected_latents] if views.projected else []))
+        wants_preview = report is not None and step_index + 1 in previewed
+        preview = None
         predictions = None  # SyncDiffusion's fast path hands back the predictions of its gradient pass
         if guidance is not None:
             view_latents, predictions = guidance.guide(view_latents, timestep, batch_schedulers[0], step_index)
@@ -143,12 +154,17 @@ def sample_canvas(
                 for start in range(0, len(views), chunk)
             ])
         if fusion == "canvas":
-            latents, projected_latents = multidiffusion.step_canvas(views, canvas_scheduler, projected_scheduler, latents,
-                                                                    projected_latents, view_latents, predictions,
-                                                                    timestep, step_kwargs)
+            latents, projected_latents, fused_clean = multidiffusion.step_canvas(
+                views, canvas_scheduler, projected_scheduler, latents, projected_latents, view_latents, predictions,
+                timestep, step_kwargs)
+            preview = fused_clean if wants_preview else None
         else:
             if fusion == "clean":
                 predictions, latents = multidiffusion.fuse_clean(views, batch_schedulers[0], view_latents, predictions, timestep)
+                preview = latents if wants_preview else None
+            elif wants_preview:  # before the step: a sigma sampler's x0 reads the step's own sigma
+                clean = predicted_clean_latent(batch_schedulers[0], view_latents, predictions, timestep)
+                preview = synchroniser.compose(clean) if synchroniser is not None else views.fuse(clean)
             previous = view_latents
             view_latents = torch.cat([
                 batch_scheduler.step(predictions[part], timestep, view_latents[part], **step_kwargs).prev_sample
@@ -160,11 +176,19 @@ def sample_canvas(
             elif fusion == "noisy":
                 latents = multidiffusion.fuse_noisy(views, view_latents)
 
-        if report is not None and report("denoising", step_index + 1, steps, latents):
+        if report is not None and report("denoising", step_index + 1, steps, preview):
             raise JobCancelled(f"The job was cancelled after step {step_index + 1} of {steps}.")
     if fusion == "clean":
         latents = multidiffusion.fuse_noisy(views, view_latents)  # each view's final latent, averaged once
     return latents
+
+
+def preview_steps(steps: int, every: int) -> tuple[int, ...]:
+    """The steps (1-based, of ``steps``) whose report carries a preview latent with ``--preview-every`` ``every``:
+    every ``every``-th step and the last (the finished canvas, shown while it decodes); none for 0."""
+    if every <= 0:
+        return ()
+    return (*range(every, steps, every), steps)
 
 
 def _canvas_batches(views: CanvasViews, canvas_scheduler, projected_scheduler) -> list:

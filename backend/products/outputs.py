@@ -4,17 +4,20 @@
 
 ``job_output_names`` says which files a job may write (the request's --overwrite check reads it before any work
 starts); ``write_job_outputs`` writes them all in one ``files.write_files_atomically``, which replaces the folder's
-old set as a unit: a reader sees the old set or the complete new one, never a mix.
+old set as a unit: a reader sees the old set or the complete new one, never a mix. While the job denoises,
+``PreviewFile`` keeps its preview picture (``--preview-every``) in the folder, and removes it before those are written.
 """
 
 from __future__ import annotations
+
+import os
 
 import numpy as np
 
 from ..sphere.geometry import FACES
 from . import images
 from .cubemap import cube_map_writers, output_names as cube_map_names
-from .files import write_files_atomically
+from .files import write_file_atomically, write_files_atomically
 from .hdr import HDR_OUTPUT_NAMES, hdr_writers
 
 OUTPUT_NAMES = ("panorama.png", "panorama.exr", "metadata.json")
@@ -75,3 +78,47 @@ def write_job_outputs(out_dir: str, image: np.ndarray, metadata: dict, cube_map:
         outputs["faces"] = {face: paths[name] for face, name in zip(FACES, cube_names)}
         outputs["dice"], outputs["horizon"] = paths[cube_names[6]], paths[cube_names[7]]
     return outputs
+
+
+PREVIEW_NAME = ".syncsphere-preview.png"
+"""The preview PNG in a job's output folder while it denoises (``PreviewFile``): hidden and named so that it cannot
+be one of the user's files."""
+
+
+class PreviewFile:
+    """The job's preview picture, ``PREVIEW_NAME`` in its output folder ``out_dir``, while the job runs.
+
+    ``write(image)`` replaces it atomically (``files.write_file_atomically``: a reader sees the previous picture
+    or the new one, never half a PNG) and returns its absolute path, what the protocol's progress event carries
+    as ``preview``. ``remove()`` deletes it, and the output folder too when writing the preview created it and it
+    is empty again (a cancelled or failed job leaves nothing behind); the job calls it before writing its files,
+    so a finished folder holds only the job's outputs. Usable as a context manager that removes on exit.
+    """
+
+    def __init__(self, out_dir: str):
+        self.path = os.path.join(os.path.abspath(os.path.expanduser(out_dir)), PREVIEW_NAME)
+        self.folder_existed = os.path.isdir(os.path.dirname(self.path))
+
+    def write(self, image: np.ndarray) -> str:
+        """Write ``image`` ((H, W, 3) float in [0, 1], sRGB-encoded) as the 8-bit preview PNG; returns its path.
+        Raises SyncSphereError with one sentence when it cannot be written (a full disk)."""
+        return write_file_atomically(self.path, lambda path: images.write_png(path, image, compress_level=1))
+
+    def remove(self) -> None:
+        """Delete the preview (and the folder it created, when empty); a missing one is fine."""
+        try:
+            os.remove(self.path)
+        except FileNotFoundError:
+            pass
+        if not self.folder_existed:
+            try:
+                os.rmdir(os.path.dirname(self.path))
+            except OSError:  # not empty (the user's or the job's files) or already gone: it stays as it is
+                pass
+
+    def __enter__(self) -> "PreviewFile":
+        return self
+
+    def __exit__(self, *exc) -> bool:
+        self.remove()
+        return False

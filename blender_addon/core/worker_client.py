@@ -133,7 +133,10 @@ class GenerationJob:
     (``error`` holds the sentence, a backend's in the panel's words: ``panel_words.in_panel_words``); while it
     runs, ``stage``, ``step`` and ``total`` tell the progress, and
     ``seconds_per_step`` the wall seconds of the last denoising step (None until the backend has timed one;
-    ``status_text`` and ``progress_fraction`` put them into words and a bar).
+    ``status_text`` and ``progress_fraction`` put them into words and a bar). ``preview`` is the path of the
+    canvas's preview PNG the backend named last (None before the first), ``preview_step`` the denoising step
+    it shows and ``preview_count`` how many have arrived, so a follower sees when a new one came (the
+    backend rewrites the same file in place and deletes it when the job ends: read it when it arrives).
     """
 
     def __init__(self, worker, params, out_dir, hang_timeout_s=600.0):
@@ -145,6 +148,7 @@ class GenerationJob:
         self.state = "new"
         self.stage, self.step, self.total = "starting", 0, 1
         self.seconds_per_step = None
+        self.preview, self.preview_step, self.preview_count = None, 0, 0
         self.outputs = None
         self.error = None
         self._last_event_time = None
@@ -230,6 +234,9 @@ class GenerationJob:
             # Optional (older backends send none; the first step's event has none): the last step's seconds.
             seconds = event.get("seconds_per_step")
             self.seconds_per_step = seconds if isinstance(seconds, (int, float)) and not isinstance(seconds, bool) else None
+            preview = event.get("preview")  # optional too: a path on the steps the backend made one
+            if isinstance(preview, str) and preview:
+                self.preview, self.preview_step, self.preview_count = preview, self.step, self.preview_count + 1
         elif kind == "done":
             self.outputs, self.state = event["outputs"], "done"
         elif kind == "error" and event.get("kind") == "cancelled":

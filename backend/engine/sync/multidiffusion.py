@@ -41,7 +41,7 @@ def fuse_clean(views: CanvasViews, scheduler, view_latents: torch.Tensor, predic
 
 def step_canvas(views: CanvasViews, canvas_scheduler, projected_scheduler, latents: torch.Tensor,
                 projected_latents: torch.Tensor | None, view_latents: torch.Tensor, predictions: torch.Tensor, timestep,
-                step_kwargs: dict) -> tuple[torch.Tensor, torch.Tensor | None]:
+                step_kwargs: dict) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
     """One step of canvas fusion: the canvas is the state, stepped once with the views' fused clean latent.
 
     The views' x0 (Tweedie) are averaged on the canvas; the canvas steps from its own x_t with the model output
@@ -53,7 +53,8 @@ def step_canvas(views: CanvasViews, canvas_scheduler, projected_scheduler, laten
     canvas_scheduler, projected_scheduler: two copies of the sampler at this step (one history each).
     latents: the canvas x_t (1, C, H, W); projected_latents: the projected views' x_t (P, C, s, s) or None;
     view_latents, predictions: (len(views), C, s, s), crops first, the x_t each view was predicted at.
-    Returns (the canvas x_{t-1}, the projected views' x_{t-1} or None).
+    Returns (the canvas x_{t-1}, the projected views' x_{t-1} or None, the fused clean latent x0 on the canvas
+    (1, C, H, W): the step's preview).
     """
     fused_clean = views.fuse(predicted_clean_latent(canvas_scheduler, view_latents, predictions, timestep))
     canvas_prediction = prediction_for_clean_latent(canvas_scheduler, latents, fused_clean, timestep)
@@ -61,4 +62,4 @@ def step_canvas(views: CanvasViews, canvas_scheduler, projected_scheduler, laten
         own = prediction_for_clean_latent(projected_scheduler, projected_latents, views.read_projected(fused_clean), timestep)
         projected_latents = projected_scheduler.step(own, timestep, projected_latents, **step_kwargs).prev_sample
     latents = canvas_scheduler.step(canvas_prediction, timestep, latents, **step_kwargs).prev_sample
-    return latents, projected_latents
+    return latents, projected_latents, fused_clean
