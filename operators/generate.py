@@ -10,7 +10,7 @@ from bpy.types import Operator
 from ..blender_addon.core import backend_command, generation, model_list, preflight, session
 from ..blender_addon.core.names import prompt_title
 from ..blender_addon.scene.preferences import get_preferences, interpreter_path, output_folder, user_folder
-from ..blender_addon.scene import world
+from ..blender_addon.scene import preview, world
 from ..blender_addon.scene.properties import STYLE_ITEMS
 from ..blender_addon.scene.results import (add_history, apply_result, history_values, result_problem,
                                            reuse_settings)
@@ -104,6 +104,7 @@ class SYNCSPHERE_OT_generate(Operator):
             return {"PASS_THROUGH"}
         batch = session.current_batch()
         batch.job.poll()
+        preview.follow_job(context, batch.job)  # a new preview into the panel (and the World); the World back at the end
         redraw_areas(context, {"PROPERTIES", "VIEW_3D"})
         if not batch.job.finished:
             return {"PASS_THROUGH"}

@@ -11,6 +11,7 @@ from ..blender_addon.core import generation, session
 from ..blender_addon.scene import material, world
 from ..blender_addon.scene.preferences import draw_sentence, get_preferences
 from ..blender_addon.scene.results import thumbnail_icon
+from .preview import draw_preview
 
 
 def draw_main(layout, context):
@@ -46,6 +47,7 @@ def draw_main(layout, context):
     if session.is_busy():
         layout.progress(factor=batch.job.progress_fraction, text=batch.status_text)
         layout.operator("syncsphere.cancel", icon="CANCEL")
+        draw_preview(layout, context)  # the picture while it paints (issue 21): panels/preview.py
     else:
         row = layout.row(align=True)
         count = settings.variations
@@ -87,6 +89,7 @@ def draw_result(layout, context):
             column.operator("syncsphere.export_cubemap", icon="EXPORT")
         column.prop(settings, "hide_from_camera")
         column.prop(settings, "face_camera")
+        column.prop(settings, "preview_in_world")  # how a running job shows (panels/preview.py)
         column.operator("syncsphere.restore_world", icon="LOOP_BACK")
     elif settings.mode == "TILE":
         obj = context.active_object

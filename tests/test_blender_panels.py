@@ -27,7 +27,8 @@ pytestmark = pytest.mark.skipif(_bpy_dir() is None, reason="bpy is not installed
 SETTINGS = {"prompt", "style", "style_prompt", "negative_prompt", "mode", "resolution", "quality", "seed", "randomize_seed",
             "variations", "steps", "guidance",
             "sync_method", "sync_weight", "sync_steps", "sync_fast", "syncsde_lambda", "mad", "view_set",
-            "prompt_up", "prompt_down", "window", "stride", "device", "memory", "hide_from_camera", "face_camera"}
+            "prompt_up", "prompt_down", "window", "stride", "device", "memory", "hide_from_camera", "face_camera",
+            "preview_in_world"}
 # The Lighting sub-panel's (360° World; tests/test_blender_lighting.py draws it in detail).
 SETTINGS |= {"hdr", "exposure", "sun_ratio", "use_sun_direction", "sun_yaw", "sun_pitch", "sun_mode"}
 # The Advanced sub-panel's synchronisation controls (the research controls; the main panel has Quality).
@@ -387,7 +388,7 @@ result({"registered": registered, "by method": by_method,
         # The backend is configured: no hint to set it.
         assert not _notes(calls)
 
-        assert set(_props(drawn[f"{main}_result"], "settings")) == {"hide_from_camera", "face_camera"}
+        assert set(_props(drawn[f"{main}_result"], "settings")) == {"hide_from_camera", "face_camera", "preview_in_world"}
         assert "syncsphere.restore_world" in _operators(drawn[f"{main}_result"])
         assert _props(drawn[f"{main}_advanced"], "settings") == \
             ADVANCED_SETTINGS[:6] + SYNCDIFFUSION_SETTINGS + ADVANCED_SETTINGS[6:]
@@ -827,7 +828,7 @@ for hide in (False, True):
 result(report)
 """, tmp_path)
     # A World that is not SyncSphere's: only the options and Restore.
-    assert _props(report["user world"], "settings") == ["hide_from_camera", "face_camera"]
+    assert _props(report["user world"], "settings") == ["hide_from_camera", "face_camera", "preview_in_world"]
     assert [call for call in report["user world"] if call["method"] == "prop"
             and call["args"]["data"] not in ("settings",)] == []
     for hide in (False, True):
@@ -837,7 +838,7 @@ result(report)
             {"data": "rotation", "property": "default_value", "index": 2, "text": "Rotation"},
             {"data": "strength", "property": "default_value", "index": -1, "text": "Strength"},
         ]
-        assert _props(calls, "settings") == ["hide_from_camera", "face_camera"]
+        assert _props(calls, "settings") == ["hide_from_camera", "face_camera", "preview_in_world"]
         assert _operators(calls) == ["syncsphere.export_cubemap", "syncsphere.restore_world"]
 
 
@@ -874,7 +875,7 @@ result(report)
     assert notes(report["no background"]) == ["Rotation: its SyncSphere node was deleted",
                                               "Strength: its SyncSphere node was deleted"]
     for calls in (report["no mapping"], report["no background"]):
-        assert _props(calls, "settings") == ["hide_from_camera", "face_camera"]
+        assert _props(calls, "settings") == ["hide_from_camera", "face_camera", "preview_in_world"]
         assert _operators(calls) == ["syncsphere.export_cubemap", "syncsphere.restore_world"]
     assert (report["rotation"], report["rotation set"], report["strength"], report["strength set"]) == (0.0, False, 1.0, False)
 

@@ -199,6 +199,10 @@ class SyncSphereSettings(PropertyGroup):
                                    description="The world lights the scene but the camera sees a plain background")
     face_camera: BoolProperty(name="Face the Camera", default=False,
                               description="Rotate the world so the image centre is in front of the active camera")
+    # Not sent: how a running World job is shown (blender_addon/scene/preview.py, follow_job).
+    preview_in_world: BoolProperty(name="Live Preview in World", default=False,
+                                   description="While a 360° World generates, show its preview as the scene's World "
+                                               "in the viewport (a temporary World; yours comes back when the job ends)")
 
     # Lighting (the Lighting sub-panel, 360° World only). hdr ... sun_pitch are sent to the backend
     # (generation.generate_params) when they differ from its defaults; sun_mode is how a result is applied.
