@@ -3,7 +3,7 @@
 Thin: the work is ``blender_addon.core.model_list``, run with the configured backend Python. A download runs in
 its own process; in the UI a timer (``follow_download``) takes in its progress and redraws the preferences,
 in background mode (scripts, tests: Blender's timers never fire) the operator waits for it and prints its
-progress. Downloads need Blender's online access, like the backend setup (design section 7).
+progress. Downloads need Blender's online access, like the backend setup (docs/conventions.md#blender-rules).
 """
 
 import bpy

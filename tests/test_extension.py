@@ -20,7 +20,7 @@ from syncsphere.blender_addon.core import backend_command
 
 REPO = Path(__file__).resolve().parents[1]
 
-# The folders whose modules Blender imports; none of them may import torch (design section 1).
+# The folders whose modules Blender imports; none of them may import torch (docs/conventions.md#extension).
 ADDON_PACKAGES = ("blender_addon", "operators", "panels")
 
 PANEL_CLASSES = ("SYNCSPHERE_PT_world", "SYNCSPHERE_PT_view3d")
@@ -141,7 +141,8 @@ def test_manifest_validates_with_blenders_tool():
 
 
 def test_manifest_texts_follow_listing_rules():
-    """Tagline and permission reasons: at most 64 characters, no trailing punctuation (section 7)."""
+    """Tagline and permission reasons: at most 64 characters, no trailing punctuation
+    (docs/conventions.md#blender-rules)."""
     import tomllib
 
     manifest = tomllib.loads((REPO / "blender_manifest.toml").read_text(encoding="utf-8"))
@@ -272,7 +273,7 @@ def _forbidden_uses(tree):
 
 @pytest.mark.parametrize("folder", ["", *ADDON_PACKAGES])
 def test_addon_sources_do_not_touch_import_machinery(folder):
-    """No add-on source uses sys.path / sys.modules or imports torch (listing rule, section 7).
+    """No add-on source uses sys.path / sys.modules or imports torch (docs/conventions.md#blender-rules).
 
     The subprocess tests above catch a torch import at run time; this catches one in a code path
     those imports do not execute (inside a function).
@@ -335,7 +336,7 @@ print("ok")
 
 
 def test_backend_command_line_and_environment():
-    """The worker command and its environment are what design section 1 specifies."""
+    """The worker command and its environment are what docs/conventions.md#extension specifies."""
     assert backend_command.backend_command("/opt/py/bin/python") == [
         "/opt/py/bin/python", "-m", "backend", "serve", "--stdio"]
     assert backend_command.backend_command("py", "info") == ["py", "-m", "backend", "info"]

@@ -224,7 +224,7 @@ def output_folder(prefs):
     """
     if prefs is not None and prefs.output_dir.strip():
         return bpy.path.abspath(prefs.output_dir)
-    # Never inside the extension folder: Blender wipes it on every upgrade (design section 7).
+    # Never inside the extension folder: Blender wipes it on every upgrade (docs/conventions.md#blender-rules).
     return user_folder(OUTPUTS_SUBFOLDER)
 
 
