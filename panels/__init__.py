@@ -11,12 +11,16 @@ from ..blender_addon.core import generation, session
 from ..blender_addon.scene import material, world
 from ..blender_addon.scene.preferences import get_preferences
 from ..blender_addon.scene.results import thumbnail_icon
+from .first_run import draw_first_run
 
 
 def draw_main(layout, context):
     """Prompt, mode, model (the preferences' Default Model as a menu of the installed models), resolution,
     quality (with a note when the Advanced settings make its schedule dense), the view set and sky / ground
     prompts for a 360° World, seed, sampling, and Generate / Cancel with the job's progress."""
+    # First run (panels/first_run.py): what to do before Generate works, the backend then the model, on top.
+    draw_first_run(layout, context)
+
     settings = context.scene.syncsphere
     prefs = get_preferences(context)
     layout.prop(settings, "prompt")
@@ -55,8 +59,6 @@ def draw_main(layout, context):
         icon = thumbnail_icon(settings.history[0].png_path)
         if icon:
             layout.template_icon(icon_value=icon, scale=6.0)
-    if prefs is not None and not prefs.python_path.strip():
-        layout.label(text="Set the backend Python in the add-on preferences", icon="INFO")
 
 
 def draw_socket(layout, socket, text, index=-1):

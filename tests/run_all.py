@@ -55,7 +55,7 @@ BLENDER42_TESTS = ("tests/test_extension.py", "tests/test_blender_world.py", "te
 # The end-to-end tests: Blender 4.2 (SYNCSPHERE_TEST_BLENDER_PYTHON) drives the backend of the main environment.
 BLENDER42_END_TO_END_TESTS = ("tests/test_blender_generate.py", "tests/test_blender_history_and_modes.py",
                               "tests/test_blender_export.py", "tests/test_blender_lighting.py",
-                              "tests/test_blender_models.py")
+                              "tests/test_blender_models.py", "tests/test_blender_first_run.py")
 
 STAGES = (
     Stage("install .venv (the backend, pytest, Blender 5.0)",

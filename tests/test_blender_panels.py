@@ -372,7 +372,7 @@ result({"registered": registered, "by method": by_method,
 
 
 def test_main_panel_follows_the_job_and_the_preferences(tmp_path):
-    """Busy: progress and Cancel instead of Generate. Failed: Generate and the error. No backend: a hint."""
+    """Busy: progress and Cancel instead of Generate. Failed: Generate and the error. No backend: the first-run steps."""
     states = _blender("""
 def main_calls():
     return draw("SYNCSPHERE_PT_view3d")
@@ -413,9 +413,10 @@ result(states)
     assert states["loading"]["progress"] == [{"factor": 0.0, "text": "Loading"}]
     assert states["error"]["operators"] == ["syncsphere.generate"] and not states["error"]["progress"]
     assert states["error"]["labels"] == [{"text": "The model could not be loaded", "icon": "ERROR"}]
-    assert states["no backend"]["operators"] == ["syncsphere.generate"]
-    assert [label["icon"] for label in states["no backend"]["labels"]] == ["INFO"]
-    assert "preferences" in states["no backend"]["labels"][0]["text"]
+    # No backend: the first-run steps lead to Set Up Backend (tests/test_blender_first_run.py); Generate stays.
+    assert states["no backend"]["operators"][0] == "syncsphere.setup_backend"
+    assert states["no backend"]["operators"][-1] == "syncsphere.generate"
+    assert states["no backend"]["labels"][0]["text"] == "1. Set up the backend"
 
 
 def test_syncdiffusion_options_appear_under_the_synchronisation_menu_only_when_chosen(tmp_path):

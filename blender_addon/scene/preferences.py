@@ -149,9 +149,10 @@ def draw_preferences(layout, prefs):
     draw_models(layout.box(), prefs)
 
 
-def draw_sentence(layout, text, icon):
-    """Draw ``text`` (a sentence) as labels of at most SENTENCE_WIDTH characters each, ``icon`` on the first."""
-    for number, line in enumerate(textwrap.wrap(text, SENTENCE_WIDTH) or [""]):
+def draw_sentence(layout, text, icon, width=SENTENCE_WIDTH):
+    """Draw ``text`` (a sentence) as labels of at most ``width`` characters each, ``icon`` on the first."""
+    # Not at hyphens: hub ids (stabilityai/stable-diffusion-2-base) stay whole on one line.
+    for number, line in enumerate(textwrap.wrap(text, width, break_on_hyphens=False) or [""]):
         layout.label(text=line, icon=icon if number == 0 else "BLANK1")
 
 
