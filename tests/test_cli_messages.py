@@ -122,6 +122,18 @@ def test_a_small_world_says_on_stderr_that_it_runs_band_and_draws_one_progress_b
     assert stages.index(bars[0]) < stages.index("decoding…") < stages.index("writing…")
 
 
+def test_a_single_file_checkpoint_says_it_too_once_it_has_loaded(tiny_model, tmp_path, capsys):
+    """A single-file checkpoint's window is known only once it loads: the note comes after the job."""
+    from backend.app.cli import main
+    from ldm_checkpoint import write_ldm_single_file
+
+    checkpoint = write_ldm_single_file(tiny_model, str(tmp_path / "tiny.safetensors"))
+    code = main(["generate", "--prompt", "a forest", "--model", checkpoint, "--model-config", tiny_model, "--width",
+                 "512", "--height", "256", "--steps", "2", "--device", "cpu", "--no-hdr", "--out", str(tmp_path / "out")])
+    notes = [line for line in capsys.readouterr().err.splitlines() if line.startswith("note: ")]
+    assert code == 0 and len(notes) == 1 and "512x256 world runs --views band" in notes[0]
+
+
 # --- the hub's messages -----------------------------------------------------------------------------------------
 
 
