@@ -3,7 +3,7 @@
 Thin: the work is ``blender_addon.core.model_list``, run with the configured backend Python. A download runs in
 its own process; in the UI a timer (``follow_download``) takes in its progress and redraws the preferences,
 in background mode (scripts, tests: Blender's timers never fire) the operator waits for it and prints its
-progress. Downloads need Blender's online access, like the backend setup (design section 7).
+progress. Downloads need Blender's online access, like the backend setup (docs/conventions.md#blender-rules).
 """
 
 import bpy
@@ -17,6 +17,8 @@ from .generate import redraw_areas
 
 # Seconds between two looks at a running download in the UI.
 _TIMER_S = 0.25
+# Seconds between two looks for a usable backend Python, until the models have been listed.
+_WATCH_S = 2.0
 
 
 def _backend(context):
@@ -47,14 +49,31 @@ def refresh_models(context):
     return None
 
 
-def _refresh_at_startup():
-    """A one-shot timer after the add-on is enabled: list the models on a thread, so the panel's model menu
-    has them without anyone pressing Refresh. Returns None (run once)."""
-    try:
-        model_list.refresh_in_background(*_list_command())
-    except model_list.ModelCommandError:
-        pass  # no backend Python yet: the Models box says how to set one
-    return None
+# The automatic listing (list_when_a_backend_is_set): the backend Python it last ran with, and its thread.
+_listed_with = None
+_listing = None
+
+
+def list_when_a_backend_is_set():
+    """A timer from start-up until the models have been listed: as soon as a usable backend Python is set (at
+    start-up, by Set Up Backend, or typed in the preferences), list the models on a thread, so the panel's model
+    menu and first-run steps know what is installed without anyone pressing Refresh. A Python whose listing
+    failed is not tried again until the setting changes (the error shows in the Models box and the panel).
+    Returns the seconds until the next look, or None once a listing has succeeded."""
+    global _listed_with, _listing
+    if _listing is not None and not _listing.is_alive():  # a listing ended: show what it found
+        _listing = None
+        redraw_areas(bpy.context, {"PREFERENCES", "PROPERTIES", "VIEW_3D"})
+    if model_list.has_listed():
+        return None
+    python = interpreter_path(get_preferences())
+    if _listing is None and python != _listed_with and backend_command.interpreter_error(python) is None:
+        _listed_with = python
+        try:
+            _listing = model_list.refresh_in_background(*_list_command())
+        except model_list.ModelCommandError:
+            pass  # the preferences changed in between: the next look tries again
+    return _WATCH_S
 
 
 class SYNCSPHERE_OT_refresh_models(Operator):
@@ -88,7 +107,8 @@ def follow_download():
     finished = download.poll()
     if finished and download.state == "done":
         refresh_models(bpy.context)
-    redraw_areas(bpy.context, {"PREFERENCES", "PROPERTIES", "VIEW_3D"} if finished else {"PREFERENCES"})
+    # The panel's first-run steps show the progress too (panels/first_run.py).
+    redraw_areas(bpy.context, {"PREFERENCES", "PROPERTIES", "VIEW_3D"})
     return None if finished else _TIMER_S
 
 
@@ -133,7 +153,7 @@ class SYNCSPHERE_OT_download_model(Operator):
         if not bpy.app.background:
             if not bpy.app.timers.is_registered(follow_download):  # it follows whichever download is current
                 bpy.app.timers.register(follow_download, first_interval=_TIMER_S, persistent=True)
-            self.report({"INFO"}, f"Downloading {model_id}: see SyncSphere's preferences for the progress")
+            self.report({"INFO"}, f"Downloading {model_id}: its progress shows in SyncSphere's panel and preferences")
             return {"FINISHED"}
         # No event loop (scripts, tests): wait, printing the progress as it changes.
         download.wait(on_progress=lambda running: print(running.status_text(), flush=True))
@@ -226,18 +246,19 @@ classes = (SYNCSPHERE_OT_refresh_models, SYNCSPHERE_OT_download_model, SYNCSPHER
 
 
 def register():
-    """Register the operators and list the models shortly after start-up (timers never fire in background mode)."""
+    """Register the operators and list the models once a backend Python is set (timers never fire in background
+    mode)."""
     for cls in classes:
         bpy.utils.register_class(cls)
-    if not bpy.app.timers.is_registered(_refresh_at_startup):
-        bpy.app.timers.register(_refresh_at_startup, first_interval=1.0, persistent=True)
+    if not bpy.app.timers.is_registered(list_when_a_backend_is_set):
+        bpy.app.timers.register(list_when_a_backend_is_set, first_interval=1.0, persistent=True)
 
 
 def unregister():
     """Cancel a running download, drop the timers, and unregister the operators."""
     if model_list.is_downloading():
         model_list.current_download().cancel()
-    for timer in (_refresh_at_startup, follow_download):
+    for timer in (list_when_a_backend_is_set, follow_download):
         if bpy.app.timers.is_registered(timer):
             bpy.app.timers.unregister(timer)
     for cls in reversed(classes):

@@ -4,7 +4,7 @@ It creates a virtual environment in SyncSphere's user folder (which survives ext
 Blender's bundled Python, installs the extension's requirements.txt into it, and points the "Backend
 Python" preference at it. The work is ``blender_addon.core.backend_setup.BackendSetup``; this module only
 starts it and follows it. It downloads several gigabytes, so it runs only when Blender's online access
-allows (design section 7); otherwise it explains how to allow it or how to use an existing Python.
+allows (docs/conventions.md#blender-rules); otherwise it explains how to allow it or how to use an existing Python.
 
 The lead registers ``classes``; nothing here registers itself.
 """

@@ -11,6 +11,7 @@ from ..blender_addon.core import generation, session
 from ..blender_addon.scene import material, world
 from ..blender_addon.scene.preferences import draw_sentence, get_preferences
 from ..blender_addon.scene.results import thumbnail_icon
+from .first_run import draw_first_run
 from .preview import draw_preview
 
 
@@ -19,6 +20,9 @@ def draw_main(layout, context):
     Avoid it filled, both editable); Mode; Size; Quality (with a note when the Advanced settings make its schedule
     dense); Seed; Generate with its Variations count, or Cancel with the batch's progress; the last error and the
     latest result. Research controls are in the Advanced sub-panel, the model in Backend."""
+    # First run (panels/first_run.py): what to do before Generate works, the backend then the model, on top.
+    draw_first_run(layout, context)
+
     settings = context.scene.syncsphere
     prefs = get_preferences(context)
     column = layout.column()
@@ -60,8 +64,6 @@ def draw_main(layout, context):
         icon = thumbnail_icon(settings.history[0].png_path)
         if icon:
             layout.template_icon(icon_value=icon, scale=6.0)
-    if prefs is not None and not prefs.python_path.strip():
-        layout.label(text="Set the backend Python in the add-on preferences", icon="INFO")
 
 
 def draw_socket(layout, socket, text, index=-1):

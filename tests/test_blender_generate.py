@@ -13,6 +13,7 @@ import pytest
 
 from backend.products.images import read_exr
 from test_extension import _blender_ext_tool
+from tools.build_extension import build_extension
 
 REPO = Path(__file__).resolve().parent.parent
 # The Python that runs headless Blender (the bpy module): this one by default; CI points it at the
@@ -22,12 +23,9 @@ BLENDER_PYTHON = os.path.abspath(os.environ.get("SYNCSPHERE_TEST_BLENDER_PYTHON"
 
 @pytest.fixture(scope="module")
 def extension_zip(tmp_path_factory):
-    """The extension built with Blender's own tool, as a user would install it."""
-    tool = _blender_ext_tool()
-    out = tmp_path_factory.mktemp("dist")
-    subprocess.run([sys.executable, str(tool), "build", "--source-dir", str(REPO), "--output-dir", str(out)],
-                   check=True, capture_output=True)
-    return str(next(out.glob("*.zip")))
+    """The extension built with Blender's own tool by tools/build_extension.py, as a user would install it."""
+    _blender_ext_tool()  # skips without bpy
+    return str(build_extension(tmp_path_factory.mktemp("dist")))
 
 
 def run_blender(script, extension_zip, tiny_model, tmp_path, timeout=600):

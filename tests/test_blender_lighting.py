@@ -118,7 +118,8 @@ PANORAMA_WIDTH = 512
 
 
 def _equirect_angles(width):
-    """(lon, lat) in radians of every pixel centre, design section 3 (backend/sphere/geometry.py): lon = yaw."""
+    """(lon, lat) in radians of every pixel centre (docs/conventions.md#directions, backend/sphere/geometry.py):
+    lon = yaw."""
     height = width // 2
     lon = (np.arange(width) + 0.5) / width * 2 * np.pi - np.pi
     lat = np.pi / 2 - (np.arange(height) + 0.5) / height * np.pi

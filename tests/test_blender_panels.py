@@ -489,7 +489,7 @@ result({"drawn": drawn, "items": items})
 
 def test_main_panel_follows_the_batch_and_the_preferences(tmp_path):
     """Busy: progress (which variation, when several) and Cancel instead of Generate, also between two variations.
-    Failed: Generate and the error. No backend: a hint. Variations 4: "Generate 4"."""
+    Failed: Generate and the error. Variations 4: "Generate 4". No backend: the first-run steps."""
     states = _blender("""
 def main_calls():
     return draw("SYNCSPHERE_PT_view3d")
@@ -545,9 +545,10 @@ result(states)
     assert states["error"]["operators"] == [["syncsphere.generate", "Generate"]] and not states["error"]["progress"]
     assert notes(states["error"]) == [{"text": "The model could not be loaded", "icon": "ERROR"}]
     assert states["four"]["operators"] == [["syncsphere.generate", "Generate 4"]] and not notes(states["four"])
-    assert states["no backend"]["operators"] == [["syncsphere.generate", "Generate 4"]]
-    assert [label["icon"] for label in notes(states["no backend"])] == ["INFO"]
-    assert "preferences" in notes(states["no backend"])[0]["text"]
+    # No backend: the first-run steps lead to Set Up Backend (tests/test_blender_first_run.py); Generate stays.
+    assert states["no backend"]["operators"][0][0] == "syncsphere.setup_backend"
+    assert states["no backend"]["operators"][-1] == ["syncsphere.generate", "Generate 4"]
+    assert notes(states["no backend"])[0]["text"] == "1. Set up the backend"
 
 
 def test_syncdiffusion_options_appear_under_the_synchronisation_menu_only_when_chosen(tmp_path):

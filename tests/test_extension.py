@@ -17,10 +17,11 @@ from pathlib import Path
 import pytest
 
 from syncsphere.blender_addon.core import backend_command
+from tools.build_extension import build_extension, bundled_extension_tool
 
 REPO = Path(__file__).resolve().parents[1]
 
-# The folders whose modules Blender imports; none of them may import torch (design section 1).
+# The folders whose modules Blender imports; none of them may import torch (docs/conventions.md#extension).
 ADDON_PACKAGES = ("blender_addon", "operators", "panels")
 
 PANEL_CLASSES = ("SYNCSPHERE_PT_world", "SYNCSPHERE_PT_view3d")
@@ -43,11 +44,10 @@ def _blender_ext_tool():
     bpy_dir = _bpy_dir()
     if bpy_dir is None:
         pytest.skip("bpy is not installed")
-    # The folder is named after Blender's version (5.0/, 4.2/...); do not hard-code it.
-    found = sorted(bpy_dir.glob("*/scripts/addons_core/bl_pkg/cli/blender_ext.py"))
-    if not found:
+    tool = bundled_extension_tool()  # what tools/build_extension.py builds with
+    if tool is None:
         pytest.skip(f"blender_ext.py not found under {bpy_dir}")
-    return found[-1]
+    return tool
 
 
 def _run_python(code, *, check=True, timeout=300):
@@ -141,7 +141,8 @@ def test_manifest_validates_with_blenders_tool():
 
 
 def test_manifest_texts_follow_listing_rules():
-    """Tagline and permission reasons: at most 64 characters, no trailing punctuation (section 7)."""
+    """Tagline and permission reasons: at most 64 characters, no trailing punctuation
+    (docs/conventions.md#blender-rules)."""
     import tomllib
 
     manifest = tomllib.loads((REPO / "blender_manifest.toml").read_text(encoding="utf-8"))
@@ -187,19 +188,15 @@ def _copy_source_with_clutter(dest):
 
 
 def test_build_zip_contains_backend_and_no_development_files(tmp_path):
-    """``blender_ext.py build`` packs the add-on and backend/, and leaves development files out."""
-    tool = _blender_ext_tool()
+    """tools/build_extension.py (Blender's ``blender_ext.py build``, then its ``validate``, which raises when the
+    zip is not valid) packs the add-on and backend/, and leaves development files out."""
+    _blender_ext_tool()  # skips without bpy
     source = tmp_path / "syncsphere-checkout"
     _copy_source_with_clutter(source)
     out_dir = tmp_path / "dist"
-    out_dir.mkdir()
-    result = subprocess.run(
-        [sys.executable, str(tool), "build", "--source-dir", str(source), "--output-dir", str(out_dir)],
-        capture_output=True, text=True, timeout=300,
-    )
-    assert result.returncode == 0, result.stdout + result.stderr
+    archive = build_extension(out_dir, source)
     zips = list(out_dir.glob("*.zip"))
-    assert len(zips) == 1, result.stdout
+    assert zips == [archive] and archive.name == "syncsphere-0.1.0.zip"
 
     with zipfile.ZipFile(zips[0]) as archive:
         names = archive.namelist()
@@ -212,7 +209,7 @@ def test_build_zip_contains_backend_and_no_development_files(tmp_path):
                      "backend/errors.py", "backend/protocol.py", "backend/request.py"):
         assert required in files, f"{required} missing from {sorted(files)}"
 
-    excluded_tops = ("tests", "benchmarks", "docs", ".ci", ".venv", ".git", ".pytest_cache",
+    excluded_tops = ("tests", "benchmarks", "docs", "tools", ".ci", ".venv", ".git", ".pytest_cache",
                      "outputs")
     for name in files:
         parts = name.split("/")
@@ -220,12 +217,20 @@ def test_build_zip_contains_backend_and_no_development_files(tmp_path):
         assert "__pycache__" not in parts and not name.endswith(".pyc"), name
         assert not any(part.startswith(".") for part in parts), name
 
-    # The built archive passes the validator too.
-    result = subprocess.run(
-        [sys.executable, str(tool), "validate", str(zips[0])],
-        capture_output=True, text=True, timeout=120,
-    )
-    assert result.returncode == 0, result.stdout + result.stderr
+
+def test_the_readmes_build_command_makes_a_valid_zip_and_says_how_to_install_it(tmp_path):
+    """``python tools/build_extension.py`` as the README runs it: the zip, validated, and the next step."""
+    _blender_ext_tool()
+    done = subprocess.run([sys.executable, "tools/build_extension.py", "--output-dir", str(tmp_path)], cwd=REPO,
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stdout + done.stderr
+    archive = tmp_path / "syncsphere-0.1.0.zip"
+    assert f"built and validated {archive}" in done.stdout and "Install from Disk" in done.stdout
+    with zipfile.ZipFile(archive) as opened:
+        assert "blender_manifest.toml" in opened.namelist() and "backend/request.py" in opened.namelist()
+    refused = subprocess.run([sys.executable, "tools/build_extension.py", "--output-dir", str(tmp_path / "not"),
+                              "--blender", str(tmp_path / "no-blender")], cwd=REPO, capture_output=True, text=True)
+    assert refused.returncode == 2 and refused.stderr.count("\n") == 1 and "--blender" in refused.stderr
 
 
 # --- import rules --------------------------------------------------------------------------------
@@ -272,7 +277,7 @@ def _forbidden_uses(tree):
 
 @pytest.mark.parametrize("folder", ["", *ADDON_PACKAGES])
 def test_addon_sources_do_not_touch_import_machinery(folder):
-    """No add-on source uses sys.path / sys.modules or imports torch (listing rule, section 7).
+    """No add-on source uses sys.path / sys.modules or imports torch (docs/conventions.md#blender-rules).
 
     The subprocess tests above catch a torch import at run time; this catches one in a code path
     those imports do not execute (inside a function).
@@ -335,7 +340,7 @@ print("ok")
 
 
 def test_backend_command_line_and_environment():
-    """The worker command and its environment are what design section 1 specifies."""
+    """The worker command and its environment are what docs/conventions.md#extension specifies."""
     assert backend_command.backend_command("/opt/py/bin/python") == [
         "/opt/py/bin/python", "-m", "backend", "serve", "--stdio"]
     assert backend_command.backend_command("py", "info") == ["py", "-m", "backend", "info"]

@@ -2,7 +2,7 @@
 ratio, lighting.json, `python -m backend hdr`, and the files an equirect generation writes.
 
 Synthetic panoramas: a sky gradient with discs of known direction and size drawn with our geometry
-(design section 3), written as 8-bit PNGs where the command reads files.
+(docs/conventions.md#directions), written as 8-bit PNGs where the command reads files.
 """
 
 import json

@@ -274,8 +274,8 @@ def test_measure_reports_cube_edge_and_pole_ratios_for_equirect_only(losses):
 
 def test_tiny_model_equirect_job_seam_and_pole_ratios(tiny_model, tmp_path):
     """The ratios of a real (tiny, random) generation: reported, and checked where they do not depend on
-    content (design section 6): turning the panorama by 90° of yaw permutes the cube faces and turns U and D
-    by a quarter, so the 12 edge ratios are permuted and the pole ratios stay as they are."""
+    content (docs/conventions.md#random-models): turning the panorama by 90° of yaw permutes the cube faces and
+    turns U and D by a quarter, so the 12 edge ratios are permuted and the pole ratios stay as they are."""
     from backend.app.job import check_request, run_job
     from backend.request import GenerateRequest
 

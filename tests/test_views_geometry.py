@@ -242,7 +242,7 @@ def c2e_grid_directions(height, width):
 
 def test_cube_to_equirect_differs_from_c2e_only_by_its_grid(py360convert):
     """py360convert's ``c2e`` repeats the seam column (its first and last columns are both longitude ±180°)
-    and its first and last rows are the poles themselves; ours samples pixel centres (design section 3):
+    and its first and last rows are the poles themselves; ours samples pixel centres (docs/conventions.md#directions):
     no repeated column, W−1 next to 0. Sampled on c2e's own grid, ours agrees with c2e on smooth faces.
 
     c2e also reads face texel j at ``j / s`` across the face instead of ``(j + 0.5) / s`` (half a texel

@@ -293,7 +293,7 @@ def pole_ratios(image: np.ndarray, near_degrees: float = POLE_NEAR_DEGREES, ring
 def horizon_faces(image: np.ndarray, face_size: int) -> np.ndarray:
     """The four horizon cube faces F, R, B, L of an equirect ``image`` (H, W, 3) with H = W/2, uint8 or
     [0, 1] float sRGB: 90° perspective views looking forward, right, back and left, which tile the
-    horizon without overlap (``backend.geometry.equirect_to_cube_faces``, design section 3 orientation).
+    horizon without overlap (``backend.sphere.geometry.equirect_to_cube_faces``, docs/conventions.md#directions).
     Returns (4, face_size, face_size, 3) float32 in [0, 1], in the order F, R, B, L."""
     from ..sphere.geometry import equirect_to_cube_faces
 

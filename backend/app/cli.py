@@ -18,6 +18,7 @@ from .file_commands import FILE_COMMANDS, add_file_commands, add_lighting_argume
 from .models_cli import add_models_command, run_models_command
 from ..request import (
     DEFAULT_MODEL,
+    DEFAULT_SIZES,
     DEFAULT_VIEW_SET,
     DTYPES,
     MEMORY_MODES,
@@ -70,9 +71,10 @@ def _add_generate_command(commands) -> None:
         help="wide: a planar panorama; equirect: a 2:1 360° image that wraps in longitude (default); "
         "tile: an image that tiles seamlessly in both directions",
     )
-    generate.add_argument("--width", type=int, help="image width in px, a multiple of the VAE factor "
-                          "(default: 2048 wide, 1024 equirect, 512 tile)")
-    generate.add_argument("--height", type=int, help="image height in px (default: 512; equirect: width/2)")
+    generate.add_argument("--width", type=int, help="image width in px, a multiple of the VAE factor (default: "
+                          f"{_default_sizes(0)}; an equirect given only --height is twice as wide)")
+    generate.add_argument("--height", type=int, help=f"image height in px (default: {_default_sizes(1)}; an "
+                          "equirect given only --width is half as high)")
     generate.add_argument("--steps", type=int, default=50, help="denoising steps (default 50)")
     generate.add_argument("--guidance", type=float, default=7.5, help="classifier-free guidance scale (default 7.5; <= 1 disables it)")
     generate.add_argument("--seed", type=int, help="random seed; omitted, one is picked and recorded in metadata.json")
@@ -108,6 +110,11 @@ def _add_generate_command(commands) -> None:
     lighting.add_argument("--no-hdr", action="store_true",
                           help="write panorama.exr as the plain linearised image, without panorama_sky.exr and lighting.json")
     add_lighting_arguments(lighting, generation=True)
+
+
+def _default_sizes(axis: int) -> str:
+    """The default width (``axis`` 0) or height (1) of every layout, for the help: "2048 wide, 2048 equirect, 512 tile"."""
+    return ", ".join(f"{DEFAULT_SIZES[layout][axis]} {layout}" for layout in LAYOUTS)
 
 
 def _add_model_arguments(generate: argparse.ArgumentParser) -> None:
@@ -147,7 +154,9 @@ def _add_view_arguments(generate: argparse.ArgumentParser) -> None:
     views.add_argument("--views", metavar="{" + ",".join(VIEW_SETS) + "}",
                        help=f"equirect only: band: crop windows of the canvas; cube: the six faces; ring: 8 views 45° apart "
                             f"plus the up and down faces (MVDiffusion); band+poles: crop windows within ±60° plus the up and "
-                            f"down faces (default {DEFAULT_VIEW_SET})")
+                            f"down faces. Default: {DEFAULT_VIEW_SET} where a row of windows fits within ±60° (a "
+                            f"{'x'.join(map(str, DEFAULT_SIZES['equirect']))} world with SD 2 base), else band (a 1024x512 "
+                            "world), and the job then says so on stderr")
     views.add_argument("--schedule", default="auto", metavar="{" + ",".join(SCHEDULES) + "}",
                        help="which views each step runs: dense: every overlapping window every step (MultiDiffusion); "
                             "shifted: windows that cover the canvas once, moved by an offset from the seed every step "
@@ -248,8 +257,15 @@ def _generate(args: argparse.Namespace) -> int:
             if not json_progress and request.preview_every > 0:  # a bar shows no pictures: no PNGs to write
                 request = dataclasses.replace(request, preview_every=0)
             checked = check_request(request)
+            if checked.resolved is not None:  # a hub model or folder: its views are decided before it loads
+                _print_view_set_note(checked.params, checked.resolved.params, checked.resolved.geometry.vae_scale_factor)
             with _ProgressPrinter(events if json_progress else None) as report:
                 outputs = run_job(checked, report)
+            if checked.resolved is None:  # a single-file checkpoint: decided once loaded, as metadata.json records
+                with open(outputs["metadata"], encoding="utf-8") as file:
+                    metadata = json.load(file)
+                _print_view_set_note(checked.params, GenerateRequest(**metadata["params"]),
+                                     metadata["model"]["vae_scale_factor"])
     except (Exception, KeyboardInterrupt) as error:
         kind, sentence, code = report_failure(error, lock=lock)
         if json_progress:
@@ -262,6 +278,16 @@ def _generate(args: argparse.Namespace) -> int:
         lighting = f", {outputs['exr_sky']}, {outputs['lighting']}" if "lighting" in outputs else ""
         print(f"wrote {outputs['png']}, {outputs['exr']}{lighting} and {outputs['metadata']}{cube_map}", file=sys.stderr)
     return 0
+
+
+def _print_view_set_note(asked: GenerateRequest, chosen: GenerateRequest, vae_scale_factor: int) -> None:
+    """Say on stderr when an equirect job without --views runs band instead of the default (the canvas is too low
+    for band+poles): ``resolve.default_view_set_note``."""
+    from ..engine.resolve import default_view_set_note
+
+    note = default_view_set_note(asked, chosen, vae_scale_factor)
+    if note:
+        print(f"note: {note}", file=sys.stderr)
 
 
 class _ProgressPrinter:
@@ -278,8 +304,7 @@ class _ProgressPrinter:
         return self
 
     def __exit__(self, *exc):
-        if self.bar is not None:
-            self.bar.close()
+        self._close_bar()
 
     def __call__(self, stage, step, total, preview):
         if self.events is not None:
@@ -291,14 +316,19 @@ class _ProgressPrinter:
             if self.bar is None or self.bar.desc != stage:
                 from tqdm import tqdm
 
-                if self.bar is not None:
-                    self.bar.close()
+                self._close_bar()
                 bytes_ = stage == "downloading"  # downloading counts bytes, denoising steps
                 self.bar = tqdm(total=total, desc=stage, unit="B" if bytes_ else "step", unit_scale=bytes_, file=sys.stderr)
             self.bar.update(step - self.bar.n)
         else:
+            self._close_bar()  # finished: drawn once, complete, before the next stage's line
             print(f"{stage}…", file=sys.stderr)
         return False
+
+    def _close_bar(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+            self.bar = None
 
 
 def _info() -> int:

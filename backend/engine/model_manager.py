@@ -59,6 +59,12 @@ HOW_TO_POINT_LOCALLY = (
     "pass a local diffusers folder or a .safetensors file with --model PATH, "
     "or download the model once with network access"
 )
+# What a download that cannot reach the hub suggests instead. Not HOW_TO_POINT_LOCALLY: ``models download`` (and
+# the add-on's Download button) has no --model, so the sentence names the command whose flag it is.
+HOW_TO_DO_WITHOUT_THE_HUB = (
+    "download it again with network access, or give generate a local diffusers folder or .safetensors file "
+    "with --model PATH"
+)
 
 
 def hub_offline() -> bool:
@@ -558,7 +564,7 @@ def is_cached(model_id: str, cache_dir: str | None = None) -> bool:
 def _not_reachable(model_id: str, offline: bool) -> ModelNotFound:
     why = "downloads are off (HF_HUB_OFFLINE is set)" if offline else "the hub cannot be reached"
     return ModelNotFound(
-        f"The model {model_id} is not in the local Hugging Face cache and {why}; " + HOW_TO_POINT_LOCALLY + "."
+        f"The model {model_id} is not in the local Hugging Face cache and {why}; " + HOW_TO_DO_WITHOUT_THE_HUB + "."
     )
 
 
@@ -757,7 +763,7 @@ def _hub_listing(model_id: str, revision: str | None, fetch: dict) -> tuple[dict
     if "model_index.json" not in sizes:
         raise BadRequest(
             f"The hub repo {model_id} is not a diffusers model (it has no model_index.json); download its "
-            ".safetensors checkpoint and pass it with --model PATH."
+            ".safetensors checkpoint and give it to generate with --model PATH."
         )
     # model_index.json by branch name, so the cache records which commit the branch points to (refs/main),
     # which is how the engine finds the model offline; every other file by that commit, so all of them come

@@ -173,6 +173,31 @@ def choose_views(request: GenerateRequest, vae_scale_factor: int, unet_config=No
         raise BadRequest(str(error)) from None
 
 
+def default_view_set_note(asked: GenerateRequest, chosen: GenerateRequest, vae_scale_factor: int) -> str | None:
+    """The sentence that tells the user an equirect job without ``--views`` runs ``band`` instead of the default
+    ``band+poles`` (``choose_views``: the canvas is too low for a row of windows within ±60°), naming the
+    smallest size that fits; None when the job runs what was asked or the default. ``asked``: the validated
+    request as the user gave it; ``chosen``: the resolved parameters (their ``views`` and ``window``)."""
+    if asked.layout != "equirect" or asked.views is not None or chosen.views != "band":
+        return None
+    # The lowest taller canvas whose ±60° band holds one window (taller: with MAD's row alignment, which
+    # choose_views also applied, the band can fall short on a canvas where it alone would fit).
+    latent_height = chosen.height // vae_scale_factor + 1
+    while _band_height(latent_height) < chosen.window:
+        latent_height += 1
+    need = latent_height * vae_scale_factor
+    return (f"This {chosen.width}x{chosen.height} world runs --views band, not the default {DEFAULT_VIEW_SET}, whose "
+            f"windows within ±60° need a canvas of at least {2 * need}x{need} for a "
+            f"{chosen.window * vae_scale_factor} px window; without views looking up and down the zenith and nadir "
+            "may pinch into a star (a larger size, or --views ring or cube, avoids that).")
+
+
+def _band_height(latent_height: int) -> int:
+    """Rows of a canvas ``latent_height`` latents high that lie within ±60° (``band_rows``)."""
+    first, stop = band_rows(latent_height)
+    return stop - first
+
+
 SUN_PROMPT = "the sun"
 """Added to the prompt (", " between) of every view that sees ``--sun-direction``."""
 

@@ -17,7 +17,7 @@ module turns an equirect panorama into an HDR environment that lights a scene li
    halo into the sky, L solved so that the sun's irradiance on a plane facing it is ``sun_ratio`` times
    the irradiance the sky left without the emitters gives that plane (or ``sun_strength``, in EXR units).
 
-Conventions (``backend/sphere/geometry.py``, design section 3): equirect column j at longitude
+Conventions (``backend/sphere/geometry.py``, docs/conventions.md#directions): equirect column j at longitude
 ``(j + 0.5) / W · 360° − 180°``, row i at latitude ``90° − (i + 0.5) / H · 180°``; yaw = longitude
 (positive turns right), pitch = latitude (positive up); directions (x right, y up, z forward).
 
@@ -109,8 +109,8 @@ HALF_MAX = 65504.0
 class LightSource:
     """One light source on the sphere.
 
-    ``yaw_deg``, ``pitch_deg``: its direction (design section 3). ``angular_radius_deg``: radius of the cap
-    with its solid angle (the disc a Sun lamp's angle should have). ``color``: linear RGB, max component 1.
+    ``yaw_deg``, ``pitch_deg``: its direction (docs/conventions.md#directions). ``angular_radius_deg``: radius of
+    the cap with its solid angle (the disc a Sun lamp's angle should have). ``color``: linear RGB, max component 1.
     ``solid_angle``: steradians of its core (the detected pixels; a placed sun's cap). ``pixels``: how many
     detected pixels (0 when placed). After ``expand_sources``: ``radiance`` (disc pixel = radiance ·
     colour, EXR units), ``irradiance`` (added irradiance on a plane facing it, ``irradiance · colour`` in

@@ -2,13 +2,14 @@
 
 Rendering an equirect's perspective views and cube faces, a cube map's equirect, and exact pixel
 correspondences between views (and between views and the equirect) at any resolution. Plain numpy, no
-model; torch only in ``sampling_grid``, which builds ``grid_sample`` grids. Conventions (design section 3):
+model; torch only in ``sampling_grid``, which builds ``grid_sample`` grids. Conventions
+(docs/conventions.md#directions):
 
 - Equirect image of width W and height H (H = W/2 for a full sphere). Pixel coordinates are
   continuous ``(col, row)`` with integer values at pixel *centres*: column j is at longitude
   ``lon = (j + 0.5) / W * 2π − π`` and row i at latitude ``lat = π/2 − (i + 0.5) / H * π`` (the top row
   looks up). Longitude wraps: column W−1 is next to column 0, and no column is repeated.
-- Longitude is the design's *yaw* (positive turns right) and latitude its *pitch* (positive looks up):
+- Longitude is the views' *yaw* (positive turns right) and latitude its *pitch* (positive looks up):
   yaw 0, pitch 0 looks at the image centre.
 - 3D directions use py360convert's axes, so that our cube faces are oriented as its faces are:
   **x right, y up, z forward** (forward = yaw 0, pitch 0). Hence
@@ -521,7 +522,7 @@ def cube_faces_to_equirect(faces: dict[str, np.ndarray], width: int) -> np.ndarr
     """The equirect image (width / 2, width, C) of a cube map, sampling the faces bilinearly (``sample_cube_faces``).
 
     ``faces``: {face: (s, s, C)} for F R B L U D (``equirect_to_cube_faces``' orientation); ``width``: an
-    even number of px >= 2. Pixel (i, j) samples the direction of its centre (design section 3): no
+    even number of px >= 2. Pixel (i, j) samples the direction of its centre (docs/conventions.md#directions): no
     column is repeated, column W−1 being next to column 0. (py360convert's ``c2e`` instead samples
     ``linspace(−π, π, W)`` by ``linspace(π/2, −π/2, H)``: its first and last columns are the same meridian
     and its first and last rows the poles themselves.) Dtype: the faces' float dtype (float32 for integers).

@@ -3,10 +3,10 @@
 A view set is a list of **crop views** (square windows of the latent canvas, read exactly:
 ``backend/sphere/canvas.py``) and **projected views** (square perspective images of the sphere,
 ``geometry.PerspectiveView``, read through a ``grid_sample`` grid). Conventions are those of
-``backend/sphere/geometry.py`` (design section 3): the canvas is (1, C, H, W) latents with W = 2H, column j at
-longitude ``(j + 0.5) / W · 360° − 180°`` and row i at latitude ``90° − (i + 0.5) / H · 180°``; yaw
-positive turns right, pitch positive looks up; a projected view is evaluated at any size (the latent
-window of the UNet, or a feature resolution). Plain numpy/torch, no model.
+``backend/sphere/geometry.py`` (docs/conventions.md#directions): the canvas is (1, C, H, W) latents with
+W = 2H, column j at longitude ``(j + 0.5) / W · 360° − 180°`` and row i at latitude
+``90° − (i + 0.5) / H · 180°``; yaw positive turns right, pitch positive looks up; a projected view is
+evaluated at any size (the latent window of the UNet, or a feature resolution). Plain numpy/torch, no model.
 
 The view sets (names for ``parse_view_set``):
 
@@ -373,9 +373,10 @@ class CanvasViews:
         """The numbers of the views that see the direction (yaw, pitch) in degrees (equirect canvases only).
 
         A crop window sees it when it lies in the window's longitude span (wrapping across the seam) and
-        latitude span (edges included), read from the window's place on the canvas (design section 3); at a
-        pole every longitude is the same point, so a window reaching the pole sees it. A projected view sees
-        it as ``canvas_coverage`` counts (``_sees``: in front of it, on its image, edges included).
+        latitude span (edges included), read from the window's place on the canvas
+        (docs/conventions.md#directions); at a pole every longitude is the same point, so a window reaching the
+        pole sees it. A projected view sees it as ``canvas_coverage`` counts (``_sees``: in front of it, on its
+        image, edges included).
         """
         canvas = self.canvas
         seen = []
@@ -393,7 +394,7 @@ class CanvasViews:
         return seen
 
     def centres(self) -> list[tuple[float, float]]:
-        """(yaw, pitch) in degrees of every view's centre, equirect canvases only (design section 3).
+        """(yaw, pitch) in degrees of every view's centre, equirect canvases only (docs/conventions.md#directions).
 
         A crop window's centre is the middle of its window (wrapped to yaw in [−180°, 180°)); a projected
         view's is its own yaw and pitch.

@@ -1,7 +1,7 @@
 """How the add-on starts the backend process: command lines and environment.
 
 Plain Python on purpose (no bpy import, no torch import), so it can be tested in any interpreter.
-The add-on runs the backend in a separate interpreter that has torch installed (design section 1):
+The add-on runs the backend in a separate interpreter that has torch installed (docs/conventions.md#extension):
 
     <python> -m backend serve --stdio        the long-lived worker Blender talks to
     <python> -m backend info                 a one-shot check of that interpreter

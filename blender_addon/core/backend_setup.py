@@ -2,7 +2,7 @@
 
 Plain Python on purpose (no bpy, no torch), so it is tested without Blender. Used by the "Set Up
 Backend" operator of the preferences (``operators/setup.py``), which starts it only when Blender's
-``bpy.app.online_access`` allows downloads (design section 7); otherwise it shows
+``bpy.app.online_access`` allows downloads (docs/conventions.md#blender-rules); otherwise it shows
 ``offline_explanation()``.
 
 A ``BackendSetup`` runs, in a background thread:

@@ -8,7 +8,7 @@ World and into the rotation of a Sun lamp that shines from it. ``world.py`` buil
 
 Directions (blender_addon/scene/world.py's module docstring, established by the renders of
 tests/test_blender_world.py and checked for the lamp by tests/test_blender_lighting.py): an image direction
-(yaw, pitch) of design section 3 (yaw positive turns right from the image centre, pitch positive looks up)
+(yaw, pitch) of docs/conventions.md#directions (yaw positive turns right from the image centre, pitch positive looks up)
 lies, with the World's Mapping Z rotation ``r``, at world azimuth ``atan2(y, x) = -yaw - r`` and elevation
 ``pitch``. A Blender Sun light shines along its local -Z, so a lamp lighting the scene *from* that
 direction has its local +Z along it: Euler XYZ ``(0, pi/2 - pitch, -yaw - r)``. Only the last angle depends
@@ -39,7 +39,7 @@ class LightingError(ValueError):
 class Source:
     """One light source of the panorama, as lighting.json lists it.
 
-    yaw_deg, pitch_deg: its direction in the image (design section 3). angular_radius_deg: its disc's
+    yaw_deg, pitch_deg: its direction in the image (docs/conventions.md#directions). angular_radius_deg: its disc's
     angular radius. color: linear RGB, largest component 1. radiance: the disc's radiance. irradiance: the
     direct irradiance it gives a plane facing it, in the EXR's units (a uniform sky of value 1 gives pi).
     irradiance_ratio: that over the diffuse irradiance. is_sun: the sun (at most one is used as such).

@@ -149,9 +149,10 @@ def draw_preferences(layout, prefs):
     draw_models(layout.box(), prefs)
 
 
-def draw_sentence(layout, text, icon):
-    """Draw ``text`` (a sentence) as labels of at most SENTENCE_WIDTH characters each, ``icon`` on the first."""
-    for number, line in enumerate(textwrap.wrap(text, SENTENCE_WIDTH) or [""]):
+def draw_sentence(layout, text, icon, width=SENTENCE_WIDTH):
+    """Draw ``text`` (a sentence) as labels of at most ``width`` characters each, ``icon`` on the first."""
+    # Not at hyphens: hub ids (stabilityai/stable-diffusion-2-base) stay whole on one line.
+    for number, line in enumerate(textwrap.wrap(text, width, break_on_hyphens=False) or [""]):
         layout.label(text=line, icon=icon if number == 0 else "BLANK1")
 
 
@@ -224,7 +225,7 @@ def output_folder(prefs):
     """
     if prefs is not None and prefs.output_dir.strip():
         return bpy.path.abspath(prefs.output_dir)
-    # Never inside the extension folder: Blender wipes it on every upgrade (design section 7).
+    # Never inside the extension folder: Blender wipes it on every upgrade (docs/conventions.md#blender-rules).
     return user_folder(OUTPUTS_SUBFOLDER)
 
 

@@ -1,6 +1,6 @@
 """Turning a generated equirectangular EXR into the scene's World, and adjusting it afterwards.
 
-The World follows the common asset convention (design section 7)::
+The World follows the common asset convention (docs/conventions.md#blender-rules)::
 
     Texture Coordinate (Generated) -> Mapping (Z rotation) -> Environment Texture (equirectangular)
         -> Background (strength) -> World Output
@@ -12,11 +12,11 @@ Background and a plain black one through a Mix Shader. Every node SyncSphere cre
 Which direction the image faces (established by the renders in ``tests/test_blender_world.py``, on
 Blender 4.2 and 5.0, and written up in ``docs/blender.md``):
 
-- With Mapping rotation 0 the centre of the image (u = 0.5, longitude 0 of design section 3) lies
+- With Mapping rotation 0 the centre of the image (u = 0.5, longitude 0 of docs/conventions.md#directions) lies
   along world **+X**, on the horizon.
 - u increases **clockwise seen from above** (+Z): u = 0.25 is along +Y, u = 0.75 along -Y and the
   left/right edges (u = 0 / 1) along -X. For a viewer facing +X that is left-to-right, so the image is
-  not mirrored, and design section 3's yaw (positive turns right) is minus the world azimuth:
+  not mirrored, and the yaw of docs/conventions.md#directions (positive right) is minus the world azimuth:
   yaw 0, pitch 0 of the image = world +X; yaw +90° = world -Y.
 - The top row of the file looks up (+Z). Blender stores image pixels bottom row first, so that is the
   *last* row of ``Image.pixels``.

@@ -41,10 +41,10 @@ def ring_anchor_indices(views: CanvasViews) -> list[int]:
 
     On an ``equirect`` canvas each ring of views (the views whose centres share a pitch: a row of crop
     windows, MVDiffusion's ring, the up face, the down face) has its own anchor, its view facing nearest
-    yaw 0, the image centre (DESIGN §3): a view of the sky is pulled towards sky, not towards the horizon
-    (DESIGN §4: views at different pitch see different things by design). The up and down faces are
-    rings of one, their own anchors, so the guidance leaves them to the fusion. Other canvases use one
-    anchor for all views, the view nearest the centre, as the paper does.
+    yaw 0, the image centre (docs/conventions.md#directions): a view of the sky is pulled towards sky, not
+    towards the horizon (docs/conventions.md#views: views at different pitch see different things). The up
+    and down faces are rings of one, their own anchors, so the guidance leaves them to the fusion. Other
+    canvases use one anchor for all views, the view nearest the centre, as the paper does.
     """
     if views.canvas.kind != "equirect":
         return [anchor_view_index(views.canvas, views.crops)] * len(views)
