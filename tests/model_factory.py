@@ -57,10 +57,11 @@ SD_SCHEDULER = dict(
 )
 
 
-def write_clip_tokenizer(folder: str) -> CLIPTokenizer:
+def write_clip_tokenizer(folder: str, pad_token: str = "<|endoftext|>") -> CLIPTokenizer:
     """Write a character-level CLIP BPE vocabulary (no merges) into ``folder`` and load it.
 
-    Returns the tokenizer; its ids 0/1 are the start/end tokens, which the text config below uses.
+    Returns the tokenizer; its ids 0/1 are the start/end tokens, which the text config below uses. ``pad_token``:
+    what pads a prompt to 77 tokens (SD's tokenizer pads with the end token; SDXL's second pads with "!", id 2).
     """
     os.makedirs(folder, exist_ok=True)
     byte_chars = [chr(c) for c in range(33, 127)] + [chr(c) for c in range(161, 256)]
@@ -73,7 +74,7 @@ def write_clip_tokenizer(folder: str) -> CLIPTokenizer:
         os.path.join(folder, "vocab.json"),
         os.path.join(folder, "merges.txt"),
         model_max_length=77,
-        pad_token="<|endoftext|>",
+        pad_token=pad_token,
     )
 
 
@@ -151,4 +152,78 @@ def save_random_lora(folder: str, model_folder: str, rank: int = 4, seed: int = 
                                 target_modules=["to_q", "to_k", "to_v", "to_out.0"]))
     layers = convert_state_dict_to_diffusers(get_peft_model_state_dict(unet))
     StableDiffusionPipeline.save_lora_weights(folder, unet_lora_layers=layers, safe_serialization=True)
+    return folder
+
+
+# SDXL's architecture in miniature: the UNet takes the pooled text embedding of the second text encoder and six
+# time ids (original size, crop, target size) through its "text_time" added embedding, as SDXL's does; the two
+# text encoders' penultimate states are concatenated (32 + 32 = cross_attention_dim 64).
+TINY_SDXL_UNET = dict(
+    sample_size=16,
+    in_channels=4,
+    out_channels=4,
+    block_out_channels=(4, 8),
+    layers_per_block=1,
+    down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+    up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+    attention_head_dim=(2, 4),
+    use_linear_projection=True,
+    transformer_layers_per_block=(1, 2),
+    addition_embed_type="text_time",
+    addition_time_embed_dim=8,
+    projection_class_embeddings_input_dim=6 * 8 + 32,  # six time ids of 8 + the pooled embedding (projection_dim)
+    cross_attention_dim=64,
+    norm_num_groups=2,
+)
+TINY_SDXL_VAE = dict(TINY_VAE, scaling_factor=0.13025, force_upcast=True)  # SDXL's latent scale
+SDXL_SCHEDULER = dict(SD_SCHEDULER, timestep_spacing="leading")
+
+
+def save_random_sdxl_model(
+    folder: str,
+    unet_config: dict = TINY_SDXL_UNET,
+    vae_config: dict = TINY_SDXL_VAE,
+    text_config: dict = TINY_TEXT,
+    seed: int = 0,
+    scheduler=None,
+    dtype: torch.dtype = torch.float32,
+    force_zeros_for_empty_prompt: bool = True,
+) -> str:
+    """Build a Stable Diffusion XL pipeline with random weights (repeatable for ``seed``) and save it.
+
+    Returns ``folder``, a diffusers ``StableDiffusionXLPipeline`` folder with safetensors weights in ``dtype``:
+    a ``CLIPTextModel`` and a ``CLIPTextModelWithProjection`` (its ``projection_dim`` is the pooled embedding's
+    width, the UNet's ``projection_class_embeddings_input_dim`` minus six time ids), two tokenizers (the
+    second padding with "!" as SDXL's does), and ``scheduler`` (default: DDIM with SDXL's betas).
+    ``force_zeros_for_empty_prompt``: the pipeline config that makes "no negative prompt" zero embeddings.
+    """
+    from diffusers import StableDiffusionXLPipeline
+    from transformers import CLIPTextModelWithProjection
+
+    torch.manual_seed(seed)
+    unet = UNet2DConditionModel(**unet_config)
+    torch.manual_seed(seed + 1)
+    vae = AutoencoderKL(**vae_config)
+    with tempfile.TemporaryDirectory() as vocab_folder:
+        tokenizer = write_clip_tokenizer(vocab_folder)
+    with tempfile.TemporaryDirectory() as vocab_folder:
+        tokenizer_2 = write_clip_tokenizer(vocab_folder, pad_token="!")
+    pooled_width = unet_config["projection_class_embeddings_input_dim"] - 6 * unet_config["addition_time_embed_dim"]
+    torch.manual_seed(seed + 2)
+    text_encoder = CLIPTextModel(CLIPTextConfig(bos_token_id=0, eos_token_id=1, pad_token_id=1, **text_config))
+    torch.manual_seed(seed + 3)
+    text_encoder_2 = CLIPTextModelWithProjection(CLIPTextConfig(
+        bos_token_id=0, eos_token_id=1, pad_token_id=2, projection_dim=pooled_width, **text_config))
+    pipeline = StableDiffusionXLPipeline(
+        unet=unet.eval(),
+        vae=vae.eval(),
+        text_encoder=text_encoder.eval(),
+        text_encoder_2=text_encoder_2.eval(),
+        tokenizer=tokenizer,
+        tokenizer_2=tokenizer_2,
+        scheduler=scheduler if scheduler is not None else DDIMScheduler(**SDXL_SCHEDULER),
+        force_zeros_for_empty_prompt=force_zeros_for_empty_prompt,
+        add_watermarker=False,
+    )
+    pipeline.to(dtype).save_pretrained(folder, safe_serialization=True)
     return folder

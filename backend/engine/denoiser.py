@@ -38,7 +38,7 @@ class GuidedUNetDenoiser:
         self.prompt_embeds = prompt_embeds
         self.negative_embeds = negative_embeds
         self.view_prompts = view_prompts
-        self._batch_embeds = {}  # prompt rows of a batch -> its encoder states; the loop's batches repeat every step
+        self._batch_conditioning = {}  # prompt rows of a batch -> its UNet conditioning; the loop's batches repeat every step
         self.unet_rows = 0  # rows the UNet has run (a view counts twice with classifier-free guidance): the work done
 
     @torch.no_grad()
@@ -54,22 +54,73 @@ class GuidedUNetDenoiser:
             rows = [0] * count
         else:
             rows = [self.view_prompts[view] for view in views]
-        embeds = self._batch_embeds.get(tuple(rows))
-        if embeds is None:
-            embeds = self.prompt_embeds[rows]
-            if self.uses_guidance:
-                # Interleaved (uncond, cond) pairs per view, the order diffusers' panorama pipeline uses.
-                negative = self.negative_embeds.expand(count, -1, -1)
-                embeds = torch.stack([negative, embeds], dim=1).flatten(0, 1)
-            self._batch_embeds[tuple(rows)] = embeds
+        conditioning = self._batch_conditioning.get(tuple(rows))
+        if conditioning is None:
+            conditioning = self._batch_conditioning[tuple(rows)] = self.conditioning(rows)
         model_input = latents.repeat_interleave(2, dim=0) if self.uses_guidance else latents
         condition = None if self.guidance_embedding is None else self.guidance_embedding.expand(model_input.shape[0], -1)
-        prediction = self.unet(model_input, timestep, encoder_hidden_states=embeds, timestep_cond=condition).sample
+        prediction = self.unet(model_input, timestep, timestep_cond=condition, **conditioning).sample
         self.unet_rows += model_input.shape[0]
         if not self.uses_guidance:
             return prediction
         uncond, cond = prediction[::2], prediction[1::2]
         return uncond + self.guidance_scale * (cond - uncond)
+
+    def conditioning(self, rows: list[int]) -> dict:
+        """The UNet's keyword arguments for a batch of views whose prompt rows are ``rows``: its
+        ``encoder_hidden_states``, (2N, L, D) with guidance, else (N, L, D). Subclasses add what their UNet takes."""
+        return {"encoder_hidden_states": self.guided_rows(self.prompt_embeds, self.negative_embeds, rows)}
+
+    def guided_rows(self, conditional: torch.Tensor, negative: torch.Tensor | None, rows: list[int]) -> torch.Tensor:
+        """One batch's rows of a per-prompt conditioning tensor: ``conditional`` (P, ...) indexed by ``rows``
+        (N of them) and, with classifier-free guidance, interleaved with ``negative`` (1, ...) as (uncond, cond)
+        pairs per view, the order diffusers' panorama pipeline uses: (2N, ...); else (N, ...)."""
+        chosen = conditional[rows]
+        if not self.uses_guidance:
+            return chosen
+        return torch.stack([negative.expand_as(chosen), chosen], dim=1).flatten(0, 1)
+
+
+class GuidedSDXLUNetDenoiser(GuidedUNetDenoiser):
+    """An SDXL UNet with classifier-free guidance, as diffusers' ``StableDiffusionXLPipeline`` conditions it.
+
+    As ``GuidedUNetDenoiser`` (prompt_embeds (P, 77, D1 + D2): both text encoders' penultimate states,
+    concatenated; negative_embeds (1, 77, D1 + D2)), plus what SDXL's UNet takes through ``added_cond_kwargs``:
+    pooled_embeds (P, D_pool), the second text encoder's projected pooled output of each prompt row, and
+    negative_pooled (1, D_pool); time_ids (1, 6), the size and crop conditioning every view gets (``sdxl_time_ids``:
+    each view conditioned as a whole image of the window's size), for both guidance branches.
+    """
+
+    def __init__(self, unet, prompt_embeds: torch.Tensor, negative_embeds: torch.Tensor | None,
+                 pooled_embeds: torch.Tensor, negative_pooled: torch.Tensor | None, time_ids: torch.Tensor,
+                 guidance_scale: float, view_prompts: list[int] | None = None):
+        super().__init__(unet, prompt_embeds, negative_embeds, guidance_scale, view_prompts)
+        self.pooled_embeds = pooled_embeds
+        self.negative_pooled = negative_pooled
+        self.time_ids = time_ids
+
+    def conditioning(self, rows: list[int]) -> dict:
+        """``GuidedUNetDenoiser.conditioning`` plus ``added_cond_kwargs``: each row's pooled embedding
+        (``text_embeds``, (2N, D_pool) with guidance) and the time ids (``time_ids``, (2N, 6))."""
+        text_embeds = self.guided_rows(self.pooled_embeds, self.negative_pooled, rows)
+        time_ids = self.time_ids.expand(text_embeds.shape[0], -1)
+        return {**super().conditioning(rows), "added_cond_kwargs": {"text_embeds": text_embeds, "time_ids": time_ids}}
+
+
+def sdxl_time_ids(unet, view_pixels: int, pooled_width: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """SDXL's six micro-conditioning ids for a view of ``view_pixels`` x ``view_pixels`` image pixels, (1, 6):
+    original size, crop top-left (0, 0), target size, as diffusers' ``StableDiffusionXLPipeline._get_add_time_ids``
+    makes them for an uncropped image of that size. ``pooled_width``: the pooled text embedding's width (the second
+    text encoder's ``projection_dim``). Raises ValueError with one sentence when the UNet's added embedding does
+    not take six ids and an embedding of that width (a refiner's five ids with an aesthetic score, say)."""
+    ids = [view_pixels, view_pixels, 0, 0, view_pixels, view_pixels]
+    expected = unet.add_embedding.linear_1.in_features
+    given = unet.config.addition_time_embed_dim * len(ids) + pooled_width
+    if given != expected:
+        raise ValueError(f"This SDXL UNet's added embedding takes {expected} values, not the {given} of six size and "
+                         f"crop ids and a {pooled_width}-wide pooled text embedding; it is not a text-to-image SDXL "
+                         "base model (a refiner?).")
+    return torch.tensor([ids], dtype=dtype, device=device)
 
 
 def guidance_scale_embedding(guidance_scale: float, dim: int) -> torch.Tensor:

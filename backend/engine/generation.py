@@ -20,7 +20,7 @@ import torch
 from ..errors import BadRequest, OutOfMemory, shorten
 from ..request import POLE_FACE_VIEW_SETS, SCHEDULERS
 from .decode import decode_canvas, decode_pole_caps
-from .denoiser import GuidedUNetDenoiser
+from .denoiser import GuidedSDXLUNetDenoiser, GuidedUNetDenoiser, sdxl_time_ids
 from .memory import (MemoryPlan, StagePlacement, is_out_of_memory, memory_attempts, out_of_memory_message,
                      plan_memory, release_memory, weights_to_place)
 from .models import LoadedModel, compiled_unet, load_tiny_autoencoder
@@ -138,16 +138,33 @@ def denoise(resolved: ResolvedRequest, model: LoadedModel, report: StepReport, p
 
 def prompt_denoiser(resolved: ResolvedRequest, model: LoadedModel) -> GuidedUNetDenoiser:
     """The UNet (compiled with ``--compile``: ``models.compiled_unet``) with classifier-free guidance and each
-    view's prompt (``resolved.prompts``/``prompt_rows``) encoded once."""
+    view's prompt (``resolved.prompts``/``prompt_rows``) encoded once, by the pipeline's own ``encode_prompt``.
+    An SDXL model's denoiser (``GuidedSDXLUNetDenoiser``) also takes each prompt's pooled embedding and the time
+    ids of a whole image of the window's size (``sdxl_time_ids``). Raises BadRequest for an SDXL UNet that does
+    not take SDXL's six time ids."""
     params = resolved.params
     uses_guidance = params.guidance > 1.0
     prompts = list(resolved.prompts)
     negative = [params.negative_prompt] * len(prompts) if params.negative_prompt else None
-    prompt_embeds, negative_embeds = model.pipeline.encode_prompt(prompts, model.device, 1, uses_guidance, negative)
-    negative_embeds = negative_embeds[:1] if negative_embeds is not None else None
-    unet = compiled_unet(model) if params.compile else model.pipeline.unet
-    return GuidedUNetDenoiser(unet, prompt_embeds, negative_embeds, params.guidance,
-                              list(resolved.prompt_rows) if len(prompts) > 1 else None)
+    pipeline = model.pipeline
+    unet = compiled_unet(model) if params.compile else pipeline.unet
+    view_prompts = list(resolved.prompt_rows) if len(prompts) > 1 else None
+    if model.architecture != "SDXL":
+        prompt_embeds, negative_embeds = pipeline.encode_prompt(prompts, model.device, 1, uses_guidance, negative)
+        negative_embeds = negative_embeds[:1] if negative_embeds is not None else None
+        return GuidedUNetDenoiser(unet, prompt_embeds, negative_embeds, params.guidance, view_prompts)
+    # No negative prompt: zero embeddings when the model's config says force_zeros_for_empty_prompt, as diffusers.
+    prompt_embeds, negative_embeds, pooled, negative_pooled = pipeline.encode_prompt(
+        prompts, device=model.device, do_classifier_free_guidance=uses_guidance, negative_prompt=negative)
+    try:
+        time_ids = sdxl_time_ids(pipeline.unet, params.window * resolved.geometry.vae_scale_factor,
+                                 pooled.shape[-1], prompt_embeds.dtype, model.device)
+    except ValueError as error:
+        raise BadRequest(str(error)) from None
+    if negative_embeds is not None:  # one row per prompt, all alike: the denoiser shares one
+        negative_embeds, negative_pooled = negative_embeds[:1], negative_pooled[:1]
+    return GuidedSDXLUNetDenoiser(unet, prompt_embeds, negative_embeds, pooled, negative_pooled, time_ids,
+                                  params.guidance, view_prompts)
 
 
 def starting_noise(resolved: ResolvedRequest, model: LoadedModel) -> tuple[torch.Tensor, torch.Tensor | None]:

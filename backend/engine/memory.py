@@ -40,6 +40,7 @@ import torch
 
 from ..errors import BadRequest
 from ..request import GenerateRequest
+from .model_manager import WEIGHTED_COMPONENTS
 
 HEADROOM = 0.8
 """``auto`` picks ``full`` when the estimate is at most this fraction of the free memory."""
@@ -249,11 +250,12 @@ def _gib(size: int) -> str:
 
 
 def weights_to_place(pipeline, device: torch.device) -> int:
-    """Bytes of the pipeline's text encoder, UNet and VAE weights that a ``full`` job on ``device`` must still
-    make resident: all of them on the CPU, else those not on ``device`` now (a ``low`` job left them in CPU
-    memory)."""
-    return sum(parameter.numel() * parameter.element_size() for name in ("text_encoder", "unet", "vae")
-               for parameter in getattr(pipeline, name).parameters()
+    """Bytes of the pipeline's text encoders', UNet's and VAE's weights (``WEIGHTED_COMPONENTS``) that a ``full``
+    job on ``device`` must still make resident: all of them on the CPU, else those not on ``device`` now (a
+    ``low`` job left them in CPU memory)."""
+    modules = [getattr(pipeline, name) for name in WEIGHTED_COMPONENTS if getattr(pipeline, name, None) is not None]
+    return sum(parameter.numel() * parameter.element_size() for module in modules
+               for parameter in module.parameters()
                if device.type == "cpu" or parameter.device.type != device.type)
 
 
@@ -332,7 +334,7 @@ class StagePlacement:
 
     Without offload every model stays on ``device``. With offload (``--memory low`` on a GPU), ``enter(stage)``
     moves the models ``stage`` runs to ``device`` and the others to the CPU first, so the device holds one
-    model at a time: "text" the text encoder, "denoise" the UNet (and the VAE when SyncDiffusion decodes
+    model at a time: "text" the text encoders (SDXL has two), "denoise" the UNet (and the VAE when SyncDiffusion decodes
     with it), "decode" the VAE. ``enter`` with offload off puts every model back on the device, so a model
     cached by the server serves a ``full`` job after a ``low`` one.
     """
@@ -343,13 +345,13 @@ class StagePlacement:
         self.device = device
         self.offload = offload
         self.offload_device = offload_device  # where offloaded models wait
-        self.needs = {"text": ("text_encoder",), "denoise": ("unet", "vae") if vae_while_denoising else ("unet",),
-                      "decode": ("vae",)}
+        self.needs = {"text": ("text_encoder", "text_encoder_2"),
+                      "denoise": ("unet", "vae") if vae_while_denoising else ("unet",), "decode": ("vae",)}
 
     def enter(self, stage: str) -> None:
         """Put the models of ``stage`` ("text", "denoise" or "decode") on the device; with offload, the rest on the CPU."""
         wanted = self.needs[stage]
-        names = ("text_encoder", "unet", "vae")
+        names = [name for name in WEIGHTED_COMPONENTS if getattr(self.pipeline, name, None) is not None]
         # Offload first, so the device never holds the old stage's models and the new ones together.
         for name in sorted(names, key=lambda name: name in wanted):
             # Always .to(): it is free for tensors already there, and finishes a move an earlier OOM cut short.

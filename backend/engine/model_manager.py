@@ -77,6 +77,9 @@ def hub_offline() -> bool:
 DownloadProgress = Callable[[int, int, "str | None"], "bool | None"]
 
 ENGINE_SKIPPED_COMPONENTS = ("safety_checker",)  # load_model passes safety_checker=None
+WEIGHTED_COMPONENTS = ("text_encoder", "text_encoder_2", "unet", "vae")
+"""The pipeline components with weights that a job loads, places and runs: the text encoder (SDXL's second one
+too, where the model has it), the UNet and the VAE."""
 CONFIG_SUFFIXES = (".json", ".txt", ".model")  # configs, tokenizer vocabularies and merges, sentencepiece
 WEIGHTS_SUFFIX = ".safetensors"
 PICKLE_SUFFIXES = (".ckpt", ".bin", ".pt", ".pth")  # pickled weights: loading them can run code
@@ -274,7 +277,9 @@ def check_model_folder(folder: str) -> ModelCheck:
     return ModelCheck(missing, "fp16" if "fp16" in variants else None)
 
 
-def _architecture(model_index: dict, unet: dict) -> str | None:
+def architecture_from_configs(model_index: dict, unet: dict) -> str | None:
+    """SD1, SD2 or SDXL from a ``model_index.json`` dict and the UNet's config dict (the module docstring's
+    rules); None when they do not tell."""
     class_name = str(model_index.get("_class_name", ""))
     width = unet.get("cross_attention_dim")
     if "XL" in class_name or "text_encoder_2" in model_index or unet.get("addition_embed_type") == "text_time" \
@@ -289,7 +294,7 @@ def model_family(folder: str) -> tuple[str | None, str | None]:
     model_index = _read_json(os.path.join(folder, "model_index.json")) or {}
     unet = _read_json(os.path.join(folder, "unet", "config.json")) or {}
     scheduler = _read_json(os.path.join(folder, "scheduler", "scheduler_config.json")) or {}
-    architecture = _architecture(model_index, unet)
+    architecture = architecture_from_configs(model_index, unet)
     if scheduler.get("_class_name") == "LCMScheduler" or unet.get("time_cond_proj_dim"):
         return "LCM", architecture
     if scheduler.get("timestep_spacing") == "trailing":

@@ -21,11 +21,14 @@ from .model_manager import (
     HOW_TO_POINT_LOCALLY,
     HUB_ID,
     PICKLE_SUFFIXES,
+    WEIGHTED_COMPONENTS,
+    architecture_from_configs,
     cached_snapshot,
     check_folder_weights,
     check_model_folder,
     check_safetensors_file,
     hub_offline,
+    single_file_architecture,
 )
 from ..request import ModelGeometry
 
@@ -40,16 +43,24 @@ class ModelSource:
 
 @dataclass
 class LoadedModel:
-    """A loaded diffusers pipeline plus what the engine reads from it. compiled_unet: the pipeline's UNet
+    """A loaded diffusers pipeline plus what the engine reads from it. architecture: "SDXL" for a
+    ``StableDiffusionXLPipeline`` (two text encoders, pooled embeddings and time ids), else "SD1", "SD2" or None
+    (a ``StableDiffusionPipeline`` whose configs do not say which). compiled_unet: the pipeline's UNet
     under torch.compile once a ``--compile`` job asked for it (``compiled_unet``), kept with the model so that
     the worker's ``ModelCache`` serves it to later jobs; None until then."""
 
-    pipeline: object  # diffusers.StableDiffusionPipeline
+    pipeline: object  # diffusers.StableDiffusionPipeline or StableDiffusionXLPipeline
     geometry: ModelGeometry
     source: ModelSource
     device: torch.device
     dtype: torch.dtype
+    architecture: str | None = None
     compiled_unet: object | None = None
+
+
+def pipeline_modules(pipeline) -> list[torch.nn.Module]:
+    """The pipeline's components with weights that a job runs (``WEIGHTED_COMPONENTS`` that it has)."""
+    return [module for module in (getattr(pipeline, name, None) for name in WEIGHTED_COMPONENTS) if module is not None]
 
 
 CHANNELS_LAST_DEVICES = ("cuda",)
@@ -167,13 +178,28 @@ def weights_file_bytes(source: ModelSource) -> int:
         return 0
     variant = check_model_folder(folder).variant
     total = 0
-    for component in ("text_encoder", "unet", "vae"):
+    for component in WEIGHTED_COMPONENTS:
         names = sorted(os.listdir(os.path.join(folder, component))) if os.path.isdir(os.path.join(folder, component)) else []
         weights = [name for name in names if name.endswith(".safetensors")]
         # The variant's files when the folder holds them (model.fp16.safetensors), else the plain ones.
         chosen = [name for name in weights if variant and f".{variant}." in name] or weights
         total += sum(os.path.getsize(os.path.join(folder, component, name)) for name in chosen)
     return total
+
+
+def read_model_architecture(source: ModelSource, single_file_config: str | None = None) -> str | None:
+    """SD1, SD2 or SDXL of ``source`` without loading weights (``model_manager.architecture_from_configs``): from
+    the model_index.json and UNet config of a folder or hub model; of a single-file checkpoint from its
+    safetensors header (``single_file_architecture``), else (a pickled checkpoint) from the ``--model-config``
+    folder or hub id when given. None when nothing tells (loaded as Stable Diffusion 1/2). Raises ModelNotFound
+    or BadRequest as ``read_unet_config`` does."""
+    if source.kind != "single_file":
+        return architecture_from_configs(_read_config(source, "model_index.json"), read_unet_config(source))
+    architecture = single_file_architecture(source.location) if source.location.lower().endswith(".safetensors") else None
+    if architecture is None and single_file_config is not None:
+        config_kind = "folder" if os.path.isdir(single_file_config) else "hub"
+        return read_model_architecture(ModelSource(config_kind, single_file_config))
+    return architecture
 
 
 def geometry_from_configs(vae_config: dict, unet_config: dict) -> ModelGeometry:
@@ -258,22 +284,32 @@ def load_model(
     """Load a Stable Diffusion pipeline from ``source`` for ``device`` in ``dtype``: onto the device, or with
     ``place_on_device`` False left in CPU memory for ``memory.StagePlacement`` to move stage by stage.
 
+    An SDXL model (``read_model_architecture``) loads as diffusers' ``StableDiffusionXLPipeline`` (two text
+    encoders and tokenizers; no watermarker: the engine decodes itself), any other as a
+    ``StableDiffusionPipeline``. An SDXL VAE whose config asks for ``force_upcast`` (SDXL's original VAE, which
+    overflows in float16) is kept in float32 when the job runs in half precision, as diffusers' SDXL pipeline
+    upcasts it to decode; a VAE without it (the fp16-fix VAE that fine-tunes ship) decodes in ``dtype``.
     Only safetensors weights are read unless ``allow_pickle``. ``single_file_config`` (a diffusers folder
     or hub id) gives the component configs of a single-file checkpoint; without it diffusers infers the
     model family and fetches that family's configs from the hub (or its cache). Raises ModelNotFound when
     a hub model is not available, BadRequest when a local model cannot be loaded.
     """
-    from diffusers import StableDiffusionPipeline
+    from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
 
-    common = dict(dtype=dtype, safety_checker=None, requires_safety_checker=False)
+    architecture = read_model_architecture(source, single_file_config)
+    if architecture == "SDXL":
+        pipeline_class, common = StableDiffusionXLPipeline, dict(dtype=dtype, add_watermarker=False)
+    else:
+        pipeline_class, common = StableDiffusionPipeline, dict(dtype=dtype, safety_checker=None,
+                                                               requires_safety_checker=False)
     offline = hub_offline()
     try:
         if source.kind == "single_file":
-            pipeline = StableDiffusionPipeline.from_single_file(
+            pipeline = pipeline_class.from_single_file(
                 source.location, config=single_file_config, local_files_only=offline, **common
             )
         else:
-            pipeline = StableDiffusionPipeline.from_pretrained(
+            pipeline = pipeline_class.from_pretrained(
                 source.location,
                 variant=local_weights_variant(source),
                 use_safetensors=None if allow_pickle else True,
@@ -288,18 +324,20 @@ def load_model(
             ) from error
         raise BadRequest(f"The model at {source.location} could not be loaded: {_first_line(error)}") from error
     pipeline.set_progress_bar_config(disable=True)
-    for component in (pipeline.unet, pipeline.vae, pipeline.text_encoder):
+    for component in pipeline_modules(pipeline):
         # Inference only: SyncDiffusion differentiates with respect to latents, never the weights.
         component.requires_grad_(False)
     if device.type in CHANNELS_LAST_DEVICES:
         use_channels_last(pipeline.unet, pipeline.vae)  # before any placement: every move keeps the format
     if place_on_device:
         pipeline.to(device)
-    if device.type == "mps" and dtype != torch.float32:
+    upcast_vae = architecture == "SDXL" and getattr(pipeline.vae.config, "force_upcast", False)
+    if dtype != torch.float32 and (device.type == "mps" or upcast_vae):
         # Half-precision VAE decodes on MPS can come out black; the decoders cast latents to the VAE's dtype.
         pipeline.vae.to(torch.float32)
     geometry = geometry_from_configs(pipeline.vae.config, pipeline.unet.config)
-    return LoadedModel(pipeline=pipeline, geometry=geometry, source=source, device=device, dtype=dtype)
+    return LoadedModel(pipeline=pipeline, geometry=geometry, source=source, device=device, dtype=dtype,
+                       architecture=architecture)
 
 
 def resolve_lora_source(spec: str, allow_pickle: bool = False) -> ModelSource:
@@ -378,7 +416,7 @@ def fuse_lora(model: LoadedModel, source: ModelSource, scale: float) -> None:
         raise BadRequest(f"The LoRA weights at {source.location} could not be read: {_first_line(error)}") from error
     except (ValueError, KeyError, RuntimeError) as error:
         raise BadRequest(f"The LoRA weights at {source.location} do not fit this model: {_first_line(error)}") from error
-    for component in (pipeline.unet, pipeline.text_encoder):
+    for component in pipeline_modules(pipeline):
         component.requires_grad_(False)
     if model.device.type in CHANNELS_LAST_DEVICES:
         use_channels_last(pipeline.unet)  # a fused convolution may have come back in the default format
