@@ -138,20 +138,34 @@ def save_random_tiny_autoencoder(folder: str, config: dict = TINY_TAESD, seed: i
     return folder
 
 
-def save_random_lora(folder: str, model_folder: str, rank: int = 4, seed: int = 4) -> str:
+def save_random_lora(folder: str, model_folder: str, rank: int = 4, seed: int = 4, text_encoders: bool = False) -> str:
     """Build LoRA weights with random (non-zero) values for the UNet attention projections of the model in
-    ``model_folder`` and save them as diffusers' ``pytorch_lora_weights.safetensors`` into ``folder``; returns
-    ``folder`` (what ``--lora FOLDER`` loads)."""
+    ``model_folder`` (SD or SDXL: saved by its own pipeline class) and, with ``text_encoders``, for the attention
+    projections of each of its text encoders (SDXL's two), and save them as diffusers'
+    ``pytorch_lora_weights.safetensors`` into ``folder``; returns ``folder`` (what ``--lora FOLDER`` loads)."""
+    import diffusers
+    import transformers
     from diffusers.utils import convert_state_dict_to_diffusers
     from peft import LoraConfig
     from peft.utils import get_peft_model_state_dict
 
+    with open(os.path.join(model_folder, "model_index.json"), encoding="utf-8") as f:
+        model_index = json.load(f)
+    pipeline_class = getattr(diffusers, model_index["_class_name"])
     unet = UNet2DConditionModel.from_pretrained(model_folder, subfolder="unet")
     torch.manual_seed(seed)
     unet.add_adapter(LoraConfig(r=rank, lora_alpha=rank, init_lora_weights=False,
                                 target_modules=["to_q", "to_k", "to_v", "to_out.0"]))
-    layers = convert_state_dict_to_diffusers(get_peft_model_state_dict(unet))
-    StableDiffusionPipeline.save_lora_weights(folder, unet_lora_layers=layers, safe_serialization=True)
+    layers = {"unet_lora_layers": convert_state_dict_to_diffusers(get_peft_model_state_dict(unet))}
+    for name in ("text_encoder", "text_encoder_2") if text_encoders else ():
+        if name not in model_index:
+            continue
+        encoder_class = getattr(transformers, model_index[name][1])
+        encoder = encoder_class.from_pretrained(model_folder, subfolder=name)
+        encoder.add_adapter(LoraConfig(r=rank, lora_alpha=rank, init_lora_weights=False,
+                                       target_modules=["q_proj", "k_proj", "v_proj", "out_proj"]))
+        layers[f"{name}_lora_layers"] = convert_state_dict_to_diffusers(get_peft_model_state_dict(encoder))
+    pipeline_class.save_lora_weights(folder, **layers, safe_serialization=True)
     return folder
 
 

@@ -3,17 +3,18 @@ UNet's "text_time" embedding) built here and saved as a diffusers folder, no net
 
 import json
 import os
+import shutil
 
 import numpy as np
 import pytest
 import torch
-from diffusers import DDIMScheduler, StableDiffusionXLPipeline
+from diffusers import DDIMScheduler, EulerAncestralDiscreteScheduler, StableDiffusionXLPipeline
 from PIL import Image
 
 from backend.app.job import check_request, run_job
 from backend.engine.models import ModelCache
 from backend.request import GenerateRequest
-from model_factory import save_random_sdxl_model
+from model_factory import SD_SCHEDULER, save_random_lora, save_random_sdxl_model
 
 
 @pytest.fixture(scope="module")
@@ -119,3 +120,60 @@ def test_models_list_reports_the_sdxl_family(tiny_sdxl, capsys):
     listed = {model["id"]: model for model in json.loads(capsys.readouterr().out)}
     model = listed[tiny_sdxl]
     assert (model["family"], model["architecture"], model["kind"], model["complete"]) == ("SDXL", "SDXL", "folder", True)
+
+
+def test_a_half_precision_job_keeps_the_vae_in_float32_unless_it_is_the_fp16_fix(tiny_sdxl, tmp_path):
+    from backend.engine.models import load_model, resolve_model_source
+
+    # SDXL's own VAE overflows in float16, so its config asks for force_upcast: it decodes in float32, as diffusers'
+    # SDXL pipeline upcasts it. The fp16-fix VAE that fine-tunes ship says force_upcast false: it stays in float16.
+    fp16_fix = str(tmp_path / "fp16-fix")
+    shutil.copytree(tiny_sdxl, fp16_fix)
+    config_path = os.path.join(fp16_fix, "vae", "config.json")
+    config = json.loads(open(config_path).read())
+    with open(config_path, "w") as f:
+        json.dump({**config, "force_upcast": False}, f)
+    for folder, vae_dtype in ((tiny_sdxl, torch.float32), (fp16_fix, torch.float16)):
+        model = load_model(resolve_model_source(folder), torch.device("cpu"), torch.float16)
+        pipeline = model.pipeline
+        assert model.architecture == "SDXL" and type(pipeline).__name__ == "StableDiffusionXLPipeline"
+        assert pipeline.unet.dtype == pipeline.text_encoder_2.dtype == torch.float16
+        assert pipeline.vae.dtype == vae_dtype
+
+
+def test_lora_on_sdxl_is_fused_into_the_unet_and_both_text_encoders(tiny_sdxl, tmp_path):
+    lora = save_random_lora(str(tmp_path / "lora"), tiny_sdxl, text_encoders=True)
+    images, weights = {}, {}
+    for name, settings in {"base": {}, "lora": dict(lora=lora), "zero": dict(lora=lora, lora_scale=0.0)}.items():
+        checked = check_request(GenerateRequest(prompt="a canyon", layout="wide", width=256, height=128, steps=2,
+                                                seed=3, model=tiny_sdxl, device="cpu", out=str(tmp_path / name),
+                                                **settings))
+        models = ModelCache()
+        pipeline = models.get(checked).pipeline
+        weights[name] = {component: torch.cat([p.flatten() for p in getattr(pipeline, component).parameters()])
+                         for component in ("unet", "text_encoder", "text_encoder_2")}
+        images[name] = np.asarray(Image.open(run_job(checked, models=models)["png"])).astype(int)
+    for component, base in weights["base"].items():
+        assert not torch.equal(weights["lora"][component], base), component
+        torch.testing.assert_close(weights["zero"][component], base)
+    assert np.abs(images["lora"] - images["base"]).max() > 10
+    assert np.abs(images["zero"] - images["base"]).max() <= 1
+
+
+def test_a_turbo_style_sdxl_runs_one_step_with_its_trailing_scheduler(tmp_path, capsys):
+    from backend.app.cli import main
+
+    # SDXL-Turbo ships an Euler ancestral scheduler with trailing timesteps, and runs without guidance.
+    scheduler = EulerAncestralDiscreteScheduler(beta_start=SD_SCHEDULER["beta_start"], beta_end=SD_SCHEDULER["beta_end"],
+                                                 beta_schedule="scaled_linear", timestep_spacing="trailing")
+    turbo = save_random_sdxl_model(str(tmp_path / "models" / "tiny-sdxl-turbo"), scheduler=scheduler)
+    assert main(["models", "list", "--folder", str(tmp_path / "models"), "--json"]) == 0
+    (listed,) = [model for model in json.loads(capsys.readouterr().out) if model["id"] == turbo]
+    assert (listed["family"], listed["architecture"]) == ("Turbo", "SDXL")
+    request = GenerateRequest(prompt="a canyon", steps=1, guidance=0.0, seed=3, model=turbo, device="cpu",
+                              out=str(tmp_path / "out"), **WORLD)
+    outputs = run_job(check_request(request))
+    metadata = json.loads(open(outputs["metadata"]).read())
+    assert metadata["scheduler"] == "EulerAncestralDiscreteScheduler" and metadata["unet_rows"] == metadata["views"]
+    image = np.asarray(Image.open(outputs["png"]), dtype=np.float32)
+    assert image.shape == (192, 384, 3) and image.std() > 1
