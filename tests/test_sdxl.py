@@ -177,3 +177,13 @@ def test_a_turbo_style_sdxl_runs_one_step_with_its_trailing_scheduler(tmp_path, 
     assert metadata["scheduler"] == "EulerAncestralDiscreteScheduler" and metadata["unet_rows"] == metadata["views"]
     image = np.asarray(Image.open(outputs["png"]), dtype=np.float32)
     assert image.shape == (192, 384, 3) and image.std() > 1
+
+
+def test_syncdiffusions_taesd_decoder_is_taesdxl_for_sdxl_latents(tiny_sdxl, models, tmp_path):
+    from backend.errors import ModelNotFound
+
+    # Offline with nothing cached: the sentence names the tiny autoencoder of SDXL's latents, not SD's TAESD.
+    request = GenerateRequest(prompt="a canyon", steps=2, seed=3, model=tiny_sdxl, device="cpu", sync_decoder="taesd",
+                              out=str(tmp_path / "out"), **WORLD, **SYNCDIFFUSION)
+    with pytest.raises(ModelNotFound, match="madebyollin/taesdxl "):
+        run_job(check_request(request), models=models)

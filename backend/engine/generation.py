@@ -25,6 +25,7 @@ from .memory import (MemoryPlan, StagePlacement, is_out_of_memory, memory_attemp
                      plan_memory, release_memory, weights_to_place)
 from .models import LoadedModel, compiled_unet, load_tiny_autoencoder
 from .perceptual import load_perceptual_loss
+from .preview import TINY_AUTOENCODER_OF_FAMILY, latent_family
 from .resolve import ResolvedRequest, for_memory_plan
 from .sampler import StepReport, Synchronisation, sample_canvas
 from .sync.mad import MergedAttention
@@ -229,8 +230,11 @@ def syncdiffusion_guidance(resolved: ResolvedRequest, model: LoadedModel, denois
     if params.sync_decoder == "vae":
         decoder = model.pipeline.vae
     else:
+        # taesd: the tiny autoencoder of the model's latents, TAESD for SD 1/2 and TAESDXL for SDXL.
+        family = latent_family(model.pipeline.vae.config) or "sd"
+        spec = TINY_AUTOENCODER_OF_FAMILY[family] if params.sync_decoder == "taesd" else params.sync_decoder
         decoder = load_tiny_autoencoder(
-            params.sync_decoder, model.device, model.dtype, model.geometry.latent_channels, params.allow_pickle
+            spec, model.device, model.dtype, model.geometry.latent_channels, params.allow_pickle
         )
 
     def decode(latents: torch.Tensor) -> torch.Tensor:

@@ -422,22 +422,19 @@ def fuse_lora(model: LoadedModel, source: ModelSource, scale: float) -> None:
         use_channels_last(pipeline.unet)  # a fused convolution may have come back in the default format
 
 
-TINY_AUTOENCODERS = {"taesd": "madebyollin/taesd"}  # --sync-decoder short names for SD 1.x / 2.x latents
-
-
-def load_tiny_autoencoder(spec: str, device: torch.device, dtype: torch.dtype, latent_channels: int, allow_pickle: bool = False,
+def load_tiny_autoencoder(location: str, device: torch.device, dtype: torch.dtype, latent_channels: int, allow_pickle: bool = False,
                           local_only: bool = False):
     """A diffusers ``AutoencoderTiny`` (TAESD) for SyncDiffusion's guidance decode and the denoising preview.
 
-    spec: ``taesd`` (``madebyollin/taesd``), another hub id, or a local folder saved with
-    ``save_pretrained``. Only safetensors weights unless ``allow_pickle``. ``local_only``: a hub id only from
-    the local cache, never downloaded (the preview's rule: ModelNotFound when it is not there). Its decoder takes the model's
+    location: a hub id (``--sync-decoder taesd`` is the model family's, ``preview.TINY_AUTOENCODER_OF_FAMILY``), or
+    a local folder saved with ``save_pretrained``. Only safetensors weights unless ``allow_pickle``. ``local_only``: a
+    hub id only from the local cache, never downloaded (the preview's rule: ModelNotFound when it is not there). Its decoder takes the model's
     scaled latents (divided by its own ``scaling_factor``, 1.0) and returns images in [-1, 1].
     Raises ModelNotFound (hub id not available) or BadRequest (unloadable folder, wrong latent channels).
     """
     from diffusers import AutoencoderTiny
 
-    location = TINY_AUTOENCODERS.get(spec, spec)
+    spec = location
     is_folder = os.path.isdir(os.path.abspath(os.path.expanduser(location)))
     if is_folder:
         location = os.path.abspath(os.path.expanduser(location))
