@@ -9,7 +9,11 @@ The key mapping is the inverse of diffusers' own LDM -> diffusers conversion
 ``convert_ldm_clip_checkpoint``), so ``StableDiffusionPipeline.from_single_file(path, config=folder)`` gives
 back exactly the weights of ``folder``. It covers the SD1/SD2 UNet and VAE layouts; the text encoder is written
 in the Hugging Face CLIP layout that SD1 checkpoints use (diffusers also reads an SD2-sized CLIP from it, but it
-is not the OpenCLIP layout of the original SD2 files). Anything this mapping does not know raises ``KeyError``
+is not the OpenCLIP layout of the original SD2 files). An SDXL folder (one with ``text_encoder_2``) is written
+as SDXL's original (Stability's generative-models) checkpoints are: the UNet's added embedding as
+``label_emb``, the first text encoder in the CLIP layout under ``conditioner.embedders.0.transformer.``, the
+second in the OpenCLIP layout under ``conditioner.embedders.1.model.`` (fused q/k/v ``in_proj`` weights, the
+projection transposed), the inverse of diffusers' ``convert_open_clip_checkpoint``. Anything this mapping does not know raises ``KeyError``
 rather than being dropped, so a written file is always complete.
 """
 
@@ -25,6 +29,8 @@ from transformers import CLIPTextModel
 UNET_PREFIX = "model.diffusion_model."
 VAE_PREFIX = "first_stage_model."
 TEXT_ENCODER_PREFIX = "cond_stage_model.transformer."
+SDXL_TEXT_ENCODER_PREFIX = "conditioner.embedders.0.transformer."
+SDXL_OPEN_CLIP_PREFIX = "conditioner.embedders.1.model."
 
 # Modules whose names differ only at the top level (diffusers name -> LDM name).
 UNET_TOP_LEVEL = {
@@ -33,6 +39,8 @@ UNET_TOP_LEVEL = {
     "conv_in": "input_blocks.0.0",
     "conv_norm_out": "out.0",
     "conv_out": "out.2",
+    "add_embedding.linear_1": "label_emb.0.0",  # SDXL's pooled text + time ids embedding
+    "add_embedding.linear_2": "label_emb.0.2",
 }
 VAE_TOP_LEVEL = {
     "encoder.conv_in": "encoder.conv_in",
@@ -171,28 +179,84 @@ def _vae_tensors(vae: AutoencoderKL) -> list[tuple[str, torch.Tensor]]:
     return tensors
 
 
-def _text_encoder_tensors(text_encoder: CLIPTextModel) -> list[tuple[str, torch.Tensor]]:
+def _text_encoder_tensors(text_encoder: CLIPTextModel, prefix: str = TEXT_ENCODER_PREFIX) -> list[tuple[str, torch.Tensor]]:
     # Recent transformers flatten CLIPTextModel (no ``text_model.`` level); the SD1 layout has it, and
     # diffusers strips it again when its model is flat.
     return [
-        (TEXT_ENCODER_PREFIX + (key if key.startswith("text_model.") else "text_model." + key), value)
+        (prefix + (key if key.startswith("text_model.") else "text_model." + key), value)
         for key, value in text_encoder.state_dict().items()
     ]
 
 
+# OpenCLIP's names of a transformer layer's parts (diffusers/transformers name -> OpenCLIP name).
+OPEN_CLIP_LAYERS = {
+    "self_attn.out_proj": "attn.out_proj",
+    "layer_norm1": "ln_1",
+    "layer_norm2": "ln_2",
+    "mlp.fc1": "mlp.c_fc",
+    "mlp.fc2": "mlp.c_proj",
+}
+OPEN_CLIP_TOP_LEVEL = {
+    "text_model.embeddings.token_embedding.weight": "token_embedding.weight",
+    "text_model.embeddings.position_embedding.weight": "positional_embedding",
+    "text_model.final_layer_norm.weight": "ln_final.weight",
+    "text_model.final_layer_norm.bias": "ln_final.bias",
+}
+
+
+def _open_clip_tensors(text_encoder, prefix: str = SDXL_OPEN_CLIP_PREFIX) -> list[tuple[str, torch.Tensor]]:
+    """A ``CLIPTextModelWithProjection`` in OpenCLIP's layout (SDXL's second text encoder): q, k and v fused into
+    ``attn.in_proj_weight``/``in_proj_bias`` (in that order), ``text_projection`` stored (in, out). Raises
+    KeyError for a parameter this mapping does not cover."""
+    state = text_encoder.state_dict()
+    tensors, layers = [], set()
+    for key, value in state.items():
+        if key in OPEN_CLIP_TOP_LEVEL:
+            tensors.append((prefix + OPEN_CLIP_TOP_LEVEL[key], value))
+        elif key == "text_projection.weight":
+            tensors.append((prefix + "text_projection", value.T))
+        elif key.startswith("text_model.encoder.layers."):
+            index, _, rest = key[len("text_model.encoder.layers."):].partition(".")
+            layer = f"{prefix}transformer.resblocks.{index}."
+            if rest.startswith("self_attn.") and rest.split(".")[1] in ("q_proj", "k_proj", "v_proj"):
+                layers.add(index)  # fused below
+                continue
+            part, _, parameter = rest.rpartition(".")
+            if part not in OPEN_CLIP_LAYERS:
+                raise KeyError(f"no OpenCLIP name known for text encoder parameter {key!r}")
+            tensors.append((layer + OPEN_CLIP_LAYERS[part] + "." + parameter, value))
+        else:
+            raise KeyError(f"no OpenCLIP name known for text encoder parameter {key!r}")
+    for index in sorted(layers, key=int):
+        attention = f"text_model.encoder.layers.{index}.self_attn."
+        for parameter in ("weight", "bias"):
+            fused = torch.cat([state[f"{attention}{name}_proj.{parameter}"] for name in ("q", "k", "v")])
+            tensors.append((f"{prefix}transformer.resblocks.{index}.attn.in_proj_{parameter}", fused))
+    return tensors
+
+
 def write_ldm_single_file(diffusers_folder: str, out_path: str) -> str:
-    """Convert the unet, vae and text_encoder of diffusers folder ``diffusers_folder`` into one LDM checkpoint.
+    """Convert the unet, vae and text encoder(s) of diffusers folder ``diffusers_folder`` (SD, or SDXL with its
+    second text encoder) into one original-layout checkpoint.
 
     Writes a safetensors file at ``out_path`` (tensors keep their dtype; the scheduler and tokenizer are not
     stored, as in the original checkpoints: load it with ``config=diffusers_folder``) and returns ``out_path``.
     Raises ``KeyError`` for a parameter the LDM mapping does not cover.
     """
+    from transformers import CLIPTextModelWithProjection
+
     unet = UNet2DConditionModel.from_pretrained(diffusers_folder, subfolder="unet")
     vae = AutoencoderKL.from_pretrained(diffusers_folder, subfolder="vae")
     text_encoder = CLIPTextModel.from_pretrained(os.path.join(diffusers_folder, "text_encoder"))
+    second = os.path.join(diffusers_folder, "text_encoder_2")
+    if os.path.isdir(second):
+        text = (_text_encoder_tensors(text_encoder, SDXL_TEXT_ENCODER_PREFIX)
+                + _open_clip_tensors(CLIPTextModelWithProjection.from_pretrained(second)))
+    else:
+        text = _text_encoder_tensors(text_encoder)
 
     checkpoint: dict[str, torch.Tensor] = {}
-    for name, value in _unet_tensors(unet) + _vae_tensors(vae) + _text_encoder_tensors(text_encoder):
+    for name, value in _unet_tensors(unet) + _vae_tensors(vae) + text:
         # A clash would silently drop a weight, so it is an error.
         if name in checkpoint:
             raise ValueError(f"two parameters map to the LDM name {name!r}")

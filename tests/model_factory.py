@@ -171,7 +171,10 @@ def save_random_lora(folder: str, model_folder: str, rank: int = 4, seed: int = 
 
 # SDXL's architecture in miniature: the UNet takes the pooled text embedding of the second text encoder and six
 # time ids (original size, crop, target size) through its "text_time" added embedding, as SDXL's does; the two
-# text encoders' penultimate states are concatenated (32 + 32 = cross_attention_dim 64).
+# text encoders' penultimate states are concatenated (32 + 48 = cross_attention_dim 80). The encoders differ in
+# width, as SDXL's do (768 and 1280), which is how diffusers' single-file loader tells them apart.
+TINY_SDXL_TEXT_2 = dict(TINY_TEXT, hidden_size=48)
+TINY_SDXL_POOLED = 32  # the second encoder's projection_dim: the pooled embedding's width
 TINY_SDXL_UNET = dict(
     sample_size=16,
     in_channels=4,
@@ -185,8 +188,8 @@ TINY_SDXL_UNET = dict(
     transformer_layers_per_block=(1, 2),
     addition_embed_type="text_time",
     addition_time_embed_dim=8,
-    projection_class_embeddings_input_dim=6 * 8 + 32,  # six time ids of 8 + the pooled embedding (projection_dim)
-    cross_attention_dim=64,
+    projection_class_embeddings_input_dim=6 * 8 + TINY_SDXL_POOLED,  # six time ids of 8 + the pooled embedding
+    cross_attention_dim=TINY_TEXT["hidden_size"] + TINY_SDXL_TEXT_2["hidden_size"],
     norm_num_groups=2,
 )
 TINY_SDXL_VAE = dict(TINY_VAE, scaling_factor=0.13025, force_upcast=True)  # SDXL's latent scale
@@ -198,6 +201,7 @@ def save_random_sdxl_model(
     unet_config: dict = TINY_SDXL_UNET,
     vae_config: dict = TINY_SDXL_VAE,
     text_config: dict = TINY_TEXT,
+    text_2_config: dict = TINY_SDXL_TEXT_2,
     seed: int = 0,
     scheduler=None,
     dtype: torch.dtype = torch.float32,
@@ -206,7 +210,8 @@ def save_random_sdxl_model(
     """Build a Stable Diffusion XL pipeline with random weights (repeatable for ``seed``) and save it.
 
     Returns ``folder``, a diffusers ``StableDiffusionXLPipeline`` folder with safetensors weights in ``dtype``:
-    a ``CLIPTextModel`` and a ``CLIPTextModelWithProjection`` (its ``projection_dim`` is the pooled embedding's
+    a ``CLIPTextModel`` (``text_config``) and a ``CLIPTextModelWithProjection`` (``text_2_config``; the UNet's
+    ``cross_attention_dim`` is the sum of their widths; its ``projection_dim`` is the pooled embedding's
     width, the UNet's ``projection_class_embeddings_input_dim`` minus six time ids), two tokenizers (the
     second padding with "!" as SDXL's does), and ``scheduler`` (default: DDIM with SDXL's betas).
     ``force_zeros_for_empty_prompt``: the pipeline config that makes "no negative prompt" zero embeddings.
@@ -227,7 +232,7 @@ def save_random_sdxl_model(
     text_encoder = CLIPTextModel(CLIPTextConfig(bos_token_id=0, eos_token_id=1, pad_token_id=1, **text_config))
     torch.manual_seed(seed + 3)
     text_encoder_2 = CLIPTextModelWithProjection(CLIPTextConfig(
-        bos_token_id=0, eos_token_id=1, pad_token_id=2, projection_dim=pooled_width, **text_config))
+        bos_token_id=0, eos_token_id=1, pad_token_id=2, projection_dim=pooled_width, **text_2_config))
     pipeline = StableDiffusionXLPipeline(
         unet=unet.eval(),
         vae=vae.eval(),

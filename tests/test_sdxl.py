@@ -14,6 +14,7 @@ from PIL import Image
 from backend.app.job import check_request, run_job
 from backend.engine.models import ModelCache
 from backend.request import GenerateRequest
+from ldm_checkpoint import write_ldm_single_file
 from model_factory import SD_SCHEDULER, save_random_lora, save_random_sdxl_model
 
 
@@ -187,3 +188,21 @@ def test_syncdiffusions_taesd_decoder_is_taesdxl_for_sdxl_latents(tiny_sdxl, mod
                               out=str(tmp_path / "out"), **WORLD, **SYNCDIFFUSION)
     with pytest.raises(ModelNotFound, match="madebyollin/taesdxl "):
         run_job(check_request(request), models=models)
+
+
+def test_a_single_file_sdxl_checkpoint_with_model_config_gives_the_folders_image(tiny_sdxl, tmp_path, capsys):
+    from backend.app.cli import main
+
+    # Stability's original layout: label_emb, conditioner.embedders.0 (CLIP) and .1 (OpenCLIP, fused q/k/v).
+    (tmp_path / "checkpoints").mkdir()
+    checkpoint = write_ldm_single_file(tiny_sdxl, str(tmp_path / "checkpoints" / "tiny-sdxl.safetensors"))
+    assert main(["models", "list", "--folder", str(tmp_path / "checkpoints"), "--json"]) == 0
+    (listed,) = json.loads(capsys.readouterr().out)
+    assert (listed["kind"], listed["family"], listed["architecture"]) == ("single_file", "SDXL", "SDXL")
+    common = ["generate", "--prompt", "a canyon", "--layout", "tile", "--width", "128", "--height", "128",
+              "--steps", "2", "--seed", "11", "--device", "cpu"]
+    assert main([*common, "--model", tiny_sdxl, "--out", str(tmp_path / "folder")]) == 0
+    assert main([*common, "--model", checkpoint, "--model-config", tiny_sdxl, "--out", str(tmp_path / "single")]) == 0
+    assert (tmp_path / "folder" / "panorama.png").read_bytes() == (tmp_path / "single" / "panorama.png").read_bytes()
+    metadata = json.loads((tmp_path / "single" / "metadata.json").read_text())
+    assert metadata["model"]["kind"] == "single_file" and metadata["params"]["window"] == 16
