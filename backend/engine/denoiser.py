@@ -38,7 +38,7 @@ class GuidedUNetDenoiser:
         self.prompt_embeds = prompt_embeds
         self.negative_embeds = negative_embeds
         self.view_prompts = view_prompts
-        self._batch_conditioning = {}  # prompt rows of a batch -> its UNet conditioning; the loop's batches repeat every step
+        self._batch_conditioning = {}  # a batch's prompt rows -> its UNet conditioning; batches repeat every step
         self.unet_rows = 0  # rows the UNet has run (a view counts twice with classifier-free guidance): the work done
 
     @torch.no_grad()

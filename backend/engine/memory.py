@@ -40,7 +40,7 @@ import torch
 
 from ..errors import BadRequest
 from ..request import GenerateRequest
-from .model_manager import WEIGHTED_COMPONENTS
+from .models import weighted_components
 
 HEADROOM = 0.8
 """``auto`` picks ``full`` when the estimate is at most this fraction of the free memory."""
@@ -250,11 +250,10 @@ def _gib(size: int) -> str:
 
 
 def weights_to_place(pipeline, device: torch.device) -> int:
-    """Bytes of the pipeline's text encoders', UNet's and VAE's weights (``WEIGHTED_COMPONENTS``) that a ``full``
-    job on ``device`` must still make resident: all of them on the CPU, else those not on ``device`` now (a
-    ``low`` job left them in CPU memory)."""
-    modules = [getattr(pipeline, name) for name in WEIGHTED_COMPONENTS if getattr(pipeline, name, None) is not None]
-    return sum(parameter.numel() * parameter.element_size() for module in modules
+    """Bytes of the pipeline's text encoders', UNet's and VAE's weights (``models.weighted_components``) that a
+    ``full`` job on ``device`` must still make resident: all of them on the CPU, else those not on ``device`` now
+    (a ``low`` job left them in CPU memory)."""
+    return sum(parameter.numel() * parameter.element_size() for module in weighted_components(pipeline).values()
                for parameter in module.parameters()
                if device.type == "cpu" or parameter.device.type != device.type)
 
@@ -334,8 +333,8 @@ class StagePlacement:
 
     Without offload every model stays on ``device``. With offload (``--memory low`` on a GPU), ``enter(stage)``
     moves the models ``stage`` runs to ``device`` and the others to the CPU first, so the device holds one
-    model at a time: "text" the text encoders (SDXL has two), "denoise" the UNet (and the VAE when SyncDiffusion decodes
-    with it), "decode" the VAE. ``enter`` with offload off puts every model back on the device, so a model
+    model at a time: "text" the text encoders (SDXL has two), "denoise" the UNet (and the VAE when SyncDiffusion
+    decodes with it), "decode" the VAE. ``enter`` with offload off puts every model back on the device, so a model
     cached by the server serves a ``full`` job after a ``low`` one.
     """
 
@@ -351,11 +350,11 @@ class StagePlacement:
     def enter(self, stage: str) -> None:
         """Put the models of ``stage`` ("text", "denoise" or "decode") on the device; with offload, the rest on the CPU."""
         wanted = self.needs[stage]
-        names = [name for name in WEIGHTED_COMPONENTS if getattr(self.pipeline, name, None) is not None]
+        components = weighted_components(self.pipeline)
         # Offload first, so the device never holds the old stage's models and the new ones together.
-        for name in sorted(names, key=lambda name: name in wanted):
+        for name in sorted(components, key=lambda name: name in wanted):
             # Always .to(): it is free for tensors already there, and finishes a move an earlier OOM cut short.
-            getattr(self.pipeline, name).to(self.device if name in wanted or not self.offload else self.offload_device)
+            components[name].to(self.device if name in wanted or not self.offload else self.offload_device)
         if self.offload and self.device.type == "cuda":
             torch.cuda.empty_cache()  # return the offloaded models' blocks to the driver
         elif self.offload and self.device.type == "mps":

@@ -58,9 +58,11 @@ class LoadedModel:
     compiled_unet: object | None = None
 
 
-def pipeline_modules(pipeline) -> list[torch.nn.Module]:
-    """The pipeline's components with weights that a job runs (``WEIGHTED_COMPONENTS`` that it has)."""
-    return [module for module in (getattr(pipeline, name, None) for name in WEIGHTED_COMPONENTS) if module is not None]
+def weighted_components(pipeline) -> dict[str, torch.nn.Module]:
+    """{name: module} of the pipeline's components with weights that a job runs: the ``WEIGHTED_COMPONENTS`` it
+    has (SDXL's ``text_encoder_2`` only where there is one), in that order."""
+    modules = {name: getattr(pipeline, name, None) for name in WEIGHTED_COMPONENTS}
+    return {name: module for name, module in modules.items() if module is not None}
 
 
 CHANNELS_LAST_DEVICES = ("cuda",)
@@ -273,6 +275,17 @@ def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
     return getattr(torch, name)
 
 
+def pipeline_class(architecture: str | None) -> tuple[type, dict]:
+    """(the diffusers pipeline class, its loading options) for a model of ``architecture``
+    (``read_model_architecture``): ``StableDiffusionXLPipeline`` for SDXL (two text encoders and tokenizers; no
+    watermarker: the engine decodes itself), else ``StableDiffusionPipeline`` without the safety checker."""
+    from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
+
+    if architecture == "SDXL":
+        return StableDiffusionXLPipeline, dict(add_watermarker=False)
+    return StableDiffusionPipeline, dict(safety_checker=None, requires_safety_checker=False)
+
+
 def load_model(
     source: ModelSource,
     device: torch.device,
@@ -284,32 +297,25 @@ def load_model(
     """Load a Stable Diffusion pipeline from ``source`` for ``device`` in ``dtype``: onto the device, or with
     ``place_on_device`` False left in CPU memory for ``memory.StagePlacement`` to move stage by stage.
 
-    An SDXL model (``read_model_architecture``) loads as diffusers' ``StableDiffusionXLPipeline`` (two text
-    encoders and tokenizers; no watermarker: the engine decodes itself), any other as a
-    ``StableDiffusionPipeline``. An SDXL VAE whose config asks for ``force_upcast`` (SDXL's original VAE, which
-    overflows in float16) is kept in float32 when the job runs in half precision, as diffusers' SDXL pipeline
-    upcasts it to decode; a VAE without it (the fp16-fix VAE that fine-tunes ship) decodes in ``dtype``.
+    The pipeline class is the architecture's (``pipeline_class``). An SDXL VAE whose config asks for
+    ``force_upcast`` (SDXL's original VAE, which overflows in float16) is kept in float32 when the job runs in
+    half precision, as diffusers' SDXL pipeline upcasts it to decode; the fp16-fix VAE (without it) runs in ``dtype``.
     Only safetensors weights are read unless ``allow_pickle``. ``single_file_config`` (a diffusers folder
     or hub id) gives the component configs of a single-file checkpoint; without it diffusers infers the
     model family and fetches that family's configs from the hub (or its cache). Raises ModelNotFound when
     a hub model is not available, BadRequest when a local model cannot be loaded.
     """
-    from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
-
     architecture = read_model_architecture(source, single_file_config)
-    if architecture == "SDXL":
-        pipeline_class, common = StableDiffusionXLPipeline, dict(dtype=dtype, add_watermarker=False)
-    else:
-        pipeline_class, common = StableDiffusionPipeline, dict(dtype=dtype, safety_checker=None,
-                                                               requires_safety_checker=False)
+    loader, options = pipeline_class(architecture)
+    common = dict(dtype=dtype, **options)
     offline = hub_offline()
     try:
         if source.kind == "single_file":
-            pipeline = pipeline_class.from_single_file(
+            pipeline = loader.from_single_file(
                 source.location, config=single_file_config, local_files_only=offline, **common
             )
         else:
-            pipeline = pipeline_class.from_pretrained(
+            pipeline = loader.from_pretrained(
                 source.location,
                 variant=local_weights_variant(source),
                 use_safetensors=None if allow_pickle else True,
@@ -324,7 +330,7 @@ def load_model(
             ) from error
         raise BadRequest(f"The model at {source.location} could not be loaded: {_first_line(error)}") from error
     pipeline.set_progress_bar_config(disable=True)
-    for component in pipeline_modules(pipeline):
+    for component in weighted_components(pipeline).values():
         # Inference only: SyncDiffusion differentiates with respect to latents, never the weights.
         component.requires_grad_(False)
     if device.type in CHANNELS_LAST_DEVICES:
@@ -333,7 +339,8 @@ def load_model(
         pipeline.to(device)
     upcast_vae = architecture == "SDXL" and getattr(pipeline.vae.config, "force_upcast", False)
     if dtype != torch.float32 and (device.type == "mps" or upcast_vae):
-        # Half-precision VAE decodes on MPS can come out black; the decoders cast latents to the VAE's dtype.
+        # Half-precision VAE decodes on MPS can come out black, and SDXL's VAE overflows; the decoders cast
+        # latents to the VAE's dtype.
         pipeline.vae.to(torch.float32)
     geometry = geometry_from_configs(pipeline.vae.config, pipeline.unet.config)
     return LoadedModel(pipeline=pipeline, geometry=geometry, source=source, device=device, dtype=dtype,
@@ -416,7 +423,7 @@ def fuse_lora(model: LoadedModel, source: ModelSource, scale: float) -> None:
         raise BadRequest(f"The LoRA weights at {source.location} could not be read: {_first_line(error)}") from error
     except (ValueError, KeyError, RuntimeError) as error:
         raise BadRequest(f"The LoRA weights at {source.location} do not fit this model: {_first_line(error)}") from error
-    for component in pipeline_modules(pipeline):
+    for component in weighted_components(pipeline).values():
         component.requires_grad_(False)
     if model.device.type in CHANNELS_LAST_DEVICES:
         use_channels_last(pipeline.unet)  # a fused convolution may have come back in the default format
