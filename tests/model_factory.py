@@ -202,6 +202,7 @@ def save_random_sdxl_model(
     vae_config: dict = TINY_SDXL_VAE,
     text_config: dict = TINY_TEXT,
     text_2_config: dict = TINY_SDXL_TEXT_2,
+    pooled_width: int = TINY_SDXL_POOLED,
     seed: int = 0,
     scheduler=None,
     dtype: torch.dtype = torch.float32,
@@ -211,8 +212,8 @@ def save_random_sdxl_model(
 
     Returns ``folder``, a diffusers ``StableDiffusionXLPipeline`` folder with safetensors weights in ``dtype``:
     a ``CLIPTextModel`` (``text_config``) and a ``CLIPTextModelWithProjection`` (``text_2_config``; the UNet's
-    ``cross_attention_dim`` is the sum of their widths; its ``projection_dim`` is the pooled embedding's
-    width, the UNet's ``projection_class_embeddings_input_dim`` minus six time ids), two tokenizers (the
+    ``cross_attention_dim`` is the sum of their widths; its ``projection_dim`` is ``pooled_width``, which with six
+    time ids makes the UNet's ``projection_class_embeddings_input_dim`` in an SDXL base), two tokenizers (the
     second padding with "!" as SDXL's does), and ``scheduler`` (default: DDIM with SDXL's betas).
     ``force_zeros_for_empty_prompt``: the pipeline config that makes "no negative prompt" zero embeddings.
     """
@@ -227,7 +228,6 @@ def save_random_sdxl_model(
         tokenizer = write_clip_tokenizer(vocab_folder)
     with tempfile.TemporaryDirectory() as vocab_folder:
         tokenizer_2 = write_clip_tokenizer(vocab_folder, pad_token="!")
-    pooled_width = unet_config["projection_class_embeddings_input_dim"] - 6 * unet_config["addition_time_embed_dim"]
     torch.manual_seed(seed + 2)
     text_encoder = CLIPTextModel(CLIPTextConfig(bos_token_id=0, eos_token_id=1, pad_token_id=1, **text_config))
     torch.manual_seed(seed + 3)

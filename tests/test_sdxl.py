@@ -15,7 +15,7 @@ from backend.app.job import check_request, run_job
 from backend.engine.models import ModelCache
 from backend.request import GenerateRequest
 from ldm_checkpoint import write_ldm_single_file
-from model_factory import SD_SCHEDULER, save_random_lora, save_random_sdxl_model
+from model_factory import SD_SCHEDULER, TINY_SDXL_POOLED, TINY_SDXL_UNET, save_random_lora, save_random_sdxl_model
 
 
 @pytest.fixture(scope="module")
@@ -206,3 +206,16 @@ def test_a_single_file_sdxl_checkpoint_with_model_config_gives_the_folders_image
     assert (tmp_path / "folder" / "panorama.png").read_bytes() == (tmp_path / "single" / "panorama.png").read_bytes()
     metadata = json.loads((tmp_path / "single" / "metadata.json").read_text())
     assert metadata["model"]["kind"] == "single_file" and metadata["params"]["window"] == 16
+
+
+def test_an_sdxl_unet_that_takes_other_time_ids_is_one_sentence(tmp_path):
+    from backend.errors import BadRequest
+
+    # The refiner's added embedding takes five ids (an aesthetic score instead of the target size).
+    refiner_like = save_random_sdxl_model(str(tmp_path / "refiner-like"), unet_config={
+        **TINY_SDXL_UNET, "projection_class_embeddings_input_dim": 5 * 8 + TINY_SDXL_POOLED})
+    request = GenerateRequest(prompt="a canyon", layout="wide", width=128, height=128, steps=1, seed=3,
+                              model=refiner_like, device="cpu", out=str(tmp_path / "out"))
+    with pytest.raises(BadRequest, match=r"takes 72 values, not the 80 of six size and crop ids .*a refiner\?\)\.$"):
+        run_job(check_request(request))
+    assert not (tmp_path / "out").exists()
