@@ -29,7 +29,9 @@ class SYNCSPHERE_OT_check_backend(Operator):
         # Blocking on purpose: this is a one-shot check the user asked for, bounded by a timeout.
         # The long-lived worker used for generation will not block the UI.
         # `info` downloads nothing, but keep the backend offline when Blender is.
-        if remote is not None:
+        if remote is not None and not bpy.app.online_access:
+            ok, text = False, backend_command.SSH_NEEDS_ONLINE_ACCESS
+        elif remote is not None:
             ok, text = backend_command.run_remote_backend(remote, "info", allow_network=bpy.app.online_access)
         else:
             ok, text = backend_command.run_backend(interpreter_path(prefs), "info", allow_network=bpy.app.online_access)

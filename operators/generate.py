@@ -71,6 +71,8 @@ class SYNCSPHERE_OT_generate(Operator):
         if not settings.prompt.strip():
             return None, None, "Type a prompt first: it describes what to generate"
         remote = remote_backend(prefs)  # Backend = SSH: the GPU machine, else None
+        if remote is not None and not bpy.app.online_access:
+            return None, None, backend_command.SSH_NEEDS_ONLINE_ACCESS
         problem = ((remote.problem() if remote is not None else backend_command.interpreter_error(python))
                    or result_problem(context, settings.mode))
         if problem:

@@ -48,6 +48,11 @@ prompt (Blender has no terminal to type it in: keys or an agent only), and a con
 found out within about a minute."""
 
 
+SSH_NEEDS_ONLINE_ACCESS = ("Backend = SSH connects to another machine: turn on Allow Online Access in Blender's "
+                           "Preferences > System > Network, or set Backend to Local")
+"""Why an SSH backend is not used while Blender's online access is off (docs/conventions.md#blender-rules)."""
+
+
 @dataclasses.dataclass(frozen=True)
 class RemoteBackend:
     """A backend on another machine, reached with ``ssh`` (the preferences' Backend = SSH).
