@@ -1,4 +1,4 @@
-"""The JSON-lines protocol between Blender and the backend, version 2 (docs/protocol.md).
+"""The JSON-lines protocol between Blender and the backend, version 3 (docs/protocol.md).
 
 Standard library only: the Blender side imports this module too. One JSON object per line, UTF-8;
 the backend's stdout carries protocol lines only. A request line goes through ``read_line`` (bytes, its
@@ -8,6 +8,7 @@ what it cannot take with a ProtocolError, never another exception.
 
 from __future__ import annotations
 
+import base64
 import json
 import math
 import os
@@ -16,10 +17,15 @@ import time
 
 from .errors import shorten
 
-PROTOCOL_VERSION = 2  # 2: the stage "downloading" (step and total count bytes)
+PROTOCOL_VERSION = 3  # 2: the stage "downloading" (step and total count bytes); 3: fetch, a job's files as events
 STAGES = ("downloading", "loading", "denoising", "decoding", "writing")
 ERROR_KINDS = ("bad_request", "model_not_found", "out_of_memory", "cancelled", "internal")
-REQUEST_OPS = ("hello", "generate", "cancel", "shutdown")
+REQUEST_OPS = ("hello", "generate", "cancel", "fetch", "shutdown")
+FETCH_PROTOCOL = 3
+"""The first protocol version with ``fetch`` (a remote backend must speak at least this one)."""
+
+FILE_CHUNK_BYTES = 3 << 16
+"""The bytes of a file one ``chunk`` event carries (192 KiB, 256 KiB as base64: a line well under 1 MiB)."""
 
 MAX_LINE_BYTES = 1 << 20
 """The longest request line the backend reads (1 MiB, without its newline); a longer one is refused whole."""
@@ -110,6 +116,23 @@ def ready_event(version: str, device: str, dtype: str) -> dict:
     return {"event": "ready", "protocol": PROTOCOL_VERSION, "version": version, "device": device, "dtype": dtype}
 
 
+def file_event(job: str, path: str, size: int, sha256: str, index: int, count: int) -> dict:
+    """The start of one file of a fetched job: its absolute ``path`` on the backend, ``size`` in bytes, the
+    SHA-256 of its bytes (hex), and which file it is (``index`` 1…``count``). Its ``chunk`` events follow."""
+    return {"event": "file", "job": job, "path": path, "size": size, "sha256": sha256, "index": index, "count": count}
+
+
+def chunk_event(job: str, path: str, offset: int, data: bytes) -> dict:
+    """``data`` (at most FILE_CHUNK_BYTES bytes of the file ``path``, from byte ``offset``) as base64."""
+    return {"event": "chunk", "job": job, "path": path, "offset": offset,
+            "data": base64.b64encode(data).decode("ascii")}
+
+
+def fetched_event(job: str, files: int, size: int) -> dict:
+    """The end of a fetch: ``files`` files of ``size`` bytes in all were sent."""
+    return {"event": "fetched", "job": job, "files": files, "bytes": size}
+
+
 def hello_request() -> dict:
     """The request the client sends first; the backend answers with a ready event."""
     return {"op": "hello"}
@@ -123,6 +146,12 @@ def generate_request(job: str, params: dict, out_dir: str) -> dict:
 def cancel_request(job: str) -> dict:
     """A cancel request: the job stops before its next denoising step, with an error event of kind cancelled."""
     return {"op": "cancel", "job": job}
+
+
+def fetch_request(job: str) -> dict:
+    """A fetch request: the backend sends every output file of the finished job ``job`` as ``file`` and
+    ``chunk`` events, then ``fetched`` (or an ``error`` with the job's id)."""
+    return {"op": "fetch", "job": job}
 
 
 def shutdown_request() -> dict:
@@ -178,7 +207,7 @@ def parse_request(line: str) -> dict:
 
     The line must be one JSON object, nested at most MAX_DEPTH deep, with finite numbers and no lone
     surrogates (``\\ud800`` escapes: no UTF-8 text has them, and no file name or output could carry them).
-    generate needs a string ``job``, an object ``params`` and an absolute ``out_dir``; cancel needs ``job``.
+    generate needs a string ``job``, an object ``params`` and an absolute ``out_dir``; cancel and fetch need ``job``.
     The ProtocolError names the line's job id when it has one.
     """
     message = _decode(line)
@@ -198,7 +227,7 @@ def _check_request(message) -> None:
     op = message.get("op")
     if op not in REQUEST_OPS:
         raise ProtocolError(f"Unknown op {shorten(op)}; expected one of {', '.join(REQUEST_OPS)}.")
-    if op in ("generate", "cancel") and not isinstance(message.get("job"), str):
+    if op in ("generate", "cancel", "fetch") and not isinstance(message.get("job"), str):
         raise ProtocolError(f"A {op} request needs a string job id.")
     if op == "generate":
         if not isinstance(message.get("params"), dict):

@@ -10,12 +10,13 @@ import bpy
 from bpy.types import Operator
 
 from ..blender_addon.core import backend_command
-from ..blender_addon.scene.preferences import get_preferences, interpreter_path, output_folder
+from ..blender_addon.scene.preferences import get_preferences, interpreter_path, output_folder, remote_backend
 from . import bake, export, generate, lighting, models, setup
 
 
 class SYNCSPHERE_OT_check_backend(Operator):
-    """Run 'python -m backend info' with the configured interpreter and report what it prints"""
+    """Run 'python -m backend info' with the configured interpreter (on the SSH host when Backend is SSH) and
+    report what it prints"""
 
     bl_idname = "syncsphere.check_backend"
     bl_label = "Check Backend"
@@ -23,15 +24,17 @@ class SYNCSPHERE_OT_check_backend(Operator):
 
     def execute(self, context):
         """Run the check and report the backend's output or a readable error."""
-        python = interpreter_path(get_preferences(context))
+        prefs = get_preferences(context)
+        remote = remote_backend(prefs)
         # Blocking on purpose: this is a one-shot check the user asked for, bounded by a timeout.
         # The long-lived worker used for generation will not block the UI.
-        ok, text = backend_command.run_backend(
-            python,
-            "info",
-            # `info` downloads nothing, but keep the backend offline when Blender is.
-            allow_network=bpy.app.online_access,
-        )
+        # `info` downloads nothing, but keep the backend offline when Blender is.
+        if remote is not None and not bpy.app.online_access:
+            ok, text = False, backend_command.SSH_NEEDS_ONLINE_ACCESS
+        elif remote is not None:
+            ok, text = backend_command.run_remote_backend(remote, "info", allow_network=bpy.app.online_access)
+        else:
+            ok, text = backend_command.run_backend(interpreter_path(prefs), "info", allow_network=bpy.app.online_access)
         if not ok:
             self.report({"ERROR"}, text)
             return {"CANCELLED"}

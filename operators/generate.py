@@ -9,7 +9,8 @@ from bpy.types import Operator
 
 from ..blender_addon.core import backend_command, generation, model_list, preflight, session
 from ..blender_addon.core.names import prompt_title
-from ..blender_addon.scene.preferences import get_preferences, interpreter_path, output_folder, user_folder
+from ..blender_addon.scene.preferences import (get_preferences, interpreter_path, output_folder, remote_backend,
+                                               user_folder)
 from ..blender_addon.scene import preview, world
 from ..blender_addon.scene.properties import STYLE_ITEMS
 from ..blender_addon.scene.results import (add_history, apply_result, history_values, result_problem,
@@ -69,17 +70,22 @@ class SYNCSPHERE_OT_generate(Operator):
         folder, the model (when the last models listing can tell), and the backend's own checks of the params."""
         if not settings.prompt.strip():
             return None, None, "Type a prompt first: it describes what to generate"
-        problem = backend_command.interpreter_error(python) or result_problem(context, settings.mode)
+        remote = remote_backend(prefs)  # Backend = SSH: the GPU machine, else None
+        if remote is not None and not bpy.app.online_access:
+            return None, None, backend_command.SSH_NEEDS_ONLINE_ACCESS
+        problem = ((remote.problem() if remote is not None else backend_command.interpreter_error(python))
+                   or result_problem(context, settings.mode))
         if problem:
             return None, None, problem
         try:
             out_root, log_path = output_folder(prefs), os.path.join(user_folder("logs"), "backend.log")
         except ValueError as error:
             return None, None, str(error)
-        listed = model_list.has_listed() and not model_list.listing_error()
+        # The models listing is of this machine's cache: it says nothing of a remote backend's.
+        listed = model_list.has_listed() and not model_list.listing_error() and remote is None
         problem = (preflight.output_folder_problem(out_root)
-                   or preflight.model_problem(prefs.default_model, model_list.cached_models(), listed,
-                                              bpy.app.online_access))
+                   or (remote is None and preflight.model_problem(prefs.default_model, model_list.cached_models(),
+                                                                  listed, bpy.app.online_access)))
         if problem:
             return None, None, problem
         device = prefs.device if settings.device == "PREFERENCES" else settings.device
@@ -90,12 +96,12 @@ class SYNCSPHERE_OT_generate(Operator):
         problem = preflight.request_problem(runs[0][1], runs[0][2])  # the seeds alone differ
         if problem:
             return None, None, problem
-        worker = session.get_worker(
-            backend_command.backend_command(python),
-            backend_command.backend_environment(allow_network=bpy.app.online_access),
-            backend_command.EXTENSION_DIR,
-            log_path,
-        )
+        if remote is not None:  # ssh gets Blender's environment as it is (its agent socket included)
+            command, env = remote.command(allow_network=bpy.app.online_access), None
+        else:
+            command = backend_command.backend_command(python)
+            env = backend_command.backend_environment(allow_network=bpy.app.online_access)
+        worker = session.get_worker(command, env, backend_command.EXTENSION_DIR, log_path, remote)
         return worker, runs, None
 
     def modal(self, context, event):

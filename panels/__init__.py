@@ -200,7 +200,10 @@ def draw_backend(layout, context):
         column.use_property_decorate = False
         column.prop(prefs, "default_model_menu", text="Model")
         column.prop(prefs, "default_model", text="Model ID or Path")
-        column.prop(prefs, "python_path", text="Python")
+        if prefs.backend_kind == "SSH":
+            column.prop(prefs, "ssh_host", text="SSH Host")
+        else:
+            column.prop(prefs, "python_path", text="Python")
     row = layout.row(align=True)
     row.operator("syncsphere.check_backend", icon="CONSOLE")
     row.operator("syncsphere.open_output_folder", text="", icon="FILE_FOLDER")

@@ -8,7 +8,8 @@ buttons, which are the operators the preferences use (Set Up Backend, Download, 
 import bpy
 
 from ..blender_addon.core import first_run, model_list
-from ..blender_addon.scene.preferences import ADDON_PACKAGE, draw_sentence, get_preferences, interpreter_path
+from ..blender_addon.scene.preferences import (ADDON_PACKAGE, draw_sentence, get_preferences, interpreter_path,
+                                               remote_backend)
 
 # Blender's labels do not wrap: sentences are wrapped to about as many characters as the region is wide.
 # A character of the UI font is about this many pixels wide at a resolution scale of 1.
@@ -21,7 +22,7 @@ def draw_first_run(layout, context):
     """Draw the steps still to do before Generate works, each with its buttons and, for a download, its
     progress bar; draws nothing once the backend and the model are in place."""
     prefs = get_preferences(context)
-    if prefs is None:
+    if prefs is None or remote_backend(prefs) is not None:  # Backend = SSH: set up on the GPU machine (docs/running.md)
         return
     steps = first_run.first_run_steps(
         python=interpreter_path(prefs), online=bpy.app.online_access, listed=model_list.has_listed(),

@@ -60,7 +60,7 @@ def params(tiny_model, **overrides):
 def test_hello_generate_queue_and_shutdown(worker, tiny_model, tmp_path):
     worker.send({"op": "hello"})
     ready = worker.next_event()
-    assert ready["event"] == "ready" and ready["protocol"] == PROTOCOL_VERSION == 2 and ready["device"] == "cpu"
+    assert ready["event"] == "ready" and ready["protocol"] == PROTOCOL_VERSION == 3 and ready["device"] == "cpu"
 
     worker.send("this is not json")
     error = worker.next_event()

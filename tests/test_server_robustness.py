@@ -30,7 +30,7 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TIMEOUT = 120  # seconds for one answer: generous, a loaded machine only makes answers slower
 LINE_LIMIT = 1 << 20  # docs/protocol.md: a line is at most 1 MiB without its newline
 DEPTH_LIMIT = 64  # docs/protocol.md: at most 64 nested arrays or objects
-REQUEST_OPS = ("hello", "generate", "cancel", "shutdown")
+REQUEST_OPS = ("hello", "generate", "cancel", "fetch", "shutdown")
 HELLO = b'{"op":"hello"}\n'
 
 
@@ -340,7 +340,7 @@ def documented_request(segment: bytes):
     if not (_json_depth_ok(value) and _strings_and_floats_ok(value)) or not isinstance(value, dict):
         return "bad"
     op = value.get("op")
-    if op not in REQUEST_OPS or (op in ("generate", "cancel") and not isinstance(value.get("job"), str)):
+    if op not in REQUEST_OPS or (op in ("generate", "cancel", "fetch") and not isinstance(value.get("job"), str)):
         return "bad"
     out_dir = value.get("out_dir")
     if op == "generate" and not (isinstance(value.get("params"), dict) and isinstance(out_dir, str) and os.path.isabs(out_dir)):

@@ -1,4 +1,4 @@
-"""The command line: ``python -m backend generate | serve | cubemap | view | hdr | metrics | info``.
+"""The command line: ``python -m backend generate | serve | batch | cubemap | view | hdr | metrics | info``.
 
 Flags map one to one onto ``GenerateRequest`` fields. Bad input gets one sentence on stderr and exit
 code 2 before any model loads and before the output folder is created.
@@ -49,6 +49,7 @@ def build_parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
     _add_generate_command(commands)
     _add_serve_command(commands)
+    _add_batch_command(commands)
     add_file_commands(commands)
     commands.add_parser("info", help="print the device, dtype and package versions",
                         description="Print the device and dtype --device auto would pick, and package versions, as JSON.")
@@ -148,6 +149,24 @@ def _add_serve_command(commands) -> None:
     serve.add_argument("--stdio", action="store_true", required=True, help="talk over stdin/stdout (the only transport)")
 
 
+def _add_batch_command(commands) -> None:
+    """``batch JOBS.jsonl --out DIR``: many jobs on a Ray cluster (``batch.batch_command``)."""
+    batch = commands.add_parser(
+        "batch", help="run a file of jobs on a Ray cluster (pip install -r requirements-ray.txt)",
+        description="Run one job per line of JOBS.jsonl (a JSON object of the protocol's generate params, with an "
+        "optional id) on Ray: a worker per GPU keeps its model loaded, each job's files appear whole in "
+        "DIR/<id>/, a re-run skips finished jobs, and a job whose worker dies is retried on another.",
+    )
+    batch.add_argument("jobs", metavar="JOBS.jsonl", help="one job per line: {\"prompt\": ..., \"steps\": ..., \"id\": ...}")
+    batch.add_argument("--out", required=True, metavar="DIR", help="folder that receives one folder per job id")
+    batch.add_argument("--ray-address", metavar="ADDR", help="an existing Ray cluster (ray://host:10001 or host:6379); "
+                       "default: a local one on 127.0.0.1, stopped at the end")
+    batch.add_argument("--workers", type=int, metavar="N", help="workers (Ray actors; default: the cluster's GPUs, "
+                       "1 with --cpu)")
+    batch.add_argument("--cpu", action="store_true", help="workers ask for a CPU instead of a GPU, and jobs without a "
+                       "device run on the CPU (tests, machines without a GPU)")
+
+
 def _add_view_arguments(generate: argparse.ArgumentParser) -> None:
     """--views, --fusion and the per-direction prompts (docs/engine.md, "View sets" and "Fusion")."""
     views = generate.add_argument_group("views", "Which views a 360° (equirect) job denoises, and how they are fused.")
@@ -235,6 +254,13 @@ def main(argv: list[str] | None = None) -> int:
         return serve_stdio()
     if args.command == "models":
         return run_models_command(args)
+    if args.command == "batch":
+        from .batch import batch_command
+        from .command_errors import one_sentence_errors
+
+        with sigterm_as_interrupt():
+            return one_sentence_errors(lambda: batch_command(args), "Interrupted; the finished jobs' folders are "
+                                       "complete, the rest were not written (a re-run does them).")
     with sigterm_as_interrupt():  # a killed job or file command cleans up as Ctrl-C does
         return run_file_command(args) if args.command in FILE_COMMANDS else _generate(args)
 

@@ -3,7 +3,8 @@
 The main thread reads request lines from stdin; one worker thread runs generate jobs one at a time from
 a queue, keeping the model loaded between jobs. Events go to stdout, one JSON line each, and nothing
 else does: whatever libraries print is sent to stderr. Cancel is honoured before the next denoising step.
-No network socket is ever opened.
+No network socket is ever opened. A ``fetch`` sends a finished job's files back as events (for a client on
+another machine, ``ssh HOST python -m backend serve --stdio``), on a thread of its own so jobs go on meanwhile.
 
 Nothing a client sends may stop the worker: stdin is read as bytes with a bounded line length, every line
 that is not a valid request gets exactly one bad_request event, an event is always writable, and both
@@ -12,16 +13,20 @@ threads outlive any exception a line or a job raises.
 
 from __future__ import annotations
 
+import collections
 import contextlib
+import hashlib
 import queue
 import sys
 import threading
 import traceback
 
 from .. import __version__, protocol
-from ..errors import BadRequest, SyncSphereError
+from ..errors import BadRequest, SyncSphereError, shorten
 
 _BLANK = b" \t\r"  # JSON's whitespace besides the newline: a line of only these is skipped unanswered
+FETCHABLE_JOBS = 100
+"""How many finished jobs' files a worker can still send (``fetch``); the oldest are forgotten first."""
 
 
 class _Job:
@@ -47,6 +52,9 @@ class StdioServer:
         self.active_lock = threading.Lock()
         self.stopping = threading.Event()
         self.models = None  # an engine.models.ModelCache, created by the worker (it imports torch)
+        # The outputs of the last FETCHABLE_JOBS done jobs, by job id: what a fetch may send, and nothing else.
+        self.finished: collections.OrderedDict[str, dict] = collections.OrderedDict()
+        self.fetches: queue.Queue = queue.Queue()
 
     def send(self, event: dict) -> None:
         """Write one event line and flush it, whole, even when two threads send at once. Never raises: an
@@ -68,6 +76,8 @@ class StdioServer:
         """Handle requests until shutdown or end of input; returns the exit code (0)."""
         worker = threading.Thread(target=self._run_jobs, name="syncsphere-jobs", daemon=True)
         worker.start()
+        sender = threading.Thread(target=self._run_fetches, name="syncsphere-fetches", daemon=True)
+        sender.start()
         while (raw := protocol.read_line(self.requests)) is not None:
             if not raw.strip(_BLANK):
                 continue
@@ -78,9 +88,12 @@ class StdioServer:
                 traceback.print_exc(file=sys.stderr)
                 self.send(protocol.error_event(None, "internal", f"Internal error ({type(error).__name__}); see the backend log."))
         self.jobs.put(None)
-        # A job in progress stops at its next step; one that is writing finishes its files first.
+        self.fetches.put(None)
+        # A job in progress stops at its next step; one that is writing finishes its files first; a fetch stops
+        # before its next chunk.
         self.stopping.set()
         worker.join()
+        sender.join()
         return 0
 
     def _handle(self, raw: bytes) -> bool:
@@ -98,6 +111,14 @@ class StdioServer:
             with self.active_lock:
                 self.active.append(job)
             self.jobs.put(job)
+        elif op == "fetch":
+            outputs = self.finished.get(request["job"])
+            if outputs is None:
+                self.send(protocol.error_event(request["job"], "bad_request", f"No finished job {shorten(request['job'])} "
+                                               f"to send the files of: a worker sends the files of its last "
+                                               f"{FETCHABLE_JOBS} done jobs only."))
+            else:
+                self.fetches.put((request["job"], outputs))
         elif op == "cancel":
             # Only the jobs queued or running now; a cancel for no such job (one that has just finished, or
             # one not sent yet) does nothing and is not answered.
@@ -143,7 +164,47 @@ class StdioServer:
             traceback.print_exc(file=sys.stderr)
             self.send(protocol.error_event(job.id, "internal", f"Internal error ({type(error).__name__}: {error}); see the backend log."))
         else:
+            self.finished[job.id] = outputs
+            while len(self.finished) > FETCHABLE_JOBS:
+                self.finished.popitem(last=False)
             self.send(protocol.done_event(job.id, outputs))
+
+    def _run_fetches(self) -> None:
+        while (fetch := self.fetches.get()) is not None:
+            job, outputs = fetch
+            try:
+                self._send_files(job, output_paths(outputs))
+            except OSError as error:
+                self.send(protocol.error_event(job, "internal", f"The job's file {error.filename or ''} could not be "
+                                               f"read ({error.strerror or error}); nothing more was sent."))
+            except Exception as error:  # the thread must outlive anything, or no fetch would be answered again
+                traceback.print_exc(file=sys.stderr)
+                self.send(protocol.error_event(job, "internal", f"Internal error ({type(error).__name__}) while sending "
+                                               "the job's files; see the backend log."))
+
+    def _send_files(self, job: str, paths: list[str]) -> None:
+        """Send each file of ``paths`` as a ``file`` event (size and SHA-256, read first) and its ``chunk`` events,
+        then ``fetched``; stops quietly when the worker is stopping. Raises OSError when a file cannot be read or
+        changes while it is sent."""
+        total = 0
+        for index, path in enumerate(paths, 1):
+            digest, size = hashlib.sha256(), 0
+            with open(path, "rb") as file:
+                while data := file.read(1 << 20):
+                    digest.update(data)
+                    size += len(data)
+            self.send(protocol.file_event(job, path, size, digest.hexdigest(), index, len(paths)))
+            offset = 0
+            with open(path, "rb") as file:
+                while data := file.read(protocol.FILE_CHUNK_BYTES):
+                    if self.stopping.is_set():
+                        return
+                    self.send(protocol.chunk_event(job, path, offset, data))
+                    offset += len(data)
+            if offset != size:
+                raise OSError(0, f"it changed while it was sent ({size} bytes, then {offset})", path)
+            total += size
+        self.send(protocol.fetched_event(job, len(paths), total))
 
     def _generate(self, job: _Job) -> dict:
         from ..engine.models import ModelCache
@@ -167,6 +228,14 @@ class StdioServer:
             checked = check_request(GenerateRequest.from_params({**request["params"], "out": request["out_dir"]}))
             self.models = self.models or ModelCache()
             return run_job(checked, report, self.models)
+
+
+def output_paths(outputs: dict) -> list[str]:
+    """Every file path in a done event's ``outputs`` (nested ones too: the cube map's faces), in order."""
+    paths = []
+    for value in outputs.values():
+        paths.extend(output_paths(value) if isinstance(value, dict) else [value] if isinstance(value, str) else [])
+    return paths
 
 
 def serve_stdio() -> int:

@@ -70,13 +70,14 @@ class Batch:
         return f"Variation {self.started}/{self.count} · {text}" if self.count > 1 else text
 
 
-def get_worker(command, env, cwd, log_path):
-    """The shared worker for ``command``; a new one when the command changed (another interpreter)."""
+def get_worker(command, env, cwd, log_path, remote=None):
+    """The shared worker for ``command``; a new one when the command changed (another interpreter, or another
+    host: ``remote`` is the ``backend_command.RemoteBackend`` the command reaches over ssh, None when local)."""
     global _worker
-    if _worker is None or _worker.command != list(command):
+    if _worker is None or _worker.command != list(command) or _worker.remote != remote:
         if _worker is not None:
             _worker.stop()
-        _worker = BackendWorker(command, env, cwd, log_path)
+        _worker = BackendWorker(command, env, cwd, log_path, remote)
     _worker.env = env  # e.g. Blender's online access may have changed since it was made
     return _worker
 

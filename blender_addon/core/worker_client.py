@@ -10,6 +10,12 @@ background mode, where Blender's timers never fire).
 Whatever goes wrong (the worker dies, hangs, prints a malformed line or reports an error) the job ends
 with one readable sentence in ``job.error``, and a broken worker is stopped so the next job starts a
 fresh one.
+
+A worker on another machine (``backend_command.RemoteBackend``: ``ssh HOST python -m backend serve --stdio``)
+is the same worker behind an ssh process. Its job writes into the Remote Output Folder there; when it is done
+the job fetches its files through the protocol into the local job folder (``remote_files.ReceivedFiles``:
+checked against their SHA-256 before anything is put there) and only then is done, with local paths. A
+dropped connection ends the job with one sentence, and the next job connects again.
 """
 
 import itertools
@@ -21,6 +27,7 @@ import time
 
 from ...backend import protocol
 from .panel_words import in_panel_words
+from .remote_files import ReceivedFiles, TransferError
 
 # Internal events the reader thread adds to the queue: the worker's stdout ended, or a line was not JSON.
 _EXITED = "_exited"
@@ -38,14 +45,17 @@ class BackendWorker:
     command: the argv that starts it (``backend_command.backend_command(python)``).
     env, cwd: its environment and working folder (``backend_command.backend_environment``).
     log_path: file that receives the worker's stderr (appended; created with its folder).
+    remote: the ``RemoteBackend`` the command reaches over ssh, or None for a local worker.
     """
 
-    def __init__(self, command, env, cwd, log_path):
+    def __init__(self, command, env, cwd, log_path, remote=None):
         self.command = list(command)
         self.env = env
         self.cwd = cwd
         self.log_path = log_path
+        self.remote = remote
         self.process = None
+        self._log_start = 0  # where this start's lines begin in the log
         self.events = queue.Queue()
         self.ready = None  # the worker's ready event once it answered hello
 
@@ -63,13 +73,15 @@ class BackendWorker:
         self.stop()
         os.makedirs(os.path.dirname(self.log_path) or ".", exist_ok=True)
         log = open(self.log_path, "ab")
+        self._log_start = log.tell()
         try:
             self.process = subprocess.Popen(
                 self.command, cwd=self.cwd, env=self.env, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
                 stderr=log, bufsize=0,
             )
         except OSError as error:
-            raise WorkerError(f"The backend could not be started ({error}); check the backend Python in the preferences.")
+            check = "the SSH settings" if self.remote is not None else "the backend Python"
+            raise WorkerError(f"The backend could not be started ({error}); check {check} in the preferences.")
         finally:
             log.close()  # the child holds its own handle
         self.events = queue.Queue()
@@ -78,9 +90,33 @@ class BackendWorker:
         event = self.next_event(timeout_s)
         if event is None or event.get("event") != "ready":
             self.stop()
-            raise WorkerError(f"The backend did not start properly ({_describe(event, timeout_s)}); see its log at {self.log_path}.")
+            said = self.last_log_line()
+            said = f", saying {said!r}" if said and self.remote is not None else ""  # ssh's complaint, e.g. a refused key
+            raise WorkerError(f"The backend {self.where} did not start properly ({_describe(event, timeout_s)}{said}); "
+                              f"see its log at {self.log_path}.")
+        if self.remote is not None and not (isinstance(event.get("protocol"), int)
+                                            and event["protocol"] >= protocol.FETCH_PROTOCOL):
+            self.stop()
+            raise WorkerError(f"The backend {self.where} speaks protocol {event.get('protocol')}, too old to send a job's "
+                              f"files back (it needs {protocol.FETCH_PROTOCOL}); update the Remote SyncSphere Folder there.")
         self.ready = event
         return event
+
+    @property
+    def where(self):
+        """Where the worker runs, for messages: "on HOST" for a remote one, else "" (a local one)."""
+        return f"on {self.remote.host}" if self.remote is not None else ""
+
+    def last_log_line(self):
+        """The last line the worker (or ssh) wrote to the log since it was last started, at most 200 characters;
+        "" when none."""
+        try:
+            with open(self.log_path, "rb") as log:
+                log.seek(self._log_start)
+                lines = log.read()[-4096:].decode("utf-8", errors="replace").strip().splitlines()
+        except OSError:
+            return ""
+        return lines[-1].strip()[:200] if lines else ""
 
     @staticmethod
     def _read_events(process, events):
@@ -152,6 +188,7 @@ class GenerationJob:
         self.outputs = None
         self.error = None
         self._last_event_time = None
+        self.received = None  # a remote job's files on their way here (ReceivedFiles), between done and fetched
 
     @property
     def finished(self):
@@ -159,15 +196,23 @@ class GenerationJob:
         return self.state in ("done", "cancelled", "error")
 
     @property
+    def request_out_dir(self):
+        """The folder the backend writes into: ``out_dir``, or for a remote worker the folder of the same name in
+        its Remote Output Folder (the files then come back into ``out_dir``)."""
+        return self.worker.remote.job_folder(self.out_dir) if self.worker.remote is not None else self.out_dir
+
+    @property
     def progress_fraction(self):
-        """How far the job is, 0..1, for a progress bar: the denoising steps done; 0 in the other stages
-        (loading and decoding take one event each, and downloading counts bytes, not steps)."""
-        return self.step / max(self.total, 1) if self.stage == "denoising" else 0.0
+        """How far the job is, 0..1, for a progress bar: the denoising steps done, or the files received; 0 in
+        the other stages (loading and decoding take one event each, and downloading counts bytes, not steps)."""
+        return self.step / max(self.total, 1) if self.stage in ("denoising", "receiving") else 0.0
 
     @property
     def status_text(self):
         """The job's stage in words, e.g. "Loading"; while denoising its step and, once the backend has timed a
         step, the seconds it took: "Denoising 12/50 · 0.8 s/step"."""
+        if self.stage == "receiving":
+            return f"Receiving files {self.step}/{self.total}"
         if self.stage != "denoising":
             return self.stage.capitalize()
         text = f"Denoising {self.step}/{self.total}"
@@ -179,7 +224,7 @@ class GenerationJob:
         """Start the worker if needed and send the request. Failures end the job with an error."""
         try:
             self.worker.start()
-            self.worker.send(protocol.generate_request(self.id, self.params, self.out_dir))
+            self.worker.send(protocol.generate_request(self.id, self.params, self.request_out_dir))
         except WorkerError as error:
             self._fail(str(error))
             return
@@ -219,7 +264,14 @@ class GenerationJob:
 
     def _handle(self, event):
         kind = event.get("event")
-        if kind == _EXITED:
+        if kind == _EXITED and self.worker.remote is not None:
+            self.worker.stop(grace_s=0)
+            during = " while the job's files came back (nothing was written to the job folder)" if self.received else ""
+            said = self.worker.last_log_line()
+            said = f": {said!r}" if said else ""
+            self._fail(f"The connection to the backend on {self.worker.remote.host} was lost{during} (exit code "
+                       f"{event['code']}{said}); the next job connects again; see the log at {self.worker.log_path}.")
+        elif kind == _EXITED:
             self.worker.stop(grace_s=0)
             self._fail(f"The backend stopped unexpectedly (exit code {event['code']}); the next job starts a new one; "
                        f"see its log at {self.worker.log_path}.")
@@ -235,8 +287,12 @@ class GenerationJob:
             seconds = event.get("seconds_per_step")
             self.seconds_per_step = seconds if isinstance(seconds, (int, float)) and not isinstance(seconds, bool) else None
             preview = event.get("preview")  # optional too: a path on the steps the backend made one
-            if isinstance(preview, str) and preview:
+            if isinstance(preview, str) and preview and self.worker.remote is None:  # a remote one is not here
                 self.preview, self.preview_step, self.preview_count = preview, self.step, self.preview_count + 1
+        elif kind == "done" and self.worker.remote is not None:
+            self._receive_files(event["outputs"])
+        elif kind in ("file", "chunk", "fetched") and self.received is not None:
+            self._take_file_event(event)
         elif kind == "done":
             self.outputs, self.state = event["outputs"], "done"
         elif kind == "error" and event.get("kind") == "cancelled":
@@ -245,7 +301,35 @@ class GenerationJob:
             # The backend's sentence names CLI flags; the artist reads the panel's controls instead.
             self._fail(in_panel_words(event.get("message")) or "The backend reported an error without a message.")
 
+    def _receive_files(self, remote_outputs):
+        """The remote job is done: ask for its files, received into ``out_dir`` (``_take_file_event``)."""
+        self.received = ReceivedFiles(self.request_out_dir, self.out_dir)
+        self._remote_outputs = remote_outputs
+        self.stage, self.step, self.total = "receiving", 0, 1
+        try:
+            self.worker.send(protocol.fetch_request(self.id))
+        except WorkerError as error:
+            self._fail(str(error))
+
+    def _take_file_event(self, event):
+        """One event of the job's files coming back; on ``fetched`` the files go into ``out_dir`` and the job is
+        done with their local paths."""
+        try:
+            if event["event"] == "fetched":
+                self.outputs, self.state = self.received.commit(event, self._remote_outputs), "done"
+                self.received = None
+                return
+            self.received.add(event)
+        except TransferError as error:
+            self._fail(str(error))
+            return
+        if event["event"] == "file":
+            self.step, self.total = self.received.files, max(self.received.count, 1)
+
     def _fail(self, message):
+        if self.received is not None:  # a transfer cut short leaves nothing behind
+            self.received.abort()
+            self.received = None
         self.error, self.state = message, "error"
 
 

@@ -9,6 +9,7 @@ from bpy.props import BoolProperty, EnumProperty, IntProperty, StringProperty
 from bpy.types import AddonPreferences
 
 from ..core import model_list
+from ..core.backend_command import RemoteBackend
 from ..core.model_list import DEFAULT_MODEL
 
 # Preferences belong to the add-on, whose package holds this one
@@ -58,6 +59,28 @@ class SyncSpherePreferences(AddonPreferences):
 
     bl_idname = ADDON_PACKAGE
 
+    backend_kind: EnumProperty(
+        name="Backend",
+        description="Where the backend runs",
+        items=(
+            ("LOCAL", "Local", "On this computer, with the Backend Python"),
+            ("SSH", "SSH", "On another computer with a GPU, reached with ssh and your SSH keys (no port is opened); "
+                           "the files of each job come back here"),
+        ),
+        default="LOCAL",
+    )
+    ssh_host: StringProperty(name="SSH Host", description="The GPU machine, as ssh takes it: user@host or a Host "
+                             "of ~/.ssh/config. ssh must log in without a password prompt (a key or an agent)", default="")
+    ssh_options: StringProperty(name="SSH Options", description="More ssh arguments, as on a command line, like "
+                                "-p 2222 -i ~/.ssh/gpu_key", default="")
+    remote_python: StringProperty(name="Remote Python", description="The Python on the GPU machine that has torch "
+                                  "and diffusers, like ~/syncsphere/.venv/bin/python", default="")
+    remote_folder: StringProperty(name="Remote SyncSphere Folder", description="The SyncSphere folder on the GPU "
+                                  "machine (the one that holds backend/), like ~/syncsphere", default="")
+    remote_output_dir: StringProperty(name="Remote Output Folder", description="An absolute folder on the GPU "
+                                      "machine that jobs write into before their files come back here", default="")
+    remote_cache_dir: StringProperty(name="Remote Model Cache", description="The Hugging Face cache on the GPU "
+                                     "machine (HF_HOME); empty: that machine's default", default="")
     python_path: StringProperty(
         name="Backend Python",
         description=("Python interpreter with torch and diffusers installed; SyncSphere runs "
@@ -137,7 +160,12 @@ class SyncSpherePreferences(AddonPreferences):
 def draw_preferences(layout, prefs):
     """The backend settings with Set Up / Check Backend, then the Models box (``draw_models``)."""
     layout.use_property_split = True
-    layout.prop(prefs, "python_path")
+    layout.prop(prefs, "backend_kind", expand=True)
+    if prefs.backend_kind == "SSH":
+        for name in ("ssh_host", "ssh_options", "remote_python", "remote_folder", "remote_output_dir", "remote_cache_dir"):
+            layout.prop(prefs, name)
+    else:
+        layout.prop(prefs, "python_path")
     layout.prop(prefs, "default_model")
     layout.prop(prefs, "device")
     layout.prop(prefs, "output_dir")
@@ -235,6 +263,15 @@ def model_folders(prefs):
         return []
     # DIR_PATH properties may hold Blender-relative ("//") or "~" paths.
     return [os.path.normpath(os.path.expanduser(bpy.path.abspath(prefs.model_folder.strip())))]
+
+
+def remote_backend(prefs):
+    """The preferences' GPU machine as a ``RemoteBackend`` when Backend is SSH, else None (a local backend)."""
+    if prefs is None or prefs.backend_kind != "SSH":
+        return None
+    return RemoteBackend(host=prefs.ssh_host.strip(), python=prefs.remote_python.strip(),
+                         folder=prefs.remote_folder.strip(), output_dir=prefs.remote_output_dir.strip(),
+                         cache_dir=prefs.remote_cache_dir.strip(), ssh_options=prefs.ssh_options.strip())
 
 
 def interpreter_path(prefs):
