@@ -176,13 +176,8 @@ def save_random_lora(folder: str, model_folder: str, rank: int = 4, seed: int = 
 TINY_SDXL_TEXT_2 = dict(TINY_TEXT, hidden_size=48)
 TINY_SDXL_POOLED = 32  # the second encoder's projection_dim: the pooled embedding's width
 TINY_SDXL_UNET = dict(
+    TINY_UNET,
     sample_size=16,
-    in_channels=4,
-    out_channels=4,
-    block_out_channels=(4, 8),
-    layers_per_block=1,
-    down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
-    up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
     attention_head_dim=(2, 4),
     use_linear_projection=True,
     transformer_layers_per_block=(1, 2),
@@ -190,7 +185,6 @@ TINY_SDXL_UNET = dict(
     addition_time_embed_dim=8,
     projection_class_embeddings_input_dim=6 * 8 + TINY_SDXL_POOLED,  # six time ids of 8 + the pooled embedding
     cross_attention_dim=TINY_TEXT["hidden_size"] + TINY_SDXL_TEXT_2["hidden_size"],
-    norm_num_groups=2,
 )
 TINY_SDXL_VAE = dict(TINY_VAE, scaling_factor=0.13025, force_upcast=True)  # SDXL's latent scale
 SDXL_SCHEDULER = dict(SD_SCHEDULER, timestep_spacing="leading")
