@@ -287,7 +287,7 @@ class GenerationJob:
             seconds = event.get("seconds_per_step")
             self.seconds_per_step = seconds if isinstance(seconds, (int, float)) and not isinstance(seconds, bool) else None
             preview = event.get("preview")  # optional too: a path on the steps the backend made one
-            if isinstance(preview, str) and preview and self.worker.remote is None:  # a remote one is not here
+            if isinstance(preview, str) and preview and (self.worker is None or self.worker.remote is None):  # a remote one is not here
                 self.preview, self.preview_step, self.preview_count = preview, self.step, self.preview_count + 1
         elif kind == "done" and self.worker.remote is not None:
             self._receive_files(event["outputs"])
