@@ -220,6 +220,17 @@ def parse_request(line: str) -> dict:
     return message
 
 
+def parse_params(text: str) -> dict:
+    """Parse the ``params`` object of a generate request sent on its own (the body of the HTTP API's job
+    submission, backend/app/http_api.py), checked as ``parse_request`` checks a line's values. Returns the dict;
+    raises ProtocolError."""
+    value = _decode(text)
+    _check_values(value, 1)
+    if not isinstance(value, dict):
+        raise ProtocolError("A job's params must be a JSON object.")
+    return value
+
+
 def _check_request(message) -> None:
     """The request's shape: an object with a known op and what that op needs."""
     if not isinstance(message, dict):

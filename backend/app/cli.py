@@ -10,6 +10,7 @@ import argparse
 import contextlib
 import dataclasses
 import json
+import os
 import sys
 
 from .. import __version__
@@ -140,13 +141,34 @@ def _add_model_arguments(generate: argparse.ArgumentParser) -> None:
 
 
 def _add_serve_command(commands) -> None:
-    """``serve --stdio``: the worker Blender talks to (``server.serve_stdio``)."""
+    """``serve --stdio``: the worker Blender talks to (``server.serve_stdio``); ``serve --ray``: the HTTP API on Ray
+    Serve (``serve_ray.serve_ray_command``)."""
     serve = commands.add_parser(
-        "serve", help="run the worker Blender talks to (JSON lines on stdin/stdout)",
-        description="Run the long-lived worker: protocol requests on stdin, events on stdout (docs/protocol.md). "
-        "It never opens a network port.",
+        "serve", help="run the worker Blender talks to (JSON lines on stdin/stdout), or the HTTP API on Ray Serve",
+        description="--stdio: run the long-lived worker: protocol requests on stdin, events on stdout "
+        "(docs/protocol.md); it never opens a network port. --ray: serve jobs to several artists over HTTP on Ray "
+        "Serve, one replica per GPU, every request with the token of --token-file (docs/running.md).",
     )
-    serve.add_argument("--stdio", action="store_true", required=True, help="talk over stdin/stdout (the only transport)")
+    transport = serve.add_mutually_exclusive_group(required=True)
+    transport.add_argument("--stdio", action="store_true", help="talk over stdin/stdout")
+    transport.add_argument("--ray", action="store_true", help="an HTTP API in front of a Ray Serve deployment "
+                           "(pip install -r requirements-ray.txt)")
+    serve.add_argument("--host", default="127.0.0.1", help="--ray: the address the API listens on (default "
+                       "127.0.0.1; another needs --allow-remote)")
+    serve.add_argument("--port", type=int, default=8600, help="--ray: the API's port (default 8600)")
+    serve.add_argument("--token-file", metavar="FILE", help="--ray: the file holding the bearer token every "
+                       "request must send (at least 16 characters)")
+    serve.add_argument("--allow-remote", action="store_true", help="--ray: allow a --host that is not loopback "
+                       "(put TLS in front: docs/running.md)")
+    serve.add_argument("--out", default=os.path.join("~", ".cache", "syncsphere", "serve"), metavar="DIR",
+                       help="--ray: the folder the replicas write each job into (DIR/<job id>/; default "
+                       "~/.cache/syncsphere/serve); on several machines, one every node sees")
+    serve.add_argument("--replicas", type=int, metavar="N", help="--ray: job replicas (default: one per GPU, 1 "
+                       "without GPUs)")
+    serve.add_argument("--cpu", action="store_true", help="--ray: replicas ask for a CPU instead of a GPU")
+    serve.add_argument("--ray-address", metavar="ADDR", help="--ray: an existing Ray cluster (default: a local one)")
+    serve.add_argument("--max-jobs", type=int, default=64, metavar="N", help="--ray: jobs queued or running at once; "
+                       "more are refused with HTTP 429 (default 64)")
 
 
 def _add_batch_command(commands) -> None:
@@ -248,6 +270,12 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.command == "info":
         return _info()
+    if args.command == "serve" and args.ray:
+        from .command_errors import one_sentence_errors
+        from .serve_ray import serve_ray_command
+
+        with sigterm_as_interrupt():
+            return one_sentence_errors(lambda: serve_ray_command(args))
     if args.command == "serve":
         from .server import serve_stdio
 

@@ -51,7 +51,7 @@ class StdioServer:
         self.active: list[_Job] = []
         self.active_lock = threading.Lock()
         self.stopping = threading.Event()
-        self.models = None  # an engine.models.ModelCache, created by the worker (it imports torch)
+        self.runner = JobRunner()  # keeps the model loaded between jobs
         # The outputs of the last FETCHABLE_JOBS done jobs, by job id: what a fetch may send, and nothing else.
         self.finished: collections.OrderedDict[str, dict] = collections.OrderedDict()
         self.fetches: queue.Queue = queue.Queue()
@@ -156,14 +156,9 @@ class StdioServer:
         if self._is_cancelled(job):
             self.send(protocol.error_event(job.id, "cancelled", "The job was cancelled before it started."))
             return
-        try:
-            outputs = self._generate(job)
-        except SyncSphereError as error:
-            self.send(protocol.error_event(job.id, error.kind, str(error)))
-        except Exception as error:  # the worker must survive anything a job throws
-            traceback.print_exc(file=sys.stderr)
-            self.send(protocol.error_event(job.id, "internal", f"Internal error ({type(error).__name__}: {error}); see the backend log."))
-        else:
+        outputs = self.runner.run(job.id, job.request["params"], job.request["out_dir"], self.send,
+                                  lambda: self._is_cancelled(job))
+        if outputs is not None:
             self.finished[job.id] = outputs
             while len(self.finished) > FETCHABLE_JOBS:
                 self.finished.popitem(last=False)
@@ -183,51 +178,81 @@ class StdioServer:
                                                "the job's files; see the backend log."))
 
     def _send_files(self, job: str, paths: list[str]) -> None:
-        """Send each file of ``paths`` as a ``file`` event (size and SHA-256, read first) and its ``chunk`` events,
-        then ``fetched``; stops quietly when the worker is stopping. Raises OSError when a file cannot be read or
-        changes while it is sent."""
-        total = 0
-        for index, path in enumerate(paths, 1):
-            digest, size = hashlib.sha256(), 0
-            with open(path, "rb") as file:
-                while data := file.read(1 << 20):
-                    digest.update(data)
-                    size += len(data)
-            self.send(protocol.file_event(job, path, size, digest.hexdigest(), index, len(paths)))
-            offset = 0
-            with open(path, "rb") as file:
-                while data := file.read(protocol.FILE_CHUNK_BYTES):
-                    if self.stopping.is_set():
-                        return
-                    self.send(protocol.chunk_event(job, path, offset, data))
-                    offset += len(data)
-            if offset != size:
-                raise OSError(0, f"it changed while it was sent ({size} bytes, then {offset})", path)
-            total += size
-        self.send(protocol.fetched_event(job, len(paths), total))
+        """Send the job's files as events (``file_events``); stops quietly when the worker is stopping."""
+        for event in file_events(job, paths, self.stopping.is_set):
+            self.send(event)
 
-    def _generate(self, job: _Job) -> dict:
+
+class JobRunner:
+    """Runs generate jobs one at a time with the model kept loaded between them (``engine.models.ModelCache``):
+    the one way a worker runs a job, whether the stdio server's job thread or a Ray Serve replica
+    (``serve_ray``)."""
+
+    def __init__(self):
+        self.models = None  # an engine.models.ModelCache, created by the first job (it imports torch)
+
+    def run(self, job_id: str, params: dict, out_dir: str, send, is_cancelled) -> dict | None:
+        """Run the job ``job_id`` (protocol ``params``, written into the absolute ``out_dir``), sending its
+        progress events with ``send(event)``; ``is_cancelled()`` is asked at every report (True stops the job
+        before its next step). Returns the done event's ``outputs`` (the caller sends the done event), or None
+        when the job ended with an error, whose event (kind cancelled, bad_request, …) was sent here. Never raises
+        for a failing job."""
+        try:
+            return self._generate(job_id, params, out_dir, send, is_cancelled)
+        except SyncSphereError as error:
+            send(protocol.error_event(job_id, error.kind, str(error)))
+        except Exception as error:  # the worker must survive anything a job throws
+            traceback.print_exc(file=sys.stderr)
+            send(protocol.error_event(job_id, "internal", f"Internal error ({type(error).__name__}: {error}); see the backend log."))
+        return None
+
+    def _generate(self, job_id: str, params: dict, out_dir: str, send, is_cancelled) -> dict:
         from ..engine.models import ModelCache
         from .job import check_request, run_job
         from ..products.files import output_lock
         from ..request import GenerateRequest
 
-        request = job.request
-        if "out" in request["params"]:
+        if "out" in params:
             raise BadRequest("Pass the output folder as the request's out_dir, not as params.out.")
 
         timer = protocol.StepTimer()
 
         def report(stage, step, total, preview):
-            self.send(protocol.progress_event(job.id, stage, step, total, preview,
-                                              seconds_per_step=timer.seconds_per_step(stage, step)))
-            return self._is_cancelled(job)
+            send(protocol.progress_event(job_id, stage, step, total, preview,
+                                         seconds_per_step=timer.seconds_per_step(stage, step)))
+            return is_cancelled()
 
         # Held from the check to the last file, so a CLI run or another worker cannot use the folder meanwhile.
-        with output_lock(request["out_dir"]):
-            checked = check_request(GenerateRequest.from_params({**request["params"], "out": request["out_dir"]}))
+        with output_lock(out_dir):
+            checked = check_request(GenerateRequest.from_params({**params, "out": out_dir}))
             self.models = self.models or ModelCache()
             return run_job(checked, report, self.models)
+
+
+def file_events(job: str, paths: list[str], stopping=lambda: False):
+    """The events that send the files ``paths`` of the job ``job`` (a fetch, docs/protocol.md): for each file a
+    ``file`` event (size and SHA-256, read first) and its ``chunk`` events, then ``fetched``. A generator; it
+    ends early, without ``fetched``, when ``stopping()`` turns True between chunks. Raises OSError when a file
+    cannot be read or changes while it is sent."""
+    total = 0
+    for index, path in enumerate(paths, 1):
+        digest, size = hashlib.sha256(), 0
+        with open(path, "rb") as file:
+            while data := file.read(1 << 20):
+                digest.update(data)
+                size += len(data)
+        yield protocol.file_event(job, path, size, digest.hexdigest(), index, len(paths))
+        offset = 0
+        with open(path, "rb") as file:
+            while data := file.read(protocol.FILE_CHUNK_BYTES):
+                if stopping():
+                    return
+                yield protocol.chunk_event(job, path, offset, data)
+                offset += len(data)
+        if offset != size:
+            raise OSError(0, f"it changed while it was sent ({size} bytes, then {offset})", path)
+        total += size
+    yield protocol.fetched_event(job, len(paths), total)
 
 
 def output_paths(outputs: dict) -> list[str]:

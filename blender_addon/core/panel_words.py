@@ -92,7 +92,8 @@ CLI_ONLY_FLAGS = frozenset({
     "--sync-loss", "--sync-loss-backbone", "--sync-anchor", "--sync-every", "--sync-decay", "--sync-checkpointing",
     "--syncsde-compose", "--syncsde-open-chain", "--mad-blocks", "--sun-strength", "--inv",
     "--fov", "--yaw", "--pitch", "--roll", "--size", "--face-size", "--window-px", "--backbone",
-    "--preview-every", "--cpu", "--ray-address", "--workers",
+    "--preview-every", "--cpu", "--ray-address", "--workers", "--ray", "--host", "--port", "--token-file",
+    "--allow-remote", "--replicas", "--max-jobs",
 })
 
 # What joins a flag's values in a sentence: "--views band+poles, ring or cube".
