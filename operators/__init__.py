@@ -9,7 +9,7 @@ import os
 import bpy
 from bpy.types import Operator
 
-from ..blender_addon.core import backend_command
+from ..blender_addon.core import backend_command, server_client
 from ..blender_addon.scene.preferences import get_preferences, interpreter_path, output_folder, remote_backend
 from . import bake, export, generate, lighting, models, setup
 
@@ -29,8 +29,11 @@ class SYNCSPHERE_OT_check_backend(Operator):
         # Blocking on purpose: this is a one-shot check the user asked for, bounded by a timeout.
         # The long-lived worker used for generation will not block the UI.
         # `info` downloads nothing, but keep the backend offline when Blender is.
+        server = isinstance(remote, server_client.ServerBackend)
         if remote is not None and not bpy.app.online_access:
-            ok, text = False, backend_command.SSH_NEEDS_ONLINE_ACCESS
+            ok, text = False, (server_client.SERVER_NEEDS_ONLINE_ACCESS if server else backend_command.SSH_NEEDS_ONLINE_ACCESS)
+        elif server:
+            ok, text = server_client.check_server(remote)
         elif remote is not None:
             ok, text = backend_command.run_remote_backend(remote, "info", allow_network=bpy.app.online_access)
         else:

@@ -7,7 +7,7 @@ import bpy
 from bpy.props import EnumProperty, IntProperty
 from bpy.types import Operator
 
-from ..blender_addon.core import backend_command, generation, model_list, preflight, session
+from ..blender_addon.core import backend_command, generation, model_list, preflight, server_client, session
 from ..blender_addon.core.names import prompt_title
 from ..blender_addon.scene.preferences import (get_preferences, interpreter_path, output_folder, remote_backend,
                                                user_folder)
@@ -70,9 +70,11 @@ class SYNCSPHERE_OT_generate(Operator):
         folder, the model (when the last models listing can tell), and the backend's own checks of the params."""
         if not settings.prompt.strip():
             return None, None, "Type a prompt first: it describes what to generate"
-        remote = remote_backend(prefs)  # Backend = SSH: the GPU machine, else None
+        remote = remote_backend(prefs)  # Backend = SSH: the GPU machine; Server: the shared server; else None
+        server = isinstance(remote, server_client.ServerBackend)
         if remote is not None and not bpy.app.online_access:
-            return None, None, backend_command.SSH_NEEDS_ONLINE_ACCESS
+            return None, None, (server_client.SERVER_NEEDS_ONLINE_ACCESS if server
+                                else backend_command.SSH_NEEDS_ONLINE_ACCESS)
         problem = ((remote.problem() if remote is not None else backend_command.interpreter_error(python))
                    or result_problem(context, settings.mode))
         if problem:
@@ -96,7 +98,9 @@ class SYNCSPHERE_OT_generate(Operator):
         problem = preflight.request_problem(runs[0][1], runs[0][2])  # the seeds alone differ
         if problem:
             return None, None, problem
-        if remote is not None:  # ssh gets Blender's environment as it is (its agent socket included)
+        if server:  # no process here: the server runs the jobs
+            command, env = None, None
+        elif remote is not None:  # ssh gets Blender's environment as it is (its agent socket included)
             command, env = remote.command(allow_network=bpy.app.online_access), None
         else:
             command = backend_command.backend_command(python)

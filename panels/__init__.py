@@ -202,6 +202,8 @@ def draw_backend(layout, context):
         column.prop(prefs, "default_model", text="Model ID or Path")
         if prefs.backend_kind == "SSH":
             column.prop(prefs, "ssh_host", text="SSH Host")
+        elif prefs.backend_kind == "SERVER":
+            column.prop(prefs, "server_url", text="Server URL")
         else:
             column.prop(prefs, "python_path", text="Python")
     row = layout.row(align=True)

@@ -22,7 +22,7 @@ def draw_first_run(layout, context):
     """Draw the steps still to do before Generate works, each with its buttons and, for a download, its
     progress bar; draws nothing once the backend and the model are in place."""
     prefs = get_preferences(context)
-    if prefs is None or remote_backend(prefs) is not None:  # Backend = SSH: set up on the GPU machine (docs/running.md)
+    if prefs is None or remote_backend(prefs) is not None:  # SSH or Server: set up on the GPU machine (docs/running.md)
         return
     steps = first_run.first_run_steps(
         python=interpreter_path(prefs), online=bpy.app.online_access, listed=model_list.has_listed(),

@@ -5,6 +5,7 @@ preferences say otherwise) and replaced when its interpreter changes or it has d
 ``Batch``: its variations, one job per seed, run one after another on that worker.
 """
 
+from .server_client import ServerBackend, ServerWorker
 from .worker_client import BackendWorker, GenerationJob
 
 _worker = None
@@ -72,8 +73,15 @@ class Batch:
 
 def get_worker(command, env, cwd, log_path, remote=None):
     """The shared worker for ``command``; a new one when the command changed (another interpreter, or another
-    host: ``remote`` is the ``backend_command.RemoteBackend`` the command reaches over ssh, None when local)."""
+    host: ``remote`` is the ``backend_command.RemoteBackend`` the command reaches over ssh, None when local), or
+    for a ``server_client.ServerBackend`` (Backend = Server; ``command`` and ``env`` are None) its ``ServerWorker``."""
     global _worker
+    if isinstance(remote, ServerBackend):
+        if _worker is None or _worker.remote != remote:
+            if _worker is not None:
+                _worker.stop()
+            _worker = ServerWorker(remote, log_path)
+        return _worker
     if _worker is None or _worker.command != list(command) or _worker.remote != remote:
         if _worker is not None:
             _worker.stop()

@@ -102,6 +102,10 @@ class BackendWorker:
         self.ready = event
         return event
 
+    def output_folder(self, job, requested):
+        """The folder the worker wrote the job ``job``'s files into: ``requested``, the out_dir it was sent."""
+        return requested
+
     @property
     def where(self):
         """Where the worker runs, for messages: "on HOST" for a remote one, else "" (a local one)."""
@@ -303,7 +307,7 @@ class GenerationJob:
 
     def _receive_files(self, remote_outputs):
         """The remote job is done: ask for its files, received into ``out_dir`` (``_take_file_event``)."""
-        self.received = ReceivedFiles(self.request_out_dir, self.out_dir)
+        self.received = ReceivedFiles(self.worker.output_folder(self.id, self.request_out_dir), self.out_dir)
         self._remote_outputs = remote_outputs
         self.stage, self.step, self.total = "receiving", 0, 1
         try:

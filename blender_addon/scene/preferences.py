@@ -10,6 +10,7 @@ from bpy.types import AddonPreferences
 
 from ..core import model_list
 from ..core.backend_command import RemoteBackend
+from ..core.server_client import ServerBackend
 from ..core.model_list import DEFAULT_MODEL
 
 # Preferences belong to the add-on, whose package holds this one
@@ -66,6 +67,8 @@ class SyncSpherePreferences(AddonPreferences):
             ("LOCAL", "Local", "On this computer, with the Backend Python"),
             ("SSH", "SSH", "On another computer with a GPU, reached with ssh and your SSH keys (no port is opened); "
                            "the files of each job come back here"),
+            ("SERVER", "Server", "A shared SyncSphere server (python -m backend serve --ray) at a URL, with its token; "
+                                 "the files of each job come back here"),
         ),
         default="LOCAL",
     )
@@ -81,6 +84,14 @@ class SyncSpherePreferences(AddonPreferences):
                                       "machine that jobs write into before their files come back here", default="")
     remote_cache_dir: StringProperty(name="Remote Model Cache", description="The Hugging Face cache on the GPU "
                                      "machine (HF_HOME); empty: that machine's default", default="")
+    server_url: StringProperty(name="Server URL", description="The shared server's address, like "
+                               "https://gpu.studio:8443 (its TLS proxy), or http://127.0.0.1:8600 on this computer",
+                               default="")
+    # PASSWORD: drawn as dots and never shown in a tooltip or a report (server_client never logs it either).
+    server_token: StringProperty(name="Server Token", description="The token the server's administrator gave you "
+                                 "(or choose the file that holds it below)", subtype="PASSWORD", default="")
+    server_token_file: StringProperty(name="Server Token File", description="A file that holds the server's token; "
+                                      "used instead of Server Token when set", subtype="FILE_PATH", default="")
     python_path: StringProperty(
         name="Backend Python",
         description=("Python interpreter with torch and diffusers installed; SyncSphere runs "
@@ -163,6 +174,9 @@ def draw_preferences(layout, prefs):
     layout.prop(prefs, "backend_kind", expand=True)
     if prefs.backend_kind == "SSH":
         for name in ("ssh_host", "ssh_options", "remote_python", "remote_folder", "remote_output_dir", "remote_cache_dir"):
+            layout.prop(prefs, name)
+    elif prefs.backend_kind == "SERVER":
+        for name in ("server_url", "server_token", "server_token_file"):
             layout.prop(prefs, name)
     else:
         layout.prop(prefs, "python_path")
@@ -266,7 +280,11 @@ def model_folders(prefs):
 
 
 def remote_backend(prefs):
-    """The preferences' GPU machine as a ``RemoteBackend`` when Backend is SSH, else None (a local backend)."""
+    """The preferences' GPU machine as a ``RemoteBackend`` when Backend is SSH, a ``ServerBackend`` when it is
+    Server, else None (a local backend)."""
+    if prefs is not None and prefs.backend_kind == "SERVER":
+        token_file = bpy.path.abspath(prefs.server_token_file.strip()) if prefs.server_token_file.strip() else ""
+        return ServerBackend(url=prefs.server_url.strip(), token=prefs.server_token, token_file=token_file)
     if prefs is None or prefs.backend_kind != "SSH":
         return None
     return RemoteBackend(host=prefs.ssh_host.strip(), python=prefs.remote_python.strip(),
