@@ -21,9 +21,9 @@ import urllib.request
 import pytest
 
 from backend.app import cli
-from blender_addon.core import session
-from blender_addon.core.server_client import ServerBackend, ServerWorker, check_server
-from blender_addon.core.worker_client import GenerationJob, WorkerError
+from syncsphere.blender_addon.core import session
+from syncsphere.blender_addon.core.server_client import ServerBackend, ServerWorker, check_server
+from syncsphere.blender_addon.core.worker_client import GenerationJob, WorkerError
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TOKEN = "test-token-" + "k" * 32
@@ -170,7 +170,8 @@ def test_a_job_streams_to_done_and_its_files_arrive_with_matching_sha256(server,
 def test_a_cancel_mid_job_ends_it_cancelled_with_nothing_written(server, tiny_model, tmp_path):
     url, jobs_dir = server
     worker = ServerWorker(ServerBackend(url, token=TOKEN), str(tmp_path / "backend.log"))
-    job = GenerationJob(worker, job_params(tiny_model, steps=5000), str(tmp_path / "long"), hang_timeout_s=120)
+    job = GenerationJob(worker, job_params(tiny_model, steps=500, width=256, height=256),
+                        str(tmp_path / "long"), hang_timeout_s=120)
     job.start()
     deadline = time.monotonic() + 120
     while not job.poll(wait_s=0.5) and job.stage != "denoising" and time.monotonic() < deadline:
