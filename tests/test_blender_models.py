@@ -231,6 +231,15 @@ settings.memory = "low"
 report["low"] = generation.generate_params(settings, 7, model="m", device="cpu")["memory"]
 report["advanced"] = [call["args"]["property"] for call in draw("SYNCSPHERE_PT_world_advanced")
                       if call["method"] == "prop"]
+prefs.backend_kind = "SERVER"
+calls = []
+preferences.draw_preferences(RecordingLayout(calls), prefs)
+report["server_drawn"] = [call["args"].get("property") for call in calls if call["method"] == "prop"][:6]
+report["backends"] = [item.identifier for item in prefs.bl_rna.properties["backend_kind"].enum_items]
+report["token_subtype"] = prefs.bl_rna.properties["server_token"].subtype
+prefs.server_url, prefs.server_token = "https://gpu.studio:8443", "secret-token-1234567890"
+report["server"] = repr(preferences.remote_backend(prefs))
+prefs.backend_kind = "LOCAL"
 result(report)
 """, tmp_path)
     from backend.request import MEMORY_MODES
@@ -246,3 +255,9 @@ result(report)
     assert report["drawn"] == ["backend_kind", "python_path", "default_model", "device", "output_dir", "keep_warm", "timeout_s",
                                "syncsphere.setup_backend", "syncsphere.check_backend", "syncsphere.refresh_models",
                                "model_folder", "download_id", "download_fp16", "syncsphere.download_model"]
+    # Backend = Server draws its URL and token (a password field, never shown: not even in the backend's repr).
+    assert report["backends"] == ["LOCAL", "SSH", "SERVER"]
+    assert report["server_drawn"] == ["backend_kind", "server_url", "server_token", "server_token_file", "default_model",
+                                      "device"]
+    assert report["token_subtype"] == "PASSWORD"
+    assert "https://gpu.studio:8443" in report["server"] and "secret-token" not in report["server"]
