@@ -287,3 +287,24 @@ def test_the_flags_are_checked_before_ray_starts(tmp_path, capsys):
         assert cli.main(["serve", "--ray", *flags]) == 2
         err = capsys.readouterr().err
         assert err.startswith(sentence) and err.count("\n") == 1, err
+
+
+def test_more_jobs_than_the_bound_get_429_until_some_end(server, tiny_model):
+    """--max-jobs (64 here, the default) jobs queued or running: one more is refused with 429 and one sentence;
+    once they are cancelled, a job is taken again."""
+    url, _ = server
+    jobs = []
+    for number in range(64):
+        status, answer = call(url + "/v1/jobs", "POST", job_params(tiny_model, seed=number, steps=500, width=256,
+                                                                   height=256))
+        assert status == 202, answer
+        jobs.append(json.loads(answer)["job"])
+    status, answer = call(url + "/v1/jobs", "POST", job_params(tiny_model))
+    assert (status, json.loads(answer)) == (429, {"error": "The server has 64 jobs queued or running, its limit; "
+                                                           "submit again when one has ended."})
+    for job in jobs:
+        assert call(f"{url}/v1/jobs/{job}/cancel", "POST")[0] == 202
+    for job in jobs:
+        assert events_of(url, job)[-1]["kind"] == "cancelled"
+    status, answer = call(url + "/v1/jobs", "POST", job_params(tiny_model))
+    assert status == 202 and events_of(url, json.loads(answer)["job"])[-1]["event"] == "done"

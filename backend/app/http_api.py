@@ -253,7 +253,6 @@ class JobApi:
     def _stream(self, lines) -> Response:
         if self.streams >= self.max_streams:
             raise ApiError(429, f"The server has {self.streams} streams open, its limit; try again in a moment.")
-        self.streams += 1
         return StreamingResponse(_counted(lines, self), media_type=NDJSON)
 
     def _forget_old_jobs(self) -> None:
@@ -263,7 +262,9 @@ class JobApi:
 
 
 async def _counted(lines, api: JobApi):
-    """``lines`` (a sync or async iterator of str) as an async iterator that frees its stream slot when it ends."""
+    """``lines`` (a sync or async iterator of str) as an async iterator that holds one of the API's stream slots
+    from its first line to its end (a client gone included)."""
+    api.streams += 1
     try:
         if hasattr(lines, "__aiter__"):
             async for line in lines:

@@ -31,6 +31,8 @@ REQUEST_TIMEOUT_S = 30.0
 """Seconds a short request (hello, submit, cancel) may take."""
 STREAM_TIMEOUT_S = 60.0
 """Seconds an event stream may stay silent (the server sends a blank line every 15 s) before it counts as lost."""
+_ALIVE = "_alive"
+"""The event a keep-alive line becomes: GenerationJob counts it as a sign of life and otherwise ignores it."""
 RECONNECTS = 3
 """How many times a dropped event stream is opened again (from the next event: none is lost) before the job fails."""
 
@@ -204,6 +206,7 @@ class ServerWorker:
             if error.status in (400, 404, 409):  # about this job: its one sentence, as the stdio worker says it
                 self.events.put(protocol.error_event(job, "bad_request", str(error)))
                 return
+            self.ready = None  # the next job says hello again (the server may have restarted)
             raise WorkerError(f"{str(error).rstrip('.')}; see the log at {self.log_path}.") from None
 
     def _submit(self, job, params):
@@ -233,8 +236,9 @@ class ServerWorker:
                         if stopping.is_set():
                             return
                         line = raw.decode("utf-8", errors="replace").strip()
-                        if not line:
-                            continue  # the server's keep-alive
+                        if not line:  # the server's keep-alive: a job waiting in its queue for a GPU is not hung
+                            events.put({"event": _ALIVE, "job": job})
+                            continue
                         event = {**protocol.parse_event(line), "job": job}
                         received += 1
                         events.put(event)
