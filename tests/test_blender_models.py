@@ -239,6 +239,9 @@ report["backends"] = [item.identifier for item in prefs.bl_rna.properties["backe
 report["token_subtype"] = prefs.bl_rna.properties["server_token"].subtype
 prefs.server_url, prefs.server_token = "https://gpu.studio:8443", "secret-token-1234567890"
 report["server"] = repr(preferences.remote_backend(prefs))
+report["check offline"] = run(bpy.ops.syncsphere.check_backend)  # bpy's online access is off
+settings.prompt = "a harbour"
+report["generate offline"] = run(bpy.ops.syncsphere.generate)
 prefs.backend_kind = "LOCAL"
 result(report)
 """, tmp_path)
@@ -261,3 +264,7 @@ result(report)
                                       "device"]
     assert report["token_subtype"] == "PASSWORD"
     assert "https://gpu.studio:8443" in report["server"] and "secret-token" not in report["server"]
+    # Like SSH, a server is reached only with Blender's online access on: one sentence, nothing started.
+    offline = [None, "Error: Backend = Server connects to another machine: turn on Allow Online Access in Blender's "
+                            "Preferences > System > Network, or set Backend to Local"]
+    assert report["check offline"] == offline and report["generate offline"] == offline
