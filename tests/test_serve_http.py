@@ -165,6 +165,7 @@ def test_a_job_streams_to_done_and_its_files_arrive_with_matching_sha256(server,
     replay = events_of(url, server_id)
     assert [event["event"] for event in replay][-1] == "done"
     assert [event["step"] for event in replay if event.get("stage") == "denoising"] == [1, 2]
+    assert events_of(url, server_id, start=3) == replay[3:]  # a client that lost the stream resumes where it was
 
 
 def test_a_cancel_mid_job_ends_it_cancelled_with_nothing_written(server, tiny_model, tmp_path):
@@ -206,6 +207,9 @@ def test_the_client_refuses_a_wrong_token_and_never_shows_it(server, tmp_path):
     token_file.write_text(TOKEN)
     ok, text = check_server(ServerBackend(url, token_file=str(token_file)))
     assert ok and text.startswith("Server 127.0.0.1:") and "protocol 3" in text and "device cpu" in text
+    nowhere = ServerWorker(ServerBackend(f"http://127.0.0.1:{free_port()}", token=TOKEN), str(tmp_path / "log"))
+    with pytest.raises(WorkerError, match=r"^The server at 127\.0\.0\.1:\d+ cannot be reached \(.*\); see the log at "):
+        nowhere.start()
     assert ServerBackend("http://gpu.studio:8600", token=TOKEN).problem().startswith(
         "The Server URL http://gpu.studio:8600 is plain http to another machine")
     assert ServerBackend("gpu.studio", token=TOKEN).problem().startswith("The Server URL must look like https://")
