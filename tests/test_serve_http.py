@@ -20,7 +20,7 @@ import urllib.request
 
 import pytest
 
-from backend.app import cli
+from backend.app import cli, http_api
 from syncsphere.blender_addon.core import session
 from syncsphere.blender_addon.core.server_client import ServerBackend, ServerWorker, check_server
 from syncsphere.blender_addon.core.worker_client import GenerationJob, WorkerError
@@ -287,6 +287,9 @@ def test_the_flags_are_checked_before_ray_starts(tmp_path, capsys):
                                                           "machines could reach the API; pass --allow-remote to mean it"),
         (["--token-file", str(good), "--port", "0"], "error: --port must be between 1 and 65535, not 0."),
     ]
+    for host in ("127.0.0.1", "::1", "localhost"):
+        http_api.check_host(host, allow_remote=False)  # loopback: no flag needed
+    http_api.check_host("0.0.0.0", allow_remote=True)
     for flags, sentence in cases:
         assert cli.main(["serve", "--ray", *flags]) == 2
         err = capsys.readouterr().err
