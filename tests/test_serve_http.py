@@ -9,6 +9,7 @@ flags are checked before Ray starts."""
 import hashlib
 import json
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -315,3 +316,82 @@ def test_more_jobs_than_the_bound_get_429_until_some_end(server, tiny_model):
         assert events_of(url, job)[-1]["kind"] == "cancelled"
     status, answer = call(url + "/v1/jobs", "POST", job_params(tiny_model))
     assert status == 202 and events_of(url, json.loads(answer)["job"])[-1]["event"] == "done"
+
+
+class TcpRelay:
+    """A loopback TCP relay to ``target_port`` on ``port`` (0: a free one), standing in for the network between
+    the add-on and the server; ``cut()`` drops every connection and stops listening, as a lost network does."""
+
+    def __init__(self, target_port, port=0):
+        self.target_port = target_port
+        self.listener = socket.socket()
+        self.listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        self.listener.bind(("127.0.0.1", port))
+        self.listener.listen(64)
+        self.port = self.listener.getsockname()[1]
+        self.sockets = []
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self):
+        while True:
+            try:
+                client, _ = self.listener.accept()
+            except OSError:
+                return
+            upstream = socket.create_connection(("127.0.0.1", self.target_port))
+            self.sockets += [client, upstream]
+            for source, sink in ((client, upstream), (upstream, client)):
+                threading.Thread(target=self._pipe, args=(source, sink), daemon=True).start()
+
+    @staticmethod
+    def _pipe(source, sink):
+        try:
+            while data := source.recv(65536):
+                sink.sendall(data)
+        except OSError:
+            pass
+        finally:
+            for end in (source, sink):
+                try:
+                    end.shutdown(socket.SHUT_RDWR)
+                except OSError:
+                    pass
+
+    def cut(self):
+        for end in [self.listener] + self.sockets:
+            try:
+                end.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+            end.close()
+
+
+def test_a_connection_lost_mid_job_is_one_sentence_and_the_next_job_connects_again(server, tiny_model, tmp_path):
+    url, _ = server
+    relay = TcpRelay(int(url.rsplit(":", 1)[1]))
+    log = tmp_path / "backend.log"
+    worker = ServerWorker(ServerBackend(f"http://127.0.0.1:{relay.port}", token=TOKEN), str(log))
+    job = GenerationJob(worker, job_params(tiny_model, steps=500, width=256, height=256), str(tmp_path / "long"),
+                        hang_timeout_s=120)
+    job.start()
+    deadline = time.monotonic() + 120
+    while not job.poll(wait_s=0.5) and job.stage != "denoising" and time.monotonic() < deadline:
+        pass
+    assert job.stage == "denoising", job.error
+    relay.cut()
+    assert job.wait(timeout_s=120) and job.state == "error"
+    # What the client saw first (an early end of the stream, or a reset), then "cannot be reached" on reconnecting.
+    assert re.fullmatch(rf"The connection to the server at 127\.0\.0\.1:{relay.port} was lost \((the server ended "
+                        r"the stream early|the stream was cut: \w+)\); the next job connects again; see the log at "
+                        + re.escape(str(log)) + r"\.", job.error), job.error
+    assert not os.path.exists(tmp_path / "long") and TOKEN not in log.read_text()
+    assert call(f"{url}/v1/jobs/{worker.jobs[job.id][0]}/cancel", "POST")[0] == 202  # it ran on: stop it there
+    # The network is back (on the same port): the next job on the same worker connects again and completes.
+    relay = TcpRelay(int(url.rsplit(":", 1)[1]), port=relay.port)
+    try:
+        after = GenerationJob(worker, job_params(tiny_model, seed=5), str(tmp_path / "after"), hang_timeout_s=120)
+        after.start()
+        assert after.wait(timeout_s=120) and after.state == "done", after.error
+        assert set(os.listdir(tmp_path / "after")) == TILE_FILES
+    finally:
+        relay.cut()

@@ -13,6 +13,7 @@ written to a log or a message.
 """
 
 import dataclasses
+import http.client
 import ipaddress
 import json
 import os
@@ -103,7 +104,7 @@ class ServerBackend:
                 raise ServerError(f"The server at {self.host} refused the token (HTTP 401): check the Server Token in "
                                   "the SyncSphere preferences.", 401) from None
             raise ServerError(sentence, error.code) from None
-        except (urllib.error.URLError, OSError, ValueError) as error:
+        except (urllib.error.URLError, OSError, ValueError, http.client.HTTPException) as error:
             reason = getattr(error, "reason", None) or error
             raise ServerError(f"The server at {self.host} cannot be reached ({reason}).", None) from None
 
@@ -227,7 +228,7 @@ class ServerWorker:
                          daemon=True).start()
 
     def _stream(self, job, path, until, resumable, events, stopping):
-        received, failures = 0, 0
+        received, failures, lost = 0, 0, None
         while not stopping.is_set():
             try:
                 query = f"?from={received}" if resumable else ""
@@ -244,15 +245,20 @@ class ServerWorker:
                         events.put(event)
                         if event["event"] in until:
                             return
-                reason = "the server closed the stream"
-            except (ServerError, OSError, ValueError) as error:  # ValueError: protocol.ProtocolError, a bad line
-                reason = str(error)
+                reason = "the server ended the stream early"
+            except ServerError as error:
+                reason = str(error).rstrip(".")
+            except (OSError, http.client.HTTPException) as error:  # a reset, a timeout, a stream cut mid-chunk
+                reason = f"the stream was cut: {type(error).__name__}"
+            except ValueError:  # protocol.ProtocolError
+                reason = "the server sent a line that is not protocol JSON"
+            lost = lost or reason  # what happened first, not the reconnections that followed
             failures += 1
-            if not resumable or failures > RECONNECTS:
+            if not resumable or failures > RECONNECTS or stopping.wait(failures):  # 1, 2, 3 s: a proxy restarting
                 break
         if stopping.is_set():
             return
-        message = (f"The connection to the server at {self.server.host} was lost ({reason}); the next job connects "
+        message = (f"The connection to the server at {self.server.host} was lost ({lost}); the next job connects "
                    f"again; see the log at {self.log_path}.")
         self._log(message)
         events.put(protocol.error_event(job, "internal", message))
