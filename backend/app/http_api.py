@@ -253,7 +253,9 @@ class JobApi:
     def _stream(self, lines) -> Response:
         if self.streams >= self.max_streams:
             raise ApiError(429, f"The server has {self.streams} streams open, its limit; try again in a moment.")
-        return StreamingResponse(_counted(lines, self), media_type=NDJSON)
+        # Events must reach the client as they happen: no cache, and no buffering in an nginx proxy in front.
+        return StreamingResponse(_counted(lines, self), media_type=NDJSON,
+                                 headers={"Cache-Control": "no-store", "X-Accel-Buffering": "no"})
 
     def _forget_old_jobs(self) -> None:
         ended = [job.id for job in self.jobs.values() if job.ended]
