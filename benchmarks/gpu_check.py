@@ -13,6 +13,7 @@ model cache for the whole run, as the worker keeps it:
 | world, wide, tile | a 2048x1024 equirect world, a 2048x512 wide panorama and a 512x512 tile, each with ``--schedule dense`` and ``--schedule shifted``, at 50 DDIM steps (guidance 7.5) and at 4 LCM steps (``--scheduler lcm --guidance 1``: one UNet row per view, as an LCM-LoRA runs; random weights, so it times the schedule, not an LCM's images) |
 | panorama | diffusers' ``StableDiffusionPanoramaPipeline`` on the same 2048x512 wide canvas with the same views (window 64, stride 8), the same model's modules, DDIM 50 steps and the view batch our dense wide job chose: against our dense wide DDIM job (MultiDiffusion) |
 | compile | ``--compile`` on the shifted world at 50 DDIM steps, twice with the same model cache: the first job compiles the UNet, the second reuses it |
+| sdxl | a second model with the full SDXL base architecture (``bench_sdxl.py``'s configs, random weights in float16, its scheduler Euler ancestral with trailing timesteps as SDXL-Turbo ships), built when its jobs start: the 2048x1024 world with the shifted schedule at 50 DDIM steps (guidance 7.5) and a Turbo-style run at 4 steps of the model's own trailing scheduler (``--scheduler auto --guidance 1``); ``--memory auto`` plans them (metadata's plan is printed) |
 
 A one-view, one-step job first loads the model and warms the GPU up; no table row pays for it. Each row prints
 as soon as its job ends (so a run cut short still shows what it measured): seconds of the job (``run_job``,
@@ -22,10 +23,12 @@ UNet rows per second (metadata's ``unet_rows`` / denoising seconds), the view ba
 
 No case starts after ``--deadline-s`` seconds of the run, and the compile case not after
 ``--compile-deadline-s`` (compiling the UNet takes a minute or two), so ``gpu_check.sh`` ends in under 8 minutes
-on one H100/H200. ``--tiny`` runs the same code on the CPU with the tests' tiny model (its UNet trained size set
+on one H100/H200; the SDXL jobs come last and are skipped when the SD2 part used the time: ``--models sdxl`` runs
+them alone (building SDXL's 7 GB takes a minute or two). ``--tiny`` runs the same code on the CPU with the tests' tiny model (its UNet trained size set
 to 64 latents, so every job has the views it has with SD2) and 10 DDIM steps: it proves the script runs.
 
     bash benchmarks/gpu_check.sh                    # on the GPU machine
+    bash benchmarks/gpu_check.sh --models sdxl      # the SDXL jobs alone
     python benchmarks/gpu_check.py --tiny           # here, on the CPU
 """
 
@@ -58,10 +61,13 @@ from bench_multidiffusion import (  # noqa: E402
     log,
     machine_info,
 )
+from bench_sdxl import SDXL_POOLED, SDXL_TEXT, SDXL_TEXT_2, SDXL_UNET, SDXL_VAE  # noqa: E402
 
 CANVASES = {"world": ("equirect", 2048, 1024), "wide": ("wide", 2048, 512), "tile": ("tile", 512, 512)}
 SCHEDULES = ("dense", "shifted")
 LCM_STEPS = 4
+TURBO_STEPS = 4
+MODELS = ("sd2", "sdxl")
 TINY_DDIM_STEPS = 10
 PROMPT = "a sunlit alpine valley with a lake"
 
@@ -81,12 +87,16 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--deadline-s", type=float, default=400.0, help="start no job after this many seconds")
     parser.add_argument("--compile-deadline-s", type=float, default=260.0,
                         help="start the compile jobs only before this many seconds")
+    parser.add_argument("--models", default=",".join(MODELS), help="comma-separated subset of sd2, sdxl")
     parser.add_argument("--keep", help="keep the jobs' output folders under this folder")
     parser.add_argument("--json", help="also write every number to this file")
     args = parser.parse_args(argv)
     args.canvas_list = [name.strip() for name in args.canvases.split(",") if name.strip()]
     if set(args.canvas_list) - set(CANVASES):
         parser.error(f"--canvases takes a subset of {', '.join(CANVASES)}")
+    args.model_list = [name.strip() for name in args.models.split(",") if name.strip()]
+    if not args.model_list or set(args.model_list) - set(MODELS):
+        parser.error(f"--models takes a subset of {', '.join(MODELS)}")
     if args.steps is None:
         args.steps = TINY_DDIM_STEPS if args.tiny else 50
     return args
@@ -99,12 +109,13 @@ def main(argv=None) -> int:
     with tempfile.TemporaryDirectory(prefix="gpu-check-") as work_dir:
         model_dir = os.path.abspath(args.model_dir) if args.model_dir else os.path.join(work_dir, "model")
         device, dtype = ("cpu", "float32") if args.tiny else ("cuda", "float16")
-        build_s = build_model(model_dir, args.tiny, dtype)
+        build_s = build_model(model_dir, args.tiny, dtype) if "sd2" in args.model_list else 0.0
         machine = machine_info(argparse.Namespace(device=device, dtype=dtype))
         print(f"Machine: {machine['device_name']} ({device}, {dtype}), torch {machine['torch']}, diffusers "
               f"{machine['diffusers']}; model {'tiny (tests)' if args.tiny else 'SD2-base architecture'}, random "
               f"weights, built in {build_s:.0f} s", flush=True)
-        check = Check(args, model_dir, args.keep or work_dir, device, dtype, began)
+        sdxl_dir = os.path.join(os.path.dirname(model_dir), os.path.basename(model_dir) + "-sdxl")
+        check = Check(args, model_dir, args.keep or work_dir, device, dtype, began, sdxl_dir)
         check.run_all()
     summary = {"settings": {key: value for key, value in vars(args).items()}, "machine": machine, "rows": check.rows,
                "skipped": check.skipped, "wall_s": time.perf_counter() - began}
@@ -134,19 +145,60 @@ def build_model(folder: str, tiny: bool, dtype: str) -> float:
     return time.perf_counter() - began
 
 
+def build_sdxl_model(folder: str, tiny: bool, dtype: str) -> float:
+    """Save the random SDXL model into ``folder`` unless it is there; returns the seconds it took. Its scheduler is
+    Euler ancestral with trailing timesteps (SDXL-Turbo's), so ``--scheduler auto`` runs it as a few-step model.
+    Tiny: the tests' tiny SDXL with SDXL's trained size (128 latents), so the world has SDXL's views."""
+    import torch
+    from diffusers import EulerAncestralDiscreteScheduler
+
+    from model_factory import SDXL_SCHEDULER, TINY_SDXL_UNET, save_random_sdxl_model
+
+    began = time.perf_counter()
+    if os.path.isfile(os.path.join(folder, "model_index.json")):
+        return 0.0
+    log("build", f"building the {'tiny SDXL' if tiny else 'SDXL'} model with random weights in {folder} ...")
+    scheduler = EulerAncestralDiscreteScheduler(**{**SDXL_SCHEDULER, "timestep_spacing": "trailing"})
+    if tiny:
+        save_random_sdxl_model(folder, unet_config={**TINY_SDXL_UNET, "sample_size": 128}, scheduler=scheduler)
+    else:
+        default = torch.get_default_dtype()
+        torch.set_default_dtype(getattr(torch, dtype))  # built in float16: 7 GB rather than 14 GB and a copy
+        try:
+            save_random_sdxl_model(folder, unet_config=SDXL_UNET, vae_config=SDXL_VAE, text_config=SDXL_TEXT,
+                                   text_2_config=SDXL_TEXT_2, pooled_width=SDXL_POOLED, scheduler=scheduler,
+                                   dtype=getattr(torch, dtype))
+        finally:
+            torch.set_default_dtype(default)
+    return time.perf_counter() - began
+
+
 class Check:
     """The run's jobs with one model cache; ``rows``: one dict per finished job, ``skipped``: names not run."""
 
-    def __init__(self, args, model_dir: str, out_root: str, device: str, dtype: str, began: float):
+    def __init__(self, args, model_dir: str, out_root: str, device: str, dtype: str, began: float,
+                 sdxl_dir: str | None = None):
         from backend.engine.models import ModelCache
 
-        self.args, self.model_dir, self.out_root = args, model_dir, out_root
+        self.args, self.model_dir, self.out_root, self.sdxl_dir = args, model_dir, out_root, sdxl_dir
         self.device, self.dtype, self.began = device, dtype, began
         self.cache = ModelCache()
         self.rows, self.skipped = [], []
 
     def run_all(self) -> None:
-        """The warm-up, the table's jobs, the panorama comparison, the compile jobs, each while time is left."""
+        """The warm-up, the table's jobs, the panorama comparison, the compile jobs, then the SDXL jobs, each
+        while time is left (``--models`` picks SD2's, SDXL's or both)."""
+        if "sd2" in self.args.model_list:
+            self.run_sd2()
+        if "sdxl" in self.args.model_list and self.time_left("sdxl build", self.args.deadline_s):
+            build_s = build_sdxl_model(self.sdxl_dir, self.args.tiny, self.dtype)
+            print(f"SDXL model {'reused' if not build_s else f'built in {build_s:.0f} s'}", flush=True)
+            self.job("sdxl warm-up", "world", "shifted", "turbo", steps=1, record=False, model_dir=self.sdxl_dir)
+            self.job("sdxl world shifted ddim", "world", "shifted", "ddim", model_dir=self.sdxl_dir)
+            self.job("sdxl world shifted turbo", "world", "shifted", "turbo", model_dir=self.sdxl_dir)
+
+    def run_sd2(self) -> None:
+        """SD2's jobs: the warm-up, the table's jobs, the panorama comparison, the compile jobs."""
         self.job("warm-up", "tile", "shifted", "lcm", steps=1, record=False)
         plans = [(canvas, schedule, sampler) for sampler in ("ddim",) + (() if self.args.no_lcm else ("lcm",))
                  for canvas in self.args.canvas_list for schedule in SCHEDULES]
@@ -169,19 +221,22 @@ class Check:
         return False
 
     def job(self, name: str, canvas: str, schedule: str, sampler: str, steps: int | None = None, compile: bool = False,
-            record: bool = True, deadline: float | None = None) -> dict | None:
-        """One job through ``check_request`` and ``run_job``; its row (also printed) when ``record``."""
+            record: bool = True, deadline: float | None = None, model_dir: str | None = None) -> dict | None:
+        """One job through ``check_request`` and ``run_job`` with ``model_dir`` (default: the SD2 model); its row
+        (also printed) when ``record``. sampler: ddim (guidance 7.5), lcm (``LCM_STEPS``, guidance 1) or turbo (the
+        model's own scheduler, ``--scheduler auto``, ``TURBO_STEPS``, guidance 1)."""
         from backend.app.job import check_request, run_job
         from backend.request import GenerateRequest
 
         if not self.time_left(name, self.args.deadline_s if deadline is None else deadline):
             return None
         layout, width, height = CANVASES[canvas]
-        lcm = sampler == "lcm"
+        few = {"lcm": LCM_STEPS, "turbo": TURBO_STEPS}.get(sampler)
         request = GenerateRequest(
             prompt=PROMPT, layout=layout, width=width, height=height, seed=1, schedule=schedule,
-            scheduler=sampler, steps=steps or (LCM_STEPS if lcm else self.args.steps), guidance=1.0 if lcm else 7.5,
-            model=self.model_dir, device=self.device, dtype=self.dtype, compile=compile, overwrite=True,
+            scheduler="auto" if sampler == "turbo" else sampler, steps=steps or few or self.args.steps,
+            guidance=1.0 if few else 7.5, model=model_dir or self.model_dir, device=self.device, dtype=self.dtype,
+            compile=compile, overwrite=True,
             out=os.path.join(self.out_root, name.replace(" ", "-").replace("#", "")))
         checked = check_request(request)
         self.cache.get(checked)  # loaded (the warm-up) or cached: no row pays for loading
@@ -203,7 +258,7 @@ class Check:
                "views": metadata["views"], "views_per_step": metadata["views_per_step"]["mean"],
                "unet_rows": metadata["unet_rows"], "rows_per_s": metadata["unet_rows"] / timings["denoising_s"],
                "view_batch": metadata["memory"]["view_batch_used"],
-               "view_batch_reason": metadata["memory"]["view_batch_reason"],
+               "view_batch_reason": metadata["memory"]["view_batch_reason"], "memory_mode": metadata["memory"]["mode"],
                "peak_mib": memory.result()["peak_mib"], "compile": metadata.get("compile")}
         self.rows.append(row)
         print_row(row)
@@ -291,6 +346,9 @@ def print_summary(summary: dict) -> None:
     reasons = sorted({f"{row['view_batch']} ({row['view_batch_reason']})" for row in summary["rows"]
                       if row["view_batch_reason"] != "our dense wide job's"})
     print("View batches chosen: " + "; ".join(reasons))
+    modes = [f"{row['job']}: {row['memory_mode']}" for row in summary["rows"] if row["job"].startswith("sdxl")]
+    if modes:
+        print("SDXL memory plans: " + "; ".join(modes))
     if summary["skipped"]:
         print("Skipped (time): " + ", ".join(summary["skipped"]))
     print(f"Wall time {summary['wall_s']:.0f} s (model build included).")

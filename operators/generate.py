@@ -92,8 +92,10 @@ class SYNCSPHERE_OT_generate(Operator):
             return None, None, problem
         device = prefs.device if settings.device == "PREFERENCES" else settings.device
         runs = []
+        window_px = model_list.native_window_px(prefs.default_model, model_list.cached_models())
         for seed in generation.variation_seeds(settings, settings.variations):
-            params = generation.generate_params(settings, seed, model=prefs.default_model, device=device)
+            params = generation.generate_params(settings, seed, model=prefs.default_model, device=device,
+                                                window_px=window_px)
             runs.append((seed, params, generation.job_folder(out_root, settings.prompt, seed)))
         problem = preflight.request_problem(runs[0][1], runs[0][2])  # the seeds alone differ
         if problem:

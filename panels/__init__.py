@@ -7,7 +7,7 @@ current job (blender_addon/core/session.py), and call the operators.
 import bpy
 from bpy.types import Panel
 
-from ..blender_addon.core import generation, session
+from ..blender_addon.core import generation, model_list, session
 from ..blender_addon.scene import material, world
 from ..blender_addon.scene.preferences import draw_sentence, get_preferences
 from ..blender_addon.scene.results import thumbnail_icon
@@ -37,7 +37,10 @@ def draw_main(layout, context):
     column.prop(settings, "style_prompt")
     column.prop(settings, "negative_prompt", text="Avoid")
     column.row().prop(settings, "mode", expand=True)
-    width, height = generation.resolution(settings.mode, settings.resolution)
+    # The sizes follow the chosen model's view size (1024 px for SDXL): the label says what will be sent.
+    window_px = model_list.native_window_px(prefs.default_model, model_list.cached_models()) if prefs else \
+        model_list.DEFAULT_WINDOW_PX
+    width, height = generation.resolution(settings.mode, settings.resolution, window_px)
     column.prop(settings, "resolution", text=f"Size ({width}x{height})")
     column.prop(settings, "quality")
     note = generation.schedule_note(settings)

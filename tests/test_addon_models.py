@@ -7,6 +7,7 @@ No network: tests/hub_server.py serves a tiny Stable Diffusion 2-architecture mo
 ``stall`` fixture holds one file's download, so a download is reliably caught half-way.
 """
 
+import json
 import os
 import sys
 import threading
@@ -17,7 +18,8 @@ import pytest
 import hub_server
 from hub_server import HubServer
 from syncsphere.blender_addon.core import backend_command as commands
-from syncsphere.blender_addon.core import model_list
+from syncsphere.blender_addon.core import generation, model_list
+from test_addon_generation import settings as generation_settings
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 MODEL_ID = "syncsphere-test/tiny-sd2"
@@ -123,7 +125,7 @@ LISTING = """[
    "size": 5210000000, "family": "SD2", "architecture": "SD2", "complete": true, "missing": [], "variant": null},
   {"id": "stabilityai/sdxl-turbo", "kind": "hub", "path": "/cache/models--y/snapshots/def", "size": 2400000000,
    "family": "Turbo", "architecture": "SDXL", "complete": false, "missing": ["unet weights", "vae weights"],
-   "variant": null},
+   "variant": null, "window_px": 512},
   {"id": "/models/my-lcm", "kind": "folder", "path": "/models/my-lcm", "size": 2100000000, "family": "LCM",
    "architecture": "SD1", "complete": true, "missing": [], "variant": "fp16"},
   {"id": "/models/old.safetensors", "kind": "single_file", "path": "/models/old.safetensors", "size": 350000000,
@@ -136,10 +138,10 @@ def test_the_listing_is_parsed_with_names_sizes_families_and_states():
     assert [model.label for model in models] == ["stabilityai/stable-diffusion-2-base", "stabilityai/sdxl-turbo",
                                                  "my-lcm", "old.safetensors"]
     assert [model.summary() for model in models] == [
-        "5.2 GB, SD2, complete",
-        "2.4 GB, Turbo, partial: missing unet weights, vae weights",
-        "2.1 GB, LCM, complete, fp16",
-        "350 MB, unknown family, complete",
+        "5.2 GB, SD 2.x, 512 px views, about 4 GB of GPU memory, complete",
+        "2.4 GB, SDXL Turbo, 512 px views, about 8 GB of GPU memory, partial: missing unet weights, vae weights",
+        "2.1 GB, SD 1.x LCM, 512 px views, about 4 GB of GPU memory, complete, fp16",
+        "350 MB, unknown family, 512 px views, complete",
     ]
     # Only cache entries can be removed: folders and files the user pointed at never are.
     assert [model.removable for model in models] == [True, True, False, False]
@@ -169,6 +171,45 @@ def test_the_backends_error_line_is_the_sentence():
     assert model_list.backend_sentence("Traceback ...\nImportError: no huggingface_hub\n", "It failed") == \
         "It failed: ImportError: no huggingface_hub"
     assert model_list.backend_sentence("", "It failed") == "It failed."
+
+
+def test_each_family_says_what_it_needs_and_the_size_presets_follow_its_view_size():
+    listing = json.loads(LISTING) + [
+        {"id": "stabilityai/stable-diffusion-xl-base-1.0", "kind": "hub", "path": "/cache/xl", "size": 6_940_000_000,
+         "family": "SDXL", "architecture": "SDXL", "complete": True, "window_px": 1024},
+        {"id": "/models/xl.safetensors", "kind": "single_file", "path": "/models/xl.safetensors", "size": 6_900_000_000,
+         "family": "SDXL", "architecture": "SDXL", "complete": True},  # no configs: the architecture's view size
+        {"id": "stabilityai/stable-diffusion-2-1", "kind": "hub", "path": "/cache/v", "size": 5_200_000_000,
+         "family": "SD2", "architecture": "SD2", "complete": True, "window_px": 768}]
+    models = model_list.parse_model_list(json.dumps(listing))
+    xl, single, v = models[-3:]
+    assert xl.summary() == "6.9 GB, SDXL, 1024 px views, about 8 GB of GPU memory, complete"
+    assert (single.family_text, single.native_window_px) == ("SDXL", 1024)
+    assert (v.family_text, v.native_window_px) == ("SD 2.x", 768)
+    # sdxl-turbo as listed says 512 px (a Turbo model trained at 512 px); its family still reads SDXL Turbo.
+    assert model_list.native_window_px("stabilityai/sdxl-turbo", models) == 512
+    assert model_list.native_window_px(xl.id, models) == 1024
+    assert model_list.native_window_px("someone/not-listed", models) == model_list.DEFAULT_WINDOW_PX == 512
+
+    # The presets of a 512-px model are the table's; SDXL's are twice as large (the same views), 768-px 1.5 times.
+    assert generation.resolution("WORLD", "DRAFT") == (1024, 512)
+    sizes = {window: [generation.resolution("WORLD", preset, window) for preset in ("DRAFT", "STANDARD", "HIGH")]
+             for window in (512, 768, 1024)}
+    assert sizes[512] == [(1024, 512), (2048, 1024), (4096, 2048)]
+    assert sizes[1024] == [(2048, 1024), (4096, 2048), (8192, 4096)]
+    assert sizes[768] == [(1536, 768), (3072, 1536), (6144, 3072)]
+    # No preset is smaller than the model's view: a world is a view tall and two wide, a texture and a wide image
+    # at least one view each way.
+    for window in (512, 768, 1024):
+        for mode in generation.RESOLUTIONS:
+            for preset in ("DRAFT", "STANDARD", "HIGH"):
+                width, height = generation.resolution(mode, preset, window)
+                assert min(width, height) >= window and width % 64 == 0 and height % 64 == 0
+                assert mode != "WORLD" or width >= 2 * window
+    # Generate sends the size for the model.
+    params = generation.generate_params(generation_settings(mode="WORLD", resolution="DRAFT"), 1, model=xl.id,
+                                        device="cpu", window_px=xl.native_window_px)
+    assert (params["width"], params["height"]) == (2048, 1024)
 
 
 def test_the_model_menu_lists_the_default_the_installed_models_and_a_typed_one():

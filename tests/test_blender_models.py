@@ -268,3 +268,44 @@ result(report)
     offline = [None, "Error: Backend = Server connects to another machine: turn on Allow Online Access in Blender's "
                             "Preferences > System > Network, or set Backend to Local"]
     assert report["check offline"] == offline and report["generate offline"] == offline
+
+
+def test_an_sdxl_model_in_the_list_shows_its_family_and_the_size_menu_follows_its_views(tmp_path):
+    """A (tiny, random) SDXL folder with SDXL's trained size in the Model Folder: the Models box names its family
+    and its 1024-px views; choosing it doubles the Size presets the main panel shows (issue 20, item 4)."""
+    from model_factory import TINY_SDXL_UNET, save_random_sdxl_model
+
+    folder = tmp_path / "models"
+    save_random_sdxl_model(str(folder / "tiny-xl"), unet_config={**TINY_SDXL_UNET, "sample_size": 128})
+    report, _ = run_blender(f"""
+prefs.model_folder = {str(folder)!r}
+report = {{"refresh": run(bpy.ops.syncsphere.refresh_models)}}
+xl = next(model for model in model_list.cached_models() if model.label == "tiny-xl")
+
+
+def sizes():
+    '''The Size control's label in the main panel for each preset of a 360 World.'''
+    labels = []
+    for preset in ("DRAFT", "STANDARD", "HIGH"):
+        settings.resolution = preset
+        labels += [call["args"]["text"] for call in draw("SYNCSPHERE_PT_world")
+                   if call["method"] == "prop" and call["args"].get("property") == "resolution"]
+    return labels
+
+
+settings.mode = "WORLD"
+report["before"] = [prefs.default_model, sizes()]
+report["set default"] = run(bpy.ops.syncsphere.set_default_model, model_id=xl.id)
+report["after"] = [prefs.default_model == xl.id, sizes()]
+report["box"] = models_box()["labels"]
+report["menu"] = [item[2] for item in preferences.default_model_menu_items(prefs) if item[0] == xl.id]
+result(report)
+""", tmp_path)
+    assert report["refresh"] == [["FINISHED"], None]
+    assert report["before"] == ["stabilityai/stable-diffusion-2-base",
+                                ["Size (1024x512)", "Size (2048x1024)", "Size (4096x2048)"]]
+    assert report["set default"] == [["FINISHED"], None]
+    assert report["after"] == [True, ["Size (2048x1024)", "Size (4096x2048)", "Size (8192x4096)"]]
+    summary = next(label for label in report["box"] if "SDXL" in label)
+    assert ", SDXL, 1024 px views, about 8 GB of GPU memory, complete" in summary
+    assert len(report["menu"]) == 1 and ", SDXL, 1024 px views" in report["menu"][0]

@@ -229,3 +229,125 @@ def test_the_cli_refuses_a_job_too_large_for_the_machine_before_loading(tiny_mod
     error = capsys.readouterr().err.strip()
     assert code == 2 and len(error.splitlines()) == 1 and "the largest equirect size that fits is about" in error
     assert not (tmp_path / "out").exists()
+
+
+# ------------------------------------------------------------------------------- plans per model family (issue 20)
+# The real models' UNet and VAE configs (the fields the estimate reads) and their weights in float16 (parameter
+# counts of stabilityai/stable-diffusion-xl-base-1.0 and stable-diffusion-2-base; SDXL's VAE kept in float32,
+# as load_model keeps a VAE that asks for force_upcast).
+SDXL_UNET = {"sample_size": 128, "block_out_channels": [320, 640, 1280]}
+SDXL_WEIGHTS = {"text_encoder": 123_060_480 * 2, "text_encoder_2": 694_659_840 * 2, "unet": 2_567_463_684 * 2,
+                "vae": 83_653_863 * 4}
+SD2_WEIGHTS = {"text_encoder": 340_387_840 * 2, "unet": 865_910_724 * 2, "vae": 83_653_863 * 2}
+CUDA_CONTEXT = GIB // 2  # what the CUDA runtime itself holds on a card
+
+
+@pytest.fixture(scope="module")
+def tiny_sdxl_folder(tmp_path_factory) -> str:
+    from model_factory import save_random_sdxl_model
+
+    return save_random_sdxl_model(str(tmp_path_factory.mktemp("models") / "tiny-sdxl"))
+
+
+def card_plan(request: GenerateRequest, card_gib: float, unet_config: dict, weights: dict, vae_dtype=torch.float16,
+              view_count: int = 40) -> memory.MemoryPlan:
+    """The plan on a card of ``card_gib`` once an auto job has loaded the model onto it (all weights on it)."""
+    free = int(card_gib * GIB) - CUDA_CONTEXT - sum(weights.values())
+    return plan_memory(request, torch.device("cuda"), torch.float16, unet_config, SD2_VAE, view_count,
+                       free_bytes=free, vae_dtype=vae_dtype, component_bytes=weights)
+
+
+def world(width: int = 2048, **fields) -> GenerateRequest:
+    return GenerateRequest(prompt="x", layout="equirect", width=width, height=width // 2, device="cuda",
+                           out="/tmp/unused", **fields).validated()
+
+
+@pytest.mark.parametrize("width", [2048, 4096])
+def test_sdxl_on_an_8_gb_card_offloads_its_models_stage_by_stage(width):
+    plan = card_plan(world(width), 8, SDXL_UNET, SDXL_WEIGHTS, vae_dtype=torch.float32)
+    # Everything resident leaves half a GiB: not enough for a view; the UNet alone leaves room for one.
+    assert (plan.mode, plan.offload, plan.view_batch) == ("offload", True, 1)
+    assert plan.reason == "the job fits in the free memory with each stage's models alone on the device"
+    assert plan.to_dict()["mode"] == "offload"
+    # A 12 GB card: the denoising stage has room for a larger view batch.
+    twelve = card_plan(world(2048), 12, SDXL_UNET, SDXL_WEIGHTS, vae_dtype=torch.float32)
+    assert (twelve.mode, twelve.offload) == ("offload", True) and twelve.view_batch > 1
+    # A 24 GB card keeps every model on the device; a 6 GB card cannot hold the UNet and a view: low.
+    assert card_plan(world(2048), 24, SDXL_UNET, SDXL_WEIGHTS, vae_dtype=torch.float32).mode == "full"
+    assert card_plan(world(2048), 6, SDXL_UNET, SDXL_WEIGHTS, vae_dtype=torch.float32).mode == "low"
+    # Without the components' sizes (the CPU, or a caller that does not know them) there is no offload plan.
+    free = 8 * GIB - CUDA_CONTEXT - sum(SDXL_WEIGHTS.values())
+    assert plan_memory(world(2048), torch.device("cuda"), torch.float16, SDXL_UNET, SD2_VAE, 40, free_bytes=free,
+                       vae_dtype=torch.float32).mode == "low"
+
+
+def test_sd2_fits_an_8_gb_card_whole_and_a_4_gb_one_offloaded():
+    assert card_plan(world(2048), 8, SD2_UNET, SD2_WEIGHTS).mode == "full"
+    small = card_plan(world(2048), 4, SD2_UNET, SD2_WEIGHTS)
+    assert (small.mode, small.offload) == ("offload", True)
+
+
+def test_an_offload_plan_strips_the_decode_only_when_a_whole_tile_does_not_fit():
+    request = world(2048)
+    unet, decode = memory.estimate_activation_bytes(dataclasses.replace(request, view_batch=1), torch.float16,
+                                                    SDXL_UNET, SD2_VAE, 40, torch.float32)
+    weights = {"text_encoder": GIB // 4, "unet": GIB, "vae": GIB // 4}  # small models: the decode decides
+    assert unet < decode
+
+    def offload(available):
+        return memory.plan_offload(request, torch.float16, SDXL_UNET, SD2_VAE, 40, weights, available, torch.float32)
+
+    # Room for a whole tile beside the VAE; then only for a strip (about half a tile); then not even that.
+    whole = weights["vae"] + int(decode / memory.HEADROOM) + 2**20
+    assert (offload(whole).mode, offload(whole).strip_decode) == ("offload", False)
+    assert offload(whole - 2**21).strip_decode is True
+    assert offload(weights["vae"] + int(decode / 2 / memory.HEADROOM) - 2**20) is None
+
+
+def test_an_offload_plan_retries_with_half_the_batch_then_low():
+    request = world(2048)
+    plan = card_plan(request, 12, SDXL_UNET, SDXL_WEIGHTS, vae_dtype=torch.float32)
+    names = [name for name, _ in memory.memory_attempts(request, plan, torch.device("cuda"))]
+    assert names == ["offload", "half view batch", "low"]
+
+
+def test_a_job_whose_unet_and_one_view_do_not_fit_the_card_is_refused_with_the_estimate():
+    request = sized(layout="equirect", width=2048, height=1024)
+    arguments = (torch.device("cuda"), torch.float16, SDXL_UNET, SD2_VAE, 7 * GIB)
+    with pytest.raises(BadRequest) as refused:
+        memory.check_job_fits(request, *arguments, free_host_bytes=64 * GIB, free_device_bytes=5 * GIB,
+                              largest_model_bytes=SDXL_WEIGHTS["unet"])
+    message = str(refused.value)
+    assert message == ("A 2048x1024 px job needs about 6.0 GiB on the cuda device even with --memory low (4.8 GiB "
+                       "for the UNet's weights and 1.2 GiB for one view), but it has 5.0 GiB free; lower --width and "
+                       "--height or --window, use --device cpu, or free the device.")
+    memory.check_job_fits(request, *arguments, free_host_bytes=64 * GIB, free_device_bytes=7 * GIB,
+                          largest_model_bytes=SDXL_WEIGHTS["unet"])
+
+
+def test_the_components_weights_are_read_from_the_headers(tiny_sdxl_folder):
+    from backend.engine.models import ModelCache, component_weight_bytes, resolve_model_source
+
+    source = resolve_model_source(tiny_sdxl_folder)
+    sizes = component_weight_bytes(source, torch.float16)
+    request = GenerateRequest(prompt="x", model=tiny_sdxl_folder, device="cpu", out="/tmp/unused")
+    pipeline = ModelCache().get(check_request(request)).pipeline  # float32 on the CPU: twice the float16 bytes
+    assert set(sizes) == {"text_encoder", "text_encoder_2", "unet", "vae"}
+    assert {name: 2 * size for name, size in sizes.items()} == memory.component_bytes(pipeline)
+
+
+def test_the_offload_plan_moves_the_text_encoders_off_the_device_after_encoding(tiny_sdxl_folder):
+    # The real (tiny) SDXL pipeline; the meta device plays the GPU (models move onto it, not back), so each stage
+    # starts from a fresh load. What runs on a GPU (the moves freeing its memory) needs the device check.
+    from diffusers import StableDiffusionXLPipeline
+
+    plan = card_plan(world(2048), 8, SDXL_UNET, SDXL_WEIGHTS, vae_dtype=torch.float32)
+    where = {}
+    for stage in ("text", "denoise", "decode"):
+        pipeline = StableDiffusionXLPipeline.from_pretrained(tiny_sdxl_folder)
+        StagePlacement(pipeline, torch.device("meta"), plan.offload).enter(stage)
+        where[stage] = {name: next(module.parameters()).device.type
+                        for name, module in memory.weighted_components(pipeline).items()}
+    assert where["text"] == {"text_encoder": "meta", "text_encoder_2": "meta", "unet": "cpu", "vae": "cpu"}
+    assert where["denoise"] == {"text_encoder": "cpu", "text_encoder_2": "cpu", "unet": "meta", "vae": "cpu"}
+    assert where["decode"] == {"text_encoder": "cpu", "text_encoder_2": "cpu", "unet": "cpu", "vae": "meta"}

@@ -21,8 +21,8 @@ from ..errors import BadRequest, OutOfMemory, shorten
 from ..request import POLE_FACE_VIEW_SETS, SCHEDULERS
 from .decode import decode_canvas, decode_pole_caps
 from .denoiser import GuidedSDXLUNetDenoiser, GuidedUNetDenoiser, sdxl_time_ids
-from .memory import (MemoryPlan, StagePlacement, is_out_of_memory, memory_attempts, out_of_memory_message,
-                     plan_memory, release_memory, weights_to_place)
+from .memory import (MemoryPlan, StagePlacement, component_bytes, is_out_of_memory, memory_attempts,
+                     out_of_memory_message, plan_memory, release_memory, weights_to_place)
 from .models import LoadedModel, compiled_unet, load_tiny_autoencoder
 from .perceptual import load_perceptual_loss
 from .preview import TINY_AUTOENCODER_OF_FAMILY, latent_family
@@ -44,7 +44,7 @@ def generate_image(resolved: ResolvedRequest, model: LoadedModel, report: StepRe
     pipeline = model.pipeline
     plan = plan_memory(resolved.params, model.device, model.dtype, pipeline.unet.config, pipeline.vae.config,
                        max(resolved.views_per_step()), weights_bytes=weights_to_place(pipeline, model.device),
-                       vae_dtype=pipeline.vae.dtype)
+                       vae_dtype=pipeline.vae.dtype, component_bytes=component_bytes(pipeline))
     attempts = memory_attempts(resolved.params, plan, model.device)
     retries = []
     for number, (attempt_name, attempt_plan) in enumerate(attempts):

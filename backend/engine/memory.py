@@ -19,10 +19,19 @@
   diffusers' attention already runs through PyTorch's scaled_dot_product_attention, whose flash and
   memory-efficient kernels never hold the full attention matrix.
 
+``offload`` (chosen by ``auto`` on a GPU, never asked for by name) is the plan that fits a model whose weights
+together do not leave room on the device, SDXL on an 8 GB card: the models move stage by stage as in ``low``
+(the text encoders leave the device once the prompts are encoded; the VAE comes in to decode while the UNet
+waits in CPU memory), but the view batch is still chosen from the free memory, MAD stays on, and the decode
+runs in strips only when a whole tile would not fit.
+
 ``auto`` estimates the activation memory of a ``full`` job (``estimate_full_bytes``; rough, from the
 canvas, the views and the model's channels) and compares it with the device's free memory
-(``free_memory_bytes``): ``full`` when it fits with ``HEADROOM`` to spare, else ``low``. metadata.json
-records the plan under "memory" (``MemoryPlan.to_dict``).
+(``free_memory_bytes``): ``full`` when it fits with ``HEADROOM`` to spare; else, on a GPU, ``offload`` when
+each stage's models and activations fit (``plan_offload``: the device's free memory counts the weights the
+offload moves out); else ``low``. metadata.json records the plan under "memory" (``MemoryPlan.to_dict``).
+A job whose ``low`` stage does not fit the device (its largest model plus one view's activations) is refused
+before it loads (``check_job_fits``).
 
 **The view batch** (views per UNet call) is ``--view-batch`` when given, else chosen (``choose_view_batch``):
 on a CUDA GPU the largest batch up to ``MAX_VIEW_BATCH`` whose ``full`` estimate fits in the free memory
@@ -70,7 +79,7 @@ equirect jobs with HDR and cube map (the tiny test model, 1 step): 108 bytes per
 
 @dataclass
 class MemoryPlan:
-    """How a job uses memory. requested: auto, full or low (--memory); mode: full or low, what runs;
+    """How a job uses memory. requested: auto, full or low (--memory); mode: full, offload or low, what runs;
     reason: why (one phrase); view_batch: views per UNet call; offload: models move between the CPU and
     the device stage by stage; strip_decode: decode tiles in strips of rows; free_bytes and
     estimated_full_bytes: what ``auto`` compared (None when not measured); view_batch_reason: why that view
@@ -115,7 +124,7 @@ def low_plan(request: GenerateRequest, device: torch.device, reason: str) -> Mem
 
 def plan_memory(request: GenerateRequest, device: torch.device, dtype: torch.dtype, unet_config, vae_config,
                 view_count: int, weights_bytes: int = 0, free_bytes: int | None = None,
-                vae_dtype: torch.dtype | None = None) -> MemoryPlan:
+                vae_dtype: torch.dtype | None = None, component_bytes: dict[str, int] | None = None) -> MemoryPlan:
     """The memory plan of ``request`` (validated, with its view set chosen) on ``device`` in ``dtype``
     (the VAE in ``vae_dtype``, default ``dtype``).
 
@@ -123,25 +132,75 @@ def plan_memory(request: GenerateRequest, device: torch.device, dtype: torch.dty
     (``view_count`` views, the model's UNet and VAE configs) plus ``weights_bytes`` against ``free_bytes``
     (default: ``free_memory_bytes(device)`` now). ``weights_bytes`` are the weights a full job must still bring
     in (``weights_to_place``): on the CPU all of them (memory-mapped safetensors count as free page cache until
-    first used), on a GPU those a low job left in CPU memory.
+    first used), on a GPU those a low job left in CPU memory. When that does not fit on a GPU and
+    ``component_bytes`` ({component: bytes of its weights}, ``component_bytes``) are given, ``plan_offload``
+    tries the ``offload`` plan before falling back to ``low``.
     """
     if request.memory == "low":
         return low_plan(request, device, "asked for")
     free = free_memory_bytes(device) if free_bytes is None else free_bytes
     view_batch, view_batch_reason = choose_view_batch(request, device.type, free, dtype, unet_config, vae_config,
                                                       view_count, weights_bytes, vae_dtype)
-    request = dataclasses.replace(request, view_batch=view_batch)
+    asked, request = request, dataclasses.replace(request, view_batch=view_batch)
     estimate = estimate_full_bytes(request, dtype, unet_config, vae_config, view_count, vae_dtype) + weights_bytes
+    offload = None
+    if request.memory == "auto" and free is not None and estimate > HEADROOM * free and component_bytes \
+            and device.type != "cpu":
+        offload = plan_offload(asked, dtype, unet_config, vae_config, view_count, component_bytes,
+                               free + sum(component_bytes.values()) - weights_bytes, vae_dtype)
     if request.memory == "full":
         plan = full_plan(request, "asked for", view_batch_reason)
     elif free is None:
         plan = full_plan(request, f"the free memory of the {device.type} device is unknown", view_batch_reason)
     elif estimate <= HEADROOM * free:
         plan = full_plan(request, "the job fits in the free memory", view_batch_reason)
+    elif offload is not None:
+        plan = offload
     else:
         plan = low_plan(request, device, "the job would not fit in the free memory")
     plan.free_bytes, plan.estimated_full_bytes = free, estimate
     return plan
+
+
+def plan_offload(request: GenerateRequest, dtype: torch.dtype, unet_config, vae_config, view_count: int,
+                 component_bytes: dict[str, int], available_bytes: int,
+                 vae_dtype: torch.dtype | None = None) -> MemoryPlan | None:
+    """The ``offload`` plan of ``request`` (validated; ``request.view_batch`` None or asked for) on a GPU with
+    ``available_bytes`` for the job once no model is on it (its free memory plus the weights now on it), or None
+    when a stage does not fit: the models move stage by stage (``StagePlacement``: the text encoders, then the
+    UNet (and the VAE while SyncDiffusion decodes with it), then the VAE), so each stage needs its own models'
+    ``component_bytes`` plus its activations (``estimate_activation_bytes``), those at most ``HEADROOM`` of what
+    the weights leave (the weights' sizes are exact, the activations' a rough estimate). The view
+    batch: the largest up to ``MAX_VIEW_BATCH`` (or the one asked for) whose denoising stage fits; decode tiles
+    in strips when a whole tile would not fit."""
+    text = sum(size for name, size in component_bytes.items() if name.startswith("text_encoder"))
+    vae = component_bytes.get("vae", 0)
+    denoising = component_bytes.get("unet", 0) + (vae if request.sync == "syncdiffusion" else 0)
+
+    def fits(weights: int, activations: int) -> bool:
+        # The weights' sizes are exact (their tensors), the activations a rough estimate: the headroom is theirs.
+        return activations <= HEADROOM * (available_bytes - weights)
+
+    if not fits(text, 0):
+        return None
+    if request.view_batch is not None:
+        batches, batch_reason = [request.view_batch], "asked for"
+    else:
+        batches = range(max(1, min(MAX_VIEW_BATCH, view_count)), 0, -1)
+        batch_reason = f"the largest batch (at most {MAX_VIEW_BATCH}) whose denoising stage fits with the models offloaded"
+    for batch in batches:
+        sized = dataclasses.replace(request, view_batch=batch)
+        unet, decode = estimate_activation_bytes(sized, dtype, unet_config, vae_config, view_count, vae_dtype)
+        if fits(denoising, unet):
+            break
+    else:
+        return None
+    strip_decode = not fits(vae, decode)
+    if strip_decode and not fits(vae, decode // 2):
+        return None
+    reason = "the job fits in the free memory with each stage's models alone on the device"
+    return MemoryPlan(request.memory, "offload", reason, batch, offload=True, strip_decode=strip_decode,
+                      view_batch_reason=batch_reason)
 
 
 def choose_view_batch(request: GenerateRequest, device_type: str, free_bytes: int | None, dtype: torch.dtype,
@@ -176,10 +235,19 @@ def choose_view_batch(request: GenerateRequest, device_type: str, free_bytes: in
 def estimate_full_bytes(request: GenerateRequest, dtype: torch.dtype, unet_config, vae_config, view_count: int,
                         vae_dtype: torch.dtype | None = None) -> int:
     """A rough upper estimate, in bytes, of the activation memory of ``request`` in ``full`` mode: the larger
-    of a UNet call (``view_batch`` views, twice with guidance; every view while MAD merges them; three times
-    that for SyncDiffusion's gradient pass) and the largest decode tile (``decode.decode_canvas``'s default
-    tiling, in ``vae_dtype``, default ``dtype``). unet_config / vae_config: the model's configs (dicts or
-    diffusers configs). ``request.view_batch`` must be decided (``choose_view_batch``); None raises ValueError."""
+    of a UNet call and the largest decode tile (``estimate_activation_bytes``). ``request.view_batch`` must be
+    decided (``choose_view_batch``); None raises ValueError."""
+    return int(max(estimate_activation_bytes(request, dtype, unet_config, vae_config, view_count, vae_dtype)))
+
+
+def estimate_activation_bytes(request: GenerateRequest, dtype: torch.dtype, unet_config, vae_config, view_count: int,
+                              vae_dtype: torch.dtype | None = None) -> tuple[int, int]:
+    """(UNet, decode): rough upper estimates, in bytes, of the activations of ``request``'s denoising stage and
+    of its decoding stage. UNet: a call with ``view_batch`` views (twice with guidance; every view while MAD
+    merges them; three times that for SyncDiffusion's gradient pass), in ``dtype``. Decode: the largest decode
+    tile (``decode.decode_canvas``'s default tiling) in one ``vae.decode``, in ``vae_dtype`` (default ``dtype``);
+    about half of it in strips. unet_config / vae_config: the model's configs (dicts or diffusers configs).
+    ``request.view_batch`` must be decided (``choose_view_batch``); None raises ValueError."""
     from .decode import largest_decode_tile
 
     if request.view_batch is None:
@@ -196,18 +264,20 @@ def estimate_full_bytes(request: GenerateRequest, dtype: torch.dtype, unet_confi
     tile_height, tile_width = largest_decode_tile(request.height // factor, request.width // factor, request.layout)
     vae_element = torch.finfo(vae_dtype or dtype).bits // 8
     decode = (tile_height * factor) * (tile_width * factor) * vae_config["block_out_channels"][0] * DECODE_ELEMENTS_PER_PIXEL_CHANNEL * vae_element
-    return int(max(unet, decode))
+    return int(unet), int(decode)
 
 
 def check_job_fits(request: GenerateRequest, device: torch.device, dtype: torch.dtype, unet_config, vae_config,
-                   weights_bytes: int, free_host_bytes: int | None = None, free_device_bytes: int | None = None) -> None:
+                   weights_bytes: int, free_host_bytes: int | None = None, free_device_bytes: int | None = None,
+                   largest_model_bytes: int = 0) -> None:
     """Refuse, before anything loads, a job that cannot fit in memory in any mode, rather than let it run into
     the out-of-memory killer hours later. ``request``: validated and sized for the model; ``weights_bytes``: the
     model's weight files (``models.weights_file_bytes``); the free bytes default to ``free_memory_bytes`` now.
 
     The CPU memory a job needs is its image (``HOST_BYTES_PER_IMAGE_PIXEL`` per pixel), the weights, and on a CPU
     device the activations of ``--memory low`` (one view per UNet call); on a GPU those activations must fit
-    in the device's free memory. A ``--memory full`` job on the CPU is checked with its own view batch and told
+    in the device's free memory, with the largest model a ``low`` stage holds there (``largest_model_bytes``: the
+    UNet's weights in the job's dtype, ``models.component_weight_bytes``; 0 when unknown). A ``--memory full`` job on the CPU is checked with its own view batch and told
     to pass ``--memory low`` when that would fit. Raises BadRequest with one sentence naming the largest size
     that fits; returns None when the job fits or a free size is unknown."""
     host_free = free_memory_bytes(torch.device("cpu")) if free_host_bytes is None else free_host_bytes
@@ -227,10 +297,18 @@ def check_job_fits(request: GenerateRequest, device: torch.device, dtype: torch.
                              f"{_gib(host_need - low_activations + full)} of memory, but this machine has "
                              f"{_gib(host_free)} free; pass --memory low (or auto), which fits.")
     device_free = free_memory_bytes(device) if free_device_bytes is None and device.type != "cpu" else free_device_bytes
-    if device.type != "cpu" and device_free is not None and low_activations > device_free:
-        raise BadRequest(f"A {request.width}x{request.height} px job needs about {_gib(low_activations)} on the "
-                         f"{device} device even with --memory low, but it has {_gib(device_free)} free; lower "
-                         "--width and --height or --window, or free the device.")
+    # ``low`` on a GPU: the UNet alone with one view's activations, then the VAE alone decoding in strips.
+    one_view, tile = estimate_activation_bytes(low, dtype, unet_config, vae_config, view_count=1)
+    device_need = max(largest_model_bytes + one_view, tile // 2)
+    if device.type != "cpu" and device_free is not None and device_need > device_free:
+        if largest_model_bytes + one_view >= tile // 2:
+            parts = (f"{_gib(largest_model_bytes)} for the UNet's weights and " if largest_model_bytes else "") + \
+                f"{_gib(one_view)} for one view"
+        else:
+            parts = "to decode a tile in strips"
+        raise BadRequest(f"A {request.width}x{request.height} px job needs about {_gib(device_need)} on the "
+                         f"{device} device even with --memory low ({parts}), but it has {_gib(device_free)} free; "
+                         "lower --width and --height or --window, use --device cpu, or free the device.")
 
 
 def _too_large_message(request: GenerateRequest, need: int, free: int, fixed: int) -> str:
@@ -258,6 +336,12 @@ def weights_to_place(pipeline, device: torch.device) -> int:
                if device.type == "cpu" or parameter.device.type != device.type)
 
 
+def component_bytes(pipeline) -> dict[str, int]:
+    """{component: bytes of its weights as loaded} of the pipeline's ``models.weighted_components``."""
+    return {name: sum(parameter.numel() * parameter.element_size() for parameter in module.parameters())
+            for name, module in weighted_components(pipeline).items()}
+
+
 def free_memory_bytes(device: torch.device) -> int | None:
     """Bytes the job can still allocate on ``device``: CUDA's free memory plus what PyTorch has cached but
     not used; on MPS the recommended working set less what the driver holds; on the CPU the kernel's
@@ -282,16 +366,16 @@ def free_memory_bytes(device: torch.device) -> int | None:
 
 
 def memory_attempts(request: GenerateRequest, plan: MemoryPlan, device: torch.device) -> list[tuple[str, MemoryPlan]]:
-    """The attempts a job makes when the device runs out of memory, in order, as (name, memory plan): "full"
-    or "low", the ``plan`` as given; after a full plan with a view batch above 1, "half view batch"; after a
-    full plan, "low" (``low_plan``: view batch 1, MAD off, as merged attention runs every view in one UNet
+    """The attempts a job makes when the device runs out of memory, in order, as (name, memory plan): "full",
+    "offload" or "low", the ``plan`` as given; after a full or offload plan with a view batch above 1, "half view
+    batch"; after a full or offload plan, "low" (``low_plan``: view batch 1, MAD off, as merged attention runs every view in one UNet
     batch). Each attempt runs ``request`` from the same seed (``resolve.for_memory_plan``)."""
     attempts = [(plan.mode, plan)]
-    if plan.mode == "full" and plan.view_batch > 1:
+    if plan.mode != "low" and plan.view_batch > 1:
         attempts.append(("half view batch", dataclasses.replace(plan, view_batch=max(1, plan.view_batch // 2),
                                                                 reason="out of memory",
                                                                 view_batch_reason="half the batch that ran out of memory")))
-    if plan.mode == "full":
+    if plan.mode != "low":
         low = low_plan(request, device, "out of memory")
         attempts.append(("low", dataclasses.replace(low, free_bytes=plan.free_bytes,
                                                     estimated_full_bytes=plan.estimated_full_bytes)))
@@ -331,7 +415,7 @@ def out_of_memory_message(request: GenerateRequest, device: torch.device, dtype:
 class StagePlacement:
     """Where the pipeline's models sit during each stage of a job.
 
-    Without offload every model stays on ``device``. With offload (``--memory low`` on a GPU), ``enter(stage)``
+    Without offload every model stays on ``device``. With offload (``--memory low`` or the ``offload`` plan on a GPU), ``enter(stage)``
     moves the models ``stage`` runs to ``device`` and the others to the CPU first, so the device holds one
     model at a time: "text" the text encoders (SDXL has two), "denoise" the UNet (and the VAE when SyncDiffusion
     decodes with it), "decode" the VAE. ``enter`` with offload off puts every model back on the device, so a model

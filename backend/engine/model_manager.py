@@ -97,6 +97,7 @@ class InstalledModel:
     disk (a hub model's blobs, including partial downloads). family / architecture: see the module
     docstring (None when unknown). complete: every file the engine loads is there; missing: what is not.
     variant: ``fp16`` when some component has only fp16 weights (load with ``variant="fp16"``), else None.
+    window_px: the model's native view size in image pixels (``native_window_px``), None when unknown.
     """
 
     id: str
@@ -108,6 +109,7 @@ class InstalledModel:
     complete: bool
     missing: list[str] = field(default_factory=list)
     variant: str | None = None
+    window_px: int | None = None
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -302,6 +304,19 @@ def model_family(folder: str) -> tuple[str | None, str | None]:
     return architecture, architecture
 
 
+def native_window_px(folder: str) -> int | None:
+    """The native view size in image pixels of a diffusers folder: its denoiser's trained ``sample_size`` (the
+    UNet's, or a transformer's) times the VAE's downsampling factor (2 per extra VAE block): 512 for SD 1.x and
+    SD2-base, 768 for SD 2.x 768-v, 1024 for SDXL. None when the configs do not say."""
+    vae = _read_json(os.path.join(folder, "vae", "config.json")) or {}
+    blocks = vae.get("block_out_channels")
+    for denoiser in ("unet", "transformer"):
+        size = (_read_json(os.path.join(folder, denoiser, "config.json")) or {}).get("sample_size")
+        if isinstance(size, int) and isinstance(blocks, list) and blocks:
+            return size * 2 ** (len(blocks) - 1)
+    return None
+
+
 def read_safetensors_header(path: str) -> dict:
     """The JSON header of the ``.safetensors`` file at ``path`` (tensor name -> ``dtype``, ``shape``,
     ``data_offsets``; plus ``__metadata__``), read without its tensors: 8 bytes of little-endian header
@@ -465,6 +480,7 @@ def _hub_models(cache_dir: str) -> list[InstalledModel]:
             id=repo.repo_id, kind="hub", path=snapshot,
             size=repo.size_on_disk + sum(f.size_on_disk for f in incomplete),
             family=family, architecture=architecture, complete=not missing, missing=missing, variant=check.variant,
+            window_px=native_window_px(snapshot),
         ))
     return sorted(found, key=lambda model: model.id.lower())
 
@@ -474,7 +490,7 @@ def _folder_model(path: str) -> InstalledModel:
     family, architecture = model_family(path)
     return InstalledModel(id=path, kind="folder", path=path, size=_size_on_disk(path), family=family,
                           architecture=architecture, complete=check.complete, missing=check.missing,
-                          variant=check.variant)
+                          variant=check.variant, window_px=native_window_px(path))
 
 
 def _single_file_model(path: str) -> InstalledModel:

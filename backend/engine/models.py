@@ -11,6 +11,7 @@ config files before any weights load, so bad sizes are rejected quickly.
 from __future__ import annotations
 
 import json
+import math
 import os
 from dataclasses import dataclass
 
@@ -28,6 +29,7 @@ from .model_manager import (
     check_model_folder,
     check_safetensors_file,
     hub_offline,
+    read_safetensors_header,
     single_file_architecture,
 )
 from ..request import ModelGeometry
@@ -175,18 +177,41 @@ def weights_file_bytes(source: ModelSource) -> int:
     the files' sizes without opening them. 0 for a hub model that is not cached yet."""
     if source.kind == "single_file":
         return os.path.getsize(source.location)
-    folder = local_folder(source)
+    return sum(os.path.getsize(path) for paths in _component_weight_files(source).values() for path in paths)
+
+
+def component_weight_bytes(source: ModelSource, dtype: torch.dtype) -> dict[str, int]:
+    """{component: bytes its weights take in memory in ``dtype``} of a local folder or cached hub model (the
+    ``WEIGHTED_COMPONENTS`` it has), from the safetensors headers' tensor shapes (no weights read): what each
+    stage of ``memory.StagePlacement`` puts on the device. Empty for a single-file checkpoint or an uncached
+    hub model."""
+    element = torch.finfo(dtype).bits // 8
+    sizes = {}
+    for component, paths in _component_weight_files(source).items():
+        count = 0
+        for path in paths:
+            for name, entry in read_safetensors_header(path).items():
+                if name != "__metadata__":
+                    count += math.prod(entry["shape"])
+        sizes[component] = count * element
+    return sizes
+
+
+def _component_weight_files(source: ModelSource) -> dict[str, list[str]]:
+    # {component: the paths of the safetensors files a job loads}: the variant's files when the folder holds them
+    # (model.fp16.safetensors), else the plain ones; empty for a single file or an uncached hub model.
+    folder = local_folder(source) if source.kind != "single_file" else None
     if folder is None:
-        return 0
+        return {}
     variant = check_model_folder(folder).variant
-    total = 0
+    files = {}
     for component in WEIGHTED_COMPONENTS:
-        names = sorted(os.listdir(os.path.join(folder, component))) if os.path.isdir(os.path.join(folder, component)) else []
-        weights = [name for name in names if name.endswith(".safetensors")]
-        # The variant's files when the folder holds them (model.fp16.safetensors), else the plain ones.
+        if not os.path.isdir(os.path.join(folder, component)):
+            continue
+        weights = [name for name in sorted(os.listdir(os.path.join(folder, component))) if name.endswith(".safetensors")]
         chosen = [name for name in weights if variant and f".{variant}." in name] or weights
-        total += sum(os.path.getsize(os.path.join(folder, component, name)) for name in chosen)
-    return total
+        files[component] = [os.path.join(folder, component, name) for name in chosen]
+    return files
 
 
 def read_model_architecture(source: ModelSource, single_file_config: str | None = None) -> str | None:

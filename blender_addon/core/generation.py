@@ -22,7 +22,10 @@ BACKEND_DEFAULTS = {field.name: field.default for field in dataclasses.fields(re
 # Mode -> the backend's --layout.
 LAYOUT_OF_MODE = {"WORLD": "equirect", "TILE": "tile", "WIDE": "wide"}
 
-# Resolution presets per mode: (width, height) in pixels for DRAFT, STANDARD and HIGH.
+# Resolution presets per mode: (width, height) in pixels for DRAFT, STANDARD and HIGH, for a model whose views are
+# 512 px (SD 1.x, SD2-base); they scale with the model's view size (``resolution``), so a preset has the same number
+# of views whatever the model: an SDXL world (1024 px views) is 2048x1024 at Draft, never smaller than one view tall and two wide.
+RESOLUTION_WINDOW_PX = 512
 RESOLUTIONS = {
     "WORLD": {"DRAFT": (1024, 512), "STANDARD": (2048, 1024), "HIGH": (4096, 2048)},
     "TILE": {"DRAFT": (512, 512), "STANDARD": (1024, 1024), "HIGH": (2048, 2048)},
@@ -121,9 +124,13 @@ DEFAULT_SUN_RATIO = BACKEND_DEFAULTS["sun_ratio"]
 LIGHTING_DECIMALS = 4
 
 
-def resolution(mode, preset):
-    """(width, height) in pixels of a resolution ``preset`` (DRAFT, STANDARD, HIGH) for ``mode``."""
-    return RESOLUTIONS[mode][preset]
+def resolution(mode, preset, window_px=RESOLUTION_WINDOW_PX):
+    """(width, height) in pixels of a resolution ``preset`` (DRAFT, STANDARD, HIGH) for ``mode`` with a model whose
+    native views are ``window_px`` pixels (``model_list.native_window_px``): RESOLUTIONS scaled by
+    ``window_px`` / RESOLUTION_WINDOW_PX, each side a multiple of 64 px."""
+    width, height = RESOLUTIONS[mode][preset]
+    scale = window_px / RESOLUTION_WINDOW_PX
+    return (max(64, round(width * scale / 64) * 64), max(64, round(height * scale / 64) * 64))
 
 
 def styled_prompt(prompt, style_prompt):
@@ -140,9 +147,10 @@ def variation_seeds(settings, count, rng=random):
     return [(int(settings.seed) + number) % (MAX_SEED + 1) for number in range(count)]
 
 
-def generate_params(settings, seed, *, model, device):
+def generate_params(settings, seed, *, model, device, window_px=RESOLUTION_WINDOW_PX):
     """The protocol's generate params for ``settings`` with ``seed``.
 
+    ``width`` / ``height``: the Size preset for the model's view size ``window_px`` (``resolution``).
     ``prompt``: the prompt and the Style Prompt (``styled_prompt``); ``negative_prompt``: Avoid (which a style
     fills too).
     model: hub id or local path (the preferences' default model); device: auto, cuda, mps or cpu.
@@ -160,7 +168,7 @@ def generate_params(settings, seed, *, model, device):
     ``sun_ratio`` when they differ from the backend's defaults; ``sun_direction`` when
     ``settings.use_sun_direction``, with or without HDR.
     """
-    width, height = resolution(settings.mode, settings.resolution)
+    width, height = resolution(settings.mode, settings.resolution, window_px)
     params = {
         "prompt": styled_prompt(settings.prompt, settings.style_prompt),
         "negative_prompt": settings.negative_prompt,

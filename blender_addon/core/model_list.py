@@ -44,6 +44,20 @@ _STDERR_LINES = 20
 _EXITED = "_exited"
 
 
+# What each architecture (the backend's ``architecture`` of a listed model) is called in the list, its native view
+# size in image pixels when the backend could not read it from the configs, and about how much GPU memory the
+# backend's ``--memory auto`` needs for it in float16 (docs/engine.md, "Memory per family": SD 1.x/2.x whole on a
+# 4 GB card; SDXL's 6.6 GiB of weights fit an 8 GB card with the models moved stage by stage).
+ARCHITECTURES = {
+    "SD1": ("SD 1.x", 512, "4 GB"),
+    "SD2": ("SD 2.x", 512, "4 GB"),
+    "SDXL": ("SDXL", 1024, "8 GB"),
+    "SD3": ("SD3", 1024, "8 GB"),
+}
+DEFAULT_WINDOW_PX = 512
+"""The view size of a model the list does not know (not installed, or typed): the backend's default model's."""
+
+
 class ModelCommandError(Exception):
     """A model command failed; ``str()`` is one sentence for the user (the backend's own, when it gave one)."""
 
@@ -55,7 +69,9 @@ class InstalledModel:
     id: the hub id, or the absolute path of a local folder or ``.safetensors`` file; kind: ``hub``,
     ``folder`` or ``single_file``; path: where it is on disk; size: bytes on disk; family: SD1, SD2, SDXL,
     LCM, Turbo or None (unknown); complete: every file the engine loads is there, else ``missing`` says what
-    is not; variant: ``fp16`` for half-precision weights, else None.
+    is not; variant: ``fp16`` for half-precision weights, else None; architecture: SD1, SD2, SDXL (SD3) or None,
+    the backbone whatever the family (an SDXL Turbo is family Turbo, architecture SDXL); window_px: the native view
+    size in image pixels the backend read from the configs, or None.
     """
 
     id: str
@@ -66,6 +82,8 @@ class InstalledModel:
     complete: bool = True
     missing: list[str] = dataclasses.field(default_factory=list)
     variant: str | None = None
+    architecture: str | None = None
+    window_px: int | None = None
 
     @classmethod
     def from_dict(cls, entry):
@@ -74,7 +92,8 @@ class InstalledModel:
         try:
             return cls(str(entry["id"]), str(entry["kind"]), str(entry["path"]), int(entry["size"]),
                        entry.get("family"), bool(entry["complete"]), list(entry.get("missing") or ()),
-                       entry.get("variant"))
+                       entry.get("variant"), entry.get("architecture"),
+                       None if entry.get("window_px") is None else int(entry["window_px"]))
         except (KeyError, TypeError, ValueError) as error:
             raise ModelCommandError(
                 f"The backend's model list has an entry SyncSphere cannot read ({error!r}).") from error
@@ -91,8 +110,28 @@ class InstalledModel:
 
     @property
     def family_text(self):
-        """The family, or "unknown family"."""
-        return self.family or "unknown family"
+        """The family as the list names it: the architecture's name (ARCHITECTURES: "SD 1.x", "SD 2.x", "SDXL"),
+        followed by a few-step family ("SDXL Turbo", "SD 1.x LCM"); the backend's family when the architecture is
+        not one of those; or "unknown family"."""
+        name = ARCHITECTURES[self.architecture][0] if self.architecture in ARCHITECTURES else None
+        if name is None:
+            return self.family or "unknown family"
+        return name if self.family in (None, self.architecture) else f"{name} {self.family}"
+
+    @property
+    def native_window_px(self):
+        """The model's view size in image pixels: the backend's reading of its configs, else its architecture's
+        (ARCHITECTURES), else DEFAULT_WINDOW_PX."""
+        if self.window_px:
+            return self.window_px
+        return ARCHITECTURES[self.architecture][1] if self.architecture in ARCHITECTURES else DEFAULT_WINDOW_PX
+
+    @property
+    def needs_text(self):
+        """What the model needs, e.g. "1024 px views, about 8 GB of GPU memory" (the memory left out when its
+        architecture is unknown)."""
+        memory = ARCHITECTURES[self.architecture][2] if self.architecture in ARCHITECTURES else None
+        return f"{self.native_window_px} px views" + (f", about {memory} of GPU memory" if memory else "")
 
     @property
     def state_text(self):
@@ -102,8 +141,18 @@ class InstalledModel:
         return "complete, fp16" if self.variant == "fp16" else "complete"
 
     def summary(self):
-        """One line for the list: size, family and state, e.g. "5.2 GB, SD2, complete"."""
-        return f"{format_size(self.size)}, {self.family_text}, {self.state_text}"
+        """One line for the list: size, family, what it needs and state, e.g. "6.9 GB, SDXL, 1024 px views, about
+        8 GB of GPU memory, complete"."""
+        return f"{format_size(self.size)}, {self.family_text}, {self.needs_text}, {self.state_text}"
+
+
+def native_window_px(model_id, models):
+    """The view size in image pixels of the model ``model_id`` (a hub id or path, as Generate sends it) among
+    ``models`` (InstalledModel): its ``native_window_px``; DEFAULT_WINDOW_PX when it is not listed."""
+    for model in models:
+        if model.id == model_id:
+            return model.native_window_px
+    return DEFAULT_WINDOW_PX
 
 
 # --- command lines ------------------------------------------------------------------------------------

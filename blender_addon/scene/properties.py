@@ -13,10 +13,12 @@ MODE_ITEMS = (
     ("TILE", "Tileable Texture", "A seamless texture on the active object's material", "TEXTURE", 1),
     ("WIDE", "Wide Image", "A wide panorama, opened in the Image Editor", "IMAGE_DATA", 2),
 )
+# The sizes follow the model's view size (generation.resolution): these are for 512-px models, doubled for SDXL.
 RESOLUTION_ITEMS = (
-    ("DRAFT", "Draft", "Fastest: 1024x512 world, 512 px tile, 2048x512 wide"),
-    ("STANDARD", "Standard", "2048x1024 world, 1024 px tile, 3072x768 wide"),
-    ("HIGH", "High", "4096x2048 world, 2048 px tile, 4096x1024 wide"),
+    ("DRAFT", "Draft", "Fastest: 1024x512 world, 512 px tile, 2048x512 wide with 512-px models; twice that with "
+     "SDXL (1024-px views)"),
+    ("STANDARD", "Standard", "2048x1024 world, 1024 px tile, 3072x768 wide with 512-px models; twice that with SDXL"),
+    ("HIGH", "High", "4096x2048 world, 2048 px tile, 4096x1024 wide with 512-px models; twice that with SDXL"),
 )
 # Style presets: names, descriptions and their texts come from the one table, generation.STYLES. The numbers are
 # fixed, so a saved file keeps its style when presets are added.
