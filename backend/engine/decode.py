@@ -46,15 +46,15 @@ def blend_weights(start: int, length: int, size: int, tile_count: int, wraps: bo
     return weight
 
 
-@torch.no_grad()
 def vae_latents(latents: torch.Tensor, vae) -> torch.Tensor:
     """The latents ``vae``'s decoder takes for the model's latents (N, C, h, w): divided by the VAE's
     ``scaling_factor`` and, for a VAE with a ``shift_factor`` (SD3's), shifted by it, as diffusers' pipelines undo
-    their encoding; in the VAE's dtype. Same shape."""
+    their encoding; in the VAE's dtype. Same shape; differentiable (SyncDiffusion decodes through it)."""
     shift = getattr(vae.config, "shift_factor", None) or 0.0
     return (latents / vae.config.scaling_factor + shift).to(vae.dtype)
 
 
+@torch.no_grad()
 def decode_canvas(
     vae,
     latents: torch.Tensor,
