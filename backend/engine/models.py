@@ -301,14 +301,16 @@ def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
     return getattr(torch, name)
 
 
-def pipeline_class(architecture: str | None) -> tuple[type, dict]:
+def pipeline_class(architecture: str | None, model_index: dict | None = None) -> tuple[type, dict]:
     """(the diffusers pipeline class, its loading options) for a model of ``architecture``
     (``read_model_architecture``): ``StableDiffusionXLPipeline`` for SDXL (two text encoders and tokenizers; no
-    watermarker: the engine decodes itself), ``StableDiffusion3Pipeline`` for SD3, else ``StableDiffusionPipeline`` without the safety checker."""
+    watermarker: the engine decodes itself), ``StableDiffusion3Pipeline`` for SD3 (told which of its optional
+    components its ``model_index`` dict lacks: ``absent_components``), else ``StableDiffusionPipeline`` without
+    the safety checker."""
     from diffusers import StableDiffusion3Pipeline, StableDiffusionPipeline, StableDiffusionXLPipeline
 
     if architecture == "SD3":
-        return StableDiffusion3Pipeline, {}
+        return StableDiffusion3Pipeline, absent_components(model_index) if model_index is not None else {}
     if architecture == "SDXL":
         return StableDiffusionXLPipeline, dict(add_watermarker=False)
     return StableDiffusionPipeline, dict(safety_checker=None, requires_safety_checker=False)
@@ -334,9 +336,8 @@ def load_model(
     a hub model is not available, BadRequest when a local model cannot be loaded.
     """
     architecture = read_model_architecture(source, single_file_config)
-    loader, options = pipeline_class(architecture)
-    if architecture == "SD3" and source.kind != "single_file":
-        options = {**options, **absent_components(_read_config(source, "model_index.json"))}
+    sd3_folder = architecture == "SD3" and source.kind != "single_file"
+    loader, options = pipeline_class(architecture, _read_config(source, "model_index.json") if sd3_folder else None)
     common = dict(dtype=dtype, **options)
     offline = hub_offline()
     try:
