@@ -124,12 +124,14 @@ def resolve_request(asked: GenerateRequest, source: ModelSource, lora: ModelSour
 
 def check_transformer_request(request: GenerateRequest, config) -> None:
     """Refuse, with one sentence, what a model whose denoiser is a diffusion transformer (``config``: its config,
-    dict or diffusers config, with a ``patch_size``; SD3) cannot run; nothing for a UNet's config or None.
+    dict or diffusers config, or the model, with a ``patch_size``; SD3) cannot run; nothing for a UNet or None.
     ``request``: validated and sized for the model. Refused: MAD (``--mad-steps``: it replaces a UNet's attention
     processors), SyncSDE (its step rule is a DDPM-family noise schedule's, not a flow's), SyncDiffusion's
     ``--sync-decoder taesd`` (no tiny autoencoder of 16-channel latents is known here; ``vae`` or a folder work),
     another ``--scheduler`` than auto (the model's flow-matching sampler), ``--lora`` (not built for transformers
     yet), and a window that is not a whole number of patches or more patches than the model's position grid."""
+    if isinstance(config, torch.nn.Module):  # the loaded model itself (``CheckedRequest.resolved_for``)
+        config = config.config
     patch = config.get("patch_size") if config is not None else None
     if not patch:
         return
