@@ -1,5 +1,5 @@
 """Stable Diffusion 3 through the one denoiser: a tiny random SD3 (an MMDiT on 16-channel latents in 2x2 patches, two
-CLIP encoders with projections, no T5, the flow-matching Euler sampler with shift 3) built here, no network."""
+CLIP encoders with projections, T5 or none, the flow-matching Euler sampler with shift 3) built here, no network."""
 
 import json
 import os
@@ -17,7 +17,7 @@ from backend.engine.models import ModelCache
 from backend.engine.sync.tweedie import predicted_clean_latent, prediction_for_clean_latent
 from backend.errors import BadRequest
 from backend.request import GenerateRequest
-from model_factory import SD3_SCHEDULER, save_random_sd3_model
+from model_factory import SD3_SCHEDULER, TINY_T5, save_random_sd3_model
 
 
 @pytest.fixture(scope="module")
@@ -27,26 +27,37 @@ def tiny_sd3(tmp_path_factory) -> str:
 
 
 @pytest.fixture(scope="module")
+def tiny_sd3_with_t5(tmp_path_factory) -> str:
+    """Path of the tiny SD3 with a tiny T5 encoder (``TINY_T5``) as its third text encoder."""
+    return save_random_sd3_model(str(tmp_path_factory.mktemp("models") / "tiny-sd3-t5"), t5_config=TINY_T5)
+
+
+@pytest.fixture(scope="module")
 def models():
     return ModelCache()  # one load of the tiny SD3 for the module's jobs
 
 
-@pytest.mark.parametrize("negative", ["blurry", None], ids=["negative prompt", "empty negative prompt"])
-def test_a_single_window_canvas_matches_diffusers_sd3_pipeline(tiny_sd3, models, tmp_path, negative):
+@pytest.mark.parametrize("negative,with_t5", [("blurry", False), (None, False), ("blurry", True)],
+                         ids=["negative prompt", "empty negative prompt", "with T5"])
+def test_a_single_window_canvas_matches_diffusers_sd3_pipeline(request, models, tmp_path, negative, with_t5):
     # One view covering the whole canvas: its conditioning, positions, velocity, σ schedule and decode are the
     # pipeline's for the whole image.
     size, steps, seed, prompt = 128, 4, 1234, "a mountain lake at dawn"
-    reference = StableDiffusion3Pipeline.from_pretrained(tiny_sd3, text_encoder_3=None, tokenizer_3=None)
+    tiny_sd3 = request.getfixturevalue("tiny_sd3_with_t5" if with_t5 else "tiny_sd3")
+    absent = {} if with_t5 else dict(text_encoder_3=None, tokenizer_3=None)
+    reference = StableDiffusion3Pipeline.from_pretrained(tiny_sd3, **absent)
+    assert (reference.text_encoder_3 is not None) == with_t5
     reference.set_progress_bar_config(disable=True)
     expected = reference(
         prompt, negative_prompt=negative, height=size, width=size, num_inference_steps=steps, guidance_scale=6.0,
         generator=torch.Generator("cpu").manual_seed(seed), output_type="np",
     ).images[0]
 
-    request = GenerateRequest(prompt=prompt, negative_prompt=negative or "", layout="wide", width=size, height=size,
-                              steps=steps, guidance=6.0, seed=seed, model=tiny_sd3, device="cpu",
-                              out=str(tmp_path / "ours"))
-    outputs = run_job(check_request(request), models=models)
+    job = GenerateRequest(prompt=prompt, negative_prompt=negative or "", layout="wide", width=size, height=size,
+                          steps=steps, guidance=6.0, seed=seed, model=tiny_sd3, device="cpu", out=str(tmp_path / "ours"))
+    checked = check_request(job)
+    outputs = run_job(checked, models=models)
+    assert (models.get(checked).pipeline.text_encoder_3 is not None) == with_t5  # T5 loads where the model has it
     ours = np.asarray(Image.open(outputs["png"])).astype(np.float32) / 255.0
 
     assert ours.shape == expected.shape == (size, size, 3)
