@@ -240,3 +240,111 @@ def save_random_sdxl_model(
     )
     pipeline.to(dtype).save_pretrained(folder, safe_serialization=True)
     return folder
+
+
+# Stable Diffusion 3's architecture in miniature: an MMDiT (``SD3Transformer2DModel``) on 16-channel latents in
+# 2x2 patches, whose positional embeddings are a centred crop of a larger grid (``pos_embed_max_size`` 16 patches
+# for a 16-latent window of 8), conditioned on two CLIP encoders with projections (CLIP-L 32 wide and CLIP-G 48:
+# their penultimate states concatenated, 80, zero-padded to the joint width 96; their pooled projections
+# concatenated, 16 + 16 = 32) and, where asked for, T5 (``TINY_T5``, as wide as the joint width; else absent,
+# ``text_encoder_3=None`` as diffusers allows, and the pipeline fills T5's place with zeros); a 16-channel VAE with SD3's scale and shift; the flow-matching Euler
+# sampler with SD3's shift 3.
+TINY_SD3_POOLED = 16  # each CLIP encoder's projection_dim
+TINY_SD3_TEXT_2 = dict(TINY_TEXT, hidden_size=48)
+TINY_SD3_TRANSFORMER = dict(
+    sample_size=16,
+    patch_size=2,
+    in_channels=16,
+    out_channels=16,
+    num_layers=2,
+    attention_head_dim=8,
+    num_attention_heads=2,
+    joint_attention_dim=96,
+    caption_projection_dim=16,
+    pooled_projection_dim=2 * TINY_SD3_POOLED,
+    pos_embed_max_size=16,
+)
+TINY_SD3_VAE = dict(TINY_VAE, latent_channels=16, scaling_factor=1.5305, shift_factor=0.0609, use_quant_conv=False,
+                    use_post_quant_conv=False)
+SD3_SCHEDULER = dict(shift=3.0)
+TINY_T5 = dict(d_model=96, d_ff=37, d_kv=8, num_layers=1, num_heads=2, vocab_size=200)
+
+
+def write_t5_tokenizer(folder: str):
+    """Write a character-level Unigram tokenizer in T5's form (``<pad>`` 0, ``</s>`` 1, ``<unk>`` 2, SentencePiece's
+    "▁" word marker, ``</s>`` appended) as a ``tokenizer.json`` into ``folder`` and load it as ``T5TokenizerFast``:
+    T5's own vocabulary needs sentencepiece and the network. 192 tokens (``TINY_T5``'s vocabulary holds them)."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, processors
+    from transformers import T5TokenizerFast
+
+    chars = [chr(c) for c in range(33, 127)]
+    vocab = [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0), ("\u2581", -1.0)]
+    vocab += [(c, -2.0) for c in chars] + [("\u2581" + c, -1.5) for c in chars]
+    model = Tokenizer(models.Unigram(vocab, unk_id=2))
+    model.pre_tokenizer = pre_tokenizers.Metaspace()
+    model.post_processor = processors.TemplateProcessing(single="$A </s>", special_tokens=[("</s>", 1)])
+    tokenizer = T5TokenizerFast(tokenizer_object=model, eos_token="</s>", pad_token="<pad>", unk_token="<unk>",
+                                extra_ids=0)
+    tokenizer.save_pretrained(folder)
+    return T5TokenizerFast.from_pretrained(folder)
+
+
+def save_random_sd3_model(
+    folder: str,
+    transformer_config: dict = TINY_SD3_TRANSFORMER,
+    vae_config: dict = TINY_SD3_VAE,
+    text_config: dict = TINY_TEXT,
+    text_2_config: dict = TINY_SD3_TEXT_2,
+    pooled_width: int = TINY_SD3_POOLED,
+    seed: int = 0,
+    scheduler=None,
+    dtype: torch.dtype = torch.float32,
+    t5_config: dict | None = None,
+) -> str:
+    """Build a Stable Diffusion 3 pipeline with random weights (repeatable for ``seed``) and save it.
+
+    Returns ``folder``, a diffusers ``StableDiffusion3Pipeline`` folder with safetensors weights in ``dtype``: an
+    ``SD3Transformer2DModel`` (``transformer_config``), two ``CLIPTextModelWithProjection`` (``text_config``,
+    ``text_2_config``, each projecting to ``pooled_width``; the transformer's ``pooled_projection_dim`` is twice
+    that and its ``joint_attention_dim`` at least their summed widths), a ``T5EncoderModel`` of ``t5_config``
+    (``d_model`` the joint width; ``TINY_T5``) with ``write_t5_tokenizer``'s tokenizer, or with None no T5
+    (``text_encoder_3`` and ``tokenizer_3`` None), two CLIP tokenizers (the second padding with "!" as SD3's CLIP-G does), a 16-channel VAE
+    and ``scheduler`` (default: ``FlowMatchEulerDiscreteScheduler`` with SD3's shift of 3).
+    """
+    from diffusers import FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel, StableDiffusion3Pipeline
+    from transformers import CLIPTextModelWithProjection
+
+    torch.manual_seed(seed)
+    transformer = SD3Transformer2DModel(**transformer_config)
+    torch.manual_seed(seed + 1)
+    vae = AutoencoderKL(**vae_config)
+    with tempfile.TemporaryDirectory() as vocab_folder:
+        tokenizer = write_clip_tokenizer(vocab_folder)
+    with tempfile.TemporaryDirectory() as vocab_folder:
+        tokenizer_2 = write_clip_tokenizer(vocab_folder, pad_token="!")
+    encoders = []
+    for offset, config in ((2, text_config), (3, text_2_config)):
+        torch.manual_seed(seed + offset)
+        encoders.append(CLIPTextModelWithProjection(CLIPTextConfig(
+            bos_token_id=0, eos_token_id=1, pad_token_id=1, projection_dim=pooled_width, **config)).eval())
+    text_encoder_3 = tokenizer_3 = None
+    if t5_config is not None:
+        from transformers import T5Config, T5EncoderModel
+
+        with tempfile.TemporaryDirectory() as vocab_folder:
+            tokenizer_3 = write_t5_tokenizer(vocab_folder)
+        torch.manual_seed(seed + 4)
+        text_encoder_3 = T5EncoderModel(T5Config(pad_token_id=0, eos_token_id=1, **t5_config)).eval()
+    pipeline = StableDiffusion3Pipeline(
+        transformer=transformer.eval(),
+        vae=vae.eval(),
+        text_encoder=encoders[0],
+        text_encoder_2=encoders[1],
+        text_encoder_3=text_encoder_3,
+        tokenizer=tokenizer,
+        tokenizer_2=tokenizer_2,
+        tokenizer_3=tokenizer_3,
+        scheduler=scheduler if scheduler is not None else FlowMatchEulerDiscreteScheduler(**SD3_SCHEDULER),
+    )
+    pipeline.to(dtype).save_pretrained(folder, safe_serialization=True)
+    return folder

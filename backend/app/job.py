@@ -23,7 +23,9 @@ from ..engine.memory import check_job_fits, component_bytes
 from ..engine.models import (
     LoadedModel,
     ModelCache,
+    activation_config,
     component_weight_bytes,
+    denoising_model,
     hub_offline,
     read_model_geometry,
     read_unet_config,
@@ -69,8 +71,9 @@ def check_request(request: GenerateRequest) -> CheckedRequest:
     resolved = None
     if geometry is not None:
         # Before the views are built: a canvas too large for this machine is refused before it allocates.
-        check_job_fits(params, device, dtype, unet_config, read_vae_config(source), weights_file_bytes(source),
-                       largest_model_bytes=component_weight_bytes(source, dtype).get("unet", 0))
+        weights = component_weight_bytes(source, dtype)
+        check_job_fits(params, device, dtype, activation_config(unet_config), read_vae_config(source),
+                       weights_file_bytes(source), largest_model_bytes=weights.get("unet", weights.get("transformer", 0)))
         resolved = resolve_request(params, source, lora, device, dtype, geometry, unet_config)
     return CheckedRequest(params, source, lora, device, dtype, resolved)
 
@@ -106,8 +109,10 @@ def run_job(checked: CheckedRequest, report: StepReport | None = None, models: M
     # 2. A single-file checkpoint's geometry is known only now; others were resolved before loading.
     if checked.resolved is None:
         pipeline = model.pipeline  # its weights are loaded: the free memory already counts them
-        check_job_fits(checked.params, model.device, model.dtype, pipeline.unet.config, pipeline.vae.config, 0,
-                       largest_model_bytes=component_bytes(pipeline)["unet"] if model.device.type != "cpu" else 0)
+        loaded = component_bytes(pipeline)
+        check_job_fits(checked.params, model.device, model.dtype, activation_config(denoising_model(pipeline).config),
+                       pipeline.vae.config, 0, largest_model_bytes=loaded.get("unet", loaded.get("transformer", 0))
+                       if model.device.type != "cpu" else 0)
     resolved = checked.resolved_for(model)
     timings = {"loading_s": time.perf_counter() - started}
     # 3. Denoise (with a preview picture every --preview-every steps) and decode, within the memory plan.

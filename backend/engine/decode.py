@@ -46,6 +46,14 @@ def blend_weights(start: int, length: int, size: int, tile_count: int, wraps: bo
     return weight
 
 
+def vae_latents(latents: torch.Tensor, vae) -> torch.Tensor:
+    """The latents ``vae``'s decoder takes for the model's latents (N, C, h, w): divided by the VAE's
+    ``scaling_factor`` and, for a VAE with a ``shift_factor`` (SD3's), shifted by it, as diffusers' pipelines undo
+    their encoding; in the VAE's dtype. Same shape; differentiable (SyncDiffusion decodes through it)."""
+    shift = getattr(vae.config, "shift_factor", None) or 0.0
+    return (latents / vae.config.scaling_factor + shift).to(vae.dtype)
+
+
 @torch.no_grad()
 def decode_canvas(
     vae,
@@ -84,7 +92,7 @@ def decode_canvas(
             before_x, after_x = _context(left, tile_width, width, context, canvas.wraps_x, 0)
             region = CropView(offset + top - before_y, left - before_x,
                               before_y + tile_height + after_y, before_x + tile_width + after_x)
-            z = (source_canvas.read(source, [region]) / vae.config.scaling_factor).to(vae.dtype)
+            z = vae_latents(source_canvas.read(source, [region]), vae)
             decoded = (decode_in_strips(vae, z) if in_strips else vae.decode(z).sample).float()
             if factor is None:
                 factor = decoded.shape[-1] // region.width
@@ -153,7 +161,7 @@ def decode_pole_caps(vae, latents: torch.Tensor, image: torch.Tensor, blend: tup
     _, _, height, width = latents.shape
     canvas = Canvas("equirect", height, width)
     faces = CanvasViews(canvas, (), pole_faces(), size=max(1, width // 4)).read(latents)
-    faces = (faces / vae.config.scaling_factor).to(vae.dtype)
+    faces = vae_latents(faces, vae)
     if in_strips:  # one face at a time, each in strips (--memory low)
         decoded = torch.cat([decode_in_strips(vae, face) for face in faces.split(1)])
     else:

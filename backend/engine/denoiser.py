@@ -58,13 +58,18 @@ class GuidedUNetDenoiser:
         if conditioning is None:
             conditioning = self._batch_conditioning[tuple(rows)] = self.conditioning(rows)
         model_input = latents.repeat_interleave(2, dim=0) if self.uses_guidance else latents
-        condition = None if self.guidance_embedding is None else self.guidance_embedding.expand(model_input.shape[0], -1)
-        prediction = self.unet(model_input, timestep, timestep_cond=condition, **conditioning).sample
+        prediction = self.run_model(model_input, timestep, conditioning)
         self.unet_rows += model_input.shape[0]
         if not self.uses_guidance:
             return prediction
         uncond, cond = prediction[::2], prediction[1::2]
         return uncond + self.guidance_scale * (cond - uncond)
+
+    def run_model(self, model_input: torch.Tensor, timestep: torch.Tensor, conditioning: dict) -> torch.Tensor:
+        """One call of the model on ``model_input`` (B, C, h, w) (both guidance rows of each view) with the batch's
+        ``conditioning``: (B, C, h, w). The UNet takes the guidance embedding of an LCM as ``timestep_cond``."""
+        condition = None if self.guidance_embedding is None else self.guidance_embedding.expand(model_input.shape[0], -1)
+        return self.unet(model_input, timestep, timestep_cond=condition, **conditioning).sample
 
     def conditioning(self, rows: list[int]) -> dict:
         """The UNet's keyword arguments for a batch of views whose prompt rows are ``rows``: its
@@ -105,6 +110,40 @@ class GuidedSDXLUNetDenoiser(GuidedUNetDenoiser):
         text_embeds = self.guided_rows(self.pooled_embeds, self.negative_pooled, rows)
         time_ids = self.time_ids.expand(text_embeds.shape[0], -1)
         return {**super().conditioning(rows), "added_cond_kwargs": {"text_embeds": text_embeds, "time_ids": time_ids}}
+
+
+class GuidedSD3TransformerDenoiser(GuidedUNetDenoiser):
+    """A Stable Diffusion 3 transformer (``SD3Transformer2DModel``, an MMDiT) with classifier-free guidance, as
+    diffusers' ``StableDiffusion3Pipeline`` conditions and guides it. Its prediction is the flow-matching velocity
+    ε − x0 (``flow_matching.FlowMatchingSampler`` steps with it).
+
+    transformer: the model (held as ``unet``, the attribute every denoiser calls). prompt_embeds (P, L, D): the joint
+    text tokens of each prompt row (CLIP-L and CLIP-G penultimate states concatenated and zero-padded to T5's width,
+    then T5's tokens, zeros without T5), negative_embeds (1, L, D); pooled_embeds (P, D_pool), the two CLIP
+    encoders' pooled projections concatenated, negative_pooled (1, D_pool). Each view goes through the transformer
+    as a whole image of the window's size, so its patches take the positions of such an image (the centred crop of
+    the ``pos_embed_max_size`` grid that diffusers' ``PatchEmbed`` takes for that size). No guidance-distilled
+    embedding: ``guidance_scale`` <= 1 skips the unconditional pass, as the pipeline does.
+    """
+
+    def __init__(self, transformer, prompt_embeds: torch.Tensor, negative_embeds: torch.Tensor | None,
+                 pooled_embeds: torch.Tensor, negative_pooled: torch.Tensor | None, guidance_scale: float,
+                 view_prompts: list[int] | None = None):
+        super().__init__(transformer, prompt_embeds, negative_embeds, guidance_scale, view_prompts)
+        self.pooled_embeds = pooled_embeds
+        self.negative_pooled = negative_pooled
+
+    def run_model(self, model_input: torch.Tensor, timestep: torch.Tensor, conditioning: dict) -> torch.Tensor:
+        """The transformer's velocity for ``model_input`` (B, C, h, w); the timestep (σ · 1000) given per row, as
+        the pipeline gives it."""
+        timestep = torch.as_tensor(timestep, device=model_input.device).expand(model_input.shape[0])
+        return self.unet(hidden_states=model_input, timestep=timestep, **conditioning).sample
+
+    def conditioning(self, rows: list[int]) -> dict:
+        """``GuidedUNetDenoiser.conditioning`` (the joint text tokens) plus each row's ``pooled_projections``
+        ((2N, D_pool) with guidance, else (N, D_pool))."""
+        return {**super().conditioning(rows),
+                "pooled_projections": self.guided_rows(self.pooled_embeds, self.negative_pooled, rows)}
 
 
 def sdxl_time_ids(unet, view_pixels: int, pooled_width: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:

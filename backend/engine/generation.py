@@ -19,11 +19,11 @@ import torch
 
 from ..errors import BadRequest, OutOfMemory, shorten
 from ..request import POLE_FACE_VIEW_SETS, SCHEDULERS
-from .decode import decode_canvas, decode_pole_caps
-from .denoiser import GuidedSDXLUNetDenoiser, GuidedUNetDenoiser, sdxl_time_ids
+from .decode import decode_canvas, decode_pole_caps, vae_latents
+from .denoiser import GuidedSD3TransformerDenoiser, GuidedSDXLUNetDenoiser, GuidedUNetDenoiser, sdxl_time_ids
 from .memory import (MemoryPlan, StagePlacement, component_bytes, is_out_of_memory, memory_attempts,
                      out_of_memory_message, plan_memory, release_memory, weights_to_place)
-from .models import LoadedModel, compiled_unet, load_tiny_autoencoder
+from .models import LoadedModel, activation_config, compiled_unet, denoising_model, load_tiny_autoencoder
 from .perceptual import load_perceptual_loss
 from .preview import TINY_AUTOENCODER_OF_FAMILY, latent_family
 from .resolve import ResolvedRequest, for_memory_plan
@@ -31,6 +31,7 @@ from .sampler import StepReport, Synchronisation, sample_canvas
 from .sync.mad import MergedAttention
 from .sync.syncdiffusion import SyncDiffusionGuidance
 from .sync.syncsde import SyncSDE
+from .sync.tweedie import is_flow_matching
 
 
 def generate_image(resolved: ResolvedRequest, model: LoadedModel, report: StepReport,
@@ -42,7 +43,8 @@ def generate_image(resolved: ResolvedRequest, model: LoadedModel, report: StepRe
     {"denoising_s", "decoding_s"}, what metadata.json records under "memory"). Raises OutOfMemory when the
     last attempt fails too, JobCancelled when ``report`` or ``stage`` says so."""
     pipeline = model.pipeline
-    plan = plan_memory(resolved.params, model.device, model.dtype, pipeline.unet.config, pipeline.vae.config,
+    plan = plan_memory(resolved.params, model.device, model.dtype, activation_config(denoising_model(pipeline).config),
+                       pipeline.vae.config,
                        max(resolved.views_per_step()), weights_bytes=weights_to_place(pipeline, model.device),
                        vae_dtype=pipeline.vae.dtype, component_bytes=component_bytes(pipeline))
     attempts = memory_attempts(resolved.params, plan, model.device)
@@ -103,7 +105,7 @@ def denoise(resolved: ResolvedRequest, model: LoadedModel, report: StepReport, p
     ``placement`` moves the models for the text and denoising stages (None: they stay where they are)."""
     params, views = resolved.params, resolved.views
     placement = placement or StagePlacement(model.pipeline, model.device, offload=False)
-    scheduler = make_scheduler(params.scheduler, model.pipeline.scheduler.config)
+    scheduler = make_scheduler(params.scheduler, model.pipeline.scheduler.config, view_tokens(resolved, model))
     check_steps(scheduler, params.steps)
     began = time.perf_counter()
     placement.enter("text")
@@ -141,15 +143,25 @@ def prompt_denoiser(resolved: ResolvedRequest, model: LoadedModel) -> GuidedUNet
     """The UNet (compiled with ``--compile``: ``models.compiled_unet``) with classifier-free guidance and each
     view's prompt (``resolved.prompts``/``prompt_rows``) encoded once, by the pipeline's own ``encode_prompt``.
     An SDXL model's denoiser (``GuidedSDXLUNetDenoiser``) also takes each prompt's pooled embedding and the time
-    ids of a whole image of the window's size (``sdxl_time_ids``). Raises BadRequest for an SDXL UNet that does
+    ids of a whole image of the window's size (``sdxl_time_ids``); an SD3 model's (``GuidedSD3TransformerDenoiser``)
+    its transformer with each prompt's joint text tokens and pooled projections. Raises BadRequest for an SDXL UNet that does
     not take SDXL's six time ids."""
     params = resolved.params
     uses_guidance = params.guidance > 1.0
     prompts = list(resolved.prompts)
     negative = [params.negative_prompt] * len(prompts) if params.negative_prompt else None
     pipeline = model.pipeline
-    unet = compiled_unet(model) if params.compile else pipeline.unet
+    unet = compiled_unet(model) if params.compile else denoising_model(pipeline)
     view_prompts = list(resolved.prompt_rows) if len(prompts) > 1 else None
+    if model.architecture == "SD3":
+        # No negative prompt: the empty prompt's embeddings, as StableDiffusion3Pipeline (no zeros rule).
+        prompt_embeds, negative_embeds, pooled, negative_pooled = pipeline.encode_prompt(
+            prompts, None, None, device=model.device, do_classifier_free_guidance=uses_guidance,
+            negative_prompt=negative)
+        if negative_embeds is not None:
+            negative_embeds, negative_pooled = negative_embeds[:1], negative_pooled[:1]
+        return GuidedSD3TransformerDenoiser(unet, prompt_embeds, negative_embeds, pooled, negative_pooled,
+                                            params.guidance, view_prompts)
     if model.architecture != "SDXL":
         prompt_embeds, negative_embeds = pipeline.encode_prompt(prompts, model.device, 1, uses_guidance, negative)
         negative_embeds = negative_embeds[:1] if negative_embeds is not None else None
@@ -238,7 +250,7 @@ def syncdiffusion_guidance(resolved: ResolvedRequest, model: LoadedModel, denois
         )
 
     def decode(latents: torch.Tensor) -> torch.Tensor:
-        return decoder.decode((latents / decoder.config.scaling_factor).to(decoder.dtype)).sample
+        return decoder.decode(vae_latents(latents, decoder)).sample
 
     # The loss network runs in float32: LPIPS divides by feature norms that underflow in float16.
     loss = load_perceptual_loss(
@@ -261,7 +273,7 @@ def syncdiffusion_guidance(resolved: ResolvedRequest, model: LoadedModel, denois
         "loss_pretrained": loss.backbone.pretrained,
         "decoder": type(decoder).__name__ if params.sync_decoder == "vae" else params.sync_decoder,
     }
-    return guidance, details, [model.pipeline.unet, decoder]
+    return guidance, details, [denoising_model(model.pipeline), decoder]
 
 
 def check_scheduler_name(name: str) -> None:
@@ -288,12 +300,18 @@ def check_scheduler_name(name: str) -> None:
                          f"have (pip install {' '.join(packages)}), or choose another --scheduler.")
 
 
-def make_scheduler(name: str, config):
+def make_scheduler(name: str, config, view_tokens: int | None = None):
     """A diffusers scheduler of the class named by ``name`` (a SCHEDULERS key or class name) from ``config``
     (the model's scheduler config). ``auto``: the model's own class when it is a few-step sampler (an
-    ``LCMScheduler``, or ``trailing`` timestep spacing as SD-Turbo ships), else DDIM."""
+    ``LCMScheduler``, or ``trailing`` timestep spacing as SD-Turbo ships), the ``FlowMatchingSampler`` of a
+    flow-matching model (SD3; ``view_tokens``: its transformer's tokens per view, for a resolution-dependent
+    shift), else DDIM."""
     import diffusers
 
+    if name == "auto" and is_flow_matching(dict(config)):
+        from .flow_matching import make_flow_matching_sampler
+
+        return make_flow_matching_sampler(config, view_tokens)
     if name == "auto":
         own = config.get("_class_name", "")
         name = own if own == "LCMScheduler" or config.get("timestep_spacing") == "trailing" else "ddim"
@@ -312,9 +330,16 @@ def check_steps(scheduler, steps: int) -> None:
         raise BadRequest(f"--steps {steps} does not suit the {type(scheduler).__name__} sampler: "
                          f"{shorten(str(error).strip().split('. ')[0].rstrip('.'), 300)[1:-1]}.") from None
     levels = trial.config.num_train_timesteps
-    if float(trial.timesteps.max()) >= levels:
+    # A flow-matching sampler's timesteps are σ · levels, continuous: σ = 1 is its first, not past the last.
+    if not is_flow_matching(trial) and float(trial.timesteps.max()) >= levels:
         raise BadRequest(f"--steps {steps} is too many for the {type(scheduler).__name__} sampler, whose timesteps "
                          f"would pass the model's {levels} noise levels; use fewer steps (20-50 are typical).")
+
+
+def view_tokens(resolved: ResolvedRequest, model: LoadedModel) -> int | None:
+    """Tokens of one view in ``model``'s transformer ((window / patch size)²), None for a UNet."""
+    patch = denoising_model(model.pipeline).config.get("patch_size")
+    return (resolved.params.window // patch) ** 2 if patch else None
 
 
 def stepping_arguments(scheduler, seed: int) -> dict:

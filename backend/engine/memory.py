@@ -175,7 +175,7 @@ def plan_offload(request: GenerateRequest, dtype: torch.dtype, unet_config, vae_
     in strips when a whole tile would not fit."""
     text = sum(size for name, size in component_bytes.items() if name.startswith("text_encoder"))
     vae = component_bytes.get("vae", 0)
-    denoising = component_bytes.get("unet", 0) + (vae if request.sync == "syncdiffusion" else 0)
+    denoising = component_bytes.get("unet", component_bytes.get("transformer", 0)) + (vae if request.sync == "syncdiffusion" else 0)
 
     def fits(weights: int, activations: int) -> bool:
         # The weights' sizes are exact (their tensors), the activations a rough estimate: the headroom is theirs.
@@ -417,7 +417,7 @@ class StagePlacement:
 
     Without offload every model stays on ``device``. With offload (``--memory low`` or the ``offload`` plan on a GPU), ``enter(stage)``
     moves the models ``stage`` runs to ``device`` and the others to the CPU first, so the device holds one
-    model at a time: "text" the text encoders (SDXL has two), "denoise" the UNet (and the VAE when SyncDiffusion
+    model at a time: "text" the text encoders (SDXL has two, SD3 three), "denoise" the UNet (SD3: transformer) (and the VAE when SyncDiffusion
     decodes with it), "decode" the VAE. ``enter`` with offload off puts every model back on the device, so a model
     cached by the server serves a ``full`` job after a ``low`` one.
     """
@@ -428,8 +428,9 @@ class StagePlacement:
         self.device = device
         self.offload = offload
         self.offload_device = offload_device  # where offloaded models wait
-        self.needs = {"text": ("text_encoder", "text_encoder_2"),
-                      "denoise": ("unet", "vae") if vae_while_denoising else ("unet",), "decode": ("vae",)}
+        denoiser = ("unet", "transformer")  # whichever the pipeline has (SD3: the transformer)
+        self.needs = {"text": ("text_encoder", "text_encoder_2", "text_encoder_3"),
+                      "denoise": denoiser + ("vae",) if vae_while_denoising else denoiser, "decode": ("vae",)}
 
     def enter(self, stage: str) -> None:
         """Put the models of ``stage`` ("text", "denoise" or "decode") on the device; with offload, the rest on the CPU."""

@@ -25,6 +25,8 @@ the missing files of a partial entry; a completed download deletes such leftover
   ``time_cond_proj_dim`` (a guidance-distilled Latent Consistency Model);
 - ``Turbo``: the scheduler's ``timestep_spacing`` is ``trailing`` (how SD-Turbo and SDXL-Turbo ship, and
   what ``generation.make_scheduler`` treats as a few-step model);
+- ``SD3``: ``model_index.json``'s ``_class_name`` starts with ``StableDiffusion3``, or its ``transformer`` is an
+  ``SD3Transformer2DModel`` (a flow-matching MMDiT; its config stands where a UNet's does);
 - ``SDXL``: ``model_index.json``'s ``_class_name`` contains ``XL``, it names a ``text_encoder_2``, or the
   UNet's ``addition_embed_type`` is ``text_time`` or its ``cross_attention_dim`` is 2048;
 - ``SD2``: the UNet's ``cross_attention_dim`` is 1024 (OpenCLIP ViT-H);
@@ -77,9 +79,9 @@ def hub_offline() -> bool:
 DownloadProgress = Callable[[int, int, "str | None"], "bool | None"]
 
 ENGINE_SKIPPED_COMPONENTS = ("safety_checker",)  # load_model passes safety_checker=None
-WEIGHTED_COMPONENTS = ("text_encoder", "text_encoder_2", "unet", "vae")
+WEIGHTED_COMPONENTS = ("text_encoder", "text_encoder_2", "text_encoder_3", "unet", "transformer", "vae")
 """The pipeline components with weights that a job loads, places and runs: the text encoder (SDXL's second one
-too, where the model has it), the UNet and the VAE."""
+too, SD3's second and third where the model has them), the UNet (SD3: the transformer) and the VAE."""
 CONFIG_SUFFIXES = (".json", ".txt", ".model")  # configs, tokenizer vocabularies and merges, sentencepiece
 WEIGHTS_SUFFIX = ".safetensors"
 PICKLE_SUFFIXES = (".ckpt", ".bin", ".pt", ".pth")  # pickled weights: loading them can run code
@@ -280,9 +282,13 @@ def check_model_folder(folder: str) -> ModelCheck:
 
 
 def architecture_from_configs(model_index: dict, unet: dict) -> str | None:
-    """SD1, SD2 or SDXL from a ``model_index.json`` dict and the UNet's config dict (the module docstring's
-    rules); None when they do not tell."""
+    """SD1, SD2, SDXL or SD3 from a ``model_index.json`` dict and the UNet's (SD3: the transformer's) config dict
+    (the module docstring's rules); None when they do not tell."""
     class_name = str(model_index.get("_class_name", ""))
+    transformer = model_index.get("transformer")
+    if class_name.startswith("StableDiffusion3") or (isinstance(transformer, (list, tuple)) and len(transformer) == 2
+                                                     and transformer[1] == "SD3Transformer2DModel"):
+        return "SD3"
     width = unet.get("cross_attention_dim")
     if "XL" in class_name or "text_encoder_2" in model_index or unet.get("addition_embed_type") == "text_time" \
             or width == 2048:
@@ -290,11 +296,18 @@ def architecture_from_configs(model_index: dict, unet: dict) -> str | None:
     return {1024: "SD2", 768: "SD1"}.get(width)
 
 
+def denoiser_component(model_index: dict) -> str:
+    """The folder of a model's denoising network, from its ``model_index.json`` dict: ``transformer`` for a
+    diffusion transformer (SD3), else ``unet``."""
+    transformer = model_index.get("transformer")
+    return "transformer" if isinstance(transformer, (list, tuple)) and len(transformer) == 2 and transformer[1] else "unet"
+
+
 def model_family(folder: str) -> tuple[str | None, str | None]:
     """(family, architecture) of a diffusers folder from its configs (rules in the module docstring);
     None for what the configs do not tell."""
     model_index = _read_json(os.path.join(folder, "model_index.json")) or {}
-    unet = _read_json(os.path.join(folder, "unet", "config.json")) or {}
+    unet = _read_json(os.path.join(folder, denoiser_component(model_index), "config.json")) or {}
     scheduler = _read_json(os.path.join(folder, "scheduler", "scheduler_config.json")) or {}
     architecture = architecture_from_configs(model_index, unet)
     if scheduler.get("_class_name") == "LCMScheduler" or unet.get("time_cond_proj_dim"):

@@ -28,6 +28,7 @@ from .model_manager import (
     check_folder_weights,
     check_model_folder,
     check_safetensors_file,
+    denoiser_component,
     hub_offline,
     read_safetensors_header,
     single_file_architecture,
@@ -46,18 +47,42 @@ class ModelSource:
 @dataclass
 class LoadedModel:
     """A loaded diffusers pipeline plus what the engine reads from it. architecture: "SDXL" for a
-    ``StableDiffusionXLPipeline`` (two text encoders, pooled embeddings and time ids), else "SD1", "SD2" or None
+    ``StableDiffusionXLPipeline`` (two text encoders, pooled embeddings and time ids), "SD3" for a
+    ``StableDiffusion3Pipeline`` (a flow-matching transformer, ``denoising_model``), else "SD1", "SD2" or None
     (a ``StableDiffusionPipeline`` whose configs do not say which). compiled_unet: the pipeline's UNet
     under torch.compile once a ``--compile`` job asked for it (``compiled_unet``), kept with the model so that
     the worker's ``ModelCache`` serves it to later jobs; None until then."""
 
-    pipeline: object  # diffusers.StableDiffusionPipeline or StableDiffusionXLPipeline
+    pipeline: object  # diffusers.StableDiffusionPipeline, StableDiffusionXLPipeline or StableDiffusion3Pipeline
     geometry: ModelGeometry
     source: ModelSource
     device: torch.device
     dtype: torch.dtype
     architecture: str | None = None
     compiled_unet: object | None = None
+
+
+def denoising_model(pipeline) -> torch.nn.Module:
+    """The network a pipeline denoises with: its UNet, or an SD3 pipeline's transformer."""
+    transformer = getattr(pipeline, "transformer", None)
+    return transformer if transformer is not None else pipeline.unet
+
+
+DIT_ACTIVATION_WIDTH_PER_HIDDEN = 3 / 64
+"""A transformer's activation memory in ``memory.estimate_full_bytes``' unit (a UNet's first-block channels, 64
+elements per latent pixel and channel): one block at a time holds about 12 hidden-wide values per token (norms,
+q/k/v, attention output, the 4x MLP), a token covers 2x2 latents, so 3 hidden widths per latent pixel. Not measured."""
+
+
+def activation_config(config) -> dict:
+    """The config ``memory``'s estimates read (``sample_size`` and ``block_out_channels``) of a denoising model with
+    ``config`` (dict or diffusers config): a UNet's own; for a transformer, its ``sample_size`` and one equivalent
+    width, ``DIT_ACTIVATION_WIDTH_PER_HIDDEN`` of its hidden width (heads × head width), at least 1."""
+    if "block_out_channels" in config:
+        return config
+    hidden = int(config["num_attention_heads"]) * int(config["attention_head_dim"])
+    return {"sample_size": config["sample_size"],
+            "block_out_channels": [max(1, round(hidden * DIT_ACTIVATION_WIDTH_PER_HIDDEN))]}
 
 
 def weighted_components(pipeline) -> dict[str, torch.nn.Module]:
@@ -86,7 +111,7 @@ def compiled_unet(model: LoadedModel):
     ``ModelCache`` keeps the model, so only the first ``--compile`` job with it pays for compiling (which
     happens lazily, during that job's first UNet calls). The compiled module shares the UNet's weights."""
     if model.compiled_unet is None:
-        model.compiled_unet = torch.compile(model.pipeline.unet)
+        model.compiled_unet = torch.compile(denoising_model(model.pipeline))
     return model.compiled_unet
 
 
@@ -156,11 +181,12 @@ def local_folder(source: ModelSource) -> str | None:
 
 
 def read_unet_config(source: ModelSource) -> dict | None:
-    """The UNet's config (a dict) of a diffusers folder or hub model, None for a single-file checkpoint
-    (``read_model_geometry``'s rule). Raises ModelNotFound as it does."""
+    """The UNet's config (a dict; an SD3 model's transformer's, ``model_manager.denoiser_component``) of a
+    diffusers folder or hub model, None for a single-file checkpoint (``read_model_geometry``'s rule). Raises
+    ModelNotFound as it does."""
     if source.kind == "single_file":
         return None
-    return _read_config(source, "unet/config.json")
+    return _read_config(source, f"{denoiser_component(_read_config(source, 'model_index.json'))}/config.json")
 
 
 def read_vae_config(source: ModelSource) -> dict | None:
@@ -300,12 +326,16 @@ def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
     return getattr(torch, name)
 
 
-def pipeline_class(architecture: str | None) -> tuple[type, dict]:
+def pipeline_class(architecture: str | None, model_index: dict | None = None) -> tuple[type, dict]:
     """(the diffusers pipeline class, its loading options) for a model of ``architecture``
     (``read_model_architecture``): ``StableDiffusionXLPipeline`` for SDXL (two text encoders and tokenizers; no
-    watermarker: the engine decodes itself), else ``StableDiffusionPipeline`` without the safety checker."""
-    from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
+    watermarker: the engine decodes itself), ``StableDiffusion3Pipeline`` for SD3 (told which of its optional
+    components its ``model_index`` dict lacks: ``absent_components``), else ``StableDiffusionPipeline`` without
+    the safety checker."""
+    from diffusers import StableDiffusion3Pipeline, StableDiffusionPipeline, StableDiffusionXLPipeline
 
+    if architecture == "SD3":
+        return StableDiffusion3Pipeline, absent_components(model_index) if model_index is not None else {}
     if architecture == "SDXL":
         return StableDiffusionXLPipeline, dict(add_watermarker=False)
     return StableDiffusionPipeline, dict(safety_checker=None, requires_safety_checker=False)
@@ -331,7 +361,8 @@ def load_model(
     a hub model is not available, BadRequest when a local model cannot be loaded.
     """
     architecture = read_model_architecture(source, single_file_config)
-    loader, options = pipeline_class(architecture)
+    sd3_folder = architecture == "SD3" and source.kind != "single_file"
+    loader, options = pipeline_class(architecture, _read_config(source, "model_index.json") if sd3_folder else None)
     common = dict(dtype=dtype, **options)
     offline = hub_offline()
     try:
@@ -359,7 +390,7 @@ def load_model(
         # Inference only: SyncDiffusion differentiates with respect to latents, never the weights.
         component.requires_grad_(False)
     if device.type in CHANNELS_LAST_DEVICES:
-        use_channels_last(pipeline.unet, pipeline.vae)  # before any placement: every move keeps the format
+        use_channels_last(denoising_model(pipeline), pipeline.vae)  # before any placement: every move keeps the format
     if place_on_device:
         pipeline.to(device)
     upcast_vae = architecture == "SDXL" and getattr(pipeline.vae.config, "force_upcast", False)
@@ -367,9 +398,25 @@ def load_model(
         # Half-precision VAE decodes on MPS can come out black, and SDXL's VAE overflows; the decoders cast
         # latents to the VAE's dtype.
         pipeline.vae.to(torch.float32)
-    geometry = geometry_from_configs(pipeline.vae.config, pipeline.unet.config)
+    geometry = geometry_from_configs(pipeline.vae.config, denoising_model(pipeline).config)
     return LoadedModel(pipeline=pipeline, geometry=geometry, source=source, device=device, dtype=dtype,
                        architecture=architecture)
+
+
+OPTIONAL_TEXT_COMPONENTS = ("text_encoder_3", "tokenizer_3")
+"""Components a ``StableDiffusion3Pipeline`` may lack (diffusers allows SD3 without its T5 encoder: zeros stand in
+for T5's tokens)."""
+
+
+def absent_components(model_index: dict) -> dict:
+    """{name: None} for each of ``OPTIONAL_TEXT_COMPONENTS`` that a ``model_index.json`` dict names without a class
+    (or not at all): what ``from_pretrained`` must be told is absent, or it refuses to load the pipeline."""
+    absent = {}
+    for name in OPTIONAL_TEXT_COMPONENTS:
+        entry = model_index.get(name)
+        if not (isinstance(entry, (list, tuple)) and len(entry) == 2 and entry[1]):
+            absent[name] = None
+    return absent
 
 
 def resolve_lora_source(spec: str, allow_pickle: bool = False) -> ModelSource:
@@ -451,7 +498,7 @@ def fuse_lora(model: LoadedModel, source: ModelSource, scale: float) -> None:
     for component in weighted_components(pipeline).values():
         component.requires_grad_(False)
     if model.device.type in CHANNELS_LAST_DEVICES:
-        use_channels_last(pipeline.unet)  # a fused convolution may have come back in the default format
+        use_channels_last(denoising_model(pipeline))  # a fused convolution may have come back in the default format
 
 
 def load_tiny_autoencoder(location: str, device: torch.device, dtype: torch.dtype, latent_channels: int, allow_pickle: bool = False,

@@ -20,7 +20,7 @@ from ..request import DEFAULT_VIEW_SET, UP_DOWN_PITCH, GenerateRequest, ModelGeo
 from ..sphere.canvas import Canvas
 from ..sphere.schedules import ViewSchedule, shifted_offsets
 from ..sphere.view_sets import CanvasViews, band_rows, canvas_views
-from .models import LoadedModel, ModelSource
+from .models import LoadedModel, ModelSource, denoising_model
 from .sync.mad import block_divisors, check_mad
 from .sync.syncdiffusion import ring_anchor_indices
 
@@ -48,7 +48,7 @@ class CheckedRequest:
         if self.resolved is not None:
             return self.resolved
         return resolve_request(self.params, self.source, self.lora, self.device, self.dtype, model.geometry,
-                               model.pipeline.unet)
+                               denoising_model(model.pipeline))
 
 
 @dataclass(frozen=True)
@@ -100,9 +100,11 @@ def resolve_request(asked: GenerateRequest, source: ModelSource, lora: ModelSour
     """The ``ResolvedRequest`` of the validated request ``asked`` (its seed decided) for a model of ``geometry``
     whose UNet has ``unet_config`` (a dict or diffusers config; the UNet itself works too). Raises BadRequest
     with one sentence (sizes against the model, a view set that does not fit, MAD that cannot merge, a
-    per-direction prompt with no view to act on, an anchor that is not a view)."""
+    per-direction prompt with no view to act on, an anchor that is not a view, a method a transformer model does not
+    run: ``check_transformer_request``)."""
     schedule_name = asked.resolved_schedule
     params = dataclasses.replace(asked.sized_for_model(geometry), schedule=schedule_name)
+    check_transformer_request(params, unet_config)
     if schedule_name == "shifted":  # windows that do not overlap: the dense views are built only for their rows
         params = dataclasses.replace(params, stride=params.window)
     view_set, views, row_multiple = choose_views(params, geometry.vae_scale_factor, unet_config)
@@ -118,6 +120,40 @@ def resolve_request(asked: GenerateRequest, source: ModelSource, lora: ModelSour
     step_anchors = tuple(tuple(sync_anchors(params, step)) for step in steps) if params.sync == "syncdiffusion" else None
     return ResolvedRequest(params, source, lora, device, dtype, geometry, steps[0], prompts, step_rows[0],
                            step_anchors[0] if step_anchors else None, unet_config, asked, schedule, step_rows, step_anchors)
+
+
+def check_transformer_request(request: GenerateRequest, config) -> None:
+    """Refuse, with one sentence, what a model whose denoiser is a diffusion transformer (``config``: its config,
+    dict or diffusers config, or the model, with a ``patch_size``; SD3) cannot run; nothing for a UNet or None.
+    ``request``: validated and sized for the model. Refused: MAD (``--mad-steps``: it replaces a UNet's attention
+    processors), SyncSDE (its step rule is a DDPM-family noise schedule's, not a flow's), SyncDiffusion's
+    ``--sync-decoder taesd`` (no tiny autoencoder of 16-channel latents is known here; ``vae`` or a folder work),
+    another ``--scheduler`` than auto (the model's flow-matching sampler), ``--lora`` (not built for transformers
+    yet), and a window that is not a whole number of patches or more patches than the model's position grid."""
+    if isinstance(config, torch.nn.Module):  # the loaded model itself (``CheckedRequest.resolved_for``)
+        config = config.config
+    patch = config.get("patch_size") if config is not None else None
+    if not patch:
+        return
+    what = "This SD3 model's denoiser is a transformer"
+    if request.mad_steps:
+        raise BadRequest(f"{what}, and MAD (--mad-steps) merges the attention of a UNet's blocks; leave --mad-steps 0.")
+    if request.sync == "syncsde":
+        raise BadRequest(f"{what} that samples by flow matching, and SyncSDE's step follows the noise schedule of "
+                         "DDPM-family samplers; use --sync multidiffusion or syncdiffusion.")
+    if request.sync == "syncdiffusion" and request.sync_decoder == "taesd":
+        raise BadRequest(f"{what} with 16-channel latents, which TAESD does not decode; use --sync-decoder vae "
+                         "(or a folder with a tiny autoencoder of SD3's latents).")
+    if request.scheduler != "auto":
+        raise BadRequest(f"{what} that samples by flow matching with its own sampler; leave --scheduler auto "
+                         f"(not {request.scheduler}).")
+    if request.lora:
+        raise BadRequest(f"{what}, and LoRAs are only fused into UNet models here; run it without --lora.")
+    grid = config.get("pos_embed_max_size") or config["sample_size"] // patch
+    if request.window % patch or request.window // patch > grid:
+        raise BadRequest(f"--window {request.window} does not suit this SD3 model, whose views must be a whole "
+                         f"number of its {patch}-latent patches and at most {grid * patch} latents wide"
+                         f"; try --window {min(grid * patch, request.window // patch * patch) or patch}.")
 
 
 def schedule_prompt_rows(params: GenerateRequest, step_views: list[CanvasViews]) -> tuple[tuple[str, ...], tuple[tuple[int, ...], ...]]:

@@ -4,7 +4,10 @@ Fusing predicted clean latents (SyncTweedies, Kim et al. 2024) averages each vie
 reads the average back into every view, and steps each view from its *own* x_t with the model output
 that predicts exactly that x0. ``predicted_clean_latent`` is the first conversion (SyncDiffusion uses
 it too) and ``prediction_for_clean_latent`` its inverse; both follow the scheduler's own formulas, so
-any diffusers scheduler in the two families below steps as if the model had predicted the fused x0.
+any diffusers scheduler in the families below steps as if the model had predicted the fused x0.
+
+Flow-matching samplers (``engine/flow_matching.py``: x_t = (1 − σ) x0 + σ ε, the model predicting the velocity
+v = ε − x0) have x0 = x_t − σ v and v = (x_t − x0) / σ, σ at the sampler's current ``step_index``.
 """
 
 from __future__ import annotations
@@ -21,8 +24,10 @@ def predicted_clean_latent(scheduler, latents: torch.Tensor, prediction: torch.T
     x_t = sqrt(a) x0 + sqrt(1 - a) eps (DDIM, PNDM, DPM-Solver, UniPC; ``alphas_cumprod``) and
     k-diffusion-style ones whose latents are x0 + sigma eps (Euler, LMS;
     ``init_noise_sigma`` > 1, sigma at the scheduler's current ``step_index``, set by
-    ``scale_model_input``).
+    ``scale_model_input``). Flow-matching samplers (their ``prediction`` a velocity): x_t − σ v.
     """
+    if is_flow_matching(scheduler):
+        return latents - _current_sigma(scheduler, latents) * prediction
     if hasattr(scheduler, "get_scalings_for_boundary_condition_discrete"):
         # A consistency model's estimate is its boundary-condition output: c_skip x_t + c_out x0.
         c_skip, c_out = scheduler.get_scalings_for_boundary_condition_discrete(timestep)
@@ -55,6 +60,8 @@ def prediction_for_clean_latent(scheduler, latents: torch.Tensor, clean: torch.T
 
     Call it where ``predicted_clean_latent`` may be called (after ``scale_model_input`` at this step).
     """
+    if is_flow_matching(scheduler):
+        return (latents - clean) / _current_sigma(scheduler, latents)
     if hasattr(scheduler, "get_scalings_for_boundary_condition_discrete"):
         c_skip, c_out = scheduler.get_scalings_for_boundary_condition_discrete(timestep)
         clean = (clean - c_skip * latents) / c_out  # the x0 inside the consistency model's boundary condition
@@ -71,3 +78,17 @@ def prediction_for_clean_latent(scheduler, latents: torch.Tensor, clean: torch.T
     if kind == "epsilon":
         return (latents - alpha_bar.sqrt() * clean) / (1 - alpha_bar).sqrt()
     return (alpha_bar.sqrt() * latents - clean) / (1 - alpha_bar).sqrt()  # v_prediction
+
+
+def is_flow_matching(scheduler) -> bool:
+    """Whether ``scheduler`` (a diffusers scheduler, or its config as a dict) is a flow-matching sampler
+    (``FlowMatchEulerDiscreteScheduler`` or a subclass, such as ``engine.flow_matching.FlowMatchingSampler``): its
+    latents are (1 − σ) x0 + σ ε and its model predicts the velocity ε − x0. By class name: no diffusers import."""
+    if isinstance(scheduler, dict):
+        return str(scheduler.get("_class_name", "")).startswith("FlowMatch")
+    return any(cls.__name__.startswith("FlowMatch") for cls in type(scheduler).__mro__)
+
+
+def _current_sigma(scheduler, latents: torch.Tensor) -> torch.Tensor:
+    """σ of the step a sampler is at (its ``step_index``, set by ``scale_model_input``), on ``latents``' device and dtype."""
+    return scheduler.sigmas[scheduler.step_index].to(latents.device, latents.dtype)

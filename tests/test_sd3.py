@@ -1,0 +1,181 @@
+"""Stable Diffusion 3 through the one denoiser: a tiny random SD3 (an MMDiT on 16-channel latents in 2x2 patches, two
+CLIP encoders with projections, T5 or none, the flow-matching Euler sampler with shift 3) built here, no network."""
+
+import json
+import os
+
+import numpy as np
+import pytest
+import torch
+from diffusers import FlowMatchEulerDiscreteScheduler, StableDiffusion3Pipeline
+from PIL import Image
+
+from backend.app.cli import main
+from backend.app.job import check_request, run_job
+from backend.engine.flow_matching import FlowMatchingSampler, make_flow_matching_sampler
+from backend.engine.models import ModelCache
+from backend.engine.sync.tweedie import predicted_clean_latent, prediction_for_clean_latent
+from backend.errors import BadRequest
+from backend.request import GenerateRequest
+from model_factory import SD3_SCHEDULER, TINY_T5, save_random_sd3_model
+
+
+@pytest.fixture(scope="module")
+def tiny_sd3(tmp_path_factory) -> str:
+    """Path of a tiny random SD3 model (VAE factor 8, 16 latent channels, transformer sample size 16, patch 2)."""
+    return save_random_sd3_model(str(tmp_path_factory.mktemp("models") / "tiny-sd3"))
+
+
+@pytest.fixture(scope="module")
+def tiny_sd3_with_t5(tmp_path_factory) -> str:
+    """Path of the tiny SD3 with a tiny T5 encoder (``TINY_T5``) as its third text encoder."""
+    return save_random_sd3_model(str(tmp_path_factory.mktemp("models") / "tiny-sd3-t5"), t5_config=TINY_T5)
+
+
+@pytest.fixture(scope="module")
+def models():
+    return ModelCache()  # one load of the tiny SD3 for the module's jobs
+
+
+@pytest.mark.parametrize("negative,with_t5", [("blurry", False), (None, False), ("blurry", True)],
+                         ids=["negative prompt", "empty negative prompt", "with T5"])
+def test_a_single_window_canvas_matches_diffusers_sd3_pipeline(request, models, tmp_path, negative, with_t5):
+    # One view covering the whole canvas: its conditioning, positions, velocity, σ schedule and decode are the
+    # pipeline's for the whole image.
+    size, steps, seed, prompt = 128, 4, 1234, "a mountain lake at dawn"
+    tiny_sd3 = request.getfixturevalue("tiny_sd3_with_t5" if with_t5 else "tiny_sd3")
+    absent = {} if with_t5 else dict(text_encoder_3=None, tokenizer_3=None)
+    reference = StableDiffusion3Pipeline.from_pretrained(tiny_sd3, **absent)
+    assert (reference.text_encoder_3 is not None) == with_t5
+    reference.set_progress_bar_config(disable=True)
+    expected = reference(
+        prompt, negative_prompt=negative, height=size, width=size, num_inference_steps=steps, guidance_scale=6.0,
+        generator=torch.Generator("cpu").manual_seed(seed), output_type="np",
+    ).images[0]
+
+    job = GenerateRequest(prompt=prompt, negative_prompt=negative or "", layout="wide", width=size, height=size,
+                          steps=steps, guidance=6.0, seed=seed, model=tiny_sd3, device="cpu", out=str(tmp_path / "ours"))
+    checked = check_request(job)
+    outputs = run_job(checked, models=models)
+    assert (models.get(checked).pipeline.text_encoder_3 is not None) == with_t5  # T5 loads where the model has it
+    ours = np.asarray(Image.open(outputs["png"])).astype(np.float32) / 255.0
+
+    assert ours.shape == expected.shape == (size, size, 3)
+    difference = np.abs(ours - expected)
+    # The PNG is quantised to 1/255, so the reference's float image differs by up to half a level for free.
+    assert difference.max() <= 2 / 255, f"max difference {difference.max() * 255:.2f}/255"
+    assert expected.std() > 0.01  # not vacuous: the image is not flat
+    metadata = json.loads(open(outputs["metadata"]).read())
+    assert metadata["params"]["window"] == 16 and metadata["views"] == 1
+    assert metadata["scheduler"] == "FlowMatchingSampler" and metadata["unet_rows"] == 2 * steps
+
+
+def test_x0_from_the_velocity_and_its_inverse_match_the_flow_matching_scheduler():
+    # Latents on the flow path (scale_noise: (1 - σ) x0 + σ ε) and the velocity ε - x0 give back x0 at every step
+    # of the shifted σ schedule; the inverse gives back the velocity; and stepping with the velocity that predicts
+    # a chosen x0 lands where the scheduler's own path through that x0 and the same noise lies.
+    generator = torch.Generator().manual_seed(0)
+    clean, noise, target = (torch.randn(2, 16, 8, 8, generator=generator) for _ in range(3))
+    sampler = FlowMatchingSampler(**SD3_SCHEDULER)
+    reference = FlowMatchEulerDiscreteScheduler(**SD3_SCHEDULER)
+    sampler.set_timesteps(6)
+    reference.set_timesteps(6)
+    torch.testing.assert_close(sampler.sigmas, reference.sigmas)
+    unshifted = FlowMatchEulerDiscreteScheduler()
+    unshifted.set_timesteps(6)
+    assert (sampler.sigmas[1:-2] > unshifted.sigmas[1:-2] + 0.1).all()  # shift 3 keeps more steps at high noise
+    for index, timestep in enumerate(sampler.timesteps):
+        latents = reference.scale_noise(clean, timestep[None], noise)
+        assert sampler.scale_model_input(latents, timestep) is latents and sampler.step_index == index
+        velocity = noise - clean
+        torch.testing.assert_close(predicted_clean_latent(sampler, latents, velocity, timestep), clean, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(prediction_for_clean_latent(sampler, latents, clean, timestep), velocity,
+                                   atol=1e-4, rtol=1e-4)
+        toward_target = prediction_for_clean_latent(sampler, latents, target, timestep)
+        # The noise that x_t and the target x0 imply: x_t = (1 - σ) target + σ ε'.
+        sigma = sampler.sigmas[index]
+        implied_noise = (latents - (1 - sigma) * target) / sigma
+        stepped = sampler.step(toward_target, timestep, latents).prev_sample
+        following = sampler.sigmas[index + 1]
+        torch.testing.assert_close(stepped, (1 - following) * target + following * implied_noise, atol=1e-4, rtol=1e-4)
+
+
+def test_a_dynamically_shifted_schedule_takes_the_shift_of_a_view_of_the_window():
+    from diffusers.pipelines.stable_diffusion_3.pipeline_stable_diffusion_3 import calculate_shift
+
+    config = FlowMatchEulerDiscreteScheduler(use_dynamic_shifting=True).config
+    sampler = make_flow_matching_sampler(config, view_tokens=64 * 64)
+    reference = FlowMatchEulerDiscreteScheduler.from_config(config)
+    sampler.set_timesteps(5)
+    reference.set_timesteps(5, mu=calculate_shift(64 * 64))
+    torch.testing.assert_close(sampler.sigmas, reference.sigmas)
+
+
+# 384 x 192 px equirect: 48 x 24 latents, tall enough for band+poles' row of 16-latent windows within ±60°.
+WORLD = ["--layout", "equirect", "--width", "384", "--height", "192"]
+
+
+@pytest.mark.parametrize("settings", [
+    [*WORLD, "--prompt-up", "clouds"],
+    ["--layout", "wide", "--width", "384", "--height", "128", "--memory", "low"],
+    ["--layout", "tile", "--width", "128", "--height", "128"],
+    [*WORLD, "--views", "cube", "--sync", "syncdiffusion", "--sync-steps", "2", "--sync-loss", "lpips-alex",
+     "--sync-loss-backbone", "random"],
+    [*WORLD, "--schedule", "shifted"],
+], ids=["equirect-band+poles-prompt-up", "wide-low-memory", "tile", "cube-syncdiffusion", "equirect-shifted"])
+def test_every_layout_runs_on_sd3_through_the_cli(tiny_sd3, tmp_path, capsys, settings):
+    torch.manual_seed(0)  # SyncDiffusion's random LPIPS trunk (pnet_rand) is drawn from torch's global generator
+    out = tmp_path / "out"
+    code = main(["generate", "--prompt", "a canyon", "--steps", "2", "--seed", "3", "--model", tiny_sd3,
+                 "--device", "cpu", "--out", str(out), *settings])
+    assert code == 0, capsys.readouterr().err
+    metadata = json.loads((out / "metadata.json").read_text())
+    image = np.asarray(Image.open(out / "panorama.png"))
+    assert image.shape == (metadata["params"]["height"], metadata["params"]["width"], 3) and image.std() > 1
+    assert metadata["params"]["window"] == 16 and metadata["scheduler"] == "FlowMatchingSampler"
+    layout = settings[settings.index("--layout") + 1]
+    if layout == "equirect":
+        assert all((out / name).is_file() for name in ("sky.exr", "lighting.json")) or metadata["view_set"]
+    if "--prompt-up" in settings:
+        assert "clouds" in metadata["view_prompts"]["U"]
+    if "syncdiffusion" in settings:
+        assert metadata["syncdiffusion"]["guided_steps"] == 2 and metadata["fusion"] == "clean"
+    expected_schedule = "shifted" if layout == "tile" or "shifted" in settings else "dense"
+    assert metadata["schedule"] == expected_schedule
+
+
+@pytest.mark.parametrize("flags,expected", [
+    (["--mad-steps", "2"], "MAD (--mad-steps) merges the attention of a UNet's blocks"),
+    (["--sync", "syncsde"], "SyncSDE's step follows the noise schedule of DDPM-family samplers"),
+    (["--sync", "syncdiffusion", "--sync-decoder", "taesd"], "TAESD does not decode"),
+    (["--scheduler", "ddim"], "leave --scheduler auto (not ddim)"),
+    (["--window", "15"], "whole number of its 2-latent patches"),
+    (["--window", "34", "--width", "512", "--height", "512"], "at most 32 latents wide; try --window 32"),
+], ids=["mad", "syncsde", "taesd", "scheduler", "odd window", "window past the position grid"])
+def test_what_sd3_cannot_run_is_one_sentence_before_the_job(tiny_sd3, tmp_path, capsys, flags, expected):
+    out = tmp_path / "out"
+    code = main(["generate", "--prompt", "x", "--layout", "wide", "--width", "256", "--height", "128", "--steps", "1",
+                 "--model", tiny_sd3, "--device", "cpu", "--out", str(out), *flags])
+    error = capsys.readouterr().err.strip()
+    assert code == 2
+    assert len(error.splitlines()) == 1 and error.startswith("error: ") and error.endswith(".")
+    assert expected in error
+    assert not out.exists()
+
+
+def test_a_lora_on_sd3_is_refused_before_anything_loads(tiny_sd3, tmp_path):
+    lora = tmp_path / "lora.safetensors"
+    from safetensors.torch import save_file
+
+    save_file({"transformer.x.lora_A.weight": torch.zeros(1, 1)}, str(lora))
+    request = GenerateRequest(prompt="x", layout="wide", width=256, height=128, steps=1, model=tiny_sd3, lora=str(lora),
+                              device="cpu", out=str(tmp_path / "out"))
+    with pytest.raises(BadRequest, match="LoRAs are only fused into UNet models here"):
+        check_request(request)
+
+
+def test_models_list_reports_the_sd3_family(tiny_sd3, capsys):
+    assert main(["models", "list", "--folder", os.path.dirname(tiny_sd3), "--json"]) == 0
+    listed = {model["id"]: model for model in json.loads(capsys.readouterr().out)}
+    model = listed[tiny_sd3]
+    assert (model["family"], model["architecture"], model["kind"], model["complete"]) == ("SD3", "SD3", "folder", True)
