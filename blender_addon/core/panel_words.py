@@ -93,6 +93,7 @@ CLI_ONLY_FLAGS = frozenset({
     "--syncsde-compose", "--syncsde-open-chain", "--mad-blocks", "--sun-strength", "--inv",
     "--fov", "--yaw", "--pitch", "--roll", "--size", "--face-size", "--window-px", "--backbone",
     "--preview-every", "--cpu", "--ray-address", "--workers",
+    "--init-image", "--strength", "--upscale", "--scale",  # issue 18's image input; the panel gets them later
 })
 
 # What joins a flag's values in a sentence: "--views band+poles, ring or cube".
