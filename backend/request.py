@@ -156,6 +156,16 @@ POLE_FACE_VIEW_SETS = ("cube", "ring", "band+poles")
 # A view whose centre is at least this far above (below) the horizon gets --prompt-up (--prompt-down).
 UP_DOWN_PITCH = 45.0
 
+# Starting from an image (--init-image, img2img) and upscaling (--upscale, ``python -m backend upscale``; issue 18).
+START_IMAGE_TYPES = (".png", ".jpg", ".jpeg", ".exr")
+DEFAULT_STRENGTH = 0.8  # --strength with --init-image: diffusers' img2img default
+UPSCALE_STRENGTH = 0.3  # the upscaling pass's strength: enough to draw the new detail, little enough to keep the image
+UPSCALE_FACTORS = (2, 4)
+MAX_UPSCALED_PIXELS = 8192 * 4096  # the largest image an upscale makes (issue 18: up to 8192x4096)
+MAX_UPSCALED_SIDE = 8192
+UPSCALE_STEPS = 20  # ``upscale``'s default --steps: at strength 0.3, 6 of them run
+UPSCALE_PROMPT = "a detailed, sharp, high-resolution image"  # ``upscale`` without --prompt or metadata.json beside it
+
 # Canvas size (width, height) in pixels when the user gives none, per layout.
 # 2048 x 1024 for 360°: the faces are then 512 px, Stable Diffusion's own scale, and band+poles fits.
 DEFAULT_SIZES = {"wide": (2048, 512), "equirect": (2048, 1024), "tile": (512, 512)}
@@ -231,6 +241,9 @@ class GenerateRequest:
     sun_direction: str | list | None = None
     half: bool = False
     preview_every: int = DEFAULT_PREVIEW_EVERY
+    init_image: str | None = None
+    strength: float | None = None  # None: DEFAULT_STRENGTH with --init-image
+    upscale: int | None = None
 
     @classmethod
     def from_params(cls, params: dict[str, Any]) -> "GenerateRequest":
@@ -269,7 +282,7 @@ class GenerateRequest:
         request = SimpleNamespace(**self.to_dict())  # a mutable draft; the result is frozen again
         for check in (_check_types, _check_size, _check_sampling, _check_model_and_device, _check_views, _check_schedule,
                       _check_hdr, _check_sync, _check_syncdiffusion, _check_mad, _check_compile, _check_out,
-                      _check_preview):
+                      _check_preview, _check_start_image, _check_upscale):
             check(request)
         return dataclasses.replace(self, **vars(request))
 
@@ -590,6 +603,51 @@ def _check_preview(request: SimpleNamespace) -> None:
     """--preview-every is 0 (no previews) or a number of steps."""
     if request.preview_every < 0:
         raise BadRequest(f"--preview-every must be 0 (no previews) or a number of steps, not {request.preview_every}.")
+
+
+def _check_start_image(request: SimpleNamespace) -> None:
+    """--init-image (a .png, .jpg or .exr file that exists; made absolute) and --strength in (0, 1] (its default
+    with an image), and that the strength leaves at least one of the --steps steps to run (``int(steps *
+    strength)``, as diffusers' img2img counts them). Whether the file is a readable image is checked by
+    ``app.job.check_request``, before the model loads."""
+    if request.init_image is None:
+        if request.strength is not None:
+            raise BadRequest("--strength sets how much of --init-image is re-drawn; add --init-image FILE or leave it out.")
+        return
+    path = os.path.abspath(os.path.expanduser(request.init_image))
+    if not os.path.isfile(path):
+        raise BadRequest(f"The start image {shorten(request.init_image)} does not exist.")
+    if os.path.splitext(path)[1].lower() not in START_IMAGE_TYPES:
+        raise BadRequest(f"The start image {shorten(request.init_image)} is not a .png, .jpg or .exr file.")
+    request.init_image = path
+    if request.strength is None:
+        request.strength = DEFAULT_STRENGTH
+    if not 0 < request.strength <= 1:
+        raise BadRequest(f"--strength must be a number in (0, 1] (the share of the steps that re-draws the image), "
+                         f"not {shorten(request.strength)}.")
+    if int(request.steps * request.strength) < 1:
+        raise BadRequest(f"--strength {request.strength:g} of {request.steps} steps leaves no step to run; raise "
+                         f"--steps to at least {math.ceil(1 / request.strength)} or the strength.")
+
+
+def _check_upscale(request: SimpleNamespace) -> None:
+    """--upscale is 2 or 4, and the upscaled image is at most 8192 px a side and 8192x4096 px in all."""
+    if request.upscale is None:
+        return
+    if request.upscale not in UPSCALE_FACTORS:
+        raise BadRequest(f"--upscale must be 2 or 4, not {shorten(request.upscale)}.")
+    check_upscaled_size(request.width * request.upscale, request.height * request.upscale)
+    if int(request.steps * UPSCALE_STRENGTH) < 1:
+        raise BadRequest(f"--upscale re-draws {UPSCALE_STRENGTH:g} of the {request.steps} steps, which leaves none to run; "
+                         f"use at least --steps {math.ceil(1 / UPSCALE_STRENGTH)}.")
+
+
+def check_upscaled_size(width: int, height: int) -> None:
+    """Raise BadRequest with one sentence when an upscaled image of ``width`` x ``height`` px is larger than
+    upscaling makes (``MAX_UPSCALED_SIDE`` a side, ``MAX_UPSCALED_PIXELS`` in all: 8192x4096)."""
+    if max(width, height) > MAX_UPSCALED_SIDE or width * height > MAX_UPSCALED_PIXELS:
+        raise BadRequest(f"The upscaled image would be {width}x{height} px, larger than the 8192x4096 px upscaling "
+                         "goes to; use a smaller scale or a smaller image.")
 
 
 def parse_sun_direction(value: Any) -> tuple[float, float]:

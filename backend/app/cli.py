@@ -1,4 +1,4 @@
-"""The command line: ``python -m backend generate | serve | batch | cubemap | view | hdr | metrics | info``.
+"""The command line: ``python -m backend generate | upscale | serve | batch | cubemap | view | hdr | metrics | info``.
 
 Flags map one to one onto ``GenerateRequest`` fields. Bad input gets one sentence on stderr and exit
 code 2 before any model loads and before the output folder is created.
@@ -34,8 +34,15 @@ from ..request import (
     DEFAULT_SYNCSDE_LAMBDA,
     DEFAULT_PREVIEW_EVERY,
     VIEW_SETS,
+    DEFAULT_STRENGTH,
+    UPSCALE_FACTORS,
+    UPSCALE_PROMPT,
+    UPSCALE_STEPS,
+    UPSCALE_STRENGTH,
     GenerateRequest,
+    check_upscaled_size,
 )
+from ..errors import BadRequest
 
 
 class _Parser(argparse.ArgumentParser):
@@ -49,6 +56,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"SyncSphere backend {__version__}")
     commands = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
     _add_generate_command(commands)
+    _add_upscale_command(commands)
     _add_serve_command(commands)
     _add_batch_command(commands)
     add_file_commands(commands)
@@ -103,6 +111,7 @@ def _add_generate_command(commands) -> None:
                           help="with --json-progress: a preview PNG of the canvas every N denoising steps and the last, "
                           "named in the progress events (the tiny autoencoder when cached, else a linear latent "
                           f"projection; default {DEFAULT_PREVIEW_EVERY}, 0: none)")
+    _add_start_arguments(generate)
     _add_view_arguments(generate)
     _add_sync_arguments(generate)
     _add_mad_arguments(generate)
@@ -112,6 +121,92 @@ def _add_generate_command(commands) -> None:
     lighting.add_argument("--no-hdr", action="store_true",
                           help="write panorama.exr as the plain linearised image, without panorama_sky.exr and lighting.json")
     add_lighting_arguments(lighting, generation=True)
+
+
+def _add_start_arguments(generate: argparse.ArgumentParser) -> None:
+    """--init-image, --strength and --upscale (docs/engine.md, "Start from an image and upscale")."""
+    start = generate.add_argument_group("start from an image, upscale",
+                                        "img2img from an image, and a second pass at a larger size (issue 18).")
+    start.add_argument("--init-image", metavar="FILE",
+                       help="start from this .png, .jpg or .exr (tone-mapped by --exposure) instead of noise, resized to "
+                            "the canvas (any layout; it wraps as the layout does)")
+    start.add_argument("--strength", type=float,
+                       help=f"with --init-image: how much of it is re-drawn, in (0, 1]: the last steps × strength of the "
+                            f"--steps run (default {DEFAULT_STRENGTH:g}, as diffusers' img2img)")
+    start.add_argument("--upscale", type=int, metavar="{" + ",".join(map(str, UPSCALE_FACTORS)) + "}",
+                       help=f"then upscale the image 2 or 4 times (at most 8192x4096 px): img2img of the enlarged image "
+                            f"at strength {UPSCALE_STRENGTH:g} with the same views and sync, the HDR and cube map made "
+                            "from the result")
+
+
+def _add_upscale_command(commands) -> None:
+    """``upscale PANORAMA --scale 2|4 --out DIR``: a panorama made larger by img2img (``upscale_request``)."""
+    upscale = commands.add_parser(
+        "upscale", help="upscale a panorama, 360° world or tile 2 or 4 times, seamlessly",
+        description="Enlarge a panorama (ours or any equirect, tile or wide image) 2 or 4 times (at most 8192x4096 px) "
+        "and re-draw its detail with the model from a partial noise level (img2img), with the views and sync of "
+        "generation, so an equirect stays seamless at ±180° and a tile on its torus; writes the files generate "
+        "writes (HDR and cube map from the result) into --out.",
+    )
+    upscale.add_argument("panorama", metavar="PANORAMA", help="the image: .png, .jpg or .exr (tone-mapped by --exposure)")
+    upscale.add_argument("--scale", type=int, required=True, metavar="{" + ",".join(map(str, UPSCALE_FACTORS)) + "}",
+                         help="how many times wider and higher")
+    upscale.add_argument("--out", required=True, help="output folder (the files of generate)")
+    upscale.add_argument("--layout", metavar="{" + ",".join(LAYOUTS) + "}",
+                         help="default from the aspect: 2:1 equirect, 1:1 tile, else wide")
+    upscale.add_argument("--prompt", help="what the image shows (default: the prompt in the metadata.json beside "
+                         f"PANORAMA, else {UPSCALE_PROMPT!r})")
+    upscale.add_argument("--negative-prompt", default="", help="what it should not show")
+    upscale.add_argument("--strength", type=float, default=UPSCALE_STRENGTH,
+                         help=f"how much is re-drawn, in (0, 1] (default {UPSCALE_STRENGTH:g})")
+    upscale.add_argument("--steps", type=int, default=UPSCALE_STEPS,
+                         help=f"the schedule's steps, of which steps × strength run (default {UPSCALE_STEPS})")
+    upscale.add_argument("--guidance", type=float, default=7.5, help="classifier-free guidance scale (default 7.5)")
+    upscale.add_argument("--seed", type=int, help="random seed (default: one is picked and recorded)")
+    upscale.add_argument("--views", metavar="{" + ",".join(VIEW_SETS) + "}", help="equirect only: as generate's")
+    upscale.add_argument("--schedule", default="auto", metavar="{" + ",".join(SCHEDULES) + "}", help="as generate's")
+    upscale.add_argument("--window", type=int, help="view size in latent pixels, as generate's")
+    upscale.add_argument("--stride", type=int, help="distance between views in latent pixels, as generate's")
+    _add_model_arguments(upscale)
+    upscale.add_argument("--overwrite", action="store_true", help="replace existing output files in --out")
+    upscale.add_argument("--allow-pickle", action="store_true", help="allow pickled checkpoints (.ckpt/.bin/.pt)")
+    upscale.add_argument("--json-progress", action="store_true", help="protocol JSON events on stdout")
+    upscale.add_argument("--preview-every", type=int, default=DEFAULT_PREVIEW_EVERY, metavar="N",
+                         help="with --json-progress: a preview PNG every N steps (0: none)")
+    lighting = upscale.add_argument_group("HDR lighting", "equirect only, as generate's.")
+    lighting.add_argument("--no-hdr", action="store_true", help="write panorama.exr without the sun expanded")
+    add_lighting_arguments(lighting, generation=True)
+
+
+def upscale_request(args: argparse.Namespace) -> GenerateRequest:
+    """The GenerateRequest of parsed ``upscale`` flags (not validated yet): PANORAMA as the start image at
+    ``--strength``, the canvas ``--scale`` times its size (rounded down to whole latents of 8 px; an equirect
+    stays 2:1), the layout from the aspect unless given. Raises BadRequest with one sentence for an unreadable
+    image, a scale other than 2 or 4, or a result larger than 8192x4096 px."""
+    from ..products.images import read_start_image
+
+    if args.scale not in UPSCALE_FACTORS:
+        raise BadRequest(f"--scale must be 2 or 4, not {args.scale}.")
+    path = os.path.abspath(os.path.expanduser(args.panorama))
+    height, width = read_start_image(path, args.exposure).shape[:2]
+    layout = args.layout or ("equirect" if width == 2 * height else "tile" if width == height else "wide")
+    check_upscaled_size(width * args.scale, height * args.scale)
+    new_height = height * args.scale // 8 * 8
+    new_width = 2 * new_height if layout == "equirect" else width * args.scale // 8 * 8
+    fields = {name: getattr(args, name) for name in GenerateRequest.__dataclass_fields__ if hasattr(args, name)}
+    fields.update(prompt=args.prompt if args.prompt is not None else _prompt_beside(path), layout=layout,
+                  width=new_width, height=new_height, init_image=path)
+    return GenerateRequest(**fields)
+
+
+def _prompt_beside(path: str) -> str:
+    """The prompt recorded in the metadata.json beside ``path`` (a panorama SyncSphere wrote), else UPSCALE_PROMPT."""
+    try:
+        with open(os.path.join(os.path.dirname(path), "metadata.json"), encoding="utf-8") as file:
+            prompt = json.load(file)["params"]["prompt"]
+        return prompt if isinstance(prompt, str) and prompt.strip() else UPSCALE_PROMPT
+    except (OSError, ValueError, KeyError, TypeError):
+        return UPSCALE_PROMPT
 
 
 def _default_sizes(axis: int) -> str:
@@ -290,11 +385,14 @@ def main(argv: list[str] | None = None) -> int:
             return one_sentence_errors(lambda: batch_command(args), "Interrupted; the finished jobs' folders are "
                                        "complete, the rest were not written (a re-run does them).")
     with sigterm_as_interrupt():  # a killed job or file command cleans up as Ctrl-C does
-        return run_file_command(args) if args.command in FILE_COMMANDS else _generate(args)
+        if args.command in FILE_COMMANDS:
+            return run_file_command(args)
+        return _generate(args, upscale_request if args.command == "upscale" else request_from_args)
 
 
-def _generate(args: argparse.Namespace) -> int:
-    """Run one job; every run with --json-progress ends with a done or an error event."""
+def _generate(args: argparse.Namespace, make_request=None) -> int:
+    """Run one job (``generate``, or ``upscale``), its request made from ``args`` by ``make_request`` (default
+    ``request_from_args``); every run with --json-progress ends with a done or an error event."""
     from .. import protocol
     from ..products.files import output_lock
 
@@ -307,7 +405,7 @@ def _generate(args: argparse.Namespace) -> int:
         with contextlib.redirect_stdout(sys.stderr if json_progress else sys.stdout), lock:
             from .job import check_request, run_job
 
-            request = request_from_args(args)
+            request = (make_request or request_from_args)(args)
             if not json_progress and request.preview_every > 0:  # a bar shows no pictures: no PNGs to write
                 request = dataclasses.replace(request, preview_every=0)
             checked = check_request(request)

@@ -40,9 +40,9 @@ from ..engine.resolve import CheckedRequest, ResolvedRequest, resolve_request
 from ..engine.sampler import StepReport
 from ..errors import BadRequest, JobCancelled, SyncSphereError
 from ..products.files import check_output_folder
-from ..products.images import srgb_to_linear
+from ..products.images import read_start_image, srgb_to_linear
 from ..products.outputs import PreviewFile, job_output_names, write_job_outputs
-from ..request import GenerateRequest
+from ..request import UPSCALE_STRENGTH, GenerateRequest
 
 
 def check_request(request: GenerateRequest) -> CheckedRequest:
@@ -59,6 +59,8 @@ def check_request(request: GenerateRequest) -> CheckedRequest:
     if params.seed is None:
         params = dataclasses.replace(params, seed=secrets.randbelow(2**32))
     check_output_folder(params.out, job_output_names(params.layout), params.overwrite)
+    if params.init_image is not None:
+        read_start_image(params.init_image, params.exposure)  # a damaged file: one sentence before the model loads
     source = resolve_model_source(params.model, params.allow_pickle)
     lora = resolve_lora_source(params.lora, params.allow_pickle) if params.lora else None
     unet_config = read_unet_config(source)
@@ -72,9 +74,12 @@ def check_request(request: GenerateRequest) -> CheckedRequest:
     if geometry is not None:
         # Before the views are built: a canvas too large for this machine is refused before it allocates.
         weights = component_weight_bytes(source, dtype)
-        check_job_fits(params, device, dtype, activation_config(unet_config), read_vae_config(source),
-                       weights_file_bytes(source), largest_model_bytes=weights.get("unet", weights.get("transformer", 0)))
+        check_job_fits(upscaled_request(params) if params.upscale else params, device, dtype, activation_config(unet_config),
+                       read_vae_config(source), weights_file_bytes(source),
+                       largest_model_bytes=weights.get("unet", weights.get("transformer", 0)))
         resolved = resolve_request(params, source, lora, device, dtype, geometry, unet_config)
+        if params.upscale:  # the upscaling pass's views, checked before the model loads
+            resolve_request(upscaled_request(params), source, lora, device, dtype, geometry, unet_config)
     return CheckedRequest(params, source, lora, device, dtype, resolved)
 
 
@@ -109,15 +114,24 @@ def run_job(checked: CheckedRequest, report: StepReport | None = None, models: M
     # 2. A single-file checkpoint's geometry is known only now; others were resolved before loading.
     if checked.resolved is None:
         pipeline = model.pipeline  # its weights are loaded: the free memory already counts them
+        final = upscaled_request(checked.params) if checked.params.upscale else checked.params
         loaded = component_bytes(pipeline)
-        check_job_fits(checked.params, model.device, model.dtype, activation_config(denoising_model(pipeline).config),
+        check_job_fits(final, model.device, model.dtype, activation_config(denoising_model(pipeline).config),
                        pipeline.vae.config, 0, largest_model_bytes=loaded.get("unet", loaded.get("transformer", 0))
                        if model.device.type != "cpu" else 0)
     resolved = checked.resolved_for(model)
     timings = {"loading_s": time.perf_counter() - started}
     # 3. Denoise (with a preview picture every --preview-every steps) and decode, within the memory plan.
+    start_image = read_start_image(resolved.params.init_image, resolved.params.exposure) if resolved.params.init_image else None
     with JobPreviews(resolved.params, model, report) as previews:
-        image, canvas, details, attempt_timings, memory = generate_image(resolved, model, previews, stage)
+        image, canvas, details, attempt_timings, memory = generate_image(resolved, model, previews, stage, start_image)
+        if resolved.params.upscale:  # 5. --upscale: img2img of the image at the larger size
+            upscaled = resolve_request(upscaled_request(resolved.asked), checked.source, checked.lora, checked.device,
+                                       checked.dtype, resolved.geometry, resolved.unet_config)
+            image, canvas, upscale_details, upscale_timings, memory = generate_image(upscaled, model, previews, stage, image)
+            details["upscale"] = {"width": upscaled.params.width, "height": upscaled.params.height,
+                                  "strength": upscaled.params.strength, **upscale_details,
+                                  **{f"upscale_{name}": seconds for name, seconds in upscale_timings.items()}}
     timings.update(attempt_timings)
     # 4. HDR lighting, metadata, and every file written at once.
     stage("writing")
@@ -180,6 +194,15 @@ class JobPreviews:
         if self.file is not None:
             self.file.remove()
         return False
+
+
+def upscaled_request(params: GenerateRequest) -> GenerateRequest:
+    """The upscaling pass of a validated request with ``--upscale S``: its canvas S times as wide and high, the
+    first pass's image as the start at ``UPSCALE_STRENGTH`` with the same steps (``int(steps * strength)`` of
+    them run) and the seed + 3 (the first pass's noise is not reused). ``params`` as asked (``ResolvedRequest.asked``),
+    so the window and stride are chosen for the larger canvas as for any."""
+    return dataclasses.replace(params, width=params.width * params.upscale, height=params.height * params.upscale,
+                               upscale=None, init_image=None, strength=UPSCALE_STRENGTH, seed=(params.seed + 3) % 2**63)
 
 
 def make_lighting(params: GenerateRequest, image, timings: dict):

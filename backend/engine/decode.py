@@ -1,4 +1,5 @@
-"""Decoding a canvas latent to an image, aware of wrap-around, in tiles of bounded size.
+"""Decoding a canvas latent to an image, and encoding an image to a canvas latent (img2img, upscaling), aware
+of wrap-around, in tiles of bounded size.
 
 The VAE decoder pads with zeros and normalises over the whole map, so decoding a wrapping canvas as a
 flat image would darken and break its edges. Each tile is therefore decoded with ``context`` extra latent
@@ -10,6 +11,8 @@ into tiles of ``tile`` latent pixels that overlap by ``overlap``; overlapping co
 ramps so tile borders do not show. A canvas of at most ``max_single`` latents per side is decoded in one
 piece (with circular context where it wraps, as diffusers' panorama pipeline does), so the peak memory of
 any decode is that of one tile of at most ``max(max_single, tile) + 2 * context`` latents per side.
+``encode_canvas`` runs the encoder over the same tiles with the same context (``_in_canvas_tiles``): the
+encoder's zero padding would make the same seams.
 """
 
 from __future__ import annotations
@@ -71,16 +74,62 @@ def decode_canvas(
     ``context`` and ``max_single`` are in latent pixels (see the module docstring). ``in_strips`` decodes
     each tile with ``decode_in_strips`` (``--memory low``): the same image with less memory.
     """
-    _, _, height, width = latents.shape
-    source, source_canvas, offset = latents, canvas, 0
+
+    def decode(z: torch.Tensor) -> torch.Tensor:
+        z = vae_latents(z, vae)
+        return decode_in_strips(vae, z) if in_strips else vae.decode(z).sample
+
+    image = _in_canvas_tiles(decode, latents, canvas, 1, tile, overlap, context, max_single)
+    return (image / 2 + 0.5).clamp(0, 1).cpu()
+
+
+@torch.no_grad()
+def encode_canvas(
+    vae,
+    image: torch.Tensor,
+    canvas: Canvas,
+    tile: int = DECODE_TILE,
+    overlap: int = DECODE_OVERLAP,
+    context: int = DECODE_CONTEXT,
+    max_single: int = DECODE_MAX_SINGLE,
+) -> torch.Tensor:
+    """Encode an image (1, 3, H*f, W*f) float in [0, 1] (sRGB-encoded, as the model's images are) of a
+    ``canvas`` of H x W latents with ``vae`` into the canvas latent (1, C, H, W), scaled by the VAE's scaling
+    factor, on the VAE's device in float32: the mean of the encoder's distribution (no sampling, so the
+    tiles agree). Tiled and wrap-aware exactly as ``decode_canvas`` (the same tiles, context and blending,
+    in latent pixels), so the encoder sees the wrapped neighbours across ±180° (and the rows across the
+    poles of an equirect, the torus of a tile) instead of a zero border, and no tile is larger than the
+    decoder's. ``image`` may stay on the CPU; each tile is moved to the VAE's device."""
+    device = next(vae.parameters()).device
+
+    def encode(pixels: torch.Tensor) -> torch.Tensor:
+        pixels = (pixels.to(device, vae.dtype) * 2 - 1)
+        return vae.encode(pixels).latent_dist.mean
+
+    encoded = _in_canvas_tiles(encode, image, canvas, image.shape[-1] // canvas.width, tile, overlap, context, max_single)
+    shift = getattr(vae.config, "shift_factor", None) or 0.0  # vae_latents' inverse (SD3's VAE shifts its latents)
+    return (encoded - shift) * vae.config.scaling_factor
+
+
+def _in_canvas_tiles(apply, source: torch.Tensor, canvas: Canvas, scale: int, tile: int, overlap: int, context: int,
+                     max_single: int) -> torch.Tensor:
+    """``apply`` (a VAE's decoder or encoder) over ``source`` (1, c, H*scale, W*scale), the tensor of a
+    ``canvas`` of H x W latents at ``scale`` of its pixels per latent, tile by tile, blended: (1, c', H*f, W*f)
+    float32, where f is ``apply``'s output pixels per latent pixel. Tiles are laid out in latent pixels
+    (``axis_tiles``); each is read with ``context`` latents around it, across the wrap on wrapping axes and
+    across the poles of an equirect (its rows padded with their sphere neighbours), and only its core is kept;
+    overlapping cores blend with linear ramps (``blend_weights``)."""
+    height, width = canvas.height, canvas.width
+    source_canvas, offset = Canvas(canvas.kind, source.shape[-2], source.shape[-1]), 0
     if canvas.kind == "equirect":
         # Pad the rows with their neighbours across the poles (columns wrap as before): full context above
         # and below every tile.
         offset = min(context, height)
-        rows, cols = equirect_padding_indices(height, width, offset)
-        rows, cols = rows[:, offset : offset + width], cols[:, offset : offset + width]
-        source = latents[:, :, torch.as_tensor(rows, device=latents.device), torch.as_tensor(cols, device=latents.device)]
-        source_canvas = Canvas("equirect", height + 2 * offset, width)
+        pad = offset * scale
+        rows, cols = equirect_padding_indices(source.shape[-2], source.shape[-1], pad)
+        rows, cols = rows[:, pad : pad + source.shape[-1]], cols[:, pad : pad + source.shape[-1]]
+        source = source[:, :, torch.as_tensor(rows, device=source.device), torch.as_tensor(cols, device=source.device)]
+        source_canvas = Canvas("equirect", source.shape[-2], source.shape[-1])
     row_tiles = axis_tiles(height, tile, overlap, max_single, canvas.wraps_y)
     col_tiles = axis_tiles(width, tile, overlap, max_single, canvas.wraps_x)
     factor = None
@@ -90,24 +139,24 @@ def decode_canvas(
             # Context around the core: across the wrap where the axis wraps, else as far as the canvas goes.
             before_y, after_y = _context(top, tile_height, height, context, canvas.wraps_y, offset)
             before_x, after_x = _context(left, tile_width, width, context, canvas.wraps_x, 0)
-            region = CropView(offset + top - before_y, left - before_x,
-                              before_y + tile_height + after_y, before_x + tile_width + after_x)
-            z = vae_latents(source_canvas.read(source, [region]), vae)
-            decoded = (decode_in_strips(vae, z) if in_strips else vae.decode(z).sample).float()
+            region_width = before_x + tile_width + after_x
+            region = CropView((offset + top - before_y) * scale, (left - before_x) * scale,
+                              (before_y + tile_height + after_y) * scale, region_width * scale)
+            result = apply(source_canvas.read(source, [region])).float()
             if factor is None:
-                factor = decoded.shape[-1] // region.width
+                factor = result.shape[-1] // region_width
                 pixels = Canvas(canvas.kind, height * factor, width * factor)
-                image = torch.zeros(1, 3, height * factor, width * factor, device=decoded.device)
-                weights = torch.zeros(1, 1, height * factor, width * factor, device=decoded.device)
-            core = decoded[:, :, before_y * factor : (before_y + tile_height) * factor, before_x * factor : (before_x + tile_width) * factor]
+                image = torch.zeros(1, result.shape[1], height * factor, width * factor, device=result.device)
+                weights = torch.zeros(1, 1, height * factor, width * factor, device=result.device)
+            core = result[:, :, before_y * factor : (before_y + tile_height) * factor, before_x * factor : (before_x + tile_width) * factor]
             ramp = max(1, overlap * factor)
             row_weight = blend_weights(top * factor, tile_height * factor, height * factor, len(row_tiles), canvas.wraps_y, ramp)
             col_weight = blend_weights(left * factor, tile_width * factor, width * factor, len(col_tiles), canvas.wraps_x, ramp)
-            weight = (row_weight[:, None] * col_weight[None, :]).to(decoded.device)
+            weight = (row_weight[:, None] * col_weight[None, :]).to(result.device)
             core_view = CropView(top * factor, left * factor, tile_height * factor, tile_width * factor)
             pixels.add(image, core_view, core * weight)
             pixels.add(weights, core_view, weight)
-    return (image / weights / 2 + 0.5).clamp(0, 1).cpu()
+    return image / weights
 
 
 def largest_decode_tile(height: int, width: int, layout: str) -> tuple[int, int]:

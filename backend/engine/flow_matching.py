@@ -36,6 +36,11 @@ class FlowMatchingSampler(FlowMatchEulerDiscreteScheduler):
             self._init_step_index(timestep)
         return sample
 
+    def add_noise(self, original_samples: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
+        """x_t = (1 − σ) x0 + σ noise at ``timesteps`` (``scale_noise``), under the name img2img's start calls
+        (``sampler.noised_start``); same shape as ``original_samples``."""
+        return self.scale_noise(original_samples, timesteps, noise)
+
     def set_timesteps(self, num_inference_steps: int | None = None, device=None, sigmas=None, mu: float | None = None,
                       timesteps=None):
         """As diffusers' ``set_timesteps``; with ``use_dynamic_shifting`` and no ``mu``, the shift of a

@@ -15,6 +15,7 @@ import sys
 import time
 from typing import Callable
 
+import numpy as np
 import torch
 
 from ..errors import BadRequest, OutOfMemory, shorten
@@ -27,7 +28,8 @@ from .models import LoadedModel, activation_config, compiled_unet, denoising_mod
 from .perceptual import load_perceptual_loss
 from .preview import TINY_AUTOENCODER_OF_FAMILY, latent_family
 from .resolve import ResolvedRequest, for_memory_plan
-from .sampler import StepReport, Synchronisation, sample_canvas
+from .image_start import image_start
+from .sampler import StepReport, Synchronisation, first_step, sample_canvas
 from .sync.mad import MergedAttention
 from .sync.syncdiffusion import SyncDiffusionGuidance
 from .sync.syncsde import SyncSDE
@@ -35,13 +37,14 @@ from .sync.tweedie import is_flow_matching
 
 
 def generate_image(resolved: ResolvedRequest, model: LoadedModel, report: StepReport,
-                   stage: Callable[[str], None]) -> tuple:
+                   stage: Callable[[str], None], start_image: np.ndarray | None = None) -> tuple:
     """The job's image with the memory plan ``--memory`` asks for (``memory.plan_memory``), retried when the
     device runs out of memory anyway: from the same seed with half the view batch, then in low mode with MAD
     off (``memory.memory_attempts``), releasing the failed attempt's memory in between; the denoising steps
     are reported again from step 1. Returns (image as an (H, W, 3) float array in [0, 1], canvas, details,
-    {"denoising_s", "decoding_s"}, what metadata.json records under "memory"). Raises OutOfMemory when the
-    last attempt fails too, JobCancelled when ``report`` or ``stage`` says so."""
+    {"denoising_s", "decoding_s"}, what metadata.json records under "memory"). ``start_image``: img2img from
+    this (H, W, 3) float sRGB image in [0, 1] of any size at ``params.strength`` (``image_start``), None: from
+    noise. Raises OutOfMemory when the last attempt fails too, JobCancelled when ``report`` or ``stage`` says so."""
     pipeline = model.pipeline
     plan = plan_memory(resolved.params, model.device, model.dtype, activation_config(denoising_model(pipeline).config),
                        pipeline.vae.config,
@@ -52,7 +55,7 @@ def generate_image(resolved: ResolvedRequest, model: LoadedModel, report: StepRe
     for number, (attempt_name, attempt_plan) in enumerate(attempts):
         attempt = for_memory_plan(resolved, attempt_plan.view_batch, merged_attention=attempt_plan.mode != "low")
         try:
-            image, canvas, details, timings = denoise_and_decode(attempt, model, attempt_plan, report, stage)
+            image, canvas, details, timings = denoise_and_decode(attempt, model, attempt_plan, report, stage, start_image)
             break
         except RuntimeError as error:  # torch.OutOfMemoryError is a RuntimeError; others are re-raised
             if not is_out_of_memory(error, model.device):
@@ -75,15 +78,15 @@ def generate_image(resolved: ResolvedRequest, model: LoadedModel, report: StepRe
 
 
 def denoise_and_decode(resolved: ResolvedRequest, model: LoadedModel, plan: MemoryPlan, report: StepReport,
-                       stage: Callable[[str], None]):
+                       stage: Callable[[str], None], start_image: np.ndarray | None = None):
     """One attempt at a job's image with the memory ``plan``: ``denoise`` from the seed's noise, then decode.
     Returns (image as an (H, W, 3) float array, canvas, details, {"denoising_s", "decoding_s"});
-    ``stage(name)`` reports the decoding stage (and raises JobCancelled). Keeps nothing between calls, so a
-    retry starts from scratch."""
+    ``stage(name)`` reports the decoding stage (and raises JobCancelled). ``start_image``: as ``generate_image``.
+    Keeps nothing between calls, so a retry starts from scratch."""
     params, pipeline = resolved.params, model.pipeline
     placement = StagePlacement(pipeline, model.device, plan.offload,
                                vae_while_denoising=params.sync == "syncdiffusion" and params.sync_decoder == "vae")
-    latents, canvas, details = denoise(resolved, model, report, placement)
+    latents, canvas, details = denoise(resolved, model, report, placement, start_image)
     timings = {"denoising_s": details.pop("seconds")}
     stage("decoding")
     began = time.perf_counter()
@@ -96,18 +99,26 @@ def denoise_and_decode(resolved: ResolvedRequest, model: LoadedModel, plan: Memo
     return image, canvas, details, timings
 
 
-def denoise(resolved: ResolvedRequest, model: LoadedModel, report: StepReport, placement: StagePlacement | None = None):
+def denoise(resolved: ResolvedRequest, model: LoadedModel, report: StepReport, placement: StagePlacement | None = None,
+            start_image: np.ndarray | None = None):
     """Sample the canvas latent of ``resolved`` with its views, fusion and synchronisation; returns (latents,
     canvas, details): details has "views" (how many), "view_set", "fusion", "scheduler", "seconds", with
     per-direction prompts "view_prompts", "syncdiffusion", "syncsde" or "mad" for those methods, and with
     ``--compile`` "compile": {"mode", "reused": whether the compiled UNet was made before this run, by an
     earlier job with the cached model (or an earlier attempt of this job)}.
-    ``placement`` moves the models for the text and denoising stages (None: they stay where they are)."""
+    ``placement`` moves the models for the text and denoising stages (None: they stay where they are).
+    ``start_image``: img2img (``image_start``; details then has "start": {"strength", "steps_run"}), None: from
+    the seed's noise."""
     params, views = resolved.params, resolved.views
     placement = placement or StagePlacement(model.pipeline, model.device, offload=False)
     scheduler = make_scheduler(params.scheduler, model.pipeline.scheduler.config, view_tokens(resolved, model))
     check_steps(scheduler, params.steps)
     began = time.perf_counter()
+    start = None
+    if start_image is not None:  # encoded first: the VAE's stage, before the text encoders take the device
+        placement.enter("decode")
+        start = image_start(start_image, views.canvas, resolved.geometry.vae_scale_factor, model.pipeline.vae,
+                            params.strength, model.device, model.dtype)
     placement.enter("text")
     compiled_before = model.compiled_unet is not None
     denoiser = prompt_denoiser(resolved, model)
@@ -119,7 +130,7 @@ def denoise(resolved: ResolvedRequest, model: LoadedModel, report: StepReport, p
         latents = sample_canvas(predict, scheduler, resolved.schedule or views, noise, steps=params.steps,
                                 view_batch=params.view_batch, sync=sync, projected_noise=projected_noise,
                                 step_kwargs=stepping_arguments(scheduler, params.seed), report=report,
-                                preview_every=params.preview_every)
+                                preview_every=params.preview_every, start=start)
     per_step = resolved.views_per_step()
     details = {"views": len(views), "view_set": params.views, "schedule": params.schedule, "fusion": resolved.fusion,
                "views_per_step": {"mean": sum(per_step) / len(per_step), "min": min(per_step), "max": max(per_step)},
@@ -134,6 +145,8 @@ def denoise(resolved: ResolvedRequest, model: LoadedModel, report: StepReport, p
         details["syncsde"] = sync.synchroniser.details()
     if sync.merged_attention is not None:
         details["mad"] = {"steps": params.mad_steps, "blocks": list(sync.merged_attention.blocks)}
+    if start is not None:
+        details["start"] = {"strength": params.strength, "steps_run": params.steps - first_step(params.steps, params.strength)}
     if params.compile:
         details["compile"] = {"mode": "default", "reused": compiled_before}
     return latents, views.canvas, details

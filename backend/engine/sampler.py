@@ -80,6 +80,7 @@ def sample_canvas(
     step_kwargs: dict | None = None,
     report: StepReport | None = None,
     preview_every: int = 0,
+    start: "ImageStart | None" = None,
 ) -> torch.Tensor:
     """Denoise a canvas latent over ``views`` in ``steps`` steps, synchronised as ``sync`` says.
 
@@ -100,6 +101,9 @@ def sample_canvas(
         fusion fuses them (composed by SyncSDE's rule with fusion "own"), on the steps ``preview_steps``
         picks with ``preview_every`` (the last step's is the final latent for DDIM), else None. It costs one
         fusion of the views' x0 on those steps only (fusions "clean" and "canvas" make it anyway).
+    start: img2img (``ImageStart``): the loop skips the steps the strength leaves out (``first_step``) and starts
+        from the image's latent noised to the first step it runs (``noised_start``); ``report`` then counts the
+        steps it runs. None: from ``initial_noise`` at the first step.
     Returns the denoised canvas latent (1, C, H, W). Raises JobCancelled when ``report`` returns True, and
     ValueError for fewer than one step or view per batch, or a schedule without fusion "canvas".
     """
@@ -111,23 +115,27 @@ def sample_canvas(
         raise ValueError("A view schedule needs fusion \"canvas\" and one offset per step.")
     step_kwargs = step_kwargs or {}
     scheduler.set_timesteps(steps, device=initial_noise.device)
-    views = schedule.views_at(0) if schedule is not None else views
-    latents = initial_noise * scheduler.init_noise_sigma
+    first = begin_at(scheduler, steps, start)  # 0 unless img2img skips the first steps
+    views = schedule.views_at(first) if schedule is not None else views
+    latents = noised_start(scheduler, initial_noise, start.latent if start else None, first)
+    if fusion in ("canvas", "clean", "own"):  # each view's own starting x_t (the canvas's, read, for crop windows)
+        own_latents = noised_start(scheduler, _own_view_noise(views, initial_noise, projected_noise),
+                                   views.read(start.latent) if start else None, first)
     if fusion == "canvas":
         # One history for the canvas and one for the projected views, which keep their own x_t (as with "clean").
         canvas_scheduler, projected_scheduler = copy.deepcopy(scheduler), copy.deepcopy(scheduler)
         batches, batch_schedulers = _canvas_batches(views, canvas_scheduler, projected_scheduler), [canvas_scheduler]
-        own_noise = _own_view_noise(views, initial_noise, projected_noise) * scheduler.init_noise_sigma
-        projected_latents = own_noise[len(views.crops):] if views.projected else None
+        projected_latents = own_latents[len(views.crops):] if views.projected else None
     else:
         starts = range(0, len(views), view_batch)
         batch_schedulers = [copy.deepcopy(scheduler) for _ in starts]
         batches = [(slice(start, start + view_batch), batch_scheduler) for start, batch_scheduler in zip(starts, batch_schedulers)]
     if fusion in ("clean", "own"):
-        view_latents = _own_view_noise(views, initial_noise, projected_noise) * scheduler.init_noise_sigma
+        view_latents = own_latents
 
-    previewed = set(preview_steps(steps, preview_every))
-    for step_index, timestep in enumerate(scheduler.timesteps):
+    runs = steps - first  # the steps this loop runs, as ``report`` counts them
+    previewed = {first + step for step in preview_steps(runs, preview_every)}
+    for step_index, timestep in enumerate(scheduler.timesteps[first:], start=first):
         if schedule is not None:  # the windows move: this step's views, and whatever numbers views follows them
             views = schedule.views_at(step_index)
             batches = _canvas_batches(views, canvas_scheduler, projected_scheduler)
@@ -176,11 +184,54 @@ def sample_canvas(
             elif fusion == "noisy":
                 latents = multidiffusion.fuse_noisy(views, view_latents)
 
-        if report is not None and report("denoising", step_index + 1, steps, preview):
-            raise JobCancelled(f"The job was cancelled after step {step_index + 1} of {steps}.")
+        if report is not None and report("denoising", step_index + 1 - first, runs, preview):
+            raise JobCancelled(f"The job was cancelled after step {step_index + 1 - first} of {runs}.")
     if fusion == "clean":
         latents = multidiffusion.fuse_noisy(views, view_latents)  # each view's final latent, averaged once
     return latents
+
+
+@dataclass(frozen=True)
+class ImageStart:
+    """Where img2img starts: the image's canvas latent and how much of the schedule re-draws it.
+
+    latent: (1, C, H, W) the clean canvas latent of the start image, scaled by the VAE's scaling factor
+        (``decode.encode_canvas``), on the device and in the dtype of the loop's noise.
+    strength: in (0, 1]: the fraction of the ``steps`` steps that runs (1: the image's latent at the first
+        timestep, where almost nothing of it is left; small: a light touch).
+    """
+
+    latent: torch.Tensor
+    strength: float
+
+
+def first_step(steps: int, strength: float) -> int:
+    """The index of the first of ``steps`` timesteps that img2img at ``strength`` runs, as diffusers'
+    ``StableDiffusionImg2ImgPipeline.get_timesteps``: the last ``int(steps * strength)`` steps run.
+    ``steps - first_step`` may be 0 (request validation refuses that)."""
+    return max(steps - min(int(steps * strength), steps), 0)
+
+
+def begin_at(scheduler, steps: int, start: ImageStart | None) -> int:
+    """The loop's first step index for ``start`` (0 without one), after ``scheduler.set_timesteps(steps)``;
+    tells a scheduler that tracks its step index where it begins (``set_begin_index``, as diffusers'
+    img2img does), so ``step`` and ``add_noise`` read that step's sigma."""
+    if start is None:
+        return 0
+    first = first_step(steps, start.strength)
+    if hasattr(scheduler, "set_begin_index"):
+        scheduler.set_begin_index(first * scheduler.order)
+    return first
+
+
+def noised_start(scheduler, noise: torch.Tensor, clean: torch.Tensor | None, first: int) -> torch.Tensor:
+    """The x_t the loop starts from at step ``first``: pure ``noise`` (N, C, h, w) scaled by the sampler's
+    ``init_noise_sigma`` without a start image (``clean`` None), else ``clean`` (the same shape, or broadcast
+    from (1, C, h, w)) noised to that step's timestep with ``noise`` (``scheduler.add_noise``, as img2img)."""
+    if clean is None:
+        return noise * scheduler.init_noise_sigma
+    timestep = scheduler.timesteps[first : first + 1]
+    return scheduler.add_noise(clean.to(noise.dtype).expand_as(noise), noise, timestep)
 
 
 def preview_steps(steps: int, every: int) -> tuple[int, ...]:

@@ -16,7 +16,7 @@ from PIL import Image
 
 from ..errors import BadRequest
 
-FORMATS = {".exr": "EXR", ".png": "PNG"}
+FORMATS = {".exr": "EXR", ".png": "PNG", ".jpg": "JPEG", ".jpeg": "JPEG"}
 
 
 def srgb_to_linear(image: np.ndarray) -> np.ndarray:
@@ -70,7 +70,7 @@ def write_json(path: str, data: dict) -> None:
 
 
 def read_panorama(path: str) -> np.ndarray:
-    """Read an .exr (linear float RGB) or .png (8-bit, as [0, 1] floats) panorama: (H, W, 3) float32.
+    """Read an .exr (linear float RGB) or .png / .jpg (8-bit, as [0, 1] floats) panorama: (H, W, 3) float32.
 
     Raises BadRequest with one sentence when the file is missing, of another type or unreadable.
     """
@@ -78,7 +78,7 @@ def read_panorama(path: str) -> np.ndarray:
     if not os.path.isfile(path):
         raise BadRequest(f"The panorama {path} does not exist.")
     if extension not in FORMATS:
-        raise BadRequest(f"The panorama {path} is neither an .exr nor a .png file.")
+        raise BadRequest(f"The panorama {path} is not an .exr, .png or .jpg file.")
     try:
         if extension == ".exr":
             return read_exr(path)
@@ -99,3 +99,16 @@ def read_equirect(path: str) -> np.ndarray:
     if width != 2 * height:
         raise BadRequest(f"The panorama is {width}x{height} px; a 360° equirectangular image is twice as wide as it is high.")
     return image
+
+
+def read_start_image(path: str, exposure: float = 0.0) -> np.ndarray:
+    """Read an image to start a generation from (``--init-image``, ``upscale``): (H, W, 3) float32 sRGB-encoded
+    in [0, 1], the model's range. A .png or .jpg is read as it is; an .exr (scene-linear) is tone-mapped into
+    that range the way ``hdr.make_hdr`` maps the model's image out of it, inverted: scaled by 2^-``exposure``
+    (EV), clipped to [0, 1] and sRGB-encoded (the HDR step recovers the sun from the result). Raises
+    BadRequest with one sentence when the file is missing, of another type or unreadable (``read_panorama``)."""
+    image = read_panorama(path)
+    if os.path.splitext(path)[1].lower() == ".exr":
+        image = linear_to_srgb(image * np.float32(2.0 ** -exposure))
+    return np.clip(image, 0.0, 1.0)
+

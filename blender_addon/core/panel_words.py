@@ -94,6 +94,7 @@ CLI_ONLY_FLAGS = frozenset({
     "--fov", "--yaw", "--pitch", "--roll", "--size", "--face-size", "--window-px", "--backbone",
     "--preview-every", "--cpu", "--ray-address", "--workers", "--ray", "--host", "--port", "--token-file",
     "--allow-remote", "--replicas", "--max-jobs",
+    "--init-image", "--strength", "--upscale", "--scale",  # issue 18's image input; the panel gets them later
 })
 
 # What joins a flag's values in a sentence: "--views band+poles, ring or cube".

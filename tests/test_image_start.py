@@ -1,0 +1,217 @@
+"""Starting from an image (issue 18): the strength's first step as diffusers' img2img, the wrap-aware encoder
+(no seam at ±180°), a low strength that keeps the image, upscaling that stays seamless, and the one-sentence
+refusals."""
+
+import types
+
+import numpy as np
+import pytest
+import torch
+
+from backend.analysis.metrics import pole_ratios, seam_ratio
+from backend.app.cli import main
+from backend.app.job import check_request
+from backend.engine.decode import decode_canvas, encode_canvas
+from backend.engine.generation import denoise, make_scheduler
+from backend.engine.image_start import resize_wrapped
+from backend.engine.models import ModelCache
+from backend.engine.sampler import first_step
+from backend.errors import BadRequest
+from backend.products.images import read_panorama, write_png
+from backend.request import GenerateRequest
+from backend.sphere.canvas import Canvas
+
+MODELS = ModelCache()
+
+
+def smooth_image(height: int, width: int, seed: int = 0) -> np.ndarray:
+    """(height, width, 3) float in [0, 1]: coarse random colours, bicubically enlarged, wrapping in x (a smooth,
+    seam-free equirect-like picture)."""
+    coarse = torch.rand(1, 3, max(2, height // 16), max(4, width // 16), generator=torch.Generator().manual_seed(seed))
+    return resize_wrapped(coarse, height, width, "tile")[0].permute(1, 2, 0).numpy()
+
+
+# ---------------------------------------------------------------------------------------- strength -> steps
+
+
+@pytest.mark.parametrize("scheduler", ["ddim", "euler", "dpm++", "unipc"])
+@pytest.mark.parametrize("steps, strength", [(50, 0.8), (20, 0.3), (10, 1.0), (7, 0.5), (30, 0.05), (10, 0.7)])
+def test_the_first_step_runs_the_timesteps_of_diffusers_img2img(tiny_model, scheduler, steps, strength):
+    from diffusers import StableDiffusionImg2ImgPipeline
+    from diffusers.schedulers import DDIMScheduler
+
+    config = DDIMScheduler.from_pretrained(tiny_model, subfolder="scheduler").config
+    ours, theirs = make_scheduler(scheduler, config), make_scheduler(scheduler, config)
+    ours.set_timesteps(steps)
+    theirs.set_timesteps(steps)
+    # diffusers' own method, on a stand-in pipeline that holds only the scheduler it reads
+    expected, runs = StableDiffusionImg2ImgPipeline.get_timesteps(types.SimpleNamespace(scheduler=theirs), steps, strength, "cpu")
+    first = first_step(steps, strength)
+    assert torch.equal(ours.timesteps[first:], expected)
+    assert steps - first == runs
+
+
+# ---------------------------------------------------------------------------------------- the encoder wraps
+
+
+def test_the_encoder_sees_across_the_wrap_so_a_rolled_image_gives_the_rolled_latent(toy_model):
+    """An equirect rolled by half its width (±180° moved to the middle) encodes to the rolled latent; with the
+    encoder's own zero padding (the plain vae.encode) the latent near ±180° differs far more. Both the single
+    piece (128 latents wide) and the tiled path (288)."""
+    model = MODELS.get(check_request(GenerateRequest(prompt="x", model=toy_model, device="cpu", out="/tmp/unused")))
+    vae = model.pipeline.vae
+    for latent_height in (64, 144):
+        canvas = Canvas("equirect", latent_height, 2 * latent_height)
+        image = torch.from_numpy(smooth_image(4 * latent_height, 8 * latent_height)).permute(2, 0, 1)[None]
+        half = image.shape[-1] // 2
+        latent = encode_canvas(vae, image, canvas)
+        rolled = encode_canvas(vae, image.roll(half, -1), canvas)
+        wrap_error = (latent.roll(canvas.width // 2, -1) - rolled).abs()
+        plain = vae.encode(image * 2 - 1).latent_dist.mean * vae.config.scaling_factor
+        plain_rolled = vae.encode(image.roll(half, -1) * 2 - 1).latent_dist.mean * vae.config.scaling_factor
+        plain_error = (plain.roll(canvas.width // 2, -1) - plain_rolled).abs()
+        # The columns next to ±180° of the unrolled image (the middle of the rolled one).
+        seam = slice(canvas.width // 2 - 2, canvas.width // 2 + 2)
+        scale = latent.abs().mean()
+        assert wrap_error[..., seam].mean() < 0.05 * scale
+        assert wrap_error[..., seam].mean() < 0.2 * plain_error[..., seam].mean()
+
+
+def test_resizing_wraps_where_the_canvas_does_and_matches_a_plain_resize_inside():
+    image = torch.rand(1, 3, 40, 80, generator=torch.Generator().manual_seed(1))
+    for size in ((64, 128), (24, 48)):
+        plain = torch.nn.functional.interpolate(image, size=size, mode="bicubic", antialias=True).clamp(0, 1)
+        for kind in ("equirect", "tile"):
+            resized = resize_wrapped(image, *size, kind)
+            inner = (slice(None), slice(None), slice(size[0] // 4, -size[0] // 4), slice(size[1] // 4, -size[1] // 4))
+            assert torch.allclose(resized[inner], plain[inner], atol=1e-5)
+            # rolling commutes with a wrap-aware resize (80 px -> 128 px: a roll of 40 px is one of 64)
+            rolled = resize_wrapped(image.roll(40, -1), *size, kind)
+            assert torch.allclose(rolled, resized.roll(size[1] // 2, -1), atol=1e-5)
+        assert torch.equal(resize_wrapped(image, *size, "wide"), plain)
+
+
+# ---------------------------------------------------------------------------------------- img2img on the model
+
+
+def test_a_low_strength_keeps_the_image_and_a_full_one_does_not(toy_model, tmp_path):
+    """img2img on the development model at strength 0.1 of 20 steps (2 run): the decoded canvas stays within
+    4/255 on average of the VAE's own reconstruction of the image, and within its reconstruction error
+    plus 2/255 of the image; at strength 1 the result is the model's own picture, far from it."""
+    image = smooth_image(128, 256, seed=5)
+    path = tmp_path / "start.png"
+    write_png(str(path), image)
+    image = read_panorama(str(path))  # as 8-bit, the way the job reads it
+    results = {}
+    for strength in (0.1, 1.0):
+        checked = check_request(GenerateRequest(prompt="a valley", model=toy_model, device="cpu", width=256, height=128,
+                                                steps=20, seed=2, init_image=str(path), strength=strength, view_batch=8,
+                                                out=str(tmp_path / f"out{strength}"), views="band"))
+        model = MODELS.get(checked)
+        latents, canvas, details = denoise(checked.resolved_for(model), model, lambda *a: None, start_image=image)
+        results[strength] = decode_canvas(model.pipeline.vae, latents, canvas)[0].permute(1, 2, 0).numpy()
+        assert details["start"] == {"strength": strength, "steps_run": int(20 * strength)}
+    vae = model.pipeline.vae
+    canvas = Canvas("equirect", 32, 64)
+    pixels = torch.from_numpy(image).permute(2, 0, 1)[None]
+    reconstruction = decode_canvas(vae, encode_canvas(vae, pixels, canvas), canvas)[0].permute(1, 2, 0).numpy()
+    kept = np.abs(results[0.1] - reconstruction).mean()
+    assert kept < 4 / 255
+    assert np.abs(results[0.1] - image).mean() < np.abs(reconstruction - image).mean() + 2 / 255
+    assert np.abs(results[1.0] - image).mean() > 4 * kept
+
+
+@pytest.mark.parametrize("case", [
+    dict(layout="wide", width=512, height=128, window=16, stride=8, schedule="dense"),           # fusion noisy
+    dict(layout="tile", width=128, height=128, window=16, schedule="shifted"),                   # fusion canvas
+    dict(layout="equirect", width=512, height=256, window=16, stride=8, views="band+poles"),     # fusion clean
+    dict(layout="wide", width=512, height=128, window=16, stride=8, sync="syncsde"),             # fusion own
+], ids=["noisy", "canvas", "clean", "own"])
+def test_every_fusion_starts_from_the_image_and_runs_only_the_last_steps(tiny_model, tmp_path, case):
+    """On the tiny model, strength 0.5 of 6 steps: 3 steps reported (1..3 of 3), and the final canvas is far nearer
+    the image's latent than a run from noise is."""
+    path = tmp_path / "start.png"
+    write_png(str(path), smooth_image(64, 128, seed=1))
+    image = read_panorama(str(path))
+    finals = {}
+    for strength in (0.5, None):
+        start = dict(init_image=str(path), strength=strength) if strength else {}
+        checked = check_request(GenerateRequest(prompt="a harbour", model=tiny_model, device="cpu", steps=6, seed=4,
+                                                view_batch=4, out=str(tmp_path / "out"), **case, **start))
+        model = MODELS.get(checked)
+        reports = []
+        latents, canvas, _ = denoise(checked.resolved_for(model), model, lambda *a: reports.append(a[1:3]),
+                                     start_image=image if strength else None)
+        finals[strength] = latents
+        assert reports == ([(1, 3), (2, 3), (3, 3)] if strength else [(step, 6) for step in range(1, 7)])
+    from backend.engine.image_start import image_start
+    target = image_start(image, canvas, 8, model.pipeline.vae, 0.5, torch.device("cpu"), torch.float32).latent
+    assert (finals[0.5] - target).abs().mean() < 0.5 * (finals[None] - target).abs().mean()
+
+
+# ---------------------------------------------------------------------------------------- upscaling
+
+
+def test_upscaling_an_equirect_stays_seamless_and_matches_its_source(toy_model, tmp_path):
+    """The development model's 256x128 world upscaled 2x (strength 0.3): seam at ±180° within 1.5, poles no
+    worse than the source's (plus 10 %), and downsampled back within 6/255 of the source on average."""
+    source = tmp_path / "source"
+    assert main(["generate", "--prompt", "a valley", "--model", toy_model, "--device", "cpu", "--width", "256",
+                 "--height", "128", "--steps", "8", "--seed", "1", "--out", str(source)]) == 0
+    out = tmp_path / "upscaled"
+    assert main(["upscale", str(source / "panorama.png"), "--scale", "2", "--model", toy_model, "--device", "cpu",
+                 "--seed", "2", "--out", str(out)]) == 0
+    before, after = read_panorama(str(source / "panorama.png")), read_panorama(str(out / "panorama.png"))
+    assert after.shape == (256, 512, 3)
+    assert seam_ratio(after, axis=1) <= 1.5
+    poles_before, poles_after = pole_ratios(before), pole_ratios(after)
+    for pole in poles_before:
+        assert poles_after[pole] <= 1.1 * poles_before[pole] + 0.05
+    back = torch.nn.functional.interpolate(torch.from_numpy(after).permute(2, 0, 1)[None], size=(128, 256),
+                                           mode="bicubic", antialias=True)[0].permute(1, 2, 0).numpy()
+    assert np.abs(back - before).mean() < 6 / 255
+    for name in ("panorama.exr", "face_F.png", "cubemap_dice.png", "lighting.json", "metadata.json"):
+        assert (out / name).is_file()
+
+
+# ---------------------------------------------------------------------------------------- refusals
+
+
+@pytest.mark.parametrize("overrides, words", [
+    (dict(init_image="missing.png"), "does not exist"),
+    (dict(init_image="notes.txt"), "not a .png, .jpg or .exr file"),
+    (dict(init_image="start.png", strength=0.0), "--strength must be a number in (0, 1]"),
+    (dict(init_image="start.png", strength=1.5), "--strength must be a number in (0, 1]"),
+    (dict(init_image="start.png", strength=0.05, steps=10), "leaves no step to run"),
+    (dict(strength=0.5), "add --init-image"),
+    (dict(upscale=3), "--upscale must be 2 or 4"),
+    (dict(upscale=4, width=4096, height=2048), "larger than the 8192x4096 px"),
+    (dict(upscale=2, steps=3), "leaves none to run"),
+])
+def test_bad_start_options_are_one_sentence(tmp_path, overrides, words):
+    (tmp_path / "notes.txt").write_text("words")
+    write_png(str(tmp_path / "start.png"), np.zeros((8, 16, 3)))
+    values = {"prompt": "x", "out": str(tmp_path / "out"), **overrides}
+    for name in ("init_image",):
+        if name in values:
+            values[name] = str(tmp_path / values[name])
+    with pytest.raises(BadRequest) as error:
+        GenerateRequest(**values).validated()
+    assert words in str(error.value) and str(error.value).count(". ") == 0
+
+
+def test_an_unreadable_start_image_is_refused_before_the_model_loads(tmp_path, capsys):
+    (tmp_path / "broken.png").write_text("not a png")
+    code = main(["generate", "--prompt", "x", "--model", "/nonexistent/model", "--init-image",
+                 str(tmp_path / "broken.png"), "--out", str(tmp_path / "out")])
+    assert code == 2
+    assert "Could not read the panorama" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
+
+
+def test_upscaling_past_8k_is_refused_in_one_sentence(tmp_path, capsys):
+    write_png(str(tmp_path / "big.png"), np.zeros((2560, 5120, 3)))
+    code = main(["upscale", str(tmp_path / "big.png"), "--scale", "2", "--out", str(tmp_path / "out")])
+    assert code == 2
+    assert "10240x5120 px, larger than the 8192x4096 px" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
