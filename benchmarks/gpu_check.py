@@ -158,7 +158,10 @@ def build_sdxl_model(folder: str, tiny: bool, dtype: str) -> float:
     if os.path.isfile(os.path.join(folder, "model_index.json")):
         return 0.0
     log("build", f"building the {'tiny SDXL' if tiny else 'SDXL'} model with random weights in {folder} ...")
-    scheduler = EulerAncestralDiscreteScheduler(**{**SDXL_SCHEDULER, "timestep_spacing": "trailing"})
+    # SDXL's betas (the DDIM config's other fields are DDIM's own), trailing timesteps.
+    scheduler = EulerAncestralDiscreteScheduler(
+        **{key: SDXL_SCHEDULER[key] for key in ("beta_start", "beta_end", "beta_schedule", "steps_offset")},
+        timestep_spacing="trailing")
     if tiny:
         save_random_sdxl_model(folder, unet_config={**TINY_SDXL_UNET, "sample_size": 128}, scheduler=scheduler)
     else:

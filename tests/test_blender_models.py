@@ -184,7 +184,9 @@ result(report)
                                 ["syncsphere.set_default_model", MODEL_ID], ["syncsphere.remove_model", MODEL_ID],
                                 ["syncsphere.set_default_model", served_model], ["syncsphere.download_model", ""]]
     size = f"{total / 1000:.0f} kB"
-    assert MODEL_ID in box["labels"] and f"{size}, SD2, complete" in box["labels"]
+    # The tiny model's UNet is trained at 32 latents: 256 px views.
+    assert MODEL_ID in box["labels"]
+    assert f"{size}, SD 2.x, 256 px views, about 4 GB of GPU memory, complete" in box["labels"]
     assert os.path.basename(served_model) in box["labels"]
 
     # Set as Default, the panel's menu, and what Generate sends.
