@@ -9,6 +9,7 @@ and guidance 7.5, once per schedule case:
 |---|---|
 | ``dense`` | ``--schedule dense``, default stride (window/8): today's MultiDiffusion |
 | ``dense-half`` | ``--schedule dense --stride window/2`` |
+| ``dense-3q`` | ``--schedule dense --stride 3·window/4`` (a quarter-window overlap) |
 | ``shifted`` | ``--schedule shifted`` (SpotDiffusion) |
 | ``shifted+sync`` | ``--schedule shifted --sync syncdiffusion --sync-steps K --sync-loss-backbone random`` |
 
@@ -49,7 +50,7 @@ os.environ["HF_HUB_OFFLINE"] = "1"
 
 DEFAULT_MODEL = "/work/shared/models/toy-landscape"
 LAYOUTS = ("wide", "equirect", "tile")
-CASES = ("dense", "dense-half", "shifted", "shifted+sync")
+CASES = ("dense", "dense-half", "dense-3q", "shifted", "shifted+sync")
 # The coherence metrics of each layout, keys of ``measure``'s result; higher is worse for every one.
 LAYOUT_METRICS = {
     "wide": ("intra_lpips", "intra_style_l"),
@@ -84,6 +85,8 @@ def case_fields(case: str, window: int, sync_steps: int, sync_weight: float) -> 
         return {"schedule": "dense"}
     if case == "dense-half":
         return {"schedule": "dense", "stride": max(1, window // 2)}
+    if case == "dense-3q":
+        return {"schedule": "dense", "stride": max(1, window * 3 // 4)}
     if case == "shifted":
         return {"schedule": "shifted"}
     if case == "shifted+sync":

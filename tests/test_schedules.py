@@ -68,7 +68,7 @@ def test_a_planar_axis_covers_only_the_rows_it_is_asked_for():
     rows = np.zeros(128, int)
     for start in starts:
         rows[start : start + WINDOW] += 1
-    assert (rows[40:90] >= 1).all() and min(starts) > 40 - WINDOW and max(starts) < 90
+    assert (rows[40:90] >= 1).all() and min(starts) == 40 and max(starts) == 90 - WINDOW
 
 
 @pytest.mark.parametrize("offset", [(0, 0), (5, 11), (15, 1)])
@@ -106,11 +106,32 @@ def test_equirect_windows_cover_the_band_once_around_the_seam_and_keep_the_pole_
         assert [label for label, _ in views.projected] == ["U", "D"]
         count = _coverage(views.canvas, views.crops)
         assert (count[first:stop] >= 1).all()
+        assert count[:first].sum() == 0 and count[stop:].sum() == 0  # no window reaches into the pole rows
         # Longitude wraps: every row of windows tiles the full circle exactly once.
         for top in {crop.top for crop in views.crops}:
             row = [crop for crop in views.crops if crop.top == top]
             assert len(row) == 128 // WINDOW and (_coverage(views.canvas, row)[top] == 1).all()
     assert max(schedule.views_per_step()) < len(dense) / 4
+
+
+def test_the_shifted_schedule_weighs_the_pole_faces_as_the_dense_views_do():
+    canvas = Canvas("equirect", 64, 128)
+    dense = canvas_views(canvas, "band+poles", WINDOW, 4)
+    views = ViewSchedule(canvas_views(canvas, "band+poles", WINDOW, WINDOW), shifted_offsets(1, 1, WINDOW), dense).views_at(0)
+    assert dense.crop_weight is None and torch.equal(views.crop_weight, dense.crop_coverage())
+    # Windows hold 1, faces 3: each pixel is fused as dense would, its windows standing for dense's many.
+    def fused(views):
+        return views.fuse(torch.cat([torch.ones(len(views.crops), 1, WINDOW, WINDOW),
+                                     torch.full((len(views.projected), 1, WINDOW, WINDOW), 3.0)]))[0, 0]
+
+    crop_count = dense.crop_coverage()[0, 0]
+    face_count = dense.coverage(torch.zeros(()))[0, 0] - crop_count
+    expected = (crop_count + 3.0 * face_count) / (crop_count + face_count)
+    torch.testing.assert_close(fused(dense), expected, atol=1e-5, rtol=0)
+    torch.testing.assert_close(fused(views), expected, atol=1e-5, rtol=0)
+    # Unweighted, the faces would count as much as the one window there.
+    unweighted = ViewSchedule(canvas_views(canvas, "band+poles", WINDOW, WINDOW), shifted_offsets(1, 1, WINDOW)).views_at(0)
+    assert unweighted.crop_weight is None and (fused(unweighted) - expected).abs().max() > 0.5
 
 
 def test_offsets_come_from_the_seed():

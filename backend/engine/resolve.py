@@ -105,16 +105,18 @@ def resolve_request(asked: GenerateRequest, source: ModelSource, lora: ModelSour
     schedule_name = asked.resolved_schedule
     params = dataclasses.replace(asked.sized_for_model(geometry), schedule=schedule_name)
     check_transformer_request(params, unet_config)
-    if schedule_name == "shifted":  # windows that do not overlap: the dense views are built only for their rows
-        params = dataclasses.replace(params, stride=params.window)
     view_set, views, row_multiple = choose_views(params, geometry.vae_scale_factor, unet_config)
+    if schedule_name == "shifted":  # windows that do not overlap: the dense views are built only for their rows
+        dense_views = views
+        params = dataclasses.replace(params, stride=params.window)
+        view_set, views, row_multiple = choose_views(params, geometry.vae_scale_factor, unet_config)
     params = dataclasses.replace(params, views=view_set)
     if schedule_name == "dense":
         prompts, rows = view_prompt_rows(params, views)
         anchors = tuple(sync_anchors(params, views)) if params.sync == "syncdiffusion" else None
         return ResolvedRequest(params, source, lora, device, dtype, geometry, views, tuple(prompts), tuple(rows), anchors,
                                unet_config, asked)
-    schedule = ViewSchedule(views, shifted_offsets(params.seed, params.steps, params.window, row_multiple))
+    schedule = ViewSchedule(views, shifted_offsets(params.seed, params.steps, params.window, row_multiple), dense_views)
     steps = [schedule.views_at(step) for step in range(params.steps)]
     prompts, step_rows = schedule_prompt_rows(params, steps)
     step_anchors = tuple(tuple(sync_anchors(params, step)) for step in steps) if params.sync == "syncdiffusion" else None

@@ -226,6 +226,11 @@ def canvas_coverage(view_set: ViewSet, canvas_height: int, canvas_width: int, vi
     return count
 
 
+def _pooled(weight: torch.Tensor, divisor: int) -> torch.Tensor:
+    """``weight`` (1, 1, H, W) averaged over ``divisor`` x ``divisor`` blocks: (1, 1, H / divisor, W / divisor)."""
+    return F.avg_pool2d(weight, divisor)
+
+
 class CanvasViews:
     """The views of one generation, and the two maps the denoising loop needs: canvas -> views and back.
 
@@ -243,12 +248,21 @@ class CanvasViews:
 
     With crop windows only both maps are exactly ``Canvas.read`` and MultiDiffusion's average, so a
     ``band`` generation is the engine's crop-window generation bit for bit.
+
+    ``crop_weight``: None (every view counts 1), or a (1, 1, H, W) float32 weight per canvas pixel: ``fuse``
+    then gives the crop windows' average that weight there and each projected view weight 1. The shifted
+    schedule sets it to the crop coverage of the dense views it replaces (``with_crop_weight``): its one
+    window per pixel then stands for dense's many, and a pole face meets the band as it does under dense
+    (diluted by the windows where they overlap), not averaged 1:1 with a single window, which switches to
+    the face's content with a jump in the band. ``coverage`` stays the count of views either way.
     """
 
-    def __init__(self, canvas: Canvas, crops, projected=(), size: int | None = None):
+    def __init__(self, canvas: Canvas, crops, projected=(), size: int | None = None,
+                 crop_weight: torch.Tensor | None = None):
         self.canvas = canvas
         self.crops = list(crops)
         self.projected = list(projected)
+        self.crop_weight = crop_weight
         self.size = size if size is not None else (self.crops[0].height if self.crops else None)
         if self.projected and canvas.kind != "equirect":
             raise ValueError("Projected views need an equirect canvas.")
@@ -277,8 +291,17 @@ class CanvasViews:
         self._coverage_mask = self._crop_coverage
         if self.projected:
             self._coverage_mask = self._coverage_mask + self._fuse_masks.sum(0, keepdim=True)
-        # What fuse divides by: the coverage, at least 1 (only a subset of views leaves pixels unseen).
+        # What fuse divides by: the (weighted) coverage, at least 1 where no view sees (only a subset leaves
+        # pixels unseen).
         self._coverage_divisor = self._coverage_mask.clamp(min=1)
+        if self.crop_weight is not None:
+            # fuse = (weight x the windows' average + the sum of the projected views) / (weight + their count).
+            face_count = self._coverage_mask - self._crop_coverage
+            weight = self.crop_weight * (self._crop_coverage > 0)
+            total_weight = weight + face_count
+            total_weight = torch.where(total_weight > 0, total_weight, torch.ones(()))
+            self._crop_factor = weight / total_weight / self._crop_coverage.clamp(min=1)
+            self._projected_factor = 1.0 / total_weight
         self._device = DeviceCache()
         self._at_resolution: dict[int, CanvasViews] = {}
 
@@ -289,6 +312,20 @@ class CanvasViews:
         other.crops = list(crops)
         other._count_views()
         return other
+
+    def with_crop_weight(self, weight: torch.Tensor) -> "CanvasViews":
+        """The same views, fused with the crop windows' average weighted by ``weight`` (1, 1, H, W) float32
+        against each projected view's 1 (class docstring). Raises ValueError for another shape."""
+        if tuple(weight.shape) != (1, 1, self.canvas.height, self.canvas.width):
+            raise ValueError(f"A crop weight must be (1, 1, {self.canvas.height}, {self.canvas.width}), not {tuple(weight.shape)}.")
+        other = copy.copy(self)
+        other.crop_weight = weight.to(torch.float32)
+        other._count_views()
+        return other
+
+    def crop_coverage(self) -> torch.Tensor:
+        """How many crop windows see each canvas pixel: (1, 1, H, W) float32 whole numbers."""
+        return self._crop_coverage
 
     def __len__(self) -> int:
         return len(self.crops) + len(self.projected)
@@ -327,16 +364,27 @@ class CanvasViews:
         return torch.where(count > 0, total / count.clamp(min=1), canvas_tensor)
 
     def fuse(self, view_tensors: torch.Tensor) -> torch.Tensor:
-        """The canvas (1, C, H, W) that averages ``view_tensors`` (len(self), C, size, size) where views overlap."""
+        """The canvas (1, C, H, W) that averages ``view_tensors`` (len(self), C, size, size) where views overlap
+        (with a ``crop_weight``: the windows' average weighted by it, class docstring)."""
         total = torch.zeros(1, view_tensors.shape[1], self.canvas.height, self.canvas.width,
                             dtype=view_tensors.dtype, device=view_tensors.device)
         for index, view in enumerate(self.crops):
             self.canvas.add(total, view, view_tensors[index : index + 1])
+        if self.crop_weight is None:
+            if self.projected:
+                total += self._warped_projected(view_tensors).sum(0, keepdim=True)
+            return total / self._on("_coverage_divisor", view_tensors)
+        fused = total * self._on("_crop_factor", view_tensors)
         if self.projected:
-            warped = F.grid_sample(view_tensors[len(self.crops):], self._on("_fuse_grids", view_tensors),
-                                   mode="bilinear", padding_mode="border", align_corners=False)
-            total += (warped * self._on("_fuse_masks", view_tensors)).sum(0, keepdim=True)
-        return total / self._on("_coverage_divisor", view_tensors)
+            fused += self._warped_projected(view_tensors).sum(0, keepdim=True) * self._on("_projected_factor", view_tensors)
+        return fused
+
+    def _warped_projected(self, view_tensors: torch.Tensor) -> torch.Tensor:
+        """The projected views of ``view_tensors`` (len(self), C, size, size) warped onto the canvas, each 0
+        where it does not see: (len(projected), C, H, W)."""
+        warped = F.grid_sample(view_tensors[len(self.crops):], self._on("_fuse_grids", view_tensors),
+                               mode="bilinear", padding_mode="border", align_corners=False)
+        return warped * self._on("_fuse_masks", view_tensors)
 
     def at_resolution(self, divisor: int) -> "CanvasViews":
         """The same views on the canvas ``divisor`` times smaller on each side (a UNet feature resolution:
@@ -359,7 +407,8 @@ class CanvasViews:
                              f"size and every window position must be multiples of {divisor}.")
         canvas = Canvas(self.canvas.kind, self.canvas.height // divisor, self.canvas.width // divisor)
         crops = [CropView(view.top // divisor, view.left // divisor, view.height // divisor, view.width // divisor) for view in self.crops]
-        return CanvasViews(canvas, crops, self.projected, self.size // divisor if self.size else None)
+        return CanvasViews(canvas, crops, self.projected, self.size // divisor if self.size else None,
+                           None if self.crop_weight is None else _pooled(self.crop_weight, divisor))
 
     def subset(self, indices) -> "CanvasViews":
         """The views numbered ``indices`` (ascending view numbers: crops first, then projected) on the same
@@ -367,7 +416,7 @@ class CanvasViews:
         indices = list(indices)
         crops = [self.crops[index] for index in indices if index < len(self.crops)]
         projected = [self.projected[index - len(self.crops)] for index in indices if index >= len(self.crops)]
-        return CanvasViews(self.canvas, crops, projected, self.size)
+        return CanvasViews(self.canvas, crops, projected, self.size, self.crop_weight)
 
     def seeing(self, yaw: float, pitch: float) -> list[int]:
         """The numbers of the views that see the direction (yaw, pitch) in degrees (equirect canvases only).
