@@ -47,8 +47,8 @@ def generate_image(resolved: ResolvedRequest, model: LoadedModel, report: StepRe
     noise. Raises OutOfMemory when the last attempt fails too, JobCancelled when ``report`` or ``stage`` says so."""
     pipeline = model.pipeline
     plan = plan_memory(resolved.params, model.device, model.dtype, activation_config(denoising_model(pipeline).config),
-                       pipeline.vae.config,
-                       max(resolved.views_per_step()), weights_bytes=weights_to_place(pipeline, model.device),
+                       pipeline.vae.config, max(resolved.views_per_step()),
+                       weights_bytes=weights_to_place(pipeline, model.device),
                        vae_dtype=pipeline.vae.dtype, component_bytes=component_bytes(pipeline))
     attempts = memory_attempts(resolved.params, plan, model.device)
     retries = []
@@ -111,7 +111,7 @@ def denoise(resolved: ResolvedRequest, model: LoadedModel, report: StepReport, p
     the seed's noise."""
     params, views = resolved.params, resolved.views
     placement = placement or StagePlacement(model.pipeline, model.device, offload=False)
-    scheduler = make_scheduler(params.scheduler, model.pipeline.scheduler.config, view_tokens(resolved, model))
+    scheduler = make_scheduler(params.scheduler, model.pipeline.scheduler.config, transformer_view_tokens(resolved, model))
     check_steps(scheduler, params.steps)
     began = time.perf_counter()
     start = None
@@ -157,8 +157,8 @@ def prompt_denoiser(resolved: ResolvedRequest, model: LoadedModel) -> GuidedUNet
     view's prompt (``resolved.prompts``/``prompt_rows``) encoded once, by the pipeline's own ``encode_prompt``.
     An SDXL model's denoiser (``GuidedSDXLUNetDenoiser``) also takes each prompt's pooled embedding and the time
     ids of a whole image of the window's size (``sdxl_time_ids``); an SD3 model's (``GuidedSD3TransformerDenoiser``)
-    its transformer with each prompt's joint text tokens and pooled projections. Raises BadRequest for an SDXL UNet that does
-    not take SDXL's six time ids."""
+    is its transformer with each prompt's joint text tokens and pooled projections. Raises BadRequest for an SDXL
+    UNet that does not take SDXL's six time ids."""
     params = resolved.params
     uses_guidance = params.guidance > 1.0
     prompts = list(resolved.prompts)
@@ -349,7 +349,7 @@ def check_steps(scheduler, steps: int) -> None:
                          f"would pass the model's {levels} noise levels; use fewer steps (20-50 are typical).")
 
 
-def view_tokens(resolved: ResolvedRequest, model: LoadedModel) -> int | None:
+def transformer_view_tokens(resolved: ResolvedRequest, model: LoadedModel) -> int | None:
     """Tokens of one view in ``model``'s transformer ((window / patch size)²), None for a UNet."""
     patch = denoising_model(model.pipeline).config.get("patch_size")
     return (resolved.params.window // patch) ** 2 if patch else None
