@@ -27,13 +27,13 @@ def redraw_areas(context, area_types):
                 area.tag_redraw()
 
 
-class SYNCSPHERE_OT_generate(Operator):
-    """Generate with the backend and put the result into the scene; with Variations above 1, that many images,
-    one after another, each into the History"""
-
-    bl_idname = "syncsphere.generate"
-    bl_label = "Generate"
-    bl_options = {"REGISTER"}
+class JobRunner:
+    """What Generate and Upscale share (a mixin of their operators): start the jobs a subclass's ``prepare`` makes
+    after its checks, follow them (synchronously in background mode, else from a modal timer), record each in the
+    History and apply it (``finish_job``), and report how the batch ended. A subclass defines ``prepare(context,
+    settings, prefs, python)`` -> (worker, runs, problem) and ``begin(context, settings, runs)``, which sets
+    ``values`` (what the History records), ``mode`` (how results are applied), ``title`` (None: after the prompt)
+    and ``made``."""
 
     @classmethod
     def poll(cls, context):
@@ -60,48 +60,6 @@ class SYNCSPHERE_OT_generate(Operator):
         self._timer = context.window_manager.event_timer_add(0.25, window=context.window)
         context.window_manager.modal_handler_add(self)
         return {"RUNNING_MODAL"}
-
-    def begin(self, context, settings, runs):
-        """Remember, as pressed, what each job records in the history and how its result is applied (the panel may
-        change while a batch runs), and show the seed used, random or not."""
-        settings.seed = runs[0][0]
-        self.values, self.mode, self.title, self.made = history_values(settings), settings.mode, None, []
-
-    @staticmethod
-    def prepare(context, settings, prefs, python):
-        """(worker, runs, None) for a batch that can start: runs are (seed, params, out_dir), one per variation;
-        else (None, None, the first problem in one sentence). Nothing is started and no process spawned before
-        every check has passed: the prompt, the backend (``check_backend``), a custom size, the start image, and
-        the backend's own checks of the params."""
-        if not settings.prompt.strip():
-            return None, None, "Type a prompt first: it describes what to generate"
-        remote, out_root, log_path, problem = check_backend(context, settings.mode, prefs, python)
-        if problem:
-            return None, None, problem
-        window_px = model_list.native_window_px(prefs.default_model, model_list.cached_models())
-        start_path = bpy.path.abspath(settings.start_image_path) if settings.start_image_path.strip() else ""
-        problem = (preflight.custom_size_problem(settings, window_px)
-                   or preflight.start_image_problem(settings.start_image_source, start_path, remote is None))
-        if problem:
-            return None, None, problem
-        init_image = None
-        if settings.start_image_source == image_input.START_FROM_FILE:
-            init_image = os.path.abspath(start_path)
-        elif settings.start_image_source == image_input.START_FROM_WORLD:
-            # Saved for the backend when it is packed, generated or edited; the user's image is only read.
-            init_image = world.world_image_file(context.scene.world, tempfile.mkdtemp(prefix="syncsphere-start-"))
-            if init_image is None:
-                return None, None, preflight.NO_WORLD_IMAGE
-        device = prefs.device if settings.device == "PREFERENCES" else settings.device
-        runs = []
-        for seed in generation.variation_seeds(settings, settings.variations):
-            params = generation.generate_params(settings, seed, model=prefs.default_model, device=device,
-                                                window_px=window_px, init_image=init_image)
-            runs.append((seed, params, generation.job_folder(out_root, settings.prompt, seed)))
-        problem = preflight.request_problem(runs[0][1], runs[0][2])  # the seeds alone differ
-        if problem:
-            return None, None, problem
-        return make_worker(prefs, python, remote, log_path), runs, None
 
     def modal(self, context, event):
         """Follow the batch on each timer tick: handle each job as it ends and start the next; finish at the end."""
@@ -160,6 +118,57 @@ class SYNCSPHERE_OT_generate(Operator):
         return {"FINISHED"}
 
 
+class SYNCSPHERE_OT_generate(JobRunner, Operator):
+    """Generate with the backend and put the result into the scene; with Variations above 1, that many images,
+    one after another, each into the History"""
+
+    bl_idname = "syncsphere.generate"
+    bl_label = "Generate"
+    bl_options = {"REGISTER"}
+
+    def begin(self, context, settings, runs):
+        """Remember, as pressed, what each job records in the history and how its result is applied (the panel may
+        change while a batch runs), and show the seed used, random or not."""
+        settings.seed = runs[0][0]
+        self.values, self.mode, self.title, self.made = history_values(settings), settings.mode, None, []
+
+    @staticmethod
+    def prepare(context, settings, prefs, python):
+        """(worker, runs, None) for a batch that can start: runs are (seed, params, out_dir), one per variation;
+        else (None, None, the first problem in one sentence). Nothing is started and no process spawned before
+        every check has passed: the prompt, the backend (``check_backend``), a custom size, the start image, and
+        the backend's own checks of the params."""
+        if not settings.prompt.strip():
+            return None, None, "Type a prompt first: it describes what to generate"
+        remote, out_root, log_path, problem = check_backend(context, settings.mode, prefs, python)
+        if problem:
+            return None, None, problem
+        window_px = model_list.native_window_px(prefs.default_model, model_list.cached_models())
+        start_path = bpy.path.abspath(settings.start_image_path) if settings.start_image_path.strip() else ""
+        problem = (preflight.custom_size_problem(settings, window_px)
+                   or preflight.start_image_problem(settings.start_image_source, start_path, remote is None))
+        if problem:
+            return None, None, problem
+        init_image = None
+        if settings.start_image_source == image_input.START_FROM_FILE:
+            init_image = os.path.abspath(start_path)
+        elif settings.start_image_source == image_input.START_FROM_WORLD:
+            # Saved for the backend when it is packed, generated or edited; the user's image is only read.
+            init_image = world.world_image_file(context.scene.world, tempfile.mkdtemp(prefix="syncsphere-start-"))
+            if init_image is None:
+                return None, None, preflight.NO_WORLD_IMAGE
+        device = prefs.device if settings.device == "PREFERENCES" else settings.device
+        runs = []
+        for seed in generation.variation_seeds(settings, settings.variations):
+            params = generation.generate_params(settings, seed, model=prefs.default_model, device=device,
+                                                window_px=window_px, init_image=init_image)
+            runs.append((seed, params, generation.job_folder(out_root, settings.prompt, seed)))
+        problem = preflight.request_problem(runs[0][1], runs[0][2])  # the seeds alone differ
+        if problem:
+            return None, None, problem
+        return make_worker(prefs, python, remote, log_path), runs, None
+
+
 def check_backend(context, mode, prefs, python):
     """The checks before any job, generation or upscale, of a result of ``mode``: the backend (the Python, the SSH
     host or the server, and Blender's online access for a remote one), a mesh for a tileable texture, a writable
@@ -202,7 +211,7 @@ def make_worker(prefs, python, remote, log_path):
     return session.get_worker(command, env, backend_command.EXTENSION_DIR, log_path, remote)
 
 
-class SYNCSPHERE_OT_history_upscale(SYNCSPHERE_OT_generate):
+class SYNCSPHERE_OT_history_upscale(JobRunner, Operator):
     """Upscale this generation 2 or 4 times (at most 8192x4096 px): its image re-drawn at the larger size with the
     same views, into the History and the scene as a new result; the original stays"""
 
