@@ -2,7 +2,6 @@
 rules before any job), Start from Image's params and checks, and Upscale x2 / x4 of a history item, which is the
 backend's ``upscale`` command sent as a generate job (blender_addon/core/image_input.py, preflight.py)."""
 
-import argparse
 import types
 
 import numpy as np

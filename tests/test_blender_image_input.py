@@ -2,8 +2,6 @@
 from Image with a file and with the World's image, Upscale x2 of a history item, and a custom size the backend would
 refuse, refused before any job starts (docs/blender.md, "Image input and 8K")."""
 
-import json
-
 from PIL import Image
 
 from test_blender_generate import extension_zip, run_blender  # noqa: F401 (a fixture)
