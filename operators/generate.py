@@ -2,19 +2,21 @@
 operators. Thin: the work is in ``blender_addon``."""
 
 import os
+import tempfile
 
 import bpy
 from bpy.props import EnumProperty, IntProperty
 from bpy.types import Operator
 
-from ..blender_addon.core import backend_command, generation, model_list, preflight, server_client, session
+from ..blender_addon.core import (backend_command, generation, image_input, model_list, preflight, server_client,
+                                  session)
 from ..blender_addon.core.names import prompt_title
 from ..blender_addon.scene.preferences import (get_preferences, interpreter_path, output_folder, remote_backend,
                                                user_folder)
 from ..blender_addon.scene import preview, world
 from ..blender_addon.scene.properties import STYLE_ITEMS
-from ..blender_addon.scene.results import (add_history, apply_result, history_values, result_problem,
-                                           reuse_settings)
+from ..blender_addon.scene.results import (add_history, apply_result, generation_title, history_values,
+                                           result_problem, reuse_settings)
 
 
 def redraw_areas(context, area_types):
@@ -25,13 +27,13 @@ def redraw_areas(context, area_types):
                 area.tag_redraw()
 
 
-class SYNCSPHERE_OT_generate(Operator):
-    """Generate with the backend and put the result into the scene; with Variations above 1, that many images,
-    one after another, each into the History"""
-
-    bl_idname = "syncsphere.generate"
-    bl_label = "Generate"
-    bl_options = {"REGISTER"}
+class JobRunner:
+    """What Generate and Upscale share (a mixin of their operators): start the jobs a subclass's ``prepare`` makes
+    after its checks, follow them (synchronously in background mode, else from a modal timer), record each in the
+    History and apply it (``finish_job``), and report how the batch ended. A subclass defines ``prepare(context,
+    settings, prefs, python)`` -> (worker, runs, problem) and ``begin(context, settings, runs)``, which sets
+    ``values`` (what the History records), ``mode`` (how results are applied), ``title`` (None: after the prompt)
+    and ``made``."""
 
     @classmethod
     def poll(cls, context):
@@ -47,10 +49,7 @@ class SYNCSPHERE_OT_generate(Operator):
         if problem:
             self.report({"ERROR"}, problem)
             return {"CANCELLED"}
-        settings.seed = runs[0][0]  # the seed used is shown, random or not
-        # What each job records in the history and how its result is applied, as pressed (the panel may
-        # change while a batch runs).
-        self.values, self.mode, self.made = history_values(settings), settings.mode, []
+        self.begin(context, settings, runs)
         batch = session.start_batch(worker, runs, hang_timeout_s=prefs.timeout_s)
         if bpy.app.background or context.window is None:
             while True:  # no event loop: scripts and tests get the results synchronously
@@ -61,54 +60,6 @@ class SYNCSPHERE_OT_generate(Operator):
         self._timer = context.window_manager.event_timer_add(0.25, window=context.window)
         context.window_manager.modal_handler_add(self)
         return {"RUNNING_MODAL"}
-
-    @staticmethod
-    def prepare(context, settings, prefs, python):
-        """(worker, runs, None) for a batch that can start: runs are (seed, params, out_dir), one per variation;
-        else (None, None, the first problem in one sentence). Nothing is started and no process spawned before
-        every check has passed: the prompt, the backend Python, a mesh for a tileable texture, a writable output
-        folder, the model (when the last models listing can tell), and the backend's own checks of the params."""
-        if not settings.prompt.strip():
-            return None, None, "Type a prompt first: it describes what to generate"
-        remote = remote_backend(prefs)  # Backend = SSH: the GPU machine; Server: the shared server; else None
-        server = isinstance(remote, server_client.ServerBackend)
-        if remote is not None and not bpy.app.online_access:
-            return None, None, (server_client.SERVER_NEEDS_ONLINE_ACCESS if server
-                                else backend_command.SSH_NEEDS_ONLINE_ACCESS)
-        problem = ((remote.problem() if remote is not None else backend_command.interpreter_error(python))
-                   or result_problem(context, settings.mode))
-        if problem:
-            return None, None, problem
-        try:
-            out_root, log_path = output_folder(prefs), os.path.join(user_folder("logs"), "backend.log")
-        except ValueError as error:
-            return None, None, str(error)
-        # The models listing is of this machine's cache: it says nothing of a remote backend's.
-        listed = model_list.has_listed() and not model_list.listing_error() and remote is None
-        problem = (preflight.output_folder_problem(out_root)
-                   or (remote is None and preflight.model_problem(prefs.default_model, model_list.cached_models(),
-                                                                  listed, bpy.app.online_access)))
-        if problem:
-            return None, None, problem
-        device = prefs.device if settings.device == "PREFERENCES" else settings.device
-        runs = []
-        window_px = model_list.native_window_px(prefs.default_model, model_list.cached_models())
-        for seed in generation.variation_seeds(settings, settings.variations):
-            params = generation.generate_params(settings, seed, model=prefs.default_model, device=device,
-                                                window_px=window_px)
-            runs.append((seed, params, generation.job_folder(out_root, settings.prompt, seed)))
-        problem = preflight.request_problem(runs[0][1], runs[0][2])  # the seeds alone differ
-        if problem:
-            return None, None, problem
-        if server:  # no process here: the server runs the jobs
-            command, env = None, None
-        elif remote is not None:  # ssh gets Blender's environment as it is (its agent socket included)
-            command, env = remote.command(allow_network=bpy.app.online_access), None
-        else:
-            command = backend_command.backend_command(python)
-            env = backend_command.backend_environment(allow_network=bpy.app.online_access)
-        worker = session.get_worker(command, env, backend_command.EXTENSION_DIR, log_path, remote)
-        return worker, runs, None
 
     def modal(self, context, event):
         """Follow the batch on each timer tick: handle each job as it ends and start the next; finish at the end."""
@@ -132,7 +83,8 @@ class SYNCSPHERE_OT_generate(Operator):
         if job.state != "done":
             return
         settings = context.scene.syncsphere
-        item = add_history(settings, job.params["seed"], job.outputs, values=self.values)
+        item = add_history(settings, job.params["seed"], job.outputs, values=self.values,
+                           title=self.title and generation_title(settings, "", self.title))
         self.made.append(item.seed)
         try:
             message = apply_result(context, settings, self.mode, job.outputs, item.title)
@@ -164,6 +116,145 @@ class SYNCSPHERE_OT_generate(Operator):
             self.report({"INFO"}, f"Made {made} variations (seeds {', '.join(map(str, self.made))}); "
                                   "each is in the History")
         return {"FINISHED"}
+
+
+class SYNCSPHERE_OT_generate(JobRunner, Operator):
+    """Generate with the backend and put the result into the scene; with Variations above 1, that many images,
+    one after another, each into the History"""
+
+    bl_idname = "syncsphere.generate"
+    bl_label = "Generate"
+    bl_options = {"REGISTER"}
+
+    def begin(self, context, settings, runs):
+        """Remember, as pressed, what each job records in the history and how its result is applied (the panel may
+        change while a batch runs), and show the seed used, random or not."""
+        settings.seed = runs[0][0]
+        self.values, self.mode, self.title, self.made = history_values(settings), settings.mode, None, []
+
+    @staticmethod
+    def prepare(context, settings, prefs, python):
+        """(worker, runs, None) for a batch that can start: runs are (seed, params, out_dir), one per variation;
+        else (None, None, the first problem in one sentence). Nothing is started and no process spawned before
+        every check has passed: the prompt, the backend (``check_backend``), a custom size, the start image, and
+        the backend's own checks of the params."""
+        if not settings.prompt.strip():
+            return None, None, "Type a prompt first: it describes what to generate"
+        remote, out_root, log_path, problem = check_backend(context, settings.mode, prefs, python)
+        if problem:
+            return None, None, problem
+        window_px = model_list.native_window_px(prefs.default_model, model_list.cached_models())
+        start_path = bpy.path.abspath(settings.start_image_path) if settings.start_image_path.strip() else ""
+        problem = (preflight.custom_size_problem(settings, window_px)
+                   or preflight.start_image_problem(settings.start_image_source, start_path, remote is None))
+        if problem:
+            return None, None, problem
+        init_image = None
+        if settings.start_image_source == image_input.START_FROM_FILE:
+            init_image = os.path.abspath(start_path)
+        elif settings.start_image_source == image_input.START_FROM_WORLD:
+            # Saved for the backend when it is packed, generated or edited; the user's image is only read.
+            init_image = world.world_image_file(context.scene.world, tempfile.mkdtemp(prefix="syncsphere-start-"))
+            if init_image is None:
+                return None, None, preflight.NO_WORLD_IMAGE
+        device = prefs.device if settings.device == "PREFERENCES" else settings.device
+        runs = []
+        for seed in generation.variation_seeds(settings, settings.variations):
+            params = generation.generate_params(settings, seed, model=prefs.default_model, device=device,
+                                                window_px=window_px, init_image=init_image)
+            runs.append((seed, params, generation.job_folder(out_root, settings.prompt, seed)))
+        problem = preflight.request_problem(runs[0][1], runs[0][2])  # the seeds alone differ
+        if problem:
+            return None, None, problem
+        return make_worker(prefs, python, remote, log_path), runs, None
+
+
+def check_backend(context, mode, prefs, python):
+    """The checks before any job, generation or upscale, of a result of ``mode``: the backend (the Python, the SSH
+    host or the server, and Blender's online access for a remote one), a mesh for a tileable texture, a writable
+    output folder, and the model (when the last models listing can tell). Returns (remote, output root, log path,
+    None), or (None, None, None, the first problem in one sentence); ``remote``: the preferences'
+    ``remote_backend`` (None: local)."""
+    remote = remote_backend(prefs)  # Backend = SSH: the GPU machine; Server: the shared server; else None
+    server = isinstance(remote, server_client.ServerBackend)
+    if remote is not None and not bpy.app.online_access:
+        return None, None, None, (server_client.SERVER_NEEDS_ONLINE_ACCESS if server
+                                  else backend_command.SSH_NEEDS_ONLINE_ACCESS)
+    problem = ((remote.problem() if remote is not None else backend_command.interpreter_error(python))
+               or result_problem(context, mode))
+    if problem:
+        return None, None, None, problem
+    try:
+        out_root, log_path = output_folder(prefs), os.path.join(user_folder("logs"), "backend.log")
+    except ValueError as error:
+        return None, None, None, str(error)
+    # The models listing is of this machine's cache: it says nothing of a remote backend's.
+    listed = model_list.has_listed() and not model_list.listing_error() and remote is None
+    problem = (preflight.output_folder_problem(out_root)
+               or (remote is None and preflight.model_problem(prefs.default_model, model_list.cached_models(),
+                                                              listed, bpy.app.online_access)))
+    if problem:
+        return None, None, None, problem
+    return remote, out_root, log_path, None
+
+
+def make_worker(prefs, python, remote, log_path):
+    """The shared worker (``session.get_worker``) for the preferences' backend: a local process with ``python``, the
+    ssh command of ``remote``, or the server's client."""
+    if isinstance(remote, server_client.ServerBackend):  # no process here: the server runs the jobs
+        command, env = None, None
+    elif remote is not None:  # ssh gets Blender's environment as it is (its agent socket included)
+        command, env = remote.command(allow_network=bpy.app.online_access), None
+    else:
+        command = backend_command.backend_command(python)
+        env = backend_command.backend_environment(allow_network=bpy.app.online_access)
+    return session.get_worker(command, env, backend_command.EXTENSION_DIR, log_path, remote)
+
+
+class SYNCSPHERE_OT_history_upscale(JobRunner, Operator):
+    """Upscale this generation 2 or 4 times (at most 8192x4096 px): its image re-drawn at the larger size with the
+    same views, into the History and the scene as a new result; the original stays"""
+
+    bl_idname = "syncsphere.history_upscale"
+    bl_label = "Upscale"
+    bl_options = {"REGISTER"}
+
+    index: IntProperty(default=0)
+    scale: IntProperty(name="Scale", default=2, min=2, max=4)
+
+    def prepare(self, context, settings, prefs, python):
+        """(worker, [(seed, params, out_dir)], None) for the upscale job of the history item (``image_input.
+        upscale_params``: its settings and seed, the panel's Window, Stride, Memory and Device), or (None, None,
+        the first problem): the checks of Generate's backend (``check_backend``), the item's image (there, and
+        at most 8192x4096 px upscaled: ``preflight.upscale_problem``) and the backend's checks of the params."""
+        item = history_item(context, self.index)
+        if item is None:
+            return None, None, "There is no such generation in the History"
+        if self.scale not in image_input.UPSCALE_FACTORS:
+            return None, None, f"Upscale is x2 or x4, not x{self.scale}"
+        remote, out_root, log_path, problem = check_backend(context, item.mode, prefs, python)
+        if problem:
+            return None, None, problem
+        size = image_input.png_size(item.png_path)
+        problem = preflight.upscale_problem(item.png_path, size, self.scale, remote is None)
+        if problem:
+            return None, None, problem
+        values = dict(history_values(item), seed=item.seed)
+        device = prefs.device if settings.device == "PREFERENCES" else settings.device
+        params = image_input.upscale_params(values, os.path.abspath(item.png_path), size, self.scale, settings,
+                                            model=prefs.default_model, device=device)
+        out_dir = generation.job_folder(out_root, item.prompt, item.seed)
+        problem = preflight.request_problem(params, out_dir)
+        if problem:
+            return None, None, problem
+        return make_worker(prefs, python, remote, log_path), [(item.seed, params, out_dir)], None
+
+    def begin(self, context, settings, runs):
+        """The upscale records the item's settings, is applied as the item's mode, and is titled after it ("Harbour
+        At Dusk x2")."""
+        item = history_item(context, self.index)
+        self.values, self.mode, self.made = history_values(item), item.mode, []
+        self.title = f"{item.title or prompt_title(item.prompt)} x{self.scale}"
 
 
 class SYNCSPHERE_OT_cancel(Operator):
@@ -269,4 +360,4 @@ class SYNCSPHERE_OT_restore_world(Operator):
 
 
 classes = (SYNCSPHERE_OT_generate, SYNCSPHERE_OT_cancel, SYNCSPHERE_OT_apply_style, SYNCSPHERE_OT_history_apply,
-           SYNCSPHERE_OT_history_reuse, SYNCSPHERE_OT_restore_world)
+           SYNCSPHERE_OT_history_reuse, SYNCSPHERE_OT_history_upscale, SYNCSPHERE_OT_restore_world)

@@ -7,7 +7,7 @@ current job (blender_addon/core/session.py), and call the operators.
 import bpy
 from bpy.types import Panel
 
-from ..blender_addon.core import generation, model_list, session
+from ..blender_addon.core import generation, image_input, model_list, session
 from ..blender_addon.scene import material, world
 from ..blender_addon.scene.preferences import draw_sentence, get_preferences
 from ..blender_addon.scene.results import thumbnail_icon
@@ -17,8 +17,9 @@ from .preview import draw_preview
 
 def draw_main(layout, context):
     """The artist's controls, in the order they are decided: Prompt; Style (its menu, then the Style Prompt and
-    Avoid it filled, both editable); Mode; Size; Quality (with a note when the Advanced settings make its schedule
-    dense); Seed; Generate with its Variations count, or Cancel with the batch's progress; the last error and the
+    Avoid it filled, both editable); Mode; Size (with Width and Height when it is Custom); Quality (with a note when
+    the Advanced settings make its schedule dense); Start from Image (Image File with File, Strength with a file
+    or the World's image); Seed; Generate with its Variations count, or Cancel with the batch's progress; the last error and the
     latest result. Research controls are in the Advanced sub-panel, the model in Backend."""
     # First run (panels/first_run.py): what to do before Generate works, the backend then the model, on top.
     draw_first_run(layout, context)
@@ -40,12 +41,24 @@ def draw_main(layout, context):
     # The sizes follow the chosen model's view size (1024 px for SDXL): the label says what will be sent.
     window_px = model_list.native_window_px(prefs.default_model, model_list.cached_models()) if prefs else \
         model_list.DEFAULT_WINDOW_PX
-    width, height = generation.resolution(settings.mode, settings.resolution, window_px)
-    column.prop(settings, "resolution", text=f"Size ({width}x{height})")
+    if settings.resolution == generation.CUSTOM_SIZE:  # checked before a job: preflight.custom_size_problem
+        column.prop(settings, "resolution", text="Size")
+        size = column.column(align=True)
+        size.prop(settings, "custom_width")
+        size.prop(settings, "custom_height")
+    else:
+        width, height = generation.resolution(settings.mode, settings.resolution, window_px)
+        column.prop(settings, "resolution", text=f"Size ({width}x{height})")
     column.prop(settings, "quality")
     note = generation.schedule_note(settings)
     if note:
         column.label(text=note, icon="INFO")
+    # Start from Image (core/image_input.py): a file or the World's image, re-drawn as much as Strength says.
+    column.prop(settings, "start_image_source")
+    if settings.start_image_source == image_input.START_FROM_FILE:
+        column.prop(settings, "start_image_path")
+    if settings.start_image_source != image_input.START_FROM_NOISE:
+        column.prop(settings, "strength", slider=True)
     row = column.row(align=True)
     row.prop(settings, "seed")
     row.prop(settings, "randomize_seed", text="", icon="FILE_REFRESH", toggle=True)
@@ -171,7 +184,8 @@ HISTORY_METHOD_LABELS = {"MULTIDIFFUSION": ", MultiDiffusion", "SYNCDIFFUSION": 
 
 def draw_history(layout, context):
     """Past generations with a thumbnail, title (named after the prompt), seed, mode and quality, and how each ran
-    (its schedule and views per step, when its metadata said); apply one again or reuse its settings."""
+    (its schedule and views per step, when its metadata said); apply one again, reuse its settings, or upscale it
+    x2 or x4."""
     settings = context.scene.syncsphere
     if not settings.history:
         layout.label(text="Nothing generated yet")
@@ -191,6 +205,10 @@ def draw_history(layout, context):
         buttons = column.row(align=True)
         buttons.operator("syncsphere.history_apply", text="Apply").index = index
         buttons.operator("syncsphere.history_reuse", text="Reuse").index = index
+        # Upscale: a new result from this one's image (operators/generate.py, SYNCSPHERE_OT_history_upscale).
+        for scale in image_input.UPSCALE_FACTORS:
+            upscale = buttons.operator("syncsphere.history_upscale", text=f"x{scale}", icon="FULLSCREEN_ENTER")
+            upscale.index, upscale.scale = index, scale
 
 
 def draw_backend(layout, context):

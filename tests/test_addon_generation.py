@@ -23,7 +23,8 @@ def settings(**overrides):
                   randomize_seed=False, steps=30, guidance=6.5, quality="BALANCED", sync_method="AUTO", window=0, stride=0,
                   device="PREFERENCES", sync_weight=20.0, sync_steps=10, sync_fast=False, syncsde_lambda=5.0,
                   mad=False, view_set="AUTO", prompt_up="", prompt_down="", hdr=True, exposure=0.0, sun_ratio=6.0,
-                  use_sun_direction=False, sun_yaw=0.0, sun_pitch=45.0, memory="auto")
+                  use_sun_direction=False, sun_yaw=0.0, sun_pitch=45.0, memory="auto", custom_width=2048,
+                  custom_height=1024, start_image_source="NONE", start_image_path="", strength=0.8)
     values.update(overrides)
     return types.SimpleNamespace(**values)
 

@@ -29,6 +29,10 @@ SETTINGS = {"prompt", "style", "style_prompt", "negative_prompt", "mode", "resol
             "sync_method", "sync_weight", "sync_steps", "sync_fast", "syncsde_lambda", "mad", "view_set",
             "prompt_up", "prompt_down", "window", "stride", "device", "memory", "hide_from_camera", "face_camera",
             "preview_in_world"}
+# Issue 18's image controls in the main panel: Start from Image always; Width and Height only with Size = Custom,
+# Image File only with Start from Image = File, Strength with a file or the World's image.
+SETTINGS |= {"custom_width", "custom_height", "start_image_source", "start_image_path", "strength"}
+CONDITIONAL_IMAGE_SETTINGS = {"custom_width", "custom_height", "start_image_path", "strength"}
 # The Lighting sub-panel's (360° World; tests/test_blender_lighting.py draws it in detail).
 SETTINGS |= {"hdr", "exposure", "sun_ratio", "use_sun_direction", "sun_yaw", "sun_pitch", "sun_mode"}
 # The Advanced sub-panel's synchronisation controls (the research controls; the main panel has Quality).
@@ -44,8 +48,13 @@ WORLD_VIEW_SETTINGS = ["view_set", "prompt_up", "prompt_down"]
 # The main panel, top to bottom (issue 21): Prompt, Style (its menu, then the Style Prompt and Avoid it fills), Mode,
 # Size, Quality, Seed (and Randomize), Generate (and its Variations count). "style" is the Style menu (an operator's
 # menu, see _main_rows) and "generate" the Generate button.
-MAIN_ROWS = ["prompt", "style", "style_prompt", "negative_prompt", "mode", "resolution", "quality", "seed",
-             "randomize_seed", "generate", "variations"]
+MAIN_ROWS = ["prompt", "style", "style_prompt", "negative_prompt", "mode", "resolution", "quality",
+             "start_image_source", "seed", "randomize_seed", "generate", "variations"]
+# With Size = Custom and Start from Image = File: Width and Height under the Size, Image File and Strength under
+# Start from Image.
+MAIN_ROWS_WITH_IMAGE = ["prompt", "style", "style_prompt", "negative_prompt", "mode", "resolution", "custom_width",
+                        "custom_height", "quality", "start_image_source", "start_image_path", "strength", "seed",
+                        "randomize_seed", "generate", "variations"]
 # The research controls, all in the Advanced sub-panel (for a 360° World; WORLD_VIEW_SETTINGS only there).
 ADVANCED_SETTINGS = ["steps", "guidance"] + WORLD_VIEW_SETTINGS + ["sync_method", "mad", "window", "stride", "device",
                                                                   "memory"]
@@ -352,7 +361,11 @@ by_method = {}
 for method in ("AUTO", "MULTIDIFFUSION", "SYNCSDE", "SYNCDIFFUSION"):
     settings.sync_method = method
     by_method[method] = draw_all()
-result({"registered": registered, "by method": by_method,
+settings.resolution, settings.start_image_source = "CUSTOM", "FILE"
+with_image = draw("SYNCSPHERE_PT_view3d")
+settings.start_image_source = "WORLD"
+with_world_image = draw("SYNCSPHERE_PT_view3d")
+result({"registered": registered, "by method": by_method, "with image": with_image, "with world image": with_world_image,
         "parents": {cls.bl_idname: getattr(cls, "bl_parent_id", "") for cls in panels._CLASSES}})
 """, tmp_path)
     # The list above is the whole of SyncSphereSettings' user settings: a new one must be added there.
@@ -365,10 +378,14 @@ result({"registered": registered, "by method": by_method,
             everything = [call for idname, calls in drawn.items()
                           if idname.startswith(f"SYNCSPHERE_PT_{location}") for call in calls]
             settings_drawn = _props(everything, "settings")
-            assert set(settings_drawn) == SETTINGS - others, (method, set(settings_drawn) ^ (SETTINGS - others))
+            expected = SETTINGS - others - CONDITIONAL_IMAGE_SETTINGS
+            assert set(settings_drawn) == expected, (method, set(settings_drawn) ^ expected)
             assert len(settings_drawn) == len(set(settings_drawn)), "a setting is drawn twice"
             every_method |= set(settings_drawn)
-    assert every_method == SETTINGS
+    assert every_method == SETTINGS - CONDITIONAL_IMAGE_SETTINGS
+    assert _main_rows(report["with image"]) == MAIN_ROWS_WITH_IMAGE
+    assert next(call for call in report["with image"] if call["args"].get("property") == "resolution")["args"]["text"] == "Size"
+    assert _main_rows(report["with world image"]) == [row for row in MAIN_ROWS_WITH_IMAGE if row != "start_image_path"]
     drawn = report["by method"]["SYNCDIFFUSION"]
     assert set(drawn) == {f"SYNCSPHERE_PT_{location}{sub}" for location in ("world", "view3d")
                           for sub in ("", "_result", "_lighting", "_advanced", "_history", "_backend")}
@@ -451,6 +468,7 @@ def test_every_control_the_backends_messages_are_translated_to_is_drawn_under_th
     report = _blender("""
 from syncsphere.blender_addon.scene import preferences
 settings.mode, settings.hdr, settings.use_sun_direction = "WORLD", True, True
+settings.start_image_source = "FILE"  # Image File and Strength are drawn only with a start image
 drawn = {}
 for method in ("SYNCDIFFUSION", "SYNCSDE"):  # each method's own options are drawn only with it
     settings.sync_method = method
@@ -911,7 +929,7 @@ result(report)
 # --- the History sub-panel -----------------------------------------------------------------------------
 
 
-def test_history_panel_draws_one_box_per_item_with_apply_and_reuse(tmp_path):
+def test_history_panel_draws_one_box_per_item_with_apply_reuse_and_upscale(tmp_path):
     report = _blender("""
 report = {"empty": draw("SYNCSPHERE_PT_world_history")}
 # Three generations, oldest first; add_history puts each new one on top.
@@ -960,7 +978,9 @@ result(report)
         operators = [(call["args"]["operator"], call["args"]["text"], call["properties"])
                      for call in inside if call["method"] == "operator"]
         assert operators == [("syncsphere.history_apply", "Apply", {"index": index}),
-                             ("syncsphere.history_reuse", "Reuse", {"index": index})]
+                             ("syncsphere.history_reuse", "Reuse", {"index": index}),
+                             ("syncsphere.history_upscale", "x2", {"index": index, "scale": 2}),
+                             ("syncsphere.history_upscale", "x4", {"index": index, "scale": 4})]
 
     # Ten items: the eight newest are listed.
     ten = report["ten"]

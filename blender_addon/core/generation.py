@@ -27,10 +27,21 @@ LAYOUT_OF_MODE = {"WORLD": "equirect", "TILE": "tile", "WIDE": "wide"}
 # of views whatever the model: an SDXL world (1024 px views) is 2048x1024 at Draft, never smaller than one view tall and two wide.
 RESOLUTION_WINDOW_PX = 512
 RESOLUTIONS = {
-    "WORLD": {"DRAFT": (1024, 512), "STANDARD": (2048, 1024), "HIGH": (4096, 2048)},
-    "TILE": {"DRAFT": (512, 512), "STANDARD": (1024, 1024), "HIGH": (2048, 2048)},
-    "WIDE": {"DRAFT": (2048, 512), "STANDARD": (3072, 768), "HIGH": (4096, 1024)},
+    "WORLD": {"DRAFT": (1024, 512), "STANDARD": (2048, 1024), "HIGH": (4096, 2048), "ULTRA": (8192, 4096)},
+    "TILE": {"DRAFT": (512, 512), "STANDARD": (1024, 1024), "HIGH": (2048, 2048), "ULTRA": (4096, 4096)},
+    "WIDE": {"DRAFT": (2048, 512), "STANDARD": (3072, 768), "HIGH": (4096, 1024), "ULTRA": (8192, 2048)},
 }
+# Presets made by generating at 1/factor of the size and upscaling (the backend's --upscale: img2img of the enlarged
+# image with the same views, docs/engine.md "Start from an image, upscale"), far cheaper than denoising 8K from
+# noise: preset -> factor.
+UPSCALED_PRESETS = {"ULTRA": 2}
+# The Size menu's Custom: the panel's Width and Height (``settings.custom_width`` / ``custom_height``), as typed.
+CUSTOM_SIZE = "CUSTOM"
+# The largest image the add-on asks for: the backend's upscaling limit (8192 px a side, 8192x4096 in all).
+MAX_SIDE_PX = request.MAX_UPSCALED_SIDE
+MAX_PIXELS = request.MAX_UPSCALED_PIXELS
+# A custom size's sides are multiples of this: the VAE factor of every Stable Diffusion family the add-on lists.
+SIZE_STEP_PX = 8
 
 MAX_SEED = 2**31 - 1  # Blender's IntProperty is 32-bit signed
 
@@ -111,6 +122,9 @@ FAST_SYNC_PARAMS = {"sync_decoder": "taesd", "sync_reuse_eps": True, "sync_loss_
 # the model's window.
 VIEWS_OF_SET = {"BAND": "band", "BAND_POLES": "band+poles", "RING": "ring", "CUBE": "cube"}
 
+# Start from Image's Strength by default: the backend's (diffusers' img2img default).
+DEFAULT_STRENGTH = request.DEFAULT_STRENGTH
+
 # SyncDiffusion's coherence weight: the backend's for its default perceptual loss, which the add-on never changes.
 DEFAULT_SYNC_WEIGHT = request.DEFAULT_SYNC_WEIGHTS[BACKEND_DEFAULTS["sync_loss"]]
 # SyncSDE's pull strength lambda.
@@ -125,12 +139,37 @@ LIGHTING_DECIMALS = 4
 
 
 def resolution(mode, preset, window_px=RESOLUTION_WINDOW_PX):
-    """(width, height) in pixels of a resolution ``preset`` (DRAFT, STANDARD, HIGH) for ``mode`` with a model whose
-    native views are ``window_px`` pixels (``model_list.native_window_px``): RESOLUTIONS scaled by
-    ``window_px`` / RESOLUTION_WINDOW_PX, each side a multiple of 64 px."""
+    """(width, height) in pixels of a resolution ``preset`` (DRAFT, STANDARD, HIGH, ULTRA) for ``mode`` with a model
+    whose native views are ``window_px`` pixels (``model_list.native_window_px``): RESOLUTIONS scaled by
+    ``window_px`` / RESOLUTION_WINDOW_PX, each side a multiple of 64 px, then shrunk (same aspect, rounded down to
+    64 px) to at most MAX_SIDE_PX a side and MAX_PIXELS in all: an SDXL world at Ultra is 8192x4096, not 16K."""
     width, height = RESOLUTIONS[mode][preset]
     scale = window_px / RESOLUTION_WINDOW_PX
-    return (max(64, round(width * scale / 64) * 64), max(64, round(height * scale / 64) * 64))
+    width, height = (max(64, round(width * scale / 64) * 64), max(64, round(height * scale / 64) * 64))
+    shrink = min(1.0, MAX_SIDE_PX / max(width, height), (MAX_PIXELS / (width * height)) ** 0.5)
+    if shrink < 1.0:
+        width, height = (max(64, int(width * shrink) // 64 * 64), max(64, int(height * shrink) // 64 * 64))
+    return width, height
+
+
+def canvas_size(settings, window_px=RESOLUTION_WINDOW_PX):
+    """(width, height) in pixels of the image Generate makes for ``settings``: the Size preset's (``resolution``),
+    or with Size CUSTOM_SIZE ``settings.custom_width`` x ``settings.custom_height`` as typed (checked by
+    ``preflight.custom_size_problem``)."""
+    if settings.resolution == CUSTOM_SIZE:
+        return int(settings.custom_width), int(settings.custom_height)
+    return resolution(settings.mode, settings.resolution, window_px)
+
+
+def size_params(settings, window_px=RESOLUTION_WINDOW_PX):
+    """The size params of ``settings``: ``width`` and ``height`` (``canvas_size``); for an UPSCALED_PRESETS preset
+    the size divided by its factor and ``upscale``, so the backend generates the smaller image and upscales it to
+    ``canvas_size``."""
+    width, height = canvas_size(settings, window_px)
+    factor = UPSCALED_PRESETS.get(settings.resolution)
+    if factor is None:
+        return {"width": width, "height": height}
+    return {"width": width // factor, "height": height // factor, "upscale": factor}
 
 
 def styled_prompt(prompt, style_prompt):
@@ -147,10 +186,14 @@ def variation_seeds(settings, count, rng=random):
     return [(int(settings.seed) + number) % (MAX_SEED + 1) for number in range(count)]
 
 
-def generate_params(settings, seed, *, model, device, window_px=RESOLUTION_WINDOW_PX):
+def generate_params(settings, seed, *, model, device, window_px=RESOLUTION_WINDOW_PX, init_image=None):
     """The protocol's generate params for ``settings`` with ``seed``.
 
-    ``width`` / ``height``: the Size preset for the model's view size ``window_px`` (``resolution``).
+    ``width`` / ``height`` (and ``upscale`` for the Ultra preset): the Size for the model's view size
+    ``window_px`` (``size_params``).
+    ``init_image``: the absolute path of the start image (Start from Image's file, or the World's image saved for
+    the backend), None to start from noise; with it ``strength`` (``settings.strength``, rounded to
+    LIGHTING_DECIMALS).
     ``prompt``: the prompt and the Style Prompt (``styled_prompt``); ``negative_prompt``: Avoid (which a style
     fills too).
     model: hub id or local path (the preferences' default model); device: auto, cuda, mps or cpu.
@@ -168,13 +211,11 @@ def generate_params(settings, seed, *, model, device, window_px=RESOLUTION_WINDO
     ``sun_ratio`` when they differ from the backend's defaults; ``sun_direction`` when
     ``settings.use_sun_direction``, with or without HDR.
     """
-    width, height = resolution(settings.mode, settings.resolution, window_px)
     params = {
         "prompt": styled_prompt(settings.prompt, settings.style_prompt),
         "negative_prompt": settings.negative_prompt,
         "layout": LAYOUT_OF_MODE[settings.mode],
-        "width": width,
-        "height": height,
+        **size_params(settings, window_px),
         "steps": int(settings.steps),
         "guidance": float(settings.guidance),
         "seed": int(seed),
@@ -182,6 +223,9 @@ def generate_params(settings, seed, *, model, device, window_px=RESOLUTION_WINDO
         "device": device,
         "memory": settings.memory,
     }
+    if init_image is not None:
+        params["init_image"] = init_image
+        params["strength"] = round(float(settings.strength), LIGHTING_DECIMALS)
     if settings.window:
         params["window"] = int(settings.window)
     if settings.stride:

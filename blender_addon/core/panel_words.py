@@ -50,6 +50,10 @@ CONTROLS = {
                         {"equirect": "360° World", "tile": "Tileable Texture", "wide": "Wide Image"}),
     "--width": Control("Size", "settings", "resolution"),
     "--height": Control("Size", "settings", "resolution"),
+    # Size's Ultra preset is a generation at half the size, upscaled twice (generation.UPSCALED_PRESETS).
+    "--upscale": Control("Size", "settings", "resolution"),
+    "--init-image": Control("Image File", "settings", "start_image_path", {"FILE": None}),
+    "--strength": Control("Strength", "settings", "strength"),
     "--seed": Control("Seed", "settings", "seed"),
     # Quality picks the schedule (generation.QUALITIES): Fast is the shifted one, Best the dense one.
     "--schedule": Control("Quality", "settings", "quality", {"shifted": "Fast", "dense": "Best"}),
@@ -94,7 +98,7 @@ CLI_ONLY_FLAGS = frozenset({
     "--fov", "--yaw", "--pitch", "--roll", "--size", "--face-size", "--window-px", "--backbone",
     "--preview-every", "--cpu", "--ray-address", "--workers", "--ray", "--host", "--port", "--token-file",
     "--allow-remote", "--replicas", "--max-jobs",
-    "--init-image", "--strength", "--upscale", "--scale",  # issue 18's image input; the panel gets them later
+    "--scale",  # ``upscale``'s: the History's Upscale x2 / x4 send a generate job (core/image_input.py)
 })
 
 # What joins a flag's values in a sentence: "--views band+poles, ring or cube".

@@ -11,9 +11,11 @@ import os
 import tempfile
 
 from ...backend.errors import BadRequest
-from ...backend.request import GenerateRequest
+from ...backend.request import GenerateRequest, check_upscaled_size
+from .generation import CUSTOM_SIZE, MAX_PIXELS, MAX_SIDE_PX, SIZE_STEP_PX
+from .image_input import START_FROM_FILE, START_FROM_NOISE, START_FROM_WORLD
 from .model_list import looks_like_path
-from .panel_words import BACKEND, PREFERENCES, in_panel_words
+from .panel_words import ADVANCED, BACKEND, PREFERENCES, in_panel_words
 
 
 def request_problem(params, out_dir):
@@ -65,3 +67,73 @@ def model_problem(model, installed, listed, online):
     return (f"The model {model} is not installed and Blender's online access is off: download it in "
             f"{PREFERENCES}Models, turn on Allow Online Access (Preferences › System › Network), or pick an "
             f"installed one in {BACKEND}Model")
+
+
+# Start from Image and Upscale hand the backend a file by its path: only a backend on this computer can read it.
+NEEDS_LOCAL_BACKEND = ("Start from Image and Upscale need Backend = Local in the SyncSphere Preferences: the backend "
+                       "reads the image from this computer's disk")
+# Start from Image = World's Image, and the scene's World shows no image.
+NO_WORLD_IMAGE = ("The scene's World has no image to start from (no Environment Texture node with an image); set "
+                  "Start from Image to File and choose one")
+
+
+def custom_size_problem(settings, window_px):
+    """Why the Size menu's Custom size (``settings.custom_width`` x ``settings.custom_height`` px, for
+    ``settings.mode``) cannot be generated, in one sentence, or None (also None when Size is a preset). The
+    backend's rules, checked before any job: each side a multiple of SIZE_STEP_PX (the VAE factor), at least one
+    view in each direction (``window_px``, the model's view, or Advanced › Window x SIZE_STEP_PX when set), at most
+    MAX_SIDE_PX a side and MAX_PIXELS in all (8192x4096), and a 360° World twice as wide as tall."""
+    if settings.resolution != CUSTOM_SIZE:
+        return None
+    width, height = int(settings.custom_width), int(settings.custom_height)
+    for name, value in (("Width", width), ("Height", height)):
+        if value % SIZE_STEP_PX:
+            return (f"The custom {name} {value} px is not a multiple of {SIZE_STEP_PX} px, the model's VAE factor; "
+                    f"try {max(SIZE_STEP_PX, value // SIZE_STEP_PX * SIZE_STEP_PX)}")
+    if max(width, height) > MAX_SIDE_PX or width * height > MAX_PIXELS:
+        return (f"The custom size {width}x{height} px is larger than SyncSphere makes (at most {MAX_SIDE_PX} px a "
+                f"side and {MAX_SIDE_PX}x{MAX_PIXELS // MAX_SIDE_PX} px in all); make Width or Height smaller")
+    view = int(settings.window) * SIZE_STEP_PX if settings.window else int(window_px)
+    if min(width, height) < view:
+        return (f"The custom size {width}x{height} px is smaller than one view of {view} px; make Width and Height "
+                f"at least {view} px or set a smaller {ADVANCED}Window")
+    if settings.mode == "WORLD" and width != 2 * height:
+        return (f"A 360° World is twice as wide as it is tall, but the custom size is {width}x{height} px; set "
+                f"Height to {width // 2} px")
+    return None
+
+
+def start_image_problem(source, path, local):
+    """Why Start from Image cannot be used, in one sentence, or None (also None when it is off). ``source``: the
+    setting's choice (START_FROM_NOISE, START_FROM_FILE, START_FROM_WORLD); ``path``: Image File as Blender
+    resolved it (absolute); ``local``: whether the backend runs on this computer (NEEDS_LOCAL_BACKEND otherwise).
+    A blank or missing file is refused here; a World without an image is refused by the operator, which reads the
+    World (NO_WORLD_IMAGE)."""
+    if source == START_FROM_NOISE:
+        return None
+    if not local:
+        return NEEDS_LOCAL_BACKEND
+    if source == START_FROM_FILE:
+        path = path.strip()
+        if not path:
+            return "Choose the image to start from in Image File, or set Start from Image to None"
+        if not os.path.isfile(path):
+            return f"The start image {path} does not exist; choose another in Image File"
+    elif source != START_FROM_WORLD:
+        return f"Unknown Start from Image choice {source}"
+    return None
+
+
+def upscale_problem(png_path, size, scale, local):
+    """Why a history item's image (``png_path``, of ``size`` (width, height) or None when it cannot be read) cannot
+    be upscaled ``scale`` times, in one sentence, or None: the backend must be local (NEEDS_LOCAL_BACKEND), the
+    file must still be there, and the result at most 8192x4096 px (the backend's ``check_upscaled_size``)."""
+    if not local:
+        return NEEDS_LOCAL_BACKEND
+    if size is None:
+        return f"The image of this generation is gone or unreadable ({png_path}), so it cannot be upscaled"
+    try:
+        check_upscaled_size(size[0] * scale, size[1] * scale)
+    except BadRequest as error:
+        return in_panel_words(str(error)).rstrip(".")
+    return None

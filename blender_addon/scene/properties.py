@@ -4,7 +4,8 @@ import bpy
 from bpy.props import BoolProperty, CollectionProperty, EnumProperty, FloatProperty, IntProperty, PointerProperty, StringProperty
 from bpy.types import PropertyGroup
 
-from ..core.generation import (BACKEND_DEFAULTS, DEFAULT_EXPOSURE, DEFAULT_QUALITY, DEFAULT_STYLE, DEFAULT_SUN_RATIO,
+from ..core.image_input import START_FROM_FILE, START_FROM_NOISE, START_FROM_WORLD
+from ..core.generation import (BACKEND_DEFAULTS, CUSTOM_SIZE, DEFAULT_STRENGTH, DEFAULT_EXPOSURE, DEFAULT_QUALITY, DEFAULT_STYLE, DEFAULT_SUN_RATIO,
                                DEFAULT_SYNC_WEIGHT, DEFAULT_SYNCSDE_LAMBDA, MAX_SEED, MAX_VARIATIONS, QUALITIES, STYLES,
                                SYNC_FROM_QUALITY)
 
@@ -19,6 +20,18 @@ RESOLUTION_ITEMS = (
      "SDXL (1024-px views)"),
     ("STANDARD", "Standard", "2048x1024 world, 1024 px tile, 3072x768 wide with 512-px models; twice that with SDXL"),
     ("HIGH", "High", "4096x2048 world, 2048 px tile, 4096x1024 wide with 512-px models; twice that with SDXL"),
+    ("ULTRA", "Ultra (8K)", "8192x4096 world, 4096 px tile, 8192x2048 wide: generated at half the size and upscaled "
+     "twice with the same views (the largest SyncSphere makes, whatever the model)"),
+    (CUSTOM_SIZE, "Custom", "Width and Height as you type them: multiples of 8 px, at least one view, at most "
+     "8192x4096 px; a 360° World twice as wide as tall"),
+)
+# Start from Image (core/image_input.py): noise, a file, or the image of the scene's World.
+START_IMAGE_ITEMS = (
+    (START_FROM_NOISE, "None", "Start from noise"),
+    (START_FROM_FILE, "File", "Re-draw an image file (.png, .jpg or .exr) at the Size, keeping as much of it as "
+     "Strength leaves"),
+    (START_FROM_WORLD, "World's Image", "Re-draw the image of the scene's World (its Environment Texture), e.g. "
+     "to remix an HDRI; your World and image are not changed"),
 )
 # Style presets: names, descriptions and their texts come from the one table, generation.STYLES. The numbers are
 # fixed, so a saved file keeps its style when presets are added.
@@ -87,6 +100,8 @@ class SyncSphereHistoryItem(PropertyGroup):
     style_prompt: StringProperty(name="Style Prompt")
     mode: EnumProperty(name="Mode", items=MODE_ITEMS)
     resolution: EnumProperty(name="Resolution", items=RESOLUTION_ITEMS)
+    custom_width: IntProperty(name="Width", default=2048)
+    custom_height: IntProperty(name="Height", default=1024)
     seed: IntProperty(name="Seed", min=0)
     steps: IntProperty(name="Steps")
     guidance: FloatProperty(name="Guidance")
@@ -131,6 +146,20 @@ class SyncSphereSettings(PropertyGroup):
                                     description="What the image should not show. A style fills it; edit it freely")
     mode: EnumProperty(name="Mode", items=MODE_ITEMS, default="WORLD")
     resolution: EnumProperty(name="Resolution", items=RESOLUTION_ITEMS, default="DRAFT")
+    # Size = Custom: checked before any job (preflight.custom_size_problem), so the limits here only stop typos.
+    custom_width: IntProperty(name="Width", description="The image's width in pixels (a multiple of 8)",
+                              default=2048, min=8, max=16384, subtype="PIXEL")
+    custom_height: IntProperty(name="Height", description="The image's height in pixels (a multiple of 8; half "
+                               "the width for a 360° World)", default=1024, min=8, max=16384, subtype="PIXEL")
+    # Start from Image (core/image_input.py): sent as the backend's init_image and strength.
+    start_image_source: EnumProperty(name="Start from Image", items=START_IMAGE_ITEMS, default=START_FROM_NOISE,
+                                     description="Generate from noise, or re-draw an image")
+    start_image_path: StringProperty(name="Image File", subtype="FILE_PATH", default="",
+                                     description="The image to start from: .png, .jpg or .exr (an EXR is "
+                                                 "tone-mapped with Lighting › Exposure)")
+    strength: FloatProperty(name="Strength", default=DEFAULT_STRENGTH, min=0.01, max=1.0,
+                            description="How much of the start image is re-drawn: low keeps it, 1 keeps only its "
+                                        "colours' layout (the last steps x strength of the Steps run)")
     seed: IntProperty(name="Seed", description="Random seed; the same seed and settings give the same image",
                       default=0, min=0, max=MAX_SEED)
     randomize_seed: BoolProperty(name="Randomize", description="Pick a new seed for every generation", default=True)

@@ -80,16 +80,18 @@ def name_new_datablocks(before, title):
                 block.name = unique_name(title, taken)
 
 
-def generation_title(settings, prompt):
-    """The title of a new generation of ``prompt`` (``names.prompt_title``), unique among the items of
-    ``settings.history`` and the Worlds and materials, so its World or material can carry the same name."""
+def generation_title(settings, prompt, title=None):
+    """The title of a new generation of ``prompt`` (``names.prompt_title``; ``title`` instead when given, e.g.
+    "Harbour At Dusk x2" for an upscale), unique among the items of ``settings.history`` and the Worlds and
+    materials, so its World or material can carry the same name."""
     taken = {item.title for item in settings.history}
     taken |= set(bpy.data.worlds.keys()) | set(bpy.data.materials.keys())
-    return unique_name(prompt_title(prompt), taken)
+    return unique_name(title or prompt_title(prompt), taken)
 
 
 # The settings a history item records and Reuse copies back, besides the seed (recorded as the one used).
-HISTORY_SETTINGS = ("prompt", "style", "style_prompt", "negative_prompt", "mode", "resolution", "steps", "guidance",
+HISTORY_SETTINGS = ("prompt", "style", "style_prompt", "negative_prompt", "mode", "resolution", "custom_width",
+                    "custom_height", "steps", "guidance",
                     "quality", "sync_method", "sync_weight", "sync_steps", "sync_fast", "syncsde_lambda", "mad",
                     "view_set", "prompt_up", "prompt_down")
 # The lighting's generation settings (not sun_mode: how a result is applied, not how it was made).

@@ -35,11 +35,14 @@ turned with the World's Mapping rotation and scaled with its strength by drivers
 
 import math
 import os
+import time
 
 import bpy
+import numpy as np
 from mathutils import Vector
 
 from ..core import lighting
+from ..core.image_input import START_IMAGE_TYPES
 from .images import load_image
 
 # Custom properties on Worlds that SyncSphere creates.
@@ -453,3 +456,48 @@ def apply_lit_world(context, outputs, *, hdr=True, sun_mode=lighting.SUN_LAMP, r
         if sun is not None and not note:
             note = ", with its sun in the texture"
     return new_world, note
+
+
+def world_image(world):
+    """The image a World shows: its SyncSphere Environment node's (the panorama, not the sky made for the sun
+    lamp), else the first Environment Texture node's with an image; None when ``world`` (a World or None) has
+    none."""
+    if world is None or not world.use_nodes or world.node_tree is None:
+        return None
+    nodes = world.node_tree.nodes
+    own = nodes.get(ENVIRONMENT_NODE)
+    if own is not None and own.type == "TEX_ENVIRONMENT" and own.image is not None:
+        return own.image
+    return next((node.image for node in nodes
+                 if node.type == "TEX_ENVIRONMENT" and node.name != SKY_ENVIRONMENT_NODE and node.image is not None),
+                None)
+
+
+def world_image_file(world, folder):
+    """An absolute path the backend can read the image of ``world`` (``world_image``) from, or None when the World
+    shows no image. The image's own file when it is an unedited, unpacked .png, .jpg or .exr on disk; otherwise
+    (packed, generated, edited, or another file type) a copy of its pixels written into ``folder``: an OpenEXR
+    for a float image, else a PNG. The user's image is only read, never changed."""
+    image = world_image(world)
+    if image is None:
+        return None
+    path = bpy.path.abspath(image.filepath_raw) if image.filepath_raw else ""
+    if (image.source == "FILE" and image.packed_file is None and not image.is_dirty and os.path.isfile(path)
+            and os.path.splitext(path)[1].lower() in START_IMAGE_TYPES):
+        return os.path.abspath(path)
+    width, height = image.size
+    if not width or not height:
+        return None
+    pixels = np.empty(width * height * 4, dtype=np.float32)
+    image.pixels.foreach_get(pixels)
+    extension, file_format = (".exr", "OPEN_EXR") if image.is_float else (".png", "PNG")
+    target = os.path.join(folder, f"world-image-{os.getpid()}-{time.time_ns()}{extension}")
+    copy = bpy.data.images.new("SyncSphere start image", width, height, alpha=True, float_buffer=image.is_float)
+    try:
+        copy.pixels.foreach_set(pixels)
+        copy.filepath_raw = target
+        copy.file_format = file_format
+        copy.save()
+    finally:
+        bpy.data.images.remove(copy)
+    return target
