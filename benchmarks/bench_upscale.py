@@ -134,8 +134,9 @@ def case_unet(args) -> dict:
     for first in range(0, args.probe_views, args.view_batch):
         denoiser(noise[first : first + args.view_batch], timestep)
     seconds = clock() - began
-    log("unet", f"{args.probe_views} views in {seconds:.1f} s")
-    return {"stages": stages, "per_view_s": seconds / args.probe_views, "memory": memory.result()}
+    result = {"stages": stages, "per_view_s": seconds / args.probe_views, "memory": memory.result()}
+    log("unet", f"{args.probe_views} views in {seconds:.1f} s; memory {result['memory']}")
+    return result
 
 
 def _vae_config(model_dir: str) -> dict:
@@ -174,8 +175,9 @@ def case_vae(args, encode: bool) -> dict:
         began = clock()
         decode_canvas(vae, latents, canvas)
     seconds = clock() - began
-    log(args.case, f"one {TILE_CANVAS + 16}x{TILE_CANVAS + 16}-latent tile in {seconds:.1f} s")
-    return {"tile_s": seconds, "memory": memory.result()}
+    result = {"tile_s": seconds, "memory": memory.result()}
+    log(args.case, f"one {TILE_CANVAS + 16}x{TILE_CANVAS + 16}-latent tile in {seconds:.1f} s; memory {result['memory']}")
+    return result
 
 
 CASE_FUNCTIONS = {"unet": case_unet, "encode": lambda args: case_vae(args, True), "decode": lambda args: case_vae(args, False)}

@@ -128,7 +128,7 @@ def test_a_low_strength_keeps_the_image_and_a_full_one_does_not(toy_model, tmp_p
     dict(layout="wide", width=512, height=128, window=16, stride=8, sync="syncsde"),             # fusion own
 ], ids=["noisy", "canvas", "clean", "own"])
 def test_every_fusion_starts_from_the_image_and_runs_only_the_last_steps(tiny_model, tmp_path, case):
-    """On the tiny model, strength 0.5 of 6 steps: 3 steps reported (1..3 of 3), and the final canvas is far nearer
+    """On the tiny model, strength 0.5 of 4 steps: 2 steps reported (1..2 of 2), and the final canvas is far nearer
     the image's latent than a run from noise is."""
     path = tmp_path / "start.png"
     write_png(str(path), smooth_image(64, 128, seed=1))
@@ -136,14 +136,14 @@ def test_every_fusion_starts_from_the_image_and_runs_only_the_last_steps(tiny_mo
     finals = {}
     for strength in (0.5, None):
         start = dict(init_image=str(path), strength=strength) if strength else {}
-        checked = check_request(GenerateRequest(prompt="a harbour", model=tiny_model, device="cpu", steps=6, seed=4,
+        checked = check_request(GenerateRequest(prompt="a harbour", model=tiny_model, device="cpu", steps=4, seed=4,
                                                 view_batch=4, out=str(tmp_path / "out"), **case, **start))
         model = MODELS.get(checked)
         reports = []
         latents, canvas, _ = denoise(checked.resolved_for(model), model, lambda *a: reports.append(a[1:3]),
                                      start_image=image if strength else None)
         finals[strength] = latents
-        assert reports == ([(1, 3), (2, 3), (3, 3)] if strength else [(step, 6) for step in range(1, 7)])
+        assert reports == ([(1, 2), (2, 2)] if strength else [(step, 4) for step in range(1, 5)])
     from backend.engine.image_start import image_start
     target = image_start(image, canvas, 8, model.pipeline.vae, 0.5, torch.device("cpu"), torch.float32).latent
     assert (finals[0.5] - target).abs().mean() < 0.5 * (finals[None] - target).abs().mean()
