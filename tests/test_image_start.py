@@ -98,21 +98,21 @@ def test_a_low_strength_keeps_the_image_and_a_full_one_does_not(toy_model, tmp_p
     """img2img on the development model at strength 0.1 of 20 steps (2 run): the decoded canvas stays within
     4/255 on average of the VAE's own reconstruction of the image, and within its reconstruction error
     plus 2/255 of the image; at strength 1 the result is the model's own picture, far from it."""
-    image = smooth_image(128, 256, seed=5)
+    image = smooth_image(64, 128, seed=5)
     path = tmp_path / "start.png"
     write_png(str(path), image)
     image = read_panorama(str(path))  # as 8-bit, the way the job reads it
     results = {}
     for strength in (0.1, 1.0):
-        checked = check_request(GenerateRequest(prompt="a valley", model=toy_model, device="cpu", width=256, height=128,
+        checked = check_request(GenerateRequest(prompt="a valley", model=toy_model, device="cpu", width=128, height=64,
                                                 steps=20, seed=2, init_image=str(path), strength=strength, view_batch=8,
-                                                out=str(tmp_path / f"out{strength}"), views="band"))
+                                                stride=4, out=str(tmp_path / f"out{strength}"), views="band"))
         model = MODELS.get(checked)
         latents, canvas, details = denoise(checked.resolved_for(model), model, lambda *a: None, start_image=image)
         results[strength] = decode_canvas(model.pipeline.vae, latents, canvas)[0].permute(1, 2, 0).numpy()
         assert details["start"] == {"strength": strength, "steps_run": int(20 * strength)}
     vae = model.pipeline.vae
-    canvas = Canvas("equirect", 32, 64)
+    canvas = Canvas("equirect", 16, 32)
     pixels = torch.from_numpy(image).permute(2, 0, 1)[None]
     reconstruction = decode_canvas(vae, encode_canvas(vae, pixels, canvas), canvas)[0].permute(1, 2, 0).numpy()
     kept = np.abs(results[0.1] - reconstruction).mean()
@@ -153,25 +153,47 @@ def test_every_fusion_starts_from_the_image_and_runs_only_the_last_steps(tiny_mo
 
 
 def test_upscaling_an_equirect_stays_seamless_and_matches_its_source(toy_model, tmp_path):
-    """The development model's 256x128 world upscaled 2x (strength 0.3): seam at ±180° within 1.5, poles no
-    worse than the source's (plus 10 %), and downsampled back within 6/255 of the source on average."""
-    source = tmp_path / "source"
-    assert main(["generate", "--prompt", "a valley", "--model", toy_model, "--device", "cpu", "--width", "256",
-                 "--height", "128", "--steps", "8", "--seed", "1", "--out", str(source)]) == 0
+    """A seamless 128x64 equirect upscaled 2x on the development model (strength 0.3, 6 of 20 steps, the shifted
+    schedule): the seam at ±180° within 1.5, the poles no worse than the source's, and downsampled back within
+    the VAE's own round trip of the source plus 3/255 on average (the development model's small VAE alone is
+    several /255 off). The outputs are generate's: HDR, cube map, metadata."""
+    source = tmp_path / "source.png"
+    write_png(str(source), smooth_image(64, 128, seed=5))
     out = tmp_path / "upscaled"
-    assert main(["upscale", str(source / "panorama.png"), "--scale", "2", "--model", toy_model, "--device", "cpu",
-                 "--seed", "2", "--out", str(out)]) == 0
-    before, after = read_panorama(str(source / "panorama.png")), read_panorama(str(out / "panorama.png"))
-    assert after.shape == (256, 512, 3)
+    assert main(["upscale", str(source), "--scale", "2", "--model", toy_model, "--device", "cpu", "--seed", "2",
+                 "--prompt", "a valley", "--schedule", "shifted", "--out", str(out)]) == 0
+    before, after = read_panorama(str(source)), read_panorama(str(out / "panorama.png"))
+    assert after.shape == (128, 256, 3)
     assert seam_ratio(after, axis=1) <= 1.5
     poles_before, poles_after = pole_ratios(before), pole_ratios(after)
     for pole in poles_before:
-        assert poles_after[pole] <= 1.1 * poles_before[pole] + 0.05
-    back = torch.nn.functional.interpolate(torch.from_numpy(after).permute(2, 0, 1)[None], size=(128, 256),
-                                           mode="bicubic", antialias=True)[0].permute(1, 2, 0).numpy()
-    assert np.abs(back - before).mean() < 6 / 255
+        assert poles_after[pole] <= poles_before[pole]
+    model = MODELS.get(check_request(GenerateRequest(prompt="x", model=toy_model, device="cpu", out=str(tmp_path / "x"))))
+    vae, canvas = model.pipeline.vae, Canvas("equirect", 32, 64)
+    enlarged = resize_wrapped(torch.from_numpy(before).permute(2, 0, 1)[None], 128, 256, "equirect")
+    round_trip = decode_canvas(vae, encode_canvas(vae, enlarged, canvas), canvas)
+
+    def back_error(image: torch.Tensor) -> float:
+        smaller = torch.nn.functional.interpolate(image, size=(64, 128), mode="bicubic", antialias=True)
+        return float((smaller[0].permute(1, 2, 0).numpy() - before).__abs__().mean())
+
+    assert back_error(torch.from_numpy(after).permute(2, 0, 1)[None]) <= back_error(round_trip) + 3 / 255
     for name in ("panorama.exr", "face_F.png", "cubemap_dice.png", "lighting.json", "metadata.json"):
         assert (out / name).is_file()
+
+
+def test_generate_with_upscale_writes_the_larger_image_from_the_first(tiny_model, tmp_path):
+    """``generate --upscale 2`` on a tile: the written image is twice the size, metadata.json records both passes."""
+    import json
+
+    out = tmp_path / "out"
+    assert main(["generate", "--prompt", "moss", "--model", tiny_model, "--device", "cpu", "--layout", "tile",
+                 "--width", "128", "--height", "128", "--window", "16", "--steps", "4", "--seed", "1",
+                 "--upscale", "2", "--out", str(out)]) == 0
+    assert read_panorama(str(out / "panorama.png")).shape == (256, 256, 3)
+    metadata = json.loads((out / "metadata.json").read_text())
+    assert metadata["params"]["upscale"] == 2 and metadata["canvas"]["latent_width"] == 32
+    assert metadata["upscale"]["width"] == 256 and metadata["upscale"]["start"] == {"strength": 0.3, "steps_run": 1}
 
 
 # ---------------------------------------------------------------------------------------- refusals
