@@ -13,8 +13,9 @@ the stages are counted by the engine's own pieces:
 | encode, decode | ``decode.encode_canvas`` / ``decode_canvas`` of a 768x768 px tile canvas: one tile of 112x112 latents with its context, the largest tile the tiled VAE runs at 4K and 8K (``largest_decode_tile``): seconds and peak memory of one tile |
 
 Each stage's time is then its UNet rows x seconds per view plus its VAE tiles x seconds per tile (projected);
-its memory is the measured tile peak (the largest activation; tiles at 8K are no larger than at 4K) plus the
-canvas's own arrays (``memory.HOST_BYTES_PER_IMAGE_PIXEL`` per pixel). The GPU memory of an 8K job is
+its memory is the weights (resident, as the unet case measures them) plus the largest measured work (activations
+over the loaded weights: the decoder tile's; tiles at 8K are no larger than at 4K) plus the canvas's own arrays
+(``memory.HOST_BYTES_PER_IMAGE_PIXEL`` per pixel). The GPU memory of an 8K job is
 projected with the planner's own estimate (``memory.estimate_full_bytes``, float16, view batch 1).
 
     nice python benchmarks/bench_upscale.py --model-dir /tmp/sd2-random      # CPU: about 10 minutes on 2 cores
@@ -134,8 +135,9 @@ def case_unet(args) -> dict:
     for first in range(0, args.probe_views, args.view_batch):
         denoiser(noise[first : first + args.view_batch], timestep)
     seconds = clock() - began
-    log("unet", f"{args.probe_views} views in {seconds:.1f} s")
-    return {"stages": stages, "per_view_s": seconds / args.probe_views, "memory": memory.result()}
+    result = {"stages": stages, "per_view_s": seconds / args.probe_views, "memory": memory.result()}
+    log("unet", f"{args.probe_views} views in {seconds:.1f} s; memory {result['memory']}")
+    return result
 
 
 def _vae_config(model_dir: str) -> dict:
@@ -174,8 +176,9 @@ def case_vae(args, encode: bool) -> dict:
         began = clock()
         decode_canvas(vae, latents, canvas)
     seconds = clock() - began
-    log(args.case, f"one {TILE_CANVAS + 16}x{TILE_CANVAS + 16}-latent tile in {seconds:.1f} s")
-    return {"tile_s": seconds, "memory": memory.result()}
+    result = {"tile_s": seconds, "memory": memory.result()}
+    log(args.case, f"one {TILE_CANVAS + 16}x{TILE_CANVAS + 16}-latent tile in {seconds:.1f} s; memory {result['memory']}")
+    return result
 
 
 CASE_FUNCTIONS = {"unet": case_unet, "encode": lambda args: case_vae(args, True), "decode": lambda args: case_vae(args, False)}
@@ -190,14 +193,21 @@ def summarise(args, results: dict) -> dict:
                "strength": args.strength, "wall_s": {}, "stages": {}, "cases": results}
     if "stages" not in unet:
         return summary
-    tile_peak = max((case.get("memory", {}).get("peak_mib") or 0) for case in (encode, decode))
+    # A job holds every weight (the unet case's loaded figure, with the runtime), the largest of the stages' work
+    # (activations: each case's peak over what it had loaded) and the image's arrays.
+    def work(case: dict) -> float:
+        memory = case.get("memory", {})
+        return (memory.get("peak_mib") or 0) - (memory.get("loaded_mib") or 0)
+
+    weights = unet.get("memory", {}).get("loaded_mib") or 0
+    largest_work = max(work(case) for case in (unet, encode, decode))
     for name, stage in unet["stages"].items():
         unet_s = stage["views"] * unet["per_view_s"]
         vae_tiles = stage["tiles"] * (2 if stage["start"] else 1)
         vae_s = stage["tiles"] * (decode.get("tile_s", 0) + (encode.get("tile_s", 0) if stage["start"] else 0))
         canvas_mib = stage["width"] * stage["height"] * HOST_BYTES_PER_IMAGE_PIXEL / 2**20
         summary["stages"][name] = {**stage, "unet_s": unet_s, "vae_tiles": vae_tiles, "vae_s": vae_s,
-                                   "total_s": unet_s + vae_s, "peak_mib": tile_peak + canvas_mib}
+                                   "total_s": unet_s + vae_s, "peak_mib": weights + largest_work + canvas_mib}
     stages = summary["stages"]
     chain_4k = stages["2K generate"]["total_s"] + stages["4K upscale"]["total_s"]
     summary["chain_4k_over_direct"] = chain_4k / stages["4K direct"]["total_s"]
@@ -211,7 +221,7 @@ def print_report(summary: dict) -> None:
     print(f"SD2-base architecture, random weights; {summary['steps']} DDIM steps, upscaling at strength "
           f"{summary['strength']}; seconds projected from the measured per-view and per-tile costs")
     headers = ["stage", "px", "views/step", "steps run", "UNet rows", "UNet s", "VAE tiles", "VAE s", "total s",
-               "peak MiB (CPU)", "GPU activations fp16 MiB"]
+               "job peak MiB (CPU)", "GPU activations fp16 MiB"]
     rows = [[name, f"{s['width']}x{s['height']}", s["views_per_step"], s["steps_run"], s["unet_rows"], f"{s['unet_s']:.0f}",
              s["vae_tiles"], f"{s['vae_s']:.0f}", f"{s['total_s']:.0f}", f"{s['peak_mib']:.0f}",
              f"{s['gpu_activation_bytes_fp16'] / 2**20:.0f}"] for name, s in summary["stages"].items()]

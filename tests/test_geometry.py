@@ -295,7 +295,7 @@ def _text_file(tmp_path, name):
 
 BAD_INPUTS = {
     "missing": (lambda tmp: tmp / "missing.exr", [], "does not exist"),
-    "wrong type": (lambda tmp: _text_file(tmp, "panorama.jpg"), [], "not an .exr, .png or .jpg"),
+    "wrong type": (lambda tmp: _text_file(tmp, "panorama.gif"), [], "not an .exr, .png or .jpg"),
     "unreadable exr": (lambda tmp: _text_file(tmp, "broken.exr"), [], "Could not read the panorama"),
     "unreadable png": (lambda tmp: _text_file(tmp, "broken.png"), [], "Could not read the panorama"),
     "not 2:1": (_not_two_to_one, [], "twice as wide as it is high"),
