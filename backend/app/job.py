@@ -42,7 +42,7 @@ from ..errors import BadRequest, JobCancelled, SyncSphereError
 from ..products.files import check_output_folder
 from ..products.images import read_start_image, srgb_to_linear
 from ..products.outputs import PreviewFile, job_output_names, write_job_outputs
-from ..request import UPSCALE_STRENGTH, GenerateRequest
+from ..request import FEW_STEP_SAMPLING, UPSCALE_STRENGTH, GenerateRequest
 
 
 def check_request(request: GenerateRequest) -> CheckedRequest:
@@ -66,6 +66,10 @@ def check_request(request: GenerateRequest) -> CheckedRequest:
     unet_config = read_unet_config(source)
     geometry = read_model_geometry(source, unet_config)
     check_scheduler_name(params.scheduler)
+    if params.scheduler in FEW_STEP_SAMPLING and params.guidance > 1:
+        print(f"warning: --guidance {params.guidance:g} with --scheduler {params.scheduler} adds an unconditional pass per "
+              "view, which models distilled to run without guidance (SDXL-Lightning, Turbo) over-saturate with; "
+              "use --guidance 0", file=sys.stderr)
     device = resolve_device(params.device)
     dtype = resolve_dtype(params.dtype, device)
     if dtype == torch.float16 and device.type == "cpu":
