@@ -43,6 +43,7 @@ SCHEDULERS = {
     "lcm": "LCMScheduler",
     "euler": "EulerDiscreteScheduler",
     "euler-trailing": "EulerDiscreteScheduler",
+    "euler-trailing-sample": "EulerDiscreteScheduler",
     "euler-a": "EulerAncestralDiscreteScheduler",
     "dpm++": "DPMSolverMultistepScheduler",
     "unipc": "UniPCMultistepScheduler",
@@ -50,15 +51,19 @@ SCHEDULERS = {
     "lms": "LMSDiscreteScheduler",
 }
 
-SCHEDULER_SETTINGS = {"euler-trailing": {"timestep_spacing": "trailing"}}
-"""Config values a --scheduler name sets over the model's scheduler config: ``euler-trailing`` is Euler with the
-last timestep at the top noise level, the sampler SDXL-Lightning (and SD/SDXL-Turbo) is distilled for, whatever the
-base model's config says (SDXL base ships ``leading``)."""
+SCHEDULER_SETTINGS = {
+    "euler-trailing": {"timestep_spacing": "trailing"},
+    "euler-trailing-sample": {"timestep_spacing": "trailing", "prediction_type": "sample"},
+}
+"""Config values a --scheduler name sets over the model's scheduler config: ``euler-trailing`` is Euler whose first
+timestep is the top noise level, the sampler SDXL-Lightning (and SD/SDXL-Turbo) is distilled for, whatever the
+base model's config says (SDXL base ships ``leading``); ``euler-trailing-sample`` the same for a UNet that predicts
+the clean sample instead of the noise (SDXL-Lightning's 1-step UNet)."""
 
-FEW_STEP_SAMPLING = {"euler-trailing": (4, 0.0)}
+FEW_STEP_SAMPLING = {"euler-trailing": (4, 0.0), "euler-trailing-sample": (1, 0.0)}
 """The --steps and --guidance a --scheduler name defaults to on the command line when they are not given:
-``euler-trailing`` is SDXL-Lightning's 4 steps without classifier-free guidance (its 1/2/8-step models take
-``--steps`` 1, 2 or 8). Every other scheduler: ``DEFAULT_SAMPLING``."""
+``euler-trailing`` is SDXL-Lightning's 4 steps without classifier-free guidance (its 2/8-step models take
+``--steps`` 2 or 8), ``euler-trailing-sample`` its 1-step model. Every other scheduler: ``DEFAULT_SAMPLING``."""
 DEFAULT_SAMPLING = (50, 7.5)
 
 

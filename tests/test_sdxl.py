@@ -274,19 +274,28 @@ def test_euler_trailing_is_diffusers_trailing_euler_whatever_the_base_config_say
     leading = EulerDiscreteScheduler.from_config(config)
     leading.set_timesteps(steps)
     assert float(leading.timesteps[0]) < 999  # the base's own spacing would not
+    sample = make_scheduler("euler-trailing-sample", config)
+    sample.set_timesteps(steps)
+    assert sample.config.prediction_type == "sample" and torch.equal(sample.timesteps, ours.timesteps)
 
 
-def test_lightning_unet_file_matches_sdxl_pipeline_with_its_unet_and_trailing_euler(sdxl_base, lightning_unet, tmp_path):
+@pytest.mark.parametrize("scheduler,steps,settings", [
+    ("euler-trailing", 4, dict(timestep_spacing="trailing")),
+    ("euler-trailing-sample", 1, dict(timestep_spacing="trailing", prediction_type="sample")),  # the 1-step UNet's
+], ids=["4-step", "1-step-sample"])
+def test_lightning_unet_file_matches_sdxl_pipeline_with_its_unet_and_trailing_euler(sdxl_base, lightning_unet, tmp_path,
+                                                                                   scheduler, steps, settings):
+    # The model card's recipe: the base pipeline, the UNet's weights loaded, Euler from_config with its settings.
     reference = StableDiffusionXLPipeline.from_pretrained(sdxl_base, add_watermarker=False)
     reference.unet.load_state_dict(load_file(lightning_unet))
-    reference.scheduler = EulerDiscreteScheduler.from_config(reference.scheduler.config, timestep_spacing="trailing")
-    request = GenerateRequest(prompt="a mountain lake at dawn", layout="wide", width=128, height=128, steps=4,
+    reference.scheduler = EulerDiscreteScheduler.from_config(reference.scheduler.config, **settings)
+    request = GenerateRequest(prompt="a mountain lake at dawn", layout="wide", width=128, height=128, steps=steps,
                               guidance=0.0, seed=1234, model=sdxl_base, unet_file=lightning_unet,
-                              scheduler="euler-trailing", device="cpu", out=str(tmp_path / "ours"))
+                              scheduler=scheduler, device="cpu", out=str(tmp_path / "ours"))
     outputs = assert_single_window_matches_the_pipeline(reference, request, None)
     metadata = json.loads(open(outputs["metadata"]).read())
     # One UNet row per view and step: no unconditional pass.
-    assert metadata["scheduler"] == "EulerDiscreteScheduler" and metadata["unet_rows"] == 4 * metadata["views"] == 4
+    assert metadata["scheduler"] == "EulerDiscreteScheduler" and metadata["unet_rows"] == steps * metadata["views"] == steps
 
 
 def test_a_four_step_lightning_world_and_tile_run_from_the_cli(sdxl_base, lightning_unet, tmp_path, capsys):

@@ -103,7 +103,8 @@ def _add_generate_command(commands) -> None:
         "--scheduler", default="auto",
         help=f"sampler: {', '.join(SCHEDULERS)} or any diffusers scheduler class name (default auto: the model's own "
              "scheduler for few-step models (LCM, trailing-spaced Turbo), DDIM otherwise; euler-trailing: Euler with "
-             "trailing timesteps whatever the model's config says, SDXL-Lightning's sampler)",
+             "trailing timesteps whatever the model's config says, SDXL-Lightning's sampler; euler-trailing-sample: "
+             "the same for a UNet predicting the clean sample, Lightning's 1-step)",
     )
     _add_model_arguments(generate)
     generate.add_argument("--out", required=True, help="output folder for panorama.png, panorama.exr and metadata.json (equirect: "
