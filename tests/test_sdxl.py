@@ -69,6 +69,8 @@ def test_a_single_window_canvas_matches_diffusers_sdxl_pipeline(tiny_sdxl, tmp_p
 # 384 x 192 px equirect: 48 x 24 latents, tall enough for band+poles' row of 16-latent windows within ±60°.
 WORLD = dict(layout="equirect", width=384, height=192)
 SYNCDIFFUSION = dict(sync="syncdiffusion", sync_steps=2, sync_loss="lpips-alex", sync_loss_backbone="random")
+WIDE = dict(layout="wide", width=256, height=128)
+TILE = dict(layout="tile", width=128, height=128)
 
 
 @pytest.mark.parametrize("settings", [
@@ -79,7 +81,20 @@ SYNCDIFFUSION = dict(sync="syncdiffusion", sync_steps=2, sync_loss="lpips-alex",
     dict(WORLD, mad_steps=2),
     dict(layout="wide", width=256, height=128, sync="syncsde"),
     dict(WORLD, schedule="shifted", prompt_up="clouds"),
-], ids=["equirect-band+poles-prompt-up-down", "wide", "tile", "syncdiffusion", "mad", "syncsde", "shifted"])
+    # The rest of the layout x method grid (the default schedule of a tile is shifted, of the others dense).
+    dict(WORLD, sync="syncsde"),
+    dict(WIDE, schedule="shifted"),
+    dict(WIDE, **SYNCDIFFUSION),
+    dict(WIDE, mad_steps=2),
+    dict(WIDE, fusion="clean"),
+    dict(TILE, schedule="dense"),
+    dict(TILE, **SYNCDIFFUSION),
+    dict(TILE, mad_steps=2),
+    dict(TILE, sync="syncsde"),
+    dict(TILE, schedule="dense", fusion="clean"),
+], ids=["equirect-band+poles-prompt-up-down", "wide", "tile", "syncdiffusion", "mad", "syncsde", "shifted",
+        "equirect-syncsde", "wide-shifted", "wide-syncdiffusion", "wide-mad", "wide-clean-fusion", "tile-dense",
+        "tile-syncdiffusion", "tile-mad", "tile-syncsde", "tile-dense-clean-fusion"])
 def test_every_layout_and_method_runs_on_sdxl(tiny_sdxl, models, tmp_path, settings):
     torch.manual_seed(0)  # SyncDiffusion's random LPIPS trunk (pnet_rand) is drawn from torch's global generator
     request = GenerateRequest(prompt="a canyon", steps=2, seed=3, model=tiny_sdxl, device="cpu",
@@ -103,11 +118,15 @@ def test_every_layout_and_method_runs_on_sdxl(tiny_sdxl, models, tmp_path, setti
         assert metadata["syncsde"]["conditioned_views"] > 0
     if "mad_steps" in settings:
         assert metadata["mad"]["steps"] == 2
-    expected_schedule = settings.get("schedule") or ("shifted" if layout == "tile" else "dense")
+    # A tile's default schedule is shifted, but SyncSDE needs the dense schedule's overlapping windows.
+    tile_default = layout == "tile" and settings.get("sync") != "syncsde"
+    expected_schedule = settings.get("schedule") or ("shifted" if tile_default else "dense")
     assert metadata["schedule"] == expected_schedule
     if settings.get("sync") == "syncsde":  # every view keeps its own state, pulled towards its neighbours
         assert metadata["fusion"] == "own"
-    elif expected_schedule == "dense":  # MultiDiffusion's fusion of crop windows, SyncTweedies' with projected views
+    elif "fusion" in settings:
+        assert metadata["fusion"] == settings["fusion"]
+    elif expected_schedule == "dense" and layout != "tile":  # MultiDiffusion's fusion of crop windows, SyncTweedies' with projected views
         assert metadata["fusion"] == {"equirect": "clean", "wide": "noisy"}[layout]
 
 
@@ -331,9 +350,11 @@ def test_guidance_with_euler_trailing_is_one_warning_sentence(sdxl_base, tmp_pat
     (lambda tmp: (tmp / "unet.bin").write_bytes(b"x") and str(tmp / "unet.bin"), "as a .safetensors file, not 'unet.bin'"),
     (lambda tmp: (tmp / "unet.ckpt").write_bytes(b"x") and str(tmp / "unet.ckpt"), "not 'unet.ckpt' (pickled"),
     (lambda tmp: str(tmp / "missing.safetensors"), "does not exist"),
+    (lambda tmp: (tmp / "cut.safetensors").write_bytes(b"\x40") and str(tmp / "cut.safetensors"),
+     "is not a readable safetensors file"),
     (lambda tmp: save_file({"conv_in.weight": torch.zeros(1)}, str(tmp / "other.safetensors")) or str(tmp / "other.safetensors"),
      "do not fit this model's UNet"),
-], ids=["bin", "ckpt", "missing", "another-unet"])
+], ids=["bin", "ckpt", "missing", "truncated", "another-unet"])
 def test_a_bad_unet_file_is_one_sentence_and_exit_2(sdxl_base, tmp_path, capsys, make, message):
     from backend.app.cli import main
 

@@ -20,6 +20,7 @@ import torch
 from .. import __version__
 from ..engine.generation import check_scheduler_name, generate_image
 from ..engine.memory import check_job_fits, component_bytes
+from ..engine.model_manager import check_safetensors_file
 from ..engine.models import (
     LoadedModel,
     ModelCache,
@@ -63,6 +64,8 @@ def check_request(request: GenerateRequest) -> CheckedRequest:
         read_start_image(params.init_image, params.exposure)  # a damaged file: one sentence before the model loads
     source = resolve_model_source(params.model, params.allow_pickle)
     lora = resolve_lora_source(params.lora, params.allow_pickle) if params.lora else None
+    if params.unet_file is not None:
+        check_safetensors_file(params.unet_file, "UNet file")  # a damaged file: one sentence before the model loads
     unet_config = read_unet_config(source)
     geometry = read_model_geometry(source, unet_config)
     check_scheduler_name(params.scheduler)
