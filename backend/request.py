@@ -42,12 +42,35 @@ SCHEDULERS = {
     "ddim": "DDIMScheduler",
     "lcm": "LCMScheduler",
     "euler": "EulerDiscreteScheduler",
+    "euler-trailing": "EulerDiscreteScheduler",
+    "euler-trailing-sample": "EulerDiscreteScheduler",
     "euler-a": "EulerAncestralDiscreteScheduler",
     "dpm++": "DPMSolverMultistepScheduler",
     "unipc": "UniPCMultistepScheduler",
     "pndm": "PNDMScheduler",
     "lms": "LMSDiscreteScheduler",
 }
+
+SCHEDULER_SETTINGS = {
+    "euler-trailing": {"timestep_spacing": "trailing"},
+    "euler-trailing-sample": {"timestep_spacing": "trailing", "prediction_type": "sample"},
+}
+"""Config values a --scheduler name sets over the model's scheduler config: ``euler-trailing`` is Euler whose first
+timestep is the top noise level, the sampler SDXL-Lightning (and SD/SDXL-Turbo) is distilled for, whatever the
+base model's config says (SDXL base ships ``leading``); ``euler-trailing-sample`` the same for a UNet that predicts
+the clean sample instead of the noise (SDXL-Lightning's 1-step UNet)."""
+
+FEW_STEP_SAMPLING = {"euler-trailing": (4, 0.0), "euler-trailing-sample": (1, 0.0)}
+"""The --steps and --guidance a --scheduler name defaults to on the command line when they are not given:
+``euler-trailing`` is SDXL-Lightning's 4 steps without classifier-free guidance (its 2/8-step models take
+``--steps`` 2 or 8), ``euler-trailing-sample`` its 1-step model. Every other scheduler: ``DEFAULT_SAMPLING``."""
+DEFAULT_SAMPLING = (50, 7.5)
+
+
+def sampling_defaults(scheduler: str) -> tuple[int, float]:
+    """(steps, guidance scale) for a --scheduler name when the user gives neither: ``FEW_STEP_SAMPLING``'s
+    entry for a few-step sampler, else ``DEFAULT_SAMPLING``."""
+    return FEW_STEP_SAMPLING.get(scheduler, DEFAULT_SAMPLING)
 
 # --sync methods; SyncDiffusion's options (the ``sync_*`` fields) and what they accept.
 SYNC_METHODS = ("multidiffusion", "syncdiffusion", "syncsde")
@@ -194,8 +217,8 @@ class GenerateRequest:
     layout: str = "equirect"
     width: int | None = None
     height: int | None = None
-    steps: int = 50
-    guidance: float = 7.5
+    steps: int = DEFAULT_SAMPLING[0]
+    guidance: float = DEFAULT_SAMPLING[1]
     seed: int | None = None
     window: int | None = None
     stride: int | None = None
@@ -205,6 +228,7 @@ class GenerateRequest:
     model_config: str | None = None
     lora: str | None = None
     lora_scale: float = 1.0
+    unet_file: str | None = None
     device: str = "auto"
     dtype: str = "auto"
     memory: str = "auto"
@@ -451,6 +475,20 @@ def _check_model_and_device(request: SimpleNamespace) -> None:
         raise BadRequest(f"Unknown device {shorten(request.device)}; use {DEVICES_HELP}.")
     if request.lora is not None and not request.lora.strip():
         raise BadRequest("--lora must be a .safetensors file, a folder or a hub id of LoRA weights.")
+    if request.unet_file is not None:
+        _check_unet_file(request)
+
+
+def _check_unet_file(request: SimpleNamespace) -> None:
+    """--unet-file: an existing ``.safetensors`` file (made absolute), never a pickle, even with --allow-pickle:
+    a whole UNet's weights that replace the model's (SDXL-Lightning's ``sdxl_lightning_4step_unet.safetensors``)."""
+    path = os.path.abspath(os.path.expanduser(str(request.unet_file)))
+    if not path.lower().endswith(".safetensors"):
+        raise BadRequest(f"--unet-file takes UNet weights as a .safetensors file, not {shorten(os.path.basename(path))} "
+                         "(pickled weights can run code when loaded and are not read here).")
+    if not os.path.isfile(path):
+        raise BadRequest(f"The --unet-file {path} does not exist.")
+    request.unet_file = path
 
 
 def _check_views(request: SimpleNamespace) -> None:

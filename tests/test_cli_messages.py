@@ -13,7 +13,7 @@ import pytest
 
 from backend.app.cli import build_parser
 from backend.engine.resolve import choose_views, default_view_set_note
-from backend.request import DEFAULT_SIZES, DEFAULT_VIEW_SET, LAYOUTS, GenerateRequest, ModelGeometry
+from backend.request import DEFAULT_SIZES, DEFAULT_VIEW_SET, LAYOUTS, GenerateRequest, ModelGeometry, sampling_defaults
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SD2_BASE = ModelGeometry(vae_scale_factor=8, latent_channels=4, sample_size=64)
@@ -56,17 +56,22 @@ def test_the_size_help_names_every_layouts_default_size():
 
 
 def test_every_flag_default_is_the_requests_and_every_number_the_help_names_is_the_default():
-    """argparse's defaults are GenerateRequest's, and a help's "(default N" is that default, so neither drifts."""
+    """argparse's defaults are GenerateRequest's, and a help's "(default N" is that default, so neither drifts.
+    --steps and --guidance default to None, filled from the scheduler (``sampling_defaults``): GenerateRequest's
+    for every scheduler but the few-step ones."""
     generate = subcommand("generate")
     fields = GenerateRequest.__dataclass_fields__
+    from_scheduler = dict(zip(("steps", "guidance"), sampling_defaults("auto")))
     checked = 0
     for action in generate._actions:
         if action.dest not in fields or action.required:
             continue
-        assert action.default == fields[action.dest].default, action.dest
+        default = from_scheduler.get(action.dest, action.default)
+        assert action.default is None or action.dest not in from_scheduler, action.dest
+        assert default == fields[action.dest].default, action.dest
         stated = re.search(r"\(default:? (-?\d+(?:\.\d+)?)\b", action.help or "")
-        if stated and action.default is not None:
-            assert float(stated.group(1)) == float(action.default), (action.dest, action.help)
+        if stated and default is not None:
+            assert float(stated.group(1)) == float(default), (action.dest, action.help)
             checked += 1
     assert checked >= 8  # steps, guidance, view batch, LoRA scale, sync decay and every, SyncSDE lambda, exposure...
 

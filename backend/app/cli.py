@@ -19,7 +19,9 @@ from .file_commands import FILE_COMMANDS, add_file_commands, add_lighting_argume
 from .models_cli import add_models_command, run_models_command
 from ..request import (
     DEFAULT_MODEL,
+    DEFAULT_SAMPLING,
     DEFAULT_SIZES,
+    FEW_STEP_SAMPLING,
     DEFAULT_VIEW_SET,
     DTYPES,
     MEMORY_MODES,
@@ -41,6 +43,7 @@ from ..request import (
     UPSCALE_STRENGTH,
     GenerateRequest,
     check_upscaled_size,
+    sampling_defaults,
 )
 from ..errors import BadRequest
 
@@ -85,8 +88,10 @@ def _add_generate_command(commands) -> None:
                           f"{_default_sizes(0)}; an equirect given only --height is twice as wide)")
     generate.add_argument("--height", type=int, help=f"image height in px (default: {_default_sizes(1)}; an "
                           "equirect given only --width is half as high)")
-    generate.add_argument("--steps", type=int, default=50, help="denoising steps (default 50)")
-    generate.add_argument("--guidance", type=float, default=7.5, help="classifier-free guidance scale (default 7.5; <= 1 disables it)")
+    generate.add_argument("--steps", type=int, help=f"denoising steps (default {DEFAULT_SAMPLING[0]}; "
+                          f"{FEW_STEP_SAMPLING['euler-trailing'][0]} with --scheduler euler-trailing)")
+    generate.add_argument("--guidance", type=float, help=f"classifier-free guidance scale (default {DEFAULT_SAMPLING[1]:g}; "
+                          f"{FEW_STEP_SAMPLING['euler-trailing'][1]:g} with --scheduler euler-trailing; <= 1 disables it)")
     generate.add_argument("--seed", type=int, help="random seed; omitted, one is picked and recorded in metadata.json")
     generate.add_argument("--window", type=int, help="view size in latent pixels (default: the UNet's sample size, 64 for SD 2 base)")
     generate.add_argument("--stride", type=int, help="distance between views in latent pixels (default: window/8; window/2 for a wide panorama under --schedule auto, measured as coherent)")
@@ -97,7 +102,9 @@ def _add_generate_command(commands) -> None:
     generate.add_argument(
         "--scheduler", default="auto",
         help=f"sampler: {', '.join(SCHEDULERS)} or any diffusers scheduler class name (default auto: the model's own "
-             "scheduler for few-step models (LCM, trailing-spaced Turbo), DDIM otherwise)",
+             "scheduler for few-step models (LCM, trailing-spaced Turbo), DDIM otherwise; euler-trailing: Euler with "
+             "trailing timesteps whatever the model's config says, SDXL-Lightning's sampler; euler-trailing-sample: "
+             "the same for a UNet predicting the clean sample, Lightning's 1-step)",
     )
     _add_model_arguments(generate)
     generate.add_argument("--out", required=True, help="output folder for panorama.png, panorama.exr and metadata.json (equirect: "
@@ -222,6 +229,9 @@ def _add_model_arguments(generate: argparse.ArgumentParser) -> None:
     generate.add_argument("--lora", help="LoRA weights to fuse into the model: a .safetensors file, a folder or a hub id "
                           "(e.g. latent-consistency/lcm-lora-sdv1-5 with --scheduler lcm --steps 4 --guidance 1)")
     generate.add_argument("--lora-scale", type=float, default=1.0, help="strength of the --lora weights (default 1)")
+    generate.add_argument("--unet-file", metavar="FILE", help="a .safetensors file of a whole UNet's weights to use in "
+                          "place of the model's (e.g. sdxl_lightning_4step_unet.safetensors on SDXL base, with "
+                          "--scheduler euler-trailing)")
     generate.add_argument("--device", default="auto", help="auto (cuda, then mps, then cpu), cpu, cuda, cuda:N or mps")
     generate.add_argument("--dtype", default="auto", metavar="{" + ",".join(DTYPES) + "}",
                           help="auto: float16 on GPUs, float32 on the CPU")
@@ -356,7 +366,12 @@ def _add_sync_arguments(generate: argparse.ArgumentParser) -> None:
 def request_from_args(args: argparse.Namespace) -> GenerateRequest:
     """The GenerateRequest named by parsed ``generate`` flags (not validated yet)."""
     names = GenerateRequest.__dataclass_fields__
-    return GenerateRequest(**{name: getattr(args, name) for name in names if hasattr(args, name)})
+    fields = {name: getattr(args, name) for name in names if hasattr(args, name)}
+    # --steps and --guidance not given: the scheduler's (4 steps without guidance for euler-trailing).
+    for name, default in zip(("steps", "guidance"), sampling_defaults(fields.get("scheduler", "auto"))):
+        if fields.get(name) is None:
+            fields[name] = default
+    return GenerateRequest(**fields)
 
 
 def main(argv: list[str] | None = None) -> int:

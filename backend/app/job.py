@@ -20,6 +20,7 @@ import torch
 from .. import __version__
 from ..engine.generation import check_scheduler_name, generate_image
 from ..engine.memory import check_job_fits, component_bytes
+from ..engine.model_manager import check_safetensors_file
 from ..engine.models import (
     LoadedModel,
     ModelCache,
@@ -42,7 +43,7 @@ from ..errors import BadRequest, JobCancelled, SyncSphereError
 from ..products.files import check_output_folder
 from ..products.images import read_start_image, srgb_to_linear
 from ..products.outputs import PreviewFile, job_output_names, write_job_outputs
-from ..request import UPSCALE_STRENGTH, GenerateRequest
+from ..request import FEW_STEP_SAMPLING, UPSCALE_STRENGTH, GenerateRequest
 
 
 def check_request(request: GenerateRequest) -> CheckedRequest:
@@ -63,9 +64,15 @@ def check_request(request: GenerateRequest) -> CheckedRequest:
         read_start_image(params.init_image, params.exposure)  # a damaged file: one sentence before the model loads
     source = resolve_model_source(params.model, params.allow_pickle)
     lora = resolve_lora_source(params.lora, params.allow_pickle) if params.lora else None
+    if params.unet_file is not None:
+        check_safetensors_file(params.unet_file, "UNet file")  # a damaged file: one sentence before the model loads
     unet_config = read_unet_config(source)
     geometry = read_model_geometry(source, unet_config)
     check_scheduler_name(params.scheduler)
+    if params.scheduler in FEW_STEP_SAMPLING and params.guidance > 1:
+        print(f"warning: --guidance {params.guidance:g} with --scheduler {params.scheduler} adds an unconditional pass per "
+              "view, which models distilled to run without guidance (SDXL-Lightning, Turbo) over-saturate with; "
+              "use --guidance 0", file=sys.stderr)
     device = resolve_device(params.device)
     dtype = resolve_dtype(params.dtype, device)
     if dtype == torch.float16 and device.type == "cpu":

@@ -19,7 +19,7 @@ import numpy as np
 import torch
 
 from ..errors import BadRequest, OutOfMemory, shorten
-from ..request import POLE_FACE_VIEW_SETS, SCHEDULERS
+from ..request import POLE_FACE_VIEW_SETS, SCHEDULER_SETTINGS, SCHEDULERS
 from .decode import decode_canvas, decode_pole_caps, vae_latents
 from .denoiser import GuidedSD3TransformerDenoiser, GuidedSDXLUNetDenoiser, GuidedUNetDenoiser, sdxl_time_ids
 from .memory import (MemoryPlan, StagePlacement, component_bytes, is_out_of_memory, memory_attempts,
@@ -315,10 +315,11 @@ def check_scheduler_name(name: str) -> None:
 
 def make_scheduler(name: str, config, view_tokens: int | None = None):
     """A diffusers scheduler of the class named by ``name`` (a SCHEDULERS key or class name) from ``config``
-    (the model's scheduler config). ``auto``: the model's own class when it is a few-step sampler (an
-    ``LCMScheduler``, or ``trailing`` timestep spacing as SD-Turbo ships), the ``FlowMatchingSampler`` of a
-    flow-matching model (SD3; ``view_tokens``: its transformer's tokens per view, for a resolution-dependent
-    shift), else DDIM."""
+    (the model's scheduler config), with the name's ``SCHEDULER_SETTINGS`` over it (``euler-trailing``: Euler with
+    ``timestep_spacing`` trailing, SDXL-Lightning's sampler, on a base model that ships another spacing).
+    ``auto``: the model's own class when it is a few-step sampler (an ``LCMScheduler``, or ``trailing`` timestep
+    spacing as SD-Turbo ships), the ``FlowMatchingSampler`` of a flow-matching model (SD3; ``view_tokens``: its
+    transformer's tokens per view, for a resolution-dependent shift), else DDIM."""
     import diffusers
 
     if name == "auto" and is_flow_matching(dict(config)):
@@ -328,7 +329,7 @@ def make_scheduler(name: str, config, view_tokens: int | None = None):
     if name == "auto":
         own = config.get("_class_name", "")
         name = own if own == "LCMScheduler" or config.get("timestep_spacing") == "trailing" else "ddim"
-    return getattr(diffusers, SCHEDULERS.get(name) or name).from_config(config)
+    return getattr(diffusers, SCHEDULERS.get(name) or name).from_config(config, **SCHEDULER_SETTINGS.get(name, {}))
 
 
 def check_steps(scheduler, steps: int) -> None:

@@ -501,6 +501,23 @@ def fuse_lora(model: LoadedModel, source: ModelSource, scale: float) -> None:
         use_channels_last(denoising_model(pipeline))  # a fused convolution may have come back in the default format
 
 
+def load_unet_file(model: LoadedModel, path: str) -> None:
+    """Replace the weights of ``model``'s UNet with the whole-UNet state dict in the ``.safetensors`` file at
+    ``path`` (diffusers' key layout, as SDXL-Lightning's ``sdxl_lightning_4step_unet.safetensors`` ships: the base
+    model's UNet config with distilled weights). Every key must match the UNet's, in name and shape; the values
+    are copied in the UNet's dtype and device. Modifies the model in place (``ModelCache`` drops a model whose
+    load failed). Raises BadRequest with one sentence for an unreadable file or weights that do not fit."""
+    from safetensors.torch import load_file
+
+    check_safetensors_file(path, "UNet file")
+    unet = denoising_model(model.pipeline)
+    try:
+        unet.load_state_dict(load_file(path), strict=True)
+    except (RuntimeError, KeyError, ValueError) as error:
+        raise BadRequest(f"The UNet weights in {path} do not fit this model's UNet ({type(unet).__name__}): "
+                         f"{_first_line(error)}") from error
+
+
 def load_tiny_autoencoder(location: str, device: torch.device, dtype: torch.dtype, latent_channels: int, allow_pickle: bool = False,
                           local_only: bool = False):
     """A diffusers ``AutoencoderTiny`` (TAESD) for SyncDiffusion's guidance decode and the denoising preview.
@@ -567,7 +584,7 @@ class ModelCache:
         the model it held before."""
         params = request.params
         key = (request.source, request.device, request.dtype, params.allow_pickle, params.model_config,
-               request.lora, params.lora_scale)
+               params.unet_file, request.lora, params.lora_scale)
         if key == self._key:
             for module, device in self._parked:
                 module.to(device)
@@ -590,13 +607,15 @@ def _park_in_cpu_memory(model: LoadedModel | None, parked: list) -> None:
 
 
 def _load_with_lora(request) -> LoadedModel:
-    """Load ``request``'s model (``ModelCache.get``) and fuse its LoRA in; a model whose fuse failed is lost
-    with the exception, as it must be."""
+    """Load ``request``'s model (``ModelCache.get``), its UNet weights from ``--unet-file`` when given, and fuse
+    its LoRA in; a model whose UNet load or fuse failed is lost with the exception, as it must be."""
     params = request.params
     # A low-memory job on a GPU loads the models into CPU memory; each stage moves in what it runs.
     on_device = params.memory != "low" or request.device.type == "cpu"
     model = load_model(request.source, request.device, request.dtype, params.allow_pickle, params.model_config,
                        place_on_device=on_device)
+    if params.unet_file is not None:
+        load_unet_file(model, params.unet_file)
     if request.lora is not None:
         fuse_lora(model, request.lora, params.lora_scale)
     return model

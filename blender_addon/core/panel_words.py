@@ -91,7 +91,7 @@ CONTROLS = {
 # Flags the panel deliberately has no control for: research and file options the add-on never sends
 # (generation.generate_params), and the other commands' flags (metrics, cubemap, view, hdr, models, serve).
 CLI_ONLY_FLAGS = frozenset({
-    "--fusion", "--view-batch", "--compile", "--scheduler", "--dtype", "--half", "--lora", "--lora-scale", "--model-config",
+    "--fusion", "--view-batch", "--compile", "--scheduler", "--dtype", "--half", "--lora", "--lora-scale", "--unet-file", "--model-config",
     "--allow-pickle", "--revision", "--overwrite", "--json-progress", "--json", "--help", "--version", "--stdio",
     "--sync-loss", "--sync-loss-backbone", "--sync-anchor", "--sync-every", "--sync-decay", "--sync-checkpointing",
     "--syncsde-compose", "--syncsde-open-chain", "--mad-blocks", "--sun-strength", "--inv",
