@@ -179,3 +179,23 @@ def test_models_list_reports_the_sd3_family(tiny_sd3, capsys):
     listed = {model["id"]: model for model in json.loads(capsys.readouterr().out)}
     model = listed[tiny_sd3]
     assert (model["family"], model["architecture"], model["kind"], model["complete"]) == ("SD3", "SD3", "folder", True)
+
+
+def test_a_start_image_is_noised_along_the_flow_and_runs_the_last_steps(tiny_sd3, tmp_path, capsys):
+    # img2img on a flow-matching model: the start is (1 - σ) x0 + σ noise at the first step that runs.
+    sampler = make_flow_matching_sampler(FlowMatchEulerDiscreteScheduler(shift=3.0).config, view_tokens=64)
+    sampler.set_timesteps(4)
+    sampler.set_begin_index(2)
+    clean, noise = torch.randn(1, 16, 8, 8), torch.randn(1, 16, 8, 8)
+    sigma = sampler.sigmas[2]
+    torch.testing.assert_close(sampler.add_noise(clean, noise, sampler.timesteps[2:3]), (1 - sigma) * clean + sigma * noise)
+
+    start = tmp_path / "start.png"
+    Image.fromarray((np.random.default_rng(0).random((64, 128, 3)) * 255).astype(np.uint8)).save(start)
+    out = tmp_path / "out"
+    code = main(["generate", "--prompt", "a canyon", "--steps", "4", "--seed", "3", "--model", tiny_sd3, "--device", "cpu",
+                 "--out", str(out), "--layout", "wide", "--width", "256", "--height", "128", "--init-image", str(start),
+                 "--strength", "0.5"])
+    assert code == 0, capsys.readouterr().err
+    metadata = json.loads((out / "metadata.json").read_text())
+    assert metadata["start"]["steps_run"] == 2 and metadata["start"]["strength"] == 0.5
