@@ -19,7 +19,7 @@ import torch
 
 from .. import __version__
 from ..engine.generation import check_scheduler_name, generate_image
-from ..engine.memory import check_job_fits, component_bytes
+from ..engine.memory import check_job_fits, component_bytes, denoiser_weight_bytes
 from ..engine.model_manager import check_safetensors_file
 from ..engine.models import (
     LoadedModel,
@@ -83,7 +83,7 @@ def check_request(request: GenerateRequest) -> CheckedRequest:
         weights = component_weight_bytes(source, dtype)
         check_job_fits(upscaled_request(params) if params.upscale else params, device, dtype, activation_config(unet_config),
                        read_vae_config(source), weights_file_bytes(source),
-                       largest_model_bytes=weights.get("unet", weights.get("transformer", 0)))
+                       largest_model_bytes=denoiser_weight_bytes(weights))
         resolved = resolve_request(params, source, lora, device, dtype, geometry, unet_config)
         if params.upscale:  # the upscaling pass's views, checked before the model loads
             resolve_request(upscaled_request(params), source, lora, device, dtype, geometry, unet_config)
@@ -124,7 +124,7 @@ def run_job(checked: CheckedRequest, report: StepReport | None = None, models: M
         final = upscaled_request(checked.params) if checked.params.upscale else checked.params
         loaded = component_bytes(pipeline)
         check_job_fits(final, model.device, model.dtype, activation_config(denoising_model(pipeline).config),
-                       pipeline.vae.config, 0, largest_model_bytes=loaded.get("unet", loaded.get("transformer", 0))
+                       pipeline.vae.config, 0, largest_model_bytes=denoiser_weight_bytes(loaded)
                        if model.device.type != "cpu" else 0)
     resolved = checked.resolved_for(model)
     timings = {"loading_s": time.perf_counter() - started}

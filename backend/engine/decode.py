@@ -53,8 +53,12 @@ def vae_latents(latents: torch.Tensor, vae) -> torch.Tensor:
     """The latents ``vae``'s decoder takes for the model's latents (N, C, h, w): divided by the VAE's
     ``scaling_factor`` and, for a VAE with a ``shift_factor`` (SD3's), shifted by it, as diffusers' pipelines undo
     their encoding; in the VAE's dtype. Same shape; differentiable (SyncDiffusion decodes through it)."""
-    shift = getattr(vae.config, "shift_factor", None) or 0.0
-    return (latents / vae.config.scaling_factor + shift).to(vae.dtype)
+    return (latents / vae.config.scaling_factor + _latent_shift(vae)).to(vae.dtype)
+
+
+def _latent_shift(vae) -> float:
+    """The ``shift_factor`` of ``vae``'s latents (SD3's), 0 for a VAE without one."""
+    return getattr(vae.config, "shift_factor", None) or 0.0
 
 
 @torch.no_grad()
@@ -107,8 +111,7 @@ def encode_canvas(
         return vae.encode(pixels).latent_dist.mean
 
     encoded = _in_canvas_tiles(encode, image, canvas, image.shape[-1] // canvas.width, tile, overlap, context, max_single)
-    shift = getattr(vae.config, "shift_factor", None) or 0.0  # vae_latents' inverse (SD3's VAE shifts its latents)
-    return (encoded - shift) * vae.config.scaling_factor
+    return (encoded - _latent_shift(vae)) * vae.config.scaling_factor  # vae_latents' inverse
 
 
 def _in_canvas_tiles(apply, source: torch.Tensor, canvas: Canvas, scale: int, tile: int, overlap: int, context: int,

@@ -175,7 +175,7 @@ def plan_offload(request: GenerateRequest, dtype: torch.dtype, unet_config, vae_
     in strips when a whole tile would not fit."""
     text = sum(size for name, size in component_bytes.items() if name.startswith("text_encoder"))
     vae = component_bytes.get("vae", 0)
-    denoising = component_bytes.get("unet", component_bytes.get("transformer", 0)) + (vae if request.sync == "syncdiffusion" else 0)
+    denoising = denoiser_weight_bytes(component_bytes) + (vae if request.sync == "syncdiffusion" else 0)
 
     def fits(weights: int, activations: int) -> bool:
         # The weights' sizes are exact (their tensors), the activations a rough estimate: the headroom is theirs.
@@ -334,6 +334,12 @@ def weights_to_place(pipeline, device: torch.device) -> int:
     return sum(parameter.numel() * parameter.element_size() for module in weighted_components(pipeline).values()
                for parameter in module.parameters()
                if device.type == "cpu" or parameter.device.type != device.type)
+
+
+def denoiser_weight_bytes(sizes: dict[str, int]) -> int:
+    """The denoising model's bytes in ``sizes`` ({component: bytes}, ``component_bytes`` or
+    ``models.component_weight_bytes``): the UNet's, or an SD3 transformer's; 0 when neither is known."""
+    return sizes.get("unet", sizes.get("transformer", 0))
 
 
 def component_bytes(pipeline) -> dict[str, int]:
