@@ -14,4 +14,4 @@ def draw_preview(layout, context):
         return
     preview = image.preview_ensure()
     layout.template_icon(icon_value=preview.icon_id, scale=8.0)
-    layout.label(text=f"Preview of step {job.preview_step}/{job.total}")
+    layout.label(text=f"Preview of step {job.preview_step}/{job.preview_total}")

@@ -88,7 +88,7 @@ def test_previews_arrive_while_a_world_job_runs_and_show_in_the_image_and_live_i
                 image.pixels.foreach_get(pixels)
                 world = scene.world
                 environment = next(node for node in world.node_tree.nodes if node.type == "TEX_ENVIRONMENT")
-                shown.append({"step": job.preview_step, "total": job.total, "stage": job.stage,
+                shown.append({"step": job.preview_step, "total": job.preview_total, "stage": job.stage,
                               "finished": job.finished, "size": list(image.size), "std": float(pixels.std()),
                               "world": world.name, "world_shows_it": environment.image == image})
         preview.follow_job(bpy.context, job)  # the tick on which the operator sees the end
@@ -139,10 +139,10 @@ states = {"colour": colour, "missing": missing is None}
 session._batch = job_state(state="running", stage="denoising", step=3, total=10)
 states["before the first"] = summary(draw("SYNCSPHERE_PT_view3d"))
 session._batch = job_state(state="running", stage="denoising", step=6, total=10, preview="x.png", preview_step=5,
-                           preview_count=1)
+                           preview_total=10, preview_count=1)
 states["with a preview"] = summary(draw("SYNCSPHERE_PT_view3d"))
 session._batch = job_state(state="done", stage="writing", step=1, total=1, preview="x.png", preview_step=10,
-                           preview_count=2)
+                           preview_total=10, preview_count=2)
 states["done"] = summary(draw("SYNCSPHERE_PT_view3d"))
 session._batch = None
 for mode in ("WORLD", "TILE"):

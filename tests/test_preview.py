@@ -249,3 +249,8 @@ def test_the_addons_job_keeps_the_latest_preview_and_counts_them():
     assert seen == [(None, 0, 0), ("/out/.syncsphere-preview.png", 5, 1), ("/out/.syncsphere-preview.png", 5, 1),
                     ("/out/.syncsphere-preview.png", 10, 2), ("/out/.syncsphere-preview.png", 10, 2),
                     ("/out/.syncsphere-preview.png", 10, 2)]
+    # The next stage's events (read in the same poll as the last preview when the machine is busy) change the
+    # progress, not the step and total the preview is of.
+    job._handle(protocol.parse_event(protocol.encode(protocol.progress_event(job.id, "decoding", 1, 4, None))))
+    assert (job.stage, job.step, job.total) == ("decoding", 1, 4)
+    assert (job.preview_step, job.preview_total) == (10, 12)

@@ -174,8 +174,9 @@ class GenerationJob:
     runs, ``stage``, ``step`` and ``total`` tell the progress, and
     ``seconds_per_step`` the wall seconds of the last denoising step (None until the backend has timed one;
     ``status_text`` and ``progress_fraction`` put them into words and a bar). ``preview`` is the path of the
-    canvas's preview PNG the backend named last (None before the first), ``preview_step`` the denoising step
-    it shows and ``preview_count`` how many have arrived, so a follower sees when a new one came (the
+    canvas's preview PNG the backend named last (None before the first), ``preview_step`` and ``preview_total`` the
+    denoising step it shows and its stage's total (kept apart from ``step``/``total``, which the next stage's
+    events change, possibly within the same poll) and ``preview_count`` how many have arrived, so a follower sees when a new one came (the
     backend rewrites the same file in place and deletes it when the job ends: read it when it arrives).
     """
 
@@ -188,7 +189,7 @@ class GenerationJob:
         self.state = "new"
         self.stage, self.step, self.total = "starting", 0, 1
         self.seconds_per_step = None
-        self.preview, self.preview_step, self.preview_count = None, 0, 0
+        self.preview, self.preview_step, self.preview_total, self.preview_count = None, 0, 1, 0
         self.outputs = None
         self.error = None
         self._last_event_time = None
@@ -292,7 +293,8 @@ class GenerationJob:
             self.seconds_per_step = seconds if isinstance(seconds, (int, float)) and not isinstance(seconds, bool) else None
             preview = event.get("preview")  # optional too: a path on the steps the backend made one
             if isinstance(preview, str) and preview and (self.worker is None or self.worker.remote is None):  # a remote one is not here
-                self.preview, self.preview_step, self.preview_count = preview, self.step, self.preview_count + 1
+                self.preview, self.preview_step, self.preview_total = preview, self.step, self.total
+                self.preview_count += 1
         elif kind == "done" and self.worker.remote is not None:
             self._receive_files(event["outputs"])
         elif kind in ("file", "chunk", "fetched") and self.received is not None:
