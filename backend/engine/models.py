@@ -610,8 +610,13 @@ def _load_with_lora(request) -> LoadedModel:
     """Load ``request``'s model (``ModelCache.get``), its UNet weights from ``--unet-file`` when given, and fuse
     its LoRA in; a model whose UNet load or fuse failed is lost with the exception, as it must be."""
     params = request.params
-    # A low-memory job on a GPU loads the models into CPU memory; each stage moves in what it runs.
-    on_device = params.memory != "low" or request.device.type == "cpu"
+    # A low-memory job on a GPU, or a model whose weights together would not fit there (SD3 with its T5 encoder on
+    # an 8 GB card), loads into CPU memory; each stage moves in what it runs (``memory.StagePlacement``).
+    from .memory import free_memory_bytes, loads_on_device
+
+    weights = sum(component_weight_bytes(request.source, request.dtype).values()) if request.device.type != "cpu" else 0
+    on_device = loads_on_device(params.memory, request.device, weights,
+                                free_memory_bytes(request.device) if request.device.type != "cpu" else None)
     model = load_model(request.source, request.device, request.dtype, params.allow_pickle, params.model_config,
                        place_on_device=on_device)
     if params.unet_file is not None:
