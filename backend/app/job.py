@@ -19,7 +19,7 @@ import torch
 
 from .. import __version__
 from ..engine.generation import check_scheduler_name, generate_image
-from ..engine.memory import check_job_fits, component_bytes, denoiser_weight_bytes
+from ..engine.memory import check_job_fits, component_bytes, denoiser_weight_bytes, free_memory_bytes, loads_on_device
 from ..engine.model_manager import check_safetensors_file
 from ..engine.models import (
     LoadedModel,
@@ -90,6 +90,17 @@ def check_request(request: GenerateRequest) -> CheckedRequest:
     return CheckedRequest(params, source, lora, device, dtype, resolved)
 
 
+def load_job_model(checked: CheckedRequest, models: ModelCache) -> LoadedModel:
+    """``checked``'s model from ``models`` (the cached one, or loaded): a new load goes onto a GPU only when its
+    weights together fit there (``memory.loads_on_device``, from the safetensors headers' sizes), else into CPU
+    memory for the memory plan to move stage by stage."""
+    device = checked.device
+    weights = component_weight_bytes(checked.source, checked.dtype) if device.type != "cpu" else {}
+    on_device = loads_on_device(checked.params.memory, device, sum(weights.values()),
+                                free_memory_bytes(device) if device.type != "cpu" else None)
+    return models.get(checked, on_device)
+
+
 def run_job(checked: CheckedRequest, report: StepReport | None = None, models: ModelCache | None = None) -> dict:
     """Run one generation and write its files. Returns the written paths ({"png", "exr", "metadata"}, and for
     equirect jobs the cube map's {"faces": {"F": …}, "dice", "horizon"}, and unless --no-hdr the HDR
@@ -117,7 +128,7 @@ def run_job(checked: CheckedRequest, report: StepReport | None = None, models: M
     # 1. Download what a hub model still lacks, then load it (or take it from the cache).
     download_if_needed(checked, report)
     stage("loading")
-    model = (models or ModelCache()).get(checked)
+    model = load_job_model(checked, models or ModelCache())
     # 2. A single-file checkpoint's geometry is known only now; others were resolved before loading.
     if checked.resolved is None:
         pipeline = model.pipeline  # its weights are loaded: the free memory already counts them

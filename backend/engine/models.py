@@ -577,10 +577,10 @@ class ModelCache:
         self._model: LoadedModel | None = None
         self._parked: list = []  # [(module, the device it came from)] of the cached model
 
-    def get(self, request) -> LoadedModel:
+    def get(self, request, on_device: bool | None = None) -> LoadedModel:
         """The model of ``request`` (a ``resolve.CheckedRequest`` or ``ResolvedRequest``: its source, lora,
         device, dtype and params): the cached one when source, device, dtype and config match, else loaded
-        (with the LoRA fused in). Raises ModelNotFound or BadRequest with one sentence, and then still holds
+        (with the LoRA fused in; ``on_device`` as ``_load_with_lora`` takes it: where a new load puts it). Raises ModelNotFound or BadRequest with one sentence, and then still holds
         the model it held before."""
         params = request.params
         key = (request.source, request.device, request.dtype, params.allow_pickle, params.model_config,
@@ -591,7 +591,7 @@ class ModelCache:
             self._parked = []
             return self._model
         _park_in_cpu_memory(self._model, self._parked)
-        model = _load_with_lora(request)
+        model = _load_with_lora(request, on_device)
         self._key, self._model, self._parked = key, model, []
         return model
 
@@ -606,17 +606,14 @@ def _park_in_cpu_memory(model: LoadedModel | None, parked: list) -> None:
             module.to("cpu")
 
 
-def _load_with_lora(request) -> LoadedModel:
-    """Load ``request``'s model (``ModelCache.get``), its UNet weights from ``--unet-file`` when given, and fuse
-    its LoRA in; a model whose UNet load or fuse failed is lost with the exception, as it must be."""
+def _load_with_lora(request, on_device: bool | None = None) -> LoadedModel:
+    """Load ``request``'s model (``ModelCache.get``; onto its device or, with ``on_device`` False, into CPU memory;
+    None: onto the device unless ``--memory low`` on a GPU), its UNet weights from ``--unet-file`` when given, and
+    fuse its LoRA in; a model whose UNet load or fuse failed is lost with the exception, as it must be."""
     params = request.params
     # A low-memory job on a GPU, or a model whose weights together would not fit there (SD3 with its T5 encoder on
-    # an 8 GB card), loads into CPU memory; each stage moves in what it runs (``memory.StagePlacement``).
-    from .memory import free_memory_bytes, loads_on_device
-
-    weights = sum(component_weight_bytes(request.source, request.dtype).values()) if request.device.type != "cpu" else 0
-    on_device = loads_on_device(params.memory, request.device, weights,
-                                free_memory_bytes(request.device) if request.device.type != "cpu" else None)
+    # an 8 GB card: ``memory.loads_on_device``), loads into CPU memory; each stage moves in what it runs.
+    on_device = (params.memory != "low" or request.device.type == "cpu") if on_device is None else on_device
     model = load_model(request.source, request.device, request.dtype, params.allow_pickle, params.model_config,
                        place_on_device=on_device)
     if params.unet_file is not None:
