@@ -10,6 +10,7 @@ before anything loads.
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
 import platform
 import secrets
 import sys
@@ -25,6 +26,7 @@ from ..engine.models import (
     LoadedModel,
     ModelCache,
     activation_config,
+    QUANTIZE_NEEDS_TORCHAO,
     component_weight_bytes,
     denoising_model,
     hub_offline,
@@ -66,6 +68,8 @@ def check_request(request: GenerateRequest) -> CheckedRequest:
     lora = resolve_lora_source(params.lora, params.allow_pickle) if params.lora else None
     if params.unet_file is not None:
         check_safetensors_file(params.unet_file, "UNet file")  # a damaged file: one sentence before the model loads
+    if params.quantize != "none" and importlib.util.find_spec("torchao") is None:
+        raise BadRequest(QUANTIZE_NEEDS_TORCHAO)
     unet_config = read_unet_config(source)
     geometry = read_model_geometry(source, unet_config)
     check_scheduler_name(params.scheduler)
@@ -80,7 +84,7 @@ def check_request(request: GenerateRequest) -> CheckedRequest:
     resolved = None
     if geometry is not None:
         # Before the views are built: a canvas too large for this machine is refused before it allocates.
-        weights = component_weight_bytes(source, dtype)
+        weights = component_weight_bytes(source, dtype, params.quantize)
         check_job_fits(upscaled_request(params) if params.upscale else params, device, dtype, activation_config(unet_config),
                        read_vae_config(source), weights_file_bytes(source),
                        largest_model_bytes=denoiser_weight_bytes(weights))
@@ -95,7 +99,7 @@ def load_job_model(checked: CheckedRequest, models: ModelCache) -> LoadedModel:
     weights together fit there (``memory.loads_on_device``, from the safetensors headers' sizes), else into CPU
     memory for the memory plan to move stage by stage."""
     device = checked.device
-    weights = component_weight_bytes(checked.source, checked.dtype) if device.type != "cpu" else {}
+    weights = component_weight_bytes(checked.source, checked.dtype, checked.params.quantize) if device.type != "cpu" else {}
     on_device = loads_on_device(checked.params.memory, device, sum(weights.values()),
                                 free_memory_bytes(device) if device.type != "cpu" else None)
     return models.get(checked, on_device)

@@ -362,9 +362,19 @@ def weights_to_place(pipeline, device: torch.device) -> int:
     """Bytes of the pipeline's text encoders', UNet's and VAE's weights (``models.weighted_components``) that a
     ``full`` job on ``device`` must still make resident: all of them on the CPU, else those not on ``device`` now
     (a ``low`` job left them in CPU memory)."""
-    return sum(parameter.numel() * parameter.element_size() for module in weighted_components(pipeline).values()
+    return sum(tensor_bytes(parameter) for module in weighted_components(pipeline).values()
                for parameter in module.parameters()
                if device.type == "cpu" or parameter.device.type != device.type)
+
+
+def tensor_bytes(tensor: torch.Tensor) -> int:
+    """Bytes ``tensor`` (a weight) holds: its elements times their size; for a tensor subclass that keeps its values
+    in inner tensors (torchao's int8 weights: int8 values, a scale and a zero point per row; ``--quantize``), the
+    sum of those, as its nominal dtype would overstate them."""
+    if hasattr(tensor, "__tensor_flatten__"):
+        names, _ = tensor.__tensor_flatten__()
+        return sum(tensor_bytes(getattr(tensor, name)) for name in names)
+    return tensor.numel() * tensor.element_size()
 
 
 def denoiser_weight_bytes(sizes: dict[str, int]) -> int:
@@ -375,7 +385,7 @@ def denoiser_weight_bytes(sizes: dict[str, int]) -> int:
 
 def component_bytes(pipeline) -> dict[str, int]:
     """{component: bytes of its weights as loaded} of the pipeline's ``models.weighted_components``."""
-    return {name: sum(parameter.numel() * parameter.element_size() for parameter in module.parameters())
+    return {name: sum(tensor_bytes(parameter) for parameter in module.parameters())
             for name, module in weighted_components(pipeline).items()}
 
 
