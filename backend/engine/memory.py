@@ -167,7 +167,9 @@ def plan_memory(request: GenerateRequest, device: torch.device, dtype: torch.dty
     ``component_bytes`` ({component: bytes of its weights}, ``component_bytes``) are given, ``plan_offload``
     tries the ``offload`` plan before falling back to ``low``.
     """
-    free = free_memory_bytes(device) if free_bytes is None else free_bytes
+    if free_bytes is None and (request.memory != "low" or component_bytes):  # low needs it for text_on_cpu only
+        free_bytes = free_memory_bytes(device)
+    free = free_bytes
     # The device with no model on it: the weights it holds now are what a full job does not still bring in.
     empty = None if free is None or not component_bytes else free + sum(component_bytes.values()) - weights_bytes
     text_on_cpu = device.type != "cpu" and not text_encoders_fit(component_bytes, empty)
