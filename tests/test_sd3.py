@@ -14,10 +14,16 @@ from backend.app.cli import main
 from backend.app.job import check_request, run_job
 from backend.engine.flow_matching import FlowMatchingSampler, make_flow_matching_sampler
 from backend.engine.models import ModelCache
+from backend.analysis.metrics import seam_ratio
+from backend.engine.denoiser import GuidedSD3TransformerDenoiser
+from backend.engine.sync import mad as mad_module
+from backend.engine.sync.mad import MergedAttention, block_divisors, merge_views, transformer_block_groups
 from backend.engine.sync.tweedie import predicted_clean_latent, prediction_for_clean_latent
+from backend.sphere.canvas import Canvas, CropView
+from backend.sphere.view_sets import CanvasViews
 from backend.errors import BadRequest
 from backend.request import GenerateRequest
-from model_factory import SD3_SCHEDULER, TINY_T5, save_random_sd3_model
+from model_factory import SD3_SCHEDULER, TINY_SD3_TRANSFORMER, TINY_T5, save_random_sd3_model
 
 
 @pytest.fixture(scope="module")
@@ -121,8 +127,8 @@ WORLD = ["--layout", "equirect", "--width", "384", "--height", "192"]
     ["--layout", "tile", "--width", "128", "--height", "128"],
     [*WORLD, "--views", "cube", "--sync", "syncdiffusion", "--sync-steps", "2", "--sync-loss", "lpips-alex",
      "--sync-loss-backbone", "random"],
-    [*WORLD, "--schedule", "shifted"],
-], ids=["equirect-band+poles-prompt-up", "wide-low-memory", "tile", "cube-syncdiffusion", "equirect-shifted"])
+    [*WORLD, "--schedule", "shifted", "--mad-steps", "1"],
+], ids=["equirect-band+poles-prompt-up", "wide-low-memory", "tile", "cube-syncdiffusion", "equirect-shifted-mad"])
 def test_every_layout_runs_on_sd3_through_the_cli(tiny_sd3, tmp_path, capsys, settings):
     torch.manual_seed(0)  # SyncDiffusion's random LPIPS trunk (pnet_rand) is drawn from torch's global generator
     out = tmp_path / "out"
@@ -142,16 +148,19 @@ def test_every_layout_runs_on_sd3_through_the_cli(tiny_sd3, tmp_path, capsys, se
         assert metadata["syncdiffusion"]["guided_steps"] == 2 and metadata["fusion"] == "clean"
     expected_schedule = "shifted" if layout == "tile" or "shifted" in settings else "dense"
     assert metadata["schedule"] == expected_schedule
+    if "--mad-steps" in settings:  # band+poles (its rows aligned to the 2-latent patches), MAD following each step's views
+        assert metadata["mad"] == {"steps": 1, "blocks": ["down", "mid", "up"]} and metadata["view_set"] == "band+poles"
 
 
 @pytest.mark.parametrize("flags,expected", [
-    (["--mad-steps", "2"], "MAD (--mad-steps) merges the attention of a UNet's blocks"),
+    (["--mad-steps", "2", "--layout", "equirect", "--width", "384", "--height", "192", "--prompt-up", "clouds"],
+     "cannot keep the different prompts that --prompt-up/--prompt-down gives them"),
     (["--sync", "syncsde"], "SyncSDE's step follows the noise schedule of DDPM-family samplers"),
     (["--sync", "syncdiffusion", "--sync-decoder", "taesd"], "TAESD does not decode"),
     (["--scheduler", "ddim"], "leave --scheduler auto (not ddim)"),
     (["--window", "15"], "whole number of its 2-latent patches"),
     (["--window", "34", "--width", "512", "--height", "512"], "at most 32 latents wide; try --window 32"),
-], ids=["mad", "syncsde", "taesd", "scheduler", "odd window", "window past the position grid"])
+], ids=["mad with per-view prompts", "syncsde", "taesd", "scheduler", "odd window", "window past the position grid"])
 def test_what_sd3_cannot_run_is_one_sentence_before_the_job(tiny_sd3, tmp_path, capsys, flags, expected):
     out = tmp_path / "out"
     code = main(["generate", "--prompt", "x", "--layout", "wide", "--width", "256", "--height", "128", "--steps", "1",
@@ -199,3 +208,62 @@ def test_a_start_image_is_noised_along_the_flow_and_runs_the_last_steps(tiny_sd3
     assert code == 0, capsys.readouterr().err
     metadata = json.loads((out / "metadata.json").read_text())
     assert metadata["start"]["steps_run"] == 2 and metadata["start"]["strength"] == 0.5
+
+
+def test_mad_blocks_name_thirds_of_a_transformers_blocks():
+    # SD3 medium has 24 blocks, SD3.5 large 38; every block attends on the grid of 2x2-latent patches.
+    assert {name: list(indices) for name, indices in transformer_block_groups(24).items()} == {
+        "down": list(range(0, 8)), "mid": list(range(8, 16)), "up": list(range(16, 24))}
+    assert [len(indices) for indices in transformer_block_groups(38).values()] == [13, 13, 12]
+    assert {name: list(indices) for name, indices in transformer_block_groups(2).items()} == {"down": [0], "mid": [1], "up": []}
+    config = dict(TINY_SD3_TRANSFORMER, num_layers=24)
+    assert block_divisors(config) == {"down": 2, "mid": 2, "up": 2} and block_divisors(config, "up") == {"up": 2}
+
+
+def test_mad_on_one_window_is_the_transformers_own_attention(tiny_sd3, models, tmp_path):
+    # Merging one view that covers the canvas is the identity: MAD's prediction is the plain one, and every joint
+    # attention layer merged once.
+    checked = check_request(GenerateRequest(prompt="a canyon", layout="wide", width=128, height=128, model=tiny_sd3,
+                                            device="cpu", out=str(tmp_path / "unused")))
+    pipeline = models.get(checked).pipeline
+    embeds, negative, pooled, negative_pooled = pipeline.encode_prompt(
+        ["a canyon"], None, None, device="cpu", do_classifier_free_guidance=True)
+    denoiser = GuidedSD3TransformerDenoiser(pipeline.transformer, embeds, negative[:1], pooled, negative_pooled[:1], 6.0)
+    latents = torch.randn(1, 16, 16, 16, generator=torch.Generator().manual_seed(0))
+    expected = denoiser(latents, torch.tensor(700.0), [0])
+    views = CanvasViews(Canvas("wide", 16, 16), [CropView(0, 0, 16, 16)])
+    with MergedAttention(pipeline.transformer, views, steps=1) as mad:
+        mad.begin_step(0)
+        merged = mad.wrap(denoiser)(latents, torch.tensor(700.0), [0])
+        assert set(mad.processors) == {"transformer_blocks.0.attn", "transformer_blocks.1.attn"}
+        assert all(processor.merged_calls == 1 for processor in mad.processors.values())
+    torch.testing.assert_close(merged, expected, atol=1e-5, rtol=1e-5)
+
+
+def test_mad_on_sd3_ties_two_windows_across_the_wrap_and_gives_the_processors_back(tiny_sd3, models, tmp_path, monkeypatch):
+    # Two windows side by side on a 32-latent equirect band (stride 16: no overlap, so without MAD nothing ties them).
+    # MAD for the first of two steps: each joint attention layer merges the two views once (the batch of both, with
+    # their (uncond, cond) rows), the image changes, the ±180° seam stays as seamless as without, and the cached
+    # transformer has its very own processors back after the job.
+    merges = []
+
+    def spy(feature_views, tokens, branches):
+        merges.append((len(feature_views), tokens.shape, branches))
+        return merge_views(feature_views, tokens, branches)
+
+    monkeypatch.setattr(mad_module, "merge_views", spy)
+    images = {}
+    for mad_steps in (0, 1):
+        checked = check_request(GenerateRequest(
+            prompt="a canyon", layout="equirect", width=256, height=128, views="band", stride=16, steps=2, seed=3,
+            mad_steps=mad_steps, model=tiny_sd3, device="cpu", out=str(tmp_path / f"mad{mad_steps}")))
+        transformer = models.get(checked).pipeline.transformer
+        before = dict(transformer.attn_processors)
+        outputs = run_job(checked, models=models)
+        assert all(processor is before[name] for name, processor in transformer.attn_processors.items())
+        images[mad_steps] = np.asarray(Image.open(outputs["png"]))
+        metadata = json.loads(open(outputs["metadata"]).read())
+        assert metadata["views"] == 2 and ("mad" in metadata) == bool(mad_steps)
+    assert merges == [(2, (4, 64, 16), 2)] * 2  # 2 layers x 1 step; 8 x 8 patches of 16 wide (the tiny hidden width)
+    assert np.abs(images[1].astype(float) - images[0]).mean() > 0.25  # 0.9 levels on average: merged at sigma 1 only
+    assert seam_ratio(images[1], 1) <= max(1.2, 1.05 * seam_ratio(images[0], 1))
