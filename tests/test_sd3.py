@@ -1,7 +1,9 @@
 """Stable Diffusion 3 through the one denoiser: a tiny random SD3 (an MMDiT on 16-channel latents in 2x2 patches, two
 CLIP encoders with projections, T5 or none, the flow-matching Euler sampler with shift 3) built here, no network."""
 
+import copy
 import json
+import math
 import os
 
 import numpy as np
@@ -16,8 +18,11 @@ from backend.engine.flow_matching import FlowMatchingSampler, make_flow_matching
 from backend.engine.models import ModelCache
 from backend.analysis.metrics import seam_ratio
 from backend.engine.denoiser import GuidedSD3TransformerDenoiser
+from backend.engine.generation import initial_noise
+from backend.engine.sampler import Synchronisation, sample_canvas
 from backend.engine.sync import mad as mad_module
 from backend.engine.sync.mad import MergedAttention, block_divisors, merge_views, transformer_block_groups
+from backend.engine.sync.syncsde import SyncSDE, score_step_gain
 from backend.engine.sync.tweedie import predicted_clean_latent, prediction_for_clean_latent
 from backend.sphere.canvas import Canvas, CropView
 from backend.sphere.view_sets import CanvasViews
@@ -123,12 +128,12 @@ WORLD = ["--layout", "equirect", "--width", "384", "--height", "192"]
 
 @pytest.mark.parametrize("settings", [
     [*WORLD, "--prompt-up", "clouds"],
-    ["--layout", "wide", "--width", "384", "--height", "128", "--memory", "low"],
+    ["--layout", "wide", "--width", "384", "--height", "128", "--memory", "low", "--sync", "syncsde"],
     ["--layout", "tile", "--width", "128", "--height", "128"],
     [*WORLD, "--views", "cube", "--sync", "syncdiffusion", "--sync-steps", "2", "--sync-loss", "lpips-alex",
      "--sync-loss-backbone", "random"],
     [*WORLD, "--schedule", "shifted", "--mad-steps", "1"],
-], ids=["equirect-band+poles-prompt-up", "wide-low-memory", "tile", "cube-syncdiffusion", "equirect-shifted-mad"])
+], ids=["equirect-band+poles-prompt-up", "wide-low-memory-syncsde", "tile", "cube-syncdiffusion", "equirect-shifted-mad"])
 def test_every_layout_runs_on_sd3_through_the_cli(tiny_sd3, tmp_path, capsys, settings):
     torch.manual_seed(0)  # SyncDiffusion's random LPIPS trunk (pnet_rand) is drawn from torch's global generator
     out = tmp_path / "out"
@@ -144,6 +149,8 @@ def test_every_layout_runs_on_sd3_through_the_cli(tiny_sd3, tmp_path, capsys, se
         assert all((out / name).is_file() for name in ("sky.exr", "lighting.json")) or metadata["view_set"]
     if "--prompt-up" in settings:
         assert "clouds" in metadata["view_prompts"]["U"]
+    if "syncsde" in settings:
+        assert metadata["syncsde"]["conditioned_views"] == metadata["views"] - 1 and metadata["fusion"] == "own"
     if "syncdiffusion" in settings:
         assert metadata["syncdiffusion"]["guided_steps"] == 2 and metadata["fusion"] == "clean"
     expected_schedule = "shifted" if layout == "tile" or "shifted" in settings else "dense"
@@ -155,12 +162,11 @@ def test_every_layout_runs_on_sd3_through_the_cli(tiny_sd3, tmp_path, capsys, se
 @pytest.mark.parametrize("flags,expected", [
     (["--mad-steps", "2", "--layout", "equirect", "--width", "384", "--height", "192", "--prompt-up", "clouds"],
      "cannot keep the different prompts that --prompt-up/--prompt-down gives them"),
-    (["--sync", "syncsde"], "SyncSDE's step follows the noise schedule of DDPM-family samplers"),
     (["--sync", "syncdiffusion", "--sync-decoder", "taesd"], "TAESD does not decode"),
     (["--scheduler", "ddim"], "leave --scheduler auto (not ddim)"),
     (["--window", "15"], "whole number of its 2-latent patches"),
     (["--window", "34", "--width", "512", "--height", "512"], "at most 32 latents wide; try --window 32"),
-], ids=["mad with per-view prompts", "syncsde", "taesd", "scheduler", "odd window", "window past the position grid"])
+], ids=["mad with per-view prompts", "taesd", "scheduler", "odd window", "window past the position grid"])
 def test_what_sd3_cannot_run_is_one_sentence_before_the_job(tiny_sd3, tmp_path, capsys, flags, expected):
     out = tmp_path / "out"
     code = main(["generate", "--prompt", "x", "--layout", "wide", "--width", "256", "--height", "128", "--steps", "1",
@@ -220,15 +226,21 @@ def test_mad_blocks_name_thirds_of_a_transformers_blocks():
     assert block_divisors(config) == {"down": 2, "mid": 2, "up": 2} and block_divisors(config, "up") == {"up": 2}
 
 
-def test_mad_on_one_window_is_the_transformers_own_attention(tiny_sd3, models, tmp_path):
-    # Merging one view that covers the canvas is the identity: MAD's prediction is the plain one, and every joint
-    # attention layer merged once.
+def _sd3_denoiser(tiny_sd3, models):
+    """(the cached tiny SD3 pipeline, its guided denoiser for "a canyon" at guidance 6)."""
     checked = check_request(GenerateRequest(prompt="a canyon", layout="wide", width=128, height=128, model=tiny_sd3,
-                                            device="cpu", out=str(tmp_path / "unused")))
+                                            device="cpu", out="/unused"))
     pipeline = models.get(checked).pipeline
     embeds, negative, pooled, negative_pooled = pipeline.encode_prompt(
         ["a canyon"], None, None, device="cpu", do_classifier_free_guidance=True)
-    denoiser = GuidedSD3TransformerDenoiser(pipeline.transformer, embeds, negative[:1], pooled, negative_pooled[:1], 6.0)
+    return pipeline, GuidedSD3TransformerDenoiser(pipeline.transformer, embeds, negative[:1], pooled,
+                                                  negative_pooled[:1], 6.0)
+
+
+def test_mad_on_one_window_is_the_transformers_own_attention(tiny_sd3, models):
+    # Merging one view that covers the canvas is the identity: MAD's prediction is the plain one, and every joint
+    # attention layer merged once.
+    pipeline, denoiser = _sd3_denoiser(tiny_sd3, models)
     latents = torch.randn(1, 16, 16, 16, generator=torch.Generator().manual_seed(0))
     expected = denoiser(latents, torch.tensor(700.0), [0])
     views = CanvasViews(Canvas("wide", 16, 16), [CropView(0, 0, 16, 16)])
@@ -267,3 +279,61 @@ def test_mad_on_sd3_ties_two_windows_across_the_wrap_and_gives_the_processors_ba
     assert merges == [(2, (4, 64, 16), 2)] * 2  # 2 layers x 1 step; 8 x 8 patches of 16 wide (the tiny hidden width)
     assert np.abs(images[1].astype(float) - images[0]).mean() > 0.25  # 0.9 levels on average: merged at sigma 1 only
     assert seam_ratio(images[1], 1) <= max(1.2, 1.05 * seam_ratio(images[0], 1))
+
+
+def test_syncsde_gain_on_the_flow_is_the_ddim_family_gain():
+    # A score change d at x_t changes the noise estimate eps = -sigma * score by -sigma d, hence the velocity
+    # v = (eps - x_t) / (1 - sigma) (from x0 = (x_t - sigma eps) / (1 - sigma)) by -sigma d / (1 - sigma); the flow's
+    # Euler step then moves by sigma^2 * gamma * d, gamma = score_step_gain: the DDIM family's (1 - a_t) gamma_t with
+    # alpha = 1 - sigma, s = sigma. It is also the alphas_cumprod gamma of that path at unit variance times r_prev / r_t.
+    sampler = FlowMatchingSampler(**SD3_SCHEDULER)
+    sampler.set_timesteps(6)
+    generator = torch.Generator().manual_seed(5)
+    latents, velocity, score = (torch.randn(1, 16, 8, 8, generator=generator) for _ in range(3))
+    for index, timestep in enumerate(sampler.timesteps):
+        sigma, following = float(sampler.sigmas[index]), float(sampler.sigmas[index + 1])
+        gain = score_step_gain(sampler, index, timestep)
+        if index == 0:
+            assert sigma == 1.0 and gain == 0.0  # pure noise: no finite gain, no pull
+            continue
+        steps = [copy.deepcopy(sampler) for _ in range(2)]
+        for trial in steps:
+            trial.scale_model_input(latents, timestep)
+        plain = steps[0].step(velocity, timestep, latents).prev_sample
+        moved = steps[1].step(velocity - sigma * score / (1 - sigma), timestep, latents).prev_sample
+        torch.testing.assert_close(moved - plain, sigma**2 * gain * score, atol=1e-4, rtol=1e-4)
+        radius = [math.hypot(1 - value, value) for value in (sigma, following)]
+        now, then = ((1 - value) ** 2 / r**2 for value, r in zip((sigma, following), radius))
+        unit_variance = math.sqrt(then / now) - math.sqrt((1 - then) / (1 - now))
+        assert gain == pytest.approx(unit_variance * radius[1] / radius[0], rel=1e-6)
+
+
+class _Recording(SyncSDE):
+    """SyncSDE that keeps the view latents it last composed (the final views after a run)."""
+
+    def compose(self, view_latents):
+        self.final_views = view_latents.clone()
+        return super().compose(view_latents)
+
+
+def test_syncsde_on_sd3_is_the_flows_euler_step_for_one_view_and_pulls_overlaps_together(tiny_sd3, models):
+    pipeline, denoiser = _sd3_denoiser(tiny_sd3, models)
+
+    def sample(views, sync, steps=10):
+        noise = initial_noise(3, (1, 16, views.canvas.height, views.canvas.width), torch.device("cpu"), torch.float32)
+        sampler = make_flow_matching_sampler(pipeline.scheduler.config, view_tokens=64)
+        return sample_canvas(denoiser, sampler, views, noise, steps=steps, view_batch=2, sync=sync)
+
+    # One view: no neighbour, nothing pulled, each step the sampler's Euler step, as MultiDiffusion of one window.
+    single = CanvasViews(Canvas("wide", 16, 16), [CropView(0, 0, 16, 16)])
+    assert torch.equal(sample(single, Synchronisation("own", synchroniser=SyncSDE(single, 5.0))),
+                       sample(single, Synchronisation()))
+    # Two windows overlapping by half: the pull leaves them closer on their overlap than independent sampling does
+    # (measured: 0.19 -> 0.057 at lambda 5; in 3 steps lambda 5 overshoots, 0.18 -> 0.42: docs/engine.md, SyncSDE).
+    pair = CanvasViews(Canvas("wide", 16, 24), [CropView(0, 0, 16, 16), CropView(0, 8, 16, 16)])
+    gaps = []
+    for strength in (0.0, 5.0):
+        sde = _Recording(pair, strength)
+        assert torch.isfinite(sample(pair, Synchronisation("own", synchroniser=sde))).all()
+        gaps.append(float((sde.final_views[0, :, :, 8:] - sde.final_views[1, :, :, :8]).abs().mean()))
+    assert gaps[1] < 0.5 * gaps[0], gaps

@@ -129,7 +129,7 @@ def resolve_request(asked: GenerateRequest, source: ModelSource, lora: ModelSour
 def check_transformer_request(request: GenerateRequest, config) -> None:
     """Refuse, with one sentence, what a model whose denoiser is a diffusion transformer (``config``: its config,
     dict or diffusers config, or the model, with a ``patch_size``; SD3) cannot run; nothing for a UNet or None.
-    ``request``: validated and sized for the model. Refused: SyncSDE (its step rule is a DDPM-family noise schedule's, not a flow's), SyncDiffusion's
+    ``request``: validated and sized for the model. Refused: SyncDiffusion's
     ``--sync-decoder taesd`` (no tiny autoencoder of 16-channel latents is known here; ``vae`` or a folder work),
     another ``--scheduler`` than auto (the model's flow-matching sampler), ``--lora`` (not built for transformers
     yet), and a window that is not a whole number of patches or more patches than the model's position grid."""
@@ -139,9 +139,6 @@ def check_transformer_request(request: GenerateRequest, config) -> None:
     if not patch:
         return
     what = "This SD3 model's denoiser is a transformer"
-    if request.sync == "syncsde":
-        raise BadRequest(f"{what} that samples by flow matching, and SyncSDE's step follows the noise schedule of "
-                         "DDPM-family samplers; use --sync multidiffusion or syncdiffusion.")
     if request.sync == "syncdiffusion" and request.sync_decoder == "taesd":
         raise BadRequest(f"{what} with 16-channel latents, which TAESD does not decode; use --sync-decoder vae "
                          "(or a folder with a tiny autoencoder of SD3's latents).")
