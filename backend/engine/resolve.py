@@ -101,7 +101,7 @@ def resolve_request(asked: GenerateRequest, source: ModelSource, lora: ModelSour
     whose UNet has ``unet_config`` (a dict or diffusers config; the UNet itself works too). Raises BadRequest
     with one sentence (sizes against the model, a view set that does not fit, MAD that cannot merge, a
     per-direction prompt with no view to act on, an anchor that is not a view, a method a transformer model does not
-    run: ``check_transformer_request``)."""
+    run: ``check_transformer_request``, MAD with per-view prompts on one: ``check_merged_joint_attention``)."""
     schedule_name = asked.resolved_schedule
     params = dataclasses.replace(asked.sized_for_model(geometry), schedule=schedule_name)
     check_transformer_request(params, unet_config)
