@@ -326,8 +326,8 @@ def test_syncsde_on_sd3_is_the_flows_euler_step_for_one_view_and_pulls_overlaps_
 
     # One view: no neighbour, nothing pulled, each step the sampler's Euler step, as MultiDiffusion of one window.
     single = CanvasViews(Canvas("wide", 16, 16), [CropView(0, 0, 16, 16)])
-    assert torch.equal(sample(single, Synchronisation("own", synchroniser=SyncSDE(single, 5.0))),
-                       sample(single, Synchronisation()))
+    assert torch.equal(sample(single, Synchronisation("own", synchroniser=SyncSDE(single, 5.0)), steps=3),
+                       sample(single, Synchronisation(), steps=3))
     # Two windows overlapping by half: the pull leaves them closer on their overlap than independent sampling does
     # (measured: 0.19 -> 0.057 at lambda 5; in 3 steps lambda 5 overshoots, 0.18 -> 0.42: docs/engine.md, SyncSDE).
     pair = CanvasViews(Canvas("wide", 16, 24), [CropView(0, 0, 16, 16), CropView(0, 8, 16, 16)])
