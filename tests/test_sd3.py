@@ -250,6 +250,18 @@ def test_mad_on_one_window_is_the_transformers_own_attention(tiny_sd3, models):
         assert set(mad.processors) == {"transformer_blocks.0.attn", "transformer_blocks.1.attn"}
         assert all(processor.merged_calls == 1 for processor in mad.processors.values())
     torch.testing.assert_close(merged, expected, atol=1e-5, rtol=1e-5)
+    # Two views with different prompts (the job refuses them with MAD): the joint layers run per view, unmerged.
+    embeds, negative, pooled, negative_pooled = pipeline.encode_prompt(
+        ["a canyon", "a canyon, clouds"], None, None, device="cpu", do_classifier_free_guidance=True)
+    prompted = GuidedSD3TransformerDenoiser(pipeline.transformer, embeds, negative[:1], pooled, negative_pooled[:1],
+                                            6.0, view_prompts=[0, 1])
+    pair = CanvasViews(Canvas("wide", 16, 24), [CropView(0, 0, 16, 16), CropView(0, 8, 16, 16)])
+    latents = torch.randn(2, 16, 16, 16, generator=torch.Generator().manual_seed(1))
+    with MergedAttention(pipeline.transformer, pair, steps=1) as mad:
+        mad.begin_step(0)
+        unmerged = mad.wrap(prompted)(latents, torch.tensor(700.0), [0, 1])
+        assert all(processor.merged_calls == 0 for processor in mad.processors.values())
+    assert torch.equal(unmerged, prompted(latents, torch.tensor(700.0), [0, 1]))
 
 
 def test_mad_on_sd3_ties_two_windows_across_the_wrap_and_gives_the_processors_back(tiny_sd3, models, tmp_path, monkeypatch):
