@@ -25,7 +25,7 @@ from backend.engine.sync.mad import MergedAttention, block_divisors, merge_views
 from backend.engine.sync.syncsde import SyncSDE, score_step_gain
 from backend.engine.sync.tweedie import predicted_clean_latent, prediction_for_clean_latent
 from backend.sphere.canvas import Canvas, CropView
-from backend.sphere.view_sets import CanvasViews
+from backend.sphere.view_sets import CanvasViews, canvas_views
 from backend.errors import BadRequest
 from backend.request import GenerateRequest
 from model_factory import SD3_SCHEDULER, TINY_SD3_TRANSFORMER, TINY_T5, save_random_sd3_model
@@ -262,6 +262,28 @@ def test_mad_on_one_window_is_the_transformers_own_attention(tiny_sd3, models):
         unmerged = mad.wrap(prompted)(latents, torch.tensor(700.0), [0, 1])
         assert all(processor.merged_calls == 0 for processor in mad.processors.values())
     assert torch.equal(unmerged, prompted(latents, torch.tensor(700.0), [0, 1]))
+
+
+def test_mad_on_sd3_merges_a_batch_in_any_order_or_a_subset_consistently(tiny_sd3, models):
+    # SyncDiffusion's gradient pass predicts chunks of views in its own order; two windows of four leave part of the
+    # canvas unseen and attend among the tokens they see, as the same two windows on a canvas of just those do.
+    pipeline, denoiser = _sd3_denoiser(tiny_sd3, models)
+    views = canvas_views(Canvas("equirect", 16, 32), "band", 16, 8)
+    latents = torch.randn(4, 16, 16, 16, generator=torch.Generator().manual_seed(2))
+    timestep = torch.tensor(700.0)
+    with MergedAttention(pipeline.transformer, views, steps=1) as mad:
+        mad.begin_step(0)
+        predict = mad.wrap(denoiser)
+        ordered = predict(latents, timestep, [0, 1, 2, 3])
+        shuffled = predict(latents[[2, 0, 3, 1]], timestep, [2, 0, 3, 1])
+        pair = predict(latents[[1, 0]], timestep, (1, 0))
+    torch.testing.assert_close(shuffled, ordered[[2, 0, 3, 1]], atol=1e-5, rtol=1e-5)
+    alone = CanvasViews(Canvas("wide", 16, 24), [CropView(0, 0, 16, 16), CropView(0, 8, 16, 16)])
+    with MergedAttention(pipeline.transformer, alone, steps=1) as mad:
+        mad.begin_step(0)
+        expected = mad.wrap(denoiser)(latents[[0, 1]], timestep, (0, 1))
+    torch.testing.assert_close(pair, expected[[1, 0]], atol=1e-5, rtol=1e-5)
+    assert (pair - denoiser(latents[[1, 0]], timestep, (1, 0))).abs().max() > 1e-4
 
 
 def test_mad_on_sd3_ties_two_windows_across_the_wrap_and_gives_the_processors_back(tiny_sd3, models, tmp_path, monkeypatch):
