@@ -327,9 +327,12 @@ def _add_mad_arguments(generate: argparse.ArgumentParser) -> None:
     mad = generate.add_argument_group("merged attention (MAD)", "Attention on the merged canvas for the first steps.")
     mad.add_argument("--mad-steps", type=int, default=0, metavar="TAU",
                      help="merge the views' attention on the canvas for the first TAU steps (Quattrini et al.; the "
-                          "paper uses 15 of 50); every view then runs in one batch; default 0: off")
+                          "paper uses 15 of 50; on SD3 its joint attention, with one prompt for all views); every view "
+                          "then runs in one batch; default 0: off")
     mad.add_argument("--mad-blocks", default="down,mid,up",
-                     help="UNet blocks whose attention is merged: a comma-separated list of down, mid, up (default all)")
+                     help="blocks whose attention is merged: a comma-separated list of down, mid, up (default all); on a "
+                          "UNet its down, mid and up blocks, on a transformer (SD3) the first, middle and last third of "
+                          "its blocks")
 
 
 def _add_sync_arguments(generate: argparse.ArgumentParser) -> None:

@@ -229,7 +229,7 @@ def synchronisation(resolved: ResolvedRequest, model: LoadedModel, denoiser: Gui
                                compose=params.syncsde_compose)
     predict = denoiser
     if params.mad_steps:
-        merged_attention = MergedAttention(model.pipeline.unet, views, params.mad_steps, params.mad_blocks)
+        merged_attention = MergedAttention(denoising_model(model.pipeline), views, params.mad_steps, params.mad_blocks)
         # The processors must know which views each batch holds; the gradient pass's chunks too.
         predict = merged_attention.wrap(denoiser)
         if guidance is not None:
