@@ -539,10 +539,11 @@ def _check_schedule(request: SimpleNamespace) -> None:
 def _check_hdr(request: SimpleNamespace) -> None:
     """Check --no-hdr, --exposure, --sun-ratio, --sun-strength, --sun-direction and --half (``check_hdr_options``);
     store the sun direction as [yaw, pitch]. The lighting options apply only to equirect jobs, and only
-    --sun-direction (which also prompts the views that see it) goes with --no-hdr."""
+    --sun-direction (which also prompts the views that see it) goes with --no-hdr; --exposure also tone-maps an
+    --init-image (an EXR), so with one it goes with every layout and with --no-hdr."""
     changed = [name for name, default in (("exposure", 0.0), ("sun_ratio", DEFAULT_SUN_RATIO),
                                           ("sun_strength", None), ("sun_direction", None))
-               if getattr(request, name) != default]
+               if getattr(request, name) != default and not (name == "exposure" and request.init_image is not None)]
     if changed and request.layout != "equirect":
         raise BadRequest(f"--{changed[0].replace('_', '-')} applies only to --layout equirect, whose 360° image "
                          "can light a scene.")

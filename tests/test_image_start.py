@@ -17,7 +17,7 @@ from backend.engine.image_start import resize_wrapped
 from backend.engine.models import ModelCache
 from backend.engine.sampler import first_step
 from backend.errors import BadRequest
-from backend.products.images import read_panorama, write_png
+from backend.products.images import read_panorama, read_start_image, write_exr, write_png
 from backend.request import GenerateRequest
 from backend.sphere.canvas import Canvas
 
@@ -221,6 +221,26 @@ def test_bad_start_options_are_one_sentence(tmp_path, overrides, words):
     with pytest.raises(BadRequest) as error:
         GenerateRequest(**values).validated()
     assert words in str(error.value) and str(error.value).count(". ") == 0
+
+
+def test_an_exr_start_is_tone_mapped_with_the_exposure_on_every_layout(tmp_path):
+    """An EXR's linear values are scaled by 2^-exposure, clipped to [0, 1] and sRGB-encoded (the model's range);
+    --exposure goes with --init-image on tiles and wide panoramas too, and with --no-hdr, where without a start
+    image it is the HDR lighting's (equirect only) option."""
+    linear = np.empty((8, 16, 3), np.float32)
+    linear[:, :8], linear[:, 8:] = 4.0, 0.25  # a light 4 times white and a quarter-white ground
+    path = str(tmp_path / "start.exr")
+    write_exr(path, linear)
+    bright = read_start_image(path, exposure=2.0)
+    assert np.allclose(bright[:, :8], 1.0) and np.allclose(bright[:, 8:], 0.2773, atol=1e-3)  # sRGB of 1/16
+    assert np.allclose(read_start_image(path)[:, 8:], 0.5371, atol=1e-3)  # sRGB of 1/4 at exposure 0
+    for layout, size in (("tile", (256, 256)), ("wide", (512, 256))):
+        request = GenerateRequest(prompt="x", layout=layout, width=size[0], height=size[1], init_image=path,
+                                  exposure=2.0, no_hdr=True, out=str(tmp_path / layout)).validated()
+        assert request.exposure == 2.0
+        with pytest.raises(BadRequest, match="^--exposure applies only to --layout equirect"):
+            GenerateRequest(prompt="x", layout=layout, width=size[0], height=size[1], exposure=2.0,
+                            out=str(tmp_path / layout)).validated()
 
 
 def test_an_unreadable_start_image_is_refused_before_the_model_loads(tmp_path, capsys):
