@@ -69,19 +69,19 @@ def main_() -> None:
     parser.add_argument("--model", default=os.path.join(os.path.dirname(os.path.dirname(HERE)), "shared", "models", "toy-landscape"))
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--seeds", type=int, default=3)
+    parser.add_argument("--first-seed", type=int, default=1)
     parser.add_argument("--width", type=int, default=512)
     parser.add_argument("--fov", type=float, default=90.0)
     args = parser.parse_args()
     rows = []
     with tempfile.TemporaryDirectory() as folder:
-        for seed in range(1, args.seeds + 1):
-            source = generate(args.model, os.path.join(folder, "source"), 100 + seed, args.steps, args.width, [])
-            size = args.width // 4
-            view = equirect_to_perspective(source, 0.0, 0.0, 0.0, args.fov, size)
-            photo = view[size // 8 : size - size // 8]  # 4:3
-            photo_path = os.path.join(folder, "photo.png")
-            write_png(photo_path, photo)
-            photo = read_panorama(photo_path)
+        source = generate(args.model, os.path.join(folder, "source"), 100, args.steps, args.width, [])
+        size = args.width // 4
+        view = equirect_to_perspective(source, 0.0, 0.0, 0.0, args.fov, size)
+        photo_path = os.path.join(folder, "photo.png")
+        write_png(photo_path, view[size // 8 : size - size // 8])  # 4:3
+        photo = read_panorama(photo_path)
+        for seed in range(args.first_seed, args.first_seed + args.seeds):
             extended = generate(args.model, os.path.join(folder, "photo"), seed, args.steps, args.width,
                                 ["--photo", photo_path, "--photo-fov", str(args.fov), "--photo-yaw", str(PLACE[0]),
                                  "--photo-pitch", str(PLACE[1])])

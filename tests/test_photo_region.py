@@ -115,26 +115,29 @@ def test_a_fusion_without_a_clean_latent_cannot_keep_a_region(denoiser_and_model
 
 
 def test_generate_extends_a_photo_and_keeps_it_within_3_of_255(tiny_model, tmp_path):
-    """``generate --photo`` on the tiny model (2 steps, 512x256): the panorama's photo region is the projected photo
-    within 3/255 on average, the rest is not the photo, metadata.json records the photo's placement."""
+    """``generate --photo`` on the tiny model (2 steps, 512x256; the photo 150° wide across the ±180° seam): the
+    panorama's photo region is the projected photo within 3/255 on average, the rest is not the photo, metadata.json records the photo's placement."""
     photo = np.clip(coordinate_photo(48, 64) / [64, 48, 2], 0, 1)  # a smooth ramp in red and green
     path = tmp_path / "photo.png"
     write_png(str(path), photo)
     out = tmp_path / "out"
     assert main(["generate", "--prompt", "a beach", "--model", str(tiny_model), "--device", "cpu", "--layout",
                  "equirect", "--width", "512", "--height", "256", "--window", "16", "--steps", "2", "--seed", "1",
-                 "--no-hdr", "--photo", str(path), "--photo-fov", "90", "--photo-yaw", "-200", "--photo-pitch", "10",
+                 "--no-hdr", "--photo", str(path), "--photo-fov", "150", "--photo-yaw", "-200", "--photo-pitch", "10",
                  "--out", str(out)]) == 0
     image = read_panorama(str(out / "panorama.png"))
-    region = photo_region(read_panorama(str(path)), 90.0, 160.0, 10.0, 512, 256)
+    region = photo_region(read_panorama(str(path)), 150.0, 160.0, 10.0, 512, 256)
     difference = np.abs(image - region.pixels).mean(axis=-1)
-    print(f"photo region: {difference[region.inside].mean() * 255:.2f}/255 from the photo; "
+    print(f"photo region: {difference[region.inside].mean() * 255:.2f}/255 from the photo "
+          f"({difference[region.alpha == 1].mean() * 255:.2f}/255 inside its feathered edge); "
           f"outside: {difference[~region.inside].mean() * 255:.1f}/255")
+    # The tiny model's random VAE decodes far from anything (tens of /255), which only the feathered edge shows.
+    assert difference[region.alpha == 1].max() <= 1 / 255  # the photo itself, up to the PNG's rounding
     assert difference[region.inside].mean() <= 3 / 255
     assert difference[~region.inside].mean() > 10 / 255
     metadata = json.loads((out / "metadata.json").read_text())
     assert metadata["params"]["photo"] == str(path) and metadata["params"]["photo_yaw"] == 160.0
-    assert metadata["photo"]["fov"] == 90.0 and 0 < metadata["photo"]["latent_share"] < metadata["photo"]["pixel_share"]
+    assert metadata["photo"]["fov"] == 150.0 and 0 < metadata["photo"]["latent_share"] < metadata["photo"]["pixel_share"]
     assert metadata["fusion"] == "clean"
 
 
