@@ -122,7 +122,7 @@ def test_generate_extends_a_photo_and_keeps_it_within_3_of_255(tiny_model, tmp_p
     write_png(str(path), photo)
     out = tmp_path / "out"
     assert main(["generate", "--prompt", "a beach", "--model", str(tiny_model), "--device", "cpu", "--layout",
-                 "equirect", "--width", "512", "--height", "256", "--window", "16", "--steps", "2", "--seed", "1",
+                 "equirect", "--width", "512", "--height", "256", "--window", "16", "--stride", "8", "--steps", "2", "--seed", "1",
                  "--no-hdr", "--photo", str(path), "--photo-fov", "150", "--photo-yaw", "-200", "--photo-pitch", "10",
                  "--out", str(out)]) == 0
     image = read_panorama(str(out / "panorama.png"))
