@@ -25,6 +25,10 @@ DTYPES = ("auto", "float32", "float16", "bfloat16")
 # the CPU between stages, view batch 1, a strip-wise VAE decode), "auto" picks one from the device's free
 # memory and the canvas (backend/engine/memory.py).
 MEMORY_MODES = ("auto", "full", "low")
+# --quantize: int8 stores the Linear weights of the denoiser and the text encoders as int8 with a scale per output
+# row (torchao's weight-only int8; the VAE, convolutions and embeddings stay in the job's dtype), about half their
+# float16 memory (backend/engine/models.py's quantize_weights).
+QUANTIZE_MODES = ("none", "int8")
 MAX_CANVAS_PIXELS = 16384
 MAX_STEPS = 1000  # the noise levels Stable Diffusion is trained on; diffusers refuses more steps
 MAX_TEXT_CHARACTERS = 10_000  # a prompt far beyond what CLIP reads (77 tokens); bounds a client's mistake
@@ -236,6 +240,7 @@ class GenerateRequest:
     device: str = "auto"
     dtype: str = "auto"
     memory: str = "auto"
+    quantize: str = "none"
     compile: bool = False
     out: str | None = None
     overwrite: bool = False
@@ -482,6 +487,8 @@ def _check_model_and_device(request: SimpleNamespace) -> None:
         raise BadRequest(f"Unknown dtype {shorten(request.dtype)}; choose one of {', '.join(DTYPES)}.")
     if request.memory not in MEMORY_MODES:
         raise BadRequest(f"Unknown memory mode {shorten(request.memory)}; choose one of {', '.join(MEMORY_MODES)}.")
+    if request.quantize not in QUANTIZE_MODES:
+        raise BadRequest(f"Unknown quantisation {shorten(request.quantize)}; choose one of {', '.join(QUANTIZE_MODES)}.")
     if not (request.device in ("auto", "cpu", "mps", "cuda") or _is_cuda_index(request.device)):
         raise BadRequest(f"Unknown device {shorten(request.device)}; use {DEVICES_HELP}.")
     if request.lora is not None and not request.lora.strip():

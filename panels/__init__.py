@@ -162,7 +162,7 @@ def draw_advanced(layout, context):
     """The research controls, as they were in the main panel: steps and guidance; for a 360° World the view set
     and the sky and ground prompts (they act on the views that look up and down); synchronisation (From Quality,
     or a method with its options, drawn only when it is chosen; merged attention always), window, stride, device
-    and memory."""
+    memory and weights (quantisation)."""
     settings = context.scene.syncsphere
     column = layout.column()
     column.use_property_split = True
@@ -185,6 +185,7 @@ def draw_advanced(layout, context):
     column.prop(settings, "stride")
     column.prop(settings, "device")
     column.prop(settings, "memory")
+    column.prop(settings, "quantize")
 
 
 # What a history item says after its quality about a method chosen in Advanced (none: From Quality).

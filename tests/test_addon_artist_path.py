@@ -63,7 +63,7 @@ def settings(**overrides):
                   quality="BALANCED", sync_method="AUTO", window=0, stride=0, device="PREFERENCES", sync_weight=20.0,
                   sync_steps=10, sync_fast=False, syncsde_lambda=5.0, mad=False, view_set="AUTO", prompt_up="",
                   prompt_down="", hdr=True, exposure=0.0, sun_ratio=6.0, use_sun_direction=False, sun_yaw=0.0,
-                  sun_pitch=45.0, memory="auto")
+                  sun_pitch=45.0, memory="auto", quantize="none")
     values.update(overrides)
     return types.SimpleNamespace(**values)
 

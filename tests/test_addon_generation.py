@@ -23,7 +23,7 @@ def settings(**overrides):
                   randomize_seed=False, steps=30, guidance=6.5, quality="BALANCED", sync_method="AUTO", window=0, stride=0,
                   device="PREFERENCES", sync_weight=20.0, sync_steps=10, sync_fast=False, syncsde_lambda=5.0,
                   mad=False, view_set="AUTO", prompt_up="", prompt_down="", hdr=True, exposure=0.0, sun_ratio=6.0,
-                  use_sun_direction=False, sun_yaw=0.0, sun_pitch=45.0, memory="auto", custom_width=2048,
+                  use_sun_direction=False, sun_yaw=0.0, sun_pitch=45.0, memory="auto", quantize="none", custom_width=2048,
                   custom_height=1024, start_image_source="NONE", start_image_path="", strength=0.8,
                   extend_photo=False, photo_path="", photo_fov=60.0, photo_yaw=0.0, photo_pitch=0.0)
     values.update(overrides)
@@ -73,6 +73,18 @@ def test_the_memory_mode_is_sent_and_the_backend_reads_it(memory, tmp_path):
     params = params_of(memory=memory)
     assert params["memory"] == memory
     assert backend_request(params, tmp_path).memory == memory
+
+
+def test_the_weights_choice_is_sent_only_when_quantised_and_the_backend_reads_it(tmp_path):
+    """Weights: Full Precision sends nothing (the backend's default), Int8 sends ``quantize``; each item is one of
+    the backend's --quantize modes."""
+    from backend.request import QUANTIZE_MODES
+    from syncsphere.blender_addon.core.panel_words import CONTROLS
+
+    assert list(CONTROLS["--quantize"].values) == list(QUANTIZE_MODES)
+    assert "quantize" not in params_of(quantize="none")
+    params = params_of(quantize="int8")
+    assert params["quantize"] == "int8" and backend_request(params, tmp_path).quantize == "int8"
 
 
 @pytest.mark.parametrize("options", [{}, {"sync_weight": 5.0, "sync_steps": 0, "sync_fast": True}])

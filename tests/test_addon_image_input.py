@@ -160,8 +160,9 @@ def test_upscaling_a_history_item_is_what_the_backends_upscale_command_does(tmp_
     Image.fromarray(np.full((size[1], size[0], 3), 120, np.uint8)).save(png)
     assert image_input.png_size(str(png)) == size
     values = dict(vars(settings(mode=mode, steps=2)), seed=77)
-    run = types.SimpleNamespace(window=16, stride=8, memory="low")
+    run = types.SimpleNamespace(window=16, stride=8, memory="low", quantize="int8")
     params = image_input.upscale_params(values, str(png), size, scale, run, model="m", device="cpu")
+    assert params["quantize"] == "int8"
     assert (params["init_image"], params["strength"], params["seed"]) == (str(png), 0.3, 77)
     assert params["steps"] == 4  # raised so 0.3 of them leaves a step (int(4 x 0.3) = 1)
     assert (params["window"], params["stride"], params["memory"]) == (16, 8, "low")

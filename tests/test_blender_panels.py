@@ -27,8 +27,8 @@ pytestmark = pytest.mark.skipif(_bpy_dir() is None, reason="bpy is not installed
 SETTINGS = {"prompt", "style", "style_prompt", "negative_prompt", "mode", "resolution", "quality", "seed", "randomize_seed",
             "variations", "steps", "guidance",
             "sync_method", "sync_weight", "sync_steps", "sync_fast", "syncsde_lambda", "mad", "view_set",
-            "prompt_up", "prompt_down", "window", "stride", "device", "memory", "hide_from_camera", "face_camera",
-            "preview_in_world"}
+            "prompt_up", "prompt_down", "window", "stride", "device", "memory", "quantize", "hide_from_camera",
+            "face_camera", "preview_in_world"}
 # Issue 18's image controls in the main panel: Start from Image always; Width and Height only with Size = Custom,
 # Image File only with Start from Image = File, Strength with a file or the World's image.
 SETTINGS |= {"custom_width", "custom_height", "start_image_source", "start_image_path", "strength"}
@@ -57,7 +57,7 @@ MAIN_ROWS_WITH_IMAGE = ["prompt", "style", "style_prompt", "negative_prompt", "m
                         "randomize_seed", "generate", "variations"]
 # The research controls, all in the Advanced sub-panel (for a 360° World; WORLD_VIEW_SETTINGS only there).
 ADVANCED_SETTINGS = ["steps", "guidance"] + WORLD_VIEW_SETTINGS + ["sync_method", "mad", "window", "stride", "device",
-                                                                  "memory"]
+                                                                  "memory", "quantize"]
 
 # Runs after _PRELUDE: registers and enables the add-on and defines the recording layout.
 _HELPERS = r"""

@@ -319,7 +319,7 @@ def test_a_job_whose_unet_and_one_view_do_not_fit_the_card_is_refused_with_the_e
                               largest_model_bytes=SDXL_WEIGHTS["unet"])
     message = str(refused.value)
     assert message == ("A 2048x1024 px job needs about 6.0 GiB on the cuda device even with --memory low (4.8 GiB "
-                       "for the UNet's weights and 1.2 GiB for one view), but it has 5.0 GiB free; lower --width and "
+                       "for the denoising model's weights and 1.2 GiB for one view), but it has 5.0 GiB free; lower --width and "
                        "--height or --window, use --device cpu, or free the device.")
     memory.check_job_fits(request, *arguments, free_host_bytes=64 * GIB, free_device_bytes=7 * GIB,
                           largest_model_bytes=SDXL_WEIGHTS["unet"])
@@ -351,3 +351,82 @@ def test_the_offload_plan_moves_the_text_encoders_off_the_device_after_encoding(
     assert where["text"] == {"text_encoder": "meta", "text_encoder_2": "meta", "unet": "cpu", "vae": "cpu"}
     assert where["denoise"] == {"text_encoder": "cpu", "text_encoder_2": "cpu", "unet": "meta", "vae": "cpu"}
     assert where["decode"] == {"text_encoder": "cpu", "text_encoder_2": "cpu", "unet": "cpu", "vae": "meta"}
+
+
+# SD3.5 medium's parts in float16 (parameter counts of stabilityai/stable-diffusion-3.5-medium, rounded): the
+# transformer 2.47 B, CLIP-L 124 M, CLIP-G 695 M, the T5-XXL encoder 4.76 B, the VAE 84 M; its transformer's config.
+SD3_WEIGHTS = {"text_encoder": 123_650_304 * 2, "text_encoder_2": 694_659_840 * 2, "text_encoder_3": 4_762_310_656 * 2,
+               "transformer": 2_470_000_000 * 2, "vae": 83_819_683 * 2}
+SD3_TRANSFORMER = {"sample_size": 128, "patch_size": 2, "num_attention_heads": 24, "attention_head_dim": 64}
+
+
+def sd3_card_plan(card_gib: float, request: GenerateRequest | None = None) -> memory.MemoryPlan:
+    """The auto plan of an SD3.5-medium world on a card of ``card_gib``, the model loaded as ``loads_on_device``
+    decides: onto the card when every weight fits there, else into CPU memory."""
+    from backend.engine.models import activation_config
+
+    free = int(card_gib * GIB) - CUDA_CONTEXT
+    total = sum(SD3_WEIGHTS.values())
+    on_card = memory.loads_on_device("auto", torch.device("cuda"), total, free)
+    return plan_memory(request or world(2048, window=128), torch.device("cuda"), torch.float16,
+                       activation_config(SD3_TRANSFORMER), SD2_VAE, 40,
+                       weights_bytes=0 if on_card else total, free_bytes=free - total if on_card else free,
+                       component_bytes=SD3_WEIGHTS)
+
+
+def test_sd3_on_an_8_gb_card_encodes_its_prompts_on_the_cpu_and_runs_its_transformer_on_the_card():
+    # 16.3 GB of weights: loaded into CPU memory below 24 GB. The T5 encoder alone (9.5 GB) exceeds an 8 GB card.
+    assert not memory.loads_on_device("auto", torch.device("cuda"), sum(SD3_WEIGHTS.values()), 8 * GIB)
+    eight = sd3_card_plan(8)
+    assert (eight.mode, eight.offload, eight.text_on_cpu) == ("offload", True, True)
+    assert eight.to_dict()["text_on_cpu"] is True
+    # 16 GB: the three text encoders fit alone on the card, then leave it; 24 GB holds everything.
+    sixteen = sd3_card_plan(16)
+    assert (sixteen.mode, sixteen.text_on_cpu) == ("offload", False)
+    assert (sd3_card_plan(24).mode, sd3_card_plan(24).text_on_cpu) == ("full", False)
+    # A low plan keeps the prompts on the CPU too, asked for or as the last attempt after running out of memory.
+    assert sd3_card_plan(8, world(2048, window=128, memory="low")).text_on_cpu is True
+    attempts = memory.memory_attempts(world(2048, window=128), eight, torch.device("cuda"))
+    assert [name for name, _ in attempts][::len(attempts) - 1] == ["offload", "low"]
+    assert all(plan.text_on_cpu for _, plan in attempts)
+    # The CPU has nothing to keep apart; an SD2 model's text encoder fits a 4 GB card.
+    assert not plan_memory(world(2048), torch.device("cpu"), torch.float32, SD2_UNET, SD2_VAE, 40,
+                           free_bytes=64 * GIB, component_bytes=SD2_WEIGHTS).text_on_cpu
+    assert not card_plan(world(2048), 4, SD2_UNET, SD2_WEIGHTS).text_on_cpu
+
+
+def test_a_model_is_loaded_onto_a_gpu_only_when_its_weights_fit_there():
+    cuda, cpu = torch.device("cuda"), torch.device("cpu")
+    assert memory.loads_on_device("auto", cuda, 7 * GIB, 10 * GIB)
+    assert not memory.loads_on_device("auto", cuda, 9 * GIB, 10 * GIB)  # more than HEADROOM of the free memory
+    assert not memory.loads_on_device("low", cuda, GIB, 10 * GIB)  # low always offloads
+    assert memory.loads_on_device("full", cuda, GIB, None)  # unknown free memory: as asked
+    assert memory.loads_on_device("low", cpu, 99 * GIB, GIB)  # the CPU is where models wait anyway
+
+
+def test_text_on_the_cpu_keeps_the_text_encoders_off_the_device_in_every_stage():
+    where = {}
+    for stage in ("text", "denoise", "decode"):
+        models = ThreeModels()  # the meta device plays the GPU
+        placement = StagePlacement(models, torch.device("meta"), True, offload_device=torch.device("cpu"), text_on_cpu=True)
+        placement.enter(stage)
+        where[stage] = {name: next(getattr(models, name).parameters()).device.type for name in ("text_encoder", "unet", "vae")}
+    assert placement.text_device == torch.device("cpu")
+    assert where == {"text": {"text_encoder": "cpu", "unet": "cpu", "vae": "cpu"},
+                     "denoise": {"text_encoder": "cpu", "unet": "meta", "vae": "cpu"},
+                     "decode": {"text_encoder": "cpu", "unet": "cpu", "vae": "meta"}}
+    # Without offload there is no text_on_cpu: every model stays on the device, the prompts are encoded there.
+    assert StagePlacement(ThreeModels(), torch.device("meta"), False, text_on_cpu=True).text_device == torch.device("meta")
+
+
+def test_sd3_large_on_an_8_gb_card_is_refused_before_it_loads():
+    # 8.1 B transformer parameters: 16 GB in float16, more than the card even alone (no quantisation is built).
+    from backend.engine.models import activation_config
+
+    request = sized(layout="equirect", width=2048, height=1024, window=128)
+    with pytest.raises(BadRequest) as refused:
+        memory.check_job_fits(request, torch.device("cuda"), torch.float16, activation_config(SD3_TRANSFORMER),
+                              SD2_VAE, 30 * GIB, free_host_bytes=64 * GIB, free_device_bytes=7 * GIB,
+                              largest_model_bytes=8_100_000_000 * 2)
+    assert "on the cuda device even with --memory low (15.1 GiB for the denoising model's weights" in str(refused.value)
+    assert len(str(refused.value).splitlines()) == 1

@@ -25,6 +25,7 @@ from ..request import (
     DEFAULT_VIEW_SET,
     DTYPES,
     MEMORY_MODES,
+    QUANTIZE_MODES,
     FUSIONS,
     SCHEDULES,
     LAYOUTS,
@@ -250,6 +251,11 @@ def _add_model_arguments(generate: argparse.ArgumentParser) -> None:
                           help="full: everything on the device at once; low: models kept in CPU memory and moved to the "
                           "GPU stage by stage, view batch 1 (MAD off) and a strip-wise VAE decode (the same image with "
                           "less memory); auto (default): full when the device's free memory holds the job, else low")
+    generate.add_argument("--quantize", default="none", choices=QUANTIZE_MODES,
+                          help="int8: store the Linear weights of the UNet or transformer and of the text encoders as "
+                          "int8 (torchao's weight-only int8; pip install -r requirements-quantize.txt), about half "
+                          "their float16 memory, so SD3.5 medium with T5 or SDXL fits an 8 GB card with room; close to "
+                          "the unquantised image, not equal (default none)")
     generate.add_argument("--compile", action="store_true",
                           help="opt-in: run the UNet through torch.compile (mode default); the first job with a model is "
                           "slower while it compiles, later jobs in the same worker reuse the compiled UNet; not with "
@@ -332,9 +338,12 @@ def _add_mad_arguments(generate: argparse.ArgumentParser) -> None:
     mad = generate.add_argument_group("merged attention (MAD)", "Attention on the merged canvas for the first steps.")
     mad.add_argument("--mad-steps", type=int, default=0, metavar="TAU",
                      help="merge the views' attention on the canvas for the first TAU steps (Quattrini et al.; the "
-                          "paper uses 15 of 50); every view then runs in one batch; default 0: off")
+                          "paper uses 15 of 50; on SD3 its joint attention, with one prompt for all views); every view "
+                          "then runs in one batch; default 0: off")
     mad.add_argument("--mad-blocks", default="down,mid,up",
-                     help="UNet blocks whose attention is merged: a comma-separated list of down, mid, up (default all)")
+                     help="blocks whose attention is merged: a comma-separated list of down, mid, up (default all); on a "
+                          "UNet its down, mid and up blocks, on a transformer (SD3) the first, middle and last third of "
+                          "its blocks")
 
 
 def _add_sync_arguments(generate: argparse.ArgumentParser) -> None:

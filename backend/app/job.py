@@ -10,6 +10,7 @@ before anything loads.
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
 import platform
 import secrets
 import sys
@@ -19,12 +20,13 @@ import torch
 
 from .. import __version__
 from ..engine.generation import check_scheduler_name, generate_image
-from ..engine.memory import check_job_fits, component_bytes, denoiser_weight_bytes
+from ..engine.memory import check_job_fits, component_bytes, denoiser_weight_bytes, free_memory_bytes, loads_on_device
 from ..engine.model_manager import check_safetensors_file
 from ..engine.models import (
     LoadedModel,
     ModelCache,
     activation_config,
+    QUANTIZE_NEEDS_TORCHAO,
     component_weight_bytes,
     denoising_model,
     hub_offline,
@@ -68,6 +70,8 @@ def check_request(request: GenerateRequest) -> CheckedRequest:
     lora = resolve_lora_source(params.lora, params.allow_pickle) if params.lora else None
     if params.unet_file is not None:
         check_safetensors_file(params.unet_file, "UNet file")  # a damaged file: one sentence before the model loads
+    if params.quantize != "none" and importlib.util.find_spec("torchao") is None:
+        raise BadRequest(QUANTIZE_NEEDS_TORCHAO)
     unet_config = read_unet_config(source)
     geometry = read_model_geometry(source, unet_config)
     check_scheduler_name(params.scheduler)
@@ -82,7 +86,7 @@ def check_request(request: GenerateRequest) -> CheckedRequest:
     resolved = None
     if geometry is not None:
         # Before the views are built: a canvas too large for this machine is refused before it allocates.
-        weights = component_weight_bytes(source, dtype)
+        weights = component_weight_bytes(source, dtype, params.quantize)
         check_job_fits(upscaled_request(params) if params.upscale else params, device, dtype, activation_config(unet_config),
                        read_vae_config(source), weights_file_bytes(source),
                        largest_model_bytes=denoiser_weight_bytes(weights))
@@ -90,6 +94,17 @@ def check_request(request: GenerateRequest) -> CheckedRequest:
         if params.upscale:  # the upscaling pass's views, checked before the model loads
             resolve_request(upscaled_request(params), source, lora, device, dtype, geometry, unet_config)
     return CheckedRequest(params, source, lora, device, dtype, resolved)
+
+
+def load_job_model(checked: CheckedRequest, models: ModelCache) -> LoadedModel:
+    """``checked``'s model from ``models`` (the cached one, or loaded): a new load goes onto a GPU only when its
+    weights together fit there (``memory.loads_on_device``, from the safetensors headers' sizes), else into CPU
+    memory for the memory plan to move stage by stage."""
+    device = checked.device
+    weights = component_weight_bytes(checked.source, checked.dtype, checked.params.quantize) if device.type != "cpu" else {}
+    on_device = loads_on_device(checked.params.memory, device, sum(weights.values()),
+                                free_memory_bytes(device) if device.type != "cpu" else None)
+    return models.get(checked, on_device)
 
 
 def run_job(checked: CheckedRequest, report: StepReport | None = None, models: ModelCache | None = None) -> dict:
@@ -119,7 +134,7 @@ def run_job(checked: CheckedRequest, report: StepReport | None = None, models: M
     # 1. Download what a hub model still lacks, then load it (or take it from the cache).
     download_if_needed(checked, report)
     stage("loading")
-    model = (models or ModelCache()).get(checked)
+    model = load_job_model(checked, models or ModelCache())
     # 2. A single-file checkpoint's geometry is known only now; others were resolved before loading.
     if checked.resolved is None:
         pipeline = model.pipeline  # its weights are loaded: the free memory already counts them

@@ -92,7 +92,8 @@ def denoise_and_decode(resolved: ResolvedRequest, model: LoadedModel, plan: Memo
     over the decoded image (``composite_photo``). Keeps nothing between calls, so a retry starts from scratch."""
     params, pipeline = resolved.params, model.pipeline
     placement = StagePlacement(pipeline, model.device, plan.offload,
-                               vae_while_denoising=params.sync == "syncdiffusion" and params.sync_decoder == "vae")
+                               vae_while_denoising=params.sync == "syncdiffusion" and params.sync_decoder == "vae",
+                               text_on_cpu=plan.text_on_cpu)
     region = None
     if photo is not None:
         factor = resolved.geometry.vae_scale_factor
@@ -141,7 +142,7 @@ def denoise(resolved: ResolvedRequest, model: LoadedModel, report: StepReport, p
                              model.device, model.dtype)
     placement.enter("text")
     compiled_before = model.compiled_unet is not None
-    denoiser = prompt_denoiser(resolved, model)
+    denoiser = prompt_denoiser(resolved, model, placement.text_device)
     noise, projected_noise = starting_noise(resolved, model)
     sync, predict, sync_details, checkpointed = synchronisation(resolved, model, denoiser)
     placement.enter("denoise")
@@ -175,9 +176,12 @@ def denoise(resolved: ResolvedRequest, model: LoadedModel, report: StepReport, p
     return latents, views.canvas, details
 
 
-def prompt_denoiser(resolved: ResolvedRequest, model: LoadedModel) -> GuidedUNetDenoiser:
+def prompt_denoiser(resolved: ResolvedRequest, model: LoadedModel,
+                    text_device: torch.device | None = None) -> GuidedUNetDenoiser:
     """The UNet (compiled with ``--compile``: ``models.compiled_unet``) with classifier-free guidance and each
-    view's prompt (``resolved.prompts``/``prompt_rows``) encoded once, by the pipeline's own ``encode_prompt``.
+    view's prompt (``resolved.prompts``/``prompt_rows``) encoded once, by the pipeline's own ``encode_prompt``,
+    on ``text_device`` (default the model's device; the CPU where a plan keeps the text encoders there:
+    ``MemoryPlan.text_on_cpu``), the embeddings then on the model's device.
     An SDXL model's denoiser (``GuidedSDXLUNetDenoiser``) also takes each prompt's pooled embedding and the time
     ids of a whole image of the window's size (``sdxl_time_ids``); an SD3 model's (``GuidedSD3TransformerDenoiser``)
     is its transformer with each prompt's joint text tokens and pooled projections. Raises BadRequest for an SDXL
@@ -189,22 +193,28 @@ def prompt_denoiser(resolved: ResolvedRequest, model: LoadedModel) -> GuidedUNet
     pipeline = model.pipeline
     unet = compiled_unet(model) if params.compile else denoising_model(pipeline)
     view_prompts = list(resolved.prompt_rows) if len(prompts) > 1 else None
+    text_device = text_device or model.device
+
+    def on_model_device(*embeddings):
+        return [None if tensor is None else tensor.to(model.device) for tensor in embeddings]
+
     if model.architecture == "SD3":
         # No negative prompt: the empty prompt's embeddings, as StableDiffusion3Pipeline (no zeros rule).
-        prompt_embeds, negative_embeds, pooled, negative_pooled = pipeline.encode_prompt(
-            prompts, None, None, device=model.device, do_classifier_free_guidance=uses_guidance,
-            negative_prompt=negative)
+        prompt_embeds, negative_embeds, pooled, negative_pooled = on_model_device(*pipeline.encode_prompt(
+            prompts, None, None, device=text_device, do_classifier_free_guidance=uses_guidance,
+            negative_prompt=negative))
         if negative_embeds is not None:
             negative_embeds, negative_pooled = negative_embeds[:1], negative_pooled[:1]
         return GuidedSD3TransformerDenoiser(unet, prompt_embeds, negative_embeds, pooled, negative_pooled,
                                             params.guidance, view_prompts)
     if model.architecture != "SDXL":
-        prompt_embeds, negative_embeds = pipeline.encode_prompt(prompts, model.device, 1, uses_guidance, negative)
+        prompt_embeds, negative_embeds = on_model_device(*pipeline.encode_prompt(prompts, text_device, 1, uses_guidance,
+                                                                                 negative))
         negative_embeds = negative_embeds[:1] if negative_embeds is not None else None
         return GuidedUNetDenoiser(unet, prompt_embeds, negative_embeds, params.guidance, view_prompts)
     # No negative prompt: zero embeddings when the model's config says force_zeros_for_empty_prompt, as diffusers.
-    prompt_embeds, negative_embeds, pooled, negative_pooled = pipeline.encode_prompt(
-        prompts, device=model.device, do_classifier_free_guidance=uses_guidance, negative_prompt=negative)
+    prompt_embeds, negative_embeds, pooled, negative_pooled = on_model_device(*pipeline.encode_prompt(
+        prompts, device=text_device, do_classifier_free_guidance=uses_guidance, negative_prompt=negative))
     try:
         time_ids = sdxl_time_ids(pipeline.unet, params.window * resolved.geometry.vae_scale_factor,
                                  pooled.shape[-1], prompt_embeds.dtype, model.device)
@@ -242,7 +252,7 @@ def synchronisation(resolved: ResolvedRequest, model: LoadedModel, denoiser: Gui
                                compose=params.syncsde_compose)
     predict = denoiser
     if params.mad_steps:
-        merged_attention = MergedAttention(model.pipeline.unet, views, params.mad_steps, params.mad_blocks)
+        merged_attention = MergedAttention(denoising_model(model.pipeline), views, params.mad_steps, params.mad_blocks)
         # The processors must know which views each batch holds; the gradient pass's chunks too.
         predict = merged_attention.wrap(denoiser)
         if guidance is not None:

@@ -25,6 +25,12 @@ together do not leave room on the device, SDXL on an 8 GB card: the models move 
 waits in CPU memory), but the view batch is still chosen from the free memory, MAD stays on, and the decode
 runs in strips only when a whole tile would not fit.
 
+**Text encoders on the CPU**: where the text encoders together do not fit on the device even alone (SD3's T5-XXL
+encoder, 9.5 GB in float16, on an 8 GB card), the offload and low plans encode the prompts on the CPU and move
+only the embeddings to the device (``MemoryPlan.text_on_cpu``): seconds once per job, against a model that could
+not run at all. A model whose weights together do not fit on the device is loaded into CPU memory in the first
+place (``loads_on_device``), so loading it cannot run out of device memory before the plan is made.
+
 ``auto`` estimates the activation memory of a ``full`` job (``estimate_full_bytes``; rough, from the
 canvas, the views and the model's channels) and compares it with the device's free memory
 (``free_memory_bytes``): ``full`` when it fits with ``HEADROOM`` to spare; else, on a GPU, ``offload`` when
@@ -83,7 +89,8 @@ class MemoryPlan:
     reason: why (one phrase); view_batch: views per UNet call; offload: models move between the CPU and
     the device stage by stage; strip_decode: decode tiles in strips of rows; free_bytes and
     estimated_full_bytes: what ``auto`` compared (None when not measured); view_batch_reason: why that view
-    batch (one phrase, ``choose_view_batch``)."""
+    batch (one phrase, ``choose_view_batch``); text_on_cpu: the prompts are encoded on the CPU, the text
+    encoders never move to the device (``text_encoders_fit``)."""
 
     requested: str
     mode: str
@@ -94,6 +101,7 @@ class MemoryPlan:
     free_bytes: int | None = None
     estimated_full_bytes: int | None = None
     view_batch_reason: str = "asked for"
+    text_on_cpu: bool = False
 
     def to_dict(self) -> dict:
         """The plan as metadata.json records it, sizes in MiB."""
@@ -101,6 +109,7 @@ class MemoryPlan:
         return {
             "requested": self.requested, "mode": self.mode, "reason": self.reason, "view_batch": self.view_batch,
             "view_batch_reason": self.view_batch_reason, "offload": self.offload, "strip_decode": self.strip_decode,
+            "text_on_cpu": self.text_on_cpu,
             "free_mib": None if self.free_bytes is None else round(self.free_bytes * mib),
             "estimated_full_mib": None if self.estimated_full_bytes is None else round(self.estimated_full_bytes * mib),
         }
@@ -116,10 +125,32 @@ def full_plan(request: GenerateRequest, reason: str, view_batch_reason: str = "a
                       view_batch_reason=view_batch_reason)
 
 
-def low_plan(request: GenerateRequest, device: torch.device, reason: str) -> MemoryPlan:
-    """The ``low`` plan: view batch 1, offload when the device is not the CPU, strip decodes."""
+def low_plan(request: GenerateRequest, device: torch.device, reason: str, text_on_cpu: bool = False) -> MemoryPlan:
+    """The ``low`` plan: view batch 1, offload when the device is not the CPU, strip decodes; the prompts encoded
+    on the CPU with ``text_on_cpu`` (a GPU only)."""
     return MemoryPlan(request.memory, "low", reason, 1, offload=device.type != "cpu", strip_decode=True,
-                      view_batch_reason=LOW_VIEW_BATCH_REASON)
+                      view_batch_reason=LOW_VIEW_BATCH_REASON, text_on_cpu=text_on_cpu and device.type != "cpu")
+
+
+def text_encoders_fit(component_bytes: dict[str, int] | None, available_bytes: int | None) -> bool:
+    """Whether the text encoders' weights in ``component_bytes`` ({component: bytes}, ``component_bytes``) fit
+    together in ``available_bytes``, the device's memory with no model on it (True when either is unknown: the
+    encoders then go where the other models go). Encoding holds a few prompts' activations beside them, which
+    ``HEADROOM`` leaves room for."""
+    if not component_bytes or available_bytes is None:
+        return True
+    text = sum(size for name, size in component_bytes.items() if name.startswith("text_encoder"))
+    return text <= HEADROOM * available_bytes
+
+
+def loads_on_device(memory_mode: str, device: torch.device, weights_bytes: int, free_bytes: int | None) -> bool:
+    """Whether a model whose weights are ``weights_bytes`` (every component, in the job's dtype) is loaded straight
+    onto ``device`` (else into CPU memory, for ``StagePlacement`` to move stage by stage): always on the CPU; on a
+    GPU unless ``--memory low`` or the weights together exceed ``HEADROOM`` of its ``free_bytes`` (None: unknown,
+    loaded onto it)."""
+    if device.type == "cpu":
+        return True
+    return memory_mode != "low" and (free_bytes is None or weights_bytes <= HEADROOM * free_bytes)
 
 
 def plan_memory(request: GenerateRequest, device: torch.device, dtype: torch.dtype, unet_config, vae_config,
@@ -136,9 +167,14 @@ def plan_memory(request: GenerateRequest, device: torch.device, dtype: torch.dty
     ``component_bytes`` ({component: bytes of its weights}, ``component_bytes``) are given, ``plan_offload``
     tries the ``offload`` plan before falling back to ``low``.
     """
+    if free_bytes is None and (request.memory != "low" or component_bytes):  # low needs it for text_on_cpu only
+        free_bytes = free_memory_bytes(device)
+    free = free_bytes
+    # The device with no model on it: the weights it holds now are what a full job does not still bring in.
+    empty = None if free is None or not component_bytes else free + sum(component_bytes.values()) - weights_bytes
+    text_on_cpu = device.type != "cpu" and not text_encoders_fit(component_bytes, empty)
     if request.memory == "low":
-        return low_plan(request, device, "asked for")
-    free = free_memory_bytes(device) if free_bytes is None else free_bytes
+        return low_plan(request, device, "asked for", text_on_cpu)
     view_batch, view_batch_reason = choose_view_batch(request, device.type, free, dtype, unet_config, vae_config,
                                                       view_count, weights_bytes, vae_dtype)
     asked, request = request, dataclasses.replace(request, view_batch=view_batch)
@@ -146,8 +182,7 @@ def plan_memory(request: GenerateRequest, device: torch.device, dtype: torch.dty
     offload = None
     if request.memory == "auto" and free is not None and estimate > HEADROOM * free and component_bytes \
             and device.type != "cpu":
-        offload = plan_offload(asked, dtype, unet_config, vae_config, view_count, component_bytes,
-                               free + sum(component_bytes.values()) - weights_bytes, vae_dtype)
+        offload = plan_offload(asked, dtype, unet_config, vae_config, view_count, component_bytes, empty, vae_dtype)
     if request.memory == "full":
         plan = full_plan(request, "asked for", view_batch_reason)
     elif free is None:
@@ -157,7 +192,7 @@ def plan_memory(request: GenerateRequest, device: torch.device, dtype: torch.dty
     elif offload is not None:
         plan = offload
     else:
-        plan = low_plan(request, device, "the job would not fit in the free memory")
+        plan = low_plan(request, device, "the job would not fit in the free memory", text_on_cpu)
     plan.free_bytes, plan.estimated_full_bytes = free, estimate
     return plan
 
@@ -167,13 +202,12 @@ def plan_offload(request: GenerateRequest, dtype: torch.dtype, unet_config, vae_
                  vae_dtype: torch.dtype | None = None) -> MemoryPlan | None:
     """The ``offload`` plan of ``request`` (validated; ``request.view_batch`` None or asked for) on a GPU with
     ``available_bytes`` for the job once no model is on it (its free memory plus the weights now on it), or None
-    when a stage does not fit: the models move stage by stage (``StagePlacement``: the text encoders, then the
-    UNet (and the VAE while SyncDiffusion decodes with it), then the VAE), so each stage needs its own models'
-    ``component_bytes`` plus its activations (``estimate_activation_bytes``), those at most ``HEADROOM`` of what
-    the weights leave (the weights' sizes are exact, the activations' a rough estimate). The view
-    batch: the largest up to ``MAX_VIEW_BATCH`` (or the one asked for) whose denoising stage fits; decode tiles
+    when a stage does not fit: the models move stage by stage (``StagePlacement``: the text encoders, left on
+    the CPU (``text_on_cpu``) where they do not fit (``text_encoders_fit``); then the UNet (and the VAE while
+    SyncDiffusion decodes with it); then the VAE), so each stage needs its own models' ``component_bytes`` plus
+    its activations (``estimate_activation_bytes``), those at most ``HEADROOM`` of what the weights leave (the
+    weights' sizes are exact, the activations' a rough estimate). The view batch: the largest up to ``MAX_VIEW_BATCH`` (or the one asked for) whose denoising stage fits; decode tiles
     in strips when a whole tile would not fit."""
-    text = sum(size for name, size in component_bytes.items() if name.startswith("text_encoder"))
     vae = component_bytes.get("vae", 0)
     denoising = denoiser_weight_bytes(component_bytes) + (vae if request.sync == "syncdiffusion" else 0)
 
@@ -181,8 +215,7 @@ def plan_offload(request: GenerateRequest, dtype: torch.dtype, unet_config, vae_
         # The weights' sizes are exact (their tensors), the activations a rough estimate: the headroom is theirs.
         return activations <= HEADROOM * (available_bytes - weights)
 
-    if not fits(text, 0):
-        return None
+    text_on_cpu = not text_encoders_fit(component_bytes, available_bytes)
     if request.view_batch is not None:
         batches, batch_reason = [request.view_batch], "asked for"
     else:
@@ -200,7 +233,7 @@ def plan_offload(request: GenerateRequest, dtype: torch.dtype, unet_config, vae_
         return None
     reason = "the job fits in the free memory with each stage's models alone on the device"
     return MemoryPlan(request.memory, "offload", reason, batch, offload=True, strip_decode=strip_decode,
-                      view_batch_reason=batch_reason)
+                      view_batch_reason=batch_reason, text_on_cpu=text_on_cpu)
 
 
 def choose_view_batch(request: GenerateRequest, device_type: str, free_bytes: int | None, dtype: torch.dtype,
@@ -302,7 +335,7 @@ def check_job_fits(request: GenerateRequest, device: torch.device, dtype: torch.
     device_need = max(largest_model_bytes + one_view, tile // 2)
     if device.type != "cpu" and device_free is not None and device_need > device_free:
         if largest_model_bytes + one_view >= tile // 2:
-            parts = (f"{_gib(largest_model_bytes)} for the UNet's weights and " if largest_model_bytes else "") + \
+            parts = (f"{_gib(largest_model_bytes)} for the denoising model's weights and " if largest_model_bytes else "") + \
                 f"{_gib(one_view)} for one view"
         else:
             parts = "to decode a tile in strips"
@@ -331,9 +364,19 @@ def weights_to_place(pipeline, device: torch.device) -> int:
     """Bytes of the pipeline's text encoders', UNet's and VAE's weights (``models.weighted_components``) that a
     ``full`` job on ``device`` must still make resident: all of them on the CPU, else those not on ``device`` now
     (a ``low`` job left them in CPU memory)."""
-    return sum(parameter.numel() * parameter.element_size() for module in weighted_components(pipeline).values()
+    return sum(tensor_bytes(parameter) for module in weighted_components(pipeline).values()
                for parameter in module.parameters()
                if device.type == "cpu" or parameter.device.type != device.type)
+
+
+def tensor_bytes(tensor: torch.Tensor) -> int:
+    """Bytes ``tensor`` (a weight) holds: its elements times their size; for a tensor subclass that keeps its values
+    in inner tensors (torchao's int8 weights: int8 values, a scale and a zero point per row; ``--quantize``), the
+    sum of those, as its nominal dtype would overstate them."""
+    if hasattr(tensor, "__tensor_flatten__"):
+        names, _ = tensor.__tensor_flatten__()
+        return sum(tensor_bytes(getattr(tensor, name)) for name in names)
+    return tensor.numel() * tensor.element_size()
 
 
 def denoiser_weight_bytes(sizes: dict[str, int]) -> int:
@@ -344,7 +387,7 @@ def denoiser_weight_bytes(sizes: dict[str, int]) -> int:
 
 def component_bytes(pipeline) -> dict[str, int]:
     """{component: bytes of its weights as loaded} of the pipeline's ``models.weighted_components``."""
-    return {name: sum(parameter.numel() * parameter.element_size() for parameter in module.parameters())
+    return {name: sum(tensor_bytes(parameter) for parameter in module.parameters())
             for name, module in weighted_components(pipeline).items()}
 
 
@@ -382,7 +425,7 @@ def memory_attempts(request: GenerateRequest, plan: MemoryPlan, device: torch.de
                                                                 reason="out of memory",
                                                                 view_batch_reason="half the batch that ran out of memory")))
     if plan.mode != "low":
-        low = low_plan(request, device, "out of memory")
+        low = low_plan(request, device, "out of memory", plan.text_on_cpu)
         attempts.append(("low", dataclasses.replace(low, free_bytes=plan.free_bytes,
                                                     estimated_full_bytes=plan.estimated_full_bytes)))
     return attempts
@@ -425,18 +468,22 @@ class StagePlacement:
     moves the models ``stage`` runs to ``device`` and the others to the CPU first, so the device holds one
     model at a time: "text" the text encoders (SDXL has two, SD3 three), "denoise" the UNet (SD3: transformer) (and the VAE when SyncDiffusion
     decodes with it), "decode" the VAE. ``enter`` with offload off puts every model back on the device, so a model
-    cached by the server serves a ``full`` job after a ``low`` one.
+    cached by the server serves a ``full`` job after a ``low`` one. With ``text_on_cpu`` (a plan's, with offload)
+    the text encoders stay on ``offload_device`` in every stage and the prompts are encoded there: ``text_device``.
     """
 
     def __init__(self, pipeline, device: torch.device, offload: bool, vae_while_denoising: bool = False,
-                 offload_device: torch.device = torch.device("cpu")):
+                 offload_device: torch.device = torch.device("cpu"), text_on_cpu: bool = False):
         self.pipeline = pipeline
         self.device = device
         self.offload = offload
         self.offload_device = offload_device  # where offloaded models wait
+        self.text_on_cpu = text_on_cpu and offload
+        self.text_device = offload_device if self.text_on_cpu else device  # where the prompts are encoded
         denoiser = ("unet", "transformer")  # whichever the pipeline has (SD3: the transformer)
-        self.needs = {"text": ("text_encoder", "text_encoder_2", "text_encoder_3"),
-                      "denoise": denoiser + ("vae",) if vae_while_denoising else denoiser, "decode": ("vae",)}
+        text = () if self.text_on_cpu else ("text_encoder", "text_encoder_2", "text_encoder_3")
+        self.needs = {"text": text, "denoise": denoiser + ("vae",) if vae_while_denoising else denoiser,
+                      "decode": ("vae",)}
 
     def enter(self, stage: str) -> None:
         """Put the models of ``stage`` ("text", "denoise" or "decode") on the device; with offload, the rest on the CPU."""

@@ -206,21 +206,60 @@ def weights_file_bytes(source: ModelSource) -> int:
     return sum(os.path.getsize(path) for paths in _component_weight_files(source).values() for path in paths)
 
 
-def component_weight_bytes(source: ModelSource, dtype: torch.dtype) -> dict[str, int]:
+def component_weight_bytes(source: ModelSource, dtype: torch.dtype, quantize: str = "none") -> dict[str, int]:
     """{component: bytes its weights take in memory in ``dtype``} of a local folder or cached hub model (the
     ``WEIGHTED_COMPONENTS`` it has), from the safetensors headers' tensor shapes (no weights read): what each
-    stage of ``memory.StagePlacement`` puts on the device. Empty for a single-file checkpoint or an uncached
+    stage of ``memory.StagePlacement`` puts on the device. With ``quantize`` "int8", the ``QUANTIZED_COMPONENTS``'
+    Linear weights count one byte per element and five per row (``quantize_weights``), told from the
+    header as the 2-D weights whose name is not an embedding's. Empty for a single-file checkpoint or an uncached
     hub model."""
     element = torch.finfo(dtype).bits // 8
     sizes = {}
     for component, paths in _component_weight_files(source).items():
-        count = 0
+        size = 0
         for path in paths:
             for name, entry in read_safetensors_header(path).items():
-                if name != "__metadata__":
-                    count += math.prod(entry["shape"])
-        sizes[component] = count * element
+                if name == "__metadata__":
+                    continue
+                shape = entry["shape"]
+                if quantize == "int8" and component in QUANTIZED_COMPONENTS and _is_linear_weight(name, shape):
+                    size += math.prod(shape) + shape[0] * 5  # a float32 scale and an int8 zero point per row
+                else:
+                    size += math.prod(shape) * element
+        sizes[component] = size
     return sizes
+
+
+def _is_linear_weight(name: str, shape: list[int]) -> bool:
+    # A Linear layer's weight as a safetensors header names it: 2-D, ".weight", and not a token, position or shared
+    # embedding table (2-D as well, but an nn.Embedding, which the int8 quantisation leaves alone).
+    return len(shape) == 2 and name.endswith(".weight") and "embedding" not in name and "embed_tokens" not in name \
+        and name.split(".")[0] != "shared"
+
+
+QUANTIZED_COMPONENTS = ("text_encoder", "text_encoder_2", "text_encoder_3", "unet", "transformer")
+"""What ``--quantize int8`` quantises: the denoiser and the text encoders, whose weights are mostly Linear layers.
+The VAE is small and convolutional and decodes the image itself, so it keeps the job's dtype."""
+
+
+def quantize_weights(pipeline, mode: str) -> None:
+    """Quantise the ``QUANTIZED_COMPONENTS`` of ``pipeline`` in place with ``mode`` ("none": nothing; "int8":
+    torchao's weight-only int8, every ``nn.Linear`` weight as int8 values with a scale per output row, the
+    activations kept in the job's dtype). Raises BadRequest with one sentence when torchao is not installed."""
+    if mode == "none":
+        return
+    try:
+        from torchao.quantization import Int8WeightOnlyConfig, quantize_
+    except ImportError:
+        raise BadRequest(QUANTIZE_NEEDS_TORCHAO) from None
+    for name in QUANTIZED_COMPONENTS:
+        module = getattr(pipeline, name, None)
+        if module is not None:
+            quantize_(module, Int8WeightOnlyConfig())
+
+
+QUANTIZE_NEEDS_TORCHAO = ("--quantize int8 needs torchao, which is not installed in the backend's Python; install it "
+                          "with pip install -r requirements-quantize.txt, or leave --quantize none.")
 
 
 def _component_weight_files(source: ModelSource) -> dict[str, list[str]]:
@@ -577,21 +616,21 @@ class ModelCache:
         self._model: LoadedModel | None = None
         self._parked: list = []  # [(module, the device it came from)] of the cached model
 
-    def get(self, request) -> LoadedModel:
+    def get(self, request, on_device: bool | None = None) -> LoadedModel:
         """The model of ``request`` (a ``resolve.CheckedRequest`` or ``ResolvedRequest``: its source, lora,
         device, dtype and params): the cached one when source, device, dtype and config match, else loaded
-        (with the LoRA fused in). Raises ModelNotFound or BadRequest with one sentence, and then still holds
+        (with the LoRA fused in; ``on_device`` as ``_load_with_lora`` takes it: where a new load puts it). Raises ModelNotFound or BadRequest with one sentence, and then still holds
         the model it held before."""
         params = request.params
         key = (request.source, request.device, request.dtype, params.allow_pickle, params.model_config,
-               params.unet_file, request.lora, params.lora_scale)
+               params.unet_file, request.lora, params.lora_scale, params.quantize)
         if key == self._key:
             for module, device in self._parked:
                 module.to(device)
             self._parked = []
             return self._model
         _park_in_cpu_memory(self._model, self._parked)
-        model = _load_with_lora(request)
+        model = _load_with_lora(request, on_device)
         self._key, self._model, self._parked = key, model, []
         return model
 
@@ -606,16 +645,24 @@ def _park_in_cpu_memory(model: LoadedModel | None, parked: list) -> None:
             module.to("cpu")
 
 
-def _load_with_lora(request) -> LoadedModel:
-    """Load ``request``'s model (``ModelCache.get``), its UNet weights from ``--unet-file`` when given, and fuse
-    its LoRA in; a model whose UNet load or fuse failed is lost with the exception, as it must be."""
+def _load_with_lora(request, on_device: bool | None = None) -> LoadedModel:
+    """Load ``request``'s model (``ModelCache.get``; onto its device or, with ``on_device`` False, into CPU memory;
+    None: onto the device unless ``--memory low`` on a GPU), its UNet weights from ``--unet-file`` when given, and
+    fuse its LoRA in; a model whose UNet load or fuse failed is lost with the exception, as it must be."""
     params = request.params
-    # A low-memory job on a GPU loads the models into CPU memory; each stage moves in what it runs.
-    on_device = params.memory != "low" or request.device.type == "cpu"
+    # A low-memory job on a GPU, or a model whose weights together would not fit there (SD3 with its T5 encoder on
+    # an 8 GB card: ``memory.loads_on_device``), loads into CPU memory; each stage moves in what it runs.
+    on_device = (params.memory != "low" or request.device.type == "cpu") if on_device is None else on_device
+    # A quantised model is loaded and quantised in CPU memory: its float weights may not fit the device.
+    quantized = params.quantize != "none"
     model = load_model(request.source, request.device, request.dtype, params.allow_pickle, params.model_config,
-                       place_on_device=on_device)
+                       place_on_device=on_device and not quantized)
     if params.unet_file is not None:
         load_unet_file(model, params.unet_file)
     if request.lora is not None:
-        fuse_lora(model, request.lora, params.lora_scale)
+        fuse_lora(model, request.lora, params.lora_scale)  # into the float weights, before they are quantised
+    quantize_weights(model.pipeline, params.quantize)
+    if quantized and on_device:
+        for module in weighted_components(model.pipeline).values():
+            module.to(request.device)  # .to(device) only: an upcast VAE keeps its float32
     return model

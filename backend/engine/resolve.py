@@ -21,7 +21,7 @@ from ..sphere.canvas import Canvas
 from ..sphere.schedules import ViewSchedule, shifted_offsets
 from ..sphere.view_sets import CanvasViews, band_rows, canvas_views
 from .models import LoadedModel, ModelSource, denoising_model
-from .sync.mad import block_divisors, check_mad
+from .sync.mad import block_divisors, check_mad, patch_size
 from .sync.syncdiffusion import ring_anchor_indices
 
 
@@ -101,7 +101,7 @@ def resolve_request(asked: GenerateRequest, source: ModelSource, lora: ModelSour
     whose UNet has ``unet_config`` (a dict or diffusers config; the UNet itself works too). Raises BadRequest
     with one sentence (sizes against the model, a view set that does not fit, MAD that cannot merge, a
     per-direction prompt with no view to act on, an anchor that is not a view, a method a transformer model does not
-    run: ``check_transformer_request``)."""
+    run: ``check_transformer_request``, MAD with per-view prompts on one: ``check_merged_joint_attention``)."""
     schedule_name = asked.resolved_schedule
     params = dataclasses.replace(asked.sized_for_model(geometry), schedule=schedule_name)
     check_transformer_request(params, unet_config)
@@ -113,12 +113,14 @@ def resolve_request(asked: GenerateRequest, source: ModelSource, lora: ModelSour
     params = dataclasses.replace(params, views=view_set)
     if schedule_name == "dense":
         prompts, rows = view_prompt_rows(params, views)
+        check_merged_joint_attention(params, prompts, unet_config)
         anchors = tuple(sync_anchors(params, views)) if params.sync == "syncdiffusion" else None
         return ResolvedRequest(params, source, lora, device, dtype, geometry, views, tuple(prompts), tuple(rows), anchors,
                                unet_config, asked)
     schedule = ViewSchedule(views, shifted_offsets(params.seed, params.steps, params.window, row_multiple), dense_views)
     steps = [schedule.views_at(step) for step in range(params.steps)]
     prompts, step_rows = schedule_prompt_rows(params, steps)
+    check_merged_joint_attention(params, prompts, unet_config)
     step_anchors = tuple(tuple(sync_anchors(params, step)) for step in steps) if params.sync == "syncdiffusion" else None
     return ResolvedRequest(params, source, lora, device, dtype, geometry, steps[0], prompts, step_rows[0],
                            step_anchors[0] if step_anchors else None, unet_config, asked, schedule, step_rows, step_anchors)
@@ -127,8 +129,7 @@ def resolve_request(asked: GenerateRequest, source: ModelSource, lora: ModelSour
 def check_transformer_request(request: GenerateRequest, config) -> None:
     """Refuse, with one sentence, what a model whose denoiser is a diffusion transformer (``config``: its config,
     dict or diffusers config, or the model, with a ``patch_size``; SD3) cannot run; nothing for a UNet or None.
-    ``request``: validated and sized for the model. Refused: MAD (``--mad-steps``: it replaces a UNet's attention
-    processors), SyncSDE (its step rule is a DDPM-family noise schedule's, not a flow's), SyncDiffusion's
+    ``request``: validated and sized for the model. Refused: SyncDiffusion's
     ``--sync-decoder taesd`` (no tiny autoencoder of 16-channel latents is known here; ``vae`` or a folder work),
     another ``--scheduler`` than auto (the model's flow-matching sampler), ``--lora`` (not built for transformers
     yet), and a window that is not a whole number of patches or more patches than the model's position grid."""
@@ -138,11 +139,6 @@ def check_transformer_request(request: GenerateRequest, config) -> None:
     if not patch:
         return
     what = "This SD3 model's denoiser is a transformer"
-    if request.mad_steps:
-        raise BadRequest(f"{what}, and MAD (--mad-steps) merges the attention of a UNet's blocks; leave --mad-steps 0.")
-    if request.sync == "syncsde":
-        raise BadRequest(f"{what} that samples by flow matching, and SyncSDE's step follows the noise schedule of "
-                         "DDPM-family samplers; use --sync multidiffusion or syncdiffusion.")
     if request.sync == "syncdiffusion" and request.sync_decoder == "taesd":
         raise BadRequest(f"{what} with 16-channel latents, which TAESD does not decode; use --sync-decoder vae "
                          "(or a folder with a tiny autoencoder of SD3's latents).")
@@ -156,6 +152,18 @@ def check_transformer_request(request: GenerateRequest, config) -> None:
         raise BadRequest(f"--window {request.window} does not suit this SD3 model, whose views must be a whole "
                          f"number of its {patch}-latent patches and at most {grid * patch} latents wide"
                          f"; try --window {min(grid * patch, request.window // patch * patch) or patch}.")
+
+
+def check_merged_joint_attention(request: GenerateRequest, prompts, config) -> None:
+    """Refuse, with one sentence, MAD (``--mad-steps``) on a diffusion transformer (``config`` with a ``patch_size``)
+    whose views have different prompts (``prompts``: the job's distinct prompts, ``view_prompt_rows``): its joint
+    attention puts image and text tokens in one softmax, so the views' image tokens cannot be merged while each
+    keeps its own text (``sync.mad``). Nothing for a UNet, without MAD or with one prompt."""
+    if request.mad_steps and len(prompts) > 1 and patch_size(config):
+        flags = "--prompt-up/--prompt-down" if request.prompt_up or request.prompt_down else "--sun-direction"
+        raise BadRequest(f"MAD (--mad-steps) on this SD3 model merges image and text tokens in one joint attention, "
+                         f"so its views cannot keep the different prompts that {flags} gives them; leave one of the "
+                         "two out.")
 
 
 def schedule_prompt_rows(params: GenerateRequest, step_views: list[CanvasViews]) -> tuple[tuple[str, ...], tuple[tuple[int, ...], ...]]:

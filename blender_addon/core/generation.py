@@ -203,7 +203,8 @@ def generate_params(settings, seed, *, model, device, window_px=RESOLUTION_WINDO
     ``prompt``: the prompt and the Style Prompt (``styled_prompt``); ``negative_prompt``: Avoid (which a style
     fills too).
     model: hub id or local path (the preferences' default model); device: auto, cuda, mps or cpu.
-    ``memory`` is always sent, from ``settings.memory`` (auto, full or low: the backend's --memory).
+    ``memory`` is always sent, from ``settings.memory`` (auto, full or low: the backend's --memory);
+    ``quantize`` (``settings.quantize``) when it is not "none".
     ``settings.window`` / ``settings.stride`` of 0 leave the backend's defaults (from the model).
     The synchronisation (``synchronisation_params``): Quality's while ``settings.sync_method`` is
     SYNC_FROM_QUALITY, else the method's own. ``schedule``: Quality's, made dense where the other params need
@@ -229,6 +230,8 @@ def generate_params(settings, seed, *, model, device, window_px=RESOLUTION_WINDO
         "device": device,
         "memory": settings.memory,
     }
+    if settings.quantize != "none":
+        params["quantize"] = settings.quantize
     if init_image is not None:
         params["init_image"] = init_image
         params["strength"] = round(float(settings.strength), LIGHTING_DECIMALS)

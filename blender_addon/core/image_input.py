@@ -67,7 +67,7 @@ def upscale_params(values, png_path, size, scale, run, *, model, device):
     values: the history item's settings (``results.history_values`` of the item: prompts, mode, seed-independent
     sampling, quality, lighting); png_path: the absolute path of its PNG (the start image, as the model painted
     it); size: the PNG's (width, height) (``png_size``); run: how to run it now (the scene settings: ``window``,
-    ``stride`` and ``memory``, as for Generate); model and device: as for Generate. The seed is the item's
+    ``stride``, ``memory`` and ``quantize``, as for Generate); model and device: as for Generate. The seed is the item's
     ``values["seed"]``.
     Returns params with ``init_image`` = png_path, ``strength`` UPSCALE_STRENGTH, the canvas ``upscaled_size``,
     ``steps`` ``upscale_steps`` of the item's, the item's prompts, guidance and quality's schedule, and for a World
@@ -86,6 +86,7 @@ def upscale_params(values, png_path, size, scale, run, *, model, device):
         "model": model,
         "device": device,
         "memory": run.memory,
+        **({"quantize": run.quantize} if run.quantize != "none" else {}),
         "init_image": png_path,
         "strength": UPSCALE_STRENGTH,
     }

@@ -82,6 +82,7 @@ CONTROLS = {
     "--device": Control(ADVANCED + "Device", "settings", "device",
                         {"auto": "Automatic", "cpu": "CPU", "cuda": "CUDA", "mps": "Apple Metal"}),
     "--memory": Control(ADVANCED + "Memory", "settings", "memory", {"auto": "Auto", "full": "Full", "low": "Low"}),
+    "--quantize": Control(ADVANCED + "Weights", "settings", "quantize", {"none": "Full Precision", "int8": "Int8"}),
     "--no-hdr": Control(LIGHTING + "HDR", "settings", "hdr"),
     "--exposure": Control(LIGHTING + "Exposure", "settings", "exposure"),
     "--sun-ratio": Control(LIGHTING + "Sun Ratio", "settings", "sun_ratio"),

@@ -77,6 +77,12 @@ MEMORY_ITEMS = (
     ("low", "Low", "Slower, but fits smaller GPUs: the models moved to the CPU between stages, "
      "one view at a time and the image decoded in strips"),
 )
+# How the backend stores the model's weights (its --quantize; sent only when not "none").
+QUANTIZE_ITEMS = (
+    ("none", "Full Precision", "The weights as the model ships them"),
+    ("int8", "Int8", "The UNet's or transformer's and the text encoders' weights in 8 bits: about half their GPU "
+     "memory (SDXL or SD3 on an 8 GB GPU), a very slightly different image; needs torchao in the backend"),
+)
 # How the sun of a HDR World lights the scene (blender_addon/scene/world.py, apply_lit_world). The identifiers are
 # lighting.SUN_LAMP and lighting.IN_TEXTURE.
 SUN_MODE_ITEMS = (
@@ -237,6 +243,9 @@ class SyncSphereSettings(PropertyGroup):
     device: EnumProperty(name="Device", items=DEVICE_ITEMS, default="PREFERENCES")
     memory: EnumProperty(name="Memory", items=MEMORY_ITEMS, default=BACKEND_DEFAULTS["memory"],
                          description="How the backend uses GPU memory; choose Low if a job runs out of memory")
+    quantize: EnumProperty(name="Weights", items=QUANTIZE_ITEMS, default=BACKEND_DEFAULTS["quantize"],
+                           description="How the backend stores the model's weights; Int8 fits larger models into "
+                           "less GPU memory")
 
     # The world's rotation and strength, and a texture's tiling, are not copied here: the panel draws the
     # SyncSphere nodes' own sockets, so they are live, undoable and saved with the World or material.

@@ -29,6 +29,24 @@ A batch merges only the views it holds: the loop predicts every view in one batc
 but SyncDiffusion's gradient pass predicts chunks, which merge among themselves and attend only to the
 canvas pixels they see. A layer's own residual connection (none in SD's transformer blocks, whose
 residual is outside the layer and stays per view) adds each view's own input.
+
+**Diffusion transformers (SD3's MMDiT).** Every ``transformer_blocks[i]`` runs joint attention
+(``JointAttnProcessor2_0``): a view's image tokens (its latents in p x p patches, a (s/p)² row-major grid) and the
+prompt's context tokens attend in one softmax. MAD merges the layer's input image tokens, as for a UNet, at
+patch resolution (``CanvasViews.at_resolution(p)``: crop windows start at multiples of p), averages the views'
+context tokens of each CFG branch into one set, runs the layer's own processor once per branch on (canvas
+tokens, that context), splits the image tokens back into the views and gives every view the same context
+output. Merging the input rather than the queries, keys and values is mad.py's form for UNets too; the
+projections are affine and the merge a convex average, so they commute with it, while the q/k norms of SD3.5
+act on the merged projections as they would on a whole image; and it is one tensor to merge instead of three.
+The image tokens keep their positions: SD3 adds its positional embedding in ``PatchEmbed``, per view, before the
+blocks. The context averaging is exact where the views' context streams are equal (merging from the first
+block on: every block merged returns one context output to all views); where unmerged blocks came before, each
+view's context stream has taken up its own image, and the average merges those as overlaps are merged. The
+joint softmax cannot merge self-attention while keeping each view's text apart, so views with different prompts
+are not merged in a transformer (the layer runs per view); the request is refused before that
+(``resolve.resolve_request``). ``--mad-blocks`` names thirds of the block list for a transformer
+(``transformer_block_groups``): down the first third, mid the second, up the last.
 """
 
 from __future__ import annotations
@@ -50,10 +68,40 @@ BLOCKS = MAD_BLOCKS
 _BLOCK_PREFIX = {"down": "down_blocks.", "mid": "mid_block.", "up": "up_blocks."}
 
 
+def patch_size(model) -> int | None:
+    """The patch size of a diffusion transformer (``model``: the model, or its config as a dict or diffusers config;
+    SD3's 2), None for a UNet."""
+    config = model.config if isinstance(model, torch.nn.Module) else model
+    return config.get("patch_size") if config is not None else None
+
+
+def transformer_block_groups(num_layers: int) -> dict[str, range]:
+    """The indices of ``transformer_blocks`` that ``--mad-blocks`` names in a transformer of ``num_layers`` blocks:
+    down the first third, mid the second, up the last (block i in group 3 i // num_layers; with fewer than three
+    blocks a group may be empty: 2 blocks give down [0], mid [1], up none)."""
+    groups = {name: [] for name in BLOCKS}
+    for index in range(num_layers):
+        groups[BLOCKS[3 * index // num_layers]].append(index)
+    return {name: range(indices[0], indices[-1] + 1) if indices else range(0) for name, indices in groups.items()}
+
+
+def _transformer_layers(config) -> int:
+    """How many blocks a transformer (``config``: its config, or the model) has."""
+    if isinstance(config, torch.nn.Module):
+        return len(config.transformer_blocks)
+    return int(config["num_layers"])
+
+
 def attention_layers(unet, blocks=BLOCKS) -> dict[str, torch.nn.Module]:
-    """The attention modules of the selected blocks of ``unet``: {module name (as in ``unet.named_modules``):
-    module}, every module that holds a processor (diffusers ``Attention``: attn1, attn2, and any other)."""
-    prefixes = tuple(_BLOCK_PREFIX[name] for name in parse_mad_blocks(blocks))
+    """The attention modules of the selected blocks of ``unet`` (a UNet, or a diffusion transformer whose groups are
+    ``transformer_block_groups``): {module name (as in ``unet.named_modules``): module}, every module that holds a
+    processor (diffusers ``Attention``: a UNet's attn1, attn2; a transformer block's attn and SD3.5's attn2)."""
+    selected = parse_mad_blocks(blocks)
+    if patch_size(unet):
+        groups = transformer_block_groups(_transformer_layers(unet))
+        prefixes = tuple(f"transformer_blocks.{index}." for name in selected for index in groups[name])
+    else:
+        prefixes = tuple(_BLOCK_PREFIX[name] for name in selected)
     return {name: module for name, module in unet.named_modules()
             if name.startswith(prefixes) and hasattr(module, "set_processor") and hasattr(module, "processor")}
 
@@ -65,9 +113,15 @@ def block_divisors(unet, blocks=BLOCKS) -> dict[str, int]:
     ``up_block_types`` and ``mid_block_type``, so a request can be checked before the weights load).
     Returns {block group name + index ("down1", "mid", "up0", ...): divisor}. Every down block except the
     last halves the resolution (it has a downsampler), the mid block works at the smallest resolution,
-    and every up block except the last doubles it again.
+    and every up block except the last doubles it again. A diffusion transformer (``unet`` a transformer or its
+    config, with ``patch_size`` p): {group name: p} for each selected group that has blocks
+    (``transformer_block_groups``): every block attends on the grid of p x p patches.
     """
     selected = parse_mad_blocks(blocks)
+    patch = patch_size(unet)
+    if patch:
+        groups = transformer_block_groups(_transformer_layers(unet))
+        return {name: int(patch) for name in selected if len(groups[name])}
     if hasattr(unet, "down_blocks"):
         down, mid, up = list(unet.down_blocks), unet.mid_block, list(unet.up_blocks)
     else:
@@ -96,9 +150,10 @@ def check_mad(unet, views: CanvasViews, blocks=BLOCKS) -> dict[int, CanvasViews]
     position is not a multiple of a block's divisor.
     """
     feature_views = {}
+    network = "transformer" if patch_size(unet) else "UNet"
     for block, divisor in block_divisors(unet, blocks).items():
         if divisor not in feature_views:
-            feature_views[divisor] = _at_resolution(views, divisor, f"the UNet's {block} block")
+            feature_views[divisor] = _at_resolution(views, divisor, f"the {network}'s {block} block")
     return feature_views
 
 
@@ -198,10 +253,14 @@ class MergedAttentionProcessor:
         if merging and hidden_states.shape[0] % len(views):
             raise RuntimeError(f"MAD: a batch of {hidden_states.shape[0]} rows cannot hold the {len(views)} views "
                                "it was given.")
-        if not (merging and self.owner.shares_context(encoder_hidden_states, len(views))):
+        if self.owner.joint:  # a transformer's joint attention: merged only when the batch's prompts are one
+            merging = merging and self.owner.batch_shares_prompt
+        if not (merging and (self.owner.joint or self.owner.shares_context(encoder_hidden_states, len(views)))):
             extra = {"temb": temb} if temb is not None and "temb" in self._original_takes else {}
             return self.original(attn, hidden_states, encoder_hidden_states=encoder_hidden_states,
                                  attention_mask=attention_mask, **extra, **kwargs)
+        if self.owner.joint:
+            return self._merged_joint_attention(attn, hidden_states, encoder_hidden_states, views)
         tokens = hidden_states.flatten(2).transpose(1, 2) if hidden_states.ndim == 4 else hidden_states
         self.merged_calls += 1
         branches = tokens.shape[0] // len(views)
@@ -224,14 +283,46 @@ class MergedAttentionProcessor:
             out = out + hidden_states  # each view keeps its own residual, as a transformer block's outer one
         return out / attn.rescale_output_factor
 
+    def _merged_joint_attention(self, attn, hidden_states: torch.Tensor, context: torch.Tensor | None,
+                                views: tuple[int, ...]):
+        """Joint attention (a transformer block's; module docstring) on the canvas: the views' image tokens
+        ``hidden_states`` (n * branches, (s/p)², dim) merged, their context tokens ``context`` (n * branches, L, dim;
+        None for SD3.5's image-only attn2) averaged per branch, the original processor run once on (canvas,
+        context) with one row per branch, and split back. Returns what the original returns for the batch: the
+        image tokens (n * branches, (s/p)², dim), and with a context the context output, the same for every view
+        of a branch (n * branches, L, dim)."""
+        self.merged_calls += 1
+        count = len(views)
+        branches = hidden_states.shape[0] // count
+        merge = self.owner.merge_plan(views, hidden_states.shape[1], hidden_states.device)
+        tokens = hidden_states
+        if merge.order is not None:
+            tokens = tokens.unflatten(0, (count, branches))[merge.order].flatten(0, 1)
+        canvas = merge_views(merge.views, tokens, branches)
+        if merge.seen is not None:  # a subset of the views: attend among the canvas tokens they see
+            canvas = canvas[:, merge.seen]
+        shared = None if context is None else context.unflatten(0, (count, branches)).mean(0)
+        attended = self.original(attn, canvas, encoder_hidden_states=shared)
+        image, context_out = attended if shared is not None else (attended, None)
+        if merge.seen is not None:
+            whole = image.new_zeros(branches, merge.views.canvas.height * merge.views.canvas.width, image.shape[-1])
+            image = whole.index_copy_(1, merge.seen, image)
+        out = split_canvas(merge.views, image)
+        if merge.order is not None:
+            out = out.unflatten(0, (count, branches))[merge.inverse].flatten(0, 1)
+        if context_out is None:
+            return out
+        return out, context_out.unsqueeze(0).expand(count, *context_out.shape).flatten(0, 1)
+
 
 class MergedAttention:
     """MAD on ``unet`` for ``views``: merged attention in the ``blocks`` selected, for the first ``steps`` steps.
 
-    unet: a diffusers ``UNet2DConditionModel``; views: the generation's ``CanvasViews`` (at latent
+    unet: a diffusers ``UNet2DConditionModel``, or a diffusion transformer with joint attention
+    (``SD3Transformer2DModel``; ``joint`` is then True); views: the generation's ``CanvasViews`` (at latent
     resolution); steps: τ, the number of leading denoising steps with merged attention (0: never);
-    blocks: any of "down", "mid", "up" (or a comma-separated string). Raises ValueError (``check_mad``)
-    when the views do not divide at a selected block's feature resolution.
+    blocks: any of "down", "mid", "up" (or a comma-separated string; thirds of a transformer's blocks).
+    Raises ValueError (``check_mad``) when the views do not divide at a selected block's feature resolution.
 
     Use: ``with MergedAttention(unet, views, 15) as mad:`` (or ``install()`` / ``remove()``), wrap the
     denoiser's calls with ``mad.wrap`` and pass ``mad`` to ``sample_canvas(merged_attention=mad)``, which
@@ -250,9 +341,12 @@ class MergedAttention:
         self.batch_views: tuple[int, ...] | None = None
         self.processors: dict[str, MergedAttentionProcessor] = {}
         check_mad(unet, views, self.blocks)  # one sentence now rather than in the first attention layer
+        self.joint = bool(patch_size(unet))
+        self.batch_shares_prompt = False  # a transformer's: whether the current call's views share their prompt
         self._plans: dict = {}
         self._context_answer = (None, 0, False)  # the last context checked, its view count, the answer
         self._originals: dict[str, tuple[torch.nn.Module, object]] = {}
+        self._prompt_hook = None
 
     def install(self) -> "MergedAttention":
         """Give every attention layer of the selected blocks its own ``MergedAttentionProcessor``; returns self."""
@@ -262,13 +356,28 @@ class MergedAttention:
             self._originals[name] = (module, module.processor)
             self.processors[name] = MergedAttentionProcessor(self, name, module.processor)
             module.set_processor(self.processors[name])
+        if self.joint:
+            # A joint layer's context stream changes block by block; the prompts are compared where they enter.
+            self._prompt_hook = self.unet.register_forward_pre_hook(self._check_prompts, with_kwargs=True)
         return self
+
+    def _check_prompts(self, module, args, kwargs) -> None:
+        """The transformer's forward pre-hook: ``batch_shares_prompt`` for this call, from its text tokens
+        (``encoder_hidden_states``, (n * branches, L, D)) and pooled projections, each branch's rows alike for all
+        the batch's views (``shares_context``)."""
+        views = self.batch_views
+        context, pooled = kwargs.get("encoder_hidden_states"), kwargs.get("pooled_projections")
+        self.batch_shares_prompt = views is not None and all(
+            tensor is None or self.shares_context(tensor, len(views)) for tensor in (context, pooled))
 
     def remove(self) -> None:
         """Put back the processor objects ``install`` replaced (identical objects), and stop merging."""
         for module, original in self._originals.values():
             module.set_processor(original)
         self._originals.clear()
+        if self._prompt_hook is not None:
+            self._prompt_hook.remove()
+            self._prompt_hook = None
         self.processors = {}
         self.active, self.batch_views = False, None
 

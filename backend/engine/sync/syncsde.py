@@ -12,6 +12,9 @@ update it adds one term to each view's stepped latent (the wide-image pipeline o
 - ``gamma_t = sqrt(a_prev / a_t) - sqrt((1 - a_prev) / (1 - a_t))`` with a the scheduler's
   ``alphas_cumprod`` at this step's timestep and at the one it steps to. A score s added at x_t moves
   DDIM's x_{t-1} by (1 - a_t) * gamma_t * s; the official code keeps gamma_t and lets lambda absorb the rest.
+  For any path x_t = alpha_t x0 + s_t eps stepped by DDIM's deterministic rule the same holds with
+  gamma_t = alpha_prev / alpha_t - s_prev / s_t and s_t^2 for (1 - a_t) (``score_step_gain``): Euler-type
+  samplers (alpha 1, s sigma) and flow matching (alpha 1 - sigma, s sigma, whose Euler step is that DDIM step).
 - ``lambda * t / T``: the single strength hyperparameter, decreasing linearly with the timestep t
   (T = the first, largest timestep of the schedule).
 - ``M_i``: 1 on the pixels of view i its neighbours also see, 0 elsewhere; ``P_i``: the neighbours'
@@ -54,6 +57,7 @@ import torch
 from ...request import DEFAULT_SYNCSDE_LAMBDA, SYNCSDE_COMPOSE, check_syncsde_lambda
 from ...sphere.canvas import DeviceCache
 from ...sphere.view_sets import CanvasViews
+from .tweedie import is_flow_matching
 
 DEFAULT_STRENGTH = DEFAULT_SYNCSDE_LAMBDA
 """The paper's lambda for wide images: ``--inv_lambda`` defaults to 5.0 in the official ``src/wide_image.py``
@@ -152,7 +156,19 @@ def score_step_gain(scheduler, step_index: int, timestep) -> float:
     a = 1 / (1 + sigma^2) from ``sigmas[step_index]`` and ``sigmas[step_index + 1]``, times
     sqrt(a_t / a_prev), because their latents are the DDIM latents scaled by 1 / sqrt(a). Raises
     ValueError for a scheduler in neither family.
+
+    Flow-matching samplers (``is_flow_matching``: x_t = (1 − σ) x0 + σ ε, an Euler step being the deterministic DDIM
+    step of that path) have the DDIM family's gain in their own coordinates, alpha = 1 − σ, s = σ:
+    gamma_t = alpha_prev / alpha_t − s_prev / s_t = (1 − σ_prev) / (1 − σ_t) − σ_prev / σ_t, which is the alphas_cumprod
+    gamma above of the same path brought to unit variance (a = alpha² / (alpha² + s²)), times r_prev / r_t with
+    r = sqrt(alpha² + s²), as the Euler-type rule is. At σ_t = 1 (pure noise: no signal, alpha_t = 0) the gain has no
+    finite value, and 0 is returned: the pull starts at the next step.
     """
+    if is_flow_matching(scheduler):
+        sigma_now, sigma_next = (float(scheduler.sigmas[i]) for i in (step_index, step_index + 1))
+        if sigma_now >= 1.0:
+            return 0.0
+        return (1.0 - sigma_next) / (1.0 - sigma_now) - sigma_next / sigma_now
     if float(scheduler.init_noise_sigma) > 1.0:
         sigma_now, sigma_next = (float(scheduler.sigmas[i]) for i in (step_index, step_index + 1))
         now, following = 1.0 / (1.0 + sigma_now**2), 1.0 / (1.0 + sigma_next**2)
