@@ -33,7 +33,7 @@ class PhotoRegion:
         its border in front of the camera, its mean colour behind (what the VAE encodes around the region).
     inside: (H, W) bool, the pixels whose centre falls on the photo (``geometry.project_photo``).
     alpha: (H, W) float32 in [0, 1]: the composite's weight of the photo, 1 from ``PHOTO_FEATHER_PX`` inside the
-        border inwards, falling to 0 at it and 0 outside.
+        border inwards, falling towards it in equal steps (1/4, 1/2, 3/4 for 3 px), 0 outside.
     """
 
     pixels: np.ndarray
@@ -50,15 +50,16 @@ def photo_region(photo: np.ndarray, fov: float, yaw: float, pitch: float, width:
 
 
 def _feathered(inside: np.ndarray, feather: int) -> np.ndarray:
-    """(H, W) float32: for each pixel of the equirect mask ``inside``, how many of ``feather`` successive erosions
-    (4-neighbours; columns wrap across ±180°, rows stop at the poles) it survives, over ``feather``."""
-    alpha = np.zeros(inside.shape, np.float32)
+    """(H, W) float32: 0 outside the equirect mask ``inside``; inside, 1 + how many of ``feather`` successive
+    erosions (4-neighbours; columns wrap across ±180°, rows stop at the poles) a pixel survives, over ``feather`` + 1
+    (the border pixel is already part photo: the step from the pixel outside it is as small as the others)."""
+    alpha = inside.astype(np.float32)
     eroded = inside.copy()
     for _ in range(feather):
         padded = np.pad(eroded, ((1, 1), (0, 0)), mode="edge")
         eroded = (eroded & padded[:-2] & padded[2:] & np.roll(eroded, 1, axis=1) & np.roll(eroded, -1, axis=1))
         alpha += eroded
-    return alpha / feather
+    return alpha / (feather + 1)
 
 
 def known_region(region: PhotoRegion, canvas: Canvas, vae_scale_factor: int, vae, device: torch.device,
