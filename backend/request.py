@@ -193,6 +193,10 @@ MAX_UPSCALED_SIDE = 8192
 UPSCALE_STEPS = 20  # ``upscale``'s default --steps: at strength 0.3, 6 of them run
 UPSCALE_PROMPT = "a detailed, sharp, high-resolution image"  # ``upscale`` without --prompt or metadata.json beside it
 
+# Extending a photo into a world (--photo; issue 18): the horizontal fields of view a photo may have been taken
+# with, both excluded (a pinhole camera sees less than 180°; below 1° the photo is a few equirect pixels).
+PHOTO_FOV_RANGE = (1.0, 179.0)
+
 # Canvas size (width, height) in pixels when the user gives none, per layout.
 # 2048 x 1024 for 360°: the faces are then 512 px, Stable Diffusion's own scale, and band+poles fits.
 DEFAULT_SIZES = {"wide": (2048, 512), "equirect": (2048, 1024), "tile": (512, 512)}
@@ -273,6 +277,10 @@ class GenerateRequest:
     init_image: str | None = None
     strength: float | None = None  # None: DEFAULT_STRENGTH with --init-image
     upscale: int | None = None
+    photo: str | None = None
+    photo_fov: float | None = None  # required with --photo
+    photo_yaw: float = 0.0
+    photo_pitch: float = 0.0
 
     @classmethod
     def from_params(cls, params: dict[str, Any]) -> "GenerateRequest":
@@ -311,7 +319,7 @@ class GenerateRequest:
         request = SimpleNamespace(**self.to_dict())  # a mutable draft; the result is frozen again
         for check in (_check_types, _check_size, _check_sampling, _check_model_and_device, _check_views, _check_schedule,
                       _check_hdr, _check_sync, _check_syncdiffusion, _check_mad, _check_compile, _check_out,
-                      _check_preview, _check_start_image, _check_upscale):
+                      _check_preview, _check_start_image, _check_upscale, _check_photo):
             check(request)
         return dataclasses.replace(self, **vars(request))
 
@@ -359,7 +367,8 @@ class GenerateRequest:
 
     @property
     def resolved_fusion(self) -> str:
-        """``fusion`` with ``auto`` decided: noisy for crop windows only, clean when projected views take part;
+        """``fusion`` with ``auto`` decided: noisy for crop windows only, clean when projected views take part
+        or a ``--photo`` is kept;
         "own" for SyncSDE, whose views keep their own states; "canvas" for the shifted schedule, whose windows
         own nothing (``sampler.sample_canvas``)."""
         if self.sync == "syncsde":
@@ -368,6 +377,8 @@ class GenerateRequest:
             return "canvas"
         if self.fusion != "auto":
             return self.fusion
+        if self.photo is not None:  # the photo is kept in the fused clean latent (sampler.KnownRegion)
+            return "clean"
         return "noisy" if self.views in (None, "band") else "clean"
 
 
@@ -686,6 +697,40 @@ def _check_upscale(request: SimpleNamespace) -> None:
     if int(request.steps * UPSCALE_STRENGTH) < 1:
         raise BadRequest(f"--upscale re-draws {UPSCALE_STRENGTH:g} of the {request.steps} steps, which leaves none to run; "
                          f"use at least --steps {math.ceil(1 / UPSCALE_STRENGTH)}.")
+
+
+def _check_photo(request: SimpleNamespace) -> None:
+    """--photo (a .png, .jpg or .exr file that exists, made absolute; equirect only) with --photo-fov inside
+    PHOTO_FOV_RANGE (degrees, ends excluded), --photo-pitch in [-90, 90] and --photo-yaw wrapped into [-180, 180); a fusion that fuses
+    clean latents, where the photo is kept (not --fusion noisy, not SyncSDE). Whether the file is a readable image
+    is checked by ``app.job.check_request``, before the model loads."""
+    if request.photo is None:
+        for name, default in (("photo_fov", None), ("photo_yaw", 0.0), ("photo_pitch", 0.0)):
+            if getattr(request, name) != default:
+                raise BadRequest(f"--{name.replace('_', '-')} places the photo of --photo; add --photo FILE or leave it out.")
+        return
+    if request.layout != "equirect":
+        raise BadRequest("--photo applies only to --layout equirect, the 360° world a photo is extended into.")
+    path = os.path.abspath(os.path.expanduser(request.photo))
+    if not os.path.isfile(path):
+        raise BadRequest(f"The photo {shorten(request.photo)} does not exist.")
+    if os.path.splitext(path)[1].lower() not in START_IMAGE_TYPES:
+        raise BadRequest(f"The photo {shorten(request.photo)} is not a .png, .jpg or .exr file.")
+    request.photo = path
+    low, high = PHOTO_FOV_RANGE
+    if request.photo_fov is None:
+        raise BadRequest("--photo needs --photo-fov DEG, the horizontal field of view the photo was taken with.")
+    if not low < request.photo_fov < high:
+        raise BadRequest(f"--photo-fov must be between {low:g} and {high:g} degrees, not {request.photo_fov:g}.")
+    if not -90.0 <= request.photo_pitch <= 90.0:
+        raise BadRequest(f"--photo-pitch {request.photo_pitch:g}° is off the sphere; it must lie between -90 and 90.")
+    request.photo_yaw = (request.photo_yaw + 180.0) % 360.0 - 180.0
+    if request.sync == "syncsde":
+        raise BadRequest("--photo cannot go with --sync syncsde, whose views keep their own states and fuse no clean "
+                         "latent to keep the photo in; use --sync multidiffusion or syncdiffusion.")
+    if request.fusion == "noisy":
+        raise BadRequest("--photo is kept in the views' fused clean latent, which --fusion noisy does not make; "
+                         "use --fusion clean or leave --fusion out.")
 
 
 def check_upscaled_size(width: int, height: int) -> None:

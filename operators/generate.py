@@ -145,8 +145,10 @@ class SYNCSPHERE_OT_generate(JobRunner, Operator):
             return None, None, problem
         window_px = model_list.native_window_px(prefs.default_model, model_list.cached_models())
         start_path = bpy.path.abspath(settings.start_image_path) if settings.start_image_path.strip() else ""
+        photo_path = bpy.path.abspath(settings.photo_path) if settings.photo_path.strip() else ""
         problem = (preflight.custom_size_problem(settings, window_px)
-                   or preflight.start_image_problem(settings.start_image_source, start_path, remote is None))
+                   or preflight.start_image_problem(settings.start_image_source, start_path, remote is None)
+                   or preflight.photo_problem(settings.extend_photo, settings.mode, photo_path, remote is None))
         if problem:
             return None, None, problem
         init_image = None
@@ -157,11 +159,12 @@ class SYNCSPHERE_OT_generate(JobRunner, Operator):
             init_image = world.world_image_file(context.scene.world, tempfile.mkdtemp(prefix="syncsphere-start-"))
             if init_image is None:
                 return None, None, preflight.NO_WORLD_IMAGE
+        photo = os.path.abspath(photo_path) if settings.extend_photo and settings.mode == "WORLD" else None
         device = prefs.device if settings.device == "PREFERENCES" else settings.device
         runs = []
         for seed in generation.variation_seeds(settings, settings.variations):
             params = generation.generate_params(settings, seed, model=prefs.default_model, device=device,
-                                                window_px=window_px, init_image=init_image)
+                                                window_px=window_px, init_image=init_image, photo=photo)
             runs.append((seed, params, generation.job_folder(out_root, settings.prompt, seed)))
         problem = preflight.request_problem(runs[0][1], runs[0][2])  # the seeds alone differ
         if problem:

@@ -59,6 +59,15 @@ def draw_main(layout, context):
         column.prop(settings, "start_image_path")
     if settings.start_image_source != image_input.START_FROM_NOISE:
         column.prop(settings, "strength", slider=True)
+    # Extend Photo (360° World only): the photo kept where its camera saw it, the world painted around it.
+    if settings.mode == "WORLD":
+        column.prop(settings, "extend_photo")
+        if settings.extend_photo:
+            column.prop(settings, "photo_path")
+            column.prop(settings, "photo_fov")
+            row = column.row(align=True)
+            row.prop(settings, "photo_yaw")
+            row.prop(settings, "photo_pitch")
     row = column.row(align=True)
     row.prop(settings, "seed")
     row.prop(settings, "randomize_seed", text="", icon="FILE_REFRESH", toggle=True)

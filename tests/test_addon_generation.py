@@ -24,7 +24,8 @@ def settings(**overrides):
                   device="PREFERENCES", sync_weight=20.0, sync_steps=10, sync_fast=False, syncsde_lambda=5.0,
                   mad=False, view_set="AUTO", prompt_up="", prompt_down="", hdr=True, exposure=0.0, sun_ratio=6.0,
                   use_sun_direction=False, sun_yaw=0.0, sun_pitch=45.0, memory="auto", quantize="none", custom_width=2048,
-                  custom_height=1024, start_image_source="NONE", start_image_path="", strength=0.8)
+                  custom_height=1024, start_image_source="NONE", start_image_path="", strength=0.8,
+                  extend_photo=False, photo_path="", photo_fov=60.0, photo_yaw=0.0, photo_pitch=0.0)
     values.update(overrides)
     return types.SimpleNamespace(**values)
 

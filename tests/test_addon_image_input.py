@@ -115,6 +115,38 @@ def test_a_strength_that_leaves_no_step_is_the_backends_sentence_in_the_panels_w
     assert problem.startswith("Strength 0.3 of 2 steps leaves no step to run; raise Advanced › Steps to at least 4")
 
 
+def test_extend_photo_sends_the_photo_and_its_camera_in_world_mode_only_and_the_backend_accepts_them(tmp_path):
+    photo = tmp_path / "photo.jpg"
+    Image.fromarray(np.full((48, 64, 3), 90, np.uint8)).save(photo)
+    chosen = settings(extend_photo=True, photo_path=str(photo), photo_fov=72.5, photo_yaw=-30.0, photo_pitch=12.25)
+    params = generation.generate_params(chosen, 1, model="m", device="cpu", photo=str(photo))
+    assert {name: params[name] for name in ("photo", "photo_fov", "photo_yaw", "photo_pitch")} == {
+        "photo": str(photo), "photo_fov": 72.5, "photo_yaw": -30.0, "photo_pitch": 12.25}
+    assert backend_verdict(params, tmp_path) is None
+    # The backend extends only 360° worlds: another mode sends nothing of it, and no photo sends nothing.
+    for plain in (generation.generate_params(settings(mode="WIDE", extend_photo=True), 1, model="m", device="cpu",
+                                             photo=str(photo)),
+                  generation.generate_params(chosen, 1, model="m", device="cpu")):
+        assert not any(name.startswith("photo") for name in plain)
+
+
+def test_extend_photo_refuses_a_missing_file_and_a_remote_backend_and_speaks_the_panels_words(tmp_path):
+    photo = tmp_path / "photo.png"
+    Image.fromarray(np.zeros((48, 64, 3), np.uint8)).save(photo)
+    assert preflight.photo_problem(False, "WORLD", "", local=False) is None
+    assert preflight.photo_problem(True, "TILE", "", local=False) is None  # nothing of it is sent there
+    assert preflight.photo_problem(True, "WORLD", str(photo), local=True) is None
+    assert preflight.photo_problem(True, "WORLD", str(photo), local=False) == preflight.PHOTO_NEEDS_LOCAL_BACKEND
+    assert "Choose the photo to extend in Photo File" in preflight.photo_problem(True, "WORLD", " ", local=True)
+    missing = preflight.photo_problem(True, "WORLD", str(tmp_path / "gone.png"), local=True)
+    assert missing == f"The photo {tmp_path / 'gone.png'} does not exist; choose another in Photo File"
+    # The backend's refusal of a photo with SyncSDE names the panel's controls, not flags.
+    chosen = settings(extend_photo=True, photo_path=str(photo), sync_method="SYNCSDE")
+    params = generation.generate_params(chosen, 1, model="m", device="cpu", photo=str(photo))
+    problem = preflight.request_problem(params, str(tmp_path / "job"))
+    assert problem.startswith("Photo File cannot go with Advanced › Synchronisation: SyncSDE") and "--" not in problem
+
+
 @pytest.mark.parametrize("mode, size", [("WORLD", (256, 128)), ("WIDE", (300, 100)), ("TILE", (128, 128))])
 @pytest.mark.parametrize("scale", [2, 4])
 def test_upscaling_a_history_item_is_what_the_backends_upscale_command_does(tmp_path, mode, size, scale):

@@ -469,6 +469,7 @@ def test_every_control_the_backends_messages_are_translated_to_is_drawn_under_th
 from syncsphere.blender_addon.scene import preferences
 settings.mode, settings.hdr, settings.use_sun_direction = "WORLD", True, True
 settings.start_image_source = "FILE"  # Image File and Strength are drawn only with a start image
+settings.extend_photo = True  # and Extend Photo's file, field of view, yaw and pitch only when it is on
 drawn = {}
 for method in ("SYNCDIFFUSION", "SYNCSDE"):  # each method's own options are drawn only with it
     settings.sync_method = method

@@ -145,6 +145,17 @@ def _add_start_arguments(generate: argparse.ArgumentParser) -> None:
                        help=f"then upscale the image 2 or 4 times (at most 8192x4096 px): img2img of the enlarged image "
                             f"at strength {UPSCALE_STRENGTH:g} with the same views and sync, the HDR and cube map made "
                             "from the result")
+    photo = generate.add_argument_group("extend a photo into a world",
+                                        "equirect only: the photo is kept where its camera saw it and the rest of the "
+                                        "sphere is painted around it (docs/engine.md, \"Extend a photo\").")
+    photo.add_argument("--photo", metavar="FILE",
+                       help="the photo to extend: .png, .jpg or .exr (tone-mapped by --exposure), any size and aspect")
+    photo.add_argument("--photo-fov", type=float, metavar="DEG",
+                       help="with --photo (required): the horizontal field of view it was taken with, between 1 and 179")
+    photo.add_argument("--photo-yaw", type=float, default=0.0, metavar="DEG",
+                       help="with --photo: where the camera looked, degrees to the right of the image centre (default 0)")
+    photo.add_argument("--photo-pitch", type=float, default=0.0, metavar="DEG",
+                       help="with --photo: degrees the camera looked up (negative: down), -90 to 90 (default 0)")
 
 
 def _add_upscale_command(commands) -> None:

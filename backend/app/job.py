@@ -64,6 +64,8 @@ def check_request(request: GenerateRequest) -> CheckedRequest:
     check_output_folder(params.out, job_output_names(params.layout), params.overwrite)
     if params.init_image is not None:
         read_start_image(params.init_image, params.exposure)  # a damaged file: one sentence before the model loads
+    if params.photo is not None:
+        read_start_image(params.photo, params.exposure)
     source = resolve_model_source(params.model, params.allow_pickle)
     lora = resolve_lora_source(params.lora, params.allow_pickle) if params.lora else None
     if params.unet_file is not None:
@@ -145,12 +147,14 @@ def run_job(checked: CheckedRequest, report: StepReport | None = None, models: M
     timings = {"loading_s": time.perf_counter() - started}
     # 3. Denoise (with a preview picture every --preview-every steps) and decode, within the memory plan.
     start_image = read_start_image(resolved.params.init_image, resolved.params.exposure) if resolved.params.init_image else None
+    photo = read_start_image(resolved.params.photo, resolved.params.exposure) if resolved.params.photo else None
     with JobPreviews(resolved.params, model, report) as previews:
-        image, canvas, details, attempt_timings, memory = generate_image(resolved, model, previews, stage, start_image)
+        image, canvas, details, attempt_timings, memory = generate_image(resolved, model, previews, stage, start_image, photo)
         if resolved.params.upscale:  # 5. --upscale: img2img of the image at the larger size
             upscaled = resolve_request(upscaled_request(resolved.asked), checked.source, checked.lora, checked.device,
                                        checked.dtype, resolved.geometry, resolved.unet_config)
-            image, canvas, upscale_details, upscale_timings, memory = generate_image(upscaled, model, previews, stage, image)
+            image, canvas, upscale_details, upscale_timings, memory = generate_image(upscaled, model, previews, stage, image,
+                                                                                      photo)
             details["upscale"] = {"width": upscaled.params.width, "height": upscaled.params.height,
                                   "strength": upscaled.params.strength, **upscale_details,
                                   **{f"upscale_{name}": seconds for name, seconds in upscale_timings.items()}}

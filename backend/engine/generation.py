@@ -29,6 +29,7 @@ from .perceptual import load_perceptual_loss
 from .preview import TINY_AUTOENCODER_OF_FAMILY, latent_family
 from .resolve import ResolvedRequest, for_memory_plan
 from .image_start import image_start
+from .photo_region import PhotoRegion, composite_photo, known_region, photo_details, photo_region
 from .sampler import StepReport, Synchronisation, first_step, sample_canvas
 from .sync.mad import MergedAttention
 from .sync.syncdiffusion import SyncDiffusionGuidance
@@ -37,14 +38,17 @@ from .sync.tweedie import is_flow_matching
 
 
 def generate_image(resolved: ResolvedRequest, model: LoadedModel, report: StepReport,
-                   stage: Callable[[str], None], start_image: np.ndarray | None = None) -> tuple:
+                   stage: Callable[[str], None], start_image: np.ndarray | None = None,
+                   photo: np.ndarray | None = None) -> tuple:
     """The job's image with the memory plan ``--memory`` asks for (``memory.plan_memory``), retried when the
     device runs out of memory anyway: from the same seed with half the view batch, then in low mode with MAD
     off (``memory.memory_attempts``), releasing the failed attempt's memory in between; the denoising steps
     are reported again from step 1. Returns (image as an (H, W, 3) float array in [0, 1], canvas, details,
     {"denoising_s", "decoding_s"}, what metadata.json records under "memory"). ``start_image``: img2img from
     this (H, W, 3) float sRGB image in [0, 1] of any size at ``params.strength`` (``image_start``), None: from
-    noise. Raises OutOfMemory when the last attempt fails too, JobCancelled when ``report`` or ``stage`` says so."""
+    noise. ``photo``: with ``--photo``, the photo ((h, w, 3) float sRGB in [0, 1]) the image extends, placed by
+    ``params.photo_fov``, ``photo_yaw`` and ``photo_pitch`` (``denoise_and_decode``). Raises OutOfMemory when the
+    last attempt fails too, JobCancelled when ``report`` or ``stage`` says so."""
     pipeline = model.pipeline
     plan = plan_memory(resolved.params, model.device, model.dtype, activation_config(denoising_model(pipeline).config),
                        pipeline.vae.config, max(resolved.views_per_step()),
@@ -55,7 +59,8 @@ def generate_image(resolved: ResolvedRequest, model: LoadedModel, report: StepRe
     for number, (attempt_name, attempt_plan) in enumerate(attempts):
         attempt = for_memory_plan(resolved, attempt_plan.view_batch, merged_attention=attempt_plan.mode != "low")
         try:
-            image, canvas, details, timings = denoise_and_decode(attempt, model, attempt_plan, report, stage, start_image)
+            image, canvas, details, timings = denoise_and_decode(attempt, model, attempt_plan, report, stage, start_image,
+                                                                 photo)
             break
         except RuntimeError as error:  # torch.OutOfMemoryError is a RuntimeError; others are re-raised
             if not is_out_of_memory(error, model.device):
@@ -78,16 +83,23 @@ def generate_image(resolved: ResolvedRequest, model: LoadedModel, report: StepRe
 
 
 def denoise_and_decode(resolved: ResolvedRequest, model: LoadedModel, plan: MemoryPlan, report: StepReport,
-                       stage: Callable[[str], None], start_image: np.ndarray | None = None):
+                       stage: Callable[[str], None], start_image: np.ndarray | None = None,
+                       photo: np.ndarray | None = None):
     """One attempt at a job's image with the memory ``plan``: ``denoise`` from the seed's noise, then decode.
     Returns (image as an (H, W, 3) float array, canvas, details, {"denoising_s", "decoding_s"});
     ``stage(name)`` reports the decoding stage (and raises JobCancelled). ``start_image``: as ``generate_image``.
-    Keeps nothing between calls, so a retry starts from scratch."""
+    ``photo``: as ``generate_image``: placed on the canvas (``photo_region``), kept by the loop, and composited
+    over the decoded image (``composite_photo``). Keeps nothing between calls, so a retry starts from scratch."""
     params, pipeline = resolved.params, model.pipeline
     placement = StagePlacement(pipeline, model.device, plan.offload,
                                vae_while_denoising=params.sync == "syncdiffusion" and params.sync_decoder == "vae",
                                text_on_cpu=plan.text_on_cpu)
-    latents, canvas, details = denoise(resolved, model, report, placement, start_image)
+    region = None
+    if photo is not None:
+        factor = resolved.geometry.vae_scale_factor
+        region = photo_region(photo, params.photo_fov, params.photo_yaw, params.photo_pitch,
+                              resolved.views.canvas.width * factor, resolved.views.canvas.height * factor)
+    latents, canvas, details = denoise(resolved, model, report, placement, start_image, region)
     timings = {"denoising_s": details.pop("seconds")}
     stage("decoding")
     began = time.perf_counter()
@@ -96,12 +108,14 @@ def denoise_and_decode(resolved: ResolvedRequest, model: LoadedModel, plan: Memo
     if params.views in POLE_FACE_VIEW_SETS:
         image = decode_pole_caps(pipeline.vae, latents, image, in_strips=plan.strip_decode)
     image = image[0].permute(1, 2, 0).numpy()
+    if region is not None:
+        image = composite_photo(image, region)
     timings["decoding_s"] = time.perf_counter() - began
     return image, canvas, details, timings
 
 
 def denoise(resolved: ResolvedRequest, model: LoadedModel, report: StepReport, placement: StagePlacement | None = None,
-            start_image: np.ndarray | None = None):
+            start_image: np.ndarray | None = None, photo: PhotoRegion | None = None):
     """Sample the canvas latent of ``resolved`` with its views, fusion and synchronisation; returns (latents,
     canvas, details): details has "views" (how many), "view_set", "fusion", "scheduler", "seconds", with
     per-direction prompts "view_prompts", "syncdiffusion", "syncsde" or "mad" for those methods, and with
@@ -109,7 +123,8 @@ def denoise(resolved: ResolvedRequest, model: LoadedModel, report: StepReport, p
     earlier job with the cached model (or an earlier attempt of this job)}.
     ``placement`` moves the models for the text and denoising stages (None: they stay where they are).
     ``start_image``: img2img (``image_start``; details then has "start": {"strength", "steps_run"}), None: from
-    the seed's noise."""
+    the seed's noise. ``photo``: the region the loop keeps (``known_region``; details then has "photo": the
+    photo's fov, yaw, pitch and ``photo_details``), None: none."""
     params, views = resolved.params, resolved.views
     placement = placement or StagePlacement(model.pipeline, model.device, offload=False)
     scheduler = make_scheduler(params.scheduler, model.pipeline.scheduler.config, transformer_view_tokens(resolved, model))
@@ -120,6 +135,11 @@ def denoise(resolved: ResolvedRequest, model: LoadedModel, report: StepReport, p
         placement.enter("decode")
         start = image_start(start_image, views.canvas, resolved.geometry.vae_scale_factor, model.pipeline.vae,
                             params.strength, model.device, model.dtype)
+    known = None
+    if photo is not None:  # encoded with the VAE too, before the text encoders
+        placement.enter("decode")
+        known = known_region(photo, views.canvas, resolved.geometry.vae_scale_factor, model.pipeline.vae,
+                             model.device, model.dtype)
     placement.enter("text")
     compiled_before = model.compiled_unet is not None
     denoiser = prompt_denoiser(resolved, model, placement.text_device)
@@ -131,7 +151,7 @@ def denoise(resolved: ResolvedRequest, model: LoadedModel, report: StepReport, p
         latents = sample_canvas(predict, scheduler, resolved.schedule or views, noise, steps=params.steps,
                                 view_batch=params.view_batch, sync=sync, projected_noise=projected_noise,
                                 step_kwargs=stepping_arguments(scheduler, params.seed), report=report,
-                                preview_every=params.preview_every, start=start)
+                                preview_every=params.preview_every, start=start, known=known)
     per_step = resolved.views_per_step()
     details = {"views": len(views), "view_set": params.views, "schedule": params.schedule, "fusion": resolved.fusion,
                "views_per_step": {"mean": sum(per_step) / len(per_step), "min": min(per_step), "max": max(per_step)},
@@ -148,6 +168,9 @@ def denoise(resolved: ResolvedRequest, model: LoadedModel, report: StepReport, p
         details["mad"] = {"steps": params.mad_steps, "blocks": list(sync.merged_attention.blocks)}
     if start is not None:
         details["start"] = {"strength": params.strength, "steps_run": params.steps - first_step(params.steps, params.strength)}
+    if known is not None:
+        details["photo"] = {"fov": params.photo_fov, "yaw": params.photo_yaw, "pitch": params.photo_pitch,
+                            **photo_details(photo, known)}
     if params.compile:
         details["compile"] = {"mode": "default", "reused": compiled_before}
     return latents, views.canvas, details

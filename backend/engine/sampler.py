@@ -81,6 +81,7 @@ def sample_canvas(
     report: StepReport | None = None,
     preview_every: int = 0,
     start: "ImageStart | None" = None,
+    known: "KnownRegion | None" = None,
 ) -> torch.Tensor:
     """Denoise a canvas latent over ``views`` in ``steps`` steps, synchronised as ``sync`` says.
 
@@ -104,8 +105,12 @@ def sample_canvas(
     start: img2img (``ImageStart``): the loop skips the steps the strength leaves out (``first_step``) and starts
         from the image's latent noised to the first step it runs (``noised_start``); ``report`` then counts the
         steps it runs. None: from ``initial_noise`` at the first step.
+    known: a region of the canvas whose clean latent is given (``KnownRegion``, ``--photo``): every step the fused
+        clean latent x0 keeps it before the views and the canvas step with it (fusions "clean" and "canvas", which
+        fuse x0), and the returned latent holds it exactly.
     Returns the denoised canvas latent (1, C, H, W). Raises JobCancelled when ``report`` returns True, and
-    ValueError for fewer than one step or view per batch, or a schedule without fusion "canvas".
+    ValueError for fewer than one step or view per batch, a schedule without fusion "canvas", or a known region
+    with a fusion that fuses no clean latent.
     """
     if steps < 1 or view_batch < 1:
         raise ValueError(f"The loop needs at least one step and one view per batch, not {steps} and {view_batch}.")
@@ -113,6 +118,8 @@ def sample_canvas(
     schedule = views if isinstance(views, ViewSchedule) else None
     if schedule is not None and (fusion != "canvas" or len(schedule) != steps):
         raise ValueError("A view schedule needs fusion \"canvas\" and one offset per step.")
+    if known is not None and fusion not in ("clean", "canvas"):
+        raise ValueError(f"A known region is kept in the fused clean latent, which fusion {fusion!r} does not make.")
     step_kwargs = step_kwargs or {}
     scheduler.set_timesteps(steps, device=initial_noise.device)
     first = begin_at(scheduler, steps, start)  # 0 unless img2img skips the first steps
@@ -164,11 +171,12 @@ def sample_canvas(
         if fusion == "canvas":
             latents, projected_latents, fused_clean = multidiffusion.step_canvas(
                 views, canvas_scheduler, projected_scheduler, latents, projected_latents, view_latents, predictions,
-                timestep, step_kwargs)
+                timestep, step_kwargs, known)
             preview = fused_clean if wants_preview else None
         else:
             if fusion == "clean":
-                predictions, latents = multidiffusion.fuse_clean(views, batch_schedulers[0], view_latents, predictions, timestep)
+                predictions, latents = multidiffusion.fuse_clean(views, batch_schedulers[0], view_latents, predictions, timestep,
+                                                                 known)
                 preview = latents if wants_preview else None
             elif wants_preview:  # before the step: a sigma sampler's x0 reads the step's own sigma
                 clean = predicted_clean_latent(batch_schedulers[0], view_latents, predictions, timestep)
@@ -188,6 +196,10 @@ def sample_canvas(
             raise JobCancelled(f"The job was cancelled after step {step_index + 1 - first} of {runs}.")
     if fusion == "clean":
         latents = multidiffusion.fuse_noisy(views, view_latents)  # each view's final latent, averaged once
+    if known is not None:
+        # Exactly the known latent: a sampler whose last step keeps a little noise (DDIM with SD's final alpha
+        # below 1), and the views' resampled average under "clean", leave it close but not equal.
+        latents = known.keep(latents)
     return latents
 
 
@@ -203,6 +215,23 @@ class ImageStart:
 
     latent: torch.Tensor
     strength: float
+
+
+@dataclass(frozen=True)
+class KnownRegion:
+    """A region of the canvas whose clean latent is known (``--photo``: ``photo_region.known_region``), kept while
+    the rest is painted around it: the x0 form of RePaint, so it works with every sampler.
+
+    latent: (1, C, H, W) the known clean canvas latent (scaled as ``ImageStart.latent``), valid where ``mask`` is 1.
+    mask: (1, 1, H, W) in [0, 1], 1 where the latent is known; both on the device and in the dtype of the loop.
+    """
+
+    latent: torch.Tensor
+    mask: torch.Tensor
+
+    def keep(self, clean: torch.Tensor) -> torch.Tensor:
+        """``clean`` (1, C, H, W) with the known latent where ``mask`` is 1: mask · latent + (1 − mask) · clean."""
+        return torch.lerp(clean, self.latent.to(clean.dtype), self.mask.to(clean.dtype))
 
 
 def first_step(steps: int, strength: float) -> int:

@@ -314,6 +314,40 @@ def view_equirect_coordinates(view: PerspectiveView, size: int, width: int, heig
     return direction_to_equirect(view.directions(size), width, height)
 
 
+def project_photo(photo: np.ndarray, fov: float, yaw: float, pitch: float, width: int, height: int
+                  ) -> tuple[np.ndarray, np.ndarray]:
+    """A photo placed on an equirect canvas where a camera with horizontal field of view ``fov`` looking at
+    (``yaw``, ``pitch``) saw it (degrees, roll 0; the module's conventions): (pixels, inside).
+
+    ``photo``: (h, w, C) float, any w x h (not only square): it is the middle h rows of the square view of w px
+    at that ``fov`` (pixel-centre grid), so its pixels stay square and the vertical field of view follows from
+    its aspect. ``width`` x ``height``: the equirect's size in px. Returns ``pixels`` (height, width, C) float32,
+    the photo sampled bilinearly at every equirect pixel centre in front of the camera (beyond the photo's border
+    its edge pixels repeat), NaN behind the camera; and ``inside`` (height, width) bool, the pixels whose centre
+    falls on the photo (col in [-0.5, w - 0.5], row in [-0.5, h - 0.5]). Works in blocks of rows, so memory
+    stays bounded for large canvases. Raises ValueError for a fov outside (0, 180) or an image not (h, w, C).
+    """
+    if photo.ndim != 3:
+        raise ValueError(f"Expected an (H, W, C) photo, got an array of shape {photo.shape}.")
+    photo_height, photo_width = photo.shape[:2]
+    view = PerspectiveView(yaw, pitch, 0.0, fov)
+    offset = (photo_width - photo_height) / 2.0  # the photo's rows within the square view of its width
+    stack = np.asarray(photo, np.float64)[None]
+    pixels = np.zeros((height, width, photo.shape[2]), np.float32)
+    inside = np.zeros((height, width), bool)
+    block = max(1, (1 << 18) // width)
+    for start in range(0, height, block):
+        rows, cols = np.mgrid[start:min(start + block, height), 0:width]
+        col, row, in_front = view.project(equirect_to_direction(cols, rows, width, height), photo_width)
+        row = row - offset
+        with np.errstate(invalid="ignore"):
+            inside[start:start + block] = (in_front & (col >= -0.5) & (col <= photo_width - 0.5)
+                                           & (row >= -0.5) & (row <= photo_height - 0.5))
+        sampled = _bilinear_clamped(stack, 0, np.nan_to_num(col), np.nan_to_num(row))
+        pixels[start:start + block] = np.where(in_front[..., None], sampled, np.nan)
+    return pixels, inside
+
+
 def equirect_to_perspective(image: np.ndarray, yaw: float, pitch: float, roll: float, fov: float, size: int,
                             *, edge_aligned: bool = False) -> np.ndarray:
     """Render a perspective view of an equirect ``image`` (H, W, C), sampling it bilinearly (``sample_equirect``).

@@ -124,6 +124,9 @@ VIEWS_OF_SET = {"BAND": "band", "BAND_POLES": "band+poles", "RING": "ring", "CUB
 
 # Start from Image's Strength by default: the backend's (diffusers' img2img default).
 DEFAULT_STRENGTH = request.DEFAULT_STRENGTH
+# Extend Photo (World mode; the backend's --photo): a phone's main camera sees about 60-70° across.
+DEFAULT_PHOTO_FOV = 60.0
+PHOTO_FOV_RANGE = request.PHOTO_FOV_RANGE
 
 # SyncDiffusion's coherence weight: the backend's for its default perceptual loss, which the add-on never changes.
 DEFAULT_SYNC_WEIGHT = request.DEFAULT_SYNC_WEIGHTS[BACKEND_DEFAULTS["sync_loss"]]
@@ -186,7 +189,7 @@ def variation_seeds(settings, count, rng=random):
     return [(int(settings.seed) + number) % (MAX_SEED + 1) for number in range(count)]
 
 
-def generate_params(settings, seed, *, model, device, window_px=RESOLUTION_WINDOW_PX, init_image=None):
+def generate_params(settings, seed, *, model, device, window_px=RESOLUTION_WINDOW_PX, init_image=None, photo=None):
     """The protocol's generate params for ``settings`` with ``seed``.
 
     ``width`` / ``height`` (and ``upscale`` for the Ultra preset): the Size for the model's view size
@@ -194,6 +197,9 @@ def generate_params(settings, seed, *, model, device, window_px=RESOLUTION_WINDO
     ``init_image``: the absolute path of the start image (Start from Image's file, or the World's image saved for
     the backend), None to start from noise; with it ``strength`` (``settings.strength``, rounded to
     LIGHTING_DECIMALS).
+    ``photo``: the absolute path of Extend Photo's file, None without one; in WORLD mode it is sent as ``photo`` with
+    ``photo_fov``, ``photo_yaw`` and ``photo_pitch`` from ``settings`` (degrees, rounded to LIGHTING_DECIMALS; the
+    backend extends only 360° worlds, so another mode sends none of them).
     ``prompt``: the prompt and the Style Prompt (``styled_prompt``); ``negative_prompt``: Avoid (which a style
     fills too).
     model: hub id or local path (the preferences' default model); device: auto, cuda, mps or cpu.
@@ -242,6 +248,10 @@ def generate_params(settings, seed, *, model, device, window_px=RESOLUTION_WINDO
             if text:
                 params[name] = text
         params.update(lighting_params(settings))
+        if photo is not None:
+            params["photo"] = photo
+            for name in ("photo_fov", "photo_yaw", "photo_pitch"):
+                params[name] = round(float(getattr(settings, name)), LIGHTING_DECIMALS)
     params.update(synchronisation_params(settings))
     if settings.mad:
         # At least one step, so a very short run still gets what was asked for.

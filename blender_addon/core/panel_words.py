@@ -54,6 +54,10 @@ CONTROLS = {
     "--upscale": Control("Size", "settings", "resolution"),
     "--init-image": Control("Image File", "settings", "start_image_path", {"FILE": None}),
     "--strength": Control("Strength", "settings", "strength"),
+    "--photo": Control("Photo File", "settings", "photo_path"),
+    "--photo-fov": Control("Field of View", "settings", "photo_fov"),
+    "--photo-yaw": Control("Yaw", "settings", "photo_yaw"),
+    "--photo-pitch": Control("Pitch", "settings", "photo_pitch"),
     "--seed": Control("Seed", "settings", "seed"),
     # Quality picks the schedule (generation.QUALITIES): Fast is the shifted one, Best the dense one.
     "--schedule": Control("Quality", "settings", "quality", {"shifted": "Fast", "dense": "Best"}),

@@ -72,6 +72,9 @@ def model_problem(model, installed, listed, online):
 # Start from Image and Upscale hand the backend a file by its path: only a backend on this computer can read it.
 NEEDS_LOCAL_BACKEND = ("Start from Image and Upscale need Backend = Local in the SyncSphere Preferences: the backend "
                        "reads the image from this computer's disk")
+# Extend Photo hands the backend the photo by its path, as Start from Image does.
+PHOTO_NEEDS_LOCAL_BACKEND = ("Extend Photo needs Backend = Local in the SyncSphere Preferences: the backend reads "
+                             "the photo from this computer's disk")
 # Start from Image = World's Image, and the scene's World shows no image.
 NO_WORLD_IMAGE = ("The scene's World has no image to start from (no Environment Texture node with an image); set "
                   "Start from Image to File and choose one")
@@ -121,6 +124,22 @@ def start_image_problem(source, path, local):
             return f"The start image {path} does not exist; choose another in Image File"
     elif source != START_FROM_WORLD:
         return f"Unknown Start from Image choice {source}"
+    return None
+
+
+def photo_problem(enabled, mode, path, local):
+    """Why Extend Photo cannot be used, in one sentence, or None (also None when it is off or the mode is not
+    WORLD, where nothing of it is sent). ``path``: Photo File as Blender resolved it (absolute); ``local``: whether
+    the backend runs on this computer (PHOTO_NEEDS_LOCAL_BACKEND otherwise). A blank or missing file is refused."""
+    if not enabled or mode != "WORLD":
+        return None
+    if not local:
+        return PHOTO_NEEDS_LOCAL_BACKEND
+    path = path.strip()
+    if not path:
+        return "Choose the photo to extend in Photo File, or turn Extend Photo off"
+    if not os.path.isfile(path):
+        return f"The photo {path} does not exist; choose another in Photo File"
     return None
 
 

@@ -5,7 +5,7 @@ from bpy.props import BoolProperty, CollectionProperty, EnumProperty, FloatPrope
 from bpy.types import PropertyGroup
 
 from ..core.image_input import START_FROM_FILE, START_FROM_NOISE, START_FROM_WORLD
-from ..core.generation import (BACKEND_DEFAULTS, CUSTOM_SIZE, DEFAULT_STRENGTH, DEFAULT_EXPOSURE, DEFAULT_QUALITY, DEFAULT_STYLE, DEFAULT_SUN_RATIO,
+from ..core.generation import (BACKEND_DEFAULTS, CUSTOM_SIZE, DEFAULT_PHOTO_FOV, DEFAULT_STRENGTH, PHOTO_FOV_RANGE, DEFAULT_EXPOSURE, DEFAULT_QUALITY, DEFAULT_STYLE, DEFAULT_SUN_RATIO,
                                DEFAULT_SYNC_WEIGHT, DEFAULT_SYNCSDE_LAMBDA, MAX_SEED, MAX_VARIATIONS, QUALITIES, STYLES,
                                SYNC_FROM_QUALITY)
 
@@ -166,6 +166,21 @@ class SyncSphereSettings(PropertyGroup):
     strength: FloatProperty(name="Strength", default=DEFAULT_STRENGTH, min=0.01, max=1.0,
                             description="How much of the start image is re-drawn: low keeps it, 1 keeps only its "
                                         "colours' layout (the last steps x strength of the Steps run)")
+    # Extend Photo (World mode; core/generation.py): sent as the backend's photo, photo_fov, photo_yaw, photo_pitch.
+    extend_photo: BoolProperty(name="Extend Photo", default=False,
+                               description="Keep a photo where its camera saw it and paint the rest of the world "
+                                           "around it")
+    photo_path: StringProperty(name="Photo File", subtype="FILE_PATH", default="",
+                               description="The photo to extend: .png, .jpg or .exr (an EXR is tone-mapped with "
+                                           "Lighting › Exposure), any size and aspect")
+    photo_fov: FloatProperty(name="Field of View", default=DEFAULT_PHOTO_FOV, min=PHOTO_FOV_RANGE[0] + 0.01,
+                             max=PHOTO_FOV_RANGE[1] - 0.01, precision=1,
+                             description="The photo's horizontal field of view in degrees (about 60-70 for a phone's "
+                                         "main camera)")
+    photo_yaw: FloatProperty(name="Yaw", default=0.0, min=-180.0, max=180.0, precision=1,
+                             description="Where the camera looked, in degrees to the right of the world image's centre")
+    photo_pitch: FloatProperty(name="Pitch", default=0.0, min=-90.0, max=90.0, precision=1,
+                               description="How far the camera looked up, in degrees (negative: down)")
     seed: IntProperty(name="Seed", description="Random seed; the same seed and settings give the same image",
                       default=0, min=0, max=MAX_SEED)
     randomize_seed: BoolProperty(name="Randomize", description="Pick a new seed for every generation", default=True)

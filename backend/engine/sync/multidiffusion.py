@@ -25,23 +25,27 @@ def fuse_noisy(views: CanvasViews, stepped_latents: torch.Tensor) -> torch.Tenso
     return views.fuse(stepped_latents)
 
 
-def fuse_clean(views: CanvasViews, scheduler, view_latents: torch.Tensor, predictions: torch.Tensor, timestep) -> tuple[torch.Tensor, torch.Tensor]:
+def fuse_clean(views: CanvasViews, scheduler, view_latents: torch.Tensor, predictions: torch.Tensor, timestep,
+               known=None) -> tuple[torch.Tensor, torch.Tensor]:
     """Synchronise the views' predictions through their averaged clean latents.
 
     scheduler: a scheduler copy at this step (``scale_model_input`` called): x0 and its inverse read only
         the step's noise level, which every view shares.
     view_latents, predictions: (len(views), C, s, s), each view's x_t and the model's prediction there.
+    known: None, or a ``sampler.KnownRegion`` whose latent the averaged x0 keeps (``--photo``).
     Returns (the predictions that make each view's x0 its reading of the averaged x0, same shape; the
     averaged x0 on the canvas (1, C, H, W), which is also the step's preview).
     """
     fused_clean = views.fuse(predicted_clean_latent(scheduler, view_latents, predictions, timestep))
+    if known is not None:
+        fused_clean = known.keep(fused_clean)
     synced = views.read(fused_clean)
     return prediction_for_clean_latent(scheduler, view_latents, synced, timestep), fused_clean
 
 
 def step_canvas(views: CanvasViews, canvas_scheduler, projected_scheduler, latents: torch.Tensor,
                 projected_latents: torch.Tensor | None, view_latents: torch.Tensor, predictions: torch.Tensor, timestep,
-                step_kwargs: dict) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
+                step_kwargs: dict, known=None) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
     """One step of canvas fusion: the canvas is the state, stepped once with the views' fused clean latent.
 
     The views' x0 (Tweedie) are averaged on the canvas; the canvas steps from its own x_t with the model output
@@ -53,10 +57,13 @@ def step_canvas(views: CanvasViews, canvas_scheduler, projected_scheduler, laten
     canvas_scheduler, projected_scheduler: two copies of the sampler at this step (one history each).
     latents: the canvas x_t (1, C, H, W); projected_latents: the projected views' x_t (P, C, s, s) or None;
     view_latents, predictions: (len(views), C, s, s), crops first, the x_t each view was predicted at.
+    known: None, or a ``sampler.KnownRegion`` whose latent the fused x0 keeps (``--photo``).
     Returns (the canvas x_{t-1}, the projected views' x_{t-1} or None, the fused clean latent x0 on the canvas
     (1, C, H, W): the step's preview).
     """
     fused_clean = views.fuse(predicted_clean_latent(canvas_scheduler, view_latents, predictions, timestep))
+    if known is not None:
+        fused_clean = known.keep(fused_clean)
     canvas_prediction = prediction_for_clean_latent(canvas_scheduler, latents, fused_clean, timestep)
     if projected_latents is not None:
         own = prediction_for_clean_latent(projected_scheduler, projected_latents, views.read_projected(fused_clean), timestep)
