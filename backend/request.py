@@ -671,12 +671,7 @@ def _check_start_image(request: SimpleNamespace) -> None:
         if request.strength is not None:
             raise BadRequest("--strength sets how much of --init-image is re-drawn; add --init-image FILE or leave it out.")
         return
-    path = os.path.abspath(os.path.expanduser(request.init_image))
-    if not os.path.isfile(path):
-        raise BadRequest(f"The start image {shorten(request.init_image)} does not exist.")
-    if os.path.splitext(path)[1].lower() not in START_IMAGE_TYPES:
-        raise BadRequest(f"The start image {shorten(request.init_image)} is not a .png, .jpg or .exr file.")
-    request.init_image = path
+    request.init_image = _image_file_path(request.init_image, "start image")
     if request.strength is None:
         request.strength = DEFAULT_STRENGTH
     if not 0 < request.strength <= 1:
@@ -685,6 +680,17 @@ def _check_start_image(request: SimpleNamespace) -> None:
     if int(request.steps * request.strength) < 1:
         raise BadRequest(f"--strength {request.strength:g} of {request.steps} steps leaves no step to run; raise "
                          f"--steps to at least {math.ceil(1 / request.strength)} or the strength.")
+
+
+def _image_file_path(path: str, what: str) -> str:
+    """The absolute path of the image file ``path`` (``~`` expanded) that a request reads (``what``: "start image",
+    "photo"); BadRequest with one sentence when it does not exist or is not a .png, .jpg or .exr file."""
+    absolute = os.path.abspath(os.path.expanduser(path))
+    if not os.path.isfile(absolute):
+        raise BadRequest(f"The {what} {shorten(path)} does not exist.")
+    if os.path.splitext(absolute)[1].lower() not in START_IMAGE_TYPES:
+        raise BadRequest(f"The {what} {shorten(path)} is not a .png, .jpg or .exr file.")
+    return absolute
 
 
 def _check_upscale(request: SimpleNamespace) -> None:
@@ -711,12 +717,7 @@ def _check_photo(request: SimpleNamespace) -> None:
         return
     if request.layout != "equirect":
         raise BadRequest("--photo applies only to --layout equirect, the 360° world a photo is extended into.")
-    path = os.path.abspath(os.path.expanduser(request.photo))
-    if not os.path.isfile(path):
-        raise BadRequest(f"The photo {shorten(request.photo)} does not exist.")
-    if os.path.splitext(path)[1].lower() not in START_IMAGE_TYPES:
-        raise BadRequest(f"The photo {shorten(request.photo)} is not a .png, .jpg or .exr file.")
-    request.photo = path
+    request.photo = _image_file_path(request.photo, "photo")
     low, high = PHOTO_FOV_RANGE
     if request.photo_fov is None:
         raise BadRequest("--photo needs --photo-fov DEG, the horizontal field of view the photo was taken with.")

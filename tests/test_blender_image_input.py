@@ -1,7 +1,11 @@
 """Issue 18 end to end in headless Blender with the real backend (a tiny local model, 1-2 steps, small sizes): Start
-from Image with a file and with the World's image, Upscale x2 of a history item, and a custom size the backend would
-refuse, refused before any job starts (docs/blender.md, "Image input and 8K")."""
+from Image with a file and with the World's image, Upscale x2 of a history item, Extend Photo, and a custom size the
+backend would refuse, refused before any job starts (docs/blender.md, "Image input and 8K")."""
 
+import json
+import os
+
+import numpy as np
 from PIL import Image
 
 from test_blender_generate import extension_zip, run_blender  # noqa: F401 (a fixture)
@@ -10,6 +14,8 @@ from test_blender_generate import extension_zip, run_blender  # noqa: F401 (a fi
 def test_start_from_image_upscale_and_a_bad_custom_size(extension_zip, tiny_model, tmp_path):
     start = tmp_path / "start.png"
     Image.new("RGB", (256, 128), (40, 90, 200)).save(start)
+    photo = tmp_path / "photo.png"
+    Image.new("RGB", (64, 48), (220, 60, 30)).save(photo)
     report = run_blender(f"""
         import numpy as np
         session = sys.modules[ADDON + ".blender_addon.core.session"]
@@ -68,6 +74,14 @@ def test_start_from_image_upscale_and_a_bad_custom_size(extension_zip, tiny_mode
         bpy.context.scene.world = bpy.data.worlds.new("Empty World")
         count = len(settings.history)
         report["no world image"] = [generate(), len(settings.history) == count]
+
+        # Extend Photo: the photo kept where its camera saw it (90° across, 30° to the right).
+        bpy.context.scene.world = user_world
+        settings.start_image_source = "NONE"
+        settings.extend_photo, settings.photo_path = True, {str(photo)!r}
+        settings.photo_fov, settings.photo_yaw, settings.photo_pitch = 90.0, 30.0, 0.0
+        report["photo"] = generate()
+        report["photo png"] = settings.history[0].png_path
         print(json.dumps(report))
     """, extension_zip, tiny_model, tmp_path)
     result, message = report["bad size"]
@@ -88,3 +102,13 @@ def test_start_from_image_upscale_and_a_bad_custom_size(extension_zip, tiny_mode
     assert before == after and same_node_image and world_kept
     (result, message), unchanged = report["no world image"]
     assert result is None and "The scene's World has no image to start from" in message and unchanged
+    assert report["photo"] == [["FINISHED"], None], report["photo"]
+    # The photo's region of the World's image is the photo (within 3/255 where the composite's weight is 1).
+    from backend.engine.photo_region import photo_region
+
+    region = photo_region(np.asarray(Image.open(photo), np.float32) / 255, 90.0, 30.0, 0.0, 256, 128)
+    painted = np.asarray(Image.open(report["photo png"]).convert("RGB"), np.float32) / 255
+    kept = region.alpha == 1
+    assert kept.sum() > 100 and np.abs(painted[kept] - region.pixels[kept]).mean() <= 3 / 255
+    params = json.load(open(os.path.join(os.path.dirname(report["photo png"]), "metadata.json")))["params"]
+    assert (params["photo"], params["photo_fov"], params["photo_yaw"]) == (str(photo), 90.0, 30.0)
