@@ -256,7 +256,7 @@ result(report)
     assert "Slower" in descriptions["low"] and "smaller GPUs" in descriptions["low"]
     assert (report["default"], report["sent"], report["low"]) == ("auto", "auto", "low")
     assert report["advanced"] == ["steps", "guidance", "view_set", "prompt_up", "prompt_down", "sync_method", "mad",
-                                  "window", "stride", "device", "memory"]
+                                  "window", "stride", "device", "memory", "quantize"]
     assert report["drawn"] == ["backend_kind", "python_path", "default_model", "device", "output_dir", "keep_warm", "timeout_s",
                                "syncsphere.setup_backend", "syncsphere.check_backend", "syncsphere.refresh_models",
                                "model_folder", "download_id", "download_fp16", "syncsphere.download_model"]

@@ -33,6 +33,9 @@ SETTINGS = {"prompt", "style", "style_prompt", "negative_prompt", "mode", "resol
 # Image File only with Start from Image = File, Strength with a file or the World's image.
 SETTINGS |= {"custom_width", "custom_height", "start_image_source", "start_image_path", "strength"}
 CONDITIONAL_IMAGE_SETTINGS = {"custom_width", "custom_height", "start_image_path", "strength"}
+# Extend Photo (a 360° World's, under Start from Image): its file, field of view, yaw and pitch only when it is on.
+SETTINGS |= {"extend_photo", "photo_path", "photo_fov", "photo_yaw", "photo_pitch"}
+CONDITIONAL_IMAGE_SETTINGS |= {"photo_path", "photo_fov", "photo_yaw", "photo_pitch"}
 # The Lighting sub-panel's (360° World; tests/test_blender_lighting.py draws it in detail).
 SETTINGS |= {"hdr", "exposure", "sun_ratio", "use_sun_direction", "sun_yaw", "sun_pitch", "sun_mode"}
 # The Advanced sub-panel's synchronisation controls (the research controls; the main panel has Quality).
@@ -49,11 +52,11 @@ WORLD_VIEW_SETTINGS = ["view_set", "prompt_up", "prompt_down"]
 # Size, Quality, Seed (and Randomize), Generate (and its Variations count). "style" is the Style menu (an operator's
 # menu, see _main_rows) and "generate" the Generate button.
 MAIN_ROWS = ["prompt", "style", "style_prompt", "negative_prompt", "mode", "resolution", "quality",
-             "start_image_source", "seed", "randomize_seed", "generate", "variations"]
+             "start_image_source", "extend_photo", "seed", "randomize_seed", "generate", "variations"]
 # With Size = Custom and Start from Image = File: Width and Height under the Size, Image File and Strength under
 # Start from Image.
 MAIN_ROWS_WITH_IMAGE = ["prompt", "style", "style_prompt", "negative_prompt", "mode", "resolution", "custom_width",
-                        "custom_height", "quality", "start_image_source", "start_image_path", "strength", "seed",
+                        "custom_height", "quality", "start_image_source", "start_image_path", "strength", "extend_photo", "seed",
                         "randomize_seed", "generate", "variations"]
 # The research controls, all in the Advanced sub-panel (for a 360° World; WORLD_VIEW_SETTINGS only there).
 ADVANCED_SETTINGS = ["steps", "guidance"] + WORLD_VIEW_SETTINGS + ["sync_method", "mad", "window", "stride", "device",
