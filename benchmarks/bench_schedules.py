@@ -25,6 +25,10 @@ metric is no worse than dense's: mean paired difference (case − dense, higher 
 at most ``--tolerance`` (default 1) standard errors of that difference.
 
     python benchmarks/bench_schedules.py [--seeds 16] [--steps 30] [--layouts wide,equirect,tile] [--json FILE]
+    python benchmarks/bench_schedules.py --report A.json B.json   # one table of runs split by --first-seed
+
+A long run can be split over processes or sessions with ``--first-seed``; ``--report`` with several files
+merges their seeds (same settings otherwise, no seed twice) into one table.
 
 Timings: the machine's CPUs may be shared; torch runs ``--threads`` threads (default 1: with 2 threads on
 a busy 2-core machine a step can take ten times as long), so seconds are indicative and UNet rows are the
@@ -238,15 +242,16 @@ def measure_layouts(args, cases: list[str], layouts: list[str]) -> dict:
     began = time.perf_counter()
     settings = {key: value for key, value in vars(args).items() if key not in ("json", "report")}
     report = {"settings": {**settings, "window": window, "sync_steps": sync_steps, "cases": cases, "device": "cpu",
-                           "dtype": "float32", "torch_threads": torch.get_num_threads()}, "layouts": {}}
+                           "dtype": "float32", "torch_threads": torch.get_num_threads()}, "layouts": {},
+              "seeds": list(range(args.first_seed, args.first_seed + args.seeds))}
     print(f"{args.model}: window {window} latents; {args.steps} DDIM steps, guidance 7.5, prompt {args.prompt!r}, seeds "
-          f"1..{args.seeds}; shifted+sync: SyncDiffusion w {args.sync_weight:g}, decay 0.95, first {sync_steps} steps, "
+          f"{args.first_seed}..{args.first_seed + args.seeds - 1}; shifted+sync: SyncDiffusion w {args.sync_weight:g}, decay 0.95, first {sync_steps} steps, "
           f"LPIPS-VGG random trunk; {args.threads} torch thread(s)", file=sys.stderr, flush=True)
     with tempfile.TemporaryDirectory() as folder:
         for layout in layouts:
             width, height = sizes[layout]
             runs = {case: [] for case in cases}
-            for seed in range(1, args.seeds + 1):
+            for seed in range(args.first_seed, args.first_seed + args.seeds):
                 for case in cases:
                     fields = dict(prompt=args.prompt, layout=layout, width=width, height=height, steps=args.steps,
                                   guidance=7.5, seed=seed, scheduler="ddim", view_batch=args.view_batch, model=args.model,
@@ -263,12 +268,56 @@ def measure_layouts(args, cases: list[str], layouts: list[str]) -> dict:
     return report
 
 
+def report_seeds(report: dict) -> list[int]:
+    """The seeds of a report, in the order of its runs (files written before ``--first-seed`` existed: 1..N)."""
+    return report.get("seeds") or list(range(1, report["settings"]["seeds"] + 1))
+
+
+def seed_ranges(seeds: list[int]) -> str:
+    """``seeds`` as comma-separated ranges, e.g. "1..32, 40"."""
+    ranges: list[list[int]] = []
+    for seed in seeds:
+        if ranges and seed == ranges[-1][1] + 1:
+            ranges[-1][1] = seed
+        else:
+            ranges.append([seed, seed])
+    return ", ".join(f"{first}..{last}" if first != last else f"{first}" for first, last in ranges)
+
+
+def merge_reports(reports: list[dict]) -> dict:
+    """One report of several ``--json`` files of the same settings (apart from seeds) and cases: each layout's
+    runs concatenated in file order, paired seed by seed as before. Raises ValueError with one sentence when the
+    settings differ or a seed appears twice."""
+    ignored = ("seeds", "first_seed", "json", "report", "layouts", "wall_s")
+    first = reports[0]
+    same = {key: value for key, value in first["settings"].items() if key not in ignored}
+    seeds: list[int] = []
+    merged = {"settings": dict(first["settings"]), "layouts": {}, "wall_s": 0.0, "seeds": seeds}
+    for report in reports:
+        other = {key: value for key, value in report["settings"].items() if key not in ignored}
+        if other != same:
+            differing = sorted(key for key in set(same) | set(other) if same.get(key) != other.get(key))
+            raise ValueError(f"These reports differ in {', '.join(differing)}: only runs of the same settings merge.")
+        twice = set(seeds) & set(report_seeds(report))
+        if twice:
+            raise ValueError(f"Seed {min(twice)} is in more than one report.")
+        seeds += report_seeds(report)
+        merged["wall_s"] += report["wall_s"]
+        for layout, result in report["layouts"].items():
+            into = merged["layouts"].setdefault(layout, {"size": result["size"], "runs": {case: [] for case in result["runs"]}})
+            if into["size"] != result["size"] or set(into["runs"]) != set(result["runs"]):
+                raise ValueError(f"The {layout} runs differ in size or cases between these reports.")
+            for case, rows in result["runs"].items():
+                into["runs"][case] += rows
+    return merged
+
+
 def print_report(report: dict, tolerance: float) -> None:
     """Add each layout's ``summary`` and ``decision`` (``summarise``, ``decide`` at ``tolerance``) to ``report``
     (from ``measure_layouts`` or a ``--json`` file) and print the markdown tables, the rule and the decisions."""
     settings = report["settings"]
     print(f"{settings['model']}: {settings['steps']} DDIM steps, guidance 7.5, prompt {settings['prompt']!r}, seeds "
-          f"1..{settings['seeds']}, view batch {settings['view_batch']}; shifted+sync: SyncDiffusion w "
+          f"{seed_ranges(report_seeds(report))}, view batch {settings['view_batch']}; shifted+sync: SyncDiffusion w "
           f"{settings['sync_weight']:g}, decay 0.95, first {settings['sync_steps']} steps, LPIPS-VGG random trunk; CPU, "
           f"float32, {settings['torch_threads']} torch thread(s); mean ± standard error over seeds\n")
     for layout, result in report["layouts"].items():
@@ -290,6 +339,7 @@ def main(argv=None) -> int:
     """Run the benchmark (see the module docstring), or re-print a saved one (``--report``); returns the exit status."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seeds", type=int, default=16, help="seeds 1..N per layout and case (default 16)")
+    parser.add_argument("--first-seed", type=int, default=1, help="the first seed (default 1): seeds first..first+N-1")
     parser.add_argument("--steps", type=int, default=30, help="DDIM steps (default 30: 16 seeds of dense at 50 steps take "
                         "over half an hour on a shared 2-core CPU)")
     parser.add_argument("--layouts", default=",".join(LAYOUTS), help="comma-separated layouts (default: all three)")
@@ -307,12 +357,18 @@ def main(argv=None) -> int:
                         "case may be worse than dense by (default 1)")
     parser.add_argument("--threads", type=int, default=1, help="torch threads (default 1; see the docstring)")
     parser.add_argument("--json", help="also write every number to this file")
-    parser.add_argument("--report", metavar="FILE", help="generate nothing: print the tables and decisions of a "
-                        "--json file written earlier (with this --tolerance)")
+    parser.add_argument("--report", metavar="FILE", nargs="+", help="generate nothing: print the tables and decisions "
+                        "of --json files written earlier (several: their seeds merged), with this --tolerance")
     args = parser.parse_args(argv)
     if args.report:
-        with open(args.report) as f:
-            report = json.load(f)
+        reports = []
+        for path in args.report:
+            with open(path) as f:
+                reports.append(json.load(f))
+        try:
+            report = merge_reports(reports)
+        except ValueError as error:
+            parser.error(str(error))
     else:
         layouts = args.layouts.split(",")
         cases = ["dense"] + [case for case in args.cases.split(",") if case != "dense"]
