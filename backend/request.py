@@ -167,14 +167,13 @@ FUSIONS = ("auto", "noisy", "clean")
 # dense wherever an option asks for overlapping windows (--stride, --fusion, --sync syncsde, --views ring or cube).
 SCHEDULES = ("auto", "dense", "shifted")
 # What --schedule auto runs per layout: the cheapest case of benchmarks/bench_schedules.py whose coherence was no
-# worse than dense's at stride window/8 (16 seeds on the development model; the table is in docs/engine.md).
-# tile: shifted, 1/64 of the UNet rows; wide: dense at stride window/2 (AUTO_STRIDE_DIVISORS), 1/4 of the rows,
-# as shifted was worse on Intra-Style-L; equirect: dense, as both cheaper cases made the cube edges worse.
+# worse than dense's (docs/engine.md, "Measured: which default per layout": at the product's 50 steps over 64
+# seeds (tile 32), each difference confirmed by the 30-step run): tile: shifted, 1/64 of the UNet rows; wide and
+# equirect: dense, as every cheaper case was worse on a metric in both runs (wide: stride window/2 on
+# Intra-LPIPS, shifted on Intra-Style-L; equirect: shifted on the largest cube edge and Intra-LPIPS).
 DEFAULT_SCHEDULES = {"wide": "dense", "equirect": "dense", "tile": "shifted"}
-# The default --stride is window / divisor: MultiDiffusion's window/8 (8 latents for a 64-latent window), except
-# that --schedule auto on these layouts spaces its dense windows wider, as measured above.
+# The default --stride is window / DEFAULT_STRIDE_DIVISOR: MultiDiffusion's window/8 (8 latents for a 64 window).
 DEFAULT_STRIDE_DIVISOR = 8
-AUTO_STRIDE_DIVISORS = {"wide": 2}
 # --views when none is given and the canvas is tall enough for it (else band): the measured choice
 # (docs/engine.md, "View sets"); backend/engine/resolve.py's choose_views decides, once the window is known.
 DEFAULT_VIEW_SET = "band+poles"
@@ -324,9 +323,9 @@ class GenerateRequest:
         return dataclasses.replace(self, **vars(request))
 
     def sized_for_model(self, geometry: ModelGeometry) -> "GenerateRequest":
-        """This (validated) request with the model's default window and stride filled in (window/8, or the
-        layout's ``AUTO_STRIDE_DIVISORS`` entry under ``--schedule auto``), after checking the sizes against the
-        model (VAE factor, window). Raises BadRequest with one sentence naming the problem."""
+        """This (validated) request with the model's default window and stride (window/8) filled in, after
+        checking the sizes against the model (VAE factor, window). Raises BadRequest with one sentence naming the
+        problem."""
         factor = geometry.vae_scale_factor
         for name, value in (("width", self.width), ("height", self.height)):
             if value % factor:
@@ -335,8 +334,7 @@ class GenerateRequest:
                     f"try {max(factor, value // factor * factor)}."
                 )
         window = geometry.sample_size if self.window is None else self.window
-        divisor = AUTO_STRIDE_DIVISORS.get(self.layout, DEFAULT_STRIDE_DIVISOR) if self.schedule == "auto" else DEFAULT_STRIDE_DIVISOR
-        stride = max(1, window // divisor) if self.stride is None else self.stride
+        stride = max(1, window // DEFAULT_STRIDE_DIVISOR) if self.stride is None else self.stride
         if stride > window:
             raise BadRequest(f"--stride {stride} is larger than the window {window}; views would leave gaps.")
         latent_width, latent_height = self.width // factor, self.height // factor

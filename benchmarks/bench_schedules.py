@@ -24,6 +24,11 @@ Decision rule (per layout): the default is the case with the fewest UNet rows wh
 metric is no worse than dense's: mean paired difference (case − dense, higher = worse for every metric)
 at most ``--tolerance`` (default 1) standard errors of that difference.
 
+With ``--confirm-with EARLIER.json``, a metric counts as worse only when the difference also points the same
+way (worse than dense on average) in that earlier, independent run of the layout: with four or eight metrics
+tested at one standard error each, a case truly equal to dense fails at least one about half the time or
+more, while a real difference shows in both runs.
+
     python benchmarks/bench_schedules.py [--seeds 16] [--steps 30] [--layouts wide,equirect,tile] [--json FILE]
     python benchmarks/bench_schedules.py --report A.json B.json   # one table of runs split by --first-seed
 
@@ -167,24 +172,36 @@ def no_worse(difference: tuple[float, float], tolerance: float) -> bool:
     return mean <= tolerance * (error if math.isfinite(error) else 0.0)
 
 
-def decide(summary: dict, metrics: tuple[str, ...], tolerance: float) -> dict:
+def worse_on(summary: dict, case: str, metric: str, tolerance: float, earlier: dict | None = None) -> bool:
+    """Whether ``case`` is worse than dense on ``metric`` in ``summary``: it fails ``no_worse`` there and, when an
+    ``earlier`` summary of the same layout is given, its paired difference there was positive too (a case the
+    earlier run did not have counts as confirmed)."""
+    if no_worse(summary[case]["difference"][metric], tolerance):
+        return False
+    return earlier is None or case not in earlier or earlier[case]["difference"][metric][0] > 0
+
+
+def decide(summary: dict, metrics: tuple[str, ...], tolerance: float, earlier: dict | None = None) -> dict:
     """The decision rule: among the cases of ``summary`` (from ``summarise``), by fewest mean UNet rows first,
-    the first whose every metric passes ``no_worse`` (dense always does). Returns {"case": that case,
+    the first not ``worse_on`` any metric (``earlier``: the summary of an earlier run that must confirm a
+    difference; dense always passes). Returns {"case": that case,
     "schedule": the ``--schedule`` value its rule supports as the layout's default (the cheapest passing case
     that ``--schedule`` alone selects: dense or shifted), "why": sentences, "worse": {case: [metrics that
     failed]} for every case cheaper than the chosen one}."""
     by_cost = sorted(summary, key=lambda case: summary[case]["mean"]["unet_rows"][0])
-    failures = {case: [metric for metric in metrics if not no_worse(summary[case]["difference"][metric], tolerance)]
+    failures = {case: [metric for metric in metrics if worse_on(summary, case, metric, tolerance, earlier)]
                 for case in by_cost}
     case = next(name for name in by_cost if not failures[name])
     schedule = next(name for name in by_cost if name in PLAIN_SCHEDULES and not failures[name])
     worse = {name: failures[name] for name in by_cost[:by_cost.index(case)]}
     rejected = "; ".join(f"{name} is worse in {', '.join(SHORT_NAMES[m] for m in failed)}" for name, failed in worse.items())
+    confirmed = " and in the earlier run" if earlier is not None else ""
     if case == "dense":
-        why = f"dense: every cheaper case is worse than dense beyond {tolerance:g} SE ({rejected})."
+        why = f"dense: every cheaper case is worse than dense beyond {tolerance:g} SE{confirmed} ({rejected})."
     else:
         why = (f"{case}: {summary[case]['rows_vs_dense']:.3f}x dense's UNet rows, and no coherence metric worse than "
-               f"dense's by more than {tolerance:g} SE of the paired difference" + (f" ({rejected})" if rejected else "") + ".")
+               f"dense's by more than {tolerance:g} SE of the paired difference{confirmed}"
+               + (f" ({rejected})" if rejected else "") + ".")
     if schedule != case:
         why += f" As a --schedule default: {schedule} ({case} is not a --schedule value alone)."
     return {"case": case, "schedule": schedule, "why": why, "worse": worse}
@@ -198,9 +215,11 @@ def number(value: float, digits: int = 4) -> str:
     return f"{value:.{digits - 1}e}" if value != 0 and abs(value) < 1e-3 else f"{value:.{digits}g}"
 
 
-def markdown_tables(layout: str, summary: dict, metrics: tuple[str, ...], decision: dict, tolerance: float) -> str:
+def markdown_tables(layout: str, summary: dict, metrics: tuple[str, ...], decision: dict, tolerance: float,
+                    earlier: dict | None = None) -> str:
     """Two markdown tables for one layout: means ± standard error per case (costs and metrics), then the
-    paired differences against dense (✓ within the tolerance, ✗ worse); and the decision line."""
+    paired differences against dense (✓ within the tolerance, ✗ worse; with an ``earlier`` summary, "(✗ not in
+    the earlier run)" where it did not confirm, and that run's difference beside each); and the decision line."""
     head = ["schedule", "views/step", "UNet rows", "rows × dense", "denoise s"] + [SHORT_NAMES[m] for m in metrics]
     lines = [f"**{layout}**", "", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for case, numbers in summary.items():
@@ -218,6 +237,11 @@ def markdown_tables(layout: str, summary: dict, metrics: tuple[str, ...], decisi
         for metric in metrics:
             mean, error = numbers["difference"][metric]
             mark = "✓" if no_worse((mean, error), tolerance) else "✗"
+            if earlier is not None and case in earlier:
+                before = earlier[case]["difference"][metric][0]
+                if mark == "✗" and not worse_on(summary, case, metric, tolerance, earlier):
+                    mark = "(✗ not in the earlier run)"
+                mark += f" [earlier {'+' if before >= 0 else ''}{number(before, 2)}]"
             cells.append(f"{'+' if mean >= 0 else ''}{number(mean, 3)} ± {number(error, 2)} {mark}")
         lines.append(f"| {case} | " + " | ".join(cells) + " |")
     lines += ["", f"decision ({layout}): {decision['why']}", ""]
@@ -312,9 +336,11 @@ def merge_reports(reports: list[dict]) -> dict:
     return merged
 
 
-def print_report(report: dict, tolerance: float) -> None:
+def print_report(report: dict, tolerance: float, earlier: dict | None = None) -> None:
     """Add each layout's ``summary`` and ``decision`` (``summarise``, ``decide`` at ``tolerance``) to ``report``
-    (from ``measure_layouts`` or a ``--json`` file) and print the markdown tables, the rule and the decisions."""
+    (from ``measure_layouts`` or a ``--json`` file) and print the markdown tables, the rule and the decisions.
+    ``earlier``: {layout: an earlier report's layout entry} (``--confirm-with``) whose differences must confirm."""
+    earlier = earlier or {}
     settings = report["settings"]
     print(f"{settings['model']}: {settings['steps']} DDIM steps, guidance 7.5, prompt {settings['prompt']!r}, seeds "
           f"{seed_ranges(report_seeds(report))}, view batch {settings['view_batch']}; shifted+sync: SyncDiffusion w "
@@ -323,13 +349,16 @@ def print_report(report: dict, tolerance: float) -> None:
     for layout, result in report["layouts"].items():
         metrics = LAYOUT_METRICS[layout]
         result["summary"] = summarise(result["runs"], metrics)
-        result["decision"] = decide(result["summary"], metrics, tolerance)
+        confirm = summarise(earlier[layout]["runs"], metrics) if layout in earlier else None
+        result["decision"] = decide(result["summary"], metrics, tolerance, confirm)
         width, height = result["size"]
-        print(markdown_tables(f"{layout} {width}x{height}", result["summary"], metrics, result["decision"], tolerance))
+        print(markdown_tables(f"{layout} {width}x{height}", result["summary"], metrics, result["decision"], tolerance,
+                              confirm))
     print("Decision rule: per layout, the case with the fewest UNet rows whose every coherence metric "
           "(Intra-LPIPS, Intra-Style-L; equirect also on the horizon faces, the ±180° seam, the largest cube-edge "
           f"ratio and both pole ratios; tile both wrap seams) is no worse than dense's by more than {tolerance:g} "
-          "standard error(s) of the paired per-seed difference (higher is worse for every one).")
+          "standard error(s) of the paired per-seed difference (higher is worse for every one)"
+          + (f", confirmed by a positive difference in the earlier run of {', '.join(earlier)}" if earlier else "") + ".")
     for layout, result in report["layouts"].items():
         print(f"- {layout}: {result['decision']['why']}")
     print(f"wall time {report['wall_s']:.0f} s")
@@ -359,7 +388,17 @@ def main(argv=None) -> int:
     parser.add_argument("--json", help="also write every number to this file")
     parser.add_argument("--report", metavar="FILE", nargs="+", help="generate nothing: print the tables and decisions "
                         "of --json files written earlier (several: their seeds merged), with this --tolerance")
+    parser.add_argument("--confirm-with", metavar="FILE", nargs="+", default=[], help="--json files of an earlier, "
+                        "independent run: a metric counts as worse only when it was worse on average there too "
+                        "(each layout from the one file that has it)")
     args = parser.parse_args(argv)
+    earlier = {}
+    for path in args.confirm_with:
+        with open(path) as f:
+            for layout, result in json.load(f)["layouts"].items():
+                if layout in earlier:
+                    parser.error(f"The layout {layout} is in more than one --confirm-with file.")
+                earlier[layout] = result
     if args.report:
         reports = []
         for path in args.report:
@@ -377,7 +416,7 @@ def main(argv=None) -> int:
             if unknown:
                 parser.error(f"unknown {name} {unknown[0]!r}; choose from {', '.join(allowed)}")
         report = measure_layouts(args, cases, layouts)
-    print_report(report, args.tolerance)
+    print_report(report, args.tolerance, earlier)
     if args.json:
         with open(args.json, "w") as f:
             json.dump(report, f, indent=2)

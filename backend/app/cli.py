@@ -95,7 +95,7 @@ def _add_generate_command(commands) -> None:
                           f"{FEW_STEP_SAMPLING['euler-trailing'][1]:g} with --scheduler euler-trailing; <= 1 disables it)")
     generate.add_argument("--seed", type=int, help="random seed; omitted, one is picked and recorded in metadata.json")
     generate.add_argument("--window", type=int, help="view size in latent pixels (default: the UNet's sample size, 64 for SD 2 base)")
-    generate.add_argument("--stride", type=int, help="distance between views in latent pixels (default: window/8; window/2 for a wide panorama under --schedule auto, measured as coherent)")
+    generate.add_argument("--stride", type=int, help="distance between views in latent pixels (default: window/8)")
     generate.add_argument("--view-batch", type=int, default=None,
                           help="views per UNet call; lower it to save memory (default: chosen by --memory: on a CUDA GPU "
                           "the largest batch up to 16 whose estimate fits in the free memory, 4 on the CPU and MPS, "

@@ -89,9 +89,9 @@ QUALITIES = (
      "views than Balanced on panoramas and worlds; distant parts of a panorama may drift apart",
      {"schedule": "shifted"}),
     ("BALANCED", "Balanced",
-     "The backend's measured default for each mode: shifted windows for a texture, overlapping windows half a "
-     "view apart for a wide panorama, every overlapping window for a 360 world (the cheapest that kept the "
-     "image as coherent as Best's)",
+     "The backend's measured default for each mode: the cheapest schedule that kept the image as coherent as "
+     "Best's. Today shifted windows for a texture (as Fast); for a wide panorama and a 360 world, every "
+     "overlapping window (as Best), as every cheaper schedule measured slightly less coherent there",
      {}),  # the backend's --schedule auto, which is never sent
     ("BEST", "Best",
      "Every overlapping window every step, 1/8 of a view apart (the dense schedule, MultiDiffusion): the "

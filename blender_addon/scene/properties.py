@@ -236,7 +236,7 @@ class SyncSphereSettings(PropertyGroup):
     window: IntProperty(name="Window", description="View size in latent pixels; 0: the model's own size",
                         default=0, min=0, max=256)
     stride: IntProperty(name="Stride", description="Distance between overlapping views in latent pixels; "
-                                                   "0: the backend's choice (window / 8 where views overlap; window / 2 for a wide panorama at Balanced quality). "
+                                                   "0: the backend's choice (window / 8 where views overlap). "
                                                    "Set, every step runs every overlapping view (the dense "
                                                    "schedule, whatever the Quality)",
                         default=0, min=0, max=256)
