@@ -236,11 +236,12 @@ def markdown_tables(layout: str, summary: dict, metrics: tuple[str, ...], decisi
         cells = []
         for metric in metrics:
             mean, error = numbers["difference"][metric]
-            mark = "✓" if no_worse((mean, error), tolerance) else "✗"
+            if no_worse((mean, error), tolerance):
+                mark = "✓"
+            else:
+                mark = "✗" if worse_on(summary, case, metric, tolerance, earlier) else "(✗ not in the earlier run)"
             if earlier is not None and case in earlier:
                 before = earlier[case]["difference"][metric][0]
-                if mark == "✗" and not worse_on(summary, case, metric, tolerance, earlier):
-                    mark = "(✗ not in the earlier run)"
                 mark += f" [earlier {'+' if before >= 0 else ''}{number(before, 2)}]"
             cells.append(f"{'+' if mean >= 0 else ''}{number(mean, 3)} ± {number(error, 2)} {mark}")
         lines.append(f"| {case} | " + " | ".join(cells) + " |")

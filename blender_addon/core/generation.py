@@ -85,8 +85,8 @@ DEFAULT_STYLE = "NONE"
 #   GenerateRequest.needs_overlapping_windows), since the backend refuses "shifted" with them.
 QUALITIES = (
     ("FAST", "Fast",
-     "Windows that cover the image once and move every step (the shifted schedule): the fastest, 4-16x fewer "
-     "views than Balanced on panoramas and worlds; distant parts of a panorama may drift apart",
+     "Windows that cover the image once and move every step (the shifted schedule): the fastest, 5-12x fewer "
+     "views than Balanced on wide panoramas and worlds; distant parts of a panorama may drift apart",
      {"schedule": "shifted"}),
     ("BALANCED", "Balanced",
      "The backend's measured default for each mode: the cheapest schedule that kept the image as coherent as "
